@@ -1,0 +1,260 @@
+"""The mmBERT / ModernBERT encoder with its masked-language-model head, in Flax NNX.
+
+Forward pass (ARCHITECTURE.md §2): LN(embed) → L pre-norm layers (layer 0 skips its attention norm) with fused
+QKV, rotate-half RoPE (θ by layer kind), global attention every `global_every_n` layers and ±w local attention
+otherwise, GeGLU MLP → final LN → head dense → GELU → LN → tied decoder + bias. No other biases.
+
+Inputs are packed rows: `input_ids [B, S]`, `segment_ids [B, S]` (document index, 0 = padding) and
+`positions [B, S]` restarting at 0 in every document. Parameters are float32; `ModelConfig.dtype` sets the compute
+dtype. Every parameter carries logical axis names; `mmbert_jax.sharding` maps them to mesh axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmbert_jax import attention as attention_lib
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything a layer needs to know, and nothing about the run."""
+  vocab_size: int = 256_000
+  hidden_size: int = 768
+  num_layers: int = 22
+  num_heads: int = 12
+  intermediate_size: int = 1152      # GLU half-width: Wi produces 2× this
+  local_window: int = 128            # total window: local layers attend |i − j| ≤ local_window // 2
+  global_every_n: int = 3            # layer i is global iff i % global_every_n == 0
+  global_rope_theta: float = 160_000.0
+  local_rope_theta: float = 160_000.0
+  norm_eps: float = 1e-5
+  attn_out_dropout: float = 0.0      # dropout after the attention output projection (0.1 in pre-training)
+  initializer_range: float = 0.02
+  max_position_embeddings: int = 8192
+  pad_id: int = 0
+  eos_id: int = 1                    # also cls and sep
+  bos_id: int = 2
+  unk_id: int = 3
+  mask_id: int = 4
+  dtype: str = "float32"             # compute dtype; parameters stay float32
+  attention_impl: str = "xla"
+  attention_block_q: int = 128       # kernel tiling (Pallas implementations)
+  attention_block_kv: int = 128
+  remat: str = "none"                # none | full | dots (save matmul outputs)
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim {self.head_dim} must be even for rotate-half RoPE")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def window(self) -> int:
+    """One-sided local window (64 for mmBERT)."""
+    return self.local_window // 2
+
+  def is_global(self, layer: int) -> bool:
+    return layer % self.global_every_n == 0
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=1024, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=96,
+                        local_window=16, max_position_embeddings=1024),
+    "mmbert-small": ModelConfig(hidden_size=384, num_heads=6),
+    "mmbert-base": ModelConfig(hidden_size=768, num_heads=12),
+}
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------
+
+def _param(rngs: nnx.Rngs, std: float | None, shape: tuple[int, ...], names: tuple[str | None, ...]) -> nnx.Param:
+  """A float32 parameter: truncated normal ±2σ (σ = std), or ones for std=None (norm scales), or zeros for 0."""
+  if std is None:
+    value = jnp.ones(shape, jnp.float32)
+  elif std == 0:
+    value = jnp.zeros(shape, jnp.float32)
+  else:
+    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+  # Shard at construction only under a mesh; outside one (tests, conversion) parameters stay plain arrays.
+  return nnx.Param(value, out_sharding=names, eager_sharding=not jax.sharding.get_abstract_mesh().empty)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm without bias, two-pass variance, statistics in float32."""
+
+  def __init__(self, size: int, eps: float, rngs: nnx.Rngs):
+    self.scale = _param(rngs, None, (size,), ("norm",))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+    return y.astype(x.dtype)
+
+
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)  # exact erf GELU, as torch nn.GELU()
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotate-half RoPE over the full head dim. x [B, S, N, D], positions [B, S]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq            # [B, S, D/2]
+  emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]              # [B, S, 1, D]
+  # cos/sin rounded to the activation dtype first, the rotation itself in float32 (as HF and the original).
+  cos = jnp.cos(emb).astype(x.dtype).astype(jnp.float32)
+  sin = jnp.sin(emb).astype(x.dtype).astype(jnp.float32)
+  x32 = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., d // 2:], x32[..., :d // 2]], -1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    h, n, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    out_std = cfg.initializer_range / math.sqrt(2 * cfg.num_layers)
+    self.wqkv = _param(rngs, cfg.initializer_range, (h, 3, n, d), ("embed", None, "heads", "head_dim"))
+    self.wo = _param(rngs, out_std, (n, d, h), ("heads", "head_dim", "embed"))
+    self.dropout = nnx.Dropout(cfg.attn_out_dropout, rngs=rngs)
+    self.is_global = cfg.is_global(layer)
+    self.theta = cfg.global_rope_theta if self.is_global else cfg.local_rope_theta
+    self.window = None if self.is_global else cfg.window
+    self.impl = cfg.attention_impl
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x, segment_ids, positions):
+    qkv = jnp.einsum("bsh,hcnd->bscnd", x, self.wqkv[...].astype(self.dtype))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+    out = attention_lib.attention(q, k, v, segment_ids, self.window, impl=self.impl)
+    out = jnp.einsum("bsnd,ndh->bsh", out, self.wo[...].astype(self.dtype))
+    return self.dropout(out)
+
+
+class GeGLU(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    self.wi = _param(rngs, cfg.initializer_range, (h, 2, i), ("embed", None, "mlp"))
+    self.wo = _param(rngs, cfg.initializer_range / math.sqrt(2 * cfg.num_layers), (i, h), ("mlp", "embed"))
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x):
+    ug = jnp.einsum("bsh,hci->bsci", x, self.wi[...].astype(self.dtype))
+    return (gelu(ug[:, :, 0]) * ug[:, :, 1]) @ self.wo[...].astype(self.dtype)
+
+
+class EncoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    # Layer 0 reads the embedding norm's output directly: no attention pre-norm.
+    self.attn_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, rngs) if layer > 0 else None
+    self.attn = Attention(cfg, layer, rngs)
+    self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, rngs)
+    self.mlp = GeGLU(cfg, rngs)
+
+  def __call__(self, x, segment_ids, positions):
+    h = x if self.attn_norm is None else self.attn_norm(x)
+    x = x + self.attn(h, segment_ids, positions)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """Per-document positions: 0 at each document's first token, counting up inside it."""
+  s = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class MaskedLM(nnx.Module):
+  """ModernBertForMaskedLM in NNX. `model(input_ids, segment_ids, positions)` → logits [B, S, V]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    h = cfg.hidden_size
+    out_std = cfg.initializer_range / math.sqrt(2 * cfg.num_layers)
+    self.embedding = _param(rngs, cfg.initializer_range, (cfg.vocab_size, h), ("vocab", "embed"))
+    self.emb_norm = LayerNorm(h, cfg.norm_eps, rngs)
+    self.layers = nnx.List([EncoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
+    self.final_norm = LayerNorm(h, cfg.norm_eps, rngs)
+    self.head_dense = _param(rngs, out_std, (h, h), ("embed", None))
+    self.head_norm = LayerNorm(h, cfg.norm_eps, rngs)
+    self.decoder_bias = _param(rngs, 0, (cfg.vocab_size,), ("vocab",))
+
+  def encode(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
+    """Final-norm hidden states [B, S, H] in the compute dtype."""
+    cfg = self.config
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(input_ids)
+    if positions is None:
+      positions = positions_from_segments(segment_ids)
+    x = self.embedding[...].astype(cfg.dtype)[input_ids]
+    x = self.emb_norm(x)
+    policy = REMAT_POLICIES[cfg.remat]
+    for layer in self.layers:
+      if cfg.remat == "none":
+        x = layer(x, segment_ids, positions)
+      else:
+        x = nnx.remat(lambda lyr, *a: lyr(*a), policy=policy)(layer, x, segment_ids, positions)
+    return self.final_norm(x)
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """MLM head on hidden states [..., H] → float32 logits [..., V]."""
+    dtype = self.config.dtype
+    x = self.head_norm(gelu(x @ self.head_dense[...].astype(dtype)))
+    logits = jnp.einsum("...h,vh->...v", x, self.embedding[...].astype(dtype),
+                        preferred_element_type=jnp.float32)
+    return logits + self.decoder_bias[...]
+
+  def __call__(self, input_ids, segment_ids=None, positions=None, masked_positions=None) -> jax.Array:
+    """Dense logits [B, S, V]; with `masked_positions [B, K]`, sparse logits [B, K, V] at those indices only."""
+    x = self.encode(input_ids, segment_ids, positions)
+    if masked_positions is not None:
+      x = jnp.take_along_axis(x, masked_positions[..., None], axis=1)
+    return self.head(x)
+
+
+def count_params(cfg: ModelConfig) -> int:
+  """Parameter count from shapes alone (no memory is allocated)."""
+  abstract = nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
