@@ -25,10 +25,11 @@ setup(
         "tqdm>=4.66",
         "tensorboardX==2.6.5",
         "babel==2.18.0",          # CLDR locale data: the embedded multilingual demo corpus
+        "safetensors>=0.4",
     ],
     extras_require={
         # torch pinned to the CPU build available here; other versions pull several GB of CUDA packages.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0"],
         "tpu": ["libtpu"],
     },
 )

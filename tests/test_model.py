@@ -1,0 +1,118 @@
+"""The NNX encoder: shapes, parameter counts, sparse head, padding safety, init statistics."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmbert_jax import MaskedLM, get_config
+from mmbert_jax import model as model_lib
+
+
+def _count_formula(v, h, layers, i):
+  # ARCHITECTURE.md §7: embedding, encoder linears, head dense + decoder bias + head norm, remaining norms.
+  return v * h + layers * (4 * h * h + 3 * h * i) + (h * h + v + h) + (2 * layers + 1) * h
+
+
+@pytest.mark.parametrize("preset,expected", [("mmbert-small", 140_897_536), ("mmbert-base", 307_786_240)])
+def test_preset_parameter_counts(preset, expected):
+  cfg = get_config(preset)
+  assert model_lib.count_params(cfg) == expected
+  assert _count_formula(cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.intermediate_size) == expected
+
+
+def test_positions_restart_per_document():
+  seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  want = np.array([[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]])
+  np.testing.assert_array_equal(model_lib.positions_from_segments(jnp.asarray(seg)), want)
+
+
+def test_rope_matches_complex_rotation():
+  # Rotate-half RoPE equals multiplying (x[:d/2] + i·x[d/2:]) by e^{i·pos·freq}.
+  x = np.random.default_rng(0).normal(size=(1, 5, 2, 8)).astype(np.float32)
+  pos = np.arange(5)[None]
+  got = np.asarray(model_lib.rope(jnp.asarray(x), jnp.asarray(pos), 10_000.0))
+  freq = 1.0 / 10_000.0 ** (np.arange(0, 8, 2) / 8)
+  z = (x[..., :4] + 1j * x[..., 4:]) * np.exp(1j * pos[..., None, None] * freq)
+  np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=1e-5)
+
+
+def test_sparse_head_equals_dense_at_masked_positions():
+  cfg = get_config("tiny")
+  model = MaskedLM(cfg, rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(1), (2, 48), 5, cfg.vocab_size)
+  seg = jnp.array([[1] * 20 + [2] * 20 + [0] * 8, [1] * 48])
+  idx = jnp.array([[0, 7, 19, 20, 39, 47], [1, 2, 3, 30, 31, 46]])
+  dense = model(ids, seg)
+  sparse = model(ids, seg, masked_positions=idx)
+  np.testing.assert_allclose(sparse, jnp.take_along_axis(dense, idx[..., None], axis=1), atol=1e-6)
+
+
+def test_gradients_finite_with_fully_padded_rows():
+  cfg = get_config("tiny", attn_out_dropout=0.1)
+  model = MaskedLM(cfg, rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(1), (3, 40), 5, cfg.vocab_size)
+  seg = jnp.stack([jnp.ones(40, jnp.int32), jnp.zeros(40, jnp.int32), jnp.array([1] * 10 + [0] * 30)])
+  idx = jnp.tile(jnp.arange(0, 40, 5)[None], (3, 1))
+  weights = (jnp.take_along_axis(seg, idx, axis=1) > 0).astype(jnp.float32)
+
+  def loss_fn(m):
+    logits = m(ids, seg, masked_positions=idx)
+    labels = jnp.take_along_axis(ids, idx, axis=1)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)[..., 0]
+    return (ce * weights).sum() / weights.sum()
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  assert np.isfinite(loss)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  # A padding row's tokens must not influence a real row: changing them leaves real logits unchanged.
+  model.eval()
+  a = model(ids, seg)
+  b = model(ids.at[1].set(7).at[2, 10:].set(9), seg)
+  np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+  np.testing.assert_allclose(a[2, :10], b[2, :10], atol=1e-6)
+
+
+def test_init_statistics():
+  cfg = get_config("tiny", vocab_size=4096, hidden_size=128, intermediate_size=256)
+  model = MaskedLM(cfg, rngs=nnx.Rngs(0))
+  trunc_std = 0.8796  # std of a normal truncated at ±2σ, in units of σ
+  emb = np.asarray(model.embedding[...])
+  assert abs(emb.std() - 0.02 * trunc_std) < 5e-4 and np.abs(emb).max() <= 0.04
+  wo = np.asarray(model.layers[1].attn.wo[...])
+  out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+  assert abs(wo.std() - out_std * trunc_std) < 0.05 * out_std and np.abs(wo).max() <= 2 * out_std
+  assert model.layers[0].attn_norm is None and model.layers[1].attn_norm is not None
+  assert np.all(np.asarray(model.decoder_bias[...]) == 0)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = get_config("tiny", dtype="bfloat16")
+  model = MaskedLM(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.ones((1, 16), jnp.int32) * 9
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert model.encode(ids).dtype == jnp.bfloat16
+  full = MaskedLM(get_config("tiny"), rngs=nnx.Rngs(0))(ids)
+  np.testing.assert_allclose(model(ids), full, atol=0.1)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_same_gradients(remat):
+  ids = jax.random.randint(jax.random.key(1), (2, 32), 5, 1024)
+  grads = []
+  for policy in ("none", remat):
+    model = MaskedLM(get_config("tiny", remat=policy), rngs=nnx.Rngs(0))
+    grads.append(nnx.grad(lambda m: m(ids).mean())(model))
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bad_model_config_errors():
+  with pytest.raises(ValueError, match="not divisible by num_heads"):
+    get_config("tiny", num_heads=5)
+  with pytest.raises(ValueError, match="unknown model preset"):
+    get_config("huge")
+  with pytest.raises(ValueError, match="remat"):
+    get_config("tiny", remat="sometimes")
