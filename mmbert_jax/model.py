@@ -149,20 +149,22 @@ class Attention(nnx.Module):
     out_std = cfg.initializer_range / math.sqrt(2 * cfg.num_layers)
     self.wqkv = _param(rngs, cfg.initializer_range, (h, 3, n, d), ("embed", None, "heads", "head_dim"))
     self.wo = _param(rngs, out_std, (n, d, h), ("heads", "head_dim", "embed"))
-    self.dropout = nnx.Dropout(cfg.attn_out_dropout, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.attn_out_dropout)
     self.is_global = cfg.is_global(layer)
     self.theta = cfg.global_rope_theta if self.is_global else cfg.local_rope_theta
     self.window = None if self.is_global else cfg.window
     self.impl = cfg.attention_impl
     self.dtype = jnp.dtype(cfg.dtype)
 
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, rngs=None):
     qkv = jnp.einsum("bsh,hcnd->bscnd", x, self.wqkv[...].astype(self.dtype))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
     out = attention_lib.attention(q, k, v, segment_ids, self.window, impl=self.impl)
     out = jnp.einsum("bsnd,ndh->bsh", out, self.wo[...].astype(self.dtype))
-    return self.dropout(out)
+    if rngs is None:  # inference and eval: no dropout
+      return out
+    return self.dropout(out, deterministic=False, rngs=rngs)
 
 
 class GeGLU(nnx.Module):
@@ -187,9 +189,9 @@ class EncoderLayer(nnx.Module):
     self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, rngs)
     self.mlp = GeGLU(cfg, rngs)
 
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, rngs=None):
     h = x if self.attn_norm is None else self.attn_norm(x)
-    x = x + self.attn(h, segment_ids, positions)
+    x = x + self.attn(h, segment_ids, positions, rngs)
     return x + self.mlp(self.mlp_norm(x))
 
 
@@ -221,8 +223,8 @@ class MaskedLM(nnx.Module):
     self.head_norm = LayerNorm(h, cfg.norm_eps, rngs)
     self.decoder_bias = _param(rngs, 0, (cfg.vocab_size,), ("vocab",))
 
-  def encode(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
-    """Final-norm hidden states [B, S, H] in the compute dtype."""
+  def encode(self, input_ids, segment_ids=None, positions=None, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Final-norm hidden states [B, S, H] in the compute dtype. `rngs` (a `dropout` stream) enables dropout."""
     cfg = self.config
     if segment_ids is None:
       segment_ids = jnp.ones_like(input_ids)
@@ -233,9 +235,9 @@ class MaskedLM(nnx.Module):
     policy = REMAT_POLICIES[cfg.remat]
     for layer in self.layers:
       if cfg.remat == "none":
-        x = layer(x, segment_ids, positions)
+        x = layer(x, segment_ids, positions, rngs)
       else:
-        x = nnx.remat(lambda lyr, *a: lyr(*a), policy=policy)(layer, x, segment_ids, positions)
+        x = nnx.remat(lambda lyr, *a: lyr(*a), policy=policy)(layer, x, segment_ids, positions, rngs)
     return self.final_norm(x)
 
   def head(self, x: jax.Array) -> jax.Array:
@@ -246,9 +248,11 @@ class MaskedLM(nnx.Module):
                         preferred_element_type=jnp.float32)
     return logits + self.decoder_bias[...]
 
-  def __call__(self, input_ids, segment_ids=None, positions=None, masked_positions=None) -> jax.Array:
-    """Dense logits [B, S, V]; with `masked_positions [B, K]`, sparse logits [B, K, V] at those indices only."""
-    x = self.encode(input_ids, segment_ids, positions)
+  def __call__(self, input_ids, segment_ids=None, positions=None, masked_positions=None, *,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Dense logits [B, S, V]; with `masked_positions [B, K]`, sparse logits [B, K, V] at those indices only.
+    Dropout (attention output) is active only when `rngs` is given."""
+    x = self.encode(input_ids, segment_ids, positions, rngs=rngs)
     if masked_positions is not None:
       x = jnp.take_along_axis(x, masked_positions[..., None], axis=1)
     return self.head(x)

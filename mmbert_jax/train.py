@@ -77,28 +77,31 @@ def num_microbatches(config: ml_collections.ConfigDict) -> int:
 
 @dataclasses.dataclass
 class Model:
-  """The pieces of an NNX model a jitted function needs: graph (train and eval variants) and non-param state."""
+  """An NNX model as a jitted function needs it: the graph, and its parameters as a pure dict."""
   cfg: ModelConfig
-  train_graph: Any
-  eval_graph: Any
-  rest: Any                # dropout RNG state; reseeded every step so it never needs saving
-  abstract_params: Any     # ShapeDtypeStructs with shardings
+  graph: Any
+  abstract_params: Any     # ShapeDtypeStructs carrying the parameter shardings
 
-  def bind(self, params, *, train: bool) -> MaskedLM:
-    return nnx.merge(self.train_graph if train else self.eval_graph, params, self.rest, copy=True)
+  def bind(self, params) -> MaskedLM:
+    return nnx.merge(self.graph, params, copy=True)
+
+
+def abstract_model(cfg: ModelConfig, mesh, seed: int = 0) -> Model:
+  """Shapes and shardings only: nothing is allocated (ahead-of-time compilation, restore targets)."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    graph, state = nnx.split(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(seed))))
+    shardings = nnx.to_pure_dict(nnx.get_named_sharding(state, mesh))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(state), shardings)
+  return Model(cfg, graph, abstract)
 
 
 def init_model(cfg: ModelConfig, mesh, seed: int) -> tuple[Model, Any]:
   """Sharded float32 parameters (pure dict) created directly on their devices."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    model = nnx.jit(lambda: MaskedLM(cfg, rngs=nnx.Rngs(seed)))()
-  model.train()
-  train_graph, params, rest = nnx.split(model, nnx.Param, ...)
-  model.eval()
-  eval_graph = nnx.graphdef(model)
+    graph, params = nnx.split(nnx.jit(lambda: MaskedLM(cfg, rngs=nnx.Rngs(seed)))())
   params = nnx.to_pure_dict(params)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-  return Model(cfg, train_graph, eval_graph, rest, abstract), params
+  return Model(cfg, graph, abstract_like(params)), params
 
 
 def abstract_like(tree):
@@ -127,18 +130,17 @@ def mlm_stats(logits, batch, num_languages: int) -> dict[str, jax.Array]:
   }
 
 
-def _forward(model: MaskedLM, batch):
+def _forward(model: MaskedLM, batch, rngs=None):
   return model(batch["input_ids"], batch["segment_ids"], batch["positions"],
-               masked_positions=batch["masked_positions"])
+               masked_positions=batch["masked_positions"], rngs=rngs)
 
 
 def make_train_step(model: Model, tx, mesh, *, num_languages: int, seed: int, param_shardings, opt_shardings):
   """(params, opt_state, micro-batches [m, b, ...], lr, step) → (params, opt_state, metrics)."""
 
   def loss_fn(params, batch, key):
-    m = model.bind(params, train=True)
-    nnx.reseed(m, default=key)
-    stats = mlm_stats(_forward(m, batch), batch, num_languages)
+    logits = _forward(model.bind(params), batch, rngs=nnx.Rngs(dropout=key))
+    stats = mlm_stats(logits, batch, num_languages)
     return stats["loss_sum"], stats
 
   def step(params, opt_state, batches, lr, step_index):
@@ -179,7 +181,7 @@ def make_train_step(model: Model, tx, mesh, *, num_languages: int, seed: int, pa
 def make_eval_step(model: Model, *, num_languages: int):
   @jax.jit
   def eval_step(params, batch):
-    return mlm_stats(_forward(model.bind(params, train=False), batch), batch, num_languages)
+    return mlm_stats(_forward(model.bind(params), batch), batch, num_languages)
   return eval_step
 
 

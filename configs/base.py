@@ -1,0 +1,72 @@
+"""Defaults shared by every run; phase configs override only what differs.
+
+Not run on its own; see pretrain.py, midtrain.py, decay.py and demo.py for run commands.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.phase = "pretrain"
+  c.seed = 21
+  c.workdir = ""                      # or --workdir
+
+  # Model: a preset of mmbert_jax.model.PRESETS plus field overrides.
+  c.model_preset = "mmbert-base"
+  c.model = ml_collections.ConfigDict(dict(
+      global_rope_theta=10_000.0,
+      local_rope_theta=10_000.0,
+      attn_out_dropout=0.1,           # original pre-training: dropout only after the attention output projection
+      dtype="auto",                   # bfloat16 on accelerators, float32 on CPU
+      attention_impl="auto",          # splash on TPU, Pallas flash on GPU, XLA on CPU
+      remat="none",
+  ))
+
+  # Data: prepared shards (python -m data_pipeline.prepare) and this phase's mixture and masking.
+  c.data = ml_collections.ConfigDict(dict(
+      data_dir="",
+      languages="mmbert-pretrain",    # a named set, a comma-separated list, or "all"
+      eval_languages="",              # languages evaluated each phase ("" = the training languages)
+      tau=0.7,
+      budgets=ml_collections.ConfigDict(),  # fixed token shares {language: share}, taken off the top
+      max_passes=0.0,                 # cap on passes over a language's data (0 = no cap)
+      seq_len=1024,
+      mask_rate=0.30,
+      max_masked=0,                   # masked slots per row for the sparse head (0 = from mask_rate)
+      packing="best_fit",
+      num_workers=0,
+  ))
+
+  # Batch: `batch_size` rows per optimizer step, accumulated from micro-batches of `micro_batch_size` rows.
+  c.batch_size = 4608
+  c.micro_batch_size = 0              # 0 = one micro-batch of batch_size rows
+  c.batch_warmup_tokens = 0           # grow the batch from batch_warmup_start_fraction over these tokens
+  c.batch_warmup_start_fraction = 1 / 12
+  c.eval_batch_size = 64
+
+  # Optimizer and learning rate (all token counts are rows × seq_len since the phase started).
+  c.optim = ml_collections.ConfigDict(dict(
+      name="stable_adamw", peak_lr=8e-4, weight_decay=8e-5, b1=0.9, b2=0.95, eps=1e-8))
+  c.schedule = ml_collections.ConfigDict(dict(
+      warmup_tokens=0, decay_start_tokens=-1, decay_tokens=0, final_fraction=0.02, decay_shape="1-sqrt"))
+  c.train_tokens = 0
+
+  # Sharding: mesh axis sizes (-1 = all remaining devices).
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  # Bookkeeping.
+  c.log_every_steps = 10
+  c.eval_every_steps = 0              # 0 = only at the end of the phase
+  c.checkpoint_every_tokens = 10_000_000_000
+  c.keep_checkpoints = 3
+  c.skip_nonfinite = False            # False: stop on a non-finite loss; True: skip that step
+  c.init_from = ""                    # previous phase: a workdir, its checkpoints/ or a checkpoints/<step> dir
+  c.init_optimizer_state = False      # also carry the optimizer moments over from init_from
+  return c
+
+
+def size_overrides(c: ml_collections.ConfigDict, size: str) -> None:
+  """mmBERT-small vs mmBERT-base."""
+  if size not in ("small", "base"):
+    raise ValueError(f"size must be 'small' or 'base', got {size!r}")
+  c.model_preset = f"mmbert-{size}"

@@ -1,0 +1,35 @@
+"""Entry point: `python -m mmbert_jax.main --config=configs/<phase>.py[:arg] --workdir=DIR [--config.a.b=v ...]`.
+
+Kept short on purpose: the loop lives in `mmbert_jax.train.train_and_evaluate`, importable from a notebook.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (ml_collections).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  import jax
+  # Multi-host: every process runs this same command; TPU pods, SLURM and Open MPI are detected by jax itself.
+  if os.environ.get("MMBERT_DISTRIBUTED", "0") == "1":
+    jax.distributed.initialize()
+  logging.info("JAX processes %d, devices %d (%s)", jax.process_count(), jax.device_count(), jax.devices()[0])
+  from mmbert_jax import phases
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or config.get("workdir") or None
+  if not workdir:
+    raise app.UsageError("--workdir is required (or set config.workdir)")
+  result = phases.run(config, workdir)
+  if result.get("status") == "preempted":
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+  app.run(main)
