@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
       data_dir="",
       languages="mmbert-pretrain",    # a named set, a comma-separated list, or "all"
       eval_languages="",              # languages evaluated each phase ("" = the training languages)
+      eval_mask_rate=0.0,             # mask rate of the held-out batches (0 = the phase's); fix it to compare phases
       tau=0.7,
       budgets=ml_collections.ConfigDict(),  # fixed token shares {language: share}, taken off the top
       max_passes=0.0,                 # cap on passes over a language's data (0 = no cap)
@@ -43,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_warmup_tokens = 0           # grow the batch from batch_warmup_start_fraction over these tokens
   c.batch_warmup_start_fraction = 1 / 12
   c.eval_batch_size = 64
+  c.eval_max_batches = 8              # held-out batches per language and eval
 
   # Optimizer and learning rate (all token counts are rows × seq_len since the phase started).
   c.optim = ml_collections.ConfigDict(dict(

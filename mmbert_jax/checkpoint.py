@@ -24,12 +24,15 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
-def _manager(directory: str, **options) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      epath.Path(directory),
-      item_handlers=dict(params=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(),
-                         data_iter=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler()),
-      options=ocp.CheckpointManagerOptions(**options))
+def _manager(directory: str, *, data_iter: bool = False, **options) -> ocp.CheckpointManager:
+  handlers = dict(params=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(),
+                  meta=ocp.JsonCheckpointHandler())
+  if data_iter:
+    # Each process writes its own streams; restore merges them, so the process count may change (elastic).
+    from data_pipeline import checkpoint as data_ckpt
+    handlers["data_iter"] = data_ckpt.PipelineCheckpointHandler()
+  return ocp.CheckpointManager(epath.Path(directory), item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(**options))
 
 
 class Checkpointer:
@@ -37,7 +40,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
-    self.manager = _manager(self.directory, max_to_keep=max_to_keep, create=True,
+    self.manager = _manager(self.directory, data_iter=True, max_to_keep=max_to_keep, create=True,
                             enable_async_checkpointing=async_save)
 
   def latest_step(self) -> int | None:
@@ -46,20 +49,23 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, *, params, opt_state, data_state: dict, meta: dict) -> None:
+  def save(self, step: int, *, params, opt_state, data_iter, meta: dict) -> None:
+    from data_pipeline import checkpoint as data_ckpt
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
-        data_iter=ocp.args.JsonSave(data_state),
+        data_iter=data_ckpt.PipelineSave(data_iter),
         meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore(self, step: int, *, abstract_params, abstract_opt_state) -> dict[str, Any]:
-    """Everything of `step`, onto the shardings carried by the abstract (ShapeDtypeStruct) trees."""
+  def restore(self, step: int, *, abstract_params, abstract_opt_state, data_iter) -> dict[str, Any]:
+    """Everything of `step`, onto the shardings carried by the abstract (ShapeDtypeStruct) trees; the data
+    iterator `data_iter` is moved to the saved position in place."""
+    from data_pipeline import checkpoint as data_ckpt
     check_params_fit(self.manager, step, abstract_params, self.directory)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),
         opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        data_iter=ocp.args.JsonRestore(),
+        data_iter=data_ckpt.PipelineRestore(data_iter),
         meta=ocp.args.JsonRestore()))
     return dict(restored)
 
@@ -91,6 +97,11 @@ def check_params_fit(manager: ocp.CheckpointManager, step: int, abstract_params,
                             f"checkpoint but {tuple(want[name].shape)} in the model")
 
 
+def steps(directory: str) -> list[int]:
+  """Complete checkpoints in a checkpoints/ directory, oldest first."""
+  return sorted(ocp.utils.checkpoint_steps(epath.Path(directory)))
+
+
 def resolve(path: str) -> tuple[str, int]:
   """`init_from` → (checkpoint manager directory, step). Accepts a run's workdir (its latest checkpoint), its
   `checkpoints/` directory, or one step directory `.../checkpoints/<step>`."""
@@ -102,9 +113,9 @@ def resolve(path: str) -> tuple[str, int]:
     return os.path.dirname(path), int(name)
   for directory in (checkpoint_dir(path), path):
     if os.path.isdir(directory):
-      steps = ocp.utils.checkpoint_steps(epath.Path(directory))
-      if steps:
-        return directory, max(steps)
+      found = steps(directory)
+      if found:
+        return directory, found[-1]
   raise CheckpointError(f"init_from: no complete checkpoint under {path} (expected a workdir, its checkpoints/ "
                         "directory or a checkpoints/<step> directory)")
 
@@ -126,3 +137,50 @@ def restore_for_handoff(path: str, abstract_params, abstract_opt_state=None) -> 
     restored = dict(manager.restore(step, args=ocp.args.Composite(**items)))
   restored["source"] = f"{directory}/{step}"
   return restored
+
+
+def model_config_of(meta: dict[str, Any]):
+  from mmbert_jax.model import ModelConfig
+  if "model_config" not in meta:
+    raise CheckpointError("checkpoint metadata has no 'model_config' (not written by mmbert_jax.train?)")
+  return ModelConfig(**meta["model_config"])
+
+
+def load_params(path: str) -> tuple[Any, dict[str, Any], str]:
+  """(params as a pure dict on the default device, metadata, 'dir/step') of a checkpoint, without a mesh.
+
+  `path` is anything `resolve` accepts. The model config stored in the metadata gives the restore target.
+  """
+  from flax import nnx
+  from mmbert_jax.model import MaskedLM
+  directory, step = resolve(path)
+  meta = read_meta(directory, step)
+  cfg = model_config_of(meta)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))),
+                                                     nnx.Param)))
+  restored = restore_for_handoff(f"{directory}/{step}", abstract)
+  return restored["params"], meta, restored["source"]
+
+
+def save_params(workdir: str, step: int, params, meta: dict[str, Any]) -> str:
+  """A params-only checkpoint (merges, imports): usable as `init_from` and by export/evaluate."""
+  directory = checkpoint_dir(workdir)
+  if os.path.exists(directory) and ocp.utils.checkpoint_steps(epath.Path(directory)):
+    raise CheckpointError(f"{directory} already holds checkpoints; choose a new output directory")
+  with _manager(directory, create=True, enable_async_checkpointing=False) as manager:
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               meta=ocp.args.JsonSave(meta)))
+  return f"{directory}/{step}"
+
+
+def load_model(path: str, **overrides):
+  """A MaskedLM with the parameters of a checkpoint (e.g. for export or evaluation) and its metadata."""
+  from flax import nnx
+  from mmbert_jax.model import MaskedLM
+  params, meta, source = load_params(path)
+  cfg = model_config_of(meta).replace(**overrides)
+  graph, state = nnx.split(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graph, state), meta, source

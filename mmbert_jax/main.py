@@ -17,10 +17,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and restore at INFO
   # Multi-host: every process runs this same command; TPU pods, SLURM and Open MPI are detected by jax itself.
   if os.environ.get("MMBERT_DISTRIBUTED", "0") == "1":
     jax.distributed.initialize()
-  logging.info("JAX processes %d, devices %d (%s)", jax.process_count(), jax.device_count(), jax.devices()[0])
+  print(f"JAX: {jax.process_count()} process(es), {jax.device_count()} device(s): {jax.devices()[0].device_kind}",
+        flush=True)
   from mmbert_jax import phases
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.get("workdir") or None

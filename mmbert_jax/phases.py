@@ -40,8 +40,9 @@ def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) ->
         if key not in out:
           raise ValueError(f"config.phase_overrides.{phase}.{key}: no such key in the config")
         out[key] = value
-    del out["phases"]
-    del out["phase_overrides"]
+    for key in ("phases", "phase_overrides", "merge"):
+      if key in out:
+        del out[key]
   return out
 
 
@@ -59,8 +60,39 @@ def format_eval_table(results: dict[str, dict[str, dict[str, float]]], metric: s
   return "\n".join(lines)
 
 
+def prepare_demo_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`config.demo_corpus`: build the embedded corpus in `<workdir>/data` (once) and point the data there."""
+  if "demo_corpus" not in config or config.data.data_dir:
+    return
+  from data_pipeline import demo_corpus
+  data_dir = os.path.join(workdir, "data")
+  d = config.demo_corpus
+  demo_corpus.prepare_demo(data_dir, languages=d.languages, scale=d.scale, vocab_size=d.vocab_size,
+                           max_len=max(config.data.seq_len, 256), progress=False)
+  with config.unlocked():
+    config.data.data_dir = data_dir
+
+
+def merge_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`config.merge`: merge the listed phases' final checkpoints into `<workdir>/merged` and evaluate it."""
+  from mmbert_jax import checkpoint as ckpt_lib
+  from mmbert_jax import evaluate, merge
+  m = config.merge
+  out = os.path.join(workdir, "merged")
+  if not os.path.exists(ckpt_lib.checkpoint_dir(out)):
+    params, meta = merge.merge(m.method, base=os.path.join(workdir, m.base),
+                               models=[os.path.join(workdir, p) for p in m.models], density=m.density, lam=m.lam)
+    ckpt_lib.save_params(out, int(meta.get("step", 0)), params, meta)
+  params, meta, _ = ckpt_lib.load_params(out)
+  last = phase_config(config, m.models[-1], workdir)
+  return evaluate.evaluate_params(params, ckpt_lib.model_config_of(meta),
+                                  train.pipeline_config(last, last.eval_batch_size, eval=True),
+                                  last.eval_max_batches)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train one phase, or every phase of a curriculum config; print the per-language eval table."""
+  prepare_demo_data(config, workdir)
   if "phases" not in config:
     result = train.train_and_evaluate(config, workdir)
     if result["eval"]:
@@ -74,5 +106,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if result["status"] != "complete":
       return result
     evals[phase] = result["eval"]
+    print(format_eval_table(evals), flush=True)
+  if "merge" in config and config.merge.method:
+    evals[f"merged_{config.merge.method}"] = merge_phases(config, workdir)
     print(format_eval_table(evals), flush=True)
   return {"status": "complete", "phases": results, "eval": evals}

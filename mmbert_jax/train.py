@@ -63,6 +63,21 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
                      b1=o.b1, b2=o.b2, eps=o.eps)
 
 
+def pipeline_config(config: ml_collections.ConfigDict, batch_size: int, *, eval: bool = False):
+  """The data pipeline's config for this phase's training batches, or for its held-out batches."""
+  from data_pipeline import pipeline as data_lib
+  d = config.data
+  if eval:  # every eval language counts alone: no mixture, and the configured eval mask rate
+    return data_lib.PipelineConfig(
+        data_dir=d.data_dir, languages=d.eval_languages or d.languages, seq_len=d.seq_len, batch_size=batch_size,
+        mask_rate=d.eval_mask_rate or d.mask_rate, seed=config.seed, packing=d.packing)
+  return data_lib.PipelineConfig(
+      data_dir=d.data_dir, languages=d.languages, tau=d.tau, budgets=dict(d.budgets),
+      max_passes=d.max_passes or None, total_tokens=float(config.train_tokens) if d.max_passes else None,
+      seq_len=d.seq_len, batch_size=batch_size, mask_rate=d.mask_rate, max_masked=d.max_masked or None,
+      seed=config.seed, packing=d.packing, num_workers=d.num_workers)
+
+
 def num_microbatches(config: ml_collections.ConfigDict) -> int:
   micro = config.micro_batch_size or config.batch_size
   if config.batch_size % micro:
@@ -178,31 +193,25 @@ def make_train_step(model: Model, tx, mesh, *, num_languages: int, seed: int, pa
                  donate_argnums=(0, 1))
 
 
-def make_eval_step(model: Model, *, num_languages: int):
+def make_eval_step(model: Model):
   @jax.jit
   def eval_step(params, batch):
-    return mlm_stats(_forward(model.bind(params), batch), batch, num_languages)
+    return mlm_stats(_forward(model.bind(params), batch), batch, num_languages=1)
   return eval_step
 
 
-def evaluate(eval_step, params, batches: Iterable[dict], languages: list[str], put) -> dict[str, dict[str, float]]:
-  """Held-out MLM loss and accuracy per language (and overall) over fixed eval batches."""
-  total = None
-  for batch in batches:
+def evaluate(eval_step, params, batches: Iterable[tuple[str, dict]], put) -> dict[str, dict[str, float]]:
+  """Held-out MLM loss and accuracy per language (and over all of them) from (language, batch) pairs."""
+  sums: dict[str, np.ndarray] = {}
+  for lang, batch in batches:
     stats = jax.device_get(eval_step(params, put(batch)))
-    total = stats if total is None else jax.tree.map(np.add, total, stats)
-  if total is None:
+    row = np.array([stats["loss_sum"], stats["correct"], stats["count"]], np.float64)
+    sums[lang] = sums.get(lang, 0) + row
+  if not sums:
     return {}
-  out = {}
-  for i, lang in enumerate(languages):
-    n = float(total["lang_count"][i])
-    if n > 0:
-      out[lang] = {"loss": float(total["lang_loss_sum"][i]) / n, "accuracy": float(total["lang_correct"][i]) / n,
-                   "masked_tokens": n}
-  n = max(float(total["count"]), 1.0)
-  out["all"] = {"loss": float(total["loss_sum"]) / n, "accuracy": float(total["correct"]) / n,
-                "masked_tokens": float(total["count"])}
-  return out
+  sums["all"] = sum(sums.values())
+  return {lang: {"loss": s[0] / max(s[2], 1.0), "accuracy": s[1] / max(s[2], 1.0), "masked_tokens": float(s[2])}
+          for lang, s in sums.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,8 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
   schedule = lr_schedule(config)
 
-  train_data = data_lib.make_train_iterator(data_lib.config_from(config, batch_size=micro_rows))
+  train_data = data_lib.make_train_iterator(pipeline_config(config, micro_rows))
   languages = list(train_data.languages)
+  eval_config = pipeline_config(config, config.eval_batch_size, eval=True)
 
   # ---- resume this run, or start from the previous phase ------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
@@ -279,9 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   latest = checkpointer.latest_step()
   if latest is not None:
     restored = checkpointer.restore(latest, abstract_params=model.abstract_params,
-                                    abstract_opt_state=abstract_like(opt_state))
+                                    abstract_opt_state=abstract_like(opt_state), data_iter=train_data)
     params, opt_state, meta = restored["params"], restored["opt_state"], restored["meta"]
-    train_data.set_state(restored["data_iter"])
     step, tokens = meta["step"], meta["tokens"]
     writer.text("run", f"resumed {workdir} at step {step} ({tokens:,} tokens)")
   elif config.init_from:
@@ -300,17 +309,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_step = make_train_step(model, tx, mesh, num_languages=len(languages), seed=config.seed,
                                param_shardings=param_shardings, opt_shardings=opt_shardings)
-  eval_step = make_eval_step(model, num_languages=len(languages))
+  eval_step = make_eval_step(model)
   put_train, put_eval = make_put(mesh, leading=1), make_put(mesh, leading=0)
-  eval_data = data_lib.eval_batches(data_lib.config_from(config, batch_size=config.eval_batch_size))
 
   def save(final: bool = False):
     meta.update(step=step, tokens=tokens, model_config=dataclasses.asdict(cfg), phase=config.phase,
                 languages=languages, complete=final, config=config.to_json())
-    checkpointer.save(step, params=params, opt_state=opt_state, data_state=train_data.get_state(), meta=meta)
+    checkpointer.save(step, params=params, opt_state=opt_state, data_iter=train_data, meta=meta)
 
   def run_eval():
-    result = evaluate(eval_step, params, eval_data, languages, put_eval)
+    eval_data = data_lib.eval_batches(eval_config, max_batches=config.eval_max_batches)
+    result = evaluate(eval_step, params, eval_data, put_eval)
     writer.write(step, {f"eval/{lang}/loss": r["loss"] for lang, r in result.items() if lang != "all"}
                  | {"eval/loss": result.get("all", {}).get("loss"),
                     "eval/accuracy": result.get("all", {}).get("accuracy")})

@@ -1,0 +1,101 @@
+"""Merge checkpoints: TIES over decay variants (mmBERT-base) or an exponential average over one run (mmBERT-small).
+
+  python -m mmbert_jax.merge --method=ties --base=RUN/midtrain \
+      --models=RUN/decay_eng,RUN/decay_cont,RUN/decay_all --density=0.5 --out=RUN/merged [--hf_out=DIR]
+  python -m mmbert_jax.merge --method=ema --run=RUN/decay_all --decay=0.5 --out=RUN/merged_ema
+  python -m mmbert_jax.merge --method=average --models=A,B,C --out=OUT
+
+Each input is a workdir (its latest checkpoint), its checkpoints/ directory or one checkpoints/<step> directory.
+The output is a params-only Orbax checkpoint: `init_from` of a further phase, or input of export and evaluate.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from absl import app, flags
+
+from mmbert_jax import checkpoint as ckpt_lib
+from mmbert_jax import merging
+
+METHODS = ("ties", "ema", "average")
+
+flags.DEFINE_enum("method", "ties", METHODS, "Merge method.")
+flags.DEFINE_string("base", None, "ties: checkpoint the task vectors are taken against (e.g. the mid-training end).")
+flags.DEFINE_list("models", [], "ties/average: checkpoints to merge.")
+flags.DEFINE_string("run", None, "ema: a workdir whose checkpoints (oldest → newest) are averaged.")
+flags.DEFINE_float("density", 0.5, "ties: fraction of each task vector's entries kept per tensor.")
+flags.DEFINE_list("weights", [], "ties/average: one weight per model (default: equal).")
+flags.DEFINE_float("lam", 1.0, "ties: scale of the merged task vector.")
+flags.DEFINE_float("decay", 0.5, "ema: weight ratio between consecutive checkpoints (newest weighs most).")
+flags.DEFINE_string("out", None, "Output workdir for the merged checkpoint.")
+flags.DEFINE_string("hf_out", None, "Also write a transformers ModernBertForMaskedLM directory here.")
+FLAGS = flags.FLAGS
+
+
+def _check_same_model(metas: Sequence[dict], names: Sequence[str]) -> None:
+  first = metas[0].get("model_config")
+  for meta, name in zip(metas[1:], names[1:]):
+    if meta.get("model_config") != first:
+      diff = sorted(k for k in first if first.get(k) != meta.get("model_config", {}).get(k))
+      raise ckpt_lib.CheckpointError(f"{name}: model config differs from {names[0]} in {', '.join(diff)}; "
+                                     "only checkpoints of the same model can be merged")
+
+
+def _load_all(paths: Sequence[str]):
+  loaded = [ckpt_lib.load_params(p) for p in paths]
+  params, metas, sources = zip(*loaded)
+  _check_same_model(metas, sources)
+  return list(params), list(metas), list(sources)
+
+
+def merge(method: str, *, base: str | None = None, models: Sequence[str] = (), run: str | None = None,
+          density: float = 0.5, weights: Sequence[float] | None = None, lam: float = 1.0,
+          decay: float = 0.5) -> tuple[Any, dict[str, Any]]:
+  """Merged params and the metadata to save with them."""
+  weights = [float(w) for w in weights] if weights else None
+  if method == "ties":
+    if not base or not models:
+      raise ValueError("--method=ties needs --base and --models")
+    params, metas, sources = _load_all([base, *models])
+    merged = merging.ties(params[0], params[1:], density=density, weights=weights, lam=lam)
+    recipe = {"method": "ties", "base": sources[0], "models": sources[1:], "density": density,
+              "weights": weights, "lam": lam}
+  elif method == "average":
+    if not models:
+      raise ValueError("--method=average needs --models")
+    params, metas, sources = _load_all(models)
+    merged = merging.average(params, weights)
+    recipe = {"method": "average", "models": sources, "weights": weights}
+  elif method == "ema":
+    if not run:
+      raise ValueError("--method=ema needs --run (a workdir with several checkpoints)")
+    directory, _ = ckpt_lib.resolve(run)
+    steps = ckpt_lib.steps(directory)
+    params, metas, sources = _load_all([f"{directory}/{s}" for s in steps])
+    merged = merging.ema(params, decay)
+    recipe = {"method": "ema", "models": sources, "decay": decay,
+              "weights": merging.ema_weights(len(params), decay).tolist()}
+  else:
+    raise ValueError(f"unknown merge method {method!r}; expected one of {METHODS}")
+  meta = dict(metas[-1])
+  meta.update(phase=f"merged_{method}", merge=recipe, complete=True)
+  return merged, meta
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS.out:
+    raise app.UsageError("--out is required")
+  merged, meta = merge(FLAGS.method, base=FLAGS.base, models=FLAGS.models, run=FLAGS.run, density=FLAGS.density,
+                       weights=FLAGS.weights, lam=FLAGS.lam, decay=FLAGS.decay)
+  where = ckpt_lib.save_params(FLAGS.out, int(meta.get("step", 0)), merged, meta)
+  print(f"merged checkpoint: {where}")
+  if FLAGS.hf_out:
+    from mmbert_jax import export
+    export.export(where, FLAGS.hf_out)
+    print(f"transformers directory: {FLAGS.hf_out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
