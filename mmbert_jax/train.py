@@ -173,7 +173,7 @@ def make_train_step(model: Model, tx, mesh, *, num_languages: int, seed: int, pa
     (grads, totals), _ = jax.lax.scan(micro, init, (batches, jnp.arange(m)))
     count = jnp.maximum(totals["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)            # mean over every masked token of the step
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, optim.with_learning_rate(opt_state, lr), params)
     new_params = optax.apply_updates(params, updates)
     # A non-finite step changes nothing; the host then stops (or skips, if configured).
@@ -262,7 +262,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from data_pipeline import pipeline as data_lib  # data is its own package; imported here so models load without it
 
   cfg = model_config(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
+  devices = jax.devices()
+  if config.num_devices:
+    if jax.process_count() > 1:
+      raise ValueError("config.num_devices works only in a single-process run")
+    devices = devices[:config.num_devices]
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
   n_micro = num_microbatches(config)
   micro_rows = config.batch_size // n_micro
   if micro_rows % sharding.batch_divisor(mesh):
@@ -360,7 +365,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           "train/lr": host["lr"], "train/clipped_fraction": host["clipped_fraction"],
           "train/tokens": p["tokens"], "train/real_tokens_per_s": real_tokens / seconds,
           "train/tokens_per_s": p["slot_tokens"] / seconds, "train/model_flops_per_s": flops_total / seconds,
-          "train/mfu": flops_lib.mfu(flops_total, seconds, jax.device_count(), device_kind),
+          "train/mfu": (flops_lib.mfu(flops_total, seconds, mesh.size, device_kind)
+                        or (flops_total / (seconds * mesh.size * config.peak_flops_per_device)
+                            if config.peak_flops_per_device else None)),
           "train/microbatches": p["micro"]} | lang_loss)
     return host
 
@@ -370,11 +377,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         m = schedules.batch_warmup(tokens, num_microbatches=n_micro, warmup_tokens=config.batch_warmup_tokens,
                                    start_fraction=config.batch_warmup_start_fraction)
         micro = [next(train_data) for _ in range(m)]
-        lr = float(schedule(tokens))
+        slot_tokens = m * micro_rows * seq_len
+        lr = float(schedule(tokens + slot_tokens))  # the LR at the end of this step's tokens: warmup starts above 0
         params, opt_state, metrics = train_step(params, opt_state, put_train(stack_microbatches(micro)),
                                                 jnp.float32(lr), jnp.int32(step))
         step += 1
-        slot_tokens = m * micro_rows * seq_len
         tokens += slot_tokens
         if pending is not None:
           consume(pending)
@@ -382,13 +389,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    "segment_ids": np.concatenate([b["segment_ids"] for b in micro])}
         if config.eval_every_steps and step % config.eval_every_steps == 0:
           run_eval()
-        if tokens >= next_save:
-          consume(pending); pending = None
+        if tokens >= next_save and tokens < config.train_tokens:  # the final checkpoint is written below
+          consume(pending)
+          pending = None
           save()
           next_save += config.checkpoint_every_tokens
         if preemption.should_stop():
           if pending is not None:
-            consume(pending); pending = None
+            consume(pending)
+            pending = None
           save()
           status = "preempted"
           writer.text("run", f"SIGTERM: saved step {step} to {checkpointer.directory}; re-run the same command "
@@ -396,9 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           break
       if pending is not None:
         consume(pending)
-      if status == "complete":
-        if checkpointer.latest_step() != step or not meta.get("complete"):
-          save(final=True)
+      if status == "complete" and checkpointer.latest_step() != step:
+        save(final=True)
     final_eval = run_eval() if status == "complete" else {}
   finally:
     checkpointer.wait()

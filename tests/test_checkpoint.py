@@ -1,0 +1,144 @@
+"""Checkpoints: exact resume after SIGTERM or kill -9, resume on fewer devices, phase handoff, shape errors."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, read_metrics, tiny_config, train_losses
+from mmbert_jax import checkpoint as ckpt_lib
+from mmbert_jax import train
+
+STEPS = 12                       # 512 tokens per step; checkpoints every 4 steps
+
+
+@pytest.fixture(scope="module")
+def reference(demo_data, tmp_path_factory):
+  """An uninterrupted run: its per-step losses are what every resumed run must reproduce."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train.train_and_evaluate(tiny_config(demo_data), workdir)
+  losses = train_losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  return workdir, losses
+
+
+def _sigterm_when(workdir, step):
+  """Sends SIGTERM to this process once `step` appears in the run's metrics."""
+  def watch():
+    path = os.path.join(workdir, "metrics.jsonl")
+    while True:
+      if os.path.exists(path) and any(m.get("step", 0) >= step for m in read_metrics(workdir)):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.01)
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  return thread
+
+
+def test_sigterm_then_rerun_reproduces_the_uninterrupted_losses(demo_data, reference, tmp_path):
+  ref_dir, ref = reference
+  workdir = str(tmp_path / "run")
+  stop_at = random.Random().randint(2, STEPS - 3)
+  _sigterm_when(workdir, stop_at)
+  first = train.train_and_evaluate(tiny_config(demo_data), workdir)
+  assert first["status"] == "preempted" and first["step"] < STEPS, first
+  assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir))[-1] == first["step"]
+  second = train.train_and_evaluate(tiny_config(demo_data), workdir)
+  assert second["status"] == "complete" and second["step"] == STEPS
+  losses = train_losses(workdir)      # both runs append to the same metrics file
+  assert losses == ref, f"stopped at step {first['step']}"
+  assert second["eval"] == pytest.approx(train.train_and_evaluate(tiny_config(demo_data), ref_dir)["eval"])
+
+
+_KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from conftest import tiny_config
+from mmbert_jax import checkpoint, train
+save = checkpoint.Checkpointer.save
+def save_then_die(self, step, **kw):
+  save(self, step, **kw)           # asynchronous: returns while the files are still being written
+  if step == 8:
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.Checkpointer.save = save_then_die
+train.train_and_evaluate(tiny_config({data!r}), {workdir!r})
+"""
+
+
+def test_kill_9_during_async_save_resumes_from_last_complete_checkpoint(demo_data, reference, tmp_path):
+  _, ref = reference
+  workdir = str(tmp_path / "killed")
+  script = _KILL_DURING_SAVE.format(root=str(ROOT), tests=str(ROOT / "tests"), data=demo_data, workdir=workdir)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  complete = ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir))
+  assert 4 in complete                 # the checkpoint before the kill is intact
+  result = train.train_and_evaluate(tiny_config(demo_data), workdir)
+  assert result["step"] == STEPS
+  resumed_from = 8 if 8 in complete else 4
+  losses = train_losses(workdir)
+  assert {s: losses[s] for s in range(resumed_from + 1, STEPS + 1)} == {
+      s: ref[s] for s in range(resumed_from + 1, STEPS + 1)}
+
+
+def test_resume_on_fewer_devices_continues_the_same_global_batches(demo_data, reference, tmp_path):
+  _, ref = reference
+  workdir = str(tmp_path / "elastic")
+  train.train_and_evaluate(tiny_config(demo_data, train_tokens=512 * 4), workdir)          # 4 devices
+  result = train.train_and_evaluate(tiny_config(demo_data, num_devices=2), workdir)       # 2 devices
+  assert result["step"] == STEPS
+  losses = train_losses(workdir)
+  np.testing.assert_allclose([losses[s] for s in range(5, STEPS + 1)], [ref[s] for s in range(5, STEPS + 1)],
+                             rtol=0, atol=1e-5)
+
+
+def test_handoff_changes_seq_len_and_theta_and_keeps_params(demo_data, reference, tmp_path):
+  ref_dir, _ = reference
+  midtrain = tiny_config(demo_data, init_from=ref_dir, train_tokens=1024 * 2, **{
+      "data.seq_len": 128, "data.mask_rate": 0.15, "data.tau": 0.5, "data.languages": "en,de,fr,ru,zh,sw,nl,pl",
+      "model.global_rope_theta": 160_000.0, "model.local_rope_theta": 160_000.0, "schedule.warmup_tokens": 0})
+  midtrain.phase = "midtrain"
+  # A vanishing learning rate: after the handoff the parameters must be those of the pre-training checkpoint.
+  midtrain.optim.peak_lr = 1e-30
+  workdir = str(tmp_path / "midtrain")
+  result = train.train_and_evaluate(midtrain, workdir)
+  before, _, _ = ckpt_lib.load_params(ref_dir)
+  after, meta, _ = ckpt_lib.load_params(workdir)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_allclose(a, b, atol=1e-20)
+  assert meta["model_config"]["global_rope_theta"] == 160_000.0
+  assert meta["total_tokens_before"] == 512 * STEPS and meta["tokens"] == 1024 * 2
+  assert meta["history"][-1]["phase"] == "pretrain"
+  assert sum(meta["tokens_per_language"].values()) > 512 * STEPS * 0.5
+  assert result["step"] == 2
+
+
+def test_decay_variants_start_from_the_same_checkpoint(demo_data, reference, tmp_path):
+  ref_dir, _ = reference
+  sources = []
+  for variant, languages in (("decay_eng", "en,de,fr"), ("decay_all", "en,de,fr,fo,ti")):
+    c = tiny_config(demo_data, init_from=ref_dir, train_tokens=512, **{"data.languages": languages,
+                                                                      "schedule.decay_start_tokens": 0,
+                                                                      "schedule.decay_tokens": 512})
+    c.phase = variant
+    train.train_and_evaluate(c, str(tmp_path / variant))
+    _, meta, _ = ckpt_lib.load_params(str(tmp_path / variant))
+    sources.append(meta["history"][-1]["source"])
+  assert sources[0] == sources[1] == f"{ckpt_lib.checkpoint_dir(ref_dir)}/{STEPS}"
+
+
+def test_checkpoint_that_does_not_fit_names_the_parameter(demo_data, reference, tmp_path):
+  ref_dir, _ = reference
+  c = tiny_config(demo_data, init_from=ref_dir, **{"model.intermediate_size": 32})
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"parameter 'layers/0/mlp/wi' has shape \(64, 2, 96\)"):
+    train.train_and_evaluate(c, str(tmp_path / "wrong"))
+  with pytest.raises(ckpt_lib.CheckpointError, match="does not exist"):
+    ckpt_lib.resolve(str(tmp_path / "nowhere"))

@@ -1,0 +1,114 @@
+"""The training loop: sharded steps equal single-device steps, real text trains, metrics and errors."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import read_metrics, tiny_config, train_losses
+from mmbert_jax import sharding, train
+from mmbert_jax.model import get_config
+
+
+def _synthetic_batch(rng, rows, seq, k, vocab, languages):
+  ids = rng.integers(5, vocab, (rows, seq)).astype(np.int32)
+  seg = np.ones((rows, seq), np.int32)
+  seg[:, seq // 2:] = 2
+  seg[0, -5:] = 0
+  pos = np.concatenate([np.arange(seq // 2)] * 2)[None].repeat(rows, 0).astype(np.int32)
+  mp = np.stack([rng.choice(seq, k, replace=False) for _ in range(rows)]).astype(np.int32)
+  inputs = ids.copy()
+  np.put_along_axis(inputs, mp, 4, 1)
+  return dict(input_ids=inputs, segment_ids=seg, positions=pos, masked_positions=mp,
+              masked_labels=np.take_along_axis(ids, mp, 1),
+              masked_weights=(np.take_along_axis(seg, mp, 1) > 0).astype(np.float32),
+              lang_ids=np.where(seg > 0, seg % languages, -1).astype(np.int32))
+
+
+def _three_steps(mesh_sizes, devices):
+  config = tiny_config("", **{"optim.peak_lr": 1e-3})
+  cfg = get_config("tiny", attn_out_dropout=0.1)
+  mesh = sharding.make_mesh(mesh_sizes, devices)
+  model, params = train.init_model(cfg, mesh, 0)
+  tx = train.optimizer(config)
+  with jax.set_mesh(mesh):
+    opt = jax.jit(tx.init)(params)
+  step = train.make_train_step(model, tx, mesh, num_languages=3, seed=0,
+                               param_shardings=jax.tree.map(lambda x: x.sharding, params),
+                               opt_shardings=jax.tree.map(lambda x: x.sharding, opt))
+  put = train.make_put(mesh, leading=1)
+  rng = np.random.default_rng(0)
+  losses = []
+  with jax.set_mesh(mesh):
+    for i in range(3):
+      batch = train.stack_microbatches([_synthetic_batch(rng, 8, 64, 12, 1024, 3) for _ in range(2)])
+      params, opt, metrics = step(params, opt, put(batch), jnp.float32(1e-3), jnp.int32(i))
+      losses.append(float(metrics["loss"]))
+  return losses, jax.tree.map(np.asarray, params)
+
+
+def test_sharded_steps_equal_single_device():
+  assert jax.device_count() == 8
+  single, p1 = _three_steps(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  for sizes in (dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)):
+    sharded, p8 = _three_steps(sizes, jax.devices())
+    np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_parameters_are_sharded_by_the_logical_rules():
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  _, params = train.init_model(get_config("tiny"), mesh, 0)
+  P = jax.sharding.PartitionSpec
+  assert params["embedding"].sharding.spec == P("tensor", "fsdp")
+  assert params["layers"][1]["attn"]["wqkv"].sharding.spec == P("fsdp", None, "tensor")
+  assert params["layers"][1]["mlp"]["wo"].sharding.spec == P("tensor", "fsdp")
+  assert params["final_norm"]["scale"].sharding.is_fully_replicated
+
+
+def test_mesh_shape_resolves_and_rejects():
+  assert sharding.mesh_shape(dict(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match="not divisible"):
+    sharding.mesh_shape(dict(data=3, fsdp=-1), 8)
+  with pytest.raises(ValueError, match="≠ 8 devices"):
+    sharding.mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
+
+
+def test_loss_decreases_on_real_text_with_metrics_and_tensorboard(demo_data, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(demo_data, train_tokens=512 * 40, batch_warmup_tokens=512 * 8,
+                       peak_flops_per_device=1e10, checkpoint_every_tokens=10 ** 9)
+  result = train.train_and_evaluate(config, workdir)
+  assert result["status"] == "complete" and result["step"] > 20
+  losses = train_losses(workdir)
+  first, last = np.mean(list(losses.values())[:5]), np.mean(list(losses.values())[-5:])
+  assert last < first - 0.5, (first, last)
+  metrics = read_metrics(workdir)
+  logged = set().union(*metrics)
+  for key in ("train/tokens_per_s", "train/mfu", "train/model_flops_per_s", "train/lr", "train/grad_norm",
+              "train/clipped_fraction", "train/accuracy", "train_lang/en/loss",
+              "eval/loss", "eval/en/loss"):
+    assert key in logged, key
+  # Batch-size warmup: fewer micro-batches first, the full two after batch_warmup_tokens.
+  micro = [m["train/microbatches"] for m in metrics if "train/microbatches" in m]
+  assert micro[0] == 1 and micro[-1] == 2 and sorted(micro) == micro
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tb")))
+  assert set(result["eval"]) >= {"en", "de", "all"}
+  assert 0 < result["eval"]["all"]["loss"] < 10
+
+
+def test_nonfinite_loss_stops_with_intact_checkpoint(demo_data, tmp_path):
+  workdir = str(tmp_path / "nan")
+  config = tiny_config(demo_data, **{"optim.peak_lr": 1e30, "schedule.warmup_tokens": 0})
+  with pytest.raises(train.NonFiniteLossError, match="not finite.*intact"):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_bad_batch_configuration_is_named(demo_data, tmp_path):
+  with pytest.raises(ValueError, match="micro_batch_size"):
+    train.train_and_evaluate(tiny_config(demo_data, micro_batch_size=3), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="not divisible by data×fsdp"):
+    train.train_and_evaluate(tiny_config(demo_data, batch_size=4, micro_batch_size=4, num_devices=8),
+                             str(tmp_path / "b"))
