@@ -36,7 +36,7 @@ def test_local_layer_visits_under_five_percent_of_global_at_8192():
   assert local <= 0.05 * flash_gpu.visited_kv_blocks(8192, 128, 128, None)
 
 
-def _poisoned(seq=256, block=32, window=20):
+def _poisoned(seq=128, block=32, window=20):
   """Inputs whose keys/values beyond q block 0's kv range are NaN: only a kernel that skips them stays finite."""
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, ct = (jax.random.normal(key, (1, seq, 2, 64), jnp.float32) for key in keys)
@@ -59,18 +59,28 @@ def test_out_of_window_blocks_are_never_read():
   dq = jax.grad(lambda q: jnp.sum(run(q, k_bad, v_bad) * ct))(q)
   dq_ref = jax.grad(lambda q: jnp.sum(attention.xla_attention(q, k, v, seg, 20) * ct))(q)
   np.testing.assert_allclose(dq[:, :32], dq_ref[:, :32], atol=1e-5)
+  # dk/dv of kv block 0 read the mirrored q range: poison the queries and output cotangents beyond it instead.
+  q_bad, ct_bad = (jnp.where(jnp.isnan(k_bad), jnp.nan, x) for x in (q, ct))
+  dk, dv = jax.grad(lambda k, v: jnp.sum(run(q_bad, k, v) * ct_bad), argnums=(0, 1))(k, v)
+  dk_ref, dv_ref = jax.grad(lambda k, v: jnp.sum(attention.xla_attention(q, k, v, seg, 20) * ct),
+                            argnums=(0, 1))(k, v)
+  np.testing.assert_allclose(dk[:, :32], dk_ref[:, :32], atol=1e-5)
+  np.testing.assert_allclose(dv[:, :32], dv_ref[:, :32], atol=1e-5)
 
 
 def test_poison_reaches_a_kernel_that_reads_every_block():
   """Control for the test above: with a window wider than S the same rows do turn NaN."""
-  q, _, _, _, k_bad, v_bad = _poisoned(window=20)
-  out = flash_gpu.flash_attention(q, k_bad, v_bad, window=10_000, block_sizes=BLOCKS, interpret=True)
-  assert np.isnan(np.asarray(out[:, :32])).all()
+  q, k, v, ct, k_bad, v_bad = _poisoned(window=20)
+  run = lambda q, k, v: flash_gpu.flash_attention(q, k, v, window=10_000, block_sizes=BLOCKS, interpret=True)
+  assert np.isnan(np.asarray(run(q, k_bad, v_bad)[:, :32])).all()
+  q_bad, ct_bad = (jnp.where(jnp.isnan(k_bad), jnp.nan, x) for x in (q, ct))
+  dk, dv = jax.grad(lambda k, v: jnp.sum(run(q_bad, k, v) * ct_bad), argnums=(0, 1))(k, v)
+  assert np.isnan(np.asarray(dk[:, :32])).all() and np.isnan(np.asarray(dv[:, :32])).all()
 
 
 def test_bnsd_layout_and_no_segments():
   keys = jax.random.split(jax.random.key(1), 3)
-  q, k, v = (jax.random.normal(key, (2, 128, 4, 64), jnp.float32) for key in keys)
+  q, k, v = (jax.random.normal(key, (2, 128, 2, 64), jnp.float32) for key in keys)
   ones = jnp.ones((2, 128), jnp.int32)
   blocks = flash_gpu.BlockSizes(64, 32, block_q_dkv=32, block_kv_dkv=64)
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
@@ -84,6 +94,17 @@ def test_bnsd_layout_and_no_segments():
                              attention.xla_attention(q, k, v, ones, 24), atol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(heads_first(g), r, atol=1e-5)
+
+
+def test_bfloat16_inputs():
+  """bf16 q/k/v (the training dtype): float32 accumulation keeps the error at bf16 rounding level."""
+  keys = jax.random.split(jax.random.key(2), 3)
+  q, k, v = (jax.random.normal(key, (1, 128, 2, 64), jnp.float32) for key in keys)
+  seg = jnp.asarray(np.repeat([1, 2], 64)[None], jnp.int32)
+  out = flash_gpu.flash_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg, window=32,
+                                  block_sizes=flash_gpu.BlockSizes(32, 32), interpret=True)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), attention.xla_attention(q, k, v, seg, 32), atol=3e-2)
 
 
 def test_bad_arguments_say_what_is_wrong():
