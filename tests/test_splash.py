@@ -1,5 +1,6 @@
 """Splash attention: block sparsity, tile checks, and an ahead-of-time TPU compile of the whole model."""
 import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,8 @@ def test_model_forward_backward_compiles_for_tpu():
   """AOT compile of grad(mean logits) for a v5e 2x2 slice: auto picks splash, which runs in shard_map."""
   if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed (`pip install libtpu`); it is needed to compile for a TPU topology")
+  # Compiling needs no TPU; without this, libtpu's single-process lockfile fails concurrent test runs.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   topology = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
   mesh = Mesh(np.array(topology.devices).reshape(2, 1, 2), ("data", "fsdp", "tensor"),
