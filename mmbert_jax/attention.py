@@ -2,14 +2,31 @@
 
 `attention(q, k, v, segment_ids, window)` computes softmax(q·kᵀ/√d)·v over keys of the same document
 (`segment_ids` equal and non-zero) and, for local layers, with |i − j| ≤ window. Layout `[B, S, N, D]`.
-The XLA implementation here is the reference every kernel is tested against.
+
+Implementations (`ModelConfig.attention_impl`):
+  xla         `jax.nn.dot_product_attention` with a dense mask: the reference every kernel is tested against.
+  splash      Pallas TPU splash attention (`kernels.splash`), block-sparse over the window.
+  pallas_gpu  this project's Pallas/Triton flash attention (`kernels.flash_gpu`), skipping out-of-window blocks.
+  auto        splash on TPU, pallas_gpu on GPU, xla elsewhere.
+`resolve_impl` picks the implementation and rejects impossible combinations when the model is built. The kernels
+give padding (segment 0) a segment of its own, so padding rows hold finite values that differ from the XLA path's;
+real rows agree. Under a mesh the kernels run in `jax.shard_map`: batch over ("data", "fsdp"), heads over "tensor".
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import functools
+import math
 
-IMPLEMENTATIONS = ("xla",)
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from mmbert_jax.kernels import flash_gpu
+from mmbert_jax.kernels import splash
+
+IMPLEMENTATIONS = ("auto", "xla", "splash", "pallas_gpu")
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -29,9 +46,118 @@ def xla_attention(q, k, v, segment_ids, window: int | None):
       implementation="xla")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Choosing an implementation (at build time)
+# --------------------------------------------------------------------------------------------------------------
+
+def target_platform() -> str:
+  """Platform the computation is built for: the current mesh's devices (AOT topologies included), else the
+  default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def resolve_impl(cfg, *, seq_len: int | None = None, platform: str | None = None) -> str:
+  """The implementation `cfg.attention_impl` means here, or a ValueError saying why it cannot run.
+
+  `cfg` is a `ModelConfig`; `platform` defaults to `target_platform()`. With `seq_len`, also checks that the
+  kernel tiles divide it (the trainer knows the sequence length; the model does not).
+  """
+  impl, interpret = cfg.attention_impl, cfg.attention_interpret
+  platform = platform or target_platform()
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl {impl!r} is not one of {IMPLEMENTATIONS}")
+  if impl == "auto":
+    impl = "splash" if platform == "tpu" else "pallas_gpu" if platform in _GPU_PLATFORMS else "xla"
+  needs = {"splash": ("tpu",), "pallas_gpu": _GPU_PLATFORMS}.get(impl)
+  if needs and platform not in needs and not interpret:
+    raise ValueError(f"attention_impl={impl!r} needs a {needs[0].upper()} but this build targets {platform!r}; "
+                     f"use 'auto' or 'xla', or set attention_interpret=True to run the kernel in interpret mode")
+  if impl == "xla":
+    return impl
+  bq, bkv = cfg.attention_block_q, cfg.attention_block_kv
+  if impl == "splash" and (bq % splash.LANES or bkv % splash.LANES):
+    raise ValueError(f"splash attention needs attention_block_q and attention_block_kv to be multiples of "
+                     f"{splash.LANES}; got {bq} and {bkv}")
+  if impl == "pallas_gpu" and cfg.head_dim & (cfg.head_dim - 1):
+    raise ValueError(f"attention_impl='pallas_gpu' needs a power-of-two head_dim; got {cfg.head_dim}")
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    used = [a for a in (*BATCH_AXES, HEAD_AXIS) if a in mesh.axis_names]
+    explicit = [a for a in used if mesh.axis_types[mesh.axis_names.index(a)] != AxisType.Auto]
+    if explicit:
+      raise ValueError(f"attention_impl={impl!r} runs in shard_map, which needs Auto mesh axes; axes {explicit} "
+                       f"are {mesh.axis_types}: build the mesh with axis_types=(AxisType.Auto, ...)")
+    if HEAD_AXIS in mesh.axis_names and cfg.num_heads % mesh.shape[HEAD_AXIS]:
+      raise ValueError(f"num_heads {cfg.num_heads} is not divisible by the mesh's {HEAD_AXIS!r} axis "
+                       f"({mesh.shape[HEAD_AXIS]})")
+  if seq_len is not None:
+    check_seq_len(impl, seq_len, bq, bkv)
+  return impl
+
+
+def check_seq_len(impl: str, seq_len: int, block_q: int, block_kv: int) -> None:
+  """Raises a ValueError if the kernel tiles of `impl` do not fit a sequence of `seq_len`."""
+  if impl == "splash":
+    splash.block_sizes(seq_len, block_q, block_kv)
+  elif impl == "pallas_gpu":
+    flash_gpu.BlockSizes(block_q, block_kv).for_seq_len(seq_len)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running the kernels, sharded when a mesh is set
+# --------------------------------------------------------------------------------------------------------------
+
+def _shard(local_fn, q, k, v, segment_ids, *extra, extra_specs=()):
+  """Runs `local_fn(*extra, q, k, v, segment_ids)` per device: batch over data/fsdp, heads over tensor.
+
+  Without a mesh it is a plain call. The kernels see whole sequences, so sequence sharding is not supported.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local_fn(*extra, q, k, v, segment_ids)
+  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
+  heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
+  shards = math.prod(mesh.shape[a] for a in batch or ())
+  if q.shape[0] % shards:
+    raise ValueError(f"batch {q.shape[0]} is not divisible by the mesh's batch axes {batch} ({shards} shards)")
+  x = P(batch, None, heads, None)
+  return jax.shard_map(local_fn, mesh=mesh, in_specs=(*extra_specs, x, x, x, P(batch, None)), out_specs=x,
+                       check_vma=False)(*extra, q, k, v, segment_ids)
+
+
+def _splash(q, k, v, segment_ids, window, block_q, block_kv, interpret):
+  _, s, n, _ = q.shape
+  mesh = jax.sharding.get_abstract_mesh()
+  head_shards = mesh.shape[HEAD_AXIS] if not mesh.empty and HEAD_AXIS in mesh.axis_names else 1
+  kernel = splash.make_kernel(s, n, window, block_q, block_kv, head_shards, interpret)
+  specs = ()
+  if not mesh.empty:
+    heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
+    specs = (kernel.manual_sharding_spec(NamedSharding(mesh, P(heads, None))),)
+  return _shard(splash.apply, q, k, v, segment_ids, kernel, extra_specs=specs)
+
+
+def _pallas_gpu(q, k, v, segment_ids, window, block_q, block_kv, interpret):
+  fn = functools.partial(flash_gpu.flash_attention, window=window,
+                         block_sizes=flash_gpu.BlockSizes(block_q, block_kv), interpret=interpret)
+  return _shard(fn, q, k, v, segment_ids)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, window: int | None,
-              *, impl: str = "xla") -> jax.Array:
-  """Bidirectional attention within documents; `window` is the one-sided local window (None = global)."""
+              *, impl: str = "xla", block_q: int = 128, block_kv: int = 128, interpret: bool = False) -> jax.Array:
+  """Bidirectional attention within documents; `window` is the one-sided local window (None = global).
+
+  `impl` is a resolved name (see `resolve_impl`); `block_q`/`block_kv` tile the kernels; `interpret` runs
+  them in Pallas interpret mode (CPU tests).
+  """
   if impl == "xla":
     return xla_attention(q, k, v, segment_ids, window)
-  raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
+  if impl not in ("splash", "pallas_gpu"):
+    raise ValueError(f"attention impl {impl!r} is not one of ('xla', 'splash', 'pallas_gpu'); "
+                     f"resolve 'auto' with resolve_impl first")
+  check_seq_len(impl, q.shape[1], block_q, block_kv)
+  run = _splash if impl == "splash" else _pallas_gpu
+  return run(q, k, v, segment_ids, window, block_q, block_kv, interpret)

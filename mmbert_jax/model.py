@@ -50,9 +50,10 @@ class ModelConfig:
   unk_id: int = 3
   mask_id: int = 4
   dtype: str = "float32"             # compute dtype; parameters stay float32
-  attention_impl: str = "xla"
+  attention_impl: str = "xla"        # auto | xla | splash | pallas_gpu (see mmbert_jax.attention)
   attention_block_q: int = 128       # kernel tiling (Pallas implementations)
   attention_block_kv: int = 128
+  attention_interpret: bool = False  # run the Pallas kernels in interpret mode (CPU tests)
   remat: str = "none"                # none | full | dots (save matmul outputs)
 
   def __post_init__(self):
@@ -62,6 +63,11 @@ class ModelConfig:
       raise ValueError(f"head_dim {self.head_dim} must be even for rotate-half RoPE")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    if self.attention_impl not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {attention_lib.IMPLEMENTATIONS}")
+    for name in ("attention_block_q", "attention_block_kv"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
 
   @property
   def head_dim(self) -> int:
@@ -153,14 +159,17 @@ class Attention(nnx.Module):
     self.is_global = cfg.is_global(layer)
     self.theta = cfg.global_rope_theta if self.is_global else cfg.local_rope_theta
     self.window = None if self.is_global else cfg.window
-    self.impl = cfg.attention_impl
+    self.impl = attention_lib.resolve_impl(cfg)   # an impossible impl/platform/mesh combination fails here
+    self.block_q, self.block_kv = cfg.attention_block_q, cfg.attention_block_kv
+    self.interpret = cfg.attention_interpret
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x, segment_ids, positions, rngs=None):
     qkv = jnp.einsum("bsh,hcnd->bscnd", x, self.wqkv[...].astype(self.dtype))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
-    out = attention_lib.attention(q, k, v, segment_ids, self.window, impl=self.impl)
+    out = attention_lib.attention(q, k, v, segment_ids, self.window, impl=self.impl, block_q=self.block_q,
+                                  block_kv=self.block_kv, interpret=self.interpret)
     out = jnp.einsum("bsnd,ndh->bsh", out, self.wo[...].astype(self.dtype))
     if rngs is None:  # inference and eval: no dropout
       return out

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m mmbert_jax.benchmarks.<name>`."""

@@ -1,0 +1,1 @@
+"""Pallas attention kernels: `flash_gpu` (Triton, GPU) and `splash` (TPU splash attention wrapper)."""
