@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from mmbert_jax import attention as attention_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
@@ -268,6 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise ValueError("config.num_devices works only in a single-process run")
     devices = devices[:config.num_devices]
   mesh = sharding.make_mesh(dict(config.mesh), devices)
+  with jax.set_mesh(mesh):
+    attention_lib.resolve_impl(cfg, seq_len=config.data.seq_len)  # a kernel that cannot run fails here, not in jit
   n_micro = num_microbatches(config)
   micro_rows = config.batch_size // n_micro
   if micro_rows % sharding.batch_divisor(mesh):
