@@ -401,7 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if pending is not None:
             consume(pending)
             pending = None
-          save()
+          if checkpointer.latest_step() != step:
+            save()
           status = "preempted"
           writer.text("run", f"SIGTERM: saved step {step} to {checkpointer.directory}; re-run the same command "
                       "to resume")
