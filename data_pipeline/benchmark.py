@@ -10,6 +10,8 @@ stream per row) and times --batches of them after a warm-up. Reported per settin
 
   slots/s   batch tokens per second (rows × seq_len), what the trainer consumes; the goal is ≥ 1M per process
   real/s    non-padding tokens per second
+  /cpu-s    slots per CPU-second of this process (with num_workers 0: the cost of the pipeline on one core,
+            unaffected by other load on the machine)
   packing   real tokens / slots
   masked    masked tokens / real tokens (the mask rate, minus rows that hit the K cap)
 """
@@ -55,16 +57,16 @@ def run(cfg: pipeline.PipelineConfig, batches: int, warmup: int = 3) -> dict[str
     next(it)
   startup = time.perf_counter() - t0
   real = masked = 0
-  t0 = time.perf_counter()
+  t0, cpu0 = time.perf_counter(), time.process_time()
   for _ in range(batches):
     b = next(it)
     real += int((b["segment_ids"] > 0).sum())
     masked += int(b["masked_weights"].sum())
-  dt = time.perf_counter() - t0
+  dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
   it.close()
   slots = batches * cfg.batch_size * cfg.seq_len
   return {"startup_s": startup, "batches_per_s": batches / dt, "slots_per_s": slots / dt, "real_per_s": real / dt,
-          "packing": real / slots, "masked": masked / real}
+          "slots_per_cpu_s": slots / cpu, "packing": real / slots, "masked": masked / real}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -92,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       print(f"synthetic corpus: {len(stats['languages'])} languages, {t['documents']:,} documents, "
             f"{t['tokens']:,} tokens ({time.perf_counter() - t0:.1f} s to write)")
     print(f"{'seq_len':>8} {'rows':>5} {'packing':>10} {'batch/s':>8} {'slots/s':>10} {'real/s':>10} "
-          f"{'packing':>8} {'masked':>7} {'startup':>8}")
+          f"{'/cpu-s':>10} {'packing':>8} {'masked':>7} {'startup':>8}")
     for seq_len in map(int, args.seq_lens.split(",")):
       rows = max(1, args.batch_tokens // seq_len)
       for packer in args.packing.split(","):
@@ -101,8 +103,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             packing=packer, packing_bins=args.packing_bins, num_workers=args.num_workers, prefetch=args.prefetch)
         r = run(cfg, args.batches)
         print(f"{seq_len:>8} {rows:>5} {packer:>10} {r['batches_per_s']:>8.1f} {r['slots_per_s'] / 1e6:>9.2f}M "
-              f"{r['real_per_s'] / 1e6:>9.2f}M {r['packing']:>8.3f} {r['masked']:>7.3f} {r['startup_s']:>7.1f}s")
-    print(f"per process, {os.cpu_count()} CPUs, num_workers={args.num_workers}")
+              f"{r['real_per_s'] / 1e6:>9.2f}M {r['slots_per_cpu_s'] / 1e6:>9.2f}M {r['packing']:>8.3f} "
+              f"{r['masked']:>7.3f} {r['startup_s']:>7.1f}s")
+    print(f"per process, {os.cpu_count()} CPUs, num_workers={args.num_workers}, load average "
+          f"{os.getloadavg()[0]:.1f}" + (" (/cpu-s excludes worker processes)" if args.num_workers else ""))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import zlib
 from typing import Any, Iterator, Mapping, Sequence
@@ -117,7 +116,7 @@ def _lang_key(lang: str) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
   """What a (worker) process needs to build streams: picklable, no open files."""
   cfg: PipelineConfig
   languages: tuple[str, ...]
@@ -132,7 +131,7 @@ class _Plan:
     return self.cfg.batch_size // self.cfg.streams
 
 
-def _shard_paths(data_dir: str, lang: str, split: dict, check: bool) -> tuple[str, ...]:
+def _shard_paths(data_dir: str, split: dict, check: bool) -> tuple[str, ...]:
   paths = []
   for shard in split["shards"]:
     path = os.path.join(data_dir, shard["path"])
@@ -152,8 +151,8 @@ def _shard_paths(data_dir: str, lang: str, split: dict, check: bool) -> tuple[st
   return tuple(paths)
 
 
-def make_plan(cfg: PipelineConfig, check_shards: bool = True) -> tuple[_Plan, mixture.Mixture, dict]:
-  """Reads stats.json, computes the phase mixture and checks the shards."""
+def make_plan(cfg: PipelineConfig, check_shards: bool = True) -> tuple[Plan, mixture.Mixture, dict]:
+  """Reads stats.json, computes the phase mixture and checks every shard's record count against stats.json."""
   stats = mixture.load_stats(cfg.data_dir)
   mix = mixture.compute_mixture(mixture.counts_from_stats(stats), cfg.phase)
   tok = stats["tokenizer"]
@@ -164,7 +163,7 @@ def make_plan(cfg: PipelineConfig, check_shards: bool = True) -> tuple[_Plan, mi
   vocab = cfg.vocab_size or tok["vocab_size"]
   if vocab < tok["vocab_size"]:
     raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer's {tok['vocab_size']} ({tok['path']})")
-  shards = tuple(_shard_paths(cfg.data_dir, l, stats["languages"][l]["train"], check_shards) for l in mix.languages)
+  shards = tuple(_shard_paths(cfg.data_dir, stats["languages"][l]["train"], check_shards) for l in mix.languages)
   data = {l: stats["languages"][l]["train"] for l in mix.languages}
   signature = {
       "seed": cfg.seed, "languages": list(mix.languages), "doc_weights": [round(float(w), 12) for w in mix.doc_weights],
@@ -173,7 +172,7 @@ def make_plan(cfg: PipelineConfig, check_shards: bool = True) -> tuple[_Plan, mi
       "max_masked": cfg.masked_per_row, "random_ids": [max(ids.values()) + 1, vocab],
       "data": hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
   }
-  plan = _Plan(cfg, mix.languages, shards, tuple(float(w) for w in mix.doc_weights), max(ids.values()) + 1, vocab,
+  plan = Plan(cfg, mix.languages, shards, tuple(float(w) for w in mix.doc_weights), max(ids.values()) + 1, vocab,
                signature)
   return plan, mix, stats
 
@@ -186,7 +185,7 @@ def _decode(record: bytes, lang: int) -> dict:
   return {"tokens": np.frombuffer(record, np.int32), "lang": lang}
 
 
-def language_datasets(plan: _Plan) -> list[grain.MapDataset]:
+def language_datasets(plan: Plan) -> list[grain.MapDataset]:
   """Each language's training sequences, repeated forever in a new order every pass (shared by all streams)."""
   return [sampling.shuffled_forever(grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths))),
                                     seed=_seed32(plan.cfg.seed, _SEED_LANG, _lang_key(lang)))
@@ -221,7 +220,7 @@ class StreamDocuments(grain.MapDataset):
     return f"StreamDocuments(stream={self._stream}/{self._num_streams}, languages={len(self._languages)})"
 
 
-def build_stream(plan: _Plan, stream: int, languages: Sequence[grain.MapDataset]) -> grain.IterDataset:
+def build_stream(plan: Plan, stream: int, languages: Sequence[grain.MapDataset]) -> grain.IterDataset:
   """The Grain pipeline of one row stream (documents → packed rows)."""
   cfg = plan.cfg
   selection = sampling.BlockMixSelection(plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream),
@@ -236,7 +235,7 @@ def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _mask(plan: _Plan, rows: dict, rngs) -> dict[str, np.ndarray]:
+def _mask(plan: Plan, rows: dict, rngs) -> dict[str, np.ndarray]:
   cfg = plan.cfg
   masked = masking.mask_rows(rows["tokens"], rows["segment_ids"], rngs, rate=cfg.mask_rate,
                              max_masked=cfg.masked_per_row, mask_id=cfg.mask_id, random_low=plan.random_low,
@@ -249,7 +248,7 @@ def _mask(plan: _Plan, rows: dict, rngs) -> dict[str, np.ndarray]:
 class _RowStreamsIterator(grain.DatasetIterator):
   """Yields, per step, the masked rows of its streams plus `_rows` (global row ids) and `_state` (after the step)."""
 
-  def __init__(self, plan: _Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None):
+  def __init__(self, plan: Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None):
     super().__init__()
     self._plan = plan
     languages = language_datasets(plan)
@@ -285,7 +284,7 @@ class _RowStreamsIterator(grain.DatasetIterator):
 class _RowStreams(grain.IterDataset):
   """Some streams of a process. `set_slice` (called by grain in each mp_prefetch worker) keeps a worker's share."""
 
-  def __init__(self, plan: _Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None):
+  def __init__(self, plan: Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None):
     super().__init__()
     self._plan, self._stream_ids, self._start = plan, tuple(stream_ids), start
 
@@ -314,7 +313,7 @@ def _process_defaults(process_index: int | None, process_count: int | None) -> t
 class TrainIterator(grain.DatasetIterator):
   """This process's batches; `get_state` / `set_state` carry a JSON-able, process-count independent state."""
 
-  def __init__(self, plan: _Plan, mix: mixture.Mixture, process_index: int, process_count: int):
+  def __init__(self, plan: Plan, mix: mixture.Mixture, process_index: int, process_count: int):
     super().__init__()
     self._inner = None
     cfg = plan.cfg
@@ -423,7 +422,7 @@ def eval_batches(cfg: PipelineConfig, process_index: int | None = None, process_
   process_index, process_count = _process_defaults(process_index, process_count)
   if cfg.batch_size % process_count:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by process_count {process_count}")
-  plan, mix, stats = make_plan(cfg)
+  plan, _, stats = make_plan(cfg)
   b = cfg.batch_size // process_count
   for lang in (languages or plan.languages):
     if lang not in plan.languages:
@@ -432,7 +431,7 @@ def eval_batches(cfg: PipelineConfig, process_index: int | None = None, process_
     if not split["sequences"]:
       continue
     li = plan.languages.index(lang)
-    source = grain.sources.ArrayRecordDataSource(list(_shard_paths(cfg.data_dir, lang, split, check=True)))
+    source = grain.sources.ArrayRecordDataSource(list(_shard_paths(cfg.data_dir, split, check=True)))
     ds = grain.MapDataset.source(source).map(functools.partial(_decode, lang=li))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     rows = packing.pack(ds, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins, shuffle_bins=False,

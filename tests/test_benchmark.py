@@ -22,4 +22,4 @@ def test_command(capsys):
   lines = capsys.readouterr().out.splitlines()
   rows = [l.split() for l in lines if l.split() and l.split()[0] in ("128", "256")]
   assert [(r[0], r[1], r[2]) for r in rows] == [("128", "8", "best_fit"), ("256", "4", "best_fit")]
-  assert all(0 < float(r[6]) <= 1 for r in rows)
+  assert all(0 < float(r[7]) <= 1 for r in rows)

@@ -1,7 +1,6 @@
 """prepare: each input format into shards + stats.json, eval split, resumability, errors."""
 import gzip
 import json
-import math
 import os
 
 import numpy as np
