@@ -1,0 +1,448 @@
+"""The training input pipeline: per-language shards → weighted mix → pack → MLM mask → batch, in Grain.
+
+Design: the global batch of `batch_size` rows is built from `num_streams` independent row streams (a config value
+that does not depend on the number of processes; default = batch_size). Global row r of every batch comes from
+stream r // rows_per_stream. A stream is a Grain pipeline of its own:
+
+  per language l: ArrayRecord shards → repeated forever, in a new random order every pass → every
+                  num_streams-th document (streams split each language's documents between them, so a pass
+                  reads every document once)
+  → weighted mix: blocks of `mix_block` documents with each language in exact proportion to its document weight
+    (token shares p_l ∝ n_l^tau from the phase's mixture), randomly ordered (sampling.BlockMixSelection)
+  → split documents longer than seq_len → first-fit / best-fit packing
+
+Each process builds only the streams of its own rows and masks them with a Generator keyed by (seed, step,
+global row). The global batch sequence is therefore a function of the seed alone: it does not depend on the
+number of processes, nor on the number of worker processes (`num_workers` > 0 spreads a process's streams over
+`grain` `mp_prefetch` workers and reassembles their rows in order).
+
+Iterator state is global by construction: `{"step", "streams": {stream id: grain state}, "pipeline": config
+signature}`. A process's `get_state()` holds its own streams; the union over processes is the global state, and
+any process count that divides num_streams can restore it (`data_pipeline.checkpoint` merges per-process files).
+With one process, `ocp.args.JsonSave(it.get_state())` is a complete checkpoint.
+
+Batches (numpy, per process; b = batch_size / process_count, K = max_masked):
+
+  input_ids int32 [b, S]         after masking            segment_ids int32 [b, S]   document 1, 2, …; 0 = padding
+  positions int32 [b, S]         restart at 0 per document lang_ids int32 [b, S]     index into `.languages`; -1 pad
+  masked_positions int32 [b, K]  indices into S; 0 unused  masked_labels int32 [b, K] original ids
+  masked_weights float32 [b, K]  1 real slot, 0 unused
+
+  it = make_train_iterator(PipelineConfig(data_dir="data", languages="demo-pretrain", tau=0.7, seq_len=1024,
+                                          batch_size=64, mask_rate=0.3))
+  batch = next(it); state = it.get_state(); it.set_state(state)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import zlib
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
+
+from data_pipeline import masking, mixture, packing, sampling
+
+STATE_VERSION = 1
+BATCH_KEYS = ("input_ids", "segment_ids", "positions", "masked_positions", "masked_labels", "masked_weights",
+              "lang_ids")
+_TRAIN, _EVAL = 0, 1     # mask RNG tags
+_SEED_LANG, _SEED_MIX, _SEED_BINS = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Everything that determines the batch sequence (and a few knobs that do not: num_workers, prefetch)."""
+  data_dir: str
+  languages: tuple[str, ...] | str | None = None   # names, a named set ("demo-mid", "mmbert-pretrain") or None: all
+  tau: float = 0.7
+  budgets: Mapping[str, float] = dataclasses.field(default_factory=dict)   # fixed token shares
+  max_passes: float | None = None                  # cap on passes over a language (needs total_tokens)
+  total_tokens: float | None = None                # phase length in tokens
+  seq_len: int = 1024
+  batch_size: int = 8                              # global rows per batch
+  mask_rate: float = 0.3
+  max_masked: int | None = None                    # K; None: masking.default_max_masked(seq_len, mask_rate)
+  seed: int = 0
+  num_streams: int | None = None                   # independent row streams; None: batch_size
+  packing: str = "first_fit"                       # first_fit | best_fit
+  packing_bins: int = 16                           # rows a packer fills at once (more: less padding, more memory)
+  mix_block: int = 4096                            # documents per mixing block (exact proportions per block)
+  vocab_size: int | None = None                    # random replacements < vocab_size; None: the tokenizer's size
+  mask_id: int = 4
+  pad_id: int = 0
+  num_workers: int = 0                             # grain mp_prefetch worker processes per process (0: in-process)
+  worker_buffer: int = 2                           # batches each worker prepares ahead
+  prefetch: int = 2                                # batches prepared ahead by a thread when num_workers == 0
+
+  def __post_init__(self):
+    if self.seq_len < 2 or self.batch_size < 1:
+      raise ValueError(f"seq_len and batch_size must be positive, got {self.seq_len} and {self.batch_size}")
+    if not 0.0 < self.mask_rate < 1.0:
+      raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
+    if self.packing not in packing.PACKERS:
+      raise ValueError(f"packing must be one of {', '.join(packing.PACKERS)}, got {self.packing!r}")
+    if self.streams < 1 or self.batch_size % self.streams:
+      raise ValueError(f"num_streams {self.num_streams} must divide batch_size {self.batch_size}")
+    if self.seed < 0:
+      raise ValueError(f"seed must be non-negative, got {self.seed}")
+    if self.max_masked is not None and not 0 < self.max_masked <= self.seq_len:
+      raise ValueError(f"max_masked must be in [1, seq_len={self.seq_len}], got {self.max_masked}")
+
+  @property
+  def streams(self) -> int:
+    return self.batch_size if self.num_streams is None else self.num_streams
+
+  @property
+  def masked_per_row(self) -> int:
+    return self.max_masked or masking.default_max_masked(self.seq_len, self.mask_rate)
+
+  @property
+  def phase(self) -> mixture.PhaseSpec:
+    return mixture.PhaseSpec(self.languages, self.tau, dict(self.budgets), self.max_passes, self.total_tokens)
+
+
+def _seed32(*keys: int) -> int:
+  return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def _lang_key(lang: str) -> int:
+  return zlib.crc32(lang.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a (worker) process needs to build streams: picklable, no open files."""
+  cfg: PipelineConfig
+  languages: tuple[str, ...]
+  shards: tuple[tuple[str, ...], ...]     # train shard paths per language
+  doc_weights: tuple[float, ...]
+  random_low: int                         # random replacement ids: [random_low, random_high)
+  random_high: int
+  signature: Mapping[str, Any]            # identifies the batch sequence; stored in the iterator state
+
+  @property
+  def rows_per_stream(self) -> int:
+    return self.cfg.batch_size // self.cfg.streams
+
+
+def _shard_paths(data_dir: str, split: dict, check: bool) -> tuple[str, ...]:
+  paths = []
+  for shard in split["shards"]:
+    path = os.path.join(data_dir, shard["path"])
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)")
+    if check:
+      try:
+        reader = ArrayRecordReader(path)
+        n = reader.num_records()
+        reader.close()
+      except (RuntimeError, OSError, ValueError):
+        n = "no readable"
+      if n != shard["sequences"]:
+        raise ValueError(f"shard {path} is corrupt or truncated: stats.json lists {shard['sequences']} records, "
+                         f"the file holds {n} (delete it and its _units record, then re-run prepare)")
+    paths.append(path)
+  return tuple(paths)
+
+
+def make_plan(cfg: PipelineConfig, check_shards: bool = True) -> tuple[Plan, mixture.Mixture, dict]:
+  """Reads stats.json, computes the phase mixture and checks every shard's record count against stats.json."""
+  stats = mixture.load_stats(cfg.data_dir)
+  mix = mixture.compute_mixture(mixture.counts_from_stats(stats), cfg.phase)
+  tok = stats["tokenizer"]
+  ids = tok["special_ids"]
+  if ids.get("mask") != cfg.mask_id or ids.get("pad") != cfg.pad_id:
+    raise ValueError(f"{cfg.data_dir} was tokenized with mask id {ids.get('mask')} and pad id {ids.get('pad')}, "
+                     f"the pipeline config says mask_id {cfg.mask_id}, pad_id {cfg.pad_id}")
+  vocab = cfg.vocab_size or tok["vocab_size"]
+  if vocab < tok["vocab_size"]:
+    raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer's {tok['vocab_size']} ({tok['path']})")
+  shards = tuple(_shard_paths(cfg.data_dir, stats["languages"][l]["train"], check_shards) for l in mix.languages)
+  data = {l: stats["languages"][l]["train"] for l in mix.languages}
+  signature = {
+      "seed": cfg.seed, "languages": list(mix.languages), "doc_weights": [round(float(w), 12) for w in mix.doc_weights],
+      "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "num_streams": cfg.streams, "packing": cfg.packing,
+      "packing_bins": cfg.packing_bins, "mix_block": cfg.mix_block, "mask_rate": cfg.mask_rate,
+      "max_masked": cfg.masked_per_row, "random_ids": [max(ids.values()) + 1, vocab],
+      "data": hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
+  }
+  plan = Plan(cfg, mix.languages, shards, tuple(float(w) for w in mix.doc_weights), max(ids.values()) + 1, vocab,
+               signature)
+  return plan, mix, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row streams
+# ----------------------------------------------------------------------------------------------------------------
+
+def _decode(record: bytes, lang: int) -> dict:
+  return {"tokens": np.frombuffer(record, np.int32), "lang": lang}
+
+
+def language_datasets(plan: Plan) -> list[grain.MapDataset]:
+  """Each language's training sequences, repeated forever in a new order every pass (shared by all streams)."""
+  return [sampling.shuffled_forever(grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths))),
+                                    seed=_seed32(plan.cfg.seed, _SEED_LANG, _lang_key(lang)))
+          for lang, paths in zip(plan.languages, plan.shards)]
+
+
+class StreamDocuments(grain.MapDataset):
+  """The documents of one stream: element k is document j of language l, (l, j) = selection[k], read at
+  position stream + num_streams·j of the language's endless shuffled sequence (so streams share each pass).
+
+  This is `MapDataset.select_from_datasets` over per-stream slices of the languages, in one node: the shared
+  language datasets are kept out of the dataset graph, which Grain otherwise walks once per stream (hundreds of
+  languages × hundreds of streams made start-up take seconds).
+  """
+
+  def __init__(self, languages: Sequence[grain.MapDataset], selection: sampling.BlockMixSelection, stream: int,
+               num_streams: int):
+    super().__init__()
+    self._languages, self._selection = languages, selection
+    self._stream, self._num_streams = stream, num_streams
+
+  def __len__(self) -> int:
+    return len(self._selection)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    lang, j = self._selection[index]
+    return _decode(self._languages[lang][self._stream + self._num_streams * j], lang)
+
+  def __str__(self) -> str:
+    return f"StreamDocuments(stream={self._stream}/{self._num_streams}, languages={len(self._languages)})"
+
+
+def build_stream(plan: Plan, stream: int, languages: Sequence[grain.MapDataset]) -> grain.IterDataset:
+  """The Grain pipeline of one row stream (documents → packed rows)."""
+  cfg = plan.cfg
+  selection = sampling.BlockMixSelection(plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream),
+                                         block=cfg.mix_block)
+  ds = StreamDocuments(languages, selection, stream, cfg.streams)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  return packing.pack(ds, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins,
+                      seed=_seed32(cfg.seed, _SEED_BINS, stream), pad_id=cfg.pad_id)
+
+
+def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _mask(plan: Plan, rows: dict, rngs) -> dict[str, np.ndarray]:
+  cfg = plan.cfg
+  masked = masking.mask_rows(rows["tokens"], rows["segment_ids"], rngs, rate=cfg.mask_rate,
+                             max_masked=cfg.masked_per_row, mask_id=cfg.mask_id, random_low=plan.random_low,
+                             random_high=plan.random_high)
+  return {"input_ids": masked["input_ids"], "segment_ids": rows["segment_ids"], "positions": rows["positions"],
+          "masked_positions": masked["masked_positions"], "masked_labels": masked["masked_labels"],
+          "masked_weights": masked["masked_weights"], "lang_ids": rows["lang_ids"]}
+
+
+class _RowStreamsIterator(grain.DatasetIterator):
+  """Yields, per step, the masked rows of its streams plus `_rows` (global row ids) and `_state` (after the step)."""
+
+  def __init__(self, plan: Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None):
+    super().__init__()
+    self._plan = plan
+    languages = language_datasets(plan)
+    self._streams = {s: build_stream(plan, s, languages).__iter__() for s in stream_ids}
+    self._step = 0
+    if start is not None:
+      self.set_state(start)
+
+  def __next__(self) -> dict:
+    k, cfg = self._plan.rows_per_stream, self._plan.cfg
+    rows, row_ids = [], []
+    for s, it in self._streams.items():
+      for j in range(k):
+        rows.append(packing.to_row(next(it)))
+        row_ids.append(s * k + j)
+    rngs = [masking.row_rng(cfg.seed, _TRAIN, self._step, r) for r in row_ids]
+    batch = _mask(self._plan, _stack(rows), rngs)
+    self._step += 1
+    batch["_rows"] = np.asarray(row_ids, np.int64)
+    batch["_state"] = self.get_state()
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self._step, "streams": {str(s): it.get_state() for s, it in self._streams.items()}}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._step = state["step"]
+    for s, it in self._streams.items():
+      if state["streams"][str(s)] is not None:     # None: the stream has not started
+        it.set_state(state["streams"][str(s)])
+
+
+class _RowStreams(grain.IterDataset):
+  """Some streams of a process. `set_slice` (called by grain in each mp_prefetch worker) keeps a worker's share."""
+
+  def __init__(self, plan: Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None):
+    super().__init__()
+    self._plan, self._stream_ids, self._start = plan, tuple(stream_ids), start
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    del sequential_slice
+    self._stream_ids = self._stream_ids[sl]
+
+  def __iter__(self) -> _RowStreamsIterator:
+    return _RowStreamsIterator(self._plan, self._stream_ids, self._start)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training iterator
+# ----------------------------------------------------------------------------------------------------------------
+
+def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # only for the defaults
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+  return process_index, process_count
+
+
+class TrainIterator(grain.DatasetIterator):
+  """This process's batches; `get_state` / `set_state` carry a JSON-able, process-count independent state."""
+
+  def __init__(self, plan: Plan, mix: mixture.Mixture, process_index: int, process_count: int):
+    super().__init__()
+    self._inner = None
+    cfg = plan.cfg
+    if cfg.batch_size % process_count:
+      raise ValueError(f"batch_size {cfg.batch_size} is not divisible by process_count {process_count}")
+    if cfg.streams % process_count:
+      raise ValueError(f"num_streams {cfg.streams} is not divisible by process_count {process_count}; choose "
+                       "num_streams as a multiple of every process count the run may use")
+    self.config, self.mixture = cfg, mix
+    self.languages: tuple[str, ...] = plan.languages
+    self.process_index, self.process_count = process_index, process_count
+    per_process = cfg.streams // process_count
+    self.stream_ids = tuple(range(process_index * per_process, (process_index + 1) * per_process))
+    self._plan = plan
+    self._start({"step": 0, "streams": {str(s): None for s in self.stream_ids}})
+
+  def _start(self, state: Mapping[str, Any]) -> None:
+    """Continues from `state`; streams (and workers) start with the next batch."""
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+    self._state = {"step": state["step"], "streams": {str(s): state["streams"][str(s)] for s in self.stream_ids}}
+
+  def _open(self) -> None:
+    cfg = self.config
+    ds = _RowStreams(self._plan, self.stream_ids, self._state)
+    workers = min(cfg.num_workers, len(self.stream_ids))
+    if workers > 0:
+      from absl import flags  # grain's worker processes read absl flags; parse them when no app did
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=cfg.worker_buffer))
+    elif cfg.prefetch > 0:
+      ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
+    self._parts = max(workers, 1)      # mp_prefetch interleaves workers round-robin: one part per worker per step
+    self._inner = ds.__iter__()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._inner is None:
+      self._open()
+    parts = [next(self._inner) for _ in range(self._parts)]
+    steps = {p["_state"]["step"] for p in parts}
+    assert len(steps) == 1, f"workers out of step: {steps}"
+    rows = np.concatenate([p["_rows"] for p in parts])
+    order = np.argsort(rows)
+    batch = {k: np.concatenate([p[k] for p in parts])[order] for k in BATCH_KEYS}
+    streams = {}
+    for p in parts:
+      streams.update(p["_state"]["streams"])
+    self._state = {"step": steps.pop(), "streams": streams}
+    return batch
+
+  @property
+  def step(self) -> int:
+    """Batches produced so far (the step of the next batch)."""
+    return self._state["step"]
+
+  def get_state(self) -> dict[str, Any]:
+    return {"version": STATE_VERSION, "pipeline": dict(self._plan.signature), "step": self._state["step"],
+            "streams": {s: self._state["streams"][s] for s in sorted(self._state["streams"], key=int)}}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restores a state saved by any process count (it must hold at least this process's streams)."""
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"iterator state version {state.get('version')} is not {STATE_VERSION}")
+    saved, now = state["pipeline"], self._plan.signature
+    diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    if diff:
+      raise ValueError("iterator state belongs to another pipeline (" + "; ".join(diff)[:500] + "); a new phase "
+                       "starts with a fresh iterator")
+    missing = [s for s in self.stream_ids if str(s) not in state["streams"]]
+    if missing:
+      raise ValueError(f"iterator state lacks streams {missing[:8]}{'…' if len(missing) > 8 else ''} of process "
+                       f"{self.process_index}/{self.process_count}: it holds one process's share; merge the "
+                       "states of all processes (data_pipeline.checkpoint does)")
+    self._start(state)
+
+  def close(self) -> None:
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+    super().close()
+
+
+def make_train_iterator(cfg: PipelineConfig, process_index: int | None = None,
+                        process_count: int | None = None) -> TrainIterator:
+  """This process's training batches (defaults: jax.process_index() / jax.process_count())."""
+  process_index, process_count = _process_defaults(process_index, process_count)
+  plan, mix, _ = make_plan(cfg)
+  return TrainIterator(plan, mix, process_index, process_count)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+def eval_batches(cfg: PipelineConfig, process_index: int | None = None, process_count: int | None = None, *,
+                 languages: Sequence[str] | None = None, max_batches: int | None = None
+                 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+  """Yields (language, batch) over each language's held-out documents, the same batches on every call.
+
+  Documents are packed in order (no shuffling) into global batches of batch_size rows (the last padded with empty
+  rows) and masked with fixed per-row seeds; each process gets its rows. `languages` defaults to the phase's;
+  lang_ids index the phase's languages. Languages without eval documents are skipped.
+  """
+  process_index, process_count = _process_defaults(process_index, process_count)
+  if cfg.batch_size % process_count:
+    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by process_count {process_count}")
+  plan, _, stats = make_plan(cfg)
+  b = cfg.batch_size // process_count
+  for lang in (languages or plan.languages):
+    if lang not in plan.languages:
+      raise ValueError(f"eval language {lang!r} is not in the pipeline's languages {plan.languages}")
+    split = stats["languages"][lang]["eval"]
+    if not split["sequences"]:
+      continue
+    li = plan.languages.index(lang)
+    source = grain.sources.ArrayRecordDataSource(list(_shard_paths(cfg.data_dir, split, check=True)))
+    ds = grain.MapDataset.source(source).map(functools.partial(_decode, lang=li))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    rows = packing.pack(ds, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins, shuffle_bins=False,
+                        pad_id=cfg.pad_id).__iter__()
+    batch_index = 0
+    while max_batches is None or batch_index < max_batches:
+      batch_rows = [packing.to_row(r) for _, r in zip(range(cfg.batch_size), rows)]
+      if not batch_rows:
+        break
+      batch_rows += [packing.empty_row(cfg.seq_len)] * (cfg.batch_size - len(batch_rows))
+      mine = range(process_index * b, (process_index + 1) * b)
+      rngs = [masking.row_rng(cfg.seed, _EVAL, _lang_key(lang), batch_index, r) for r in mine]
+      yield lang, _mask(plan, _stack([batch_rows[r] for r in mine]), rngs)
+      batch_index += 1

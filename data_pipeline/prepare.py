@@ -1,0 +1,539 @@
+"""Tokenize raw multilingual text into per-language ArrayRecord shards, a held-out eval split and stats.json.
+
+Inputs (one per run):
+
+  --parquet_dir DIR  FineWeb2 layout: DIR/<lang>_<Script>/train/*.parquet with a `text` column
+  --jsonl F [F ...]  JSON lines with `text` and `lang` (.jsonl or .jsonl.gz)
+  --text_dir DIR     DIR/<lang>.txt or DIR/<lang>/*.txt; a document per line (or per paragraph / per file)
+  --tfds NAME        a TFDS dataset prepared locally (read with `tfds.data_source`, no TensorFlow needed)
+
+Every input file (for TFDS: every range of records) is a unit of work, tokenized by one worker process. A document
+becomes `<bos> tokens <eos>`; longer than --max_len it is split into several such sequences. Per language, every
+--eval_every-th document goes to the eval split until the unit's share of --eval_documents is reached (so eval
+never takes more than 1/eval_every of a small language). Output, under --output_dir:
+
+  <lang>/train/<unit>.array_record   one record per sequence: int32 token ids, little-endian
+  <lang>/eval/<unit>.array_record
+  _units/<unit>.json                 counts of a finished unit
+  prepare.json                       the settings; a re-run with other settings is refused
+  stats.json                         documents, sequences and tokens per language and split, shard list
+
+Shards are written under a temporary name and renamed when complete, then the unit's record is written. A re-run
+skips finished units and redoes the rest, so an interrupted run never leaves a shard that reads as complete.
+stats.json is written last; the training pipeline reads only shards listed there.
+
+  python -m data_pipeline.prepare --tokenizer spm.model --output_dir data/ --parquet_dir fineweb2/data \\
+      --languages deu_Latn,fao_Latn --max_len 8192 --num_workers 16
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import gzip
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import tqdm
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from data_pipeline import tokenizer as tokenizer_lib
+
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.dtype("<i4")
+WRITER_OPTIONS = "group_size:1"      # one record per chunk: cheap random access for shuffled reads
+_LANG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where the raw text is and how to read it (see the module docstring for the four formats)."""
+  format: str                               # parquet | jsonl | text | tfds
+  path: str = ""                            # parquet root, text dir or TFDS dataset name
+  files: tuple[str, ...] = ()               # jsonl files
+  text_split: str = "line"                  # text: a document per line | paragraph (blank-line separated) | file
+  text_key: str = "text"                    # jsonl / tfds field names
+  lang_key: str = "lang"
+  lang: str | None = None                   # tfds: one fixed language instead of lang_key
+  tfds_data_dir: str | None = None
+  tfds_split: str = "train"
+  tfds_unit_size: int = 100_000             # records per unit of work
+
+  def __post_init__(self):
+    if self.format not in ("parquet", "jsonl", "text", "tfds"):
+      raise ValueError(f"unknown input format {self.format!r}; use parquet, jsonl, text or tfds")
+    if self.text_split not in ("line", "paragraph", "file"):
+      raise ValueError(f"text_split must be line, paragraph or file, got {self.text_split!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What shapes the output; recorded in prepare.json and compared on re-runs."""
+  tokenizer: str
+  max_len: int = 8192                       # longest stored sequence, <bos> and <eos> included
+  min_tokens: int = 1                       # drop sequences with fewer text tokens
+  eval_documents: int = 1000                # held-out documents per language …
+  eval_every: int = 10                      # … taken as every eval_every-th document, so at most 1/eval_every
+
+  def __post_init__(self):
+    if self.max_len < 3:
+      raise ValueError(f"max_len must be at least 3 (<bos> token <eos>), got {self.max_len}")
+    if self.eval_every < 2:
+      raise ValueError(f"eval_every must be at least 2 (1 would hold out everything), got {self.eval_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One input file (or TFDS record range), tokenized by one worker into its own shards."""
+  name: str
+  path: str
+  lang: str | None                          # None: each record names its language
+  start: int = 0
+  stop: int = 0
+  eval_quota: int = 0                       # eval documents per language this unit contributes
+
+
+def check_language_name(lang: str, where: str) -> str:
+  if not isinstance(lang, str) or not _LANG_RE.match(lang):
+    raise ValueError(f"{where}: language {lang!r} is not a usable name (letters, digits, '_' and '-')")
+  return lang
+
+
+def _safe_name(relpath: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.\-]", "_", relpath.replace(os.sep, "__"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Listing and reading inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+def list_units(source: Source, settings: Settings, languages: Sequence[str] | None = None) -> list[Unit]:
+  """The units of work of `source`, sorted, restricted to `languages` where files carry one language."""
+  want = set(languages) if languages else None
+  if source.format == "parquet":
+    files = sorted(glob.glob(os.path.join(source.path, "*", "train", "*.parquet")))
+    if not files:
+      raise FileNotFoundError(f"no <lang>_<Script>/train/*.parquet files under {source.path}")
+    per_file = [(os.path.basename(os.path.dirname(os.path.dirname(f))), f) for f in files]
+  elif source.format == "text":
+    files = sorted(glob.glob(os.path.join(source.path, "*.txt")) + glob.glob(os.path.join(source.path, "*.txt.gz"))
+                   + glob.glob(os.path.join(source.path, "*", "*.txt"))
+                   + glob.glob(os.path.join(source.path, "*", "*.txt.gz")))
+    if not files:
+      raise FileNotFoundError(f"no <lang>.txt or <lang>/*.txt files under {source.path}")
+    per_file = []
+    for f in files:
+      rel = os.path.relpath(f, source.path)
+      lang = rel.split(os.sep)[0] if os.sep in rel else re.sub(r"\.txt(\.gz)?$", "", rel)
+      per_file.append((lang, f))
+  elif source.format == "jsonl":
+    if not source.files:
+      raise ValueError("jsonl input needs at least one file")
+    missing = [f for f in source.files if not os.path.isfile(f)]
+    if missing:
+      raise FileNotFoundError(f"jsonl input files do not exist: {', '.join(missing)}")
+    files = sorted(source.files)
+    quota = math.ceil(settings.eval_documents / len(files))
+    return [Unit(f"jsonl-{i:05d}-{_safe_name(os.path.basename(f))}", f, None, eval_quota=quota)
+            for i, f in enumerate(files)]
+  else:  # tfds
+    n = len(_tfds_source(source))
+    if n == 0:
+      raise ValueError(f"TFDS dataset {source.path} split {source.tfds_split} has no records")
+    starts = range(0, n, source.tfds_unit_size)
+    quota = math.ceil(settings.eval_documents / len(starts))
+    return [Unit(f"tfds-{_safe_name(source.path)}-{source.tfds_split}-{s:012d}", source.path, source.lang, s,
+                 min(s + source.tfds_unit_size, n), eval_quota=quota) for s in starts]
+
+  for lang, f in per_file:
+    check_language_name(lang, f)
+  if want is not None:
+    found = {lang for lang, _ in per_file}
+    unknown = sorted(want - found)
+    if unknown:
+      raise ValueError(f"languages not in {source.path}: {', '.join(unknown)} (it has {', '.join(sorted(found))})")
+    per_file = [(lang, f) for lang, f in per_file if lang in want]
+  files_per_lang: dict[str, int] = {}
+  for lang, _ in per_file:
+    files_per_lang[lang] = files_per_lang.get(lang, 0) + 1
+  return [Unit(f"{source.format}-{_safe_name(os.path.relpath(f, source.path))}", f, lang,
+               eval_quota=math.ceil(settings.eval_documents / files_per_lang[lang])) for lang, f in per_file]
+
+
+def _open_text(path: str):
+  return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _tfds_source(source: Source):
+  import tensorflow_datasets as tfds  # slow import: only for this format
+  try:
+    return tfds.data_source(source.path, data_dir=source.tfds_data_dir, split=source.tfds_split)
+  except Exception as e:  # tfds raises several types for a dataset that is not there
+    raise ValueError(f"cannot open TFDS dataset {source.path!r} (data_dir={source.tfds_data_dir}, "
+                     f"split={source.tfds_split}): {e}".splitlines()[0]) from None
+
+
+def _as_str(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def read_unit(unit: Unit, source: Source, batch: int = 256) -> Iterator[list[tuple[str, str]]]:
+  """Yields lists of (language, text) from one unit, in file order."""
+  out: list[tuple[str, str]] = []
+  def emit(lang, text):
+    out.append((lang, text))
+    return len(out) >= batch
+
+  if source.format == "parquet":
+    import pyarrow.parquet as pq
+    f = pq.ParquetFile(unit.path)
+    if "text" not in f.schema_arrow.names:
+      raise ValueError(f"{unit.path}: no `text` column (columns: {', '.join(f.schema_arrow.names)})")
+    for record_batch in f.iter_batches(batch_size=batch, columns=["text"]):
+      yield [(unit.lang, t) for t in record_batch.column(0).to_pylist() if t]
+    return
+  if source.format == "jsonl":
+    with _open_text(unit.path) as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{unit.path}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or source.text_key not in record or source.lang_key not in record:
+          raise ValueError(f"{unit.path}:{lineno}: expected an object with {source.text_key!r} and "
+                           f"{source.lang_key!r} keys")
+        lang = check_language_name(record[source.lang_key], f"{unit.path}:{lineno}")
+        if emit(lang, record[source.text_key]):
+          yield out
+          out = []
+  elif source.format == "text":
+    with _open_text(unit.path) as f:
+      if source.text_split == "file":
+        emit(unit.lang, f.read())
+      elif source.text_split == "line":
+        for line in f:
+          if emit(unit.lang, line.rstrip("\n")):
+            yield out
+            out = []
+      else:
+        para: list[str] = []
+        for line in f:
+          if line.strip():
+            para.append(line.rstrip("\n"))
+          elif para:
+            if emit(unit.lang, "\n".join(para)):
+              yield out
+              out = []
+            para = []
+        if para:
+          emit(unit.lang, "\n".join(para))
+  else:  # tfds
+    ds = _tfds_source(source)
+    for start in range(unit.start, unit.stop, batch):
+      idx = list(range(start, min(start + batch, unit.stop)))
+      records = ds.__getitems__(idx)
+      for i, record in zip(idx, records):
+        if source.text_key not in record:
+          raise ValueError(f"TFDS {source.path} record {i}: no {source.text_key!r} feature "
+                           f"(features: {', '.join(record)})")
+        if unit.lang is not None:
+          lang = unit.lang
+        elif source.lang_key in record:
+          lang = check_language_name(_as_str(record[source.lang_key]), f"TFDS {source.path} record {i}")
+        else:
+          raise ValueError(f"TFDS {source.path} record {i}: no {source.lang_key!r} feature; pass --tfds_lang "
+                           "for a single-language dataset")
+        out.append((lang, _as_str(record[source.text_key])))
+      yield out
+      out = []
+  if out:
+    yield out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizing one unit
+# ----------------------------------------------------------------------------------------------------------------
+
+def split_document(ids: Sequence[int], max_len: int, bos: int, eos: int, min_tokens: int = 1) -> list[np.ndarray]:
+  """`<bos> ids <eos>`, cut into sequences of at most max_len tokens, each with its own <bos> and <eos>."""
+  body = max_len - 2
+  ids = np.asarray(ids, TOKEN_DTYPE)
+  out = []
+  for start in range(0, len(ids), body):
+    piece = ids[start:start + body]
+    if len(piece) >= min_tokens:
+      out.append(np.concatenate([[bos], piece, [eos]]).astype(TOKEN_DTYPE))
+  return out
+
+
+_TOKENIZERS: dict[str, tokenizer_lib.Tokenizer] = {}
+
+
+def _tokenizer(path: str) -> tokenizer_lib.Tokenizer:
+  if path not in _TOKENIZERS:
+    _TOKENIZERS[path] = tokenizer_lib.load_tokenizer(path)
+  return _TOKENIZERS[path]
+
+
+class _ShardWriter:
+  """An ArrayRecord file written under a temporary name and renamed to its final name on `commit`."""
+
+  def __init__(self, path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):   # left by an interrupted run of this unit
+      os.remove(stale)
+    self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
+    self._writer = ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
+    self.documents = self.sequences = self.tokens = 0
+
+  def write(self, seq: np.ndarray):
+    self._writer.write(seq.tobytes())
+    self.sequences += 1
+    self.tokens += len(seq)
+
+  def commit(self) -> dict:
+    self._writer.close()
+    os.replace(self.tmp, self.path)
+    return {"documents": self.documents, "sequences": self.sequences, "tokens": self.tokens}
+
+
+def _atomic_write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _unit_record_path(output_dir: str, unit: Unit) -> str:
+  return os.path.join(output_dir, "_units", unit.name + ".json")
+
+
+class _UnitWriter:
+  """Splits a unit's tokenized documents into sequences and routes them to the train or eval shard of their
+  language (every eval_every-th document of a language, until the unit's eval quota is met)."""
+
+  def __init__(self, unit: Unit, settings: Settings, output_dir: str, bos: int, eos: int):
+    self.unit, self.settings, self.output_dir, self.bos, self.eos = unit, settings, output_dir, bos, eos
+    self.writers: dict[tuple[str, str], _ShardWriter] = {}
+    self.seen: dict[str, int] = {}
+    self.held_out: dict[str, int] = {}
+
+  def add(self, lang: str, token_ids: Sequence[int]) -> None:
+    seqs = split_document(token_ids, self.settings.max_len, self.bos, self.eos, self.settings.min_tokens)
+    if not seqs:
+      return
+    i = self.seen.get(lang, 0)
+    self.seen[lang] = i + 1
+    split = "train"
+    every = self.settings.eval_every
+    if i % every == every - 1 and self.held_out.get(lang, 0) < self.unit.eval_quota:
+      split = "eval"
+      self.held_out[lang] = self.held_out.get(lang, 0) + 1
+    key = (lang, split)
+    if key not in self.writers:
+      path = os.path.join(self.output_dir, lang, split, self.unit.name + ".array_record")
+      self.writers[key] = _ShardWriter(path)
+    self.writers[key].documents += 1
+    for seq in seqs:
+      self.writers[key].write(seq)
+
+  def commit(self) -> dict:
+    """Renames the finished shards into place, then records the unit as done."""
+    record: dict = {"unit": self.unit.name, "languages": {}}
+    for (lang, split), w in sorted(self.writers.items()):
+      counts = w.commit()
+      counts["path"] = os.path.relpath(w.path, self.output_dir)
+      record["languages"].setdefault(lang, {})[split] = counts
+    os.makedirs(os.path.join(self.output_dir, "_units"), exist_ok=True)
+    _atomic_write_json(_unit_record_path(self.output_dir, self.unit), record)
+    return record
+
+
+def process_unit(unit: Unit, source: Source, settings: Settings, output_dir: str,
+                 languages: Sequence[str] | None = None) -> dict:
+  """Tokenizes one unit into `<lang>/{train,eval}/<unit>.array_record` and records its counts."""
+  tok = _tokenizer(settings.tokenizer)
+  ids = tok.special_ids()
+  want = set(languages) if languages else None
+  writer = _UnitWriter(unit, settings, output_dir, ids["bos"], ids["eos"])
+  for batch in read_unit(unit, source):
+    batch = [(lang, text) for lang, text in batch if text and text.strip() and (want is None or lang in want)]
+    if batch:
+      for (lang, _), token_ids in zip(batch, tok.encode([text for _, text in batch])):
+        writer.add(lang, token_ids)
+  return writer.commit()
+
+
+def _process_task(task) -> dict:
+  return process_unit(*task)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_settings(output_dir: str, settings: Settings, tok: tokenizer_lib.Tokenizer) -> None:
+  path = os.path.join(output_dir, "prepare.json")
+  current = {"format": FORMAT_VERSION, "tokenizer_sha256": tokenizer_lib.file_sha256(tok.path),
+             "max_len": settings.max_len, "min_tokens": settings.min_tokens,
+             "eval_documents": settings.eval_documents, "eval_every": settings.eval_every}
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    diff = [f"{k} {before.get(k)!r} → {v!r}" for k, v in current.items() if before.get(k) != v]
+    if diff:
+      raise ValueError(f"{output_dir} was prepared with other settings ({'; '.join(diff)}); use a new "
+                       "--output_dir")
+  else:
+    _atomic_write_json(path, current)
+
+
+def aggregate(records: Sequence[dict], tokenizer_info: dict, settings: Settings) -> dict:
+  """stats.json content from the units' records."""
+  langs: dict[str, dict] = {}
+  for record in records:
+    for lang, splits in record["languages"].items():
+      entry = langs.setdefault(lang, {s: {"documents": 0, "sequences": 0, "tokens": 0, "shards": []}
+                                      for s in ("train", "eval")})
+      for split, counts in splits.items():
+        e = entry[split]
+        for k in ("documents", "sequences", "tokens"):
+          e[k] += counts[k]
+        e["shards"].append({"path": counts["path"], "sequences": counts["sequences"], "tokens": counts["tokens"]})
+  for entry in langs.values():
+    for e in entry.values():
+      e["shards"].sort(key=lambda s: s["path"])
+  return {
+      "format": FORMAT_VERSION, "token_dtype": TOKEN_DTYPE.str, "tokenizer": tokenizer_info,
+      "settings": dataclasses.asdict(settings),
+      "languages": dict(sorted(langs.items())),
+      "totals": {s: {k: sum(v[s][k] for v in langs.values()) for k in ("documents", "sequences", "tokens")}
+                 for s in ("train", "eval")},
+  }
+
+
+def prepare(source: Source, output_dir: str, settings: Settings, *, languages: Sequence[str] | None = None,
+            num_workers: int = 0, progress: bool = True) -> dict:
+  """Runs (or resumes) a prepare run and returns the stats.json content. num_workers 0 = in this process."""
+  tok = tokenizer_lib.load_tokenizer(settings.tokenizer)
+  settings = dataclasses.replace(settings, tokenizer=tok.path)
+  if languages:
+    for lang in languages:
+      check_language_name(lang, "--languages")
+  units = list_units(source, settings, languages)
+  os.makedirs(output_dir, exist_ok=True)
+  _check_settings(output_dir, settings, tok)
+
+  records, todo = {}, []
+  for unit in units:
+    path = _unit_record_path(output_dir, unit)
+    if os.path.exists(path):
+      with open(path) as f:
+        records[unit.name] = json.load(f)
+    else:
+      todo.append(unit)
+  tasks = [(u, source, settings, output_dir, languages) for u in todo]
+  bar = tqdm.tqdm(total=len(units), initial=len(units) - len(todo), unit="file", desc="prepare",
+                  disable=not progress, dynamic_ncols=True)
+  tokens = 0
+  def done(record):
+    nonlocal tokens
+    records[record["unit"]] = record
+    tokens += sum(c["tokens"] for s in record["languages"].values() for c in s.values())
+    bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+    bar.update(1)
+  if num_workers > 1 and len(tasks) > 1:
+    # spawn: workers start clean (no forked tokenizer or file handles) and import only this module.
+    with multiprocessing.get_context("spawn").Pool(min(num_workers, len(tasks))) as pool:
+      for record in pool.imap_unordered(_process_task, tasks):
+        done(record)
+  else:
+    for task in tasks:
+      done(_process_task(task))
+  bar.close()
+
+  stats = aggregate([records[u.name] for u in units], tok.describe(), settings)
+  if not stats["languages"] or stats["totals"]["train"]["sequences"] + stats["totals"]["eval"]["sequences"] == 0:
+    raise ValueError(f"no documents found in the input ({source.format} {source.path or ', '.join(source.files)}"
+                     f"{'; languages ' + ','.join(languages) if languages else ''})")
+  if languages:
+    absent = sorted(set(languages) - set(stats["languages"]))
+    if absent:
+      raise ValueError(f"requested languages with no documents in the input: {', '.join(absent)}")
+  _atomic_write_json(os.path.join(output_dir, "stats.json"), stats)
+  return stats
+
+
+def write_pretokenized(output_dir: str, documents: Mapping[str, Iterable[Sequence[int]]], tokenizer_info: dict,
+                       settings: Settings) -> dict:
+  """Writes already tokenized documents ({language: token id lists}, no <bos>/<eos>) in the same layout as
+  `prepare`, for synthetic corpora (benchmarks, tests). `tokenizer_info` stands in for `Tokenizer.describe()`:
+  at least vocab_size and special_ids."""
+  if os.path.exists(os.path.join(output_dir, "stats.json")):
+    raise FileExistsError(f"{output_dir} already holds a prepared corpus (stats.json)")
+  ids = tokenizer_info["special_ids"]
+  records = []
+  for lang, docs in sorted(documents.items()):
+    check_language_name(lang, "write_pretokenized")
+    writer = _UnitWriter(Unit(f"pretokenized-{lang}", "", lang, eval_quota=settings.eval_documents), settings,
+                         output_dir, ids["bos"], ids["eos"])
+    for doc in docs:
+      writer.add(lang, doc)
+    records.append(writer.commit())
+  stats = aggregate(records, tokenizer_info, settings)
+  _atomic_write_json(os.path.join(output_dir, "stats.json"), stats)
+  return stats
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument("--parquet_dir", help="FineWeb2-style tree: <lang>_<Script>/train/*.parquet")
+  src.add_argument("--jsonl", nargs="+", help="JSON-lines files with text and lang")
+  src.add_argument("--text_dir", help="<lang>.txt or <lang>/*.txt files")
+  src.add_argument("--tfds", help="name of a locally prepared TFDS dataset")
+  parser.add_argument("--tokenizer", required=True, help="SentencePiece .model or tokenizer.json")
+  parser.add_argument("--output_dir", required=True)
+  parser.add_argument("--languages", default=None, help="comma-separated languages to keep (default: all)")
+  parser.add_argument("--max_len", type=int, default=8192, help="longest stored sequence incl. <bos>/<eos>")
+  parser.add_argument("--min_tokens", type=int, default=1, help="drop shorter sequences (text tokens)")
+  parser.add_argument("--eval_documents", type=int, default=1000, help="held-out documents per language")
+  parser.add_argument("--eval_every", type=int, default=10, help="hold out every n-th document (until enough)")
+  parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--text_split", default="line", choices=["line", "paragraph", "file"])
+  parser.add_argument("--text_key", default="text")
+  parser.add_argument("--lang_key", default="lang")
+  parser.add_argument("--tfds_data_dir", default=None)
+  parser.add_argument("--tfds_split", default="train")
+  parser.add_argument("--tfds_lang", default=None, help="language of a single-language TFDS dataset")
+  parser.add_argument("--tfds_unit_size", type=int, default=100_000)
+  args = parser.parse_args(argv)
+
+  fmt = next(f for f in ("parquet_dir", "jsonl", "text_dir", "tfds") if getattr(args, f))
+  source = Source(format=fmt.replace("_dir", ""), path=(getattr(args, fmt) if fmt != "jsonl" else ""),
+                  files=tuple(args.jsonl or ()), text_split=args.text_split, text_key=args.text_key,
+                  lang_key=args.lang_key, lang=args.tfds_lang, tfds_data_dir=args.tfds_data_dir,
+                  tfds_split=args.tfds_split, tfds_unit_size=args.tfds_unit_size)
+  settings = Settings(args.tokenizer, args.max_len, args.min_tokens, args.eval_documents, args.eval_every)
+  try:
+    stats = prepare(source, args.output_dir, settings, num_workers=args.num_workers,
+                    languages=args.languages.split(",") if args.languages else None)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  t = stats["totals"]
+  print(f"{len(stats['languages'])} languages; train {t['train']['documents']:,} documents, "
+        f"{t['train']['tokens']:,} tokens; eval {t['eval']['documents']:,} documents → "
+        f"{os.path.join(args.output_dir, 'stats.json')}")
+
+
+if __name__ == "__main__":
+  main()

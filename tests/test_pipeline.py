@@ -1,0 +1,244 @@
+"""The training iterator: batch format, mixture, packing, masking, state, process-count independence, eval."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from data_pipeline import masking, pipeline, prepare
+
+LANGS = ("aaa_Latn", "bbb_Latn", "ccc_Cyrl")
+DOCS = {"aaa_Latn": (240, 30), "bbb_Latn": (90, 70), "ccc_Cyrl": (40, 12)}   # documents, tokens each
+SPECIAL = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
+VOCAB = 4_000_000
+
+
+def _token(lang, doc, pos):
+  return 5 + LANGS.index(lang) * 1_000_000 + doc * 1000 + pos
+
+
+def _decode(t):
+  """(language index, document) of a text token."""
+  return (t - 5) // 1_000_000, (t - 5) % 1_000_000 // 1000
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("corpus"))
+  docs = {l: [[_token(l, i, p) for p in range(n)] for i in range(count)] for l, (count, n) in DOCS.items()}
+  info = {"path": "synthetic", "vocab_size": VOCAB, "special_ids": SPECIAL}
+  prepare.write_pretokenized(d, docs, info, prepare.Settings("", max_len=128, eval_documents=6, eval_every=3))
+  return d
+
+
+def _cfg(data_dir, **kw):
+  return pipeline.PipelineConfig(**{"data_dir": data_dir, "seq_len": 64, "batch_size": 8, "mask_rate": 0.3,
+                                    "tau": 0.5, "prefetch": 0, "mix_block": 256, **kw})
+
+
+def _take(it, n):
+  out = [next(it) for _ in range(n)]
+  return out
+
+
+def _same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _originals(batch):
+  """input_ids with the masked positions given back their labels."""
+  orig = batch["input_ids"].copy()
+  w = batch["masked_weights"] > 0
+  rows = np.broadcast_to(np.arange(len(orig))[:, None], w.shape)
+  orig[rows[w], batch["masked_positions"][w]] = batch["masked_labels"][w]
+  return orig
+
+
+def test_batch_format_and_contents(data_dir):
+  cfg = _cfg(data_dir)
+  it = pipeline.make_train_iterator(cfg, 0, 1)
+  assert it.languages == LANGS
+  k = masking.default_max_masked(64, 0.3)
+  for batch in _take(it, 20):
+    assert tuple(batch) == pipeline.BATCH_KEYS
+    for key in ("input_ids", "segment_ids", "positions", "lang_ids"):
+      assert batch[key].shape == (8, 64) and batch[key].dtype == np.int32, key
+    for key, dtype in (("masked_positions", np.int32), ("masked_labels", np.int32), ("masked_weights", np.float32)):
+      assert batch[key].shape == (8, k) and batch[key].dtype == dtype, key
+    seg, pos, lang = batch["segment_ids"], batch["positions"], batch["lang_ids"]
+    orig = _originals(batch)
+    w = batch["masked_weights"] > 0
+    assert np.all(np.take_along_axis(seg, batch["masked_positions"], 1)[w] > 0)      # never padding
+    assert np.all((lang == -1) == (seg == 0)) and np.all(orig[seg == 0] == 0)
+    for r in range(8):
+      for j in range(1, seg[r].max() + 1):
+        t, p, l = orig[r][seg[r] == j], pos[r][seg[r] == j], lang[r][seg[r] == j]
+        assert np.array_equal(p, np.arange(len(t)))                                   # positions restart
+        text = t[t > 4]
+        assert len({_decode(x) for x in text}) == 1                                  # one document per segment
+        assert np.all(l == _decode(text[0])[0])                                       # its language
+  it.close()
+
+
+def test_empirical_mixture_matches_the_weights(data_dir):
+  cfg = _cfg(data_dir, tau=0.3)
+  it = pipeline.make_train_iterator(cfg, 0, 1)
+  counts = np.zeros(3)
+  for batch in _take(it, 150):
+    counts += np.bincount(batch["lang_ids"][batch["lang_ids"] >= 0], minlength=3)
+  it.close()
+  n = np.array([c * (t + 2) for c, t in (DOCS[l] for l in LANGS)], float)   # train tokens incl. <bos>/<eos>
+  n -= [6 * (t + 2) for _, t in (DOCS[l] for l in LANGS)]                      # 6 eval documents each
+  p = n ** 0.3 / np.sum(n ** 0.3)
+  np.testing.assert_allclose(it.mixture.weights, p, rtol=1e-9)
+  np.testing.assert_allclose(counts / counts.sum(), p, atol=0.015)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_save_restore_mid_stream(data_dir, prefetch):
+  cfg = _cfg(data_dir, prefetch=prefetch, packing="best_fit")
+  it = pipeline.make_train_iterator(cfg, 0, 1)
+  _take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["step"] == 5
+  expected = _take(it, 4)
+  it.close()
+  fresh = pipeline.make_train_iterator(cfg, 0, 1)
+  fresh.set_state(state)
+  _same(_take(fresh, 4), expected)
+  fresh.set_state(state)                      # again, on a running iterator
+  _same(_take(fresh, 4), expected)
+  fresh.close()
+
+
+@pytest.mark.parametrize("num_streams", [None, 4])
+def test_processes_together_make_the_one_process_batch(data_dir, num_streams):
+  cfg = _cfg(data_dir, num_streams=num_streams)
+  one = _take(pipeline.make_train_iterator(cfg, 0, 1), 6)
+  for count in (2, 4):
+    its = [pipeline.make_train_iterator(cfg, i, count) for i in range(count)]
+    parts = [_take(it, 6) for it in its]
+    joined = [{k: np.concatenate([p[s][k] for p in parts]) for k in one[0]} for s in range(6)]
+    _same(joined, one)
+    assert all(p[0]["input_ids"].shape == (8 // count, 64) for p in parts)
+
+
+def test_elastic_restore_across_process_counts(data_dir):
+  cfg = _cfg(data_dir)
+  single = pipeline.make_train_iterator(cfg, 0, 1)
+  _take(single, 3)
+  state = single.get_state()
+  expected = _take(single, 3)
+  # 1 → 2 processes.
+  halves = [pipeline.make_train_iterator(cfg, i, 2) for i in range(2)]
+  for h in halves:
+    h.set_state(state)
+  got = [_take(h, 3) for h in halves]
+  _same([{k: np.concatenate([got[0][s][k], got[1][s][k]]) for k in expected[0]} for s in range(3)], expected)
+  # 2 → 1: the union of both processes' states is the global state.
+  s0, s1 = halves[0].get_state(), halves[1].get_state()
+  assert s0["step"] == s1["step"] == 6 and not set(s0["streams"]) & set(s1["streams"])
+  after = _take(single, 2)
+  merged = dict(s0, streams={**s0["streams"], **s1["streams"]})
+  back = pipeline.make_train_iterator(cfg, 0, 1)
+  back.set_state(merged)
+  _same(_take(back, 2), after)
+  with pytest.raises(ValueError, match=r"lacks streams \[4, 5, 6, 7\] of process 0/1"):
+    back.set_state(s0)
+
+
+def test_worker_processes_do_not_change_the_batches(data_dir):
+  plain = pipeline.make_train_iterator(_cfg(data_dir), 0, 1)
+  expected = _take(plain, 6)
+  it = pipeline.make_train_iterator(_cfg(data_dir, num_workers=2), 0, 1)
+  try:
+    got = _take(it, 3)
+    state = it.get_state()
+    got += _take(it, 3)
+    _same(got, expected)
+    it.set_state(state)                        # restore under workers: restarts them from the state
+    _same(_take(it, 3), expected[3:])
+  finally:
+    it.close()
+  # The state does not record the worker count: a plain iterator continues it.
+  plain.set_state(state)
+  _same(_take(plain, 3), expected[3:])
+
+
+def test_seed_determines_the_sequence(data_dir):
+  a = _take(pipeline.make_train_iterator(_cfg(data_dir, seed=1), 0, 1), 3)
+  b = _take(pipeline.make_train_iterator(_cfg(data_dir, seed=1), 0, 1), 3)
+  c = _take(pipeline.make_train_iterator(_cfg(data_dir, seed=2), 0, 1), 3)
+  _same(a, b)
+  assert not np.array_equal(a[0]["input_ids"], c[0]["input_ids"])
+
+
+def test_eval_batches(data_dir):
+  cfg = _cfg(data_dir, languages=("ccc_Cyrl", "aaa_Latn"))
+  first = list(pipeline.eval_batches(cfg, 0, 1))
+  _same([b for _, b in first], [b for _, b in pipeline.eval_batches(cfg, 0, 1)])
+  for index, lang in enumerate(("ccc_Cyrl", "aaa_Latn")):
+    batches = [b for l, b in first if l == lang]
+    docs = []
+    for b in batches:
+      orig, seg = _originals(b), b["segment_ids"]
+      assert np.all(b["lang_ids"][seg > 0] == index) and np.all(b["lang_ids"][seg == 0] == -1)
+      for r in range(len(seg)):
+        for j in range(1, seg[r].max() + 1):
+          text = orig[r][(seg[r] == j) & (orig[r] > 4)]
+          docs.append(_decode(text[0]))
+    # Every held-out document once: the 3rd, 6th, … of the language, six of them.
+    assert sorted(docs) == [(LANGS.index(lang), d) for d in range(2, 18, 3)]
+  halves = [list(pipeline.eval_batches(cfg, i, 2)) for i in range(2)]
+  assert [l for l, _ in halves[0]] == [l for l, _ in first]
+  _same([{k: np.concatenate([x[k], y[k]]) for k in x} for (_, x), (_, y) in zip(*halves)], [b for _, b in first])
+  assert len(list(pipeline.eval_batches(cfg, 0, 1, languages=["aaa_Latn"], max_batches=1))) == 1
+
+
+def test_languages_subset_and_named_index(data_dir):
+  it = pipeline.make_train_iterator(_cfg(data_dir, languages="ccc,aaa_Latn"), 0, 1)
+  assert it.languages == ("ccc_Cyrl", "aaa_Latn")
+  for b in _take(it, 5):
+    orig = _originals(b)
+    text = (b["segment_ids"] > 0) & (orig > 4)
+    assert np.all(np.array(it.languages)[b["lang_ids"][text]] == np.array(LANGS)[_decode(orig[text])[0]])
+  it.close()
+
+
+def test_bad_inputs(data_dir, tmp_path):
+  with pytest.raises(ValueError, match="phase languages not in the data: xho"):
+    pipeline.make_train_iterator(_cfg(data_dir, languages=("aaa_Latn", "xho")), 0, 1)
+  with pytest.raises(FileNotFoundError, match="stats.json does not exist: run `python -m data_pipeline.prepare"):
+    pipeline.make_train_iterator(_cfg(str(tmp_path)), 0, 1)
+  with pytest.raises(ValueError, match="num_streams 8 is not divisible by process_count 3"):
+    pipeline.make_train_iterator(_cfg(data_dir, batch_size=24, num_streams=8), 0, 3)
+  with pytest.raises(ValueError, match="num_streams 3 must divide batch_size 8"):
+    _cfg(data_dir, num_streams=3)
+  with pytest.raises(ValueError, match="mask id 4 and pad id 0, the pipeline config says mask_id 103"):
+    pipeline.make_train_iterator(_cfg(data_dir, mask_id=103), 0, 1)
+  it = pipeline.make_train_iterator(_cfg(data_dir), 0, 1)
+  other = pipeline.make_train_iterator(_cfg(data_dir, seq_len=128), 0, 1)
+  with pytest.raises(ValueError, match="another pipeline .*seq_len: saved 64, now 128"):
+    other.set_state(it.get_state())
+  # A corrupt shard is named.
+  bad = str(tmp_path / "bad")
+  shutil.copytree(data_dir, bad)
+  shard = os.path.join(bad, "bbb_Latn", "train", "pretokenized-bbb_Latn.array_record")
+  with open(shard, "r+b") as f:
+    f.truncate(os.path.getsize(shard) // 2)
+  with pytest.raises(ValueError, match=r"shard .*bbb_Latn.array_record is corrupt or truncated: stats.json lists "
+                                       r"\d+ records, the file holds (0|no readable)"):
+    pipeline.make_train_iterator(_cfg(bad), 0, 1)
+  os.remove(shard)
+  with pytest.raises(FileNotFoundError, match="listed in stats.json is missing"):
+    pipeline.make_train_iterator(_cfg(bad), 0, 1)
+
+
+def test_default_process_index_comes_from_jax(data_dir):
+  it = pipeline.make_train_iterator(_cfg(data_dir))
+  assert (it.process_index, it.process_count) == (0, 1)

@@ -1,0 +1,265 @@
+"""prepare: each input format into shards + stats.json, eval split, resumability, errors."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+from array_record.python.array_record_module import ArrayRecordReader
+
+from data_pipeline import prepare, tokenizer as tokenizer_lib
+
+MAX_LEN = 24
+WORDS = {"deu_Latn": "Haus Baum Straße Wasser Licht über grün".split(),
+         "fao_Latn": "hús træ gøta vatn ljós yvir grønt".split(),
+         "tir_Ethi": "ቤት ኦም ጎደና ማይ ብርሃን ልዕሊ ቀጠልያ".split()}
+
+
+def _texts(lang, n, seed):
+  rng = np.random.default_rng(seed)
+  out = [" ".join(rng.choice(WORDS[lang], int(rng.integers(1, 12)))) for _ in range(n)]
+  out[3] = " ".join(rng.choice(WORDS[lang], 60))        # longer than MAX_LEN tokens: split
+  return out
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tok")
+  lines = [t for lang in WORDS for t in _texts(lang, 200, 0)]
+  return tokenizer_lib.train_sentencepiece(str(d / "spm"), vocab_size=360, sentences=lines)
+
+
+def _settings(tok, **kw):
+  return prepare.Settings(tok, **{"max_len": MAX_LEN, "eval_documents": 4, "eval_every": 3, **kw})
+
+
+def _expected(tok, units, settings):
+  """The documented rule, from the tokenizer alone: units = [(docs [(lang, text)], eval quota)] in unit order."""
+  sp = spm.SentencePieceProcessor(model_file=tok)
+  body = settings.max_len - 2
+  out = {}
+  for docs, quota in units:
+    seen, held = {}, {}
+    for lang, text in docs:
+      ids = sp.encode(text)
+      if not text.strip() or not ids:
+        continue
+      seqs = [[2] + ids[i:i + body] + [1] for i in range(0, len(ids), body)]
+      i = seen[lang] = seen.get(lang, -1) + 1
+      split = "train"
+      if i % settings.eval_every == settings.eval_every - 1 and held.get(lang, 0) < quota:
+        split, held[lang] = "eval", held.get(lang, 0) + 1
+      e = out.setdefault(lang, {}).setdefault(split, {"documents": 0, "seqs": []})
+      e["documents"] += 1
+      e["seqs"] += seqs
+  return out
+
+
+def _read_split(out_dir, split):
+  seqs = []
+  for shard in split["shards"]:
+    r = ArrayRecordReader(os.path.join(out_dir, shard["path"]))
+    seqs += [np.frombuffer(x, np.int32).tolist() for x in r.read_all()]
+    r.close()
+  return seqs
+
+
+def _check(stats, out_dir, expected):
+  assert sorted(stats["languages"]) == sorted(expected)
+  for lang, splits in expected.items():
+    for split in ("train", "eval"):
+      got = stats["languages"][lang][split]
+      want = splits.get(split, {"documents": 0, "seqs": []})
+      assert got["documents"] == want["documents"], (lang, split)
+      assert got["sequences"] == len(want["seqs"])
+      assert got["tokens"] == sum(map(len, want["seqs"]))
+      assert _read_split(out_dir, got) == want["seqs"], (lang, split)
+  assert all(len(s) <= MAX_LEN for lang in expected for sp in expected[lang].values() for s in sp["seqs"])
+  assert stats["tokenizer"]["special_ids"] == {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
+
+
+def _write_parquet(root, lang, name, texts):
+  os.makedirs(root / lang / "train", exist_ok=True)
+  pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), root / lang / "train" / name)
+
+
+def test_parquet_tree(tmp_path, tok):
+  root = tmp_path / "fineweb2"
+  files = {("deu_Latn", "000_00000.parquet"): _texts("deu_Latn", 30, 1),
+           ("deu_Latn", "000_00001.parquet"): _texts("deu_Latn", 20, 2),
+           ("fao_Latn", "000_00000.parquet"): _texts("fao_Latn", 15, 3)}
+  for (lang, name), texts in files.items():
+    _write_parquet(root, lang, name, texts)
+  settings = _settings(tok)
+  stats = prepare.prepare(prepare.Source("parquet", str(root)), str(tmp_path / "out"), settings, progress=False)
+  units = [([("deu_Latn", t) for t in files["deu_Latn", "000_00000.parquet"]], 2),   # quota ceil(4 / 2 files)
+           ([("deu_Latn", t) for t in files["deu_Latn", "000_00001.parquet"]], 2),
+           ([("fao_Latn", t) for t in files["fao_Latn", "000_00000.parquet"]], 4)]
+  _check(stats, str(tmp_path / "out"), _expected(tok, units, settings))
+  assert stats["languages"]["deu_Latn"]["eval"]["documents"] == 4
+
+
+def test_jsonl_with_language_filter(tmp_path, tok):
+  docs_a = [(l, t) for l in ("deu_Latn", "tir_Ethi", "fao_Latn") for t in _texts(l, 12, 4)]
+  docs_b = [(l, t) for l in ("tir_Ethi", "deu_Latn") for t in _texts(l, 9, 5)]
+  np.random.default_rng(0).shuffle(docs_a)
+  a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+  a.write_text("".join(json.dumps({"text": t, "lang": l, "url": "x"}) + "\n" for l, t in docs_a) + "\n")
+  with gzip.open(b, "wt") as f:
+    f.writelines(json.dumps({"text": t, "lang": l}) + "\n" for l, t in docs_b)
+  settings = _settings(tok)
+  stats = prepare.prepare(prepare.Source("jsonl", files=(str(b), str(a))), str(tmp_path / "out"), settings,
+                          languages=["deu_Latn", "tir_Ethi"], progress=False)
+  keep = lambda docs: [(l, t) for l, t in docs if l != "fao_Latn"]
+  _check(stats, str(tmp_path / "out"), _expected(tok, [(keep(docs_a), 2), (keep(docs_b), 2)], settings))
+
+
+def test_text_files_by_line_and_paragraph(tmp_path, tok):
+  root = tmp_path / "txt"
+  (root / "tir_Ethi").mkdir(parents=True)
+  fao, tir1, tir2 = _texts("fao_Latn", 14, 6), _texts("tir_Ethi", 8, 7), _texts("tir_Ethi", 5, 8)
+  (root / "fao_Latn.txt").write_text("\n".join(fao) + "\n\n", encoding="utf-8")
+  (root / "tir_Ethi" / "a.txt").write_text("\n".join(tir1), encoding="utf-8")
+  (root / "tir_Ethi" / "b.txt").write_text("\n".join(tir2), encoding="utf-8")
+  settings = _settings(tok)
+  stats = prepare.prepare(prepare.Source("text", str(root)), str(tmp_path / "lines"), settings, progress=False)
+  units = [([("fao_Latn", t) for t in fao], 4), ([("tir_Ethi", t) for t in tir1], 2),
+           ([("tir_Ethi", t) for t in tir2], 2)]
+  _check(stats, str(tmp_path / "lines"), _expected(tok, units, settings))
+
+  # Paragraphs: blank-line separated blocks, lines inside joined by "\n".
+  (root / "fao_Latn.txt").write_text("\n\n".join(f"{x}\n{y}" for x, y in zip(fao[::2], fao[1::2])), encoding="utf-8")
+  stats = prepare.prepare(prepare.Source("text", str(root), text_split="paragraph"), str(tmp_path / "para"),
+                          settings, languages=["fao_Latn"], progress=False)
+  paras = [("fao_Latn", f"{x}\n{y}") for x, y in zip(fao[::2], fao[1::2])]
+  _check(stats, str(tmp_path / "para"), _expected(tok, [(paras, 4)], settings))
+
+
+def test_tfds_dataset(tmp_path, tok):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  docs = [(l, t) for l in ("deu_Latn", "fao_Latn") for t in _texts(l, 10, 9)]
+
+  class TinyCorpus(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"text": tfds.features.Text(), "lang": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, (l, t) in enumerate(docs):
+        yield i, {"text": t, "lang": l}
+
+  TinyCorpus(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+  source = prepare.Source("tfds", "tiny_corpus", tfds_data_dir=str(tmp_path / "tfds"), tfds_unit_size=7)
+  settings = _settings(tok)
+  stats = prepare.prepare(source, str(tmp_path / "out"), settings, progress=False)
+  ds = tfds.data_source("tiny_corpus", data_dir=str(tmp_path / "tfds"), split="train")
+  records = [(ds[i]["lang"].decode(), ds[i]["text"].decode()) for i in range(len(ds))]
+  units = [(records[s:s + 7], 2) for s in range(0, len(records), 7)]                  # 3 units, quota ceil(4/3)
+  _check(stats, str(tmp_path / "out"), _expected(tok, units, settings))
+  assert sorted(records) == sorted(docs)
+
+
+def _text_corpus(root):
+  root.mkdir()
+  for i, lang in enumerate(WORDS):
+    (root / f"{lang}.txt").write_text("\n".join(_texts(lang, 25, 10 + i)), encoding="utf-8")
+  return prepare.Source("text", str(root))
+
+
+def test_rerun_skips_finished_units(tmp_path, tok, monkeypatch):
+  source, out = _text_corpus(tmp_path / "txt"), str(tmp_path / "out")
+  first = prepare.prepare(source, out, _settings(tok), progress=False)
+  mtimes = {s["path"]: os.path.getmtime(os.path.join(out, s["path"]))
+            for l in first["languages"].values() for sp in l.values() for s in sp["shards"]}
+  calls = []
+  monkeypatch.setattr(prepare, "process_unit", lambda *a, **k: calls.append(a))
+  again = prepare.prepare(source, out, _settings(tok), progress=False)
+  assert calls == [] and again == first
+  assert all(os.path.getmtime(os.path.join(out, p)) == t for p, t in mtimes.items())
+
+
+def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, tok, monkeypatch):
+  source = _text_corpus(tmp_path / "txt")
+  clean = prepare.prepare(source, str(tmp_path / "clean"), _settings(tok), progress=False)
+  out = str(tmp_path / "out")
+  real_add, n = prepare._UnitWriter.add, [0]
+  def crash_in_second_unit(self, lang, ids):
+    if lang == "fao_Latn":
+      n[0] += 1
+      if n[0] == 10:
+        raise KeyboardInterrupt
+    return real_add(self, lang, ids)
+  monkeypatch.setattr(prepare._UnitWriter, "add", crash_in_second_unit)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.prepare(source, out, _settings(tok), progress=False)
+  assert not os.path.exists(os.path.join(out, "stats.json"))
+  assert os.listdir(os.path.join(out, "_units")) == ["text-deu_Latn.txt.json"]
+  written = [f for _, _, fs in os.walk(os.path.join(out, "fao_Latn")) for f in fs]
+  assert written and all(".tmp-" in f for f in written)        # only temporary names
+  monkeypatch.setattr(prepare._UnitWriter, "add", real_add)
+  resumed = prepare.prepare(source, out, _settings(tok), progress=False)
+  assert resumed == clean | {"settings": resumed["settings"]}
+  assert not [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
+  for lang in clean["languages"]:
+    assert _read_split(out, resumed["languages"][lang]["train"]) == \
+        _read_split(str(tmp_path / "clean"), clean["languages"][lang]["train"])
+
+
+def test_parallel_workers_give_the_same_shards(tmp_path, tok):
+  source = _text_corpus(tmp_path / "txt")
+  serial = prepare.prepare(source, str(tmp_path / "serial"), _settings(tok), progress=False)
+  parallel = prepare.prepare(source, str(tmp_path / "parallel"), _settings(tok), num_workers=2, progress=False)
+  assert parallel == serial
+  for lang, splits in serial["languages"].items():
+    for split in splits:
+      assert _read_split(str(tmp_path / "parallel"), splits[split]) == _read_split(str(tmp_path / "serial"),
+                                                                                   splits[split])
+
+
+def test_bad_inputs(tmp_path, tok):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "fao_Latn.txt").write_text("\n\n   \n")
+  with pytest.raises(ValueError, match="no documents found in the input"):
+    prepare.prepare(prepare.Source("text", str(empty)), str(tmp_path / "o1"), _settings(tok), progress=False)
+  with pytest.raises(FileNotFoundError, match="no <lang>.txt"):
+    prepare.prepare(prepare.Source("text", str(tmp_path / "nothing")), str(tmp_path / "o2"), _settings(tok))
+  source = _text_corpus(tmp_path / "txt")
+  with pytest.raises(ValueError, match=r"languages not in .*: xho_Latn \(it has deu_Latn, fao_Latn, tir_Ethi\)"):
+    prepare.prepare(source, str(tmp_path / "o3"), _settings(tok), languages=["xho_Latn"])
+  with pytest.raises(FileNotFoundError, match="tokenizer file .*missing.model does not exist"):
+    prepare.prepare(source, str(tmp_path / "o4"), _settings(str(tmp_path / "missing.model")))
+  prepare.prepare(source, str(tmp_path / "o5"), _settings(tok), progress=False)
+  with pytest.raises(ValueError, match=r"prepared with other settings \(max_len 24 → 32\)"):
+    prepare.prepare(source, str(tmp_path / "o5"), _settings(tok, max_len=32), progress=False)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "Haus", "lang": "deu_Latn"}\n{"text": "Baum"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with 'text' and 'lang' keys"):
+    prepare.prepare(prepare.Source("jsonl", files=(str(bad),)), str(tmp_path / "o6"), _settings(tok))
+  bad.write_text('{"text": "Haus", "lang": "../etc"}\n')
+  with pytest.raises(ValueError, match="language '../etc' is not a usable name"):
+    prepare.prepare(prepare.Source("jsonl", files=(str(bad),)), str(tmp_path / "o7"), _settings(tok))
+  _write_parquet(tmp_path / "pq", "deu_Latn", "x.parquet", ["a"])
+  pq.write_table(pa.table({"content": ["Haus"]}), tmp_path / "pq" / "deu_Latn" / "train" / "x.parquet")
+  with pytest.raises(ValueError, match="no `text` column"):
+    prepare.prepare(prepare.Source("parquet", str(tmp_path / "pq")), str(tmp_path / "o8"), _settings(tok))
+
+
+def test_command_line(tmp_path, tok, capsys):
+  _text_corpus(tmp_path / "txt")
+  prepare.main(["--text_dir", str(tmp_path / "txt"), "--tokenizer", tok, "--output_dir", str(tmp_path / "out"),
+                "--max_len", str(MAX_LEN), "--num_workers", "0", "--eval_documents", "2"])
+  stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+  assert f"{stats['totals']['train']['tokens']:,} tokens" in capsys.readouterr().out
+  assert all(v["eval"]["documents"] == 2 for v in stats["languages"].values())
+  with pytest.raises(SystemExit, match="error: languages not in"):
+    prepare.main(["--text_dir", str(tmp_path / "txt"), "--tokenizer", tok, "--output_dir", str(tmp_path / "o2"),
+                  "--languages", "eng_Latn"])
