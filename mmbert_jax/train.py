@@ -211,7 +211,8 @@ def evaluate(eval_step, params, batches: Iterable[tuple[str, dict]], put) -> dic
   if not sums:
     return {}
   sums["all"] = sum(sums.values())
-  return {lang: {"loss": s[0] / max(s[2], 1.0), "accuracy": s[1] / max(s[2], 1.0), "masked_tokens": float(s[2])}
+  return {lang: {"loss": float(s[0] / max(s[2], 1.0)), "accuracy": float(s[1] / max(s[2], 1.0)),
+                 "masked_tokens": float(s[2])}
           for lang, s in sums.items()}
 
 
