@@ -40,6 +40,7 @@ def decay_schedule(peak_lr: float, decay_tokens: float, final_fraction: float,
     raise ValueError(f"unknown decay_shape {shape!r}; expected one of {list(DECAY_SHAPES)}")
   if not decay_tokens > 0:
     raise ValueError(f"decay_tokens must be > 0 to decay, got {decay_tokens}")
+  decay_tokens = float(decay_tokens)
   if not 0 <= final_fraction <= 1:
     raise ValueError(f"final_fraction must be in [0, 1], got {final_fraction}")
   end = peak_lr * final_fraction
@@ -66,6 +67,9 @@ def wsd_schedule(peak_lr: float, *, warmup_tokens: float = 0, decay_start_tokens
   """
   if not peak_lr > 0:
     raise ValueError(f"peak_lr must be > 0, got {peak_lr}")
+  # Token counts reach 1e12: as Python ints they would enter jnp as int32 and overflow.
+  warmup_tokens, decay_tokens, phase_start_tokens = map(float, (warmup_tokens, decay_tokens, phase_start_tokens))
+  decay_start_tokens = None if decay_start_tokens is None else float(decay_start_tokens)
   if warmup_tokens < 0 or phase_start_tokens < 0:
     raise ValueError(f"warmup_tokens ({warmup_tokens}) and phase_start_tokens ({phase_start_tokens}) must be >= 0")
   if decay_start_tokens is not None and decay_start_tokens < warmup_tokens:

@@ -164,3 +164,11 @@ def test_batch_warmup_edges():
     schedules.batch_warmup(0, num_microbatches=4, warmup_tokens=1, start_fraction=0)
   with pytest.raises(ValueError, match="level_duration"):
     schedules.batch_warmup(0, num_microbatches=4, warmup_tokens=1, level_duration="time")
+
+
+def test_recipe_scale_token_counts_do_not_overflow():
+  # 100B-token decay and a 2.3T-token phase: Python ints beyond int32 must not reach jnp as integers.
+  lr = schedules.wsd_schedule(8e-4, warmup_tokens=3_000_000_000, decay_start_tokens=2_200_000_000_000,
+                              decay_tokens=100_000_000_000, final_fraction=0.02)
+  assert float(lr(2_250_000_000_000)) == pytest.approx(8e-4 * (0.02 + 0.98 * (1 - math.sqrt(0.5))), rel=1e-5)
+  assert float(lr(1_500_000_000)) == pytest.approx(4e-4, rel=1e-5)

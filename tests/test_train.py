@@ -112,3 +112,42 @@ def test_bad_batch_configuration_is_named(demo_data, tmp_path):
   with pytest.raises(ValueError, match="not divisible by data×fsdp"):
     train.train_and_evaluate(tiny_config(demo_data, batch_size=4, micro_batch_size=4, num_devices=8),
                              str(tmp_path / "b"))
+
+
+_WORKER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize("localhost:{port}", num_processes=2, process_id={pid})
+from conftest import tiny_config
+from mmbert_jax import train
+result = train.train_and_evaluate(tiny_config({data!r}, num_devices=0, train_tokens=512 * 6), {workdir!r})
+print("RESULT", result["status"], result["step"], jax.device_count())
+"""
+
+
+def test_two_processes_train_like_one(demo_data, tmp_path):
+  """A real 2-process run (jax.distributed, gloo collectives, 2 CPU devices each) equals one 4-device process."""
+  import socket
+  import subprocess
+  import sys
+  from conftest import ROOT
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / "two")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER.format(
+      root=str(ROOT), tests=str(ROOT / "tests"), port=port, pid=i, data=demo_data, workdir=workdir)],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0 and "RESULT complete 6 4" in out, out[-3000:]
+  one = str(tmp_path / "one")
+  train.train_and_evaluate(tiny_config(demo_data, num_devices=4, train_tokens=512 * 6), one)
+  two_losses, one_losses = train_losses(workdir), train_losses(one)
+  assert sorted(two_losses) == list(range(1, 7))
+  np.testing.assert_allclose([two_losses[s] for s in range(1, 7)], [one_losses[s] for s in range(1, 7)],
+                             rtol=0, atol=1e-5)
