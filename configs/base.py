@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Sharding: mesh axis sizes (-1 = all remaining devices).
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.jax_cache_dir = ""                # persistent compilation cache (relative: inside the workdir; "" = off)
   c.num_devices = 0                   # use only the first N devices of each process (0 = all)
   c.peak_flops_per_device = 0.0       # for MFU on devices missing from mmbert_jax.flops' table (0 = table only)
 

@@ -41,6 +41,7 @@ def get_config(arg: str = ""):
   c.log_every_steps = 25
   c.checkpoint_every_tokens = 200_000
   c.keep_checkpoints = 2
+  c.jax_cache_dir = "jax_cache"       # the three decay variants share one compiled step
 
   c.phases = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")
   c.phase_overrides = ml_collections.ConfigDict(dict(

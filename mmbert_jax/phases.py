@@ -90,8 +90,17 @@ def merge_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                                   last.eval_max_batches)
 
 
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`config.jax_cache_dir` (relative paths are inside the workdir): compiled steps are reused across phases
+  of the same shapes and across restarts."""
+  if config.get("jax_cache_dir"):
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, config.jax_cache_dir))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train one phase, or every phase of a curriculum config; print the per-language eval table."""
+  use_compilation_cache(config, workdir)
   prepare_demo_data(config, workdir)
   if "phases" not in config:
     result = train.train_and_evaluate(config, workdir)

@@ -278,43 +278,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"micro-batch of {micro_rows} rows is not divisible by data×fsdp = "
                      f"{sharding.batch_divisor(mesh)} devices")
   writer = metrics_lib.MetricWriter(workdir)
-  model, params = init_model(cfg, mesh, config.seed)
+  model = abstract_model(cfg, mesh, config.seed)
   tx = optimizer(config)
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  param_shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
-  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    init_opt = jax.jit(tx.init).lower(model.abstract_params).compile()  # moments follow the param shardings
+  opt_shardings = init_opt.output_shardings
+  abstract_opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              jax.eval_shape(tx.init, model.abstract_params), opt_shardings)
   schedule = lr_schedule(config)
 
   train_data = data_lib.make_train_iterator(pipeline_config(config, micro_rows))
   languages = list(train_data.languages)
   eval_config = pipeline_config(config, config.eval_batch_size, eval=True)
 
-  # ---- resume this run, or start from the previous phase ------------------------------------------------------
+  # ---- resume this run, or start from the previous phase, or initialise ------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   step, tokens = 0, 0
   meta: dict[str, Any] = {"phase": config.phase, "total_tokens_before": 0, "tokens_per_language": {},
                           "history": []}
   latest = checkpointer.latest_step()
   if latest is not None:
-    restored = checkpointer.restore(latest, abstract_params=model.abstract_params,
-                                    abstract_opt_state=abstract_like(opt_state), data_iter=train_data)
+    restored = checkpointer.restore(latest, abstract_params=model.abstract_params, abstract_opt_state=abstract_opt,
+                                    data_iter=train_data)
     params, opt_state, meta = restored["params"], restored["opt_state"], restored["meta"]
     step, tokens = meta["step"], meta["tokens"]
     writer.text("run", f"resumed {workdir} at step {step} ({tokens:,} tokens)")
   elif config.init_from:
-    handoff = ckpt_lib.restore_for_handoff(
-        config.init_from, model.abstract_params,
-        abstract_like(opt_state) if config.init_optimizer_state else None)
+    handoff = ckpt_lib.restore_for_handoff(config.init_from, model.abstract_params,
+                                           abstract_opt if config.init_optimizer_state else None)
     params = handoff["params"]
-    if config.init_optimizer_state:
-      opt_state = handoff["opt_state"]
+    opt_state = handoff["opt_state"] if config.init_optimizer_state else init_opt(params)
     prev = handoff["meta"]
     meta["total_tokens_before"] = prev.get("total_tokens_before", 0) + prev.get("tokens", 0)
     meta["tokens_per_language"] = dict(prev.get("tokens_per_language", {}))
     meta["history"] = prev.get("history", []) + [{"phase": prev.get("phase"), "source": handoff["source"],
                                                   "tokens": prev.get("tokens", 0)}]
     writer.text("run", f"phase {config.phase}: starting from {handoff['source']} (phase {prev.get('phase')})")
+  else:
+    _, params = init_model(cfg, mesh, config.seed)
+    opt_state = init_opt(params)
 
   train_step = make_train_step(model, tx, mesh, num_languages=len(languages), seed=config.seed,
                                param_shardings=param_shardings, opt_shardings=opt_shardings)
