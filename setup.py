@@ -29,7 +29,9 @@ setup(
     ],
     extras_require={
         # torch pinned to the CPU build available here; other versions pull several GB of CUDA packages.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0"],
-        "tpu": ["libtpu"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "tokenizers>=0.20",
+                 "sentence-transformers==6.2.0"],
+        # libtpu matching jax 0.10.2: runs on TPU VMs and compiles for TPU topologies on any machine.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
 )

@@ -1,0 +1,127 @@
+"""Train-step throughput: tokens/s, model FLOP/s and MFU, next to the FLOP/s of a large matmul measured in the
+same run (what this backend can actually do).
+
+  python -m mmbert_jax.benchmarks.train_step                             # bench shape (mmbert-small width, 4 layers)
+  python -m mmbert_jax.benchmarks.train_step --preset=mmbert-base --layers=22 --vocab=256000 --seq_len=1024 \
+      --batch=32 --mask_rate=0.3 --dtype=bfloat16                        # the mmbert-base pre-training shape
+
+The step is the real one (`train.make_train_step`: sparse MLM head, StableAdamW, gradient accumulation scan) on
+synthetic packed rows (documents of 64–512 tokens), sharded over all local devices (fsdp).
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from mmbert_jax import flops as flops_lib
+from mmbert_jax import sharding, train
+from mmbert_jax.model import get_config
+
+_PRESET = flags.DEFINE_string("preset", "mmbert-small", "Model preset whose width is used.")
+_LAYERS = flags.DEFINE_integer("layers", 4, "Number of layers.")
+_VOCAB = flags.DEFINE_integer("vocab", 32_768, "Vocabulary size.")
+_SEQ = flags.DEFINE_integer("seq_len", 512, "Row length.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Rows per step.")
+_MASK = flags.DEFINE_float("mask_rate", 0.3, "Fraction of tokens predicted (sparse head).")
+_DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype (auto: bfloat16 on accelerators, float32 on CPU).")
+_IMPL = flags.DEFINE_string("attention_impl", "auto", "Attention implementation.")
+_REMAT = flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the compiling one.")
+_MATMUL = flags.DEFINE_integer("matmul", 4096, "Size n of the n×n×n reference matmul.")
+
+
+def synthetic_batch(rng, rows, seq, k, vocab):
+  """Packed rows of random documents with per-document positions and k masked slots per row."""
+  seg = np.zeros((rows, seq), np.int32)
+  pos = np.zeros((rows, seq), np.int32)
+  for r in range(rows):
+    start, doc = 0, 1
+    while start < seq:
+      n = min(int(rng.integers(64, 513)), seq - start)
+      seg[r, start:start + n], pos[r, start:start + n] = doc, np.arange(n)
+      start, doc = start + n, doc + 1
+  ids = rng.integers(5, vocab, (rows, seq)).astype(np.int32)
+  mp = np.stack([rng.choice(seq, k, replace=False) for _ in range(rows)]).astype(np.int32)
+  return dict(input_ids=ids, segment_ids=seg, positions=pos, masked_positions=mp,
+              masked_labels=np.take_along_axis(ids, mp, 1), masked_weights=np.ones((rows, k), np.float32),
+              lang_ids=np.zeros((rows, seq), np.int32))
+
+
+
+def matmul_flops_per_s(n: int, dtype, steps: int = 5) -> float:
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))  # compile
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = matmul(a)
+  jax.block_until_ready(out)
+  return 2 * n ** 3 * steps / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  cfg = get_config(_PRESET.value, num_layers=_LAYERS.value, vocab_size=_VOCAB.value, dtype=dtype,
+                   attention_impl=_IMPL.value, remat=_REMAT.value)
+  mesh = sharding.make_mesh({"fsdp": -1})
+  rows = _BATCH.value
+  k = max(1, int(round(_MASK.value * _SEQ.value)))
+  optim_config = ml_collections.ConfigDict(dict(optim=dict(name="stable_adamw", peak_lr=8e-4, weight_decay=8e-5,
+                                                          b1=0.9, b2=0.95, eps=1e-8)))
+  model, params = train.init_model(cfg, mesh, 0)
+  tx = train.optimizer(optim_config)
+  with jax.set_mesh(mesh):
+    opt = jax.jit(tx.init)(params)
+  step = train.make_train_step(model, tx, mesh, num_languages=1, seed=0,
+                               param_shardings=jax.tree.map(lambda x: x.sharding, params),
+                               opt_shardings=jax.tree.map(lambda x: x.sharding, opt))
+  batch = synthetic_batch(np.random.default_rng(0), rows, _SEQ.value, k, cfg.vocab_size)
+  put = train.make_put(mesh, leading=1)
+  device_batch = put(train.stack_microbatches([batch]))
+
+  state = {"params": params, "opt": opt}
+
+  def run():
+    state["params"], state["opt"], metrics = step(state["params"], state["opt"], device_batch, jnp.float32(1e-4),
+                                                  jnp.int32(0))
+    return metrics["loss"]
+
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    compile_s = time.perf_counter() - t0
+    start = time.perf_counter()
+    for _ in range(_STEPS.value):
+      loss = run()
+    jax.block_until_ready(loss)
+    seconds = (time.perf_counter() - start) / _STEPS.value
+
+  f = flops_lib.training_flops(cfg, batch["segment_ids"], num_masked=rows * k)
+  tokens = rows * _SEQ.value
+  n = mesh.size
+  kind = jax.devices()[0].device_kind
+  matmul = matmul_flops_per_s(_MATMUL.value, jnp.dtype(dtype))
+  peak = flops_lib.peak_flops(kind)
+  print(f"device: {n} × {kind} ({jax.default_backend()}), compute dtype {dtype}, attention {_IMPL.value}")
+  print(f"model: {_PRESET.value} width, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
+        f"{rows} × {_SEQ.value} tokens per step, {k} masked per row")
+  print(f"first step (compile) {compile_s:.1f} s; step {seconds * 1e3:.1f} ms")
+  print(f"tokens/s {tokens / seconds:,.0f} ({tokens / seconds / n:,.0f} per device)")
+  print(f"model FLOPs per step {f.total:.3e} (linears {f.linears:.2e}, attention {f.attention:.2e}, "
+        f"head {f.head:.2e}); model FLOP/s {f.total / seconds:.3e} ({f.total / seconds / n:.3e} per device)")
+  print(f"{_MATMUL.value}³ matmul on one device: {matmul:.3e} FLOP/s → step reaches "
+        f"{100 * f.total / seconds / n / matmul:.1f}% of it")
+  if peak:
+    print(f"MFU {100 * flops_lib.mfu(f.total, seconds, n, kind):.1f}% of the {peak:.3e} FLOP/s bf16 peak")
+  else:
+    print(f"MFU: no peak FLOP/s known for {kind!r}")
+
+
+if __name__ == "__main__":
+  app.run(main)
