@@ -51,11 +51,10 @@ def _three_steps(mesh_sizes, devices):
 def test_sharded_steps_equal_single_device():
   assert jax.device_count() == 8
   single, p1 = _three_steps(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  for sizes in (dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)):
-    sharded, p8 = _three_steps(sizes, jax.devices())
-    np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-      np.testing.assert_allclose(a, b, atol=1e-5)
+  sharded, p8 = _three_steps(dict(data=2, fsdp=2, tensor=2), jax.devices())   # every axis in use
+  np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_parameters_are_sharded_by_the_logical_rules():
