@@ -3,8 +3,9 @@
   python -m mmbert_jax.export --checkpoint=RUN/decay_all --out=hf/mmbert-decay-all [--tokenizer=tokenizer.model]
 
 The config carries the checkpoint's phase values (RoPE theta, window, special ids). The SentencePiece tokenizer
-(from --tokenizer, or the run's data directory) is copied and, when `tokenizers`/`transformers` are installed,
-also written as a fast tokenizer so `AutoTokenizer` and sentence-transformers load the directory directly.
+(from --tokenizer, or the run's data directory) is copied and, when `transformers` is installed, also written as a
+fast tokenizer (same ids, `<bos> text <eos>` as in training) so `AutoTokenizer` and sentence-transformers load the
+directory directly. An output directory that already holds any of these files is refused.
 """
 from __future__ import annotations
 
@@ -59,14 +60,12 @@ def fast_tokenizer(spm_path: str, cfg):
     from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
   except ImportError:
     return None
+  from data_pipeline import tokenizer as tokenizer_lib
+  tokenizer_lib.load_tokenizer(spm_path, tokenizer_lib.SpecialIds.from_model_config(cfg))  # ids as the model's
   extractor = SentencePieceExtractor(spm_path)
   pieces = extractor.extract(None)   # None: the model type (BPE or unigram) recorded in the file
   backend = SpmConverter.build_tokenizer_from_spm_proto(extractor.proto, pieces["vocab"], pieces.get("merges"))
   names = [p.piece for p in extractor.proto.pieces]
-  for field in ("pad_id", "eos_id", "bos_id", "unk_id", "mask_id"):
-    if not 0 <= getattr(cfg, field) < len(names):
-      raise ValueError(f"{spm_path}: the model's {field}={getattr(cfg, field)} is not one of the tokenizer's "
-                       f"{len(names)} pieces")
   bos, eos = names[cfg.bos_id], names[cfg.eos_id]
   backend.post_processor = processors.TemplateProcessing(
       single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
@@ -103,7 +102,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   try:
     source = export(FLAGS.checkpoint, FLAGS.out, FLAGS.tokenizer)
-  except (ckpt_lib.CheckpointError, FileExistsError, FileNotFoundError) as e:
+  except (ValueError, FileExistsError, FileNotFoundError) as e:   # bad input: one line, no traceback
     raise SystemExit(f"export: {e}") from None
   print(f"exported {source} → {FLAGS.out}")
 

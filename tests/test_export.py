@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
+from flax import nnx
 
 from data_pipeline import demo_corpus
 from mmbert_jax import checkpoint as ckpt_lib
@@ -79,7 +80,7 @@ def test_transformers_gives_our_logits(exported, ours, sp):
   with torch.no_grad():
     want = reference(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
   with jax.default_matmul_precision("highest"):
-    got = np.asarray(model(jnp.asarray(ids), segment_ids=jnp.asarray(mask)))
+    got = np.asarray(nnx.jit(lambda m, x, s: m(x, s))(model, jnp.asarray(ids), jnp.asarray(mask)))
   real = mask.astype(bool)
   assert np.isfinite(got[real]).all() and np.std(got[real]) > 0.1
   np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-5)
@@ -115,17 +116,18 @@ def test_autotokenizer_gives_the_sentencepiece_ids(exported, ours, sp, demo_data
 
 
 def test_sentence_transformers_embeds_the_mean_of_our_hidden_states(exported, ours, sp):
-  from sentence_transformers import SentenceTransformer
+  sentence_transformers = pytest.importorskip("sentence_transformers")
   from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
   encoder = Transformer(exported)
-  st = SentenceTransformer(modules=[encoder, Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")],
+  st = sentence_transformers.SentenceTransformer(modules=[encoder, Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")],
                            device="cpu")
   embeddings = st.encode(SENTENCES, batch_size=3, convert_to_numpy=True)
   model, _ = ours
   assert embeddings.shape == (len(SENTENCES), model.config.hidden_size) and np.isfinite(embeddings).all()
   ids, mask = _padded([_framed(sp, model.config, s) for s in SENTENCES])
   with jax.default_matmul_precision("highest"):
-    hidden = np.asarray(model.encode(jnp.asarray(ids), segment_ids=jnp.asarray(mask)), np.float64)
+    hidden = np.asarray(nnx.jit(lambda m, x, s: m.encode(x, s))(model, jnp.asarray(ids), jnp.asarray(mask)),
+                        np.float64)
   want = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)    # mean over each sentence's tokens
   np.testing.assert_allclose(embeddings, want, rtol=0, atol=1e-5)
   # Different sentences, different embeddings.

@@ -13,9 +13,9 @@ from flax import nnx
 
 from conftest import tiny_config
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import hf, merge, train
+from mmbert_jax import merge, train
 from mmbert_jax.model import MaskedLM
-from tiny_run import STEPS, run_module, step_dir, trained_run
+from tiny_run import MODEL, STEPS, run_module, step_dir, trained_run
 
 DENSITY, WEIGHTS = 0.3, (1.0, 3.0)
 
@@ -100,23 +100,21 @@ def test_ties_cli_writes_the_ties_merge_and_a_transformers_directory(run, ties_c
   for other in (step_dir(run, 4), step_dir(run, 8), run):
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(_params(other))))
 
+  # --hf_out: the merged parameters, as transformers reads them.
   transformers = pytest.importorskip("transformers")
   reference = transformers.AutoModelForMaskedLM.from_pretrained(hf_out)
   np.testing.assert_array_equal(reference.model.embeddings.tok_embeddings.weight.detach().numpy(),
                                 merged["embedding"])
-  _assert_same(nnx.to_pure_dict(nnx.state(hf.load(hf_out), nnx.Param)), merged)
-  assert transformers.AutoTokenizer.from_pretrained(hf_out)("Hallo Welt")["input_ids"][0] == meta["model_config"][
-      "bos_id"]
+  np.testing.assert_array_equal(reference.model.layers[1].mlp.Wo.weight.detach().numpy(),
+                                merged["layers"][1]["mlp"]["wo"].T)
+  assert os.path.exists(os.path.join(hf_out, "tokenizer.json"))
 
 
 def test_merging_a_checkpoint_with_itself_is_the_identity(run):
   final = _params(run)
   # Exactly: two halves of the same float32, and TIES with nothing to add (every task vector is zero).
   _assert_same(merge.merge("average", models=[run, step_dir(run, 12)])[0], final)
-  _assert_same(merge.merge("ties", base=run, models=[run], density=0.5)[0], final)
-  # All models the same and nothing trimmed: base + (θ − base), exact up to float32 rounding (|θ| ≲ 2).
-  identical = merge.merge("ties", base=step_dir(run, 4), models=[run, run], density=1.0)[0]
-  _assert_same(identical, final, atol=1e-6)
+  _assert_same(merge.merge("ties", base=run, models=[run, run], density=0.5)[0], final)
 
 
 def test_ema_and_average_give_loadable_checkpoints(run, tmp_path):
@@ -180,7 +178,7 @@ def test_merged_checkpoint_starts_a_further_phase(demo_data, ties_cli, tmp_path)
   out, _, _ = ties_cli
   merged, merged_meta, source = ckpt_lib.load_params(out)
   # A vanishing learning rate: the further phase must hold exactly the merged parameters after its step.
-  config = tiny_config(demo_data, init_from=out, train_tokens=512, num_devices=1,
+  config = tiny_config(demo_data, init_from=out, train_tokens=512, num_devices=1, **MODEL,
                        **{"optim.peak_lr": 1e-30, "optim.weight_decay": 0.0, "schedule.warmup_tokens": 0})
   config.phase = "after_merge"
   workdir = str(tmp_path / "after_merge")
