@@ -107,7 +107,7 @@ def resolve(path: str) -> tuple[str, int]:
   `checkpoints/` directory, or one step directory `.../checkpoints/<step>`."""
   path = os.path.abspath(path)
   if not os.path.exists(path):
-    raise CheckpointError(f"init_from: {path} does not exist")
+    raise CheckpointError(f"checkpoint path {path} does not exist")
   name = os.path.basename(path.rstrip("/"))
   if name.isdigit() and os.path.isdir(os.path.join(path, "params")):
     return os.path.dirname(path), int(name)
@@ -116,7 +116,7 @@ def resolve(path: str) -> tuple[str, int]:
       found = steps(directory)
       if found:
         return directory, found[-1]
-  raise CheckpointError(f"init_from: no complete checkpoint under {path} (expected a workdir, its checkpoints/ "
+  raise CheckpointError(f"no complete checkpoint under {path} (expected a workdir, its checkpoints/ "
                         "directory or a checkpoints/<step> directory)")
 
 
@@ -155,7 +155,8 @@ def load_params(path: str) -> tuple[Any, dict[str, Any], str]:
   from mmbert_jax.model import MaskedLM
   directory, step = resolve(path)
   meta = read_meta(directory, step)
-  cfg = model_config_of(meta)
+  # Shapes only: the attention kernel the run used (e.g. splash on TPU) need not run on this host.
+  cfg = model_config_of(meta).replace(attention_impl="xla")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))),
@@ -176,11 +177,12 @@ def save_params(workdir: str, step: int, params, meta: dict[str, Any]) -> str:
 
 
 def load_model(path: str, **overrides):
-  """A MaskedLM with the parameters of a checkpoint (e.g. for export or evaluation) and its metadata."""
+  """A MaskedLM with the parameters of a checkpoint (e.g. for export or evaluation), its metadata and source.
+  Attention runs with the implementation that suits this host ('auto') unless `overrides` name one."""
   from flax import nnx
   from mmbert_jax.model import MaskedLM
   params, meta, source = load_params(path)
-  cfg = model_config_of(meta).replace(**overrides)
+  cfg = model_config_of(meta).replace(**{"attention_impl": "auto", **overrides})
   graph, state = nnx.split(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graph, state), meta, source

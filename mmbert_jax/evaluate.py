@@ -7,11 +7,12 @@ Every checkpoint sees the same batches (same documents, same masks), so the colu
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from mmbert_jax import checkpoint as ckpt_lib
@@ -29,24 +30,42 @@ flags.DEFINE_integer("seed", 0, "Seed of the masks.")
 FLAGS = flags.FLAGS
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_step(cfg: ModelConfig):
+  """One jitted eval step per model config: every checkpoint of the same model reuses its compilation."""
+  graph, _ = nnx.split(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))))
+  return train.make_eval_step(train.Model(cfg, graph, None))
+
+
 def evaluate_params(params, cfg: ModelConfig, pipeline_config, max_batches: int | None = None) -> dict[str, Any]:
   """{language: {loss, accuracy, masked_tokens}} plus "all", on one device."""
   from data_pipeline import pipeline as data_lib
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  graph, _ = nnx.split(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))))
-  eval_step = train.make_eval_step(train.Model(cfg, graph, None))
+  eval_step = _eval_step(cfg)
   params = jax.device_put(params, sharding.replicated(mesh))
   with jax.set_mesh(mesh):
     return train.evaluate(eval_step, params, data_lib.eval_batches(pipeline_config, max_batches=max_batches),
                           train.make_put(mesh, leading=0))
 
 
+def column_names(paths: Sequence[str]) -> list[str]:
+  """The shortest trailing path parts that tell the checkpoints apart (run names; 'run/checkpoints/12' when
+  step directories of different runs share a step)."""
+  parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+  for n in range(1, max(len(p) for p in parts) + 1):
+    names = ["/".join(p[-n:]) for p in parts]
+    if len(set(names)) == len(names):
+      return names
+  raise ValueError(f"the same checkpoint is given twice: {list(paths)}")
+
+
 def evaluate_checkpoints(paths: Sequence[str], pipeline_config, max_batches: int | None = None) -> dict[str, Any]:
+  """{column name: evaluate_params(...)} for each checkpoint, in the order given (see `column_names`)."""
   results = {}
-  for path in paths:
-    params, meta, source = ckpt_lib.load_params(path)
-    name = os.path.basename(os.path.normpath(path))
-    results[name] = evaluate_params(params, ckpt_lib.model_config_of(meta), pipeline_config, max_batches)
+  for name, path in zip(column_names(paths), paths):
+    params, meta, _ = ckpt_lib.load_params(path)
+    cfg = ckpt_lib.model_config_of(meta).replace(attention_impl="auto")  # the run's kernel may not run here
+    results[name] = evaluate_params(params, cfg, pipeline_config, max_batches)
   return results
 
 
@@ -55,12 +74,18 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.checkpoint or not FLAGS.data:
     raise app.UsageError("--checkpoint and --data are required")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   from data_pipeline import pipeline as data_lib
-  pipeline_config = data_lib.PipelineConfig(
-      data_dir=FLAGS.data, languages=tuple(FLAGS.languages) or None, seq_len=FLAGS.seq_len,
-      batch_size=FLAGS.batch_size, mask_rate=FLAGS.mask_rate, seed=FLAGS.seed)
-  results = evaluate_checkpoints(FLAGS.checkpoint, pipeline_config, FLAGS.max_batches or None)
+  try:
+    pipeline_config = data_lib.PipelineConfig(
+        data_dir=FLAGS.data, languages=tuple(FLAGS.languages) or None, seq_len=FLAGS.seq_len,
+        batch_size=FLAGS.batch_size, mask_rate=FLAGS.mask_rate, seed=FLAGS.seed)
+    results = evaluate_checkpoints(FLAGS.checkpoint, pipeline_config, FLAGS.max_batches or None)
+  except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"evaluate: {e}") from None
   print(phases.format_eval_table(results))
+  print(phases.format_eval_table(results, metric="accuracy"))
 
 
 if __name__ == "__main__":

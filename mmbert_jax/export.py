@@ -3,8 +3,9 @@
   python -m mmbert_jax.export --checkpoint=RUN/decay_all --out=hf/mmbert-decay-all [--tokenizer=tokenizer.model]
 
 The config carries the checkpoint's phase values (RoPE theta, window, special ids). The SentencePiece tokenizer
-(from --tokenizer, or the run's data directory) is copied and, when `tokenizers`/`transformers` are installed,
-also written as a fast tokenizer so `AutoTokenizer` and sentence-transformers load the directory directly.
+(from --tokenizer, or the run's data directory) is copied and, when `transformers` is installed, also written as a
+fast tokenizer (same ids, `<bos> text <eos>` as in training) so `AutoTokenizer` and sentence-transformers load the
+directory directly. An output directory that already holds any of these files is refused.
 """
 from __future__ import annotations
 
@@ -12,17 +13,32 @@ import json
 import os
 import shutil
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import hf
 
-flags.DEFINE_string("checkpoint", None, "A workdir, its checkpoints/ dir or one checkpoints/<step> dir.")
-flags.DEFINE_string("out", None, "Output directory (must not hold a model yet).")
-flags.DEFINE_string("tokenizer", None, "SentencePiece model to ship (default: <data_dir>/tokenizer.model of the run).")
 FLAGS = flags.FLAGS
 
 TOKENIZER_FILE = "tokenizer.model"
+# Files a finished export holds: an output directory with any of them is refused rather than overwritten.
+OUTPUT_FILES = (hf.CONFIG_FILE, hf.WEIGHTS_FILE, hf.WEIGHTS_INDEX_FILE, TOKENIZER_FILE, "tokenizer.json",
+                "tokenizer_config.json")
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program, so `merge --hf_out` can import `export` next to its own --out.
+  flags.DEFINE_string("checkpoint", None, "A workdir, its checkpoints/ dir or one checkpoints/<step> dir.")
+  flags.DEFINE_string("out", None, "Output directory (must not hold a model yet).")
+  flags.DEFINE_string("tokenizer", None,
+                      "SentencePiece model to ship (default: <data_dir>/tokenizer.model of the run).")
+
+
+def check_new_output(out: str) -> None:
+  """Raises FileExistsError if `out` already holds (part of) an exported model."""
+  for name in OUTPUT_FILES:
+    if os.path.exists(os.path.join(out, name)):
+      raise FileExistsError(f"{os.path.join(out, name)} exists; choose a new output directory")
 
 
 def _run_tokenizer(meta: dict) -> str | None:
@@ -34,38 +50,46 @@ def _run_tokenizer(meta: dict) -> str | None:
   return path if data_dir and os.path.exists(path) else None
 
 
-def write_tokenizer(spm_path: str, out: str, cfg) -> None:
-  """Copies the SentencePiece model and writes a transformers fast tokenizer with the model's special ids."""
-  shutil.copy(spm_path, os.path.join(out, TOKENIZER_FILE))
+def fast_tokenizer(spm_path: str, cfg):
+  """The SentencePiece model as a transformers fast tokenizer that frames text as `<bos> text <eos>`, like the
+  training sequences; None without `transformers`. Vocabulary, merges (BPE) or scores (unigram), byte fallback and
+  normalization come from the model file, as when transformers converts a bare `tokenizer.model`."""
   try:
-    import sentencepiece as spm
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import SpmConverter
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
   except ImportError:
-    return
-  sp = spm.SentencePieceProcessor(model_file=spm_path)
-  piece = sp.id_to_piece
-
-  class _Slow:  # the minimal slow-tokenizer surface SpmConverter reads
-    vocab_file = spm_path
-    handle_byte_fallback = True
-
-  fast = PreTrainedTokenizerFast(
-      tokenizer_object=SpmConverter(_Slow()).converted(),
-      pad_token=piece(cfg.pad_id), eos_token=piece(cfg.eos_id), bos_token=piece(cfg.bos_id),
-      unk_token=piece(cfg.unk_id), mask_token=piece(cfg.mask_id), cls_token=piece(cfg.eos_id),
-      sep_token=piece(cfg.eos_id), model_max_length=cfg.max_position_embeddings)
-  fast.save_pretrained(out)
+    return None
+  from data_pipeline import tokenizer as tokenizer_lib
+  tokenizer_lib.load_tokenizer(spm_path, tokenizer_lib.SpecialIds.from_model_config(cfg))  # ids as the model's
+  extractor = SentencePieceExtractor(spm_path)
+  pieces = extractor.extract(None)   # None: the model type (BPE or unigram) recorded in the file
+  backend = SpmConverter.build_tokenizer_from_spm_proto(extractor.proto, pieces["vocab"], pieces.get("merges"))
+  names = [p.piece for p in extractor.proto.pieces]
+  bos, eos = names[cfg.bos_id], names[cfg.eos_id]
+  backend.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
+      special_tokens=[(bos, cfg.bos_id), (eos, cfg.eos_id)])
+  return PreTrainedTokenizerFast(
+      tokenizer_object=backend, pad_token=names[cfg.pad_id], eos_token=eos, bos_token=bos,
+      unk_token=names[cfg.unk_id], mask_token=names[cfg.mask_id], cls_token=bos, sep_token=eos,
+      model_max_length=cfg.max_position_embeddings)
 
 
 def export(checkpoint: str, out: str, tokenizer: str | None = None) -> str:
-  model, meta, source = ckpt_lib.load_model(checkpoint)
-  hf.save(model, out)
-  spm_path = tokenizer or _run_tokenizer(meta)
+  """Writes `checkpoint` to `out` as a ModernBertForMaskedLM directory with its tokenizer; returns 'dir/step'."""
+  check_new_output(out)
   if tokenizer and not os.path.exists(tokenizer):
     raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist")
+  model, meta, source = ckpt_lib.load_model(checkpoint)
+  spm_path = tokenizer or _run_tokenizer(meta)
+  # Converted before anything is written: a tokenizer that cannot be converted leaves no half-written directory.
+  fast = fast_tokenizer(spm_path, model.config) if spm_path else None
+  hf.save(model, out)
   if spm_path:
-    write_tokenizer(spm_path, out, model.config)
+    shutil.copy(spm_path, os.path.join(out, TOKENIZER_FILE))
+  if fast is not None:
+    fast.save_pretrained(out)
   return source
 
 
@@ -74,9 +98,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
-  source = export(FLAGS.checkpoint, FLAGS.out, FLAGS.tokenizer)
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  try:
+    source = export(FLAGS.checkpoint, FLAGS.out, FLAGS.tokenizer)
+  except (ValueError, FileExistsError, FileNotFoundError) as e:   # bad input: one line, no traceback
+    raise SystemExit(f"export: {e}") from None
   print(f"exported {source} → {FLAGS.out}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -10,9 +10,10 @@ The output is a params-only Orbax checkpoint: `init_from` of a further phase, or
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import merging
@@ -32,20 +33,35 @@ flags.DEFINE_string("hf_out", None, "Also write a transformers ModernBertForMask
 FLAGS = flags.FLAGS
 
 
+# ModelConfig fields that say how a model runs, not what it computes: checkpoints may differ in them.
+RUNTIME_FIELDS = frozenset({"dtype", "attention_impl", "attention_block_q", "attention_block_kv",
+                            "attention_interpret", "remat", "attn_out_dropout"})
+
+
 def _check_same_model(metas: Sequence[dict], names: Sequence[str]) -> None:
-  first = metas[0].get("model_config")
+  first = metas[0]["model_config"]
   for meta, name in zip(metas[1:], names[1:]):
-    if meta.get("model_config") != first:
-      diff = sorted(k for k in first if first.get(k) != meta.get("model_config", {}).get(k))
-      raise ckpt_lib.CheckpointError(f"{name}: model config differs from {names[0]} in {', '.join(diff)}; "
-                                     "only checkpoints of the same model can be merged")
+    other = meta["model_config"]
+    diff = sorted(k for k in set(first) | set(other) if k not in RUNTIME_FIELDS and first.get(k) != other.get(k))
+    if diff:
+      values = ", ".join(f"{k}={other.get(k)!r} vs {first.get(k)!r}" for k in diff)
+      raise ckpt_lib.CheckpointError(f"{name}: model config differs from {names[0]} ({values}); only checkpoints "
+                                     "of the same model can be merged")
 
 
 def _load_all(paths: Sequence[str]):
-  loaded = [ckpt_lib.load_params(p) for p in paths]
-  params, metas, sources = zip(*loaded)
+  # Metadata first: a merge of different models fails before any parameters are read.
+  resolved = [ckpt_lib.resolve(p) for p in paths]
+  sources = [f"{directory}/{step}" for directory, step in resolved]
+  metas = [ckpt_lib.read_meta(directory, step) for directory, step in resolved]
+  for meta, source in zip(metas, sources):
+    try:
+      ckpt_lib.model_config_of(meta)
+    except ckpt_lib.CheckpointError as e:
+      raise ckpt_lib.CheckpointError(f"{source}: {e}") from None
   _check_same_model(metas, sources)
-  return list(params), list(metas), list(sources)
+  params = [ckpt_lib.load_params(source)[0] for source in sources]
+  return params, metas, sources
 
 
 def merge(method: str, *, base: str | None = None, models: Sequence[str] = (), run: str | None = None,
@@ -87,14 +103,25 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.out:
     raise app.UsageError("--out is required")
-  merged, meta = merge(FLAGS.method, base=FLAGS.base, models=FLAGS.models, run=FLAGS.run, density=FLAGS.density,
-                       weights=FLAGS.weights, lam=FLAGS.lam, decay=FLAGS.decay)
-  where = ckpt_lib.save_params(FLAGS.out, int(meta.get("step", 0)), merged, meta)
-  print(f"merged checkpoint: {where}")
-  if FLAGS.hf_out:
-    from mmbert_jax import export
-    export.export(where, FLAGS.hf_out)
-    print(f"transformers directory: {FLAGS.hf_out}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+  from mmbert_jax import export
+  try:
+    # Both outputs are checked before the (slow) merge: an existing one is never overwritten.
+    directory = ckpt_lib.checkpoint_dir(FLAGS.out)
+    if os.path.isdir(directory) and ckpt_lib.steps(directory):
+      raise FileExistsError(f"{directory} already holds checkpoints; choose a new --out")
+    if FLAGS.hf_out:
+      export.check_new_output(FLAGS.hf_out)
+    merged, meta = merge(FLAGS.method, base=FLAGS.base, models=FLAGS.models, run=FLAGS.run,
+                         density=FLAGS.density, weights=FLAGS.weights, lam=FLAGS.lam, decay=FLAGS.decay)
+    where = ckpt_lib.save_params(FLAGS.out, int(meta.get("step", 0)), merged, meta)
+    print(f"merged checkpoint: {where}")
+    if FLAGS.hf_out:
+      export.export(where, FLAGS.hf_out)
+      print(f"transformers directory: {FLAGS.hf_out}")
+  except (ckpt_lib.CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"merge: {e}") from None
 
 
 if __name__ == "__main__":
