@@ -89,7 +89,9 @@ def average(trees: Sequence[PyTree], weights: Sequence[float] | None = None) -> 
   leaves = _check_compatible(trees, [f"tree {i}" for i in range(len(trees))])
 
   def mean(*xs):
-    acc = sum(float(wi) * jnp.asarray(x, jnp.float32) for wi, x in zip(w, xs))
+    # θ_0 + Σ w_i (θ_i − θ_0): exactly θ when every tree is the same θ, whatever the weights.
+    first = jnp.asarray(xs[0], jnp.float32)
+    acc = first + sum(float(wi) * (jnp.asarray(x, jnp.float32) - first) for wi, x in zip(w[1:], xs[1:]))
     return acc.astype(jnp.result_type(xs[0]))
 
   merged = [mean(*xs) for xs in zip(*leaves)]
