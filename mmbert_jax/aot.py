@@ -1,0 +1,327 @@
+"""Will a run fit? Compile its real train step for a TPU slice ahead of time, on any machine.
+
+  python -m mmbert_jax.aot --config=configs/pretrain.py:base --topology=v5p-64 [--config.micro_batch_size=192]
+
+With libtpu installed (`pip install -e ".[tpu]"`; no TPU needed) this builds the config's (data, fsdp, tensor)
+mesh on the slice's compile-only devices, lowers and compiles the jitted step of `mmbert_jax.train` with the
+config's parameter, optimizer-state and batch shardings, and prints per-chip memory against the chip's HBM and
+the compiled FLOPs next to the analytic ones of `mmbert_jax.flops`. It exits with status 1 when the step does not
+fit. Nothing is allocated: parameters, optimizer state and batches are shapes with shardings.
+
+Memory is per micro-batch: the step scans over `batch_size / micro_batch_size` micro-batches of
+`micro_batch_size` rows, so lower `--config.micro_batch_size` until it fits. XLA's cost analysis counts the scan
+body once, so FLOPs are compared per micro-batch; the analytic count charges windowed attention and the predicted
+tokens only, while the compiled one includes the XLA path's dense S×S attention, every masked slot and the
+elementwise work, so it is expected to be higher. Slice names follow Cloud TPU accelerator types: v5e and v6e
+count chips (v6e-64 = 64 chips), v4 and v5p count TensorCores (v5p-64 = 32 chips, one megacore device each).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mmbert_jax import attention as attention_lib
+from mmbert_jax import flops as flops_lib
+from mmbert_jax import sharding, train
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+
+# Per-language metric sums are sized by the number of languages; the real count lives in the data pipeline. Any
+# bound ≥ mmBERT's widest phase (1833 languages) compiles the same step up to a few KiB.
+LANGUAGE_SLOTS = 2048
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Slices
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """A Cloud TPU slice as libtpu's topology description needs it."""
+  name: str                   # accelerator type, e.g. "v5p-64"
+  topology: str               # libtpu topology name, e.g. "v5p:2x4x4"
+  chips: int
+  hbm_bytes: int              # per chip, nominal
+  usable_bytes: int           # per chip, what the TPU compiler lets a program use
+  chip_config: str            # "megacore": the two TensorCores of a v4/v5p chip form one device
+  wrap: tuple[bool, bool, bool]
+
+
+# generation: (HBM GiB per chip: nominal, usable as libtpu's compiler reports it; TensorCores per chip counted
+# in the name; chip grids of the slice shapes)
+_GENERATIONS = {
+    "v5e": (16, 15.75, 1, ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
+    "v6e": (32, 31.24, 1, ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
+    "v4": (32, 30.75, 2, ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16",
+                          "8x16x16")),
+    "v5p": (95, 95.73, 2, ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16",
+                           "8x16x16", "16x16x16", "16x16x24")),
+}
+
+
+def _slices() -> dict[str, Slice]:
+  out = {}
+  for gen, (hbm, usable, cores, grids) in _GENERATIONS.items():
+    for grid in grids:
+      dims = [int(d) for d in grid.split("x")]
+      chips = math.prod(dims)
+      if len(dims) == 2:   # v5e/v6e: wraparound links only along full 16-chip sides
+        wrap, chip_config = (dims[0] == 16, dims[1] == 16, False), "default"
+      else:                # v4/v5p: a torus once the slice spans whole 4×4×4 cubes
+        wrap, chip_config = (min(dims) >= 4,) * 3, "megacore"
+      name = f"{gen}-{chips * cores}"
+      out[name] = Slice(name, f"{gen}:{grid}", chips, hbm * GiB, int(usable * GiB), chip_config, wrap)
+  return out
+
+
+SLICES: dict[str, Slice] = _slices()
+
+
+def get_slice(name: str) -> Slice:
+  if name not in SLICES:
+    known = sorted(SLICES, key=lambda n: (n.split("-")[0], int(n.split("-")[1])))
+    raise ValueError(f"unknown topology {name!r}; known: {', '.join(known)}")
+  return SLICES[name]
+
+
+def topology_devices(s: Slice) -> list[jax.Device]:
+  """Compile-only devices of the slice (libtpu's topology description; no TPU needs to be attached)."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise ImportError("ahead-of-time TPU compilation needs libtpu: pip install libtpu (the `tpu` extra)")
+  from jax.experimental import topologies
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip is opened, nothing to guard
+  return list(topologies.get_topology_desc(topology_name=s.topology, platform="tpu",
+                                           chip_config_name=s.chip_config, wrap=s.wrap).devices)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The step's inputs
+# --------------------------------------------------------------------------------------------------------------
+
+def max_masked(config: ml_collections.ConfigDict) -> int:
+  """Masked slots per row of the sparse MLM head: `data.max_masked`, or mask_rate·seq_len with 25% headroom."""
+  d = config.data
+  if d.max_masked:
+    return int(d.max_masked)
+  return math.ceil(d.mask_rate * d.seq_len * 1.25) + 8
+
+
+def num_languages(config: ml_collections.ConfigDict) -> int:
+  """A comma-separated language list counts itself; a named set is bounded by LANGUAGE_SLOTS."""
+  langs = str(config.data.languages)
+  return len(langs.split(",")) if "," in langs else LANGUAGE_SLOTS
+
+
+def abstract_batch(mesh, microbatches: int, rows: int, seq_len: int, masked: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The train step's batch: [micro-batches, rows, ...] arrays with rows split over (data, fsdp)."""
+  shapes = {"input_ids": (seq_len, jnp.int32), "segment_ids": (seq_len, jnp.int32),
+            "positions": (seq_len, jnp.int32), "masked_positions": (masked, jnp.int32),
+            "masked_labels": (masked, jnp.int32), "masked_weights": (masked, jnp.float32),
+            "lang_ids": (seq_len, jnp.int32)}
+  assert set(shapes) == set(train.BATCH_KEYS), "abstract_batch is out of date with train.BATCH_KEYS"
+  return {k: jax.ShapeDtypeStruct((microbatches, rows, n), dtype, sharding=sharding.batch_sharding(mesh, 3, 1))
+          for k, (n, dtype) in shapes.items()}
+
+
+def abstract_optimizer_state(tx: optax.GradientTransformation, abstract_params, mesh):
+  """Optimizer state as shapes with shardings: moments sharded like their parameters, the rest replicated.
+
+  (`jax.jit(tx.init)` left to itself replicates the moments: `zeros_like` does not inherit a sharding.)
+  """
+  abstract = jax.eval_shape(tx.init, abstract_params)
+  shardings = optax.tree_map_params(tx, lambda _, sh: sh, abstract,
+                                    jax.tree.map(lambda x: x.sharding, abstract_params),
+                                    transform_non_params=lambda _: sharding.replicated(mesh))
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
+
+
+def tpu_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config as a TPU run resolves it: "auto" compute dtype is bfloat16 (this host may be a CPU)."""
+  config = config.copy_and_resolve_references()
+  if config.model.get("dtype") == "auto":
+    config.model.dtype = "bfloat16"
+  return config
+
+
+def attention_impl(cfg, mesh) -> str:
+  """The attention implementation the model will run on the mesh's devices."""
+  resolve = getattr(attention_lib, "resolve_impl", None)
+  if resolve is not None:    # kernel builds: "auto" → splash for a TPU mesh
+    with jax.set_mesh(mesh):
+      return resolve(cfg)
+  return "xla" if cfg.attention_impl == "auto" else cfg.attention_impl
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compile and report
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """Per-chip memory and FLOPs of one compiled train step (memory and compiled FLOPs are None when the TPU
+  compiler rejected the step for want of HBM; `compiler_error` then says how much it wanted)."""
+  tpu: Slice
+  device_kind: str
+  mesh_shape: dict[str, int]
+  model: str
+  phase: str
+  microbatches: int
+  rows: int                   # per micro-batch
+  seq_len: int
+  masked: int                 # masked slots per row
+  dtype: str
+  attention: str
+  remat: str
+  analytic_flops: float       # whole slice, one micro-batch of full-length documents
+  compile_seconds: float
+  argument_bytes: int | None = None
+  output_bytes: int | None = None
+  alias_bytes: int | None = None   # outputs written in place of donated arguments (parameters, optimizer state)
+  temp_bytes: int | None = None
+  code_bytes: int | None = None
+  compiled_flops: float | None = None  # per chip, one micro-batch
+  compiler_error: str | None = None
+
+  @property
+  def total_bytes(self) -> int | None:
+    if self.compiler_error:
+      return None
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+  @property
+  def fits(self) -> bool:
+    return self.compiler_error is None and self.total_bytes <= self.tpu.usable_bytes
+
+  def text(self) -> str:
+    s = self.tpu
+    size = lambda b: f"{b / GiB:8.2f} GiB" if b >= GiB else f"{b / MiB:8.1f} MiB"
+    mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+    lines = [
+        f"{self.model} · {self.phase} on {s.name} ({s.topology}, {s.chips} chips of {self.device_kind}, "
+        f"{s.hbm_bytes / GiB:.0f} GiB HBM each, {s.usable_bytes / GiB:.2f} GiB usable)",
+        f"mesh {mesh} · {self.microbatches} micro-batch(es) × {self.rows} rows × {self.seq_len} tokens, "
+        f"{self.masked} masked slots/row · {self.dtype} · attention {self.attention} · remat {self.remat}",
+    ]
+    if self.compiler_error:
+      lines += [f"per-chip memory: DOES NOT FIT; the TPU compiler says: {self.compiler_error}"]
+    else:
+      lines += [
+          "per-chip memory:",
+          f"  arguments      {size(self.argument_bytes)}",
+          f"  outputs        {size(self.output_bytes)}  ({size(self.alias_bytes).strip()} of them in place of "
+          "donated arguments)",
+          f"  temporaries    {size(self.temp_bytes)}",
+          f"  generated code {size(self.code_bytes)}",
+          f"  total          {size(self.total_bytes)}  = {100 * self.total_bytes / s.usable_bytes:.0f}% of "
+          f"{s.usable_bytes / GiB:.2f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}",
+      ]
+    lines += ["FLOPs per micro-batch (the scan body counts once):"]
+    if self.compiled_flops is not None:
+      compiled_total = self.compiled_flops * s.chips
+      lines += [f"  compiled (cost_analysis) {compiled_total:.4g}  ({self.compiled_flops:.4g} per chip)"]
+    ratio = "" if self.compiled_flops is None else \
+        f"  compiled/analytic {self.compiled_flops * s.chips / self.analytic_flops:.2f}"
+    lines += [f"  analytic (flops.py)      {self.analytic_flops:.4g}{ratio}",
+              f"compiled in {self.compile_seconds:.1f} s"]
+    return "\n".join(lines)
+
+
+def _hbm_oom(error: Exception) -> str | None:
+  """The TPU compiler's out-of-memory message (its first line), or None for any other error."""
+  text = str(error)
+  oom = "RESOURCE_EXHAUSTED" in text and ("HBM" in text or "memory" in text)
+  return text.splitlines()[0] if oom else None
+
+
+def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Report:
+  """Lower and compile `train.make_train_step` for the slice `topology` (e.g. "v5p-64") and measure it."""
+  s = get_slice(topology)
+  config = tpu_config(config)
+  devices = topology_devices(s)
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  m = train.num_microbatches(config)
+  rows = config.batch_size // m
+  if rows % sharding.batch_divisor(mesh):
+    raise ValueError(f"micro-batch of {rows} rows is not divisible by data×fsdp = {sharding.batch_divisor(mesh)} "
+                     f"chips of {s.name}; change --config.micro_batch_size or --config.mesh")
+  cfg = train.model_config(config)
+  cfg = cfg.replace(attention_impl=attention_impl(cfg, mesh))
+  seq_len, masked = config.data.seq_len, max_masked(config)
+  info = dict(tpu=s, device_kind=devices[0].device_kind, mesh_shape=dict(mesh.shape), model=config.model_preset,
+              phase=config.phase, microbatches=m, rows=rows, seq_len=seq_len, masked=masked, dtype=cfg.dtype,
+              attention=cfg.attention_impl, remat=cfg.remat,
+              analytic_flops=flops_lib.flops_per_token(cfg, seq_len, config.data.mask_rate).total * rows * seq_len)
+
+  start = time.perf_counter()
+  model = train.abstract_model(cfg, mesh, config.seed)
+  tx = train.optimizer(config)
+  param_shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
+  abstract_opt = abstract_optimizer_state(tx, model.abstract_params, mesh)
+  opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt)
+  with jax.set_mesh(mesh):
+    step = train.make_train_step(model, tx, mesh, num_languages=num_languages(config), seed=config.seed,
+                                 param_shardings=param_shardings, opt_shardings=opt_shardings)
+    lowered = step.lower(model.abstract_params, abstract_opt, abstract_batch(mesh, m, rows, seq_len, masked),
+                         jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if (oom := _hbm_oom(e)) is None:
+        raise
+      return Report(**info, compile_seconds=time.perf_counter() - start, compiler_error=oom)
+  seconds = time.perf_counter() - start
+
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return Report(**info, compile_seconds=seconds,
+                argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+                alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+                code_bytes=mem.generated_code_size_in_bytes, compiled_flops=float(cost["flops"]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+def define_flags():
+  """Flags of the command line (defined on demand, so that importing this module defines none)."""
+  config_flags.DEFINE_config_file("config", None, "Run config file (ml_collections).", lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-8, v5p-64, v6e-256.")
+  flags.mark_flags_as_required(["config", "topology"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    report = compile_train_step(flags.FLAGS.config, flags.FLAGS.topology)
+  except (ValueError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(report.text())
+  if not report.fits:
+    print(f"error: the train step does not fit in the {report.tpu.usable_bytes / GiB:.2f} GiB of a "
+          f"{report.tpu.name} chip; lower --config.micro_batch_size, set --config.model.remat=full, or use a "
+          "larger slice", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  if "JAX_PLATFORMS" not in os.environ:   # trace on the host CPU; never claim an attached accelerator
+    jax.config.update("jax_platforms", "cpu")
+  define_flags()
+  app.run(main)
