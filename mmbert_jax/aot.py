@@ -158,11 +158,8 @@ def tpu_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def attention_impl(cfg, mesh) -> str:
   """The attention implementation the model will run on the mesh's devices."""
-  resolve = getattr(attention_lib, "resolve_impl", None)
-  if resolve is not None:    # kernel builds: "auto" → splash for a TPU mesh
-    with jax.set_mesh(mesh):
-      return resolve(cfg)
-  return "xla" if cfg.attention_impl == "auto" else cfg.attention_impl
+  with jax.set_mesh(mesh):  # "auto" → splash for a TPU mesh
+    return attention_lib.resolve_impl(cfg)
 
 
 # --------------------------------------------------------------------------------------------------------------

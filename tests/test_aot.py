@@ -60,6 +60,7 @@ def test_slice_names_follow_cloud_tpu_accelerator_types():
 def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
   c = _config("pretrain", "base")
   c.model_preset = "tiny"
+  c.model.attention_impl = "xla"   # the FLOP check below counts the XLA path's dense attention
   c.data.seq_len = 128
   c.batch_size, c.micro_batch_size = 32, 16
   r = aot.compile_train_step(c, "v5e-4")
@@ -84,6 +85,7 @@ def test_mmbert_base_pretrain_compiles_for_v5p_with_sharded_state():
   # The pretrain config with a 4-row batch (one row per chip of a v5p-8) keeps the compile short on a CPU.
   c = _config("pretrain", "base")
   c.batch_size, c.micro_batch_size = 4, 4
+  c.model.attention_impl = "xla"   # the FLOP check below counts the XLA path's dense attention
   r = aot.compile_train_step(c, "v5p-8")
   assert r.compiler_error is None and r.fits
   assert r.model == "mmbert-base" and r.tpu.chips == 4 and r.rows == 4 and r.seq_len == 1024
@@ -106,6 +108,7 @@ def test_unknown_topology_lists_the_known_ones():
 
 def test_step_that_cannot_fit_exits_nonzero():
   r = _cli("--config=configs/pretrain.py:base", "--topology=v5e-1", "--config.model_preset=tiny",
+           "--config.model.attention_impl=xla",
            "--config.batch_size=4096", "--config.micro_batch_size=0")
   assert r.returncode == 1, r.stderr[-2000:]
   assert "DOES NOT FIT" in r.stdout and "RESOURCE_EXHAUSTED" in r.stdout
