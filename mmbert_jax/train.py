@@ -194,6 +194,19 @@ def make_train_step(model: Model, tx, mesh, *, num_languages: int, seed: int, pa
                  donate_argnums=(0, 1))
 
 
+def fresh_train_state(cfg: ModelConfig, config: ml_collections.ConfigDict, mesh, *, seed: int = 0,
+                      num_languages: int = 1):
+  """A newly initialised (params, opt_state) and the jitted step for them: benchmarks and tests."""
+  model, params = init_model(cfg, mesh, seed)
+  tx = optimizer(config)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(params)
+  step = make_train_step(model, tx, mesh, num_languages=num_languages, seed=seed,
+                         param_shardings=jax.tree.map(lambda x: x.sharding, params),
+                         opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state))
+  return params, opt_state, step
+
+
 def make_eval_step(model: Model):
   @jax.jit
   def eval_step(params, batch):

@@ -30,13 +30,7 @@ def _three_steps(mesh_sizes, devices):
   config = tiny_config("", **{"optim.peak_lr": 1e-3})
   cfg = get_config("tiny", attn_out_dropout=0.1)
   mesh = sharding.make_mesh(mesh_sizes, devices)
-  model, params = train.init_model(cfg, mesh, 0)
-  tx = train.optimizer(config)
-  with jax.set_mesh(mesh):
-    opt = jax.jit(tx.init)(params)
-  step = train.make_train_step(model, tx, mesh, num_languages=3, seed=0,
-                               param_shardings=jax.tree.map(lambda x: x.sharding, params),
-                               opt_shardings=jax.tree.map(lambda x: x.sharding, opt))
+  params, opt, step = train.fresh_train_state(cfg, config, mesh, num_languages=3)
   put = train.make_put(mesh, leading=1)
   rng = np.random.default_rng(0)
   losses = []

@@ -74,13 +74,7 @@ def main(argv):
   k = max(1, int(round(_MASK.value * _SEQ.value)))
   optim_config = ml_collections.ConfigDict(dict(optim=dict(name="stable_adamw", peak_lr=8e-4, weight_decay=8e-5,
                                                           b1=0.9, b2=0.95, eps=1e-8)))
-  model, params = train.init_model(cfg, mesh, 0)
-  tx = train.optimizer(optim_config)
-  with jax.set_mesh(mesh):
-    opt = jax.jit(tx.init)(params)
-  step = train.make_train_step(model, tx, mesh, num_languages=1, seed=0,
-                               param_shardings=jax.tree.map(lambda x: x.sharding, params),
-                               opt_shardings=jax.tree.map(lambda x: x.sharding, opt))
+  params, opt, step = train.fresh_train_state(cfg, optim_config, mesh)
   batch = synthetic_batch(np.random.default_rng(0), rows, _SEQ.value, k, cfg.vocab_size)
   put = train.make_put(mesh, leading=1)
   device_batch = put(train.stack_microbatches([batch]))
