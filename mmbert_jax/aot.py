@@ -103,8 +103,11 @@ def topology_devices(s: Slice) -> list[jax.Device]:
     raise ImportError("ahead-of-time TPU compilation needs libtpu: pip install libtpu (the `tpu` extra)")
   from jax.experimental import topologies
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip is opened, nothing to guard
+  # A slice smaller than one host (4 chips) is its own host: some libtpu versions reject it otherwise.
+  dims = tuple(int(d) for d in s.topology.split(":")[1].split("x"))
+  bounds = {"chips_per_host_bounds": (dims + (1, 1))[:3]} if math.prod(dims) < 4 else {}
   return list(topologies.get_topology_desc(topology_name=s.topology, platform="tpu",
-                                           chip_config_name=s.chip_config, wrap=s.wrap).devices)
+                                           chip_config_name=s.chip_config, wrap=s.wrap, **bounds).devices)
 
 
 # --------------------------------------------------------------------------------------------------------------
