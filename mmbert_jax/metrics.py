@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
 
 
 def _scalar(v: Any) -> float | int:
@@ -27,7 +28,6 @@ class MetricWriter:
     self._jsonl = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
       self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._start = time.time()
