@@ -99,6 +99,38 @@ def test_kernel_under_mesh_shard_map(impl):
     np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
 
 
+def rms_errors(impl, q, k, v, segment_ids, window, ct, reference, **kw):
+  """Root-mean-square error of the output and of dq, dk, dv on real rows against float32 `reference` results."""
+  out, grads = attention_and_grads(impl, q, k, v, segment_ids, window, ct, **kw)
+  real = np.asarray(segment_ids != 0)[:, :, None, None]
+  return np.array([np.sqrt(np.mean(np.square(np.where(real, np.asarray(x, np.float32) - r, 0))))
+                   for x, r in zip((out, *grads), reference)])
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_bfloat16_forward_and_gradients_within_xla_error(impl):
+  """bf16 q/k/v at S = 512 with a ±64 window (most kv blocks skipped), packed rows and a padding tail.
+
+  The reference is float32 attention on the same bf16-rounded inputs; the XLA path in bf16 rounds the
+  probabilities and outputs to bf16 and keeps the logits and the softmax statistics in float32. A kernel that
+  also rounds the logits, or its saved log-sum-exp, to bf16 has 1.6× (output) or 3× (dq) the XLA path's error.
+  The tiles are the model's defaults (`kernel_options`), local kv tile and backward tiles included.
+  """
+  seq, window = 512, 64
+  seg = jnp.asarray(packed_segments(2, seq))
+  q, k, v, ct = (x.astype(jnp.bfloat16) for x in qkv(2, seq, 2, seed=4))
+  ref_out, ref_grads = attention_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)), seg, window,
+                                           ct.astype(jnp.float32))
+  reference = [np.asarray(x) for x in (ref_out, *ref_grads)]
+  xla = rms_errors("xla", q, k, v, seg, window, ct, reference)
+  cfg = small_config(local_window=2 * window, attention_impl=impl, attention_interpret=True)
+  kernel = rms_errors(impl, q, k, v, seg, window, ct, reference,
+                      options=attention.kernel_options(cfg, impl, window))
+  assert np.all(xla > 0)
+  for name, err, err_xla in zip(("out", "dq", "dk", "dv"), kernel, xla):
+    assert err <= 1.5 * err_xla, f"{impl} bf16 {name} error {err:.3g} > 1.5 × XLA's {err_xla:.3g}"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Implementation choice and build-time errors
 # --------------------------------------------------------------------------------------------------------------

@@ -41,11 +41,16 @@ def block_sizes(seq_len: int, block_q: int, block_kv: int) -> sk.BlockSizes:
 
 @functools.lru_cache(maxsize=32)
 def make_kernel(seq_len: int, num_heads: int, window: int | None, block_q: int, block_kv: int,
-                head_shards: int = 1, interpret: bool = False) -> sk.SplashAttentionKernel:
-  """The splash kernel for one layer kind; cached because building the block-sparsity tables costs host time."""
+                head_shards: int = 1, interpret: bool = False,
+                residual_checkpoint_name: str | None = None) -> sk.SplashAttentionKernel:
+  """The splash kernel for one layer kind; cached because building the block-sparsity tables costs host time.
+
+  With `residual_checkpoint_name`, the output and log-sum-exp saved for the backward carry that checkpoint name.
+  """
   return sk.make_splash_mha(
       _mask(seq_len, num_heads, window), block_sizes=block_sizes(seq_len, block_q, block_kv),
-      head_shards=head_shards, q_seq_shards=1, interpret=interpret)
+      head_shards=head_shards, q_seq_shards=1, interpret=interpret,
+      residual_checkpoint_name=residual_checkpoint_name)
 
 
 def apply(kernel: sk.SplashAttentionKernel, q, k, v, segment_ids):
