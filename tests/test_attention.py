@@ -160,6 +160,9 @@ def test_forced_kernels_resolve_where_they_run():
     (dict(attention_impl="pallas_gpu"), "tpu", "needs a GPU"),
     (dict(attention_impl="splash", attention_block_kv=64), "tpu", "multiples of 128"),
     (dict(attention_impl="pallas_gpu", hidden_size=96, num_heads=2), "gpu", "power-of-two head_dim"),
+    (dict(attention_impl="pallas_gpu", attention_block_kv_bwd=48), "gpu",
+     "attention_block_kv_bwd=48 must be a power of two >= 16 for Triton"),
+    (dict(attention_impl="auto", attention_block_kv_local=8), "cuda", "attention_block_kv_local=8 must be"),
 ])
 def test_impossible_combinations_fail_at_resolve(kw, platform, message):
   with pytest.raises(ValueError, match=message):
@@ -175,6 +178,12 @@ def test_block_sizes_must_divide_seq_len():
                            seq_len=200)
   fits = small_config(attention_impl="pallas_gpu", attention_block_q=64, attention_block_kv=64)
   assert attention.resolve_impl(fits, platform="gpu", seq_len=192) == "pallas_gpu"
+  # 128-row tiles capped at S = 96 divide it, but Triton cannot lower them; interpret mode can run them.
+  with pytest.raises(ValueError, match="block_q=96 \\(sequence length 96\\) must be a power of two"):
+    attention.resolve_impl(small_config(attention_impl="pallas_gpu"), platform="gpu", seq_len=96)
+  interpreted = small_config(attention_impl="pallas_gpu", attention_interpret=True, attention_block_kv_local=48,
+                             attention_block_q_bwd=48, attention_block_kv_bwd=48)
+  assert attention.resolve_impl(interpreted, platform="cpu", seq_len=96) == "pallas_gpu"
 
 
 def test_model_construction_rejects_kernel_without_accelerator():
@@ -215,3 +224,18 @@ def test_masked_lm_logits_match_xla(impl):
   real = np.asarray(seg != 0)[..., None]
   assert np.all(np.isfinite(logits))
   np.testing.assert_allclose(np.where(real, logits, 0), np.where(real, ref_logits, 0), atol=1e-5, rtol=0)
+
+
+def test_remat_keeping_attention_residuals_gives_same_gradients():
+  """remat="attention" keeps the kernel's named output and log-sum-exp and recomputes the rest of the layer: the
+  parameter gradients equal those of the XLA path without remat (one global and one local layer; the loss
+  leaves out padding rows, where the paths differ)."""
+  seq = 128
+  seg = jnp.asarray(packed_segments(2, seq))
+  ids = jnp.where(seg != 0, jax.random.randint(jax.random.key(5), seg.shape, 5, 1024), 0)
+  grads = []
+  for kw in (dict(), dict(attention_impl="pallas_gpu", attention_interpret=True, remat="attention")):
+    model = model_lib.MaskedLM(small_config(num_layers=2, **kw), rngs=nnx.Rngs(0))
+    grads.append(nnx.jit(nnx.grad(lambda m: jnp.mean(m(ids, seg) ** 2 * (seg != 0)[..., None])))(model))
+  for a, b in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
