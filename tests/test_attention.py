@@ -239,3 +239,22 @@ def test_remat_keeping_attention_residuals_gives_same_gradients():
     grads.append(nnx.jit(nnx.grad(lambda m: jnp.mean(m(ids, seg) ** 2 * (seg != 0)[..., None])))(model))
   for a, b in zip(*map(jax.tree.leaves, grads)):
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_hardware_benchmark_mode_runs_and_counts_visited_pairs(capsys):
+  """The hardware mode of benchmarks/attention runs end to end here (kernel in interpret mode, no cuDNN on CPU);
+  its visited-pair counts lie between the in-window pairs (brute force) and all S×S pairs."""
+  from mmbert_jax.benchmarks import attention as bench
+  bench.hardware([128], tokens=128, heads=1, window=32, repeats=1)
+  rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["128"]]
+  assert [(r[2], r[3]) for r in rows] == [("global", "xla"), ("global", "kernel"), ("local", "xla"),
+                                          ("local", "kernel")]
+  assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+  seq, window = 8192, 64
+  i = np.arange(seq)
+  in_window = int(np.sum(np.minimum(i + window, seq - 1) - np.maximum(i - window, 0) + 1))   # |i − j| ≤ w
+  cfg = model_lib.ModelConfig()
+  for impl in KERNELS:
+    fwd, bwd = bench.visited_pairs(impl, seq, window, attention.kernel_options(cfg, impl, window))
+    assert in_window < fwd < 0.05 * seq * seq and in_window < bwd < 0.05 * seq * seq, impl
+  assert bench.visited_pairs("pallas_gpu", seq, None, attention.KernelOptions()) == (seq * seq, seq * seq)
