@@ -267,6 +267,12 @@ class MaskedLM(nnx.Module):
     return self.head(x)
 
 
+# ModelConfig fields that say how the model runs, not what it computes: checkpoints of one model may differ in them,
+# and a run may change them when it resumes.
+RUNTIME_FIELDS = frozenset({"dtype", "attention_impl", "attention_block_q", "attention_block_kv",
+                            "attention_interpret", "remat", "attn_out_dropout"})
+
+
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> MaskedLM:
   """The model with shapes in place of arrays: nothing is allocated (restore targets, graphs, compilation).
   Under a mesh and logical axis rules its parameters carry their shardings."""
