@@ -48,8 +48,9 @@ def _manager(directory: str, *, data_iter: bool = False, **options) -> ocp.Check
 class Checkpointer:
   """Saves and restores the train state of one run (asynchronously; keeps the last `max_to_keep`).
 
-  A failed save (disk full, read-only) is raised as `storage.WriteError` by the next `check`, `save` or `wait`:
-  Orbax writes each step to a temporary directory first, so the complete checkpoints before it stay intact.
+  A failed save (disk full, read-only) is raised as `storage.WriteError` by the first `check` after the background
+  save has ended, or by the next `save` or `wait`: Orbax writes each step to a temporary directory first, so the
+  complete checkpoints before it stay intact.
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
@@ -82,8 +83,10 @@ class Checkpointer:
           opt_state=ocp.args.StandardSave(opt_state),
           data_iter=data_ckpt.PipelineSave(data_iter),
           meta=ocp.args.JsonSave(copy.deepcopy(meta))), force=True)
-    except OSError as e:
-      raise storage.write_error(f"saving checkpoint {step}", self.directory, e) from e
+    except Exception as e:   # tensorstore reports a full disk as ValueError, Python as OSError
+      if storage.is_storage_error(e):
+        raise storage.write_error(f"saving checkpoint {step}", self.directory, e) from e
+      raise
 
   def restore(self, step: int, *, abstract_params, abstract_opt_state, data_iter) -> dict[str, Any]:
     """Everything of `step`, onto the shardings carried by the abstract (ShapeDtypeStruct) trees; the data

@@ -26,6 +26,12 @@ def _chain(error: BaseException):
     error = error.__cause__ or error.__context__
 
 
+def is_storage_error(error: BaseException) -> bool:
+  """Whether `error` (or one it was raised from) is a failed write of the kinds above."""
+  return any((isinstance(e, OSError) and e.errno in _REASONS) or any(t in str(e) for t in _TEXTS)
+             for e in _chain(error))
+
+
 def reason(error: BaseException) -> str:
   """"disk full", "read-only file system", ... for an error or any error it was raised from."""
   for e in _chain(error):

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,9 +13,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from ml_collections import config_dict
 
-from conftest import ROOT, load_config, read_metrics, tiny_config
+from conftest import ROOT, load_config, read_metrics, run_two_processes, tiny_config
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, main, metrics, sharding, storage, train
 from mmbert_jax.model import ModelConfig, get_config
@@ -205,7 +203,7 @@ def test_skip_mode_stops_after_max_consecutive_skips_and_saves_only_finite_value
     ("optim.peak_lr", float("nan"), "peak_lr"),
     ("optim.peak_lr", 0.0, "peak_lr"),
     ("optim.peak_lr", -1e-3, "peak_lr"),
-    ("schedule.decay_tokens", float("inf"), "schedule.decay_tokens must be finite"),
+    ("schedule.final_fraction", float("nan"), "schedule.final_fraction must be finite"),
     ("schedule.final_fraction", 1.5, "final_fraction must be in"),
     ("checkpoint_every_tokens", 0, "checkpoint_every_tokens must be positive; got 0"),
     ("log_every_steps", 0, "log_every_steps must be positive; got 0"),
@@ -270,9 +268,8 @@ def test_a_failed_checkpoint_save_stops_the_run_within_a_step(demo_data, tmp_pat
 
   monkeypatch.setattr(data_ckpt.PipelineCheckpointHandler, "save", fail_at_step_8)
   assert main.run(tiny_config(demo_data), workdir) == cli.EXIT_FAILED
-  out = capsys.readouterr()
-  assert out.err.strip().splitlines()[-1] == (f"error: saving checkpoint 8 failed: disk full at "
-                                              f"{workdir}/checkpoints") or "saving a checkpoint failed: disk full" in out.err
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert error == f"error: saving checkpoint 8 failed: disk full at {workdir}/checkpoints"
   steps_logged = [m["step"] for m in read_metrics(workdir) if "train/loss" in m]
   assert max(steps_logged) <= 9                       # stopped within a step of the failed save
   assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir)) == [4]
@@ -382,8 +379,10 @@ def test_accumulated_micro_batches_equal_the_full_batch_with_unequal_masked_coun
   assert m1["masked_tokens"] == m2["masked_tokens"] == 56
   np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
   np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  # The first Adam step moves every parameter by about ±lr (1e-3) whatever the gradient's scale: the updates agree
+  # to 1% of that, where weighting the micro-batches by their own masked counts would move many by ~lr.
   for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,17 +449,9 @@ sys.exit(main.run(tiny_config({data!r}, num_devices=0, **{{"mesh.fsdp": 1, "mesh
 def test_a_tensor_axis_across_processes_is_refused_at_start(demo_data, tmp_path):
   """Two processes of one device each with mesh.tensor=2 (SLURM's one process per GPU): both processes would feed
   different rows to the same tensor group, so the run must stop before it builds anything."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
   workdir = str(tmp_path / "span")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen([sys.executable, "-c", _SPANNING.format(
-      root=str(ROOT), tests=str(ROOT / "tests"), port=port, pid=i, data=demo_data, workdir=workdir)],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
-  for p in procs:
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == cli.EXIT_BAD_INPUT, err[-3000:]
+  for returncode, _, err in run_two_processes(_SPANNING, timeout=300, data=demo_data, workdir=workdir):
+    assert returncode == cli.EXIT_BAD_INPUT, err[-3000:]
     assert err.strip().splitlines()[-1] == (
         "error: mesh: the 'tensor' axis (2 devices) spans processes, which feed different rows; each process has 1 "
         "device(s). Use --config.mesh.tensor of at most 1 (a divisor of it), or one process per host")

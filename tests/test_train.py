@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import read_metrics, tiny_config, train_losses
+from conftest import read_metrics, run_two_processes, tiny_config, train_losses
 from mmbert_jax import sharding, train
 from mmbert_jax.model import get_config
 
@@ -116,21 +116,9 @@ print("RESULT", result["status"], result["step"], jax.device_count())
 
 def test_two_processes_train_like_one(demo_data, tmp_path):
   """A real 2-process run (jax.distributed, gloo collectives, 2 CPU devices each) equals one 4-device process."""
-  import socket
-  import subprocess
-  import sys
-  from conftest import ROOT
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
   workdir = str(tmp_path / "two")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER.format(
-      root=str(ROOT), tests=str(ROOT / "tests"), port=port, pid=i, data=demo_data, workdir=workdir)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0 and "RESULT complete 6 4" in out, out[-3000:]
+  for returncode, out, err in run_two_processes(_WORKER, data=demo_data, workdir=workdir):
+    assert returncode == 0 and "RESULT complete 6 4" in out, (out + err)[-3000:]
   one = str(tmp_path / "one")
   train.train_and_evaluate(tiny_config(demo_data, num_devices=4, train_tokens=512 * 6), one)
   two_losses, one_losses = train_losses(workdir), train_losses(one)
