@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Every other ModelConfig field can be set as well (--config.model.hidden_size=128); unset, the preset's value.
   for field in dataclasses.fields(ModelConfig):
     if field.name not in c.model:
-      c.model[field.name] = config_dict.placeholder(type(field.default))
+      c.model[field.name] = config_dict.placeholder(_value_type(field))
 
   # Data: prepared shards (python -m data_pipeline.prepare) and this phase's mixture and masking.
   c.data = ml_collections.ConfigDict(dict(
@@ -79,6 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = ""                    # previous phase: a workdir, its checkpoints/ or a checkpoints/<step> dir
   c.init_optimizer_state = False      # also carry the optimizer moments over from init_from
   return c
+
+
+def _value_type(field: dataclasses.Field) -> type:
+  """The type a ModelConfig field takes: its default's, or for a None default the annotation's (`str | None`)."""
+  if field.default is not None:
+    return type(field.default)
+  return {"str": str, "int": int, "float": float, "bool": bool}[str(field.type).split("|")[0].strip()]
 
 
 def size_overrides(c: ml_collections.ConfigDict, size: str) -> None:

@@ -267,10 +267,10 @@ class MaskedLM(nnx.Module):
     return self.head(x)
 
 
-# ModelConfig fields that say how the model runs, not what it computes: checkpoints of one model may differ in them,
-# and a run may change them when it resumes.
-RUNTIME_FIELDS = frozenset({"dtype", "attention_impl", "attention_block_q", "attention_block_kv",
-                            "attention_interpret", "remat", "attn_out_dropout"})
+# ModelConfig fields that say how the model runs, not what it computes (every attention_* field picks or tunes a
+# kernel): checkpoints of one model may differ in them, and a run may change them when it resumes.
+RUNTIME_FIELDS = frozenset({"dtype", "remat", "attn_out_dropout"} | {
+    f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("attention_")})
 
 
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> MaskedLM:

@@ -460,3 +460,22 @@ def test_a_tensor_axis_across_processes_is_refused_at_start(demo_data, tmp_path)
 
 def test_process_feeds_allow_model_axes_inside_a_process():
   sharding.check_process_feeds(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))   # one process: fine
+
+
+def test_metric_writer_writes_events_and_jsonl_in_the_callers_thread(tmp_path):
+  """No background thread: what `write` returns from is on disk, readable as TensorBoard records."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+  writer.write(3, {"train/loss": 2.5, "train/lr": np.float32(1e-3)})
+  [events] = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+  data, values = open(events, "rb").read(), {}
+  while data:
+    (n,) = struct.unpack("<Q", data[:8])
+    event = event_pb2.Event.FromString(data[12:12 + n])
+    data = data[16 + n:]
+    for v in event.summary.value:
+      values[v.tag] = (event.step, v.simple_value)
+  assert values == {"train/loss": (3, 2.5), "train/lr": (3, pytest.approx(1e-3))}
+  assert read_metrics(str(tmp_path)) == [{"step": 3, "train/loss": 2.5, "train/lr": pytest.approx(1e-3)}]
+  writer.close()
