@@ -2,7 +2,12 @@
 
 Not run on its own; see pretrain.py, midtrain.py, decay.py and demo.py for run commands.
 """
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
+
+from mmbert_jax.model import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -21,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
       attention_impl="auto",          # splash on TPU, Pallas flash on GPU, XLA on CPU
       remat="none",
   ))
+  # Every other ModelConfig field can be set as well (--config.model.hidden_size=128); unset, the preset's value.
+  for field in dataclasses.fields(ModelConfig):
+    if field.name not in c.model:
+      c.model[field.name] = config_dict.placeholder(_value_type(field))
 
   # Data: prepared shards (python -m data_pipeline.prepare) and this phase's mixture and masking.
   c.data = ml_collections.ConfigDict(dict(
@@ -64,10 +73,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0              # 0 = only at the end of the phase
   c.checkpoint_every_tokens = 10_000_000_000
   c.keep_checkpoints = 3
-  c.skip_nonfinite = False            # False: stop on a non-finite loss; True: skip that step
+  c.skip_nonfinite = False            # False: stop on a non-finite step; True: skip it (parameters unchanged)
+  c.max_consecutive_skips = 10        # skip mode stops after this many non-finite steps in a row
+  c.allow_config_change = False       # resume even though keys that change the run's math differ from the checkpoint
   c.init_from = ""                    # previous phase: a workdir, its checkpoints/ or a checkpoints/<step> dir
   c.init_optimizer_state = False      # also carry the optimizer moments over from init_from
   return c
+
+
+def _value_type(field: dataclasses.Field) -> type:
+  """The type a ModelConfig field takes: its default's, or for a None default the annotation's (`str | None`)."""
+  if field.default is not None:
+    return type(field.default)
+  return {"str": str, "int": int, "float": float, "bool": bool}[str(field.type).split("|")[0].strip()]
 
 
 def size_overrides(c: ml_collections.ConfigDict, size: str) -> None:

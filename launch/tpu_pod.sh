@@ -11,10 +11,11 @@
 #      MMBERT_DISTRIBUTED=1 python -m mmbert_jax.main --config=$CONFIG --workdir=$WORKDIR [MAIN_FLAGS]
 #    jax.distributed.initialize() then finds the coordinator, process count and ids in the TPU metadata; the
 #    coordinator port is pinned with JAX_COORDINATOR_PORT.
-# 4. While it runs, polls the queued resource. When the run ends without success and the slice is no longer ACTIVE
-#    (SUSPENDING/SUSPENDED/FAILED/gone: preempted), it deletes and recreates the queued resource, reinstalls and
-#    reruns the same command, which resumes from the last checkpoint in WORKDIR. A failure on a healthy slice is
-#    retried MAX_FAILURES times, then the script exits with the run's status.
+# 4. While it runs, polls the queued resource. The run's exit status says how it ended (see README: 0 complete,
+#    1 failed, 2 bad input, 75 preempted). Preempted (75, or any status once the slice is no longer ACTIVE:
+#    SUSPENDING/SUSPENDED/FAILED/gone) restarts: the queued resource is recreated when needed, the code reinstalled
+#    and the same command rerun, which resumes from the last checkpoint in WORKDIR. Any other status on a healthy
+#    slice (a failure or bad input) is not retried: the script exits with it.
 #
 # Options:
 #   --dry-run   print the gcloud commands instead of running them (nothing is created). The queued-resource states
@@ -46,7 +47,6 @@
 #   LIBTPU_INIT_ARGS  XLA/libtpu flags for the run, e.g. --xla_tpu_scoped_vmem_limit_kib=98304 [unset]
 #   POLL_SECONDS      seconds between queued-resource state checks [60]
 #   MAX_RESTARTS      preemption restarts before giving up [100]
-#   MAX_FAILURES      retries after a failure on an ACTIVE slice [2]
 #   DELETE_WHEN_DONE  1: delete the queued resource after a successful run [0]
 set -euo pipefail
 
@@ -73,7 +73,6 @@ COORDINATOR_PORT=${COORDINATOR_PORT:-8476}
 LIBTPU_INIT_ARGS=${LIBTPU_INIT_ARGS:-}
 POLL_SECONDS=${POLL_SECONDS:-60}
 MAX_RESTARTS=${MAX_RESTARTS:-100}
-MAX_FAILURES=${MAX_FAILURES:-2}
 DELETE_WHEN_DONE=${DELETE_WHEN_DONE:-0}
 
 DRY_RUN=0
@@ -112,7 +111,7 @@ case "$INSTALL" in
   git) [[ -n $GIT_URL ]] || die "INSTALL=git needs GIT_URL (e.g. GIT_URL=https://github.com/ORG/mmbert_jax.git)" ;;
   *) die "INSTALL must be copy or git, got '$INSTALL'" ;;
 esac
-for n in POLL_SECONDS MAX_RESTARTS MAX_FAILURES COORDINATOR_PORT; do
+for n in POLL_SECONDS MAX_RESTARTS COORDINATOR_PORT; do
   [[ ${!n} =~ ^[0-9]+$ ]] || die "$n must be a non-negative integer, got '${!n}'"
 done
 if ((!DRY_RUN)); then
@@ -253,8 +252,9 @@ run_training() {
 if ((DRY_RUN)); then echo "# dry run: commands are printed, not run"; fi
 [[ $INSTALL == copy ]] && make_bundle
 
+EXIT_BAD_INPUT=2
+EXIT_PREEMPTED=75
 restarts=0
-failures=0
 while :; do
   ensure_slice
   install_code
@@ -266,21 +266,20 @@ while :; do
     exit 0
   fi
   ((ONCE)) && { log "run exited with status $rc (--once: not restarting)"; exit "$rc"; }
+  if ((rc == EXIT_BAD_INPUT)); then
+    log "run rejected its command or config (status $rc, see the error above); not restarting"
+    exit "$rc"
+  fi
   pause
   refresh_state
-  if [[ $STATE == ACTIVE ]]; then
-    failures=$((failures + 1))
-    if ((failures > MAX_FAILURES)); then
-      log "run failed with status $rc on an ACTIVE slice $failures times; giving up (see the log above)"
-      exit "$rc"
-    fi
-    log "run failed with status $rc on an ACTIVE slice; retrying ($failures/$MAX_FAILURES)"
-  else
-    restarts=$((restarts + 1))
-    if ((restarts > MAX_RESTARTS)); then
-      log "preempted $restarts times (MAX_RESTARTS=$MAX_RESTARTS); giving up"
-      exit 1
-    fi
-    log "slice is $STATE after exit status $rc: preempted; recreating it and resuming from $WORKDIR ($restarts/$MAX_RESTARTS)"
+  if [[ $STATE == ACTIVE ]] && ((rc != EXIT_PREEMPTED)); then
+    log "run failed with status $rc on an ACTIVE slice; not restarting (see the log above)"
+    exit "$rc"
   fi
+  restarts=$((restarts + 1))
+  if ((restarts > MAX_RESTARTS)); then
+    log "preempted $restarts times (MAX_RESTARTS=$MAX_RESTARTS); giving up"
+    exit 1
+  fi
+  log "preempted (exit status $rc, slice $STATE); resuming from $WORKDIR ($restarts/$MAX_RESTARTS)"
 done

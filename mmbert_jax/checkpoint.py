@@ -7,20 +7,28 @@ when complete, so a save killed half-way is never taken for a checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from data_pipeline import checkpoint as data_ckpt
+from mmbert_jax import storage
 from mmbert_jax.model import ModelConfig, abstract_model
 
 
 class CheckpointError(ValueError):
   pass
+
+
+class ParamsMismatchError(CheckpointError):
+  """The checkpoint's parameters do not have the model's names or shapes (the model config changed)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -38,12 +46,20 @@ def _manager(directory: str, *, data_iter: bool = False, **options) -> ocp.Check
 
 
 class Checkpointer:
-  """Saves and restores the train state of one run (asynchronously; keeps the last `max_to_keep`)."""
+  """Saves and restores the train state of one run (asynchronously; keeps the last `max_to_keep`).
+
+  A failed save (disk full, read-only) is raised as `storage.WriteError` by the first `check` after the background
+  save has ended, or by the next `save` or `wait`: Orbax writes each step to a temporary directory first, so the
+  complete checkpoints before it stay intact.
+  """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
-    self.manager = _manager(self.directory, data_iter=True, max_to_keep=max_to_keep, create=True,
-                            enable_async_checkpointing=async_save)
+    try:
+      self.manager = _manager(self.directory, data_iter=True, max_to_keep=max_to_keep, create=True,
+                              enable_async_checkpointing=async_save)
+    except OSError as e:
+      raise storage.write_error("creating the checkpoint directory", self.directory, e) from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -51,12 +67,26 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def check(self) -> None:
+    """Raises the error of an asynchronous save that failed since the last check (without waiting)."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # whatever the storage layer raised (OSError, tensorstore's ValueError, ...)
+      raise storage.write_error("saving a checkpoint", self.directory, e) from e
+
   def save(self, step: int, *, params, opt_state, data_iter, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        data_iter=data_ckpt.PipelineSave(data_iter),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts saving `step`; `meta` is copied first, so the caller may keep changing it."""
+    self.check()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          opt_state=ocp.args.StandardSave(opt_state),
+          data_iter=data_ckpt.PipelineSave(data_iter),
+          meta=ocp.args.JsonSave(copy.deepcopy(meta))), force=True)
+    except Exception as e:   # tensorstore reports a full disk as ValueError, Python as OSError
+      if storage.is_storage_error(e):
+        raise storage.write_error(f"saving checkpoint {step}", self.directory, e) from e
+      raise
 
   def restore(self, step: int, *, abstract_params, abstract_opt_state, data_iter) -> dict[str, Any]:
     """Everything of `step`, onto the shardings carried by the abstract (ShapeDtypeStruct) trees; the data
@@ -69,8 +99,63 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return dict(restored)
 
+  def restore_latest(self, *, abstract_params, abstract_opt_state, data_iter, warn,
+                     check_meta=lambda meta: None) -> dict[str, Any] | None:
+    """Everything of the newest step that restores (see `restore`), or None when there is no checkpoint.
+
+    Newer steps that do not restore (damaged files) are moved aside to `corrupt-<step>` (never deleted), each
+    named by one line through `warn`. When no step restores, raises CheckpointError and moves nothing.
+    `check_meta(meta)` sees a step's metadata before its arrays are read; what it raises (e.g. a refused config
+    change) is not damage and propagates.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    failed: list[tuple[int, Exception]] = []
+    for step in steps:
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:  # an unreadable meta item: damage
+        failed.append((step, e))
+        continue
+      check_meta(meta)
+      try:
+        restored = self.restore(step, abstract_params=abstract_params, abstract_opt_state=abstract_opt_state,
+                                data_iter=data_iter)
+      except Exception as e:  # whatever damaged files raise (tensorstore, zstd, JSON, KeyError) or a shape error
+        failed.append((step, e))
+        continue
+      for bad, error in failed:
+        where = self._move_aside(bad)
+        warn(f"checkpoint {self.directory}/{bad} does not restore ({storage.reason(error)}); moved to {where}, "
+             f"resuming from step {step}")
+      return restored
+    if not failed:
+      return None
+    newest, error = failed[0]
+    if all(isinstance(e, ParamsMismatchError) for _, e in failed):  # a config change, not damage
+      raise error
+    raise CheckpointError(f"no checkpoint in {self.directory} restores (newest, step {newest}: "
+                          f"{storage.reason(error)}); nothing was moved. Move the damaged steps away or use "
+                          "another --workdir")
+
+  def _move_aside(self, step: int) -> str:
+    target = os.path.join(self.directory, f"corrupt-{step}")
+    n = 1
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(self.directory, f"corrupt-{step}.{n}")
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"mmbert_jax: moved checkpoint {step} aside")
+    self.manager.reload()
+    logging.warning("moved damaged checkpoint %s/%d to %s", self.directory, step, target)
+    return target
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise storage.write_error("saving a checkpoint", self.directory, e) from e
 
   def close(self) -> None:
     self.manager.close()
@@ -83,17 +168,22 @@ def _flat(tree) -> dict[str, Any]:
 
 def check_params_fit(manager: ocp.CheckpointManager, step: int, abstract_params, where: str) -> None:
   """One clear error naming the first parameter whose stored shape differs from the model's."""
-  stored = manager.item_metadata(step)["params"]
+  try:
+    stored = manager.item_metadata(step)["params"]
+  except (KeyError, OSError, ValueError) as e:   # unreadable metadata: a damaged checkpoint
+    raise CheckpointError(f"{where}/{step}: the parameters' metadata does not read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
   if stored is None:
     raise CheckpointError(f"{where}/{step}: no 'params' item in this checkpoint")
   have, want = _flat(stored), _flat(abstract_params)
   for name in sorted(set(have) | set(want)):
     if name not in have:
-      raise CheckpointError(f"{where}/{step}: parameter {name!r} is not in the checkpoint (model config differs?)")
+      raise ParamsMismatchError(f"{where}/{step}: parameter {name!r} is not in the checkpoint (model config "
+                                "differs?)")
     if name not in want:
-      raise CheckpointError(f"{where}/{step}: checkpoint parameter {name!r} does not exist in the model")
+      raise ParamsMismatchError(f"{where}/{step}: checkpoint parameter {name!r} does not exist in the model")
     if tuple(have[name].shape) != tuple(want[name].shape):
-      raise CheckpointError(f"{where}/{step}: parameter {name!r} has shape {tuple(have[name].shape)} in the "
+      raise ParamsMismatchError(f"{where}/{step}: parameter {name!r} has shape {tuple(have[name].shape)} in the "
                             f"checkpoint but {tuple(want[name].shape)} in the model")
 
 
@@ -108,9 +198,8 @@ def resolve(path: str) -> tuple[str, int]:
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"checkpoint path {path} does not exist")
-  name = os.path.basename(path.rstrip("/"))
-  if name.isdigit() and os.path.isdir(os.path.join(path, "params")):
-    return os.path.dirname(path), int(name)
+  if names_a_step(path):
+    return os.path.dirname(path), int(os.path.basename(path))
   for directory in (checkpoint_dir(path), path):
     if os.path.isdir(directory):
       found = steps(directory)
@@ -120,16 +209,31 @@ def resolve(path: str) -> tuple[str, int]:
                         "directory or a checkpoints/<step> directory)")
 
 
+def names_a_step(path: str) -> bool:
+  """Whether `path` is one step directory `.../checkpoints/<step>` (not a workdir or `checkpoints/`)."""
+  path = os.path.abspath(path)
+  return os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "params"))
+
+
 def read_meta(directory: str, step: int) -> dict[str, Any]:
   with _manager(directory, read_only=True) as manager:
     return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
-def restore_for_handoff(path: str, abstract_params, abstract_opt_state=None) -> dict[str, Any]:
+def restore_for_handoff(path: str, abstract_params, abstract_opt_state=None, *,
+                        require_complete: bool = False) -> dict[str, Any]:
   """Params (and, if `abstract_opt_state` is given, optimizer state) of another run's checkpoint, restored into
-  this run's shapes and shardings, plus that checkpoint's metadata."""
+  this run's shapes and shardings, plus that checkpoint's metadata. With `require_complete`, a workdir (or its
+  checkpoints/) whose latest checkpoint is not its run's final one is refused: only an explicit
+  `checkpoints/<step>` may start from an unfinished run."""
   directory, step = resolve(path)
   with _manager(directory, read_only=True) as manager:
+    if require_complete and not names_a_step(path):
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      if not meta.get("complete", True):   # params-only checkpoints (merges, imports) carry complete=True
+        raise CheckpointError(f"init_from {path}: that run is not finished (its latest checkpoint, "
+                              f"{directory}/{step}, is not final); finish it, or start from that step explicitly: "
+                              f"--config.init_from={directory}/{step}")
     check_params_fit(manager, step, abstract_params, directory)
     items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
     if abstract_opt_state is not None:

@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import demo_corpus
-from mmbert_jax import cli, phases
+from mmbert_jax import cli, phases, storage, train
 
 FLAGS = flags.FLAGS
 
@@ -42,6 +42,32 @@ def prepare_demo_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     config.data.data_dir = data_dir
 
 
+def load_config() -> ml_collections.ConfigDict:
+  """--config, or exit 2 naming the config file that does not load."""
+  try:
+    config = FLAGS.config
+    config.keys()   # config_flags defers a missing or unreadable file's error to the first access
+    return config
+  except OSError as e:
+    reasons = [line.strip() for line in str(e).splitlines() if "Errno" in line or "Error" in line]
+    cli.fail(f"--config={FLAGS['config'].serialize().split('=', 1)[-1]}: {reasons[-1] if reasons else e}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """Runs the config in `workdir`; returns the exit code (`cli.EXIT_*`) after a one-line error if it failed."""
+  try:
+    use_compilation_cache(config, workdir)
+    prepare_demo_data(config, workdir)
+    result = phases.run(config, workdir)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:   # config, checkpoint and data errors
+    cli.report(e)
+    return cli.EXIT_BAD_INPUT
+  except (storage.WriteError, train.NonFiniteLossError) as e:
+    cli.report(e)
+    return cli.EXIT_FAILED
+  return cli.EXIT_PREEMPTED if result.get("status") == "preempted" else cli.EXIT_COMPLETE
+
+
 def main(argv):
   cli.start(argv)
   # Multi-host: every process runs this same command; TPU pods, SLURM and Open MPI are detected by jax itself.
@@ -49,15 +75,11 @@ def main(argv):
     jax.distributed.initialize()
   print(f"JAX: {jax.process_count()} process(es), {jax.device_count()} device(s): {jax.devices()[0].device_kind}",
         flush=True)
-  config = FLAGS.config
+  config = load_config()
   workdir = FLAGS.workdir or config.get("workdir") or None
   if not workdir:
     raise app.UsageError("--workdir is required (or set config.workdir)")
-  use_compilation_cache(config, workdir)
-  prepare_demo_data(config, workdir)
-  result = phases.run(config, workdir)
-  if result.get("status") == "preempted":
-    sys.exit(0)
+  sys.exit(run(config, workdir))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from absl import app, flags
 
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, export, merging
+from mmbert_jax.model import RUNTIME_FIELDS
 
 METHODS = ("ties", "ema", "average")
 FLAGS = flags.FLAGS
@@ -35,11 +36,6 @@ def define_flags() -> None:
   flags.DEFINE_float("decay", 0.5, "ema: weight ratio between consecutive checkpoints (newest weighs most).")
   flags.DEFINE_string("out", None, "Output workdir for the merged checkpoint.")
   flags.DEFINE_string("hf_out", None, "Also write a transformers ModernBertForMaskedLM directory here.")
-
-
-# ModelConfig fields that say how a model runs, not what it computes: checkpoints may differ in them.
-RUNTIME_FIELDS = frozenset({"dtype", "attention_impl", "attention_block_q", "attention_block_kv",
-                            "attention_interpret", "remat", "attn_out_dropout"})
 
 
 def _check_same_model(metas: Sequence[dict], names: Sequence[str]) -> None:

@@ -296,6 +296,12 @@ class MaskedLM(nnx.Module):
     return self.head(x)
 
 
+# ModelConfig fields that say how the model runs, not what it computes (every attention_* field picks or tunes a
+# kernel): checkpoints of one model may differ in them, and a run may change them when it resumes.
+RUNTIME_FIELDS = frozenset({"dtype", "remat", "attn_out_dropout"} | {
+    f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("attention_")})
+
+
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> MaskedLM:
   """The model with shapes in place of arrays: nothing is allocated (restore targets, graphs, compilation).
   Under a mesh and logical axis rules its parameters carry their shardings."""

@@ -65,3 +65,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
   """Global batch rows must be a multiple of this."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_process_feeds(mesh: Mesh) -> None:
+  """Each process feeds the batch rows of its own devices, split along (data, fsdp); every other mesh axis must
+  therefore stay inside one process (its devices all read the same rows). Raises a one-line ValueError otherwise:
+  e.g. `tensor=2` with one process per GPU would train on wrong data without any error."""
+  owner = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+  for i, axis in enumerate(mesh.axis_names):
+    if axis in BATCH_AXES or mesh.shape[axis] == 1:
+      continue
+    if (owner != np.take(owner, [0], axis=i)).any():
+      local = len(mesh.local_devices)
+      raise ValueError(f"mesh: the {axis!r} axis ({mesh.shape[axis]} devices) spans processes, which feed "
+                       f"different rows; each process has {local} device(s). Use --config.mesh.{axis} of at most "
+                       f"{local} (a divisor of it), or one process per host")

@@ -12,6 +12,8 @@ The schedule's clock is *slot tokens* (rows × seq_len), known on every host wit
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import signal
 import time
 from typing import Any, Iterable
@@ -30,19 +32,77 @@ from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
 from mmbert_jax import optim, schedules, sharding
-from mmbert_jax.model import MaskedLM, ModelConfig, abstract_model, get_config
+from mmbert_jax.model import RUNTIME_FIELDS, MaskedLM, ModelConfig, abstract_model, get_config
 
 
 class NonFiniteLossError(RuntimeError):
   pass
 
 
+class ConfigChangeError(ValueError):
+  """A resumed run's config differs from its checkpoint's in keys that change what is trained."""
+
+
+# Keys a resumed run may change freely: how it runs and reports, not what it computes. Every other key (model,
+# optimizer, schedule, data mixture, batch, seed) must match the checkpoint's unless allow_config_change is set.
+BOOKKEEPING_KEYS = frozenset({
+    "phase", "workdir", "train_tokens", "mesh", "num_devices", "jax_cache_dir", "peak_flops_per_device",
+    "log_every_steps", "eval_every_steps", "eval_batch_size", "eval_max_batches", "checkpoint_every_tokens",
+    "keep_checkpoints", "skip_nonfinite", "max_consecutive_skips", "allow_config_change", "init_from",
+    "init_optimizer_state", "data.data_dir", "data.num_workers", "data.eval_languages", "data.eval_mask_rate",
+} | {f"model.{name}" for name in RUNTIME_FIELDS - {"attn_out_dropout"}})
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Config → components
 # --------------------------------------------------------------------------------------------------------------
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for values the loop cannot run with (before anything is built or written)."""
+  positive = {"batch_size": config.batch_size, "log_every_steps": config.log_every_steps,
+              "checkpoint_every_tokens": config.checkpoint_every_tokens, "keep_checkpoints": config.keep_checkpoints,
+              "eval_batch_size": config.eval_batch_size, "max_consecutive_skips": config.max_consecutive_skips,
+              "data.seq_len": config.data.seq_len}
+  for key, value in positive.items():
+    if not value > 0:
+      raise ValueError(f"config.{key} must be positive; got {value}")
+  for key in ("eval_every_steps", "micro_batch_size", "train_tokens", "eval_max_batches"):
+    if config[key] < 0:
+      raise ValueError(f"config.{key} must be ≥ 0; got {config[key]}")
+  lr = config.optim.peak_lr
+  if not (math.isfinite(lr) and lr > 0 and math.isfinite(float(np.float32(lr)))):
+    raise ValueError(f"config.optim.peak_lr must be a positive number finite in float32; got {lr}")
+  for key, value in config.schedule.items():
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+      raise ValueError(f"config.schedule.{key} must be finite; got {value}")
+  for key in ("warmup_tokens", "decay_tokens"):
+    if config.schedule[key] < 0:
+      raise ValueError(f"config.schedule.{key} must be ≥ 0; got {config.schedule[key]}")
+  if not 0 <= config.schedule.final_fraction <= 1:
+    raise ValueError(f"config.schedule.final_fraction must be in [0, 1]; got {config.schedule.final_fraction}")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def changed_keys(saved_json: str, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """{key: (checkpoint's value, config's value)} for the keys that change the run's math (not BOOKKEEPING_KEYS).
+  A key absent on one side counts as None (unset)."""
+  saved, now = _flat(json.loads(saved_json)), _flat(json.loads(config.to_json()))
+  bookkeeping = lambda key: any(key == k or key.startswith(f"{k}.") for k in BOOKKEEPING_KEYS)
+  return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+          if not bookkeeping(k) and saved.get(k) != now.get(k)}
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  overrides = dict(config.model)
+  overrides = {k: v for k, v in config.model.items() if v is not None}   # None: the preset's value
   if overrides.get("dtype") == "auto":
     overrides["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   return get_config(config.model_preset, **overrides)
@@ -176,8 +236,10 @@ def make_train_step(model: ModelGraph, tx, mesh, *, num_languages: int, seed: in
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, optim.with_learning_rate(opt_state, lr), params)
     new_params = optax.apply_updates(params, updates)
-    # A non-finite step changes nothing; the host then stops (or skips, if configured).
-    finite = jnp.isfinite(totals["loss_sum"]) & jnp.isfinite(grad_norm)
+    # A step is kept only if its loss, gradients and new parameters are finite; otherwise it changes nothing and
+    # the host stops (or skips, if configured).
+    finite = (jnp.isfinite(totals["loss_sum"]) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(new_params)))
     if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     metrics = {
         "loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count, "grad_norm": grad_norm,
@@ -289,6 +351,14 @@ class PhaseRun:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config, self.workdir = config, workdir
+    validate(config)
+    try:
+      self._setup(config, workdir)
+    except BaseException:
+      self.close(wait=False)   # what was opened before the error (files, checkpoint manager, data workers)
+      raise
+
+  def _setup(self, config: ml_collections.ConfigDict, workdir: str) -> None:
     self.cfg = cfg = model_config(config)
     devices = jax.devices()
     if config.num_devices:
@@ -296,6 +366,7 @@ class PhaseRun:
         raise ValueError("config.num_devices works only in a single-process run")
       devices = devices[:config.num_devices]
     self.mesh = mesh = sharding.make_mesh(dict(config.mesh), devices)
+    sharding.check_process_feeds(mesh)
     with jax.set_mesh(mesh):
       attention_lib.resolve_impl(cfg, seq_len=config.data.seq_len)  # a kernel that cannot run fails here, not in jit
     self.n_micro = num_microbatches(config)
@@ -323,16 +394,19 @@ class PhaseRun:
     self.step, self.tokens = 0, 0
     self.meta: dict[str, Any] = {"phase": config.phase, "total_tokens_before": 0, "tokens_per_language": {},
                                  "history": []}
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      restored = self.checkpointer.restore(latest, abstract_params=model.abstract_params,
-                                           abstract_opt_state=abstract_opt, data_iter=self.train_data)
+    restored = self.checkpointer.restore_latest(abstract_params=model.abstract_params,
+                                                abstract_opt_state=abstract_opt, data_iter=self.train_data,
+                                                warn=lambda line: self.writer.text("run", f"warning: {line}"),
+                                                check_meta=self._check_config_change)
+    if restored is not None:
       self.params, self.opt_state, self.meta = restored["params"], restored["opt_state"], restored["meta"]
       self.step, self.tokens = self.meta["step"], self.meta["tokens"]
+      self.writer.forget_after(self.step)
       self.writer.text("run", f"resumed {workdir} at step {self.step} ({self.tokens:,} tokens)")
     elif config.init_from:
       handoff = ckpt_lib.restore_for_handoff(config.init_from, model.abstract_params,
-                                             abstract_opt if config.init_optimizer_state else None)
+                                             abstract_opt if config.init_optimizer_state else None,
+                                             require_complete=True)
       self.params = handoff["params"]
       self.opt_state = handoff["opt_state"] if config.init_optimizer_state else init_opt(self.params)
       prev = handoff["meta"]
@@ -351,7 +425,19 @@ class PhaseRun:
     self.put_train, self.put_eval = make_put(mesh, leading=1), make_put(mesh, leading=0)
     self.device_kind = jax.devices()[0].device_kind
     self.t_last_log = time.time()
+    self.consecutive_skips = 0
     self.preemption = Preemption()
+
+  def _check_config_change(self, meta: dict[str, Any]) -> None:
+    changes = changed_keys(meta.get("config", "{}"), self.config)
+    if not changes:
+      return
+    listed = ", ".join(f"{k} ({old!r} → {new!r})" for k, (old, new) in changes.items())
+    if not self.config.allow_config_change:
+      raise ConfigChangeError(f"{self.checkpointer.directory} was trained with another config: {listed}; re-run "
+                              "with the checkpoint's values, or pass --config.allow_config_change=True to resume "
+                              "with the new ones")
+    self.writer.text("run", f"resuming with a changed config (allow_config_change): {listed}")
 
   # ---- actions ----------------------------------------------------------------------------------------------------
 
@@ -395,17 +481,29 @@ class PhaseRun:
     config = self.config
     host = jax.device_get(done.metrics)
     if not bool(host["finite"]):
+      what = (f"step {done.step}: loss, gradients or updated parameters are not finite (loss={float(host['loss'])}, "
+              f"grad_norm={float(host['grad_norm'])}); the parameters were not updated")
       if not config.skip_nonfinite:
-        raise NonFiniteLossError(
-            f"step {done.step}: loss/gradients are not finite (loss={float(host['loss'])}); parameters were not "
-            f"updated and the last checkpoint in {self.checkpointer.directory} is intact. Set "
-            "--config.skip_nonfinite=True to skip such steps.")
-      self.writer.text("run", f"step {done.step}: non-finite loss, step skipped")
+        raise NonFiniteLossError(f"{what}. {self._checkpoint_status()} Set --config.skip_nonfinite=True to skip "
+                                 "such steps.")
+      self.consecutive_skips += 1
+      if self.consecutive_skips >= config.max_consecutive_skips:
+        raise NonFiniteLossError(f"{what}; {self.consecutive_skips} non-finite steps in a row "
+                                 f"(max_consecutive_skips), stopping. {self._checkpoint_status()}")
+      self.writer.text("run", f"{what}: step skipped")
+    else:
+      self.consecutive_skips = 0
     for i, lang in enumerate(self.languages):
       self.meta["tokens_per_language"][lang] = (self.meta["tokens_per_language"].get(lang, 0)
                                                 + int(host["lang_tokens"][i]))
     if done.step % config.log_every_steps == 0:
       self._log(done, host)
+
+  def _checkpoint_status(self) -> str:
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return f"No checkpoint has been written to {self.checkpointer.directory} yet."
+    return f"The last checkpoint, {self.checkpointer.directory}/{latest}, is intact."
 
   def _log(self, done: DispatchedStep, host: dict[str, np.ndarray]) -> None:
     config, mesh = self.config, self.mesh
@@ -441,6 +539,7 @@ class PhaseRun:
     self.t_last_log = time.time()
     with jax.set_mesh(self.mesh):
       while self.tokens < config.train_tokens:
+        self.checkpointer.check()   # a failed background save stops the run at the next step
         done = self.dispatch_step()
         if unread is not None:
           self.record(unread)
@@ -468,14 +567,17 @@ class PhaseRun:
         self.save(final=True)
     return status
 
-  def close(self) -> None:
-    self.checkpointer.wait()
-    self.checkpointer.close()
-    self.preemption.close()
-    self.writer.close()
-    close = getattr(self.train_data, "close", None)
-    if close:
-      close()
+  def close(self, wait: bool = True) -> None:
+    """Waits for the last checkpoint (raising its failure, if any) and releases everything opened."""
+    checkpointer = getattr(self, "checkpointer", None)
+    try:
+      if wait and checkpointer is not None:
+        checkpointer.wait()
+    finally:
+      for part in ("checkpointer", "preemption", "writer", "train_data"):
+        close = getattr(getattr(self, part, None), "close", None)
+        if close:
+          close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

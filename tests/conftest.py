@@ -6,6 +6,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import importlib.util
 import pathlib
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -66,3 +69,17 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def train_losses(workdir: str) -> dict[int, float]:
   return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
+
+
+def run_two_processes(worker: str, timeout: int = 600, **fields) -> list[tuple[int, str, str]]:
+  """Runs `worker` as processes 0 and 1 of a jax.distributed job on localhost: a Python source whose `{root}`,
+  `{tests}`, `{port}`, `{pid}` and `fields` are filled in. Returns (return code, stdout, stderr) of each."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # each worker sets its own device count
+  procs = [subprocess.Popen([sys.executable, "-c", worker.format(root=str(ROOT), tests=str(ROOT / "tests"),
+                                                                port=port, pid=i, **fields)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  outputs = [p.communicate(timeout=timeout) for p in procs]
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]

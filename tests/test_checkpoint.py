@@ -4,14 +4,12 @@ import random
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, read_metrics, tiny_config, train_losses
+from conftest import ROOT, tiny_config, train_losses
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import train
 
@@ -28,27 +26,28 @@ def reference(demo_data, tmp_path_factory):
   return workdir, losses
 
 
-def _sigterm_when(workdir, step):
-  """Sends SIGTERM to this process once `step` appears in the run's metrics."""
-  def watch():
-    path = os.path.join(workdir, "metrics.jsonl")
-    while True:
-      if os.path.exists(path) and any(m.get("step", 0) >= step for m in read_metrics(workdir)):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-      time.sleep(0.01)
-  thread = threading.Thread(target=watch, daemon=True)
-  thread.start()
-  return thread
+def _sigterm_at(monkeypatch, step):
+  """Sends SIGTERM to this process while the loop reads the metrics of `step` (a fixed point of the loop)."""
+  record = train.PhaseRun.record
+
+  def record_then_signal(self, done):
+    record(self, done)
+    if done.step == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train.PhaseRun, "record", record_then_signal)
 
 
-def test_sigterm_then_rerun_reproduces_the_uninterrupted_losses(demo_data, reference, tmp_path):
+def test_sigterm_then_rerun_reproduces_the_uninterrupted_losses(demo_data, reference, tmp_path, monkeypatch):
   ref_dir, ref = reference
   workdir = str(tmp_path / "run")
-  stop_at = random.Random().randint(2, STEPS - 3)
-  _sigterm_when(workdir, stop_at)
+  stop_at = random.Random(STEPS).randint(2, STEPS - 3)   # seeded: the same step on every run
+  assert stop_at % 4                                     # not a checkpoint step: the stop must save one itself
+  _sigterm_at(monkeypatch, stop_at)
   first = train.train_and_evaluate(tiny_config(demo_data), workdir)
-  assert first["status"] == "preempted" and first["step"] < STEPS, first
+  monkeypatch.undo()
+  # The metrics of step n are read after step n + 1 is dispatched: the loop stops at the end of step n + 1.
+  assert first["status"] == "preempted" and first["step"] == stop_at + 1, first
   assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir))[-1] == first["step"]
   second = train.train_and_evaluate(tiny_config(demo_data), workdir)
   assert second["status"] == "complete" and second["step"] == STEPS
@@ -67,6 +66,9 @@ save = checkpoint.Checkpointer.save
 def save_then_die(self, step, **kw):
   save(self, step, **kw)           # asynchronous: returns while the files are still being written
   if step == 8:
+    names = os.listdir(self.directory)
+    if "8" in names or not any(n.startswith("8.") and "tmp" in n for n in names):
+      sys.exit(3)                  # not in the middle of the save: the test would prove nothing
     os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.Checkpointer.save = save_then_die
 train.train_and_evaluate(tiny_config({data!r}), {workdir!r})
@@ -78,15 +80,12 @@ def test_kill_9_during_async_save_resumes_from_last_complete_checkpoint(demo_dat
   workdir = str(tmp_path / "killed")
   script = _KILL_DURING_SAVE.format(root=str(ROOT), tests=str(ROOT / "tests"), data=demo_data, workdir=workdir)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  complete = ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir))
-  assert 4 in complete                 # the checkpoint before the kill is intact
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]   # killed while step 8's temporary dir existed
+  assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir)) == [4]  # the half-written 8 is not taken for one
   result = train.train_and_evaluate(tiny_config(demo_data), workdir)
   assert result["step"] == STEPS
-  resumed_from = 8 if 8 in complete else 4
   losses = train_losses(workdir)
-  assert {s: losses[s] for s in range(resumed_from + 1, STEPS + 1)} == {
-      s: ref[s] for s in range(resumed_from + 1, STEPS + 1)}
+  assert {s: losses[s] for s in range(5, STEPS + 1)} == {s: ref[s] for s in range(5, STEPS + 1)}
 
 
 def test_resume_on_fewer_devices_continues_the_same_global_batches(demo_data, reference, tmp_path):

@@ -61,6 +61,7 @@ def test_decay_rejects_unknown_variant():
 def test_configs_build_a_model_and_an_optimizer(name, arg):
   c = load_config(name, arg)
   cfg = train.model_config(c)
-  assert cfg == get_config(c.model_preset, **{**dict(c.model), "dtype": cfg.dtype})
+  set_fields = {k: v for k, v in c.model.items() if v is not None}    # None: the preset's value
+  assert cfg == get_config(c.model_preset, **{**set_fields, "dtype": cfg.dtype})
   train.optimizer(c)
   assert c.batch_size % train.num_microbatches(c) == 0

@@ -91,13 +91,18 @@ def test_pod_dry_run_restarts_after_preemption(guarded_env):
   assert runs[0] == runs[1]
 
 
-def test_pod_gives_up_after_repeated_failures_on_a_healthy_slice(guarded_env):
+def test_pod_restarts_only_a_preempted_run(guarded_env):
+  """Exit 75 (preempted: SIGTERM, checkpoint saved) restarts even on a healthy slice; a failure (1) or bad input
+  (2) on a healthy slice is not retried and becomes the script's status."""
   env, _ = guarded_env
-  r = _pod(env, "--dry-run", WORKDIR="gs://bucket/run3", MAX_FAILURES="1",
-           DRY_RUN_STATES="MISSING ACTIVE ACTIVE ACTIVE ACTIVE", DRY_RUN_EXIT_CODES="3 3")
-  assert r.returncode == 3
-  assert r.stdout.count("-m mmbert_jax.main") == 2
-  assert "giving up" in r.stderr
+  r = _pod(env, "--dry-run", WORKDIR="gs://bucket/run3",
+           DRY_RUN_STATES="MISSING ACTIVE ACTIVE ACTIVE ACTIVE ACTIVE", DRY_RUN_EXIT_CODES="75 1")
+  assert r.returncode == 1, r.stderr
+  assert r.stdout.count("-m mmbert_jax.main") == 2 and r.stdout.count("queued-resources create") == 1
+  assert "preempted (exit status 75" in r.stderr and "not restarting" in r.stderr
+  bad = _pod(env, "--dry-run", WORKDIR="gs://bucket/run3", DRY_RUN_STATES="MISSING ACTIVE ACTIVE",
+             DRY_RUN_EXIT_CODES="2")
+  assert bad.returncode == 2 and bad.stdout.count("-m mmbert_jax.main") == 1 and "not restarting" in bad.stderr
   once = _pod(env, "--dry-run", "--once", WORKDIR="gs://bucket/run3", DRY_RUN_EXIT_CODES="7")
   assert once.returncode == 7 and once.stdout.count("-m mmbert_jax.main") == 1
 
@@ -143,7 +148,8 @@ def _slurm(tmp_path, tasks_per_node, gpus, nodes=2, **extra_env):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   _stub(bin_dir, "srun", 'echo "SRUN $*"; echo "ENV MMBERT_DISTRIBUTED=$MMBERT_DISTRIBUTED '
-        'JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-unset} JAX_COORDINATOR_PORT=${JAX_COORDINATOR_PORT:-unset}"\n')
+        'JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-unset} JAX_COORDINATOR_PORT=${JAX_COORDINATOR_PORT:-unset}"\n'
+        'exit ${SRUN_EXIT:-0}\n')
   env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "WORKDIR", "GPUS_PER_NODE"))}
   env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="1234", SLURM_JOB_NUM_NODES=str(nodes),
              SLURM_NTASKS=str(nodes * tasks_per_node), SLURM_NTASKS_PER_NODE=str(tasks_per_node),
@@ -163,6 +169,17 @@ def test_slurm_one_process_per_gpu(tmp_path):
   assert srun.endswith("/venv/bin/python -m mmbert_jax.main --config=launch/gpu_slurm.sbatch --workdir=/shared/run "
                        "--config.train.steps=5")
   assert "MMBERT_DISTRIBUTED=1 JAX_LOCAL_DEVICE_IDS=unset JAX_COORDINATOR_PORT=unset" in r.stdout
+
+
+@pytest.mark.parametrize("status,requeued", [(75, True), (1, False), (2, False)])
+def test_slurm_requeues_only_a_preempted_run(tmp_path, status, requeued):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _stub(bin_dir, "scontrol", f'echo "SCONTROL $*" >> {tmp_path}/scontrol.log\n')
+  r = _slurm(tmp_path, tasks_per_node=8, gpus=8, SRUN_EXIT=str(status))
+  assert r.returncode == status, r.stderr
+  log = tmp_path / "scontrol.log"
+  assert (log.exists() and log.read_text() == "SCONTROL requeue 1234\n") == requeued
 
 
 def test_slurm_one_process_per_node_sees_all_gpus(tmp_path):
