@@ -1,11 +1,16 @@
-"""Where training metrics go: TensorBoard event files, a JSONL file and a console line, from process 0 only."""
+"""Where training metrics go: TensorBoard event files, a JSONL file, optionally W&B, and a console line, from
+process 0 only. Also the run's record in the workdir: `config.json` (the resolved config, also shown in
+TensorBoard as text and hparams), `mixture.json` (the phase's p_l and n_l) and `eval.jsonl` (every held-out
+evaluation, all languages)."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -16,21 +21,103 @@ def _scalar(v: Any) -> float | int:
   return v.item() if v.size == 1 else float(v.mean())
 
 
+@dataclasses.dataclass(frozen=True)
+class LanguageTags:
+  """Which languages get a metric tag of their own, so that a phase over ~1,800 languages logs a bounded set.
+
+  All languages when there are at most 2·n; otherwise the n with the most and the n with the fewest training
+  tokens n_l. Every language also counts in its resource group: the thirds of the languages ranked by n_l
+  (`high`, `mid`, `low`), whose loss is the token-weighted mean over the group.
+  """
+  shown: tuple[str, ...]
+  groups: Mapping[str, tuple[str, ...]]
+
+  @classmethod
+  def from_tokens(cls, tokens: Mapping[str, float], n: int) -> LanguageTags:
+    order = sorted(tokens, key=lambda lang: (-tokens[lang], lang))
+    shown = order if len(order) <= 2 * n else order[:n] + order[len(order) - n:]
+    thirds = np.array_split(np.array(order, dtype=object), 3)
+    groups = {name: tuple(part) for name, part in zip(("high", "mid", "low"), thirds) if len(part)}
+    return cls(tuple(shown), groups)
+
+  def losses(self, loss_sum: Mapping[str, float], count: Mapping[str, float], *, prefix: str,
+             group_prefix: str) -> dict[str, float]:
+    """{f"{prefix}/{lang}/loss"} for the shown languages and {f"{group_prefix}/{group}/loss"} per group, from
+    summed losses and masked-token counts per language."""
+    out = {f"{prefix}/{lang}/loss": loss_sum[lang] / count[lang] for lang in self.shown if count.get(lang, 0) > 0}
+    for group, langs in self.groups.items():
+      total = sum(count.get(lang, 0) for lang in langs)
+      if total > 0:
+        out[f"{group_prefix}/{group}/loss"] = sum(loss_sum.get(lang, 0.0) for lang in langs) / total
+    return out
+
+
+def flat_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+  """A nested config as {"a.b": value}; values that are not scalars become their JSON text."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      out.update(flat_hparams(value, name + "."))
+    elif isinstance(value, (bool, int, float, str)):
+      out[name] = value
+    else:
+      out[name] = json.dumps(value, default=str)
+  return out
+
+
+class WandbWriter:
+  """Weights & Biases, when `config.wandb.project` is set: one W&B run per workdir (re-running resumes it)."""
+
+  def __init__(self, workdir: str, *, project: str, entity: str = "", name: str = "", group: str = "",
+               mode: str = "", config: Mapping[str, Any] | None = None):
+    try:
+      import wandb
+    except ImportError:
+      raise ImportError("config.wandb.project is set but wandb is not installed: `pip install wandb`, or drop "
+                        "--config.wandb.project") from None
+    run_id = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
+    self._run = wandb.init(project=project, entity=entity or None, name=name or None, group=group or None,
+                           mode=mode or None, dir=workdir, id=run_id, resume="allow",
+                           config=dict(config) if config else None)
+
+  def log(self, step: int, values: Mapping[str, float]) -> None:
+    self._run.log(dict(values), step=step)
+
+  def close(self) -> None:
+    self._run.finish()
+
+
 class MetricWriter:
-  """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl` and TensorBoard in `<workdir>/tb`."""
+  """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl`, TensorBoard in `<workdir>/tb` and W&B.
+
+  `console`: print a line per write (True), or hand it to a callable (a progress console), or stay quiet
+  (False: the caller prints its own progress line).
+  """
 
   CONSOLE_KEYS = ("train/loss", "train/accuracy", "train/lr", "train/tokens_per_s", "train/mfu", "eval/loss")
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, enabled: bool | None = None, console: bool | Callable[[str], None] = True,
+               wandb: Mapping[str, Any] | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.workdir = workdir
+    self._console = console
     self._tb = None
     self._jsonl = None
+    self._wandb = None
+    self._wandb_settings = dict(wandb) if wandb and wandb.get("project") else None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
       self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._start = time.time()
+
+  def _print(self, text: str, stream=None) -> None:
+    if callable(self._console):
+      self._console(text)
+    elif self._console:
+      print(text, file=stream or sys.stdout, flush=True)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -40,16 +127,64 @@ class MetricWriter:
       self._tb.add_scalar(k, v, step)
     self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
     self._jsonl.flush()
+    if self._wandb is not None:
+      self._wandb.log(step, values)
     shown = " ".join(f"{k.split('/', 1)[1]}={values[k]:.4g}" for k in self.CONSOLE_KEYS if k in values)
     if shown:
-      print(f"[{time.time() - self._start:7.1f}s] step {step:6d} {shown}", file=sys.stderr, flush=True)
+      self._print(f"[{time.time() - self._start:7.1f}s] step {step:6d} {shown}", sys.stderr)
 
   def text(self, tag: str, text: str, step: int = 0) -> None:
     if self.enabled:
       self._tb.add_text(tag, text, step)
-      print(text, flush=True)
+      self._print(text)
+
+  def write_config(self, config) -> None:
+    """The resolved run config (an ml_collections ConfigDict): `<workdir>/config.json`, TensorBoard text and
+    hparams, and the W&B run's config (the W&B run starts here). A different config.json already in the
+    workdir (an earlier start with other flags) is kept as config.<n>.json."""
+    if not self.enabled:
+      return
+    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    path = os.path.join(self.workdir, "config.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        old = f.read()
+      if old != text:
+        n = 1
+        while os.path.exists(os.path.join(self.workdir, f"config.{n}.json")):
+          n += 1
+        os.replace(path, os.path.join(self.workdir, f"config.{n}.json"))
+    with open(path, "w") as f:
+      f.write(text)
+    self._tb.add_text("config", "    " + text.replace("\n", "\n    "), 0)  # markdown code block
+    hparams = flat_hparams(json.loads(text))
+    from tensorboardX.summary import hparams as hparams_summary
+    experiment, start, _ = hparams_summary(hparams, {"eval/loss": 0.0})
+    for summary in (experiment, start):
+      self._tb.file_writer.add_summary(summary)
+    if self._wandb_settings and self._wandb is None:
+      settings = dict(self._wandb_settings)
+      settings["name"] = settings.get("name") or config.get("phase", "")
+      self._wandb = WandbWriter(self.workdir, config=hparams, **settings)
+
+  def write_json(self, name: str, record: Any) -> None:
+    """`<workdir>/<name>.json` (replaced whole)."""
+    if self.enabled:
+      path = os.path.join(self.workdir, f"{name}.json")
+      with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1, default=float)
+      os.replace(path + ".tmp", path)
+
+  def write_eval(self, step: int, results: Mapping[str, Mapping[str, float]], **info: Any) -> None:
+    """One held-out evaluation with every language, appended to `<workdir>/eval.jsonl`."""
+    if self.enabled:
+      with open(os.path.join(self.workdir, "eval.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **info, "results": results}, default=float) + "\n")
 
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+      if self._wandb is not None:
+        self._wandb.close()
+        self._wandb = None

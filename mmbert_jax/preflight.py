@@ -1,0 +1,172 @@
+"""Checks that run before anything expensive (devices, mesh, compilation): a run that cannot start fails in
+seconds with one line naming the key or file and what to run or set, and leaves the workdir untouched.
+
+  check(config, workdir)   data_dir, stats.json, init_from of later phases, the workdir's own checkpoints, W&B
+  parse_flags(argv)        absl flag parsing for the entry point: a bad `--config.…` override is one line too
+
+Both raise / exit with `ConfigError`'s convention: `error: <message>`, exit status 2.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import ml_collections
+
+EXIT_CODE = 2
+# Model fields that decide the parameter shapes; a checkpoint with other values belongs to another model size.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+# Phases that continue from the previous phase's checkpoint, and the phase to point `init_from` at.
+CONTINUES_FROM = {"midtrain": "pretrain", "decay": "midtrain"}
+
+
+class ConfigError(ValueError):
+  """A run that cannot start as configured (printed as one `error: …` line, exit status 2)."""
+
+
+def fail(message: str) -> None:
+  """Print `error: <message>` on stderr and exit with status 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_CODE)
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Every check of a single-phase config, or of each phase of a curriculum config (in `<workdir>/<phase>`)."""
+  if "phases" not in config:
+    check_phase(config, workdir)
+    return
+  if _latest_checkpoint(workdir) is not None:
+    raise ConfigError(f"--workdir={workdir} holds a single phase's checkpoints, but {config.phases[0]}… is a "
+                      "curriculum (it runs each phase in <workdir>/<phase>): choose another --workdir")
+  from mmbert_jax import phases
+  for phase in config.phases:
+    try:
+      phase_cfg = phases.phase_config(config, phase, workdir)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    inside = bool(config.phase_overrides[phase].get("init_from_phase"))
+    check_phase(phase_cfg, os.path.join(workdir, phase), init_from_inside=inside)
+
+
+def check_phase(config: ml_collections.ConfigDict, workdir: str, *, init_from_inside: bool = False) -> None:
+  """One phase in `workdir`. `init_from_inside`: init_from names an earlier phase of the same curriculum (it
+  need not exist yet)."""
+  _check_data(config)
+  latest = _latest_checkpoint(workdir)
+  if latest is not None:
+    _check_own_checkpoint(config, workdir, *latest)
+  else:
+    _check_init_from(config, init_from_inside)
+  _model_shape(config)  # an unknown model field or preset fails here, not after the mesh is built
+  if config.get("wandb") and config.wandb.get("project") and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"config.wandb.project={config.wandb.project} needs wandb: `pip install wandb`, or drop "
+                      "--config.wandb.project")
+
+
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  data_dir = config.data.data_dir
+  if not data_dir and "demo_corpus" in config:
+    return  # the demo builds its corpus in <workdir>/data
+  prepare = f"`python -m data_pipeline.prepare --output_dir {data_dir or 'DIR'} ...`"
+  if not data_dir:
+    raise ConfigError(f"config.data.data_dir is empty: set --config.data.data_dir=DIR to a directory prepared by "
+                      f"{prepare} (or `python -m data_pipeline.demo_corpus --data_dir DIR` for a small one)")
+  from etils import epath  # local paths and gs:// alike
+  path = epath.Path(data_dir)
+  if not path.is_dir():
+    raise ConfigError(f"config.data.data_dir={data_dir} does not exist: prepare it with {prepare}")
+  if not (path / "stats.json").exists():
+    raise ConfigError(f"config.data.data_dir={data_dir} has no stats.json: run {prepare} to completion (an "
+                      "unfinished prepare writes none)")
+
+
+def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:
+  phase = config.phase
+  previous = next((prev for name, prev in CONTINUES_FROM.items() if phase.startswith(name)), None)
+  if not config.init_from:
+    if previous and not config.get("allow_random_init", False):
+      raise ConfigError(f"config.init_from is empty, but phase {phase} continues from the {previous} checkpoint: "
+                        f"set --config.init_from=<the {previous} workdir> (or --config.allow_random_init=True to "
+                        "train it from random weights)")
+    return
+  if inside:
+    return
+  from mmbert_jax import checkpoint as ckpt_lib
+  try:
+    ckpt_lib.resolve(config.init_from)
+  except ckpt_lib.CheckpointError as e:
+    raise ConfigError(f"config.init_from={config.init_from}: {e}") from None
+
+
+def _model_shape(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  from mmbert_jax.model import ModelConfig, get_config
+  overrides = {k: v for k, v in config.model.items() if k != "dtype"}  # dtype "auto" is resolved on the device
+  unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+  if unknown:
+    raise ConfigError(f"config.model.{unknown[0]} is not a model field (fields: "
+                      f"{', '.join(sorted(ModelConfig.__dataclass_fields__))})")
+  try:
+    cfg = get_config(config.model_preset, **overrides)
+  except ValueError as e:
+    raise ConfigError(f"config.model_preset / config.model: {e}") from None
+  return {k: getattr(cfg, k) for k in SHAPE_FIELDS}
+
+
+def _latest_checkpoint(workdir: str) -> tuple[int, dict[str, Any]] | None:
+  """(step, metadata) of the workdir's newest complete checkpoint, without starting a device backend."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  from mmbert_jax import checkpoint as ckpt_lib
+  found = ckpt_lib.steps(directory)
+  if not found:
+    return None
+  path = os.path.join(directory, str(found[-1]), "meta", "metadata")  # the JSON item Orbax wrote
+  try:
+    with open(path) as f:
+      return found[-1], json.load(f)
+  except (OSError, ValueError):
+    return found[-1], {}
+
+
+def _check_own_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int, meta: dict) -> None:
+  saved_phase = meta.get("phase")
+  if saved_phase is not None and saved_phase != config.phase:
+    raise ConfigError(f"--workdir={workdir} holds checkpoints of phase {saved_phase} (step {step}), not "
+                      f"{config.phase}: choose a new --workdir (and --config.init_from={workdir} to start from them)")
+  saved = meta.get("model_config") or {}
+  now = _model_shape(config)
+  differ = [k for k in SHAPE_FIELDS if k in saved and saved[k] != now[k]]
+  if differ:
+    have = ", ".join(f"{k}={saved[k]}" for k in differ)
+    want = ", ".join(f"{k}={now[k]}" for k in differ)
+    raise ConfigError(f"--workdir={workdir} holds checkpoints of another model size ({have}; "
+                      f"config.model_preset={config.model_preset} gives {want}): choose a new --workdir")
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """`app.run(main, flags_parser=parse_flags)`: absl flag parsing where a bad command line (an unknown
+  `--config.` key, a value of the wrong type, a config file that rejects its argument) is one `error:` line and
+  exit status 2 instead of a traceback."""
+  from absl import flags
+  try:
+    return flags.FLAGS(list(argv))
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    fail(override_error(e, argv))
+
+
+def override_error(error: Exception, argv: Sequence[str]) -> str:
+  """One line for a flag parsing error; an unknown config key names the flag and the closest existing key."""
+  text = str(error.args[0]) if error.args else str(error)
+  lines = [line.strip().strip("'\"") for line in text.strip().strip("'\"").splitlines() if line.strip()]
+  if isinstance(error, (AttributeError, KeyError)) and lines:
+    key = lines[0].strip("'\"")
+    flag = next((a.split("=", 1)[0] for a in argv[1:]
+                 if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")), f"--config.…{key}")
+    hint = next((line for line in lines[1:] if line.startswith("Did you mean")), "")
+    hint = hint.replace("Did you mean", "did you mean").replace('"', "")
+    return f"{flag}: the config has no key {key!r}" + (f" ({hint})" if hint else "")
+  return lines[0] if lines else type(error).__name__
