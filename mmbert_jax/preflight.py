@@ -159,14 +159,17 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def override_error(error: Exception, argv: Sequence[str]) -> str:
-  """One line for a flag parsing error; an unknown config key names the flag and the closest existing key."""
+  """One line for a flag parsing error; an unknown config key names the flag (and the closest key, if known)."""
+  from absl import flags
+  if isinstance(error, flags.UnrecognizedFlagError) and error.flagname.startswith("config."):
+    return f"--{error.flagname}: the config has no key {error.flagname.rsplit('.', 1)[1]!r}"
   text = str(error.args[0]) if error.args else str(error)
-  lines = [line.strip().strip("'\"") for line in text.strip().strip("'\"").splitlines() if line.strip()]
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
   if isinstance(error, (AttributeError, KeyError)) and lines:
     key = lines[0].strip("'\"")
     flag = next((a.split("=", 1)[0] for a in argv[1:]
                  if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")), f"--config.…{key}")
     hint = next((line for line in lines[1:] if line.startswith("Did you mean")), "")
-    hint = hint.replace("Did you mean", "did you mean").replace('"', "")
+    hint = hint.strip("'\"").replace("Did you mean", "did you mean").replace('"', "")
     return f"{flag}: the config has no key {key!r}" + (f" ({hint})" if hint else "")
   return lines[0] if lines else type(error).__name__
