@@ -88,6 +88,25 @@ class WandbWriter:
     self._run.finish()
 
 
+def save_config(workdir: str, config) -> str:
+  """`<workdir>/config.json`: the resolved config as JSON (returned). A different config.json already there (an
+  earlier start with other flags) is kept as config.<n>.json."""
+  text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old != text:
+      n = 1
+      while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+        n += 1
+      os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+  with open(path, "w") as f:
+    f.write(text)
+  return text
+
+
 class MetricWriter:
   """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl`, TensorBoard in `<workdir>/tb` and W&B.
 
@@ -139,23 +158,11 @@ class MetricWriter:
       self._print(text)
 
   def write_config(self, config) -> None:
-    """The resolved run config (an ml_collections ConfigDict): `<workdir>/config.json`, TensorBoard text and
-    hparams, and the W&B run's config (the W&B run starts here). A different config.json already in the
-    workdir (an earlier start with other flags) is kept as config.<n>.json."""
+    """The resolved run config (an ml_collections ConfigDict): `save_config`, TensorBoard text and hparams, and
+    the W&B run's config (the W&B run starts here)."""
     if not self.enabled:
       return
-    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-    path = os.path.join(self.workdir, "config.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        old = f.read()
-      if old != text:
-        n = 1
-        while os.path.exists(os.path.join(self.workdir, f"config.{n}.json")):
-          n += 1
-        os.replace(path, os.path.join(self.workdir, f"config.{n}.json"))
-    with open(path, "w") as f:
-      f.write(text)
+    text = save_config(self.workdir, config)
     self._tb.add_text("config", "    " + text.replace("\n", "\n    "), 0)  # markdown code block
     hparams = flat_hparams(json.loads(text))
     from tensorboardX.summary import hparams as hparams_summary
