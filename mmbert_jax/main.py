@@ -16,6 +16,15 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or config.get("workdir") or None
+  if not workdir:
+    raise app.UsageError("--workdir is required (or set config.workdir)")
+  from mmbert_jax import preflight
+  try:
+    preflight.check(config, workdir)  # before devices, mesh and compilation; reads only
+  except preflight.ConfigError as e:
+    preflight.fail(str(e))
   import jax
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and restore at INFO
@@ -25,14 +34,15 @@ def main(argv):
   print(f"JAX: {jax.process_count()} process(es), {jax.device_count()} device(s): {jax.devices()[0].device_kind}",
         flush=True)
   from mmbert_jax import phases
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or config.get("workdir") or None
-  if not workdir:
-    raise app.UsageError("--workdir is required (or set config.workdir)")
   result = phases.run(config, workdir)
   if result.get("status") == "preempted":
     sys.exit(0)
+  if jax.process_index() == 0:
+    from mmbert_jax import report
+    for path in report.write_plots(workdir):
+      print(f"plot: {path}", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from mmbert_jax import preflight
+  app.run(main, flags_parser=preflight.parse_flags)

@@ -110,17 +110,18 @@ def save_config(workdir: str, config) -> str:
 class MetricWriter:
   """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl`, TensorBoard in `<workdir>/tb` and W&B.
 
-  `console`: print a line per write (True), or hand it to a callable (a progress console), or stay quiet
-  (False: the caller prints its own progress line).
+  `console`: print a line of `console_keys` per write (and every `text`), or hand them to a callable (a progress
+  console), or stay quiet (False).
   """
 
   CONSOLE_KEYS = ("train/loss", "train/accuracy", "train/lr", "train/tokens_per_s", "train/mfu", "eval/loss")
 
   def __init__(self, workdir: str, *, enabled: bool | None = None, console: bool | Callable[[str], None] = True,
-               wandb: Mapping[str, Any] | None = None):
+               console_keys: tuple[str, ...] | None = None, wandb: Mapping[str, Any] | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
     self._console = console
+    self._console_keys = self.CONSOLE_KEYS if console_keys is None else console_keys
     self._tb = None
     self._jsonl = None
     self._wandb = None
@@ -148,7 +149,7 @@ class MetricWriter:
     self._jsonl.flush()
     if self._wandb is not None:
       self._wandb.log(step, values)
-    shown = " ".join(f"{k.split('/', 1)[1]}={values[k]:.4g}" for k in self.CONSOLE_KEYS if k in values)
+    shown = " ".join(f"{k.removeprefix('train/')}={values[k]:.4g}" for k in self._console_keys if k in values)
     if shown:
       self._print(f"[{time.time() - self._start:7.1f}s] step {step:6d} {shown}", sys.stderr)
 

@@ -107,10 +107,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if result["eval"]:
       print(format_eval_table({config.phase: result["eval"]}), flush=True)
     return result
+  import jax
+  if jax.process_index() == 0:
+    from mmbert_jax import metrics
+    metrics.save_config(workdir, config)  # the curriculum's phase order, for `python -m mmbert_jax.report`
   evals: dict[str, dict] = {}
   results: dict[str, Any] = {}
-  for phase in config.phases:
-    result = train.train_and_evaluate(phase_config(config, phase, workdir), os.path.join(workdir, phase))
+  budgets = [phase_config(config, phase, workdir).train_tokens for phase in config.phases]
+  for i, phase in enumerate(config.phases):
+    result = train.train_and_evaluate(phase_config(config, phase, workdir), os.path.join(workdir, phase),
+                                      later_tokens=sum(budgets[i + 1:]))
     results[phase] = result
     if result["status"] != "complete":
       return result

@@ -163,8 +163,12 @@ def override_error(error: Exception, argv: Sequence[str]) -> str:
   from absl import flags
   if isinstance(error, flags.UnrecognizedFlagError) and error.flagname.startswith("config."):
     return f"--{error.flagname}: the config has no key {error.flagname.rsplit('.', 1)[1]!r}"
+  while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(message))
+    error = error.args[0]
   text = str(error.args[0]) if error.args else str(error)
   lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  if "Traceback (most recent call last):" in lines:  # a config file raised: its own message is the last line
+    return f"{lines[0]} {lines[-1]}"
   if isinstance(error, (AttributeError, KeyError)) and lines:
     key = lines[0].strip("'\"")
     flag = next((a.split("=", 1)[0] for a in argv[1:]

@@ -37,12 +37,13 @@ class StepTimer:
       self._sections[name] = self._sections.get(name, 0.0) + self._clock() - t
 
   def split(self, steps: int) -> dict[str, float]:
-    """Seconds per step since the last split: `step` (wall), `data`, `device`, `host`; then starts over."""
+    """Seconds per step since the last split: `step` (wall), `data`, `device`, every other timed section, and
+    `host` (the wall time outside all sections); then starts over."""
     now = self._clock()
     steps = max(steps, 1)
-    out = {"step": (now - self._start) / steps, "data": self._sections.get("data", 0.0) / steps,
-           "device": self._sections.get("device", 0.0) / steps}
-    out["host"] = max(out["step"] - out["data"] - out["device"], 0.0)
+    out = {"step": (now - self._start) / steps, "data": 0.0, "device": 0.0}
+    out.update({name: seconds / steps for name, seconds in self._sections.items()})
+    out["host"] = max(out["step"] - sum(self._sections.values()) / steps, 0.0)
     self._start, self._sections = now, {}
     return out
 

@@ -28,7 +28,7 @@ from mmbert_jax import attention as attention_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
-from mmbert_jax import optim, schedules, sharding
+from mmbert_jax import optim, progress, schedules, sharding
 from mmbert_jax.model import MaskedLM, ModelConfig, get_config
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "masked_positions", "masked_labels", "masked_weights",
@@ -272,8 +272,9 @@ class Preemption:
 # The loop
 # --------------------------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train one phase in `workdir` (resuming if it holds checkpoints); returns a summary with the final eval."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0) -> dict[str, Any]:
+  """Train one phase in `workdir` (resuming if it holds checkpoints); returns a summary with the final eval.
+  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA)."""
   from data_pipeline import pipeline as data_lib  # data is its own package; imported here so models load without it
 
   cfg = model_config(config)
@@ -290,7 +291,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if micro_rows % sharding.batch_divisor(mesh):
     raise ValueError(f"micro-batch of {micro_rows} rows is not divisible by data×fsdp = "
                      f"{sharding.batch_divisor(mesh)} devices")
-  writer = metrics_lib.MetricWriter(workdir)
+  console = progress.Console(enabled=jax.process_index() == 0)
+  writer = metrics_lib.MetricWriter(workdir, console=console.print, console_keys=("eval/loss", "eval/accuracy"),
+                                    wandb=config.get("wandb"))
+  writer.write_config(config)
   model = abstract_model(cfg, mesh, config.seed)
   tx = optimizer(config)
   param_shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
@@ -304,6 +308,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_data = data_lib.make_train_iterator(pipeline_config(config, micro_rows))
   languages = list(train_data.languages)
   eval_config = pipeline_config(config, config.eval_batch_size, eval=True)
+  mix = train_data.mixture
+  writer.write_json("mixture", {"phase": config.phase, "languages": list(mix.languages),
+                                "tokens": mix.tokens.tolist(), "weights": mix.weights.tolist(),
+                                "budgeted": list(mix.budgeted), "tau": config.data.tau})
+  train_tags = metrics_lib.LanguageTags.from_tokens(dict(zip(mix.languages, mix.tokens)), config.log_languages)
+  from data_pipeline import mixture as mixture_lib
+  data_tokens = {lang: n for lang, (n, _) in
+                 mixture_lib.counts_from_stats(mixture_lib.load_stats(config.data.data_dir)).items()}
 
   # ---- resume this run, or start from the previous phase, or initialise ------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
@@ -345,9 +357,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def run_eval():
     eval_data = data_lib.eval_batches(eval_config, max_batches=config.eval_max_batches)
     result = evaluate(eval_step, params, eval_data, put_eval)
-    writer.write(step, {f"eval/{lang}/loss": r["loss"] for lang, r in result.items() if lang != "all"}
+    per_lang = {lang: r for lang, r in result.items() if lang != "all"}
+    tags = metrics_lib.LanguageTags.from_tokens({lang: data_tokens.get(lang, 0) for lang in per_lang},
+                                                config.log_languages)
+    writer.write(step, tags.losses({lang: r["loss"] * r["masked_tokens"] for lang, r in per_lang.items()},
+                                   {lang: r["masked_tokens"] for lang, r in per_lang.items()},
+                                   prefix="eval", group_prefix="eval_group")
                  | {"eval/loss": result.get("all", {}).get("loss"),
                     "eval/accuracy": result.get("all", {}).get("accuracy")})
+    writer.write_eval(step, result, phase=config.phase, tokens=tokens,
+                      total_tokens=meta["total_tokens_before"] + tokens)
     return result
 
   # ---- loop -----------------------------------------------------------------------------------------------------
@@ -358,10 +377,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending = None  # metrics of the previous step, read after the next one is dispatched (keeps the device busy)
   status = "complete"
   t_last = time.time()
+  timer = progress.StepTimer()
+  tracker = progress.Progress(config.phase, config.train_tokens, tokens=tokens, later_tokens=later_tokens)
+  profiler = progress.Profiler(workdir, config.profile_start_step, config.profile_steps, config.profile_process,
+                               jax.process_index())
+  last_logged = step
 
   def consume(p):
-    nonlocal t_last
-    host = jax.device_get(p["metrics"])
+    nonlocal t_last, last_logged
+    with timer("device"):
+      host = jax.device_get(p["metrics"])
     if not bool(host["finite"]):
       if not config.skip_nonfinite:
         raise NonFiniteLossError(
@@ -378,17 +403,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       flops = flops_lib.training_flops(cfg, p["segment_ids"], float(host["masked_tokens"]) / jax.process_count())
       flops_total = flops.total * jax.process_count()
       real_tokens = float(host["lang_tokens"].sum())
-      lang_loss = {f"train_lang/{lang}/loss": host["lang_loss_sum"][i] / host["lang_count"][i]
-                   for i, lang in enumerate(languages) if host["lang_count"][i] > 0}
+      lang_loss = train_tags.losses(dict(zip(languages, host["lang_loss_sum"].tolist())),
+                                    dict(zip(languages, host["lang_count"].tolist())),
+                                    prefix="train_lang", group_prefix="train_group")
+      split = timer.split(p["step"] - last_logged)
+      last_logged = p["step"]
+      mfu = (flops_lib.mfu(flops_total, seconds, mesh.size, device_kind)
+             or (flops_total / (seconds * mesh.size * config.peak_flops_per_device)
+                 if config.peak_flops_per_device else None))
+      total_tokens = meta["total_tokens_before"] + p["tokens"]
+      console.progress(tracker.update(
+          p["step"], p["tokens"], mfu=mfu, loss=float(host["loss"]), accuracy=float(host["accuracy"]),
+          lr=float(host["lr"]), **{f"{k}_s": v for k, v in split.items()}))
       writer.write(p["step"], {
           "train/loss": host["loss"], "train/accuracy": host["accuracy"], "train/grad_norm": host["grad_norm"],
           "train/lr": host["lr"], "train/clipped_fraction": host["clipped_fraction"],
-          "train/tokens": p["tokens"], "train/real_tokens_per_s": real_tokens / seconds,
+          "train/tokens": p["tokens"], "train/total_tokens": total_tokens,
+          "train/real_tokens_per_s": real_tokens / seconds,
           "train/tokens_per_s": p["slot_tokens"] / seconds, "train/model_flops_per_s": flops_total / seconds,
-          "train/mfu": (flops_lib.mfu(flops_total, seconds, mesh.size, device_kind)
-                        or (flops_total / (seconds * mesh.size * config.peak_flops_per_device)
-                            if config.peak_flops_per_device else None)),
-          "train/microbatches": p["micro"]} | lang_loss)
+          "train/mfu": mfu, "train/microbatches": p["micro"]}
+          | {f"time/{k}_s": v for k, v in split.items()} | lang_loss)
     return host
 
   try:
@@ -396,23 +430,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       while tokens < config.train_tokens:
         m = schedules.batch_warmup(tokens, num_microbatches=n_micro, warmup_tokens=config.batch_warmup_tokens,
                                    start_fraction=config.batch_warmup_start_fraction)
-        micro = [next(train_data) for _ in range(m)]
+        with timer("data"):
+          micro = [next(train_data) for _ in range(m)]
+          batch = stack_microbatches(micro)
         slot_tokens = m * micro_rows * seq_len
         lr = float(schedule(tokens + slot_tokens))  # the LR at the end of this step's tokens: warmup starts above 0
-        params, opt_state, metrics = train_step(params, opt_state, put_train(stack_microbatches(micro)),
-                                                jnp.float32(lr), jnp.int32(step))
+        profiler.before_step(step)
+        batch = put_train(batch)
+        with timer("device"):  # dispatch; a backend without async dispatch (CPU) runs the step right here
+          params, opt_state, metrics = train_step(params, opt_state, batch, jnp.float32(lr), jnp.int32(step))
         step += 1
         tokens += slot_tokens
+        profiler.after_step(step, wait=functools.partial(jax.block_until_ready, metrics))
         if pending is not None:
           consume(pending)
         pending = {"metrics": metrics, "step": step, "tokens": tokens, "slot_tokens": slot_tokens, "micro": m,
                    "segment_ids": np.concatenate([b["segment_ids"] for b in micro])}
         if config.eval_every_steps and step % config.eval_every_steps == 0:
-          run_eval()
+          with timer("eval"):
+            run_eval()
         if tokens >= next_save and tokens < config.train_tokens:  # the final checkpoint is written below
           consume(pending)
           pending = None
-          save()
+          with timer("checkpoint"):
+            save()
           next_save += config.checkpoint_every_tokens
         if preemption.should_stop():
           if pending is not None:
@@ -430,6 +471,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         save(final=True)
     final_eval = run_eval() if status == "complete" else {}
   finally:
+    profiler.stop()
+    console.close()
     checkpointer.wait()
     checkpointer.close()
     preemption.close()

@@ -116,7 +116,7 @@ def test_bad_overrides_are_one_line():
   with bad overrides (exit status, timing, workdir)."""
   from absl import flags
   argv = ["main", "--config=configs/demo.py", "--config.data.tua=5", "--config.train_tokenz=5"]
-  unknown = AttributeError('\'train_tokenz\'\nDid you mean "train_tokens" instead of "train_tokenz"?')
+  unknown = AttributeError(KeyError('\'train_tokenz\'\nDid you mean "train_tokens" instead of "train_tokenz"?'))
   assert preflight.override_error(unknown, argv) == (
       "--config.train_tokenz: the config has no key 'train_tokenz' (did you mean train_tokens instead of "
       "train_tokenz?)")
@@ -127,3 +127,10 @@ def test_bad_overrides_are_one_line():
       "flag --config.batch_size=many: invalid literal for int() with base 10: 'many'")
   assert preflight.override_error(bad_value, argv) == (
       "flag --config.batch_size=many: invalid literal for int() with base 10: 'many'")
+  bad_file = flags.IllegalFlagValueError(
+      "flag --config=configs/decay.py:hot: Error whilst parsing config file:\n\nTraceback (most recent call last):\n"
+      '  File "configs/decay.py", line 30, in get_config\n    raise ValueError(...)\n'
+      "ValueError: configs/decay.py: variant 'hot' is not one of ['all', 'cont', 'eng']\n")
+  assert preflight.override_error(bad_file, argv) == (
+      "flag --config=configs/decay.py:hot: Error whilst parsing config file: ValueError: configs/decay.py: variant "
+      "'hot' is not one of ['all', 'cont', 'eng']")

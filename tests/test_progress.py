@@ -48,8 +48,10 @@ def test_step_timer_splits_wall_time():
     clock.t += 0.25                                 # host work outside any section
     with timer("device"):
       clock.t += 2.0
+  with timer("eval"):
+    clock.t += 4.0                                  # an evaluation in the interval is not host work
   split = timer.split(4)
-  assert split == pytest.approx({"step": 2.75, "data": 0.5, "device": 2.0, "host": 0.25})
+  assert split == pytest.approx({"step": 3.75, "data": 0.5, "device": 2.0, "eval": 1.0, "host": 0.25})
   clock.t += 1.0
   assert timer.split(1) == pytest.approx({"step": 1.0, "data": 0.0, "device": 0.0, "host": 1.0})
 
