@@ -107,6 +107,13 @@ def save_config(workdir: str, config) -> str:
   return text
 
 
+def record_eval(workdir: str, step: int, results: Mapping[str, Mapping[str, float]], **info: Any) -> None:
+  """One held-out evaluation with every language, appended to `<workdir>/eval.jsonl`."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+    f.write(json.dumps({"step": step, **info, "results": results}, default=float) + "\n")
+
+
 class MetricWriter:
   """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl`, TensorBoard in `<workdir>/tb` and W&B.
 
@@ -184,10 +191,8 @@ class MetricWriter:
       os.replace(path + ".tmp", path)
 
   def write_eval(self, step: int, results: Mapping[str, Mapping[str, float]], **info: Any) -> None:
-    """One held-out evaluation with every language, appended to `<workdir>/eval.jsonl`."""
     if self.enabled:
-      with open(os.path.join(self.workdir, "eval.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **info, "results": results}, default=float) + "\n")
+      record_eval(self.workdir, step, results, **info)
 
   def close(self) -> None:
     if self.enabled:

@@ -108,8 +108,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       print(format_eval_table({config.phase: result["eval"]}), flush=True)
     return result
   import jax
+  from mmbert_jax import metrics
   if jax.process_index() == 0:
-    from mmbert_jax import metrics
     metrics.save_config(workdir, config)  # the curriculum's phase order, for `python -m mmbert_jax.report`
   evals: dict[str, dict] = {}
   results: dict[str, Any] = {}
@@ -124,5 +124,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     print(format_eval_table(evals), flush=True)
   if "merge" in config and config.merge.method:
     evals[f"merged_{config.merge.method}"] = merge_phases(config, workdir)
+    if jax.process_index() == 0:
+      metrics.record_eval(os.path.join(workdir, "merged"), 0, evals[f"merged_{config.merge.method}"],
+                          phase=f"merged_{config.merge.method}")
     print(format_eval_table(evals), flush=True)
   return {"status": "complete", "phases": results, "eval": evals}

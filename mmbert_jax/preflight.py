@@ -1,7 +1,9 @@
 """Checks that run before anything expensive (devices, mesh, compilation): a run that cannot start fails in
 seconds with one line naming the key or file and what to run or set, and leaves the workdir untouched.
 
-  check(config, workdir)   data_dir, stats.json, init_from of later phases, the workdir's own checkpoints, W&B
+  check(config, workdir)   data_dir and its stats.json, init_from of later phases, the workdir's own
+                           checkpoints (phase, model size), model fields, the phase's languages and budgets
+                           against the data, W&B
   parse_flags(argv)        absl flag parsing for the entry point: a bad `--config.…` override is one line too
 
 Both raise / exit with `ConfigError`'s convention: `error: <message>`, exit status 2.
@@ -61,6 +63,7 @@ def check_phase(config: ml_collections.ConfigDict, workdir: str, *, init_from_in
   else:
     _check_init_from(config, init_from_inside)
   _model_shape(config)  # an unknown model field or preset fails here, not after the mesh is built
+  _check_mixture(config)
   if config.get("wandb") and config.wandb.get("project") and importlib.util.find_spec("wandb") is None:
     raise ConfigError(f"config.wandb.project={config.wandb.project} needs wandb: `pip install wandb`, or drop "
                       "--config.wandb.project")
@@ -81,6 +84,23 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   if not (path / "stats.json").exists():
     raise ConfigError(f"config.data.data_dir={data_dir} has no stats.json: run {prepare} to completion (an "
                       "unfinished prepare writes none)")
+
+
+def _check_mixture(config: ml_collections.ConfigDict) -> None:
+  data_dir = config.data.data_dir
+  if not data_dir or "://" in data_dir:
+    return
+  from data_pipeline import mixture
+  from mmbert_jax import train
+  try:  # the phase's mixture over this data: languages, budgets and pass caps that do not fit fail here
+    stats = mixture.load_stats(data_dir)
+    mixture.compute_mixture(mixture.counts_from_stats(stats), train.pipeline_config(config, config.batch_size).phase)
+    if config.data.eval_languages:
+      mixture.resolve_languages(config.data.eval_languages, list(stats["languages"]))
+  except ValueError as e:
+    raise ConfigError(f"config.data (languages={config.data.languages}, eval_languages="
+                      f"{config.data.eval_languages or '='}, budgets={dict(config.data.budgets)}) does not fit "
+                      f"{data_dir}: {e}") from None
 
 
 def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:
@@ -162,7 +182,8 @@ def override_error(error: Exception, argv: Sequence[str]) -> str:
   """One line for a flag parsing error; an unknown config key names the flag (and the closest key, if known)."""
   from absl import flags
   if isinstance(error, flags.UnrecognizedFlagError) and error.flagname.startswith("config."):
-    return f"--{error.flagname}: the config has no key {error.flagname.rsplit('.', 1)[1]!r}"
+    return (f"--{error.flagname}: the config has no value {error.flagname.rsplit('.', 1)[1]!r} to set (a section "
+            "is set key by key)")
   while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(message))
     error = error.args[0]
   text = str(error.args[0]) if error.args else str(error)

@@ -14,9 +14,15 @@ from mmbert_jax.model import get_config
 
 @pytest.fixture
 def data_dir(tmp_path):
+  """A stats.json (the part the mixture reads) with FineWeb2-style names for mmBERT's mid-training languages and
+  the tiny test config's languages: the recipe configs' language sets and budgets fit it."""
+  from data_pipeline import mixture
+  names = [f"{code}_Latn" for code in mixture.MMBERT_PRETRAIN + mixture.MMBERT_MID_ADDED]
+  names += ["en", "de", "fr", "ru", "zh", "sw"]
   d = tmp_path / "data"
   d.mkdir()
-  (d / "stats.json").write_text(json.dumps({"languages": {}}))
+  stats = {"languages": {name: {"train": {"tokens": 1000 * (i + 1), "sequences": 10}} for i, name in enumerate(names)}}
+  (d / "stats.json").write_text(json.dumps(stats))
   return str(d)
 
 
@@ -52,6 +58,17 @@ def test_data_dir_missing_empty_or_unprepared(tmp_path, data_dir):
   _fails(tiny_config(str(empty)), workdir, "has no stats.json", f"--output_dir {empty}")
   preflight.check(tiny_config(data_dir), workdir)
   assert not os.path.exists(workdir)
+
+
+def test_languages_that_do_not_fit_the_data(tmp_path, demo_data):
+  workdir = str(tmp_path / "run")
+  _fails(tiny_config(demo_data, **{"data.languages": "en,xx"}), workdir, "config.data (languages=en,xx",
+         "phase languages not in the data: xx")
+  _fails(tiny_config(demo_data, **{"data.eval_languages": "en,qq"}), workdir, "eval_languages=en,qq", "qq")
+  c = load_config("decay", "all,small")                     # English as "eng": the demo data calls it "en"
+  c.data.data_dir, c.init_from = demo_data, ""
+  c.allow_random_init = True
+  _fails(c, workdir, "budgets={'eng': 0.101}", "not in the data: eng")
 
 
 @pytest.mark.parametrize("config", ["midtrain", "decay"])
@@ -121,8 +138,8 @@ def test_bad_overrides_are_one_line():
       "--config.train_tokenz: the config has no key 'train_tokenz' (did you mean train_tokens instead of "
       "train_tokenz?)")
   assert preflight.override_error(KeyError("'tua'"), argv) == "--config.data.tua: the config has no key 'tua'"
-  assert preflight.override_error(flags.UnrecognizedFlagError("config.data.tua", "5"), argv) == (
-      "--config.data.tua: the config has no key 'tua'")
+  assert preflight.override_error(flags.UnrecognizedFlagError("config.data.budgets", "5"), argv) == (
+      "--config.data.budgets: the config has no value 'budgets' to set (a section is set key by key)")
   bad_value = flags.IllegalFlagValueError(
       "flag --config.batch_size=many: invalid literal for int() with base 10: 'many'")
   assert preflight.override_error(bad_value, argv) == (
