@@ -108,7 +108,7 @@ class Progress:
 
 
 def format_progress(f: dict[str, Any]) -> str:
-  """One line: 'pretrain step 120 | 1.23M/4.00M tok (30.7%) | 812k tok/s | MFU 41.2% | ETA 3m25s, curriculum
+  """One line: 'pretrain step 120 | 1.23M/4.00M tok (30.8%) | 812.00k tok/s | MFU 41.2% | ETA 3m25s, curriculum
   1h02m | 0.630 s/step: data 0.010 device 0.600 host 0.020 | loss 3.210 acc 0.412 lr 8.0e-04'."""
   parts = [f"{f['phase']} step {f['step']}",
            f"{format_count(f['tokens'])}/{format_count(f['budget'])} tok ({100 * f['fraction']:.1f}%)"]

@@ -13,6 +13,7 @@ from conftest import ROOT
 
 SHORT_DEMO = [f"--config.phase_overrides.{phase}.train_tokens={tokens}" for phase, tokens in (
     ("pretrain", 16_384), ("midtrain", 8192), ("decay_eng", 4096), ("decay_cont", 4096), ("decay_all", 4096))]
+SHORT_DEMO.append("--config.log_every_steps=2")
 
 
 def _main(*args, workdir=None, timeout=900, platforms="cpu"):
@@ -30,7 +31,7 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
   proc = _main("--config=configs/demo.py", *SHORT_DEMO, workdir=workdir, platforms=None)
   assert proc.returncode == 0, proc.stderr[-4000:]
   _assert_no_libtpu_trace(proc.stderr)
-  table = proc.stdout.split("held-out MLM loss per language")[-1]
+  table = proc.stdout.split("held-out MLM loss per language")[-1].split("\nplot: ")[0]
   header = table.strip().splitlines()[0].split()
   assert header == ["language", "pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all", "merged_ties"]
   rows = {line.split()[0]: line.split()[1:] for line in table.strip().splitlines()[1:]}
