@@ -52,20 +52,29 @@ def _phase(directory: str, name: str) -> Phase:
                _read_json(os.path.join(directory, "config.json")))
 
 
+def _start(phase: Phase) -> float:
+  """The curriculum's token count when the phase started (after the phases it continues from)."""
+  row = next((m for m in phase.metrics if "train/total_tokens" in m), None)
+  return row["train/total_tokens"] - row["train/tokens"] if row else float("inf")
+
+
 def load_run(workdir: str) -> list[Phase]:
-  """The phases of `workdir` in curriculum order (the root config's `phases`, then any other sub-directory with
-  records, e.g. a merged model, by name); a single phase's workdir gives one."""
+  """The phases of `workdir` in curriculum order: a curriculum's own (its config.json's `phases`), else phases run
+  one by one in sub-directories by the token count they started at; then any other sub-directory with records
+  (e.g. a merged model). A single phase's workdir gives one."""
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     config = _read_json(os.path.join(workdir, "config.json")) or {}
     return [_phase(workdir, config.get("phase") or os.path.basename(os.path.normpath(workdir)))]
   root = _read_json(os.path.join(workdir, "config.json")) or {}
   names = [n for n in sorted(os.listdir(workdir)) if os.path.isdir(os.path.join(workdir, n))
            and any(os.path.exists(os.path.join(workdir, n, f)) for f in ("metrics.jsonl", "eval.jsonl"))]
-  order = [p for p in root.get("phases", []) if p in names] + [n for n in names if n not in root.get("phases", [])]
-  if not order:
+  if not names:
     raise FileNotFoundError(f"{workdir} holds no run records (metrics.jsonl or eval.jsonl, in it or in its phase "
                             "sub-directories)")
-  return [_phase(os.path.join(workdir, n), n) for n in order]
+  phases = {n: _phase(os.path.join(workdir, n), n) for n in names}
+  listed = [p for p in root.get("phases", []) if p in phases]
+  rest = sorted((n for n in names if n not in listed), key=lambda n: (_start(phases[n]), n))
+  return [phases[n] for n in listed + rest]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,8 +132,9 @@ def plot_loss(phases: Sequence[Phase]):
   fig = Figure(figsize=(10, 6.5), layout="constrained")
   ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
   for name, c in curves.items():
-    line, = ax.plot(c["tokens"], c["loss"], label=name, linewidth=1.2)
-    ax_lr.plot(c["tokens"], c["lr"], color=line.get_color(), linewidth=1.2)
+    marker = "o" if len(c["tokens"]) <= 50 else None  # a short phase may have logged a single point
+    line, = ax.plot(c["tokens"], c["loss"], label=name, linewidth=1.2, marker=marker, markersize=3)
+    ax_lr.plot(c["tokens"], c["lr"], color=line.get_color(), linewidth=1.2, marker=marker, markersize=3)
   starts: dict[float, list[str]] = {}
   for name, c in curves.items():
     starts.setdefault(c["start"], []).append(name)

@@ -110,6 +110,8 @@ def test_report_command_writes_pngs_for_a_curriculum_and_a_phase(curriculum, tmp
     with open(path, "rb") as f:
       data = f.read()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
+  os.remove(curriculum / "config.json")                     # phases run one by one: ordered by their start
+  assert [p.name for p in report.load_run(str(curriculum))] == ["pretrain", "midtrain", "decay_all", "decay_eng"]
   one = report.write_plots(str(curriculum / "midtrain"), str(tmp_path / "one"))
   assert [os.path.basename(p) for p in one] == ["loss.png", "eval.png", "mixture.png"]
   (curriculum / "empty").mkdir()
