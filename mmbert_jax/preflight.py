@@ -101,6 +101,12 @@ def _check_mixture(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data (languages={config.data.languages}, eval_languages="
                       f"{config.data.eval_languages or '='}, budgets={dict(config.data.budgets)}) does not fit "
                       f"{data_dir}: {e}") from None
+  tokenizer = stats.get("tokenizer", {}).get("vocab_size", 0)
+  vocab = _model_shape(config)["vocab_size"]
+  if tokenizer > vocab:  # ids past the embedding table would be clamped silently, not rejected
+    raise ConfigError(f"{data_dir} was tokenized with {tokenizer} pieces but the model has vocab_size={vocab} "
+                      f"(config.model_preset={config.model_preset}): set --config.model.vocab_size={tokenizer} where "
+                      "the config has that key, or prepare the data with a tokenizer that fits")
 
 
 def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:

@@ -69,6 +69,8 @@ def test_languages_that_do_not_fit_the_data(tmp_path, demo_data):
   c.data.data_dir, c.init_from = demo_data, ""
   c.allow_random_init = True
   _fails(c, workdir, "budgets={'eng': 0.101}", "not in the data: eng")
+  _fails(tiny_config(demo_data, **{"model.vocab_size": 512}), workdir,     # the demo tokenizer has 1000 pieces
+         "tokenized with 1000 pieces but the model has vocab_size=512")
 
 
 @pytest.mark.parametrize("config", ["midtrain", "decay"])
