@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Pretraining mmBERT-style multilingual encoders with JAX/Flax on TPU pods and GPU clusters.",
     python_requires=">=3.11",
-    packages=find_packages(include=["mmbert_jax", "mmbert_jax.*", "data_pipeline", "data_pipeline.*"]),
+    packages=find_packages(include=["mmbert_jax", "mmbert_jax.*", "data_pipeline", "data_pipeline.*", "configs"]),
     install_requires=[
         # Versions known to work together on Python 3.11 (CPU, TPU AOT, CUDA lowering).
         "jax==0.10.2",

@@ -6,15 +6,11 @@
 The argument is `variant[,size]`: variant `eng` (110 languages, English raised to 17.9%), `cont` (the 110
 mid-training languages, English 13.2%) or `all` (every language in the data, 1833 in mmBERT, English 10.1%);
 size `base` (default) or `small`. All three start from the same mid-training checkpoint and are merged afterwards
-(python -m mmbert_jax.merge). Choices (RECIPE.md §10): the decay shape is 1−sqrt for both sizes (the base yaml;
+(python -m mmbert_jax.merge). Choices (docs/RECIPE.md §10): the decay shape is 1−sqrt for both sizes (the base yaml;
 the small yaml says linear); the small model decays from its 4e-4 peak to 1.6e-5 (final fraction 0.04), the same
 final LR as its yaml.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+from configs import base
 
 VARIANTS = {
     # variant: (language set, English share)

@@ -8,13 +8,9 @@ seq 256, theta 160k) → decay_eng / decay_cont / decay_all (tau 0.3, 5%, 1−sq
 CLDR language, e.g. Faroese `fo` and Tigrinya `ti`) → TIES merge of the three decay variants. After each phase it
 prints the held-out MLM loss per language; languages that enter only in decay_all show how much they gain.
 """
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+from configs import base
 
 DECAY = dict(init_from_phase="midtrain", data=dict(tau=0.3, mask_rate=0.05),
              schedule=dict(decay_start_tokens=0, decay_tokens=120_000, final_fraction=0.02, decay_shape="1-sqrt"),

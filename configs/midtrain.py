@@ -4,14 +4,10 @@
       --config.data.data_dir=gs://BUCKET/data --config.init_from=gs://BUCKET/mmbert-base/pretrain
 
 600B tokens at a constant learning rate, starting from the pre-training checkpoint (`init_from`). Choices
-(RECIPE.md §10): 4608 rows × 8192 per step as in the public configs; the small model uses its yaml's halved peak
+(docs/RECIPE.md §10): 4608 rows × 8192 per step as in the public configs; the small model uses its yaml's halved peak
 LR and weight decay (4e-4, 4e-5) and seed 12345. English keeps a fixed 12.1% share.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+from configs import base
 
 
 def get_config(size: str = "base"):

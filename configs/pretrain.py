@@ -3,16 +3,12 @@
   python -m mmbert_jax.main --config=configs/pretrain.py:base --workdir=gs://BUCKET/mmbert-base/pretrain \
       --config.data.data_dir=gs://BUCKET/data
 
-Choices where the sources conflict (RECIPE.md §10): mask rate 30% for both sizes (paper and blog; the base yaml
+Choices where the sources conflict (docs/RECIPE.md §10): mask rate 30% for both sizes (paper and blog; the base yaml
 says 25%); 2.3T tokens (paper, blog, dataset card). Batch 4608 × 1024, grown from 1/12 over the first 60B (base) /
 100B (small) tokens by accumulating 1..12 micro-batches of 384 rows. English takes a fixed 34.5% of tokens (its
 share in language_counts.csv); the other languages share the rest by n^0.7.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+from configs import base
 
 
 def get_config(size: str = "base"):

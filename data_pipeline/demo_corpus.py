@@ -28,17 +28,12 @@ from typing import Iterator, Sequence
 import numpy as np
 from babel import Locale, UnknownLocaleError, dates, lists, localedata, numbers, units
 
+from data_pipeline import mixture
 from data_pipeline import prepare as prepare_lib
 from data_pipeline import tokenizer as tokenizer_lib
 
-PRETRAIN = ("en", "de", "fr", "es", "it", "pt", "ru", "zh", "ja", "ar", "hi", "ko")
-MID_ADDED = ("nl", "pl", "tr", "vi", "id", "sv", "cs", "fa", "uk", "el", "he", "ro", "hu", "da", "fi", "th", "bn",
-             "ta", "sw", "nb", "bg", "hr", "sk", "lt")
-LANGUAGE_SETS: dict[str, tuple[str, ...] | None] = {
-    "demo-pretrain": PRETRAIN,
-    "demo-mid": PRETRAIN + MID_ADDED,
-    "demo-decay": None,          # all languages in the data
-}
+PRETRAIN, MID_ADDED = mixture.DEMO_PRETRAIN, mixture.DEMO_MID_ADDED
+LANGUAGE_SETS = mixture.DEMO_LANGUAGE_SETS
 TIER_DOCUMENTS = (1000, 250, 50)  # documents per language at scale 1: pretrain tier, mid tier, the rest
 _UNITS = ("length-kilometer", "length-meter", "mass-kilogram", "duration-hour", "duration-day",
           "temperature-celsius", "volume-liter", "speed-kilometer-per-hour")
@@ -161,6 +156,15 @@ def prepare_demo(data_dir: str, *, languages: Sequence[str] | str | None = None,
   source = prepare_lib.Source(format="text", path=os.path.join(data_dir, "_raw"))
   settings = prepare_lib.Settings(tok_path, max_len=max_len, eval_documents=eval_documents)
   return prepare_lib.prepare(source, data_dir, settings, num_workers=num_workers, progress=progress)
+
+
+def prepare_for_run(workdir: str, *, languages: Sequence[str] | str | None, scale: float, vocab_size: int,
+                    seq_len: int) -> str:
+  """The demo run's data in `<workdir>/data`, built on the first call and reused after; returns that directory."""
+  data_dir = os.path.join(workdir, "data")
+  prepare_demo(data_dir, languages=languages, scale=scale, vocab_size=vocab_size, max_len=max(seq_len, 256),
+               progress=False)
+  return data_dir
 
 
 def main(argv: Sequence[str] | None = None) -> None:

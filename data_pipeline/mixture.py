@@ -45,16 +45,22 @@ LANGUAGE_SETS: dict[str, tuple[str, ...] | None] = {
     "all": None,
 }
 
+# The embedded demo corpus's sets (CLDR codes; `demo_corpus` writes their text).
+DEMO_PRETRAIN = ("en", "de", "fr", "es", "it", "pt", "ru", "zh", "ja", "ar", "hi", "ko")
+DEMO_MID_ADDED = ("nl", "pl", "tr", "vi", "id", "sv", "cs", "fa", "uk", "el", "he", "ro", "hu", "da", "fi", "th",
+                  "bn", "ta", "sw", "nb", "bg", "hr", "sk", "lt")
+DEMO_LANGUAGE_SETS: dict[str, tuple[str, ...] | None] = {
+    "demo-pretrain": DEMO_PRETRAIN,
+    "demo-mid": DEMO_PRETRAIN + DEMO_MID_ADDED,
+    "demo-decay": None,          # all languages in the data
+}
+
 
 def language_set(name: str) -> tuple[str, ...] | None:
-  """A named language set; None means every language in the data. Demo sets come from `demo_corpus`."""
-  if name.startswith("demo-"):
-    from data_pipeline import demo_corpus  # babel is only needed for the demo sets
-    sets = demo_corpus.LANGUAGE_SETS
-  else:
-    sets = LANGUAGE_SETS
+  """A named language set; None means every language in the data."""
+  sets = DEMO_LANGUAGE_SETS if name.startswith("demo-") else LANGUAGE_SETS
   if name not in sets:
-    known = sorted(LANGUAGE_SETS) + ["demo-pretrain", "demo-mid", "demo-decay"]
+    known = sorted(LANGUAGE_SETS) + list(DEMO_LANGUAGE_SETS)
     raise ValueError(f"unknown language set {name!r}; known sets: {', '.join(known)}")
   return sets[name]
 

@@ -24,15 +24,17 @@ import os
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import flags
+from jax.experimental import topologies
+from ml_collections import config_flags
 
+from data_pipeline import pipeline as data_lib
 from mmbert_jax import attention as attention_lib
+from mmbert_jax import cli
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import sharding, train
 
@@ -101,7 +103,6 @@ def topology_devices(s: Slice) -> list[jax.Device]:
   """Compile-only devices of the slice (libtpu's topology description; no TPU needs to be attached)."""
   if importlib.util.find_spec("libtpu") is None:
     raise ImportError("ahead-of-time TPU compilation needs libtpu: pip install libtpu (the `tpu` extra)")
-  from jax.experimental import topologies
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip is opened, nothing to guard
   # A slice smaller than one host (4 chips) is its own host: some libtpu versions reject it otherwise.
   dims = tuple(int(d) for d in s.topology.split(":")[1].split("x"))
@@ -134,7 +135,7 @@ def abstract_batch(mesh, microbatches: int, rows: int, seq_len: int, masked: int
             "positions": (seq_len, jnp.int32), "masked_positions": (masked, jnp.int32),
             "masked_labels": (masked, jnp.int32), "masked_weights": (masked, jnp.float32),
             "lang_ids": (seq_len, jnp.int32)}
-  assert set(shapes) == set(train.BATCH_KEYS), "abstract_batch is out of date with train.BATCH_KEYS"
+  assert set(shapes) == set(data_lib.BATCH_KEYS), "abstract_batch is out of date with the pipeline's BATCH_KEYS"
   return {k: jax.ShapeDtypeStruct((microbatches, rows, n), dtype, sharding=sharding.batch_sharding(mesh, 3, 1))
           for k, (n, dtype) in shapes.items()}
 
@@ -266,7 +267,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Repo
               analytic_flops=flops_lib.flops_per_token(cfg, seq_len, config.data.mask_rate).total * rows * seq_len)
 
   start = time.perf_counter()
-  model = train.abstract_model(cfg, mesh, config.seed)
+  model = train.model_graph(cfg, mesh, config.seed)
   tx = train.optimizer(config)
   param_shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
   abstract_opt = abstract_optimizer_state(tx, model.abstract_params, mesh)
@@ -305,8 +306,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.start(argv)
   try:
     report = compile_train_step(flags.FLAGS.config, flags.FLAGS.topology)
   except (ValueError, ImportError) as e:
@@ -323,5 +323,4 @@ def main(argv):
 if __name__ == "__main__":
   if "JAX_PLATFORMS" not in os.environ:   # trace on the host CPU; never claim an attached accelerator
     jax.config.update("jax_platforms", "cpu")
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

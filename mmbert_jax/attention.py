@@ -20,11 +20,12 @@ import math
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from mmbert_jax import sharding
 from mmbert_jax.kernels import flash_gpu
 from mmbert_jax.kernels import splash
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "pallas_gpu")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = sharding.BATCH_AXES
 HEAD_AXIS = "tensor"
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 

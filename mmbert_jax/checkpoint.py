@@ -13,7 +13,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
+from data_pipeline import checkpoint as data_ckpt
+from mmbert_jax.model import ModelConfig, abstract_model
 
 
 class CheckpointError(ValueError):
@@ -29,7 +32,6 @@ def _manager(directory: str, *, data_iter: bool = False, **options) -> ocp.Check
                   meta=ocp.JsonCheckpointHandler())
   if data_iter:
     # Each process writes its own streams; restore merges them, so the process count may change (elastic).
-    from data_pipeline import checkpoint as data_ckpt
     handlers["data_iter"] = data_ckpt.PipelineCheckpointHandler()
   return ocp.CheckpointManager(epath.Path(directory), item_handlers=handlers,
                                options=ocp.CheckpointManagerOptions(**options))
@@ -50,7 +52,6 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, *, params, opt_state, data_iter, meta: dict) -> None:
-    from data_pipeline import checkpoint as data_ckpt
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
@@ -60,7 +61,6 @@ class Checkpointer:
   def restore(self, step: int, *, abstract_params, abstract_opt_state, data_iter) -> dict[str, Any]:
     """Everything of `step`, onto the shardings carried by the abstract (ShapeDtypeStruct) trees; the data
     iterator `data_iter` is moved to the saved position in place."""
-    from data_pipeline import checkpoint as data_ckpt
     check_params_fit(self.manager, step, abstract_params, self.directory)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),
@@ -139,8 +139,7 @@ def restore_for_handoff(path: str, abstract_params, abstract_opt_state=None) -> 
   return restored
 
 
-def model_config_of(meta: dict[str, Any]):
-  from mmbert_jax.model import ModelConfig
+def model_config_of(meta: dict[str, Any]) -> ModelConfig:
   if "model_config" not in meta:
     raise CheckpointError("checkpoint metadata has no 'model_config' (not written by mmbert_jax.train?)")
   return ModelConfig(**meta["model_config"])
@@ -151,16 +150,13 @@ def load_params(path: str) -> tuple[Any, dict[str, Any], str]:
 
   `path` is anything `resolve` accepts. The model config stored in the metadata gives the restore target.
   """
-  from flax import nnx
-  from mmbert_jax.model import MaskedLM
   directory, step = resolve(path)
   meta = read_meta(directory, step)
   # Shapes only: the attention kernel the run used (e.g. splash on TPU) need not run on this host.
   cfg = model_config_of(meta).replace(attention_impl="xla")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))),
-                                                     nnx.Param)))
+                          nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param)))
   restored = restore_for_handoff(f"{directory}/{step}", abstract)
   return restored["params"], meta, restored["source"]
 
@@ -179,10 +175,8 @@ def save_params(workdir: str, step: int, params, meta: dict[str, Any]) -> str:
 def load_model(path: str, **overrides):
   """A MaskedLM with the parameters of a checkpoint (e.g. for export or evaluation), its metadata and source.
   Attention runs with the implementation that suits this host ('auto') unless `overrides` name one."""
-  from flax import nnx
-  from mmbert_jax.model import MaskedLM
   params, meta, source = load_params(path)
   cfg = model_config_of(meta).replace(**{"attention_impl": "auto", **overrides})
-  graph, state = nnx.split(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))))
+  graph, state = nnx.split(abstract_model(cfg))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graph, state), meta, source

@@ -12,39 +12,55 @@ import os
 from typing import Any, Sequence
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
+from data_pipeline import pipeline as data_lib
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import phases, sharding, train
-from mmbert_jax.model import MaskedLM, ModelConfig
+from mmbert_jax import cli, sharding, train
+from mmbert_jax.model import ModelConfig, abstract_model
 
-flags.DEFINE_list("checkpoint", [], "Checkpoints: workdirs, checkpoints/ dirs or checkpoints/<step> dirs.")
-flags.DEFINE_string("data", None, "Prepared data directory (python -m data_pipeline.prepare).")
-flags.DEFINE_list("languages", [], "Languages to evaluate (default: every language with held-out data).")
-flags.DEFINE_integer("seq_len", 1024, "Row length of the held-out batches.")
-flags.DEFINE_float("mask_rate", 0.15, "Fraction of tokens masked.")
-flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
-flags.DEFINE_integer("max_batches", 8, "Batches per language (0: all held-out data).")
-flags.DEFINE_integer("seed", 0, "Seed of the masks.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("checkpoint", [], "Checkpoints: workdirs, checkpoints/ dirs or checkpoints/<step> dirs.")
+  flags.DEFINE_string("data", None, "Prepared data directory (python -m data_pipeline.prepare).")
+  flags.DEFINE_list("languages", [], "Languages to evaluate (default: every language with held-out data).")
+  flags.DEFINE_integer("seq_len", 1024, "Row length of the held-out batches.")
+  flags.DEFINE_float("mask_rate", 0.15, "Fraction of tokens masked.")
+  flags.DEFINE_integer("batch_size", 32, "Rows per batch.")
+  flags.DEFINE_integer("max_batches", 8, "Batches per language (0: all held-out data).")
+  flags.DEFINE_integer("seed", 0, "Seed of the masks.")
+
+
+def format_eval_table(results: dict[str, dict[str, dict[str, float]]], metric: str = "loss") -> str:
+  """Rows: languages; columns: phases (or merged models). Languages a column did not evaluate show '—'."""
+  columns = list(results)
+  languages = sorted({lang for r in results.values() for lang in r if lang != "all"})
+  languages.append("all")
+  width = max([len(c) for c in columns] + [8])
+  lines = [f"held-out MLM {metric} per language".center(10 + (width + 2) * len(columns)),
+           "language  " + "  ".join(c.rjust(width) for c in columns)]
+  for lang in languages:
+    cells = [f"{results[c][lang][metric]:.3f}" if lang in results[c] else "—" for c in columns]
+    lines.append(f"{lang:<10}" + "  ".join(cell.rjust(width) for cell in cells))
+  return "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=8)
 def _eval_step(cfg: ModelConfig):
   """One jitted eval step per model config: every checkpoint of the same model reuses its compilation."""
-  graph, _ = nnx.split(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))))
-  return train.make_eval_step(train.Model(cfg, graph, None))
+  return train.make_eval_step(train.ModelGraph(cfg, nnx.graphdef(abstract_model(cfg)), None))
 
 
 def evaluate_params(params, cfg: ModelConfig, pipeline_config, max_batches: int | None = None) -> dict[str, Any]:
   """{language: {loss, accuracy, masked_tokens}} plus "all", on one device."""
-  from data_pipeline import pipeline as data_lib
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   eval_step = _eval_step(cfg)
   params = jax.device_put(params, sharding.replicated(mesh))
   with jax.set_mesh(mesh):
-    return train.evaluate(eval_step, params, data_lib.eval_batches(pipeline_config, max_batches=max_batches),
+    return train.eval_per_language(eval_step, params, data_lib.eval_batches(pipeline_config, max_batches=max_batches),
                           train.make_put(mesh, leading=0))
 
 
@@ -70,13 +86,9 @@ def evaluate_checkpoints(paths: Sequence[str], pipeline_config, max_batches: int
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.start(argv)
   if not FLAGS.checkpoint or not FLAGS.data:
     raise app.UsageError("--checkpoint and --data are required")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  from data_pipeline import pipeline as data_lib
   try:
     pipeline_config = data_lib.PipelineConfig(
         data_dir=FLAGS.data, languages=tuple(FLAGS.languages) or None, seq_len=FLAGS.seq_len,
@@ -84,9 +96,9 @@ def main(argv):
     results = evaluate_checkpoints(FLAGS.checkpoint, pipeline_config, FLAGS.max_batches or None)
   except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f"evaluate: {e}") from None
-  print(phases.format_eval_table(results))
-  print(phases.format_eval_table(results, metric="accuracy"))
+  print(format_eval_table(results))
+  print(format_eval_table(results, metric="accuracy"))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

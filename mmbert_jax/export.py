@@ -13,10 +13,11 @@ import json
 import os
 import shutil
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from data_pipeline import tokenizer as tokenizer_lib
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import hf
+from mmbert_jax import cli, hf
 
 FLAGS = flags.FLAGS
 
@@ -26,8 +27,7 @@ OUTPUT_FILES = (hf.CONFIG_FILE, hf.WEIGHTS_FILE, hf.WEIGHTS_INDEX_FILE, TOKENIZE
                 "tokenizer_config.json")
 
 
-def _define_flags() -> None:
-  # Defined only when run as a program, so `merge --hf_out` can import `export` next to its own --out.
+def define_flags() -> None:
   flags.DEFINE_string("checkpoint", None, "A workdir, its checkpoints/ dir or one checkpoints/<step> dir.")
   flags.DEFINE_string("out", None, "Output directory (must not hold a model yet).")
   flags.DEFINE_string("tokenizer", None,
@@ -54,13 +54,12 @@ def fast_tokenizer(spm_path: str, cfg):
   """The SentencePiece model as a transformers fast tokenizer that frames text as `<bos> text <eos>`, like the
   training sequences; None without `transformers`. Vocabulary, merges (BPE) or scores (unigram), byte fallback and
   normalization come from the model file, as when transformers converts a bare `tokenizer.model`."""
-  try:
+  try:  # transformers and tokenizers: heavy, and only in the `test` extra
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
   except ImportError:
     return None
-  from data_pipeline import tokenizer as tokenizer_lib
   tokenizer_lib.load_tokenizer(spm_path, tokenizer_lib.SpecialIds.from_model_config(cfg))  # ids as the model's
   extractor = SentencePieceExtractor(spm_path)
   pieces = extractor.extract(None)   # None: the model type (BPE or unigram) recorded in the file
@@ -94,12 +93,9 @@ def export(checkpoint: str, out: str, tokenizer: str | None = None) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.start(argv)
   if not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--checkpoint and --out are required")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   try:
     source = export(FLAGS.checkpoint, FLAGS.out, FLAGS.tokenizer)
   except (ValueError, FileExistsError, FileNotFoundError) as e:   # bad input: one line, no traceback
@@ -108,5 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

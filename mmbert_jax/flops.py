@@ -1,4 +1,4 @@
-"""Analytic training FLOPs of the encoder and model FLOPs utilisation (ARCHITECTURE.md §8).
+"""Analytic training FLOPs of the encoder and model FLOPs utilisation (docs/ARCHITECTURE.md §8).
 
 Matmul FLOPs only (2·m·n·k), training = 3 × forward, counted on real tokens (no padding, no cross-document
 attention pairs, no rematerialisation):

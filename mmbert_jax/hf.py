@@ -1,7 +1,7 @@
 """Hugging Face interop: `ModernBertForMaskedLM` directories (config.json + safetensors) ⇄ `MaskedLM`.
 
 Every torch Linear stores `W[out, in]`; our kernels are `W.T`, with the fused projections reshaped so heads and
-the GLU halves are explicit axes (ARCHITECTURE.md §3). `decoder.weight` is tied to the embedding and not written.
+the GLU halves are explicit axes (docs/ARCHITECTURE.md §3). `decoder.weight` is tied to the embedding and not written.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from safetensors import flax as safetensors_flax
 
-from mmbert_jax.model import MaskedLM, ModelConfig
+from mmbert_jax.model import MaskedLM, ModelConfig, abstract_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -205,7 +205,7 @@ def load(path: str, **overrides: Any) -> MaskedLM:
   if "embeddings.tok_embeddings.weight" in weights:
     weights = {(k if k.startswith(("head.", "decoder.")) else f"model.{k}"): v for k, v in weights.items()}
 
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0))))
+  graphdef, abstract = nnx.split(abstract_model(cfg))
   params = nnx.to_pure_dict(abstract)
   for ours, key, from_hf, to_hf in weight_map(cfg):
     if key not in weights:

@@ -1,48 +1,69 @@
 """Entry point: `python -m mmbert_jax.main --config=configs/<phase>.py[:arg] --workdir=DIR [--config.a.b=v ...]`.
 
-Kept short on purpose: the loop lives in `mmbert_jax.train.train_and_evaluate`, importable from a notebook.
+Kept short on purpose: the loop lives in `mmbert_jax.train.train_and_evaluate` and the curriculum in
+`mmbert_jax.phases.run`, both importable from a notebook. What belongs to the process lives here: the pre-flight
+checks, multi-host initialisation, the persistent compilation cache, the embedded demo corpus and the plots at
+the end.
 """
 import os
 import sys
 
-from absl import app, flags, logging
+import jax
+import ml_collections
+from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (ml_collections).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
-flags.mark_flags_as_required(["config"])
+from data_pipeline import demo_corpus
+from mmbert_jax import cli, phases, preflight, report
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Run config file (ml_collections).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+  flags.mark_flags_as_required(["config"])
+
+
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`config.jax_cache_dir` (relative paths are inside the workdir): compiled steps are reused across phases
+  of the same shapes and across restarts."""
+  if config.get("jax_cache_dir"):
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, config.jax_cache_dir))
+
+
+def prepare_demo_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`config.demo_corpus`: build the embedded corpus in `<workdir>/data` (once) and point the data there."""
+  if "demo_corpus" not in config or config.data.data_dir:
+    return
+  d = config.demo_corpus
+  data_dir = demo_corpus.prepare_for_run(workdir, languages=d.languages, scale=d.scale, vocab_size=d.vocab_size,
+                                         seq_len=config.data.seq_len)
+  with config.unlocked():
+    config.data.data_dir = data_dir
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or config.get("workdir") or None
+  cli.start(argv)
+  config = FLAGS.config
+  workdir = FLAGS.workdir or config.get("workdir") or None
   if not workdir:
     raise app.UsageError("--workdir is required (or set config.workdir)")
-  from mmbert_jax import preflight
-  try:
-    preflight.check(config, workdir)  # before devices, mesh and compilation; reads only
-  except preflight.ConfigError as e:
-    preflight.fail(str(e))
-  import jax
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and restore at INFO
+  preflight.check(config, workdir)  # reads only; before devices, mesh and compilation
   # Multi-host: every process runs this same command; TPU pods, SLURM and Open MPI are detected by jax itself.
   if os.environ.get("MMBERT_DISTRIBUTED", "0") == "1":
     jax.distributed.initialize()
   print(f"JAX: {jax.process_count()} process(es), {jax.device_count()} device(s): {jax.devices()[0].device_kind}",
         flush=True)
-  from mmbert_jax import phases
+  use_compilation_cache(config, workdir)
+  prepare_demo_data(config, workdir)
   result = phases.run(config, workdir)
   if result.get("status") == "preempted":
     sys.exit(0)
   if jax.process_index() == 0:
-    from mmbert_jax import report
     for path in report.write_plots(workdir):
       print(f"plot: {path}", flush=True)
 
 
 if __name__ == "__main__":
-  from mmbert_jax import preflight
-  app.run(main, flags_parser=preflight.parse_flags)
+  cli.run(main, define_flags)

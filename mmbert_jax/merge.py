@@ -1,4 +1,5 @@
-"""Merge checkpoints: TIES over decay variants (mmBERT-base) or an exponential average over one run (mmBERT-small).
+"""Merging checkpoints (the command line of `mmbert_jax.merging`, whose algorithms work on parameter trees):
+TIES over decay variants (mmBERT-base) or an exponential average over one run (mmBERT-small).
 
   python -m mmbert_jax.merge --method=ties --base=RUN/midtrain \
       --models=RUN/decay_eng,RUN/decay_cont,RUN/decay_all --density=0.5 --out=RUN/merged [--hf_out=DIR]
@@ -13,24 +14,27 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import merging
+from mmbert_jax import cli, export, merging
 
 METHODS = ("ties", "ema", "average")
-
-flags.DEFINE_enum("method", "ties", METHODS, "Merge method.")
-flags.DEFINE_string("base", None, "ties: checkpoint the task vectors are taken against (e.g. the mid-training end).")
-flags.DEFINE_list("models", [], "ties/average: checkpoints to merge.")
-flags.DEFINE_string("run", None, "ema: a workdir whose checkpoints (oldest → newest) are averaged.")
-flags.DEFINE_float("density", 0.5, "ties: fraction of each task vector's entries kept per tensor.")
-flags.DEFINE_list("weights", [], "ties/average: one weight per model (default: equal).")
-flags.DEFINE_float("lam", 1.0, "ties: scale of the merged task vector.")
-flags.DEFINE_float("decay", 0.5, "ema: weight ratio between consecutive checkpoints (newest weighs most).")
-flags.DEFINE_string("out", None, "Output workdir for the merged checkpoint.")
-flags.DEFINE_string("hf_out", None, "Also write a transformers ModernBertForMaskedLM directory here.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_enum("method", "ties", METHODS, "Merge method.")
+  flags.DEFINE_string("base", None, "ties: checkpoint the task vectors are taken against (e.g. the mid-training "
+                      "end).")
+  flags.DEFINE_list("models", [], "ties/average: checkpoints to merge.")
+  flags.DEFINE_string("run", None, "ema: a workdir whose checkpoints (oldest → newest) are averaged.")
+  flags.DEFINE_float("density", 0.5, "ties: fraction of each task vector's entries kept per tensor.")
+  flags.DEFINE_list("weights", [], "ties/average: one weight per model (default: equal).")
+  flags.DEFINE_float("lam", 1.0, "ties: scale of the merged task vector.")
+  flags.DEFINE_float("decay", 0.5, "ema: weight ratio between consecutive checkpoints (newest weighs most).")
+  flags.DEFINE_string("out", None, "Output workdir for the merged checkpoint.")
+  flags.DEFINE_string("hf_out", None, "Also write a transformers ModernBertForMaskedLM directory here.")
 
 
 # ModelConfig fields that say how a model runs, not what it computes: checkpoints may differ in them.
@@ -64,7 +68,7 @@ def _load_all(paths: Sequence[str]):
   return params, metas, sources
 
 
-def merge(method: str, *, base: str | None = None, models: Sequence[str] = (), run: str | None = None,
+def merge_checkpoints(method: str, *, base: str | None = None, models: Sequence[str] = (), run: str | None = None,
           density: float = 0.5, weights: Sequence[float] | None = None, lam: float = 1.0,
           decay: float = 0.5) -> tuple[Any, dict[str, Any]]:
   """Merged params and the metadata to save with them."""
@@ -99,13 +103,9 @@ def merge(method: str, *, base: str | None = None, models: Sequence[str] = (), r
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.start(argv)
   if not FLAGS.out:
     raise app.UsageError("--out is required")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
-  from mmbert_jax import export
   try:
     # Both outputs are checked before the (slow) merge: an existing one is never overwritten.
     directory = ckpt_lib.checkpoint_dir(FLAGS.out)
@@ -113,7 +113,7 @@ def main(argv):
       raise FileExistsError(f"{directory} already holds checkpoints; choose a new --out")
     if FLAGS.hf_out:
       export.check_new_output(FLAGS.hf_out)
-    merged, meta = merge(FLAGS.method, base=FLAGS.base, models=FLAGS.models, run=FLAGS.run,
+    merged, meta = merge_checkpoints(FLAGS.method, base=FLAGS.base, models=FLAGS.models, run=FLAGS.run,
                          density=FLAGS.density, weights=FLAGS.weights, lam=FLAGS.lam, decay=FLAGS.decay)
     where = ckpt_lib.save_params(FLAGS.out, int(meta.get("step", 0)), merged, meta)
     print(f"merged checkpoint: {where}")
@@ -125,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -1,7 +1,8 @@
 """Merging trained checkpoints: TIES-merging, weighted averages and exponential (EMA-style) weighting.
 
-mmBERT merges its decay-phase checkpoints after training (RECIPE.md §5): the base model combines the best checkpoint
-of each decay mixture with TIES-merging, the small model an exponentially weighted set of Decay-All checkpoints.
+mmBERT merges its decay-phase checkpoints after training (docs/RECIPE.md §5): the base model combines the best
+checkpoint of each decay mixture with TIES-merging, the small model an exponentially weighted set of Decay-All
+checkpoints.
 Everything here works on plain parameter pytrees (nested dicts of arrays, or `nnx.State`) and returns a tree of the
 same structure and dtypes; arithmetic is done in float32. Trees must match exactly: same structure, and per
 parameter the same shape and dtype; a mismatch raises a one-line error naming the parameter path.

@@ -135,7 +135,7 @@ class MetricWriter:
     self._wandb_settings = dict(wandb) if wandb and wandb.get("project") else None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
+      from tensorboardX import SummaryWriter  # imports torch when installed: only the writing process pays
       self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._start = time.time()

@@ -1,6 +1,6 @@
 """The mmBERT / ModernBERT encoder with its masked-language-model head, in Flax NNX.
 
-Forward pass (ARCHITECTURE.md §2): LN(embed) → L pre-norm layers (layer 0 skips its attention norm) with fused
+Forward pass (docs/ARCHITECTURE.md §2): LN(embed) → L pre-norm layers (layer 0 skips its attention norm) with fused
 QKV, rotate-half RoPE (θ by layer kind), global attention every `global_every_n` layers and ±w local attention
 otherwise, GeGLU MLP → final LN → head dense → GELU → LN → tied decoder + bias. No other biases.
 
@@ -267,7 +267,12 @@ class MaskedLM(nnx.Module):
     return self.head(x)
 
 
+def abstract_model(cfg: ModelConfig, seed: int = 0) -> MaskedLM:
+  """The model with shapes in place of arrays: nothing is allocated (restore targets, graphs, compilation).
+  Under a mesh and logical axis rules its parameters carry their shardings."""
+  return nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(seed)))
+
+
 def count_params(cfg: ModelConfig) -> int:
   """Parameter count from shapes alone (no memory is allocated)."""
-  abstract = nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(0)))
-  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))

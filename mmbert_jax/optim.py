@@ -1,6 +1,6 @@
 """Optimizers: StableAdamW (the mmBERT optimizer) and AdamW, as optax transformations.
 
-StableAdamW (RECIPE.md §3.4; optimi / ModernBERT `decoupled_stableadamw`) is Adam with debiased betas plus
+StableAdamW (docs/RECIPE.md §3.4; optimi / ModernBERT `decoupled_stableadamw`) is Adam with debiased betas plus
 per-tensor *update clipping*: each tensor's step is divided by max(1, rms), rms = sqrt(mean(g² / max(v̂, eps²))),
 which replaces global gradient-norm clipping. Weight decay is fully decoupled: per step a decayed tensor shrinks by
 `weight_decay · lr_eff / peak_lr`, so `weight_decay` means "decay per step at peak LR" (8e-5 in the recipe), not a

@@ -3,36 +3,30 @@ seconds with one line naming the key or file and what to run or set, and leaves 
 
   check(config, workdir)   data_dir and its stats.json, init_from of later phases, the workdir's own
                            checkpoints (phase, model size), model fields, the phase's languages and budgets
-                           against the data, W&B
-  parse_flags(argv)        absl flag parsing for the entry point: a bad `--config.…` override is one line too
+                           against the data, the tokenizer against the model's vocabulary, W&B
 
-Both raise / exit with `ConfigError`'s convention: `error: <message>`, exit status 2.
+Each failure is a `cli.ConfigError`: the entry point prints it as `error: …` and exits with status 2.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-import sys
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
+from etils import epath
 
-EXIT_CODE = 2
+from data_pipeline import mixture
+from mmbert_jax import checkpoint as ckpt_lib
+from mmbert_jax import phases, train
+from mmbert_jax.cli import ConfigError
+from mmbert_jax.model import ModelConfig, get_config
+
 # Model fields that decide the parameter shapes; a checkpoint with other values belongs to another model size.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 # Phases that continue from the previous phase's checkpoint, and the phase to point `init_from` at.
 CONTINUES_FROM = {"midtrain": "pretrain", "decay": "midtrain"}
-
-
-class ConfigError(ValueError):
-  """A run that cannot start as configured (printed as one `error: …` line, exit status 2)."""
-
-
-def fail(message: str) -> None:
-  """Print `error: <message>` on stderr and exit with status 2."""
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_CODE)
 
 
 def check(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -43,7 +37,6 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
   if _latest_checkpoint(workdir) is not None:
     raise ConfigError(f"--workdir={workdir} holds a single phase's checkpoints, but {config.phases[0]}… is a "
                       "curriculum (it runs each phase in <workdir>/<phase>): choose another --workdir")
-  from mmbert_jax import phases
   for phase in config.phases:
     try:
       phase_cfg = phases.phase_config(config, phase, workdir)
@@ -77,7 +70,6 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   if not data_dir:
     raise ConfigError(f"config.data.data_dir is empty: set --config.data.data_dir=DIR to a directory prepared by "
                       f"{prepare} (or `python -m data_pipeline.demo_corpus --data_dir DIR` for a small one)")
-  from etils import epath  # local paths and gs:// alike
   path = epath.Path(data_dir)
   if not path.is_dir():
     raise ConfigError(f"config.data.data_dir={data_dir} does not exist: prepare it with {prepare}")
@@ -90,8 +82,6 @@ def _check_mixture(config: ml_collections.ConfigDict) -> None:
   data_dir = config.data.data_dir
   if not data_dir or "://" in data_dir:
     return
-  from data_pipeline import mixture
-  from mmbert_jax import train
   try:  # the phase's mixture over this data: languages, budgets and pass caps that do not fit fail here
     stats = mixture.load_stats(data_dir)
     mixture.compute_mixture(mixture.counts_from_stats(stats), train.pipeline_config(config, config.batch_size).phase)
@@ -120,7 +110,6 @@ def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:
     return
   if inside:
     return
-  from mmbert_jax import checkpoint as ckpt_lib
   try:
     ckpt_lib.resolve(config.init_from)
   except ckpt_lib.CheckpointError as e:
@@ -128,7 +117,6 @@ def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:
 
 
 def _model_shape(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  from mmbert_jax.model import ModelConfig, get_config
   overrides = {k: v for k, v in config.model.items() if k != "dtype"}  # dtype "auto" is resolved on the device
   unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
   if unknown:
@@ -146,7 +134,6 @@ def _latest_checkpoint(workdir: str) -> tuple[int, dict[str, Any]] | None:
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return None
-  from mmbert_jax import checkpoint as ckpt_lib
   found = ckpt_lib.steps(directory)
   if not found:
     return None
@@ -171,36 +158,3 @@ def _check_own_checkpoint(config: ml_collections.ConfigDict, workdir: str, step:
     want = ", ".join(f"{k}={now[k]}" for k in differ)
     raise ConfigError(f"--workdir={workdir} holds checkpoints of another model size ({have}; "
                       f"config.model_preset={config.model_preset} gives {want}): choose a new --workdir")
-
-
-def parse_flags(argv: Sequence[str]) -> list[str]:
-  """`app.run(main, flags_parser=parse_flags)`: absl flag parsing where a bad command line (an unknown
-  `--config.` key, a value of the wrong type, a config file that rejects its argument) is one `error:` line and
-  exit status 2 instead of a traceback."""
-  from absl import flags
-  try:
-    return flags.FLAGS(list(argv))
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    fail(override_error(e, argv))
-
-
-def override_error(error: Exception, argv: Sequence[str]) -> str:
-  """One line for a flag parsing error; an unknown config key names the flag (and the closest key, if known)."""
-  from absl import flags
-  if isinstance(error, flags.UnrecognizedFlagError) and error.flagname.startswith("config."):
-    return (f"--{error.flagname}: the config has no value {error.flagname.rsplit('.', 1)[1]!r} to set (a section "
-            "is set key by key)")
-  while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(message))
-    error = error.args[0]
-  text = str(error.args[0]) if error.args else str(error)
-  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-  if "Traceback (most recent call last):" in lines:  # a config file raised: its own message is the last line
-    return f"{lines[0]} {lines[-1]}"
-  if isinstance(error, (AttributeError, KeyError)) and lines:
-    key = lines[0].strip("'\"")
-    flag = next((a.split("=", 1)[0] for a in argv[1:]
-                 if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")), f"--config.…{key}")
-    hint = next((line for line in lines[1:] if line.startswith("Did you mean")), "")
-    hint = hint.strip("'\"").replace("Did you mean", "did you mean").replace('"', "")
-    return f"{flag}: the config has no key {key!r}" + (f" ({hint})" if hint else "")
-  return lines[0] if lines else type(error).__name__

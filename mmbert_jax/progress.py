@@ -14,6 +14,9 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
+import jax
+from tqdm import tqdm
+
 
 class StepTimer:
   """Host-side wall time of named sections (`with timer("data"): ...`) between two `split` calls.
@@ -145,7 +148,6 @@ class Console:
     if not self.bar:
       print(format_progress(fields), file=self.stream, flush=True)
       return
-    from tqdm import tqdm
     total = max(int(fields["budget"]), 1)
     if self._tqdm is None:
       self._tqdm = tqdm(total=total, file=self.stream, dynamic_ncols=True, bar_format="{bar:24}| {desc}",
@@ -197,7 +199,6 @@ class Profiler:
   def before_step(self, step: int) -> None:
     """`step`: the number of steps done so far (the next step's index)."""
     if self.wanted and not self._active and step == self.start_step:
-      import jax
       jax.profiler.start_trace(self.directory)
       self._active = True
 
@@ -210,6 +211,5 @@ class Profiler:
     if self._active:
       if wait is not None:
         wait()
-      import jax
       jax.profiler.stop_trace()
       self._active = False

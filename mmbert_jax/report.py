@@ -18,6 +18,9 @@ from typing import Any, Sequence
 import numpy as np
 from absl import app, flags
 
+from mmbert_jax import cli
+
+FLAGS = flags.FLAGS
 PLOTS = ("loss", "eval", "mixture")
 
 
@@ -123,13 +126,17 @@ def mixtures(phases: Sequence[Phase]) -> tuple[dict[str, dict[str, float]], dict
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plots (matplotlib's object API: no global state, no display needed)
+# Plots
 # ---------------------------------------------------------------------------------------------------------------
 
+def _figure(**kwargs):
+  from matplotlib.figure import Figure  # the object API: no global state, no display; imported when drawing
+  return Figure(layout="constrained", **kwargs)
+
+
 def plot_loss(phases: Sequence[Phase]):
-  from matplotlib.figure import Figure
   curves = loss_curves(phases)
-  fig = Figure(figsize=(10, 6.5), layout="constrained")
+  fig = _figure(figsize=(10, 6.5))
   ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
   for name, c in curves.items():
     marker = "o" if len(c["tokens"]) <= 50 else None  # a short phase may have logged a single point
@@ -152,7 +159,6 @@ def plot_loss(phases: Sequence[Phase]):
 
 
 def plot_eval(phases: Sequence[Phase]):
-  from matplotlib.figure import Figure
   evals = final_eval(phases)
   entry = entry_phase(phases)
   first = next((p.name for p in phases if p.mixture), None)
@@ -160,7 +166,7 @@ def plot_eval(phases: Sequence[Phase]):
   languages = sorted({lang for r in evals.values() for lang in r},
                      key=lambda lang: (order.index(entry[lang]) if lang in entry else len(order), lang))
   late = [lang for lang in languages if entry.get(lang) != first]
-  fig = Figure(figsize=(min(max(9, 3 + 0.45 * len(languages)), 40), 5), layout="constrained")
+  fig = _figure(figsize=(min(max(9, 3 + 0.45 * len(languages)), 40), 5))
   ax = fig.subplots()
   x = np.arange(len(languages))
   for name, r in evals.items():
@@ -182,10 +188,9 @@ def plot_eval(phases: Sequence[Phase]):
 
 
 def plot_mixture(phases: Sequence[Phase]):
-  from matplotlib.figure import Figure
   weights, tokens = mixtures(phases)
   languages = sorted(tokens, key=lambda lang: (-tokens[lang], lang))
-  fig = Figure(figsize=(min(max(9, 3 + 0.3 * len(languages)), 40), 7), layout="constrained")
+  fig = _figure(figsize=(min(max(9, 3 + 0.3 * len(languages)), 40), 7))
   ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
   x = np.arange(len(languages))
   for name, w in weights.items():
@@ -217,20 +222,22 @@ def write_plots(workdir: str, out_dir: str | None = None) -> list[str]:
   return paths
 
 
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A curriculum root or one phase's workdir.")
+  flags.DEFINE_string("out", "", "Where the PNGs go (default <workdir>/plots).")
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS.workdir:
+  cli.start(argv)
+  if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   try:
-    paths = write_plots(flags.FLAGS.workdir, flags.FLAGS.out or None)
+    paths = write_plots(FLAGS.workdir, FLAGS.out or None)
   except FileNotFoundError as e:
-    raise SystemExit(f"report: {e}") from None
+    raise cli.ConfigError(f"--workdir={FLAGS.workdir}: {e}") from None
   for path in paths:
     print(path)
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "A curriculum root or one phase's workdir.")
-  flags.DEFINE_string("out", "", "Where the PNGs go (default <workdir>/plots).")
-  app.run(main)
+  cli.run(main, define_flags)

@@ -1,4 +1,4 @@
-"""Learning-rate and batch-size schedules, counted in tokens (RECIPE.md §3.2, §3.3).
+"""Learning-rate and batch-size schedules, counted in tokens (docs/RECIPE.md §3.2, §3.3).
 
 mmBERT schedules everything by tokens seen, not by optimizer steps: the batch grows during batch-size warmup,
 so a step is not a fixed amount of data. Each phase has its own schedule whose position is *tokens since the
@@ -100,7 +100,7 @@ def batch_warmup(tokens: float, *, num_microbatches: int, warmup_tokens: float, 
   """Number of micro-batches (1..num_microbatches) to accumulate into the next optimizer step.
 
   The full batch is `num_microbatches` fixed-size micro-batches; warmup starts at ⌈start_fraction · n⌉ of them
-  and grows by one micro-batch per level, reaching n once `tokens` ≥ `warmup_tokens` (RECIPE.md §3.3: 384 →
+  and grows by one micro-batch per level, reaching n once `tokens` ≥ `warmup_tokens` (docs/RECIPE.md §3.3: 384 →
   4608 sequences = 1 → 12 micro-batches of 384). With `level_duration="steps"` every level below n lasts the
   same number of optimizer steps, so level k spans tokens ∝ k (ModernBERT's BatchSizeWarmupScheduler); with
   "tokens" every level spans the same number of tokens. `tokens` is counted from the phase start, globally.

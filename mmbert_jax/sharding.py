@@ -13,11 +13,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")    # batch rows are split over these (also inside the kernels' shard_map)
 
 # Logical parameter axes (named in mmbert_jax.model) → mesh axes. The only place sharding is decided.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH),
+    ("batch", BATCH_AXES),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -55,7 +55,7 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
 
 def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
   """Sharding of a batch array: `leading` unsharded axes (e.g. micro-batches), then rows over (data, fsdp)."""
-  return NamedSharding(mesh, P(*([None] * leading), BATCH, *([None] * (ndim - leading - 1))))
+  return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

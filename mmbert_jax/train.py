@@ -1,8 +1,10 @@
 """Training loop of one phase: `train_and_evaluate(config, workdir)`.
 
-Reads top to bottom: mesh → model and optimizer state (sharded by the logical axis rules) → resume from this
-run's checkpoint, or hand off from `config.init_from` → data → jitted train step (gradient accumulation over
-micro-batches, StableAdamW, token-driven learning rate) → loop with metrics, eval, checkpoints and preemption.
+Reads top to bottom: config → components; model state (sharded by the logical axis rules); loss and the jitted
+train step (gradient accumulation over micro-batches, StableAdamW, token-driven learning rate); host batches →
+global arrays; preemption; and `PhaseRun`, which sets up mesh, state, data and writers (resuming this run's
+checkpoint, or handing off from `config.init_from`) and runs the loop with metrics, eval, checkpoints and
+preemption.
 
 The schedule's clock is *slot tokens* (rows × seq_len), known on every host without a device sync; real
 (non-padding) tokens are counted per language for metrics and carried across phases.
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import signal
 import time
 from typing import Any, Iterable
@@ -24,15 +25,14 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from data_pipeline import pipeline as data_lib
 from mmbert_jax import attention as attention_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
+from data_pipeline import mixture as mixture_lib
 from mmbert_jax import optim, progress, schedules, sharding
-from mmbert_jax.model import MaskedLM, ModelConfig, get_config
-
-BATCH_KEYS = ("input_ids", "segment_ids", "positions", "masked_positions", "masked_labels", "masked_weights",
-              "lang_ids")
+from mmbert_jax.model import MaskedLM, ModelConfig, abstract_model, get_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,7 +66,6 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 def pipeline_config(config: ml_collections.ConfigDict, batch_size: int, *, eval: bool = False):
   """The data pipeline's config for this phase's training batches, or for its held-out batches."""
-  from data_pipeline import pipeline as data_lib
   d = config.data
   if eval:  # every eval language counts alone: no mixture, and the configured eval mask rate
     return data_lib.PipelineConfig(
@@ -92,32 +91,34 @@ def num_microbatches(config: ml_collections.ConfigDict) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Model:
-  """An NNX model as a jitted function needs it: the graph, and its parameters as a pure dict."""
+class ModelGraph:
+  """A model as jitted functions take it: its config, its NNX graph (the structure without arrays) and the
+  abstract parameters (ShapeDtypeStructs with their shardings; None where only the graph is needed).
+  `bind(params)` joins the graph with a pure dict of parameters into a MaskedLM."""
   cfg: ModelConfig
   graph: Any
-  abstract_params: Any     # ShapeDtypeStructs carrying the parameter shardings
+  abstract_params: Any
 
   def bind(self, params) -> MaskedLM:
     return nnx.merge(self.graph, params, copy=True)
 
 
-def abstract_model(cfg: ModelConfig, mesh, seed: int = 0) -> Model:
+def model_graph(cfg: ModelConfig, mesh, seed: int = 0) -> ModelGraph:
   """Shapes and shardings only: nothing is allocated (ahead-of-time compilation, restore targets)."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    graph, state = nnx.split(nnx.eval_shape(lambda: MaskedLM(cfg, rngs=nnx.Rngs(seed))))
+    graph, state = nnx.split(abstract_model(cfg, seed))
     shardings = nnx.to_pure_dict(nnx.get_named_sharding(state, mesh))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nnx.to_pure_dict(state), shardings)
-  return Model(cfg, graph, abstract)
+  return ModelGraph(cfg, graph, abstract)
 
 
-def init_model(cfg: ModelConfig, mesh, seed: int) -> tuple[Model, Any]:
+def init_model(cfg: ModelConfig, mesh, seed: int) -> tuple[ModelGraph, Any]:
   """Sharded float32 parameters (pure dict) created directly on their devices."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     graph, params = nnx.split(nnx.jit(lambda: MaskedLM(cfg, rngs=nnx.Rngs(seed)))())
   params = nnx.to_pure_dict(params)
-  return Model(cfg, graph, abstract_like(params)), params
+  return ModelGraph(cfg, graph, abstract_like(params)), params
 
 
 def abstract_like(tree):
@@ -151,7 +152,7 @@ def _forward(model: MaskedLM, batch, rngs=None):
                masked_positions=batch["masked_positions"], rngs=rngs)
 
 
-def make_train_step(model: Model, tx, mesh, *, num_languages: int, seed: int, param_shardings, opt_shardings):
+def make_train_step(model: ModelGraph, tx, mesh, *, num_languages: int, seed: int, param_shardings, opt_shardings):
   """(params, opt_state, micro-batches [m, b, ...], lr, step) → (params, opt_state, metrics)."""
 
   def loss_fn(params, batch, key):
@@ -168,10 +169,10 @@ def make_train_step(model: Model, tx, mesh, *, num_languages: int, seed: int, pa
       (_, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, jax.random.fold_in(base, i))
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, stats)), None
 
-    m = batches["input_ids"].shape[0]
+    n_micro = batches["input_ids"].shape[0]
     zero_stats = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], batches), base)[1])
     init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats))
-    (grads, totals), _ = jax.lax.scan(micro, init, (batches, jnp.arange(m)))
+    (grads, totals), _ = jax.lax.scan(micro, init, (batches, jnp.arange(n_micro)))
     count = jnp.maximum(totals["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)            # mean over every masked token of the step
     grad_norm = optax.tree.norm(grads)
@@ -179,7 +180,7 @@ def make_train_step(model: Model, tx, mesh, *, num_languages: int, seed: int, pa
     new_params = optax.apply_updates(params, updates)
     # A non-finite step changes nothing; the host then stops (or skips, if configured).
     finite = jnp.isfinite(totals["loss_sum"]) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     metrics = {
         "loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count, "grad_norm": grad_norm,
         "lr": optim.learning_rate(new_opt), "clipped_fraction": optim.clipped_fraction(new_opt),
@@ -187,7 +188,7 @@ def make_train_step(model: Model, tx, mesh, *, num_languages: int, seed: int, pa
         "lang_loss_sum": totals["lang_loss_sum"], "lang_count": totals["lang_count"],
         "lang_tokens": totals["lang_tokens"],
     }
-    return keep(new_params, params), keep(new_opt, opt_state), metrics
+    return if_finite(new_params, params), if_finite(new_opt, opt_state), metrics
 
   return jax.jit(step, in_shardings=(param_shardings, opt_shardings, None, None, None),
                  out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
@@ -207,14 +208,14 @@ def fresh_train_state(cfg: ModelConfig, config: ml_collections.ConfigDict, mesh,
   return params, opt_state, step
 
 
-def make_eval_step(model: Model):
+def make_eval_step(model: ModelGraph):
   @jax.jit
   def eval_step(params, batch):
     return mlm_stats(_forward(model.bind(params), batch), batch, num_languages=1)
   return eval_step
 
 
-def evaluate(eval_step, params, batches: Iterable[tuple[str, dict]], put) -> dict[str, dict[str, float]]:
+def eval_per_language(eval_step, params, batches: Iterable[tuple[str, dict]], put) -> dict[str, dict[str, float]]:
   """Held-out MLM loss and accuracy per language (and over all of them) from (language, batch) pairs."""
   sums: dict[str, np.ndarray] = {}
   for lang, batch in batches:
@@ -237,12 +238,12 @@ def make_put(mesh, leading: int):
   def put(batch: dict[str, np.ndarray]):
     return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v), leading),
                                                       np.asarray(v))
-            for k, v in batch.items() if k in BATCH_KEYS}
+            for k, v in batch.items() if k in data_lib.BATCH_KEYS}
   return put
 
 
 def stack_microbatches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([b[k] for b in batches]) for k in BATCH_KEYS}
+  return {k: np.stack([b[k] for b in batches]) for k in data_lib.BATCH_KEYS}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,213 +273,266 @@ class Preemption:
 # The loop
 # --------------------------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0) -> dict[str, Any]:
-  """Train one phase in `workdir` (resuming if it holds checkpoints); returns a summary with the final eval.
-  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA)."""
-  from data_pipeline import pipeline as data_lib  # data is its own package; imported here so models load without it
+@dataclasses.dataclass
+class DispatchedStep:
+  """A step sent to the devices whose metrics the host has not read yet (reading them waits for the step)."""
+  metrics: dict[str, jax.Array]
+  step: int
+  tokens: int
+  slot_tokens: int
+  microbatches: int
+  segment_ids: np.ndarray
 
-  cfg = model_config(config)
-  devices = jax.devices()
-  if config.num_devices:
-    if jax.process_count() > 1:
-      raise ValueError("config.num_devices works only in a single-process run")
-    devices = devices[:config.num_devices]
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  with jax.set_mesh(mesh):
-    attention_lib.resolve_impl(cfg, seq_len=config.data.seq_len)  # a kernel that cannot run fails here, not in jit
-  n_micro = num_microbatches(config)
-  micro_rows = config.batch_size // n_micro
-  if micro_rows % sharding.batch_divisor(mesh):
-    raise ValueError(f"micro-batch of {micro_rows} rows is not divisible by data×fsdp = "
-                     f"{sharding.batch_divisor(mesh)} devices")
-  console = progress.Console(enabled=jax.process_index() == 0)
-  writer = metrics_lib.MetricWriter(workdir, console=console.print, console_keys=("eval/loss", "eval/accuracy"),
-                                    wandb=config.get("wandb"))
-  writer.write_config(config)
-  model = abstract_model(cfg, mesh, config.seed)
-  tx = optimizer(config)
-  param_shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
-  with jax.set_mesh(mesh):
-    init_opt = jax.jit(tx.init).lower(model.abstract_params).compile()  # moments follow the param shardings
-  opt_shardings = init_opt.output_shardings
-  abstract_opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              jax.eval_shape(tx.init, model.abstract_params), opt_shardings)
-  schedule = lr_schedule(config)
 
-  train_data = data_lib.make_train_iterator(pipeline_config(config, micro_rows))
-  languages = list(train_data.languages)
-  eval_config = pipeline_config(config, config.eval_batch_size, eval=True)
-  mix = train_data.mixture
-  writer.write_json("mixture", {"phase": config.phase, "languages": list(mix.languages),
-                                "tokens": mix.tokens.tolist(), "weights": mix.weights.tolist(),
-                                "budgeted": list(mix.budgeted), "tau": config.data.tau})
-  train_tags = metrics_lib.LanguageTags.from_tokens(dict(zip(mix.languages, mix.tokens)), config.log_languages)
-  from data_pipeline import mixture as mixture_lib
-  data_tokens = {lang: n for lang, (n, _) in
-                 mixture_lib.counts_from_stats(mixture_lib.load_stats(config.data.data_dir)).items()}
+class PhaseRun:
+  """One phase in one workdir: mesh, model and optimizer state, data, checkpointer and metric writer, and the
+  loop over them. Everything the loop changes (params, opt_state, step, tokens, meta) is a field of this object.
+  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA).
+  """
 
-  # ---- resume this run, or start from the previous phase, or initialise ------------------------------------------
-  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  step, tokens = 0, 0
-  meta: dict[str, Any] = {"phase": config.phase, "total_tokens_before": 0, "tokens_per_language": {},
-                          "history": []}
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    restored = checkpointer.restore(latest, abstract_params=model.abstract_params, abstract_opt_state=abstract_opt,
-                                    data_iter=train_data)
-    params, opt_state, meta = restored["params"], restored["opt_state"], restored["meta"]
-    step, tokens = meta["step"], meta["tokens"]
-    writer.text("run", f"resumed {workdir} at step {step} ({tokens:,} tokens)")
-  elif config.init_from:
-    handoff = ckpt_lib.restore_for_handoff(config.init_from, model.abstract_params,
-                                           abstract_opt if config.init_optimizer_state else None)
-    params = handoff["params"]
-    opt_state = handoff["opt_state"] if config.init_optimizer_state else init_opt(params)
-    prev = handoff["meta"]
-    meta["total_tokens_before"] = prev.get("total_tokens_before", 0) + prev.get("tokens", 0)
-    meta["tokens_per_language"] = dict(prev.get("tokens_per_language", {}))
-    meta["history"] = prev.get("history", []) + [{"phase": prev.get("phase"), "source": handoff["source"],
-                                                  "tokens": prev.get("tokens", 0)}]
-    writer.text("run", f"phase {config.phase}: starting from {handoff['source']} (phase {prev.get('phase')})")
-  else:
-    _, params = init_model(cfg, mesh, config.seed)
-    opt_state = init_opt(params)
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0):
+    self.config, self.workdir = config, workdir
+    self.cfg = cfg = model_config(config)
+    devices = jax.devices()
+    if config.num_devices:
+      if jax.process_count() > 1:
+        raise ValueError("config.num_devices works only in a single-process run")
+      devices = devices[:config.num_devices]
+    self.mesh = mesh = sharding.make_mesh(dict(config.mesh), devices)
+    with jax.set_mesh(mesh):
+      attention_lib.resolve_impl(cfg, seq_len=config.data.seq_len)  # a kernel that cannot run fails here, not in jit
+    self.n_micro = num_microbatches(config)
+    self.micro_rows = config.batch_size // self.n_micro
+    if self.micro_rows % sharding.batch_divisor(mesh):
+      raise ValueError(f"micro-batch of {self.micro_rows} rows is not divisible by data×fsdp = "
+                       f"{sharding.batch_divisor(mesh)} devices")
+    self.console = progress.Console(enabled=jax.process_index() == 0)
+    self.writer = metrics_lib.MetricWriter(workdir, console=self.console.print,
+                                           console_keys=("eval/loss", "eval/accuracy"), wandb=config.get("wandb"))
+    self.writer.write_config(config)
+    model = model_graph(cfg, mesh, config.seed)
+    tx = optimizer(config)
+    param_shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
+    with jax.set_mesh(mesh):
+      init_opt = jax.jit(tx.init).lower(model.abstract_params).compile()  # moments follow the param shardings
+    opt_shardings = init_opt.output_shardings
+    abstract_opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(tx.init, model.abstract_params), opt_shardings)
+    self.schedule = lr_schedule(config)
 
-  train_step = make_train_step(model, tx, mesh, num_languages=len(languages), seed=config.seed,
-                               param_shardings=param_shardings, opt_shardings=opt_shardings)
-  eval_step = make_eval_step(model)
-  put_train, put_eval = make_put(mesh, leading=1), make_put(mesh, leading=0)
+    self.train_data = data_lib.make_train_iterator(pipeline_config(config, self.micro_rows))
+    self.languages = list(self.train_data.languages)
+    self.eval_config = pipeline_config(config, config.eval_batch_size, eval=True)
+    mix = self.train_data.mixture
+    self.writer.write_json("mixture", {"phase": config.phase, "languages": list(mix.languages),
+                                       "tokens": mix.tokens.tolist(), "weights": mix.weights.tolist(),
+                                       "budgeted": list(mix.budgeted), "tau": config.data.tau})
+    self.train_tags = metrics_lib.LanguageTags.from_tokens(dict(zip(mix.languages, mix.tokens)),
+                                                           config.log_languages)
+    self.data_tokens = {lang: n for lang, (n, _) in
+                        mixture_lib.counts_from_stats(mixture_lib.load_stats(config.data.data_dir)).items()}
 
-  def save(final: bool = False):
-    meta.update(step=step, tokens=tokens, model_config=dataclasses.asdict(cfg), phase=config.phase,
-                languages=languages, complete=final, config=config.to_json())
-    checkpointer.save(step, params=params, opt_state=opt_state, data_iter=train_data, meta=meta)
+    # Resume this run, or start from the previous phase, or initialise.
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    self.step, self.tokens = 0, 0
+    self.meta: dict[str, Any] = {"phase": config.phase, "total_tokens_before": 0, "tokens_per_language": {},
+                                 "history": []}
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      restored = self.checkpointer.restore(latest, abstract_params=model.abstract_params,
+                                           abstract_opt_state=abstract_opt, data_iter=self.train_data)
+      self.params, self.opt_state, self.meta = restored["params"], restored["opt_state"], restored["meta"]
+      self.step, self.tokens = self.meta["step"], self.meta["tokens"]
+      self.writer.text("run", f"resumed {workdir} at step {self.step} ({self.tokens:,} tokens)")
+    elif config.init_from:
+      handoff = ckpt_lib.restore_for_handoff(config.init_from, model.abstract_params,
+                                             abstract_opt if config.init_optimizer_state else None)
+      self.params = handoff["params"]
+      self.opt_state = handoff["opt_state"] if config.init_optimizer_state else init_opt(self.params)
+      prev = handoff["meta"]
+      self.meta["total_tokens_before"] = prev.get("total_tokens_before", 0) + prev.get("tokens", 0)
+      self.meta["tokens_per_language"] = dict(prev.get("tokens_per_language", {}))
+      self.meta["history"] = prev.get("history", []) + [{"phase": prev.get("phase"), "source": handoff["source"],
+                                                         "tokens": prev.get("tokens", 0)}]
+      self.writer.text("run", f"phase {config.phase}: starting from {handoff['source']} (phase {prev.get('phase')})")
+    else:
+      _, self.params = init_model(cfg, mesh, config.seed)
+      self.opt_state = init_opt(self.params)
 
-  def run_eval():
-    eval_data = data_lib.eval_batches(eval_config, max_batches=config.eval_max_batches)
-    result = evaluate(eval_step, params, eval_data, put_eval)
+    self.train_step = make_train_step(model, tx, mesh, num_languages=len(self.languages), seed=config.seed,
+                                      param_shardings=param_shardings, opt_shardings=opt_shardings)
+    self.eval_step = make_eval_step(model)
+    self.put_train, self.put_eval = make_put(mesh, leading=1), make_put(mesh, leading=0)
+    self.device_kind = jax.devices()[0].device_kind
+    self.t_last_log = time.time()
+    self.preemption = Preemption()
+    self.timer = progress.StepTimer()
+    self.progress = progress.Progress(config.phase, config.train_tokens, tokens=self.tokens,
+                                      later_tokens=later_tokens)
+    self.last_logged_step = self.step
+    self.profiler = progress.Profiler(workdir, config.profile_start_step, config.profile_steps,
+                                      config.profile_process, jax.process_index())
+
+  # ---- actions ----------------------------------------------------------------------------------------------------
+
+  def save(self, final: bool = False) -> None:
+    self.meta.update(step=self.step, tokens=self.tokens, model_config=dataclasses.asdict(self.cfg),
+                     phase=self.config.phase, languages=self.languages, complete=final,
+                     config=self.config.to_json())
+    self.checkpointer.save(self.step, params=self.params, opt_state=self.opt_state, data_iter=self.train_data,
+                           meta=self.meta)
+
+  def evaluate(self) -> dict[str, dict[str, float]]:
+    config = self.config
+    eval_data = data_lib.eval_batches(self.eval_config, max_batches=config.eval_max_batches)
+    result = eval_per_language(self.eval_step, self.params, eval_data, self.put_eval)
     per_lang = {lang: r for lang, r in result.items() if lang != "all"}
-    tags = metrics_lib.LanguageTags.from_tokens({lang: data_tokens.get(lang, 0) for lang in per_lang},
+    tags = metrics_lib.LanguageTags.from_tokens({lang: self.data_tokens.get(lang, 0) for lang in per_lang},
                                                 config.log_languages)
-    writer.write(step, tags.losses({lang: r["loss"] * r["masked_tokens"] for lang, r in per_lang.items()},
-                                   {lang: r["masked_tokens"] for lang, r in per_lang.items()},
-                                   prefix="eval", group_prefix="eval_group")
-                 | {"eval/loss": result.get("all", {}).get("loss"),
-                    "eval/accuracy": result.get("all", {}).get("accuracy")})
-    writer.write_eval(step, result, phase=config.phase, tokens=tokens,
-                      total_tokens=meta["total_tokens_before"] + tokens)
+    self.writer.write(self.step, tags.losses({lang: r["loss"] * r["masked_tokens"] for lang, r in per_lang.items()},
+                                             {lang: r["masked_tokens"] for lang, r in per_lang.items()},
+                                             prefix="eval", group_prefix="eval_group")
+                      | {"eval/loss": result.get("all", {}).get("loss"),
+                         "eval/accuracy": result.get("all", {}).get("accuracy")})
+    self.writer.write_eval(self.step, result, phase=config.phase, tokens=self.tokens,
+                           total_tokens=self.meta["total_tokens_before"] + self.tokens)
     return result
 
-  # ---- loop -----------------------------------------------------------------------------------------------------
-  preemption = Preemption()
-  seq_len = config.data.seq_len
-  next_save = (tokens // config.checkpoint_every_tokens + 1) * config.checkpoint_every_tokens
-  device_kind = jax.devices()[0].device_kind
-  pending = None  # metrics of the previous step, read after the next one is dispatched (keeps the device busy)
-  status = "complete"
-  t_last = time.time()
-  timer = progress.StepTimer()
-  tracker = progress.Progress(config.phase, config.train_tokens, tokens=tokens, later_tokens=later_tokens)
-  profiler = progress.Profiler(workdir, config.profile_start_step, config.profile_steps, config.profile_process,
-                               jax.process_index())
-  last_logged = step
+  def dispatch_step(self) -> DispatchedStep:
+    """Draws this step's micro-batches and starts the train step on the devices (without waiting for it)."""
+    config = self.config
+    n_micro = schedules.batch_warmup(self.tokens, num_microbatches=self.n_micro,
+                                     warmup_tokens=config.batch_warmup_tokens,
+                                     start_fraction=config.batch_warmup_start_fraction)
+    with self.timer("data"):
+      micro = [next(self.train_data) for _ in range(n_micro)]
+      batch = stack_microbatches(micro)
+    slot_tokens = n_micro * self.micro_rows * config.data.seq_len
+    # The LR at the end of this step's tokens: warmup starts above 0. The schedule runs on the default device,
+    # queued behind the previous step, so reading it waits for that step: device time.
+    with self.timer("device"):
+      lr = float(self.schedule(self.tokens + slot_tokens))
+    self.profiler.before_step(self.step)
+    batch = self.put_train(batch)
+    with self.timer("device"):  # dispatch; a backend without asynchronous dispatch runs the step right here
+      self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, batch, jnp.float32(lr),
+                                                             jnp.int32(self.step))
+    self.step += 1
+    self.tokens += slot_tokens
+    self.profiler.after_step(self.step, wait=functools.partial(jax.block_until_ready, metrics))
+    return DispatchedStep(metrics, self.step, self.tokens, slot_tokens, n_micro,
+                          np.concatenate([b["segment_ids"] for b in micro]))
 
-  def consume(p):
-    nonlocal t_last, last_logged
-    with timer("device"):
-      host = jax.device_get(p["metrics"])
+  def record(self, done: DispatchedStep) -> None:
+    """Reads a dispatched step's metrics: stops (or skips) on a non-finite step, counts tokens per language,
+    and logs every `log_every_steps`."""
+    config = self.config
+    with self.timer("device"):
+      host = jax.device_get(done.metrics)
     if not bool(host["finite"]):
       if not config.skip_nonfinite:
         raise NonFiniteLossError(
-            f"step {p['step']}: loss/gradients are not finite (loss={float(host['loss'])}); parameters were not "
-            f"updated and the last checkpoint in {checkpointer.directory} is intact. Set "
+            f"step {done.step}: loss/gradients are not finite (loss={float(host['loss'])}); parameters were not "
+            f"updated and the last checkpoint in {self.checkpointer.directory} is intact. Set "
             "--config.skip_nonfinite=True to skip such steps.")
-      writer.text("run", f"step {p['step']}: non-finite loss, step skipped")
-    for i, lang in enumerate(languages):
-      meta["tokens_per_language"][lang] = meta["tokens_per_language"].get(lang, 0) + int(host["lang_tokens"][i])
-    if p["step"] % config.log_every_steps == 0:
-      now = time.time()
-      seconds = (now - t_last) / config.log_every_steps
-      t_last = now
-      flops = flops_lib.training_flops(cfg, p["segment_ids"], float(host["masked_tokens"]) / jax.process_count())
-      flops_total = flops.total * jax.process_count()
-      real_tokens = float(host["lang_tokens"].sum())
-      lang_loss = train_tags.losses(dict(zip(languages, host["lang_loss_sum"].tolist())),
-                                    dict(zip(languages, host["lang_count"].tolist())),
-                                    prefix="train_lang", group_prefix="train_group")
-      split = timer.split(p["step"] - last_logged)
-      last_logged = p["step"]
-      mfu = (flops_lib.mfu(flops_total, seconds, mesh.size, device_kind)
-             or (flops_total / (seconds * mesh.size * config.peak_flops_per_device)
-                 if config.peak_flops_per_device else None))
-      total_tokens = meta["total_tokens_before"] + p["tokens"]
-      console.progress(tracker.update(
-          p["step"], p["tokens"], mfu=mfu, loss=float(host["loss"]), accuracy=float(host["accuracy"]),
-          lr=float(host["lr"]), **{f"{k}_s": v for k, v in split.items()}))
-      writer.write(p["step"], {
-          "train/loss": host["loss"], "train/accuracy": host["accuracy"], "train/grad_norm": host["grad_norm"],
-          "train/lr": host["lr"], "train/clipped_fraction": host["clipped_fraction"],
-          "train/tokens": p["tokens"], "train/total_tokens": total_tokens,
-          "train/real_tokens_per_s": real_tokens / seconds,
-          "train/tokens_per_s": p["slot_tokens"] / seconds, "train/model_flops_per_s": flops_total / seconds,
-          "train/mfu": mfu, "train/microbatches": p["micro"]}
-          | {f"time/{k}_s": v for k, v in split.items()} | lang_loss)
-    return host
+      self.writer.text("run", f"step {done.step}: non-finite loss, step skipped")
+    for i, lang in enumerate(self.languages):
+      self.meta["tokens_per_language"][lang] = (self.meta["tokens_per_language"].get(lang, 0)
+                                                + int(host["lang_tokens"][i]))
+    if done.step % config.log_every_steps == 0:
+      self._log(done, host)
 
-  try:
-    with jax.set_mesh(mesh):
-      while tokens < config.train_tokens:
-        m = schedules.batch_warmup(tokens, num_microbatches=n_micro, warmup_tokens=config.batch_warmup_tokens,
-                                   start_fraction=config.batch_warmup_start_fraction)
-        with timer("data"):
-          micro = [next(train_data) for _ in range(m)]
-          batch = stack_microbatches(micro)
-        slot_tokens = m * micro_rows * seq_len
-        lr = float(schedule(tokens + slot_tokens))  # the LR at the end of this step's tokens: warmup starts above 0
-        profiler.before_step(step)
-        batch = put_train(batch)
-        with timer("device"):  # dispatch; a backend without async dispatch (CPU) runs the step right here
-          params, opt_state, metrics = train_step(params, opt_state, batch, jnp.float32(lr), jnp.int32(step))
-        step += 1
-        tokens += slot_tokens
-        profiler.after_step(step, wait=functools.partial(jax.block_until_ready, metrics))
-        if pending is not None:
-          consume(pending)
-        pending = {"metrics": metrics, "step": step, "tokens": tokens, "slot_tokens": slot_tokens, "micro": m,
-                   "segment_ids": np.concatenate([b["segment_ids"] for b in micro])}
-        if config.eval_every_steps and step % config.eval_every_steps == 0:
-          with timer("eval"):
-            run_eval()
-        if tokens >= next_save and tokens < config.train_tokens:  # the final checkpoint is written below
-          consume(pending)
-          pending = None
-          with timer("checkpoint"):
-            save()
+  def _log(self, done: DispatchedStep, host: dict[str, np.ndarray]) -> None:
+    config, mesh = self.config, self.mesh
+    now = time.time()
+    seconds = (now - self.t_last_log) / config.log_every_steps
+    self.t_last_log = now
+    flops = flops_lib.training_flops(self.cfg, done.segment_ids, float(host["masked_tokens"]) / jax.process_count())
+    flops_total = flops.total * jax.process_count()
+    real_tokens = float(host["lang_tokens"].sum())
+    lang_loss = self.train_tags.losses(dict(zip(self.languages, host["lang_loss_sum"].tolist())),
+                                       dict(zip(self.languages, host["lang_count"].tolist())),
+                                       prefix="train_lang", group_prefix="train_group")
+    mfu = (flops_lib.mfu(flops_total, seconds, mesh.size, self.device_kind)
+           or (flops_total / (seconds * mesh.size * config.peak_flops_per_device)
+               if config.peak_flops_per_device else None))
+    split = self.timer.split(done.step - self.last_logged_step)
+    self.last_logged_step = done.step
+    self.console.progress(self.progress.update(
+        done.step, done.tokens, mfu=mfu, loss=float(host["loss"]), accuracy=float(host["accuracy"]),
+        lr=float(host["lr"]), **{f"{k}_s": v for k, v in split.items()}))
+    self.writer.write(done.step, {
+        "train/loss": host["loss"], "train/accuracy": host["accuracy"], "train/grad_norm": host["grad_norm"],
+        "train/lr": host["lr"], "train/clipped_fraction": host["clipped_fraction"],
+        "train/tokens": done.tokens, "train/total_tokens": self.meta["total_tokens_before"] + done.tokens,
+        "train/real_tokens_per_s": real_tokens / seconds,
+        "train/tokens_per_s": done.slot_tokens / seconds, "train/model_flops_per_s": flops_total / seconds,
+        "train/mfu": mfu, "train/microbatches": done.microbatches}
+        | {f"time/{k}_s": v for k, v in split.items()} | lang_loss)
+
+  # ---- the loop ---------------------------------------------------------------------------------------------------
+
+  def run(self) -> str:
+    """Trains until `train_tokens` ("complete", with a final checkpoint) or SIGTERM ("preempted", saved).
+
+    The host reads a step's metrics only after dispatching the next one, so the devices do not wait for it;
+    before a checkpoint, a stop or the end, the step not yet read is read first."""
+    config = self.config
+    next_save = (self.tokens // config.checkpoint_every_tokens + 1) * config.checkpoint_every_tokens
+    unread: DispatchedStep | None = None
+    status = "complete"
+    self.t_last_log = time.time()
+    with jax.set_mesh(self.mesh):
+      while self.tokens < config.train_tokens:
+        done = self.dispatch_step()
+        if unread is not None:
+          self.record(unread)
+        unread = done
+        if config.eval_every_steps and self.step % config.eval_every_steps == 0:
+          with self.timer("eval"):
+            self.evaluate()
+        if self.tokens >= next_save and self.tokens < config.train_tokens:  # the final checkpoint is written below
+          self.record(unread)
+          unread = None
+          with self.timer("checkpoint"):
+            self.save()
           next_save += config.checkpoint_every_tokens
-        if preemption.should_stop():
-          if pending is not None:
-            consume(pending)
-            pending = None
-          if checkpointer.latest_step() != step:
-            save()
+        if self.preemption.should_stop():
+          if unread is not None:
+            self.record(unread)
+            unread = None
+          if self.checkpointer.latest_step() != self.step:
+            self.save()
           status = "preempted"
-          writer.text("run", f"SIGTERM: saved step {step} to {checkpointer.directory}; re-run the same command "
-                      "to resume")
+          self.writer.text("run", f"SIGTERM: saved step {self.step} to {self.checkpointer.directory}; re-run "
+                           "the same command to resume")
           break
-      if pending is not None:
-        consume(pending)
-      if status == "complete" and checkpointer.latest_step() != step:
-        save(final=True)
-    final_eval = run_eval() if status == "complete" else {}
-  finally:
-    profiler.stop()
-    console.close()
-    checkpointer.wait()
-    checkpointer.close()
-    preemption.close()
-    writer.close()
-    close = getattr(train_data, "close", None)
+      if unread is not None:
+        self.record(unread)
+      if status == "complete" and self.checkpointer.latest_step() != self.step:
+        self.save(final=True)
+    return status
+
+  def close(self) -> None:
+    self.profiler.stop()
+    self.console.close()
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    self.preemption.close()
+    self.writer.close()
+    close = getattr(self.train_data, "close", None)
     if close:
       close()
-  return {"status": status, "step": step, "tokens": tokens, "eval": final_eval, "languages": languages,
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0) -> dict[str, Any]:
+  """Train one phase in `workdir` (resuming if it holds checkpoints); returns a summary with the final eval.
+  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA)."""
+  run = PhaseRun(config, workdir, later_tokens=later_tokens)
+  try:
+    status = run.run()
+    final_eval = run.evaluate() if status == "complete" else {}
+  finally:
+    run.close()
+  return {"status": status, "step": run.step, "tokens": run.tokens, "eval": final_eval, "languages": run.languages,
           "workdir": workdir}

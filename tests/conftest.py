@@ -54,12 +54,7 @@ def tiny_config(data_dir: str, **overrides):
   c.checkpoint_every_tokens = 512 * 4
   c.keep_checkpoints = 2
   c.num_devices = 4                   # fsdp over 4 of the 8 host devices
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -25,7 +25,7 @@ def _config(name: str, arg: str):
 
 
 def _params(v, h, layers, i):
-  """Parameter count from the architecture (ARCHITECTURE.md): embedding + decoder bias + head dense + norms +
+  """Parameter count from the architecture (docs/ARCHITECTURE.md): embedding + decoder bias + head dense + norms +
   per layer Wqkv, Wo, Wi (GLU, 2I), Wo_mlp."""
   return v * h + v + h * h + (2 * layers + 2) * h + layers * (4 * h * h + 3 * h * i)
 

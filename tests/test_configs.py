@@ -1,4 +1,4 @@
-"""Every recipe number of RECIPE.md in the phase configs, and the configs' internal consistency."""
+"""Every recipe number of docs/RECIPE.md in the phase configs, and the configs' internal consistency."""
 import pytest
 
 from conftest import load_config

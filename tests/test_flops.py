@@ -1,4 +1,4 @@
-"""Analytic FLOPs against ARCHITECTURE.md §8, brute-force pair counts and the model's own parameter shapes."""
+"""Analytic FLOPs against docs/ARCHITECTURE.md §8, brute-force pair counts and the model's own parameter shapes."""
 import jax
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from mmbert_jax.model import MaskedLM, get_config
 
 
 def expected_per_token(cfg, seq, mask_rate):
-  """ARCHITECTURE.md §8 for one document of length `seq`, written out independently of the module."""
+  """docs/ARCHITECTURE.md §8 for one document of length `seq`, written out independently of the module."""
   h, i, v, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
   w = cfg.local_window // 2
   n_global = sum(1 for layer in range(n_layers) if layer % cfg.global_every_n == 0)
@@ -20,7 +20,7 @@ def expected_per_token(cfg, seq, mask_rate):
   return linears, attention, head
 
 
-# ARCHITECTURE.md §8 per-token table, millions: (total, linears, attention, sparse head, dense head).
+# docs/ARCHITECTURE.md §8 per-token table, millions: (total, linears, attention, sparse head, dense head).
 PUBLISHED = [
     ("mmbert-base", {}, 1024, 0.30, (1108, 662, 92, 355, 1183)),
     ("mmbert-base", {}, 8192, 0.15, (1460, 662, 621, 178, 1183)),

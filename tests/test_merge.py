@@ -68,6 +68,8 @@ def _ties_numpy(base, models, density, weights):
 
 def _merge_main(*args):
   """merge.main as the command line calls it, in this process (for its checks that run before any merging)."""
+  if "out" not in flags.FLAGS:   # importing merge defines no flags; its command line defines them
+    merge.define_flags()
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["merge", *args])
   try:
@@ -113,13 +115,13 @@ def test_ties_cli_writes_the_ties_merge_and_a_transformers_directory(run, ties_c
 def test_merging_a_checkpoint_with_itself_is_the_identity(run):
   final = _params(run)
   # Exactly: two halves of the same float32, and TIES with nothing to add (every task vector is zero).
-  _assert_same(merge.merge("average", models=[run, step_dir(run, 12)])[0], final)
-  _assert_same(merge.merge("ties", base=run, models=[run, run], density=0.5)[0], final)
+  _assert_same(merge.merge_checkpoints("average", models=[run, step_dir(run, 12)])[0], final)
+  _assert_same(merge.merge_checkpoints("ties", base=run, models=[run, run], density=0.5)[0], final)
 
 
 def test_ema_and_average_give_loadable_checkpoints(run, tmp_path):
   decay = 0.5
-  merged, meta = merge.merge("ema", run=run, decay=decay)
+  merged, meta = merge.merge_checkpoints("ema", run=run, decay=decay)
   w = decay ** np.arange(len(STEPS) - 1, -1, -1.0)
   w /= w.sum()                                         # oldest → newest: 1/7, 2/7, 4/7
   steps = [_params(step_dir(run, s)) for s in STEPS]
@@ -130,7 +132,7 @@ def test_ema_and_average_give_loadable_checkpoints(run, tmp_path):
   assert where.endswith(f"/{STEPS[-1]}") and loaded_meta["phase"] == "merged_ema"
   _assert_same(nnx.to_pure_dict(nnx.state(model, nnx.Param)), merged)
 
-  average, _ = merge.merge("average", models=[step_dir(run, 8), run], weights=[1, 3])
+  average, _ = merge.merge_checkpoints("average", models=[step_dir(run, 8), run], weights=[1, 3])
   _assert_same(average, jax.tree.map(lambda a, b: 0.25 * np.float64(a) + 0.75 * np.float64(b),
                                      steps[1], steps[2]), atol=1e-6)
 
@@ -139,12 +141,12 @@ def test_different_models_are_refused_naming_the_field(run, tmp_path):
   wider = str(tmp_path / "wider")
   _save_variant(run, wider, fresh=True, intermediate_size=32)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"model config differs .*\(intermediate_size=32 vs 96\)"):
-    merge.merge("ties", base=run, models=[step_dir(run, 8), wider])
+    merge.merge_checkpoints("ties", base=run, models=[step_dir(run, 8), wider])
   # Same shapes, different RoPE: the parameters would merge, but they belong to different models.
   theta = str(tmp_path / "theta")
   _save_variant(run, theta, global_rope_theta=160_000.0)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"\(global_rope_theta=160000.0 vs 40000.0\)"):
-    merge.merge("average", models=[run, theta])
+    merge.merge_checkpoints("average", models=[run, theta])
   # The command line says it in one line.
   with pytest.raises(SystemExit) as e:
     _merge_main("--method=average", f"--models={run},{wider}", f"--out={tmp_path / 'never'}")
@@ -154,7 +156,7 @@ def test_different_models_are_refused_naming_the_field(run, tmp_path):
   # How a model ran (compute dtype, attention kernel) does not make it another model.
   runtime = str(tmp_path / "runtime")
   _save_variant(run, runtime, dtype="bfloat16", attention_impl="splash", attn_out_dropout=0.0)
-  _assert_same(merge.merge("average", models=[run, runtime])[0], _params(run))
+  _assert_same(merge.merge_checkpoints("average", models=[run, runtime])[0], _params(run))
 
 
 def test_existing_outputs_are_not_overwritten(run, ties_cli, tmp_path):

@@ -35,7 +35,7 @@ def test_log_log_slope_between_phases_is_the_tau_ratio_on_real_counts():
   p03 = mixture.compute_mixture(counts, mixture.PhaseSpec(LANGS, tau=0.3)).weights
   assert _slope(p05, p07) == pytest.approx(0.7 / 0.5, abs=1e-9)
   assert _slope(p05, p03) == pytest.approx(0.3 / 0.5, abs=1e-9)
-  # The real phases show the same relation (RECIPE.md §6.2: fitted 1.413 on all 59 languages).
+  # The real phases show the same relation (docs/RECIPE.md §6.2: fitted 1.413 on all 59 languages).
   assert _slope([EXT[l] for l in LANGS], [PRETRAIN[l] for l in LANGS]) == pytest.approx(1.4, abs=0.05)
 
 

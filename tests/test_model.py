@@ -12,7 +12,7 @@ from mmbert_jax import model as model_lib
 
 
 def _count_formula(v, h, layers, i):
-  # ARCHITECTURE.md §7: embedding, encoder linears, head dense + decoder bias + head norm, remaining norms.
+  # docs/ARCHITECTURE.md §7: embedding, encoder linears, head dense + decoder bias + head norm, remaining norms.
   return v * h + layers * (4 * h * h + 3 * h * i) + (h * h + v + h) + (2 * layers + 1) * h
 
 

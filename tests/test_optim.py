@@ -1,4 +1,4 @@
-"""StableAdamW and AdamW against a float64 NumPy transcription of RECIPE.md §3.4."""
+"""StableAdamW and AdamW against a float64 NumPy transcription of docs/RECIPE.md §3.4."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +17,7 @@ DECAYED = {"dense": {"kernel": True}, "norm": {"scale": False}, "head": {"bias":
 
 
 def reference(params, grads, lrs, *, clip=True):
-  """RECIPE.md §3.4 line by line, float64. Returns params after each step and the clipped fraction per step."""
+  """docs/RECIPE.md §3.4 line by line, float64. Returns params after each step and the clipped fraction per step."""
   p = {k: {n: np.array(x, np.float64) for n, x in d.items()} for k, d in params.items()}
   m = {k: {n: np.zeros_like(x) for n, x in d.items()} for k, d in p.items()}
   v = {k: {n: np.zeros_like(x) for n, x in d.items()} for k, d in p.items()}

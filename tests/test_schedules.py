@@ -115,7 +115,7 @@ def simulate(n, warmup, micro_tokens, **kw):
 
 
 def test_recipe_batch_warmup_base():
-  """RECIPE.md §3.3, base: 384 → 4608 sequences of 1024 tokens over 60B tokens, micro-batch 384 sequences."""
+  """docs/RECIPE.md §3.3, base: 384 → 4608 sequences of 1024 tokens over 60B tokens, micro-batch 384 sequences."""
   seq, micro, full, warmup = 1024, 384, 4608, 60e9
   n, micro_tokens = full // micro, micro * seq
   sizes, _, warm_tokens = simulate(n, warmup, micro_tokens)

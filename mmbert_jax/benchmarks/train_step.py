@@ -16,23 +16,28 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from mmbert_jax import cli
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import sharding, train
 from mmbert_jax.model import get_config
 
-_PRESET = flags.DEFINE_string("preset", "mmbert-small", "Model preset whose width is used.")
-_LAYERS = flags.DEFINE_integer("layers", 4, "Number of layers.")
-_VOCAB = flags.DEFINE_integer("vocab", 32_768, "Vocabulary size.")
-_SEQ = flags.DEFINE_integer("seq_len", 512, "Row length.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Rows per step.")
-_MASK = flags.DEFINE_float("mask_rate", 0.3, "Fraction of tokens predicted (sparse head).")
-_DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype (auto: bfloat16 on accelerators, float32 on CPU).")
-_IMPL = flags.DEFINE_string("attention_impl", "auto", "Attention implementation.")
-_REMAT = flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the compiling one.")
-_MATMUL = flags.DEFINE_integer("matmul", 4096, "Size n of the n×n×n reference matmul.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("preset", "mmbert-small", "Model preset whose width is used.")
+  flags.DEFINE_integer("layers", 4, "Number of layers.")
+  flags.DEFINE_integer("vocab", 32_768, "Vocabulary size.")
+  flags.DEFINE_integer("seq_len", 512, "Row length.")
+  flags.DEFINE_integer("batch", 8, "Rows per step.")
+  flags.DEFINE_float("mask_rate", 0.3, "Fraction of tokens predicted (sparse head).")
+  flags.DEFINE_string("dtype", "auto", "Compute dtype (auto: bfloat16 on accelerators, float32 on CPU).")
+  flags.DEFINE_string("attention_impl", "auto", "Attention implementation.")
+  flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
+  flags.DEFINE_integer("steps", 5, "Timed steps after the compiling one.")
+  flags.DEFINE_integer("matmul", 4096, "Size n of the n×n×n reference matmul.")
 
 
 def synthetic_batch(rng, rows, seq, k, vocab):
@@ -65,17 +70,17 @@ def matmul_flops_per_s(n: int, dtype, steps: int = 5) -> float:
 
 
 def main(argv):
-  del argv
-  dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  cfg = get_config(_PRESET.value, num_layers=_LAYERS.value, vocab_size=_VOCAB.value, dtype=dtype,
-                   attention_impl=_IMPL.value, remat=_REMAT.value)
+  cli.start(argv)
+  dtype = FLAGS.dtype if FLAGS.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  cfg = get_config(FLAGS.preset, num_layers=FLAGS.layers, vocab_size=FLAGS.vocab, dtype=dtype,
+                   attention_impl=FLAGS.attention_impl, remat=FLAGS.remat)
   mesh = sharding.make_mesh({"fsdp": -1})
-  rows = _BATCH.value
-  k = max(1, int(round(_MASK.value * _SEQ.value)))
+  rows = FLAGS.batch
+  k = max(1, int(round(FLAGS.mask_rate * FLAGS.seq_len)))
   optim_config = ml_collections.ConfigDict(dict(optim=dict(name="stable_adamw", peak_lr=8e-4, weight_decay=8e-5,
                                                           b1=0.9, b2=0.95, eps=1e-8)))
   params, opt, step = train.fresh_train_state(cfg, optim_config, mesh)
-  batch = synthetic_batch(np.random.default_rng(0), rows, _SEQ.value, k, cfg.vocab_size)
+  batch = synthetic_batch(np.random.default_rng(0), rows, FLAGS.seq_len, k, cfg.vocab_size)
   put = train.make_put(mesh, leading=1)
   device_batch = put(train.stack_microbatches([batch]))
 
@@ -91,25 +96,25 @@ def main(argv):
     jax.block_until_ready(run())
     compile_s = time.perf_counter() - t0
     start = time.perf_counter()
-    for _ in range(_STEPS.value):
+    for _ in range(FLAGS.steps):
       loss = run()
     jax.block_until_ready(loss)
-    seconds = (time.perf_counter() - start) / _STEPS.value
+    seconds = (time.perf_counter() - start) / FLAGS.steps
 
   f = flops_lib.training_flops(cfg, batch["segment_ids"], num_masked=rows * k)
-  tokens = rows * _SEQ.value
+  tokens = rows * FLAGS.seq_len
   n = mesh.size
   kind = jax.devices()[0].device_kind
-  matmul = matmul_flops_per_s(_MATMUL.value, jnp.dtype(dtype))
+  matmul = matmul_flops_per_s(FLAGS.matmul, jnp.dtype(dtype))
   peak = flops_lib.peak_flops(kind)
-  print(f"device: {n} × {kind} ({jax.default_backend()}), compute dtype {dtype}, attention {_IMPL.value}")
-  print(f"model: {_PRESET.value} width, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
-        f"{rows} × {_SEQ.value} tokens per step, {k} masked per row")
+  print(f"device: {n} × {kind} ({jax.default_backend()}), compute dtype {dtype}, attention {FLAGS.attention_impl}")
+  print(f"model: {FLAGS.preset} width, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
+        f"{rows} × {FLAGS.seq_len} tokens per step, {k} masked per row")
   print(f"first step (compile) {compile_s:.1f} s; step {seconds * 1e3:.1f} ms")
   print(f"tokens/s {tokens / seconds:,.0f} ({tokens / seconds / n:,.0f} per device)")
   print(f"model FLOPs per step {f.total:.3e} (linears {f.linears:.2e}, attention {f.attention:.2e}, "
         f"head {f.head:.2e}); model FLOP/s {f.total / seconds:.3e} ({f.total / seconds / n:.3e} per device)")
-  print(f"{_MATMUL.value}³ matmul on one device: {matmul:.3e} FLOP/s → step reaches "
+  print(f"{FLAGS.matmul}³ matmul on one device: {matmul:.3e} FLOP/s → step reaches "
         f"{100 * f.total / seconds / n / matmul:.1f}% of it")
   if peak:
     print(f"MFU {100 * flops_lib.mfu(f.total, seconds, n, kind):.1f}% of the {peak:.3e} FLOP/s bf16 peak")
@@ -118,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -1,0 +1,1 @@
+"""Run configs: `--config=configs/<name>.py[:arg]`. A package so that phase configs import `configs.base`."""
