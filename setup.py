@@ -24,6 +24,7 @@ setup(
         "pyarrow>=17",
         "tqdm>=4.66",
         "tensorboardX==2.6.5",
+        "matplotlib>=3.8",        # python -m mmbert_jax.report
         "babel==2.18.0",          # CLDR locale data: the embedded multilingual demo corpus
         "safetensors>=0.4",
     ],

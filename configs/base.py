@@ -78,6 +78,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.allow_config_change = False       # resume even though keys that change the run's math differ from the checkpoint
   c.init_from = ""                    # previous phase: a workdir, its checkpoints/ or a checkpoints/<step> dir
   c.init_optimizer_state = False      # also carry the optimizer moments over from init_from
+  c.allow_random_init = False         # let a midtrain / decay phase start without init_from (random weights)
+
+  # Watching the run.
+  c.log_languages = 10                # per-language tags: the N languages with most and N with fewest tokens
+  c.profile_steps = 0                 # jax.profiler trace of this many steps into <workdir>/profile (0 = off)
+  c.profile_start_step = 10           # ... starting after this many steps (past compilation)
+  c.profile_process = 0               # the process that traces (-1 = every process)
+  c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", group="", mode=""))  # W&B if project
   return c
 
 

@@ -1,5 +1,5 @@
 """What every command line of the project shares: absl flags defined on demand, no stray positional arguments,
-quiet library logs, bad input reported as one line, and the exit codes.
+quiet library logs, bad input reported as one line (`error: <what, and what to run or set>`), and the exit codes.
 
 Exit codes: 0 complete, 1 failed (a write failed, non-finite steps, a bug), 2 bad input (config, flags, files),
 75 preempted (SIGTERM: a checkpoint was saved; run the same command again to resume).
@@ -13,6 +13,10 @@ from typing import Callable, NoReturn, Sequence
 from absl import app, flags, logging
 
 EXIT_COMPLETE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
+
+
+class ConfigError(ValueError):
+  """A command that cannot start as given; its message is one line naming the flag, key or file and the fix."""
 
 
 def one_line(error: BaseException | str) -> str:
@@ -48,17 +52,45 @@ def start(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  # A bad flag or --config override (unknown key, wrong type) is one line and exit 2, not a traceback.
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parsing where a bad command line (an unknown `--config.` key, a value of the wrong type, a config
+  file that rejects its argument) is one `error:` line instead of a traceback."""
   try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:   # ml_collections: an override of a key the config does not have
-    fail(f"no such config key: {one_line(e)}")
-  except (flags.Error, TypeError, ValueError) as e:
-    fail(e)
+    return flags.FLAGS(list(argv))
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    fail(flag_error(e, argv))
+
+
+def flag_error(error: Exception, argv: Sequence[str]) -> str:
+  """One line for a flag parsing error; an unknown config key names the flag (and the closest key, if known)."""
+  if isinstance(error, flags.UnrecognizedFlagError) and error.flagname.startswith("config."):
+    return (f"--{error.flagname}: the config has no value {error.flagname.rsplit('.', 1)[1]!r} to set (a section "
+            "is set key by key)")
+  while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(message))
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  if "Traceback (most recent call last):" in lines:  # a config file raised: its own message is the last line
+    return f"{lines[0]} {lines[-1]}"
+  if isinstance(error, (AttributeError, KeyError)) and lines:
+    key = lines[0].strip("'\"")
+    flag = next((a.split("=", 1)[0] for a in argv[1:]
+                 if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")), f"--config.…{key}")
+    hint = next((line for line in lines[1:] if line.startswith("Did you mean")), "")
+    hint = hint.strip("'\"").replace("Did you mean", "did you mean").replace('"', "")
+    return f"{flag}: the config has no key {key!r}" + (f" ({hint})" if hint else "")
+  return lines[0] if lines else type(error).__name__
 
 
 def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None]) -> None:
-  """`python -m module`: defines the module's flags (importing a module defines none) and runs `main`."""
+  """`python -m module`: defines the module's flags (importing a module defines none) and runs `main`; bad flags
+  and a `ConfigError` from `main` end the command with one `error:` line and exit status 2."""
   define_flags()
-  app.run(main, flags_parser=_parse_flags)
+
+  def checked_main(argv):
+    try:
+      main(argv)
+    except ConfigError as e:
+      fail(e)
+
+  app.run(checked_main, flags_parser=parse_flags)

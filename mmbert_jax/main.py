@@ -1,8 +1,9 @@
 """Entry point: `python -m mmbert_jax.main --config=configs/<phase>.py[:arg] --workdir=DIR [--config.a.b=v ...]`.
 
 Kept short on purpose: the loop lives in `mmbert_jax.train.train_and_evaluate` and the curriculum in
-`mmbert_jax.phases.run`, both importable from a notebook. What belongs to the process lives here: multi-host
-initialisation, the persistent compilation cache and the embedded demo corpus.
+`mmbert_jax.phases.run`, both importable from a notebook. What belongs to the process lives here: the pre-flight
+checks, multi-host initialisation, the persistent compilation cache, the embedded demo corpus and the plots at
+the end.
 """
 import os
 import sys
@@ -13,7 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import demo_corpus
-from mmbert_jax import cli, phases, storage, train
+from mmbert_jax import cli, phases, preflight, report, storage, train
 
 FLAGS = flags.FLAGS
 
@@ -70,16 +71,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
 
 def main(argv):
   cli.start(argv)
+  config = load_config()
+  workdir = FLAGS.workdir or config.get("workdir") or None
+  if not workdir:
+    raise app.UsageError("--workdir is required (or set config.workdir)")
+  preflight.check(config, workdir)  # reads only; before devices, mesh and compilation
   # Multi-host: every process runs this same command; TPU pods, SLURM and Open MPI are detected by jax itself.
   if os.environ.get("MMBERT_DISTRIBUTED", "0") == "1":
     jax.distributed.initialize()
   print(f"JAX: {jax.process_count()} process(es), {jax.device_count()} device(s): {jax.devices()[0].device_kind}",
         flush=True)
-  config = load_config()
-  workdir = FLAGS.workdir or config.get("workdir") or None
-  if not workdir:
-    raise app.UsageError("--workdir is required (or set config.workdir)")
-  sys.exit(run(config, workdir))
+  code = run(config, workdir)
+  if code == cli.EXIT_COMPLETE and jax.process_index() == 0:
+    for path in report.write_plots(workdir):
+      print(f"plot: {path}", flush=True)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
-"""Where training metrics go: TensorBoard event files, a JSONL file and a console line, from process 0 only.
+"""Where training metrics go: TensorBoard event files, a JSONL file, optionally W&B, and a console line, from
+process 0 only. Also the run's record in the workdir: `config.json` (the resolved config, also shown in
+TensorBoard as text and hparams), `mixture.json` (the phase's p_l and n_l) and `eval.jsonl` (every held-out
+evaluation, all languages).
 
 Every write happens in the caller's thread and is flushed at once, so a full or read-only disk raises
 `storage.WriteError` at the step that failed (a background writer thread would die and leave the loop waiting).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from tensorboardX import summary as tb_summary
-from tensorboardX.event_file_writer import EventsWriter   # TensorBoard event files without TensorFlow
-from tensorboardX.proto import event_pb2
 
 from mmbert_jax import storage
 
@@ -25,18 +27,123 @@ def _scalar(v: Any) -> float | int:
   return v.item() if v.size == 1 else float(v.mean())
 
 
+@dataclasses.dataclass(frozen=True)
+class LanguageTags:
+  """Which languages get a metric tag of their own, so that a phase over ~1,800 languages logs a bounded set.
+
+  All languages when there are at most 2·n; otherwise the n with the most and the n with the fewest training
+  tokens n_l. Every language also counts in its resource group: the thirds of the languages ranked by n_l
+  (`high`, `mid`, `low`), whose loss is the token-weighted mean over the group.
+  """
+  shown: tuple[str, ...]
+  groups: Mapping[str, tuple[str, ...]]
+
+  @classmethod
+  def from_tokens(cls, tokens: Mapping[str, float], n: int) -> LanguageTags:
+    order = sorted(tokens, key=lambda lang: (-tokens[lang], lang))
+    shown = order if len(order) <= 2 * n else order[:n] + order[len(order) - n:]
+    thirds = np.array_split(np.array(order, dtype=object), 3)
+    groups = {name: tuple(part) for name, part in zip(("high", "mid", "low"), thirds) if len(part)}
+    return cls(tuple(shown), groups)
+
+  def losses(self, loss_sum: Mapping[str, float], count: Mapping[str, float], *, prefix: str,
+             group_prefix: str) -> dict[str, float]:
+    """{f"{prefix}/{lang}/loss"} for the shown languages and {f"{group_prefix}/{group}/loss"} per group, from
+    summed losses and masked-token counts per language."""
+    out = {f"{prefix}/{lang}/loss": loss_sum[lang] / count[lang] for lang in self.shown if count.get(lang, 0) > 0}
+    for group, langs in self.groups.items():
+      total = sum(count.get(lang, 0) for lang in langs)
+      if total > 0:
+        out[f"{group_prefix}/{group}/loss"] = sum(loss_sum.get(lang, 0.0) for lang in langs) / total
+    return out
+
+
+def flat_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+  """A nested config as {"a.b": value}; values that are not scalars become their JSON text."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      out.update(flat_hparams(value, name + "."))
+    elif isinstance(value, (bool, int, float, str)):
+      out[name] = value
+    else:
+      out[name] = json.dumps(value, default=str)
+  return out
+
+
+class WandbWriter:
+  """Weights & Biases, when `config.wandb.project` is set: one W&B run per workdir (re-running resumes it)."""
+
+  def __init__(self, workdir: str, *, project: str, entity: str = "", name: str = "", group: str = "",
+               mode: str = "", config: Mapping[str, Any] | None = None):
+    try:
+      import wandb
+    except ImportError:
+      raise ImportError("config.wandb.project is set but wandb is not installed: `pip install wandb`, or drop "
+                        "--config.wandb.project") from None
+    run_id = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
+    self._run = wandb.init(project=project, entity=entity or None, name=name or None, group=group or None,
+                           mode=mode or None, dir=workdir, id=run_id, resume="allow",
+                           config=dict(config) if config else None)
+
+  def log(self, step: int, values: Mapping[str, float]) -> None:
+    self._run.log(dict(values), step=step)
+
+  def close(self) -> None:
+    self._run.finish()
+
+
+def save_config(workdir: str, config) -> str:
+  """`<workdir>/config.json`: the resolved config as JSON (returned). A different config.json already there (an
+  earlier start with other flags) is kept as config.<n>.json."""
+  text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old != text:
+      n = 1
+      while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+        n += 1
+      os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+  with open(path, "w") as f:
+    f.write(text)
+  return text
+
+
+def record_eval(workdir: str, step: int, results: Mapping[str, Mapping[str, float]], **info: Any) -> None:
+  """One held-out evaluation with every language, appended to `<workdir>/eval.jsonl`."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+    f.write(json.dumps({"step": step, **info, "results": results}, default=float) + "\n")
+
+
 class MetricWriter:
-  """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl` and TensorBoard in `<workdir>/tb`."""
+  """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl`, TensorBoard in `<workdir>/tb` and W&B.
+
+  `console`: print a line of `console_keys` per write (and every `text`), or hand them to a callable (a progress
+  console), or stay quiet (False).
+  """
 
   CONSOLE_KEYS = ("train/loss", "train/accuracy", "train/lr", "train/tokens_per_s", "train/mfu", "eval/loss")
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, enabled: bool | None = None, console: bool | Callable[[str], None] = True,
+               console_keys: tuple[str, ...] | None = None, wandb: Mapping[str, Any] | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.workdir = workdir
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self.tb_dir = os.path.join(workdir, "tb")
+    self._console = console
+    self._console_keys = self.CONSOLE_KEYS if console_keys is None else console_keys
     self._tb = None
     self._jsonl = None
+    self._wandb = None
+    self._wandb_settings = dict(wandb) if wandb and wandb.get("project") else None
     if self.enabled:
+      # tensorboardX imports torch when installed: only the writing process pays.
+      from tensorboardX.event_file_writer import EventsWriter   # TensorBoard event files without TensorFlow
       try:
         os.makedirs(self.tb_dir, exist_ok=True)
         self._tb = EventsWriter(os.path.join(self.tb_dir, "events"))
@@ -64,15 +171,23 @@ class MetricWriter:
       raise storage.write_error("rewriting metrics", self.jsonl_path, e) from e
 
   def _event(self, step: int, summary) -> None:
+    from tensorboardX.proto import event_pb2
     try:
       self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
       self._tb.flush()
     except OSError as e:
       raise storage.write_error("writing TensorBoard events", self.tb_dir, e) from e
 
+  def _print(self, text: str, stream=None) -> None:
+    if callable(self._console):
+      self._console(text)
+    elif self._console:
+      print(text, file=stream or sys.stdout, flush=True)
+
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
+    from tensorboardX import summary as tb_summary
     values = {k: _scalar(v) for k, v in metrics.items() if v is not None}
     for k, v in values.items():
       self._event(step, tb_summary.scalar(k, v))
@@ -81,14 +196,55 @@ class MetricWriter:
       self._jsonl.flush()
     except OSError as e:
       raise storage.write_error("writing metrics", self.jsonl_path, e) from e
-    shown = " ".join(f"{k.split('/', 1)[1]}={values[k]:.4g}" for k in self.CONSOLE_KEYS if k in values)
+    if self._wandb is not None:
+      self._wandb.log(step, values)
+    shown = " ".join(f"{k.removeprefix('train/')}={values[k]:.4g}" for k in self._console_keys if k in values)
     if shown:
-      print(f"[{time.time() - self._start:7.1f}s] step {step:6d} {shown}", file=sys.stderr, flush=True)
+      self._print(f"[{time.time() - self._start:7.1f}s] step {step:6d} {shown}", sys.stderr)
 
   def text(self, tag: str, text: str, step: int = 0) -> None:
     if self.enabled:
+      from tensorboardX import summary as tb_summary
       self._event(step, tb_summary.text(tag, text))
-      print(text, flush=True)
+      self._print(text)
+
+  def write_config(self, config) -> None:
+    """The resolved run config (an ml_collections ConfigDict): `save_config`, TensorBoard text and hparams, and
+    the W&B run's config (the W&B run starts here)."""
+    if not self.enabled:
+      return
+    from tensorboardX import summary as tb_summary
+    try:
+      text = save_config(self.workdir, config)
+    except OSError as e:
+      raise storage.write_error("writing config.json", self.workdir, e) from e
+    self._event(0, tb_summary.text("config", "    " + text.replace("\n", "\n    ")))  # markdown code block
+    hparams = flat_hparams(json.loads(text))
+    experiment, start, _ = tb_summary.hparams(hparams, {"eval/loss": 0.0})
+    for summary in (experiment, start):
+      self._event(0, summary)
+    if self._wandb_settings and self._wandb is None:
+      settings = dict(self._wandb_settings)
+      settings["name"] = settings.get("name") or config.get("phase", "")
+      self._wandb = WandbWriter(self.workdir, config=hparams, **settings)
+
+  def write_json(self, name: str, record: Any) -> None:
+    """`<workdir>/<name>.json` (replaced whole)."""
+    if self.enabled:
+      path = os.path.join(self.workdir, f"{name}.json")
+      try:
+        with open(path + ".tmp", "w") as f:
+          json.dump(record, f, indent=1, default=float)
+        os.replace(path + ".tmp", path)
+      except OSError as e:
+        raise storage.write_error(f"writing {name}.json", path, e) from e
+
+  def write_eval(self, step: int, results: Mapping[str, Mapping[str, float]], **info: Any) -> None:
+    if self.enabled:
+      try:
+        record_eval(self.workdir, step, results, **info)
+      except OSError as e:
+        raise storage.write_error("writing eval.jsonl", self.workdir, e) from e
 
   def close(self) -> None:
     """Closes the files; a failure to flush them is not raised again (the run has already stopped or ended)."""
@@ -98,3 +254,6 @@ class MetricWriter:
           f.close()
         except (OSError, ValueError):
           pass
+      if self._wandb is not None:
+        self._wandb.close()
+        self._wandb = None

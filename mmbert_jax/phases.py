@@ -13,10 +13,11 @@ import copy
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import evaluate, merge, train
+from mmbert_jax import evaluate, merge, metrics, train
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) -> ml_collections.ConfigDict:
@@ -75,16 +76,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if result["eval"]:
       print(evaluate.format_eval_table({config.phase: result["eval"]}), flush=True)
     return result
+  if jax.process_index() == 0:
+    metrics.save_config(workdir, config)  # the curriculum's phase order, for `python -m mmbert_jax.report`
   evals: dict[str, dict] = {}
   results: dict[str, Any] = {}
-  for phase in config.phases:
-    result = train.train_and_evaluate(phase_config(config, phase, workdir), os.path.join(workdir, phase))
+  budgets = [phase_config(config, phase, workdir).train_tokens for phase in config.phases]
+  for i, phase in enumerate(config.phases):
+    result = train.train_and_evaluate(phase_config(config, phase, workdir), os.path.join(workdir, phase),
+                                      later_tokens=sum(budgets[i + 1:]))
     results[phase] = result
     if result["status"] != "complete":
       return result
     evals[phase] = result["eval"]
     print(evaluate.format_eval_table(evals), flush=True)
   if "merge" in config and config.merge.method:
-    evals[f"merged_{config.merge.method}"] = merge_phases(config, workdir)
+    name = f"merged_{config.merge.method}"
+    evals[name] = merge_phases(config, workdir)
+    if jax.process_index() == 0:
+      metrics.record_eval(os.path.join(workdir, "merged"), 0, evals[name], phase=name)
     print(evaluate.format_eval_table(evals), flush=True)
   return {"status": "complete", "phases": results, "eval": evals}

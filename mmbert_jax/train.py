@@ -12,6 +12,7 @@ The schedule's clock is *slot tokens* (rows × seq_len), known on every host wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -31,7 +32,8 @@ from mmbert_jax import attention as attention_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
-from mmbert_jax import optim, schedules, sharding
+from data_pipeline import mixture as mixture_lib
+from mmbert_jax import optim, progress, schedules, sharding
 from mmbert_jax.model import RUNTIME_FIELDS, MaskedLM, ModelConfig, abstract_model, get_config
 
 
@@ -347,9 +349,10 @@ class DispatchedStep:
 class PhaseRun:
   """One phase in one workdir: mesh, model and optimizer state, data, checkpointer and metric writer, and the
   loop over them. Everything the loop changes (params, opt_state, step, tokens, meta) is a field of this object.
+  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0):
     self.config, self.workdir = config, workdir
     validate(config)
     try:
@@ -374,7 +377,10 @@ class PhaseRun:
     if self.micro_rows % sharding.batch_divisor(mesh):
       raise ValueError(f"micro-batch of {self.micro_rows} rows is not divisible by data×fsdp = "
                        f"{sharding.batch_divisor(mesh)} devices")
-    self.writer = metrics_lib.MetricWriter(workdir)
+    self.console = progress.Console(enabled=jax.process_index() == 0)
+    self.writer = metrics_lib.MetricWriter(workdir, console=self.console.print,
+                                           console_keys=("eval/loss", "eval/accuracy"), wandb=config.get("wandb"))
+    self.writer.write_config(config)
     model = model_graph(cfg, mesh, config.seed)
     tx = optimizer(config)
     param_shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
@@ -388,6 +394,14 @@ class PhaseRun:
     self.train_data = data_lib.make_train_iterator(pipeline_config(config, self.micro_rows))
     self.languages = list(self.train_data.languages)
     self.eval_config = pipeline_config(config, config.eval_batch_size, eval=True)
+    mix = self.train_data.mixture
+    self.writer.write_json("mixture", {"phase": config.phase, "languages": list(mix.languages),
+                                       "tokens": mix.tokens.tolist(), "weights": mix.weights.tolist(),
+                                       "budgeted": list(mix.budgeted), "tau": config.data.tau})
+    self.train_tags = metrics_lib.LanguageTags.from_tokens(dict(zip(mix.languages, mix.tokens)),
+                                                           config.log_languages)
+    self.data_tokens = {lang: n for lang, (n, _) in
+                        mixture_lib.counts_from_stats(mixture_lib.load_stats(config.data.data_dir)).items()}
 
     # Resume this run, or start from the previous phase, or initialise.
     self.checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
@@ -427,6 +441,12 @@ class PhaseRun:
     self.t_last_log = time.time()
     self.consecutive_skips = 0
     self.preemption = Preemption()
+    self.timer = progress.StepTimer()
+    self.progress = progress.Progress(config.phase, config.train_tokens, tokens=self.tokens,
+                                      later_tokens=later_tokens)
+    self.last_logged_step = self.step
+    self.profiler = progress.Profiler(workdir, config.profile_start_step, config.profile_steps,
+                                      config.profile_process, jax.process_index())
 
   def _check_config_change(self, meta: dict[str, Any]) -> None:
     changes = changed_keys(meta.get("config", "{}"), self.config)
@@ -452,9 +472,16 @@ class PhaseRun:
     config = self.config
     eval_data = data_lib.eval_batches(self.eval_config, max_batches=config.eval_max_batches)
     result = eval_per_language(self.eval_step, self.params, eval_data, self.put_eval)
-    self.writer.write(self.step, {f"eval/{lang}/loss": r["loss"] for lang, r in result.items() if lang != "all"}
+    per_lang = {lang: r for lang, r in result.items() if lang != "all"}
+    tags = metrics_lib.LanguageTags.from_tokens({lang: self.data_tokens.get(lang, 0) for lang in per_lang},
+                                                config.log_languages)
+    self.writer.write(self.step, tags.losses({lang: r["loss"] * r["masked_tokens"] for lang, r in per_lang.items()},
+                                             {lang: r["masked_tokens"] for lang, r in per_lang.items()},
+                                             prefix="eval", group_prefix="eval_group")
                       | {"eval/loss": result.get("all", {}).get("loss"),
                          "eval/accuracy": result.get("all", {}).get("accuracy")})
+    self.writer.write_eval(self.step, result, phase=config.phase, tokens=self.tokens,
+                           total_tokens=self.meta["total_tokens_before"] + self.tokens)
     return result
 
   def dispatch_step(self) -> DispatchedStep:
@@ -463,15 +490,22 @@ class PhaseRun:
     n_micro = schedules.batch_warmup(self.tokens, num_microbatches=self.n_micro,
                                      warmup_tokens=config.batch_warmup_tokens,
                                      start_fraction=config.batch_warmup_start_fraction)
-    micro = [next(self.train_data) for _ in range(n_micro)]
+    with self.timer("data"):
+      micro = [next(self.train_data) for _ in range(n_micro)]
+      batch = stack_microbatches(micro)
     slot_tokens = n_micro * self.micro_rows * config.data.seq_len
-    # The LR at the end of this step's tokens: warmup starts above 0.
-    lr = float(self.schedule(self.tokens + slot_tokens))
-    self.params, self.opt_state, metrics = self.train_step(
-        self.params, self.opt_state, self.put_train(stack_microbatches(micro)), jnp.float32(lr),
-        jnp.int32(self.step))
+    # The LR at the end of this step's tokens: warmup starts above 0. The schedule runs on the default device,
+    # queued behind the previous step, so reading it waits for that step: device time.
+    with self.timer("device"):
+      lr = float(self.schedule(self.tokens + slot_tokens))
+    self.profiler.before_step(self.step)
+    batch = self.put_train(batch)
+    with self.timer("device"):  # dispatch; a backend without asynchronous dispatch runs the step right here
+      self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, batch, jnp.float32(lr),
+                                                             jnp.int32(self.step))
     self.step += 1
     self.tokens += slot_tokens
+    self.profiler.after_step(self.step, wait=functools.partial(jax.block_until_ready, metrics))
     return DispatchedStep(metrics, self.step, self.tokens, slot_tokens, n_micro,
                           np.concatenate([b["segment_ids"] for b in micro]))
 
@@ -479,7 +513,8 @@ class PhaseRun:
     """Reads a dispatched step's metrics: stops (or skips) on a non-finite step, counts tokens per language,
     and logs every `log_every_steps`."""
     config = self.config
-    host = jax.device_get(done.metrics)
+    with self.timer("device"):
+      host = jax.device_get(done.metrics)
     if not bool(host["finite"]):
       what = (f"step {done.step}: loss, gradients or updated parameters are not finite (loss={float(host['loss'])}, "
               f"grad_norm={float(host['grad_norm'])}); the parameters were not updated")
@@ -513,17 +548,25 @@ class PhaseRun:
     flops = flops_lib.training_flops(self.cfg, done.segment_ids, float(host["masked_tokens"]) / jax.process_count())
     flops_total = flops.total * jax.process_count()
     real_tokens = float(host["lang_tokens"].sum())
-    lang_loss = {f"train_lang/{lang}/loss": host["lang_loss_sum"][i] / host["lang_count"][i]
-                 for i, lang in enumerate(self.languages) if host["lang_count"][i] > 0}
+    lang_loss = self.train_tags.losses(dict(zip(self.languages, host["lang_loss_sum"].tolist())),
+                                       dict(zip(self.languages, host["lang_count"].tolist())),
+                                       prefix="train_lang", group_prefix="train_group")
+    mfu = (flops_lib.mfu(flops_total, seconds, mesh.size, self.device_kind)
+           or (flops_total / (seconds * mesh.size * config.peak_flops_per_device)
+               if config.peak_flops_per_device else None))
+    split = self.timer.split(done.step - self.last_logged_step)
+    self.last_logged_step = done.step
+    self.console.progress(self.progress.update(
+        done.step, done.tokens, mfu=mfu, loss=float(host["loss"]), accuracy=float(host["accuracy"]),
+        lr=float(host["lr"]), **{f"{k}_s": v for k, v in split.items()}))
     self.writer.write(done.step, {
         "train/loss": host["loss"], "train/accuracy": host["accuracy"], "train/grad_norm": host["grad_norm"],
         "train/lr": host["lr"], "train/clipped_fraction": host["clipped_fraction"],
-        "train/tokens": done.tokens, "train/real_tokens_per_s": real_tokens / seconds,
+        "train/tokens": done.tokens, "train/total_tokens": self.meta["total_tokens_before"] + done.tokens,
+        "train/real_tokens_per_s": real_tokens / seconds,
         "train/tokens_per_s": done.slot_tokens / seconds, "train/model_flops_per_s": flops_total / seconds,
-        "train/mfu": (flops_lib.mfu(flops_total, seconds, mesh.size, self.device_kind)
-                      or (flops_total / (seconds * mesh.size * config.peak_flops_per_device)
-                          if config.peak_flops_per_device else None)),
-        "train/microbatches": done.microbatches} | lang_loss)
+        "train/mfu": mfu, "train/microbatches": done.microbatches}
+        | {f"time/{k}_s": v for k, v in split.items()} | lang_loss)
 
   # ---- the loop ---------------------------------------------------------------------------------------------------
 
@@ -545,11 +588,13 @@ class PhaseRun:
           self.record(unread)
         unread = done
         if config.eval_every_steps and self.step % config.eval_every_steps == 0:
-          self.evaluate()
+          with self.timer("eval"):
+            self.evaluate()
         if self.tokens >= next_save and self.tokens < config.train_tokens:  # the final checkpoint is written below
           self.record(unread)
           unread = None
-          self.save()
+          with self.timer("checkpoint"):
+            self.save()
           next_save += config.checkpoint_every_tokens
         if self.preemption.should_stop():
           if unread is not None:
@@ -571,18 +616,22 @@ class PhaseRun:
     """Waits for the last checkpoint (raising its failure, if any) and releases everything opened."""
     checkpointer = getattr(self, "checkpointer", None)
     try:
+      profiler = getattr(self, "profiler", None)
+      if profiler is not None:
+        profiler.stop()
       if wait and checkpointer is not None:
         checkpointer.wait()
     finally:
-      for part in ("checkpointer", "preemption", "writer", "train_data"):
+      for part in ("console", "checkpointer", "preemption", "writer", "train_data"):
         close = getattr(getattr(self, part, None), "close", None)
         if close:
           close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train one phase in `workdir` (resuming if it holds checkpoints); returns a summary with the final eval."""
-  run = PhaseRun(config, workdir)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0) -> dict[str, Any]:
+  """Train one phase in `workdir` (resuming if it holds checkpoints); returns a summary with the final eval.
+  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA)."""
+  run = PhaseRun(config, workdir, later_tokens=later_tokens)
   try:
     status = run.run()
     final_eval = run.evaluate() if status == "complete" else {}

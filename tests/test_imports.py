@@ -18,6 +18,9 @@ LAZY_ALLOWED = {
     ("data_pipeline.tokenizer", "tokenizers"): "only for tokenizer.json files",
     ("data_pipeline.pipeline", "jax"): "the data package runs without jax; only process defaults ask it",
     ("data_pipeline.pipeline", "absl"): "grain's worker processes read absl flags",
+    ("mmbert_jax.metrics", "wandb"): "optional: W&B only when config.wandb.project is set",
+    ("mmbert_jax.metrics", "tensorboardX"): "heavy: imports torch when installed; only the writing process needs it",
+    ("mmbert_jax.report", "matplotlib"): "heavy: only when plots are drawn, not for every entry-point start",
 }
 # Lower layers never import higher ones (modules not listed may sit anywhere the graph allows).
 LAYERS = (

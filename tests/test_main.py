@@ -1,18 +1,26 @@
 """The entry point: the demo curriculum end to end (shortened), and clear errors for bad command lines."""
+import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
 
 SHORT_DEMO = [f"--config.phase_overrides.{phase}.train_tokens={tokens}" for phase, tokens in (
     ("pretrain", 16_384), ("midtrain", 8192), ("decay_eng", 4096), ("decay_cont", 4096), ("decay_all", 4096))]
+SHORT_DEMO.append("--config.log_every_steps=2")
 
 
-def _main(*args, workdir=None, timeout=900):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+def _main(*args, workdir=None, timeout=900, platforms="cpu"):
+  """`python -m mmbert_jax.main ...`; platforms=None leaves JAX_PLATFORMS unset, as on a user's machine."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS=platforms or "")
+  if platforms is None:
+    del env["JAX_PLATFORMS"]
   env.pop("XLA_FLAGS", None)
   cmd = [sys.executable, "-m", "mmbert_jax.main", *args] + ([f"--workdir={workdir}"] if workdir else [])
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -20,9 +28,10 @@ def _main(*args, workdir=None, timeout=900):
 
 def test_demo_runs_every_phase_and_merges(tmp_path):
   workdir = str(tmp_path / "demo")
-  proc = _main("--config=configs/demo.py", *SHORT_DEMO, workdir=workdir)
+  proc = _main("--config=configs/demo.py", *SHORT_DEMO, workdir=workdir, platforms=None)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  table = proc.stdout.split("held-out MLM loss per language")[-1]
+  _assert_no_libtpu_trace(proc.stderr)
+  table = proc.stdout.split("held-out MLM loss per language")[-1].split("\nplot: ")[0]
   header = table.strip().splitlines()[0].split()
   assert header == ["language", "pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all", "merged_ties"]
   rows = {line.split()[0]: line.split()[1:] for line in table.strip().splitlines()[1:]}
@@ -31,6 +40,12 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
   for phase in ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all", "merged"):
     assert os.listdir(os.path.join(workdir, phase, "checkpoints")), phase
   assert os.path.isdir(os.path.join(workdir, "pretrain", "tb"))
+  # It ends with the plots of the whole curriculum.
+  plots = [line.split("plot: ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("plot: ")]
+  assert plots == [os.path.join(workdir, "plots", f"{name}.png") for name in ("loss", "eval", "mixture")]
+  assert all(os.path.getsize(p) > 10_000 for p in plots)
+  # The progress line carries the curriculum's ETA while later phases remain.
+  assert "midtrain step" in proc.stderr and ", curriculum " in proc.stderr
 
 
 @pytest.mark.parametrize("flag,message", [
@@ -45,3 +60,81 @@ def test_bad_overrides_fail_clearly(tmp_path, flag, message):
 def test_missing_workdir_is_a_usage_error():
   proc = _main("--config=configs/demo.py")
   assert proc.returncode != 0 and "--workdir is required" in proc.stderr
+
+
+def _assert_no_libtpu_trace(stderr: str):
+  for marker in ("libtpu", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "InitGoogle"):
+    assert marker not in stderr, stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_no_libtpu_trace_on_a_machine_without_tpu():
+  from jax._src import hardware_utils
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+    pytest.skip("this machine has TPU chips")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env["PYTHONPATH"] = str(ROOT)
+  # Whether jax tried to start its TPU backend (the source of the trace; it may also fail quietly, e.g. while
+  # another process holds libtpu's lock file).
+  probe = ("import jax; jax.devices(); from jax._src import xla_bridge as xb; "
+           "print('tpu' in xb.backends() or 'tpu' in xb._backend_errors)")
+  proc = subprocess.run([sys.executable, "-c", "import mmbert_jax; " + probe], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ["False"]
+  _assert_no_libtpu_trace(proc.stderr)
+  bare = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert bare.stdout.split() == ["True"]                    # without the package jax does try
+
+
+def _tree(path):
+  """Every file and directory under path with its modification time (None: path does not exist)."""
+  if not os.path.exists(path):
+    return None
+  return sorted((os.path.join(root, name), os.stat(os.path.join(root, name)).st_mtime_ns)
+                for root, dirs, files in os.walk(path) for name in dirs + files)
+
+
+def _pretrain_checkpoint(workdir, **model):
+  from mmbert_jax import checkpoint as ckpt_lib
+  from mmbert_jax.model import get_config
+  ckpt_lib.save_params(workdir, 8, {"w": np.zeros(2, np.float32)},
+                       {"phase": "pretrain", "step": 8, "tokens": 4096,
+                        "model_config": dataclasses.asdict(get_config("mmbert-base", **model))})
+
+
+def test_bad_starts_fail_fast_with_one_line(demo_data, tmp_path):
+  """Each: exit status 2, one `error:` line naming the key and what to set, within 15 s, before any device work,
+  and nothing written to the workdir."""
+  empty = tmp_path / "empty_data"
+  empty.mkdir()
+  previous = str(tmp_path / "pretrain_run")
+  _pretrain_checkpoint(previous)
+  decay = ["--config=configs/decay.py"]
+  cases = [
+      (decay, "new", "config.data.data_dir is empty"),
+      (decay + [f"--config.data.data_dir={tmp_path / 'nowhere'}"], "new", "does not exist"),
+      (decay + [f"--config.data.data_dir={empty}"], "new", "has no stats.json"),
+      (decay + [f"--config.data.data_dir={demo_data}"], "new", "config.init_from is empty"),
+      (["--config=configs/midtrain.py", f"--config.data.data_dir={demo_data}"], "new",
+       "continues from the pretrain checkpoint"),
+      (decay + [f"--config.data.data_dir={demo_data}", f"--config.init_from={previous}"], "pretrain_run",
+       "holds checkpoints of phase pretrain"),
+      (["--config=configs/pretrain.py:small", f"--config.data.data_dir={demo_data}"], "pretrain_run",
+       "another model size"),
+      (["--config=configs/demo.py", "--config.phase_overrides.pretrain.train_tokenz=5"], "new",
+       "--config.phase_overrides.pretrain.train_tokenz: the config has no key 'train_tokenz'"),
+  ]
+  for args, workdir, message in cases:
+    workdir = str(tmp_path / workdir)
+    before = _tree(workdir)
+    start = time.monotonic()
+    proc = _main(*args, workdir=workdir, timeout=60)
+    seconds = time.monotonic() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (args, proc.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, proc.stderr)
+    assert "JAX:" not in proc.stdout                          # stopped before the devices were even listed
+    assert seconds < 15, (args, seconds)
+    assert _tree(workdir) == before, args

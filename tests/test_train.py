@@ -1,4 +1,5 @@
 """The training loop: sharded steps equal single-device steps, real text trains, metrics and errors."""
+import json
 import os
 
 import jax
@@ -69,11 +70,12 @@ def test_mesh_shape_resolves_and_rejects():
     sharding.mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
 
 
-def test_loss_decreases_on_real_text_with_metrics_and_tensorboard(demo_data, tmp_path):
+def test_loss_decreases_on_real_text_with_metrics_and_tensorboard(demo_data, tmp_path, capfd):
   workdir = str(tmp_path / "run")
   config = tiny_config(demo_data, train_tokens=512 * 40, batch_warmup_tokens=512 * 8,
-                       peak_flops_per_device=1e10, checkpoint_every_tokens=10 ** 9)
-  result = train.train_and_evaluate(config, workdir)
+                       peak_flops_per_device=1e10, checkpoint_every_tokens=10 ** 9, profile_steps=3,
+                       profile_start_step=5, log_languages=2)
+  result = train.train_and_evaluate(config, workdir, later_tokens=512 * 40)
   assert result["status"] == "complete" and result["step"] > 20
   losses = train_losses(workdir)
   first, last = np.mean(list(losses.values())[:5]), np.mean(list(losses.values())[-5:])
@@ -90,6 +92,31 @@ def test_loss_decreases_on_real_text_with_metrics_and_tensorboard(demo_data, tmp
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tb")))
   assert set(result["eval"]) >= {"en", "de", "all"}
   assert 0 < result["eval"]["all"]["loss"] < 10
+  # The run's record: its config, its mixture and every evaluation with all languages.
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == json.loads(config.to_json_best_effort())
+  with open(os.path.join(workdir, "mixture.json")) as f:
+    mix = json.load(f)
+  assert sorted(mix["languages"]) == sorted(["en", "de", "fr", "ru", "zh", "sw"])
+  assert sum(mix["weights"]) == pytest.approx(1.0) and min(mix["tokens"]) > 0
+  with open(os.path.join(workdir, "eval.jsonl")) as f:
+    assert json.loads(f.readlines()[-1])["results"] == result["eval"]
+  # Six languages, log_languages=2: the two largest and two smallest by n_l get tags, plus three groups.
+  by_size = [l for _, l in sorted(zip(mix["tokens"], mix["languages"]), reverse=True)]
+  lang_tags = {k.split("/")[1] for k in logged if k.startswith("train_lang/")}
+  assert lang_tags == {*by_size[:2], *by_size[-2:]}
+  for prefix in ("train_group", "eval_group"):
+    assert {k for k in logged if k.startswith(prefix)} == {f"{prefix}/{g}/loss" for g in ("high", "mid", "low")}
+  assert all(m["train/total_tokens"] == m["train/tokens"] for m in metrics if "train/tokens" in m)
+  split = [m for m in metrics if "time/step_s" in m][-1]
+  assert split["time/step_s"] == pytest.approx(split["time/data_s"] + split["time/device_s"] + split["time/host_s"])
+  # A profile of steps 5..7 for TensorBoard's profile plugin.
+  traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
+  # The progress line of the last step: budget reached, the curriculum's ETA beyond the phase's.
+  err = capfd.readouterr().err
+  last = [l for l in err.splitlines() if l.startswith(f"pretrain step {result['step']} |")][-1]
+  assert "20.48k/20.48k tok (100.0%)" in last and "ETA 0s, curriculum " in last and "s/step: data" in last
 
 
 def test_bad_batch_configuration_is_named(demo_data, tmp_path):

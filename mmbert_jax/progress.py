@@ -1,0 +1,215 @@
+"""Where a run stands and where its time goes: the console progress line, step-time split and profiler traces.
+
+Every log step the console shows the phase, tokens done / budget, tokens/s, MFU, the ETA of the phase and of the
+whole curriculum, and the time per step split into waiting for data, waiting for the device and host work. On a
+terminal it is a progress bar that redraws in place; elsewhere (CI, log files) one plain line per log step.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+import jax
+from tqdm import tqdm
+
+
+class StepTimer:
+  """Host-side wall time of named sections (`with timer("data"): ...`) between two `split` calls.
+
+  The loop dispatches a step and reads the previous step's results afterwards, so the time blocked in that read
+  ("device") is the part of the step the host could not overlap; "host" is the wall time left over (putting
+  batches on devices, metrics, logging, checkpoint bookkeeping).
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self._start = clock()
+    self._sections: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    t = self._clock()
+    try:
+      yield
+    finally:
+      self._sections[name] = self._sections.get(name, 0.0) + self._clock() - t
+
+  def split(self, steps: int) -> dict[str, float]:
+    """Seconds per step since the last split: `step` (wall), `data`, `device`, every other timed section, and
+    `host` (the wall time outside all sections); then starts over."""
+    now = self._clock()
+    steps = max(steps, 1)
+    out = {"step": (now - self._start) / steps, "data": 0.0, "device": 0.0}
+    out.update({name: seconds / steps for name, seconds in self._sections.items()})
+    out["host"] = max(out["step"] - sum(self._sections.values()) / steps, 0.0)
+    self._start, self._sections = now, {}
+    return out
+
+
+def format_count(n: float) -> str:
+  """1234 → '1.23k', 2.3e12 → '2.30T'."""
+  for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return f"{n:.0f}"
+
+
+def format_duration(seconds: float | None) -> str:
+  """'3d04h', '5h07m', '12m05s', '42s'; '?' when unknown."""
+  if seconds is None or not math.isfinite(seconds):
+    return "?"
+  s = int(round(max(seconds, 0.0)))
+  d, s = divmod(s, 86400)
+  h, s = divmod(s, 3600)
+  m, s = divmod(s, 60)
+  if d:
+    return f"{d}d{h:02d}h"
+  if h:
+    return f"{h}h{m:02d}m"
+  if m:
+    return f"{m}m{s:02d}s"
+  return f"{s}s"
+
+
+class Progress:
+  """Tokens done against the phase's budget, and ETAs at the rate measured since the first report.
+
+  `later_tokens` is the budget of the curriculum's phases still to run after this one; their ETA assumes the same
+  tokens/s. The first report's interval holds the compilation, so rates are measured from the first report on
+  (until a second report exists, the rate since construction stands in).
+  """
+
+  def __init__(self, phase: str, budget: int, *, tokens: int = 0, later_tokens: int = 0,
+               clock: Callable[[], float] = time.monotonic):
+    self.phase, self.budget, self.later_tokens = phase, budget, later_tokens
+    self._clock = clock
+    self._last = self._first = (clock(), tokens)
+    self._reports = 0
+
+  def update(self, step: int, tokens: int, **extra: Any) -> dict[str, Any]:
+    """Fields of the progress line at `tokens` (extra fields, e.g. mfu, loss or the step-time split, pass
+    through)."""
+    now = self._clock()
+    t_last, tok_last = self._last
+    interval = (tokens - tok_last) / (now - t_last) if now > t_last else None
+    t0, tok0 = self._first
+    rate = (tokens - tok0) / (now - t0) if now > t0 and tokens > tok0 else interval
+    if self._reports == 0:
+      self._first = (now, tokens)
+    self._reports += 1
+    self._last = (now, tokens)
+    remaining = max(self.budget - tokens, 0)
+    eta = remaining / rate if rate else None
+    return {"phase": self.phase, "step": step, "tokens": tokens, "budget": self.budget,
+            "fraction": tokens / self.budget if self.budget else 1.0, "tokens_per_s": interval,
+            "eta_phase_s": eta, "eta_total_s": (remaining + self.later_tokens) / rate if rate else None, **extra}
+
+
+def format_progress(f: dict[str, Any]) -> str:
+  """One line: 'pretrain step 120 | 1.23M/4.00M tok (30.8%) | 812.00k tok/s | MFU 41.2% | ETA 3m25s, curriculum
+  1h02m | 0.630 s/step: data 0.010 device 0.600 host 0.020 | loss 3.210 acc 0.412 lr 8.0e-04'."""
+  parts = [f"{f['phase']} step {f['step']}",
+           f"{format_count(f['tokens'])}/{format_count(f['budget'])} tok ({100 * f['fraction']:.1f}%)"]
+  if f.get("tokens_per_s") is not None:
+    parts.append(f"{format_count(f['tokens_per_s'])} tok/s")
+  if f.get("mfu") is not None:
+    parts.append(f"MFU {100 * f['mfu']:.1f}%")
+  eta = f"ETA {format_duration(f.get('eta_phase_s'))}"
+  if f.get("eta_total_s") is not None and f["eta_total_s"] != f.get("eta_phase_s"):
+    eta += f", curriculum {format_duration(f['eta_total_s'])}"
+  parts.append(eta)
+  if "step_s" in f:
+    parts.append(f"{f['step_s']:.3f} s/step: data {f['data_s']:.3f} device {f['device_s']:.3f} "
+                 f"host {f['host_s']:.3f}")
+  shown = [f"{name} {f[key]:{fmt}}" for key, name, fmt in (("loss", "loss", ".3f"), ("accuracy", "acc", ".3f"),
+                                                            ("lr", "lr", ".1e")) if f.get(key) is not None]
+  if shown:
+    parts.append(" ".join(shown))
+  return " | ".join(parts)
+
+
+class Console:
+  """Progress lines and messages on one stream: a bar redrawn in place on a terminal, plain lines otherwise."""
+
+  def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None, enabled: bool = True):
+    self.stream = stream or sys.stderr
+    self.enabled = enabled
+    self.bar = (bar if bar is not None else _isatty(self.stream)) and enabled
+    self._tqdm = None
+
+  def progress(self, fields: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    if not self.bar:
+      print(format_progress(fields), file=self.stream, flush=True)
+      return
+    total = max(int(fields["budget"]), 1)
+    if self._tqdm is None:
+      self._tqdm = tqdm(total=total, file=self.stream, dynamic_ncols=True, bar_format="{bar:24}| {desc}",
+                        leave=True)
+    self._tqdm.n = min(int(fields["tokens"]), total)
+    self._tqdm.set_description_str(format_progress(fields), refresh=True)
+
+  def print(self, text: str) -> None:
+    """A message above the bar (or a plain line)."""
+    if not self.enabled:
+      return
+    if self._tqdm is not None:
+      self._tqdm.write(text, file=self.stream)
+    else:
+      print(text, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self._tqdm is not None:
+      self._tqdm.close()
+      self._tqdm = None
+
+
+def _isatty(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
+
+
+@dataclasses.dataclass
+class Profiler:
+  """A `jax.profiler` trace of steps [start_step, start_step + num_steps) into `<workdir>/profile`, on one
+  process by default (TensorBoard's profile plugin and XProf read it: `tensorboard --logdir <workdir>`)."""
+  workdir: str
+  start_step: int
+  num_steps: int
+  process: int = 0            # the process that traces; -1: every process
+  process_index: int = 0
+  _active: bool = False
+
+  @property
+  def directory(self) -> str:
+    return os.path.join(self.workdir, "profile")
+
+  @property
+  def wanted(self) -> bool:
+    return self.num_steps > 0 and self.process in (-1, self.process_index)
+
+  def before_step(self, step: int) -> None:
+    """`step`: the number of steps done so far (the next step's index)."""
+    if self.wanted and not self._active and step == self.start_step:
+      jax.profiler.start_trace(self.directory)
+      self._active = True
+
+  def after_step(self, step: int, wait: Callable[[], Any]) -> None:
+    """`step`: steps done so far; `wait` blocks until the traced steps have run on the device."""
+    if self._active and step >= self.start_step + self.num_steps:
+      self.stop(wait)
+
+  def stop(self, wait: Callable[[], Any] | None = None) -> None:
+    if self._active:
+      if wait is not None:
+        wait()
+      jax.profiler.stop_trace()
+      self._active = False

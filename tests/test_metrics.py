@@ -1,0 +1,151 @@
+"""The run's record: config.json, TensorBoard text/hparams, bounded per-language tags, eval.jsonl, W&B."""
+import json
+import os
+import struct
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from mmbert_jax import metrics
+
+
+def _events(workdir):
+  """Every Event proto of the TensorBoard files in <workdir>/tb (TFRecord framing: length, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2
+  out = []
+  tb = os.path.join(workdir, "tb")
+  for name in sorted(os.listdir(tb)):
+    with open(os.path.join(tb, name), "rb") as f:
+      data = f.read()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[i + 12:i + 12 + n])
+      out.append(event)
+      i += 12 + n + 4
+  return out
+
+
+def test_config_json_tensorboard_text_and_hparams(tmp_path):
+  config = load_config("demo")
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+  writer.write_config(config)
+  writer.close()
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  assert saved == json.loads(config.to_json_best_effort())
+  assert saved["phase_overrides"]["midtrain"]["train_tokens"] == 240_000
+  values = [v for e in _events(str(tmp_path)) for v in e.summary.value]
+  text = next(v for v in values if v.tag.startswith("config"))
+  assert '"peak_lr": 0.003' in text.tensor.string_val[0].decode()
+  hparams = [v for v in values if v.metadata.plugin_data.plugin_name == "hparams"]
+  assert {v.tag for v in hparams} >= {"_hparams_/experiment", "_hparams_/session_start_info"}
+  from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+  start = HParamsPluginData()
+  start.ParseFromString(next(v for v in hparams if "session_start" in v.tag).metadata.plugin_data.content)
+  assert start.session_start_info.hparams["optim.peak_lr"].number_value == pytest.approx(3e-3)
+  assert start.session_start_info.hparams["data.eval_languages"].string_value.startswith("en,de")
+
+
+def test_a_changed_config_keeps_the_previous_record(tmp_path):
+  config = load_config("demo")
+  for lr in (1e-3, 2e-3, 2e-3):
+    config.optim.peak_lr = lr
+    writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+    writer.write_config(config)
+    writer.close()
+  assert json.load(open(tmp_path / "config.json"))["optim"]["peak_lr"] == 2e-3
+  assert json.load(open(tmp_path / "config.1.json"))["optim"]["peak_lr"] == 1e-3
+  assert not (tmp_path / "config.2.json").exists()          # the same config twice is recorded once
+
+
+def test_language_tags_are_bounded_with_group_aggregates():
+  rng = np.random.default_rng(0)
+  langs = [f"l{i:04d}" for i in range(1800)]
+  tokens = dict(zip(langs, rng.permutation(np.arange(1, 1801) * 1000.0)))
+  tags = metrics.LanguageTags.from_tokens(tokens, 5)
+  by_size = sorted(langs, key=lambda lang: -tokens[lang])
+  assert set(tags.shown) == set(by_size[:5]) | set(by_size[-5:])
+  assert [len(g) for g in tags.groups.values()] == [600, 600, 600]
+  assert set(tags.groups["high"]) == set(by_size[:600]) and set(tags.groups["low"]) == set(by_size[1200:])
+  loss_sum = {lang: float(rng.uniform(1, 5)) * 10 for lang in langs}
+  count = {lang: 10.0 for lang in langs}
+  count[by_size[0]] = 0.0                                     # no masked token of it this step
+  out = tags.losses(loss_sum, count, prefix="train_lang", group_prefix="train_group")
+  assert len(out) == 9 + 3
+  assert f"train_lang/{by_size[0]}/loss" not in out
+  assert out[f"train_lang/{by_size[-1]}/loss"] == pytest.approx(loss_sum[by_size[-1]] / 10)
+  mid = by_size[600:1200]
+  assert out["train_group/mid/loss"] == pytest.approx(sum(loss_sum[l] for l in mid) / (10 * len(mid)))
+  few = metrics.LanguageTags.from_tokens({"en": 5.0, "de": 3.0, "fo": 1.0}, 5)
+  assert few.shown == ("en", "de", "fo") and few.groups == {"high": ("en",), "mid": ("de",), "low": ("fo",)}
+
+
+def test_eval_and_json_records(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True, console=False)
+  results = {"en": {"loss": 2.0, "accuracy": 0.5, "masked_tokens": 10.0}, "all": {"loss": 2.0}}
+  writer.write_eval(7, results, phase="decay_all", total_tokens=1234)
+  writer.write_eval(9, results, phase="decay_all", total_tokens=2000)
+  writer.write_json("mixture", {"languages": ["en"], "weights": np.array([1.0])[0]})
+  writer.close()
+  lines = [json.loads(l) for l in open(tmp_path / "eval.jsonl")]
+  assert [l["step"] for l in lines] == [7, 9] and lines[0]["results"] == results
+  assert lines[0]["total_tokens"] == 1234 and lines[1]["phase"] == "decay_all"
+  assert json.load(open(tmp_path / "mixture.json")) == {"languages": ["en"], "weights": 1.0}
+
+
+def test_console_can_be_handed_over(tmp_path, capsys):
+  seen = []
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True, console=seen.append)
+  writer.write(3, {"train/loss": 2.5, "train/other": 1.0})
+  writer.close()
+  quiet = metrics.MetricWriter(str(tmp_path / "q"), enabled=True, console=False)
+  quiet.write(3, {"train/loss": 2.5})
+  quiet.close()
+  assert len(seen) == 1 and "step      3 loss=2.5" in seen[0]
+  assert capsys.readouterr().err == ""
+
+
+def test_wandb_writer_when_a_project_is_set(tmp_path, monkeypatch):
+  calls = []
+
+  class Run:
+    def log(self, values, step):
+      calls.append(("log", step, values))
+
+    def finish(self):
+      calls.append(("finish",))
+
+  fake = types.ModuleType("wandb")
+  fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  config = load_config("demo")
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True, console=False,
+                                wandb=dict(config.wandb, project="mmbert", entity="team"))
+  writer.write_config(config)
+  writer.write(5, {"train/loss": np.float32(2.5)})
+  writer.close()
+  init = calls[0][1]
+  assert (init["project"], init["entity"], init["name"], init["resume"]) == ("mmbert", "team", "pretrain", "allow")
+  assert init["config"]["optim.peak_lr"] == pytest.approx(3e-3) and init["dir"] == str(tmp_path)
+  assert calls[1:] == [("log", 5, {"train/loss": 2.5}), ("finish",)]
+  again = metrics.MetricWriter(str(tmp_path), enabled=True, wandb={"project": "mmbert"})
+  again.write_config(config)
+  again.close()
+  assert calls[3][1]["id"] == init["id"]                      # the same workdir resumes the same W&B run
+  off = metrics.MetricWriter(str(tmp_path / "off"), enabled=True, wandb=dict(config.wandb))
+  off.write_config(config)
+  off.close()
+  assert len([c for c in calls if c[0] == "init"]) == 2       # off by default: no project, no W&B
+
+
+def test_missing_wandb_is_one_actionable_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)             # import wandb raises ImportError
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True, wandb={"project": "mmbert"})
+  with pytest.raises(ImportError, match="pip install wandb"):
+    writer.write_config(load_config("demo"))
+  writer.close()

@@ -1,0 +1,130 @@
+"""Pre-flight checks: each bad start is one ConfigError line naming the key and the fix, and touches nothing."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import load_config, tiny_config
+from mmbert_jax import checkpoint as ckpt_lib
+from mmbert_jax import cli, preflight
+from mmbert_jax.model import get_config
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+  """A stats.json (the part the mixture reads) with FineWeb2-style names for mmBERT's mid-training languages and
+  the tiny test config's languages: the recipe configs' language sets and budgets fit it."""
+  from data_pipeline import mixture
+  names = [f"{code}_Latn" for code in mixture.MMBERT_PRETRAIN + mixture.MMBERT_MID_ADDED]
+  names += ["en", "de", "fr", "ru", "zh", "sw"]
+  d = tmp_path / "data"
+  d.mkdir()
+  stats = {"languages": {name: {"train": {"tokens": 1000 * (i + 1), "sequences": 10}} for i, name in enumerate(names)}}
+  (d / "stats.json").write_text(json.dumps(stats))
+  return str(d)
+
+
+def _tree(path):
+  return sorted((root, tuple(sorted(dirs)), tuple(sorted(files))) for root, dirs, files in os.walk(path))
+
+
+def _fails(config, workdir, *needles):
+  before = _tree(workdir) if os.path.exists(workdir) else None
+  with pytest.raises(cli.ConfigError) as e:
+    preflight.check(config, workdir)
+  message = str(e.value)
+  assert "\n" not in message
+  for needle in needles:
+    assert needle in message, message
+  assert (_tree(workdir) if os.path.exists(workdir) else None) == before
+  return message
+
+
+def _checkpoint(workdir, phase, preset="tiny", **model):
+  cfg = get_config(preset, **model)
+  ckpt_lib.save_params(workdir, 4, {"w": np.zeros(3, np.float32)},
+                       {"phase": phase, "step": 4, "tokens": 1, "model_config": dataclasses.asdict(cfg)})
+
+
+def test_data_dir_missing_empty_or_unprepared(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  _fails(tiny_config(""), workdir, "config.data.data_dir is empty", "--config.data.data_dir=",
+         "python -m data_pipeline.prepare")
+  _fails(tiny_config(str(tmp_path / "nowhere")), workdir, f"config.data.data_dir={tmp_path / 'nowhere'} does not exist")
+  empty = tmp_path / "half_prepared"
+  empty.mkdir()
+  _fails(tiny_config(str(empty)), workdir, "has no stats.json", f"--output_dir {empty}")
+  preflight.check(tiny_config(data_dir), workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_languages_that_do_not_fit_the_data(tmp_path, demo_data):
+  workdir = str(tmp_path / "run")
+  _fails(tiny_config(demo_data, **{"data.languages": "en,xx"}), workdir, "config.data (languages=en,xx",
+         "phase languages not in the data: xx")
+  _fails(tiny_config(demo_data, **{"data.eval_languages": "en,qq"}), workdir, "eval_languages=en,qq", "qq")
+  c = load_config("decay", "all,small")                     # English as "eng": the demo data calls it "en"
+  c.data.data_dir, c.init_from = demo_data, ""
+  c.allow_random_init = True
+  _fails(c, workdir, "budgets={'eng': 0.101}", "not in the data: eng")
+  _fails(tiny_config(demo_data, **{"model.vocab_size": 512}), workdir,     # the demo tokenizer has 1000 pieces
+         "tokenized with 1000 pieces but the model has vocab_size=512")
+
+
+@pytest.mark.parametrize("config", ["midtrain", "decay"])
+def test_later_phases_need_init_from(tmp_path, data_dir, config):
+  c = load_config(config)
+  c.data.data_dir = data_dir
+  previous = {"midtrain": "pretrain", "decay": "midtrain"}[config]
+  workdir = str(tmp_path / "run")
+  _fails(c, workdir, "config.init_from is empty", f"continues from the {previous} checkpoint",
+         "--config.init_from=", "--config.allow_random_init=True")
+  c.allow_random_init = True
+  preflight.check(c, workdir)
+  c.allow_random_init = False
+  c.init_from = str(tmp_path / "no_such_run")
+  _fails(c, workdir, f"config.init_from={tmp_path / 'no_such_run'}", "does not exist")
+  _checkpoint(str(tmp_path / "prev"), previous, "mmbert-base")
+  c.init_from = str(tmp_path / "prev")
+  preflight.check(c, workdir)
+  pretrain = load_config("pretrain")
+  pretrain.data.data_dir = data_dir
+  preflight.check(pretrain, workdir)                          # the first phase starts from random weights
+
+
+def test_workdir_of_another_phase_or_model_size(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  _checkpoint(workdir, "pretrain", vocab_size=1000)
+  c = tiny_config(data_dir)
+  preflight.check(c, workdir)                                 # resuming the same phase and model is fine
+  c.phase = "midtrain"                                        # resuming needs no init_from
+  _fails(c, workdir, f"--workdir={workdir} holds checkpoints of phase pretrain (step 4), not midtrain",
+         f"--config.init_from={workdir}")
+  c = tiny_config(data_dir, **{"model.num_layers": 6})
+  _fails(c, workdir, "another model size", "num_layers=4", "num_layers=6", "--workdir")
+  c = load_config("pretrain", "small")
+  c.data.data_dir = data_dir
+  _fails(c, workdir, "hidden_size=64", "hidden_size=384", "config.model_preset=mmbert-small")
+
+
+def test_curricula_are_checked_phase_by_phase(tmp_path, data_dir):
+  demo = load_config("demo")
+  preflight.check(demo, str(tmp_path / "fresh"))              # builds its own data; init_from are its own phases
+  _checkpoint(str(tmp_path / "demo" / "midtrain"), "pretrain")
+  _fails(demo, str(tmp_path / "demo"), "holds checkpoints of phase pretrain", "not midtrain")
+  _checkpoint(str(tmp_path / "single"), "pretrain")
+  _fails(demo, str(tmp_path / "single"), "holds a single phase's checkpoints", "curriculum")
+  demo.phase_overrides.midtrain.model.hidden_sise = 8
+  _fails(demo, str(tmp_path / "fresh"), "config.phase_overrides.midtrain", "hidden_sise")
+
+
+def test_unknown_model_field_and_missing_wandb(tmp_path, data_dir, monkeypatch):
+  c = tiny_config(data_dir)
+  with c.unlocked():
+    c.model.hidden_sise = 8
+  _fails(c, str(tmp_path / "run"), "config.model.hidden_sise is not a model field")
+  c = tiny_config(data_dir, **{"wandb.project": "mmbert"})
+  monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
+  _fails(c, str(tmp_path / "run"), "config.wandb.project=mmbert needs wandb", "pip install wandb")
