@@ -40,7 +40,8 @@ def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) ->
   try:
     out.update_from_flattened_dict(flat)
   except (AttributeError, KeyError) as e:
-    raise ValueError(f"config.phase_overrides.{phase}: {e.args[0] if e.args else e}") from None
+    detail = " ".join(str(e.args[0] if e.args else e).split())   # ml_collections adds a "Did you mean" line
+    raise ValueError(f"config.phase_overrides.{phase}: {detail}") from None
   with out.unlocked():
     out.phase = phase
     if "init_from_phase" in overrides:

@@ -117,7 +117,8 @@ def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:
 
 
 def _model_shape(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  overrides = {k: v for k, v in config.model.items() if k != "dtype"}  # dtype "auto" is resolved on the device
+  # None: the preset's value; dtype "auto" is resolved on the device.
+  overrides = {k: v for k, v in config.model.items() if k != "dtype" and v is not None}
   unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
   if unknown:
     raise ConfigError(f"config.model.{unknown[0]} is not a model field (fields: "
