@@ -65,7 +65,8 @@ def language_set(name: str) -> tuple[str, ...] | None:
   return sets[name]
 
 
-def resolve_languages(requested: Sequence[str] | str | None, available: Sequence[str]) -> tuple[str, ...]:
+def resolve_languages(requested: Sequence[str] | str | None, available: Sequence[str], what: str = "phase languages",
+                      where: str = "the data") -> tuple[str, ...]:
   """Maps the phase's languages onto the data's names, keeping the phase's order (sorted for None)."""
   if isinstance(requested, str):   # a set name, else comma-separated names
     is_set = requested in LANGUAGE_SETS or requested.startswith("demo-")
@@ -90,7 +91,7 @@ def resolve_languages(requested: Sequence[str] | str | None, available: Sequence
     else:
       missing.append(lang)
   if missing:
-    raise ValueError(f"phase languages not in the data: {', '.join(missing)} (the data has "
+    raise ValueError(f"{what} not in {where}: {', '.join(missing)} (the data has "
                      f"{len(available)} languages: {', '.join(sorted(available)[:20])}"
                      f"{', …' if len(available) > 20 else ''})")
   if len(set(out)) != len(out):
