@@ -196,6 +196,7 @@ class _ReaderCache:
     self._readers: collections.OrderedDict[str, ArrayRecordReader] = collections.OrderedDict()
     self._lock = threading.Lock()
     self.opened = 0                       # readers opened so far (a measure of cache misses)
+    self.reads = 0                        # records read so far
 
   def read(self, path: str, records: int, index: int) -> bytes:
     with self._lock:
@@ -207,6 +208,7 @@ class _ReaderCache:
         self._readers[path] = reader
       else:
         self._readers.move_to_end(path)
+      self.reads += 1
       try:
         return reader.read([index])[0]
       except (RuntimeError, OSError, ValueError) as e:
@@ -346,6 +348,10 @@ class _ReadAheadIterator(grain.DatasetIterator):
       self._buffer.append(doc)
       self.buffered_tokens += len(doc["tokens"])
 
+  @property
+  def consumed(self) -> int:
+    return self._next
+
   def get_state(self) -> dict:
     return {"next_index": self._next}
 
@@ -365,9 +371,14 @@ class _ReadAhead(grain.IterDataset):
 
 
 class _Stream:
-  """One row stream: documents (read ahead at a steady pace) → packed rows; counts the rows it has given."""
+  """One row stream: documents (read ahead at a steady pace) → packed rows; counts the rows it has given.
 
-  def __init__(self, plan: Plan, stream: int, languages: Sequence[grain.MapDataset]):
+  The packer fills all its bins at once, every packing_bins rows. Two things keep that from making every
+  packing_bins-th batch slow: the documents a refill packs are read ahead over the batches before it, and stream
+  `phase` rows are packed ahead of use, so that streams with different phases refill on different batches.
+  """
+
+  def __init__(self, plan: Plan, stream: int, languages: Sequence[grain.MapDataset], phase: int = 0):
     cfg = plan.cfg
     selection = sampling.BlockMixSelection(plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream),
                                            block=cfg.mix_block)
@@ -378,25 +389,35 @@ class _Stream:
     self._docs = self._rows
     while not isinstance(self._docs, _ReadAheadIterator):   # the packer's (flat-map's) parent iterator
       self._docs = self._docs._parent
-    self._stream, self._seq_len, self._bins = stream, cfg.seq_len, cfg.packing_bins
+    self._seq_len, self._bins, self._phase = cfg.seq_len, cfg.packing_bins, phase
+    self._ahead: collections.deque = collections.deque()    # (row, packer state after it), packed ahead of use
+    self._state = None
     self.rows = 0
 
   def take(self, k: int) -> list[dict]:
-    """The next k rows; then reads ahead twice the tokens of k rows, up to one refill of all packing bins, so the
-    documents a refill packs were read over the batches before it rather than all at once."""
-    out = [packing.to_row(next(self._rows)) for _ in range(k)]
+    """The next k rows. Then, unless the packer refilled for them, reads ahead 1.25× the tokens of k rows, up to
+    one refill's worth: the next refill finds its documents read."""
+    consumed = self._docs.consumed
+    while len(self._ahead) < k + self._phase:
+      row = packing.to_row(next(self._rows))
+      self._ahead.append((row, self._rows.get_state()))
+    out = []
+    for _ in range(k):
+      row, self._state = self._ahead.popleft()
+      out.append(row)
     self.rows += k
     room = self._bins * self._seq_len - self._docs.buffered_tokens
-    if room > 0:
-      self._docs.read_ahead(min(room, 2 * k * self._seq_len))
+    if room > 0 and self._docs.consumed == consumed:
+      self._docs.read_ahead(min(room, k * self._seq_len * 5 // 4))
     return out
 
   def get_state(self) -> dict:
-    return self._rows.get_state()
+    return self._rows.get_state() if self._state is None else self._state
 
   def set_state(self, state: Mapping[str, Any], rows: int) -> None:
     self._rows.set_state(state)
-    self.rows = rows
+    self._ahead.clear()
+    self._state, self.rows = state, rows
 
 
 def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -420,7 +441,9 @@ class _RowStreamsIterator(grain.DatasetIterator):
     super().__init__()
     self._plan = plan
     languages = language_datasets(plan)
-    self._streams = {s: _Stream(plan, s, languages) for s in stream_ids}
+    bins = plan.cfg.packing_bins   # phases spread over a refill cycle (they change timing, never the rows)
+    self._streams = {s: _Stream(plan, s, languages, phase=i * bins // len(stream_ids))
+                     for i, s in enumerate(stream_ids)}
     if start is not None:
       self.set_state(start)
 
@@ -514,6 +537,8 @@ class TrainIterator(grain.DatasetIterator):
       from absl import flags  # grain's worker processes read absl flags; parse them when no app did
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+      # Batches come back pickled, not in shared memory: every array in flight would hold a descriptor.
+      ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 62))
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=cfg.worker_buffer))
     elif cfg.prefetch > 0:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
@@ -566,7 +591,8 @@ class TrainIterator(grain.DatasetIterator):
     if self._inner is not None:
       self._inner.close()
       self._inner = None
-    READERS.close_all()
+    if READERS is not None:     # None while the interpreter shuts down
+      READERS.close_all()
     super().close()
 
 

@@ -274,3 +274,73 @@ def test_bad_inputs(data_dir, tmp_path):
 def test_default_process_index_comes_from_jax(data_dir):
   it = pipeline.make_train_iterator(_cfg(data_dir))
   assert (it.process_index, it.process_count) == (0, 1)
+
+
+@pytest.fixture(scope="module")
+def web_dir(tmp_path_factory):
+  """Documents of 20..80 tokens in 3 languages (several per row at seq 128)."""
+  d = str(tmp_path_factory.mktemp("web"))
+  rng = np.random.default_rng(0)
+  docs = {l: [rng.integers(5, 1000, rng.integers(20, 80)).tolist() for _ in range(300)] for l in LANGS}
+  info = {"path": "synthetic", "vocab_size": 1000, "special_ids": SPECIAL}
+  prepare.write_pretokenized(d, docs, info, prepare.Settings("", max_len=128, eval_documents=0))
+  return d
+
+
+@pytest.mark.parametrize("streams", [2, 8])
+def test_refills_are_staggered_and_reading_is_steady(web_dir, streams):
+  """Per batch: documents packed (a packer refills its 8 bins every 8th row of its stream) and documents read.
+  Streams refill on different batches, and documents are read ahead at a steady pace, so neither piles up on
+  one batch: p99 ≤ 3 × median over whole refill cycles (with 8 streams and all refills on one batch it would be
+  8 × median; with reading at refill time only, the median batch would read nothing)."""
+  cfg = _cfg(web_dir, seq_len=128, batch_size=streams, packing_bins=8)
+  it = pipeline.make_train_iterator(cfg, 0, 1)
+  _take(it, 8)                                   # start-up and one refill cycle
+  streams_ = it._inner._streams.values()
+  packed, read = [], []
+  for _ in range(6 * 8):
+    consumed, reads = sum(s._docs.consumed for s in streams_), pipeline.READERS.reads
+    next(it)
+    packed.append(sum(s._docs.consumed for s in streams_) - consumed)
+    read.append(pipeline.READERS.reads - reads)
+  it.close()
+  assert np.percentile(read, 99) <= 3 * np.median(read) and np.median(read) > 0
+  if streams == 8:
+    assert np.percentile(packed, 99) <= 3 * np.median(packed) and np.median(packed) > 0
+  assert sum(packed) > 0
+
+
+_FILES_SCRIPT = """
+import json, resource, sys
+import numpy as np
+from data_pipeline import benchmark, pipeline
+cfg = pipeline.PipelineConfig(data_dir=sys.argv[1], tau=0.0, seq_len=64, batch_size=16, mask_rate=0.3, prefetch=0,
+                              num_workers=int(sys.argv[2]))
+it = pipeline.make_train_iterator(cfg, 0, 1)
+seen, most = set(), 0
+for _ in range(40):
+  seen |= set(np.unique(next(it)["lang_ids"]).tolist()) - {-1}
+  most = max(most, benchmark.open_files())
+it.close()
+print(json.dumps({"languages": len(seen), "files": most, "limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}))
+"""
+
+
+def test_1834_languages_under_ulimit_1024(tmp_path):
+  """FineWeb2's 1,834 languages, one tiny shard each, all mixed uniformly: far more shards are read than may be
+  open at once, yet the process and its workers hold at most 256 descriptors, under `ulimit -n 1024`."""
+  import subprocess
+  import sys
+  rng = np.random.default_rng(0)
+  docs = {f"l{i:04d}_Latn": [rng.integers(5, 1000, rng.integers(4, 12)).tolist() for _ in range(3)]
+          for i in range(1834)}
+  info = {"path": "synthetic", "vocab_size": 1000, "special_ids": SPECIAL}
+  prepare.write_pretokenized(str(tmp_path), docs, info, prepare.Settings("", max_len=64, eval_documents=0))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for workers in (0, 2):
+    out = subprocess.run(["bash", "-c", 'ulimit -n 1024 && exec "$0" -c "$1" "$2" "$3"', sys.executable,
+                          _FILES_SCRIPT, str(tmp_path), str(workers)], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["limit"] == 1024 and got["languages"] > 600 and got["files"] <= 256, got
