@@ -362,12 +362,16 @@ class _ReadAheadIterator(grain.DatasetIterator):
 
 
 class _ReadAhead(grain.IterDataset):
+  """Documents in order, read ahead on request; `iterator` is the last iterator made (the stream drives it)."""
+
   def __init__(self, parent: grain.MapDataset):
     super().__init__()
     self._source = parent
+    self.iterator: _ReadAheadIterator | None = None
 
   def __iter__(self) -> _ReadAheadIterator:
-    return _ReadAheadIterator(self._source)
+    self.iterator = _ReadAheadIterator(self._source)
+    return self.iterator
 
 
 class _Stream:
@@ -386,9 +390,7 @@ class _Stream:
     packed = packing.pack(docs, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins,
                           seed=_seed32(cfg.seed, _SEED_BINS, stream), pad_id=cfg.pad_id)
     self._rows = packed.__iter__()
-    self._docs = self._rows
-    while not isinstance(self._docs, _ReadAheadIterator):   # the packer's (flat-map's) parent iterator
-      self._docs = self._docs._parent
+    self._docs = docs.iterator          # made by the packer's iterator for its input
     self._seq_len, self._bins, self._phase = cfg.seq_len, cfg.packing_bins, phase
     self._ahead: collections.deque = collections.deque()    # (row, packer state after it), packed ahead of use
     self._state = None

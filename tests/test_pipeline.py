@@ -344,3 +344,20 @@ def test_1834_languages_under_ulimit_1024(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.splitlines()[-1])
     assert got["limit"] == 1024 and got["languages"] > 600 and got["files"] <= 256, got
+
+
+def test_reader_cache_keeps_the_most_recent_files_open(data_dir):
+  stats = json.load(open(os.path.join(data_dir, "stats.json")))
+  shards = [(os.path.join(data_dir, s["path"]), s["sequences"]) for l in LANGS
+            for s in stats["languages"][l]["train"]["shards"]]
+  cache = pipeline._ReaderCache(capacity=2)
+  fds = lambda: len(os.listdir("/proc/self/fd"))
+  before = fds()
+  for path, n in shards + shards[:1]:
+    record = np.frombuffer(cache.read(path, n, n - 1), np.int32)
+    assert record[0] == 2 and record[-1] == 1                      # <bos> … <eos>
+  assert cache.opened == 4 and fds() == before + 2                 # the first was closed, then opened again
+  cache.read(*shards[0], 0)
+  assert cache.opened == 4
+  cache.close_all()
+  assert fds() == before
