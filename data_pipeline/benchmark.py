@@ -232,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         r = run(cfg, args.hosts, args.cycles)
         print(f"{name:>9} {cfg.seq_len:>5} {r['rows']:>5} {workers:>7} {r['startup_s']:>7.1f}s {r['p50_ms']:>6.1f}ms "
               f"{r['p99_ms']:>6.1f}ms {r['p99_ms'] / r['p50_ms']:>7.2f} {r['max_ms']:>6.1f}ms "
-              f"{r['tokens_per_s'] / 1e6:>8.2f}M {r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} {r['files']:>5} {r['opens_per_batch']:>6.1f} "
-              f"{r['batches']:>7}")
+              f"{r['tokens_per_s'] / 1e6:>8.2f}M {r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} "
+              f"{r['files']:>5} {r['opens_per_batch']:>6.1f} {r['batches']:>7}")
     print(f"one host of {args.hosts}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
 

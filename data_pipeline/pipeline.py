@@ -11,8 +11,8 @@ of its own:
                   reads every document once)
   → weighted mix: blocks of `mix_block` documents with each language in exact proportion to its document weight
     (token shares p_l ∝ n_l^tau from the phase's mixture), randomly ordered (sampling.BlockMixSelection)
-  → read ahead a steady number of documents per batch (so refilling the packing bins costs no reading)
-  → split documents longer than seq_len → first-fit / best-fit packing
+  → split documents longer than seq_len → best-fit / first-fit packing into `packing_bins` open rows, the
+    fullest given out when a piece fits none (row by row, so every batch costs about the same)
 
 Each process builds only the streams of its own rows and masks row k of stream s with a Generator keyed by
 (seed, s, k). The global batch sequence is therefore a function of the seed alone: it does not depend on the
@@ -24,8 +24,9 @@ processes), least recently used closed first, so any number of languages runs un
 is opened at start-up, and each shard's record count is checked against stats.json when it is first opened.
 
 Iterator state is global by construction: `{"step", "rows", "streams": {stream id: grain state}, "pipeline":
-config signature}` (`rows`: rows each stream has given). A process's `get_state()` holds its own streams; the union over processes is the global state, and
-any process count that divides num_streams can restore it (`data_pipeline.checkpoint` merges per-process files).
+config signature}` (`rows`: rows each stream has given). A process's `get_state()` holds its own streams; the
+union over processes is the global state, and any process count that divides num_streams, with any batch size that
+num_streams divides, can restore it (`data_pipeline.checkpoint` merges per-process files).
 With one process, `ocp.args.JsonSave(it.get_state())` is a complete checkpoint.
 
 Batches (numpy, per process; b = batch_size / process_count, K = max_masked):
@@ -83,7 +84,7 @@ class PipelineConfig:
                                                    # it must divide every batch_size and be a multiple of every
                                                    # process count the run may use
   packing: str = "first_fit"                       # first_fit | best_fit
-  packing_bins: int = 16                           # rows a packer fills at once (more: less padding, more memory)
+  packing_bins: int = 16                           # rows a packer keeps open (more: less padding, more memory)
   mix_block: int = 4096                            # documents per mixing block (exact proportions per block)
   vocab_size: int | None = None                    # random replacements < vocab_size; None: the tokenizer's size
   mask_id: int = 4
@@ -320,106 +321,29 @@ class StreamDocuments(grain.MapDataset):
     return f"StreamDocuments(stream={self._stream}/{self._num_streams}, languages={len(self._languages)})"
 
 
-class _ReadAheadIterator(grain.DatasetIterator):
-  """Documents of a MapDataset in order; `read_ahead` fetches some early. The state is the next document the
-  consumer gets, so documents held in the buffer are simply read again after a restore."""
-
-  def __init__(self, parent: grain.MapDataset):
-    super().__init__()
-    self._source = parent
-    self._next = 0
-    self._buffer: collections.deque = collections.deque()
-    self.buffered_tokens = 0
-
-  def __next__(self) -> dict:
-    if self._buffer:
-      doc = self._buffer.popleft()
-      self.buffered_tokens -= len(doc["tokens"])
-    else:
-      doc = self._source[self._next]
-    self._next += 1
-    return doc
-
-  def read_ahead(self, tokens: int) -> None:
-    """Reads documents into the buffer until about `tokens` more tokens are held."""
-    goal = self.buffered_tokens + tokens
-    while self.buffered_tokens < goal:
-      doc = self._source[self._next + len(self._buffer)]
-      self._buffer.append(doc)
-      self.buffered_tokens += len(doc["tokens"])
-
-  @property
-  def consumed(self) -> int:
-    return self._next
-
-  def get_state(self) -> dict:
-    return {"next_index": self._next}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    self._next = int(state["next_index"])
-    self._buffer.clear()
-    self.buffered_tokens = 0
-
-
-class _ReadAhead(grain.IterDataset):
-  """Documents in order, read ahead on request; `iterator` is the last iterator made (the stream drives it)."""
-
-  def __init__(self, parent: grain.MapDataset):
-    super().__init__()
-    self._source = parent
-    self.iterator: _ReadAheadIterator | None = None
-
-  def __iter__(self) -> _ReadAheadIterator:
-    self.iterator = _ReadAheadIterator(self._source)
-    return self.iterator
-
-
 class _Stream:
-  """One row stream: documents (read ahead at a steady pace) → packed rows; counts the rows it has given.
+  """One row stream: its documents, packed row by row (`packing.StreamingPacker`, so every batch does about the
+  same reading and packing); counts the rows it has given."""
 
-  The packer fills all its bins at once, every packing_bins rows. Two things keep that from making every
-  packing_bins-th batch slow: the documents a refill packs are read ahead over the batches before it, and stream
-  `phase` rows are packed ahead of use, so that streams with different phases refill on different batches.
-  """
-
-  def __init__(self, plan: Plan, stream: int, languages: Sequence[grain.MapDataset], phase: int = 0):
+  def __init__(self, plan: Plan, stream: int, languages: Sequence[grain.MapDataset]):
     cfg = plan.cfg
     selection = sampling.BlockMixSelection(plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream),
                                            block=cfg.mix_block)
-    docs = _ReadAhead(StreamDocuments(languages, selection, stream, cfg.streams))
-    packed = packing.pack(docs, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins,
-                          seed=_seed32(cfg.seed, _SEED_BINS, stream), pad_id=cfg.pad_id)
-    self._rows = packed.__iter__()
-    self._docs = docs.iterator          # made by the packer's iterator for its input
-    self._seq_len, self._bins, self._phase = cfg.seq_len, cfg.packing_bins, phase
-    self._ahead: collections.deque = collections.deque()    # (row, packer state after it), packed ahead of use
-    self._state = None
+    docs = StreamDocuments(languages, selection, stream, cfg.streams)
+    self._packer = packing.StreamingPacker(docs.__getitem__, cfg.seq_len, num_bins=cfg.packing_bins,
+                                           packing=cfg.packing, pad_id=cfg.pad_id)
     self.rows = 0
 
   def take(self, k: int) -> list[dict]:
-    """The next k rows. Then, unless the packer refilled for them, reads ahead 1.25× the tokens of k rows, up to
-    one refill's worth: the next refill finds its documents read."""
-    consumed = self._docs.consumed
-    while len(self._ahead) < k + self._phase:
-      row = packing.to_row(next(self._rows))
-      self._ahead.append((row, self._rows.get_state()))
-    out = []
-    for _ in range(k):
-      row, self._state = self._ahead.popleft()
-      out.append(row)
     self.rows += k
-    room = self._bins * self._seq_len - self._docs.buffered_tokens
-    if room > 0 and self._docs.consumed == consumed:
-      self._docs.read_ahead(min(room, k * self._seq_len * 5 // 4))
-    return out
+    return [next(self._packer) for _ in range(k)]
 
   def get_state(self) -> dict:
-    return self._rows.get_state() if self._state is None else self._state
+    return self._packer.get_state()
 
   def set_state(self, state: Mapping[str, Any], rows: int) -> None:
-    self._rows.set_state(state)
-    self._ahead.clear()
-    self._state, self.rows = state, rows
+    self._packer.set_state(state)
+    self.rows = rows
 
 
 def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -443,9 +367,7 @@ class _RowStreamsIterator(grain.DatasetIterator):
     super().__init__()
     self._plan = plan
     languages = language_datasets(plan)
-    bins = plan.cfg.packing_bins   # phases spread over a refill cycle (they change timing, never the rows)
-    self._streams = {s: _Stream(plan, s, languages, phase=i * bins // len(stream_ids))
-                     for i, s in enumerate(stream_ids)}
+    self._streams = {s: _Stream(plan, s, languages) for s in stream_ids}
     if start is not None:
       self.set_state(start)
 

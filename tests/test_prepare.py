@@ -233,8 +233,8 @@ def test_bad_inputs(tmp_path, tok):
   with pytest.raises(FileNotFoundError, match="no <lang>.txt"):
     prepare.prepare(prepare.Source("text", str(tmp_path / "nothing")), str(tmp_path / "o2"), _settings(tok))
   source = _text_corpus(tmp_path / "txt")
-  with pytest.raises(ValueError, match=r"languages not in .*txt: xho_Latn \(the data has 3 languages: deu_Latn, fao_Latn, "
-                                       r"tir_Ethi\)"):
+  with pytest.raises(ValueError, match=r"languages not in .*txt: xho_Latn \(the data has 3 languages: deu_Latn, "
+                                       r"fao_Latn, tir_Ethi\)"):
     prepare.prepare(source, str(tmp_path / "o3"), _settings(tok), languages=["xho_Latn"])
   with pytest.raises(FileNotFoundError, match="tokenizer file .*missing.model does not exist"):
     prepare.prepare(source, str(tmp_path / "o4"), _settings(str(tmp_path / "missing.model")))
