@@ -10,8 +10,9 @@ token counts spread log-uniformly over four orders of magnitude, document length
 
 Each setting is one host's share of a recipe micro-batch (--hosts hosts, configs/pretrain.py and configs/decay.py
 with the README's v5p-64 micro-batch for seq 8192): the iterator of process 0 of --hosts, with the config's
-num_streams. It is timed batch by batch over whole refill cycles (packing_bins / rows per stream batches, after
-which every stream's packer has refilled once) after one cycle of warm-up, so p50 / p99 see every refill.
+num_streams. It is timed batch by batch over --cycles refill cycles after one cycle of warm-up; a cycle is
+packing_bins / rows-per-stream batches, in which every stream gives out as many rows as it keeps open (a packer
+that fills all its bins at once would refill once per cycle, so p50 / p99 over whole cycles would see it).
 Reported per setting:
 
   startup   seconds from building the iterator to its first batch (stats.json, mixture, first refill)

@@ -9,6 +9,8 @@ travels as a non-sequence meta feature and is spread over its tokens by `to_row`
 """
 from __future__ import annotations
 
+import collections
+
 import grain
 import numpy as np
 
@@ -63,23 +65,28 @@ class StreamingPacker:
 
   Up to `num_bins` rows are open. A document piece (documents are cut into pieces of at most seq_len tokens) goes
   into the open row that it fills best (best_fit: least room left; first_fit: the first with room); when it fits
-  none and all rows are open, the fullest row is closed and given out, and the piece starts a new row. Grain's
-  packers instead fill all their bins and give them out together, so one call in num_bins does all the reading
-  and packing; here every row costs about the same.
+  none and all rows are open, the fullest row is closed, and the piece starts a new row. Each call reads pieces
+  until the rows held (open and closed) hold `fill` × num_bins × seq_len tokens, then gives out the first closed
+  row, or else the fullest open one. So every row costs about one row of reading and packing; Grain's packers
+  instead fill all their bins and give them out together, doing a whole refill on one call in num_bins.
 
   `documents(k)` returns document k as `{"tokens": int32[n], "lang": int}` (random access, so the state is small:
-  the next document and piece, and the pieces of the open rows, which a restore reads again).
+  the next document and piece, and the pieces of the rows held, which a restore reads again).
   """
 
-  def __init__(self, documents, seq_len: int, *, num_bins: int = 16, packing: str = "best_fit", pad_id: int = 0):
+  def __init__(self, documents, seq_len: int, *, num_bins: int = 16, packing: str = "best_fit", pad_id: int = 0,
+               fill: float = 0.9):
     if packing not in PACKERS:
       raise ValueError(f"packing must be one of {', '.join(PACKERS)}, got {packing!r}")
     self._documents, self._seq_len, self._num_bins = documents, seq_len, num_bins
     self._best_fit, self._pad_id = packing == "best_fit", pad_id
+    self._target = fill * num_bins * seq_len
     self._next = [0, 0]                                  # document index, token offset of its next piece
     self._doc: dict | None = None                        # the document self._next points into
-    self._open: list[list[tuple[int, int, int, np.ndarray, int]]] = []   # rows: (doc, start, stop, tokens, lang)
+    self._open: list[list[tuple]] = []                   # open rows: pieces (doc, start, stop, tokens, lang)
     self._used: list[int] = []
+    self._closed: collections.deque = collections.deque()   # closed rows, given out first
+    self._held = 0                                       # tokens in open and closed rows
 
   def _piece(self) -> tuple[int, int, int, np.ndarray, int]:
     k, start = self._next
@@ -93,6 +100,27 @@ class StreamingPacker:
     else:
       self._next = [k, stop]
     return piece
+
+  def _place(self, piece) -> None:
+    m = piece[2] - piece[1]
+    if m == 0:               # an empty document
+      return
+    self._held += m
+    fits = [i for i, used in enumerate(self._used) if used + m <= self._seq_len]
+    if fits:
+      i = max(fits, key=lambda i: self._used[i]) if self._best_fit else fits[0]
+      self._open[i].append(piece)
+      self._used[i] += m
+      return
+    if len(self._open) >= self._num_bins:
+      self._close_fullest()
+    self._open.append([piece])
+    self._used.append(m)
+
+  def _close_fullest(self) -> None:
+    i = max(range(len(self._used)), key=lambda i: self._used[i])   # the first of the fullest
+    self._closed.append(self._open.pop(i))
+    del self._used[i]
 
   def _row(self, pieces) -> dict[str, np.ndarray]:
     n = self._seq_len
@@ -109,48 +137,36 @@ class StreamingPacker:
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "lang_ids": lang_ids}
 
   def __next__(self) -> dict[str, np.ndarray]:
-    while True:
-      piece = self._piece()
-      m = piece[2] - piece[1]
-      if m == 0:              # an empty document
-        continue
-      fits = [i for i, used in enumerate(self._used) if used + m <= self._seq_len]
-      if fits:
-        i = max(fits, key=lambda i: self._used[i]) if self._best_fit else fits[0]
-        self._open[i].append(piece)
-        self._used[i] += m
-        continue
-      if len(self._open) < self._num_bins:
-        self._open.append([piece])
-        self._used.append(m)
-        continue
-      full = max(range(len(self._used)), key=lambda i: self._used[i])   # the first of the fullest
-      row = self._row(self._open[full])
-      del self._open[full], self._used[full]
-      self._open.append([piece])
-      self._used.append(m)
-      return row
+    while self._held < self._target:
+      self._place(self._piece())
+    if not self._closed:
+      self._close_fullest()
+    pieces = self._closed.popleft()
+    self._held -= sum(b - a for _, a, b, _, _ in pieces)
+    return self._row(pieces)
 
   def __iter__(self):
     return self
 
-  def open_rows(self) -> list[dict[str, np.ndarray]]:
-    """The rows still open, as rows (what has been read but not given out)."""
-    return [self._row(pieces) for pieces in self._open]
+  def held_rows(self) -> list[dict[str, np.ndarray]]:
+    """The rows held, closed and open, as rows (what has been read but not given out)."""
+    return [self._row(pieces) for pieces in (*self._closed, *self._open)]
 
   def get_state(self) -> dict:
-    return {"next": list(self._next), "open": [[[k, a, b] for k, a, b, _, _ in row] for row in self._open]}
+    spans = lambda rows: [[[k, a, b] for k, a, b, _, _ in row] for row in rows]
+    return {"next": list(self._next), "open": spans(self._open), "closed": spans(self._closed)}
 
   def set_state(self, state) -> None:
-    self._next, self._doc = list(state["next"]), None
-    self._open, self._used = [], []
     cache: dict[int, dict] = {}
-    for row in state["open"]:
-      pieces = []
+    def pieces(row):
+      out = []
       for k, a, b in row:
         if k not in cache:
           cache[k] = self._documents(k)
-        doc = cache[k]
-        pieces.append((k, a, b, doc["tokens"][a:b], int(doc["lang"])))
-      self._open.append(pieces)
-      self._used.append(sum(b - a for _, a, b, _, _ in pieces))
+        out.append((k, a, b, cache[k]["tokens"][a:b], int(cache[k]["lang"])))
+      return out
+    self._next, self._doc = list(state["next"]), None
+    self._open = [pieces(row) for row in state["open"]]
+    self._used = [sum(b - a for _, a, b in row) for row in state["open"]]
+    self._closed = collections.deque(pieces(row) for row in state["closed"])
+    self._held = sum(self._used) + sum(b - a for row in state["closed"] for _, a, b in row)

@@ -11,8 +11,8 @@ of its own:
                   reads every document once)
   → weighted mix: blocks of `mix_block` documents with each language in exact proportion to its document weight
     (token shares p_l ∝ n_l^tau from the phase's mixture), randomly ordered (sampling.BlockMixSelection)
-  → split documents longer than seq_len → best-fit / first-fit packing into `packing_bins` open rows, the
-    fullest given out when a piece fits none (row by row, so every batch costs about the same)
+  → split documents longer than seq_len → best-fit / first-fit packing into `packing_bins` open rows, given out
+    one at a time after about one row of reading (packing.StreamingPacker: every batch costs about the same)
 
 Each process builds only the streams of its own rows and masks row k of stream s with a Generator keyed by
 (seed, s, k). The global batch sequence is therefore a function of the seed alone: it does not depend on the

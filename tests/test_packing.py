@@ -35,7 +35,7 @@ def _streaming(docs, kind, bins):
     while True:
       rows.append(next(packer))
   except _End:
-    return rows + packer.open_rows()
+    return rows + packer.held_rows()
 
 
 def _pack(docs, kind, bins=8, impl="grain"):
@@ -98,7 +98,9 @@ def test_packing_is_reasonably_dense_and_best_fit_is_not_worse():
 def test_streaming_packer_state_round_trip(kind):
   docs = _docs(400, seed=5)
   packer = packing.StreamingPacker(docs.__getitem__, S, num_bins=8, packing=kind)
-  [next(packer) for _ in range(40)]
+  [next(packer) for _ in range(20)]
+  while not packer.get_state()["closed"]:     # a state with closed rows waiting as well as open ones
+    next(packer)
   state = json.loads(json.dumps(packer.get_state()))
   expected = [next(packer) for _ in range(40)]
   again = packing.StreamingPacker(docs.__getitem__, S, num_bins=8, packing=kind)
@@ -113,8 +115,9 @@ def test_streaming_packer_gives_out_the_fullest_row():
   lengths = [30, 50, 20, 40, 60, 10]
   docs = [{"tokens": np.arange(n, dtype=np.int32) + 1000 * (i + 1), "lang": 0} for i, n in enumerate(lengths)]
   packer = packing.StreamingPacker(docs.__getitem__, S, num_bins=2, packing="best_fit")
-  # 30 opens row A; 50 does not fit A (80 > 64): row B; 20 fits only A (50). 40 fits neither and both rows are
-  # open: the fullest (A and B hold 50: the first, A) goes out. 60 fits neither B (50) nor C (40): B goes out.
+  # Pieces are read until the rows hold 0.9 × 2 × 64 tokens. 30 opens row A; 50 does not fit A (80 > 64): row B;
+  # 20 fits only A (50). 40 fits neither, both rows are open: the fullest (A and B hold 50: the first, A) is
+  # closed and given out. Then 60 fits neither B (50) nor C (40): B is closed and given out.
   segments = lambda row: [int((row["segment_ids"] == j).sum()) for j in range(1, row["segment_ids"].max() + 1)]
   assert segments(next(packer)) == [30, 20]
   assert segments(next(packer)) == [50]

@@ -94,7 +94,7 @@ def test_empirical_mixture_matches_the_weights(data_dir):
   # Documents read = given out + still in the packers' open rows (up to packing_bins rows per stream).
   held = np.zeros(3)
   for stream in it._inner._streams.values():
-    for row in stream._packer.open_rows():
+    for row in stream._packer.held_rows():
       held += np.bincount(row["lang_ids"][row["lang_ids"] >= 0], minlength=3)
   it.close()
   n = np.array([c * (t + 2) for c, t in (DOCS[l] for l in LANGS)], float)   # train tokens incl. <bos>/<eos>
