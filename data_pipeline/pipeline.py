@@ -335,8 +335,9 @@ class _Stream:
     self.rows = 0
 
   def take(self, k: int) -> list[dict]:
+    out = [next(self._packer) for _ in range(k)]
     self.rows += k
-    return [next(self._packer) for _ in range(k)]
+    return out
 
   def get_state(self) -> dict:
     return self._packer.get_state()
