@@ -17,6 +17,8 @@ Reported per setting:
 
   startup   seconds from building the iterator to its first batch (stats.json, mixture, first refill)
   p50 p99   batch time percentiles (ms); the goal is p99 ≤ 3 × p50
+  cpu       p99 / p50 of the CPU time per batch of this process (in-process runs: the same ratio without the
+            waits that other load on the machine adds)
   tokens/s  batch tokens (rows × seq_len) per second, what the trainer consumes
   /cpu-s    batch tokens per CPU-second of this process (in-process runs: the pipeline's cost on one core,
             unaffected by other load on the machine)
@@ -140,10 +142,12 @@ def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, floa
   for _ in range(cycle - 1):
     next(it)
   times, real, opened, cpu = [], 0, pipeline.READERS.opened, time.process_time()
+  cpu_times = []
   for _ in range(cycles * cycle):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     b = next(it)
     times.append(time.perf_counter() - t)
+    cpu_times.append(time.process_time() - c)
     real += int((b["segment_ids"] > 0).sum())
     files = max(files, open_files())
   opened = pipeline.READERS.opened - opened     # counted in this process: with workers 0 only
@@ -155,7 +159,9 @@ def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, floa
           "max_ms": 1e3 * times.max(), "tokens_per_s": slots / times.sum(), "packing": real / slots,
           "files": files, "batches": len(times), "rows": b["segment_ids"].shape[0],
           "opens_per_batch": opened / len(times) if not cfg.num_workers else float("nan"),
-          "tokens_per_cpu_s": slots / cpu if not cfg.num_workers else float("nan")}
+          "tokens_per_cpu_s": slots / cpu if not cfg.num_workers else float("nan"),
+          "cpu_p99_p50": (np.percentile(cpu_times, 99) / np.percentile(cpu_times, 50) if not cfg.num_workers
+                          else float("nan"))}
 
 
 def index_memory(documents: int, languages: int, hosts: int, batches: int) -> None:
@@ -224,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       print(f"synthetic corpus: {len(stats['languages'])} languages, {t['documents']:,} documents, "
             f"{t['tokens']:,} tokens ({time.perf_counter() - t0:.1f} s to write)")
     print(f"{'setting':>9} {'seq':>5} {'rows':>5} {'workers':>7} {'startup':>8} {'p50':>8} {'p99':>8} {'p99/p50':>7} "
-          f"{'max':>8} {'tokens/s':>9} {'/cpu-s':>7} {'packing':>7} {'files':>5} {'opens':>6} {'batches':>7}")
+          f"{'cpu':>5} {'max':>8} {'tokens/s':>9} {'/cpu-s':>7} {'packing':>7} {'files':>5} {'opens':>6} "
+          f"{'batches':>7}")
     for name in args.settings.split(","):
       for workers in map(int, args.workers.split(",")):
         cfg = pipeline.PipelineConfig(
@@ -232,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             num_workers=workers, prefetch=0, **SETTINGS[name])
         r = run(cfg, args.hosts, args.cycles)
         print(f"{name:>9} {cfg.seq_len:>5} {r['rows']:>5} {workers:>7} {r['startup_s']:>7.1f}s {r['p50_ms']:>6.1f}ms "
-              f"{r['p99_ms']:>6.1f}ms {r['p99_ms'] / r['p50_ms']:>7.2f} {r['max_ms']:>6.1f}ms "
+              f"{r['p99_ms']:>6.1f}ms {r['p99_ms'] / r['p50_ms']:>7.2f} {r['cpu_p99_p50']:>5.2f} {r['max_ms']:>6.1f}ms "
               f"{r['tokens_per_s'] / 1e6:>8.2f}M {r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} "
               f"{r['files']:>5} {r['opens_per_batch']:>6.1f} {r['batches']:>7}")
     print(f"one host of {args.hosts}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")

@@ -36,4 +36,4 @@ def test_command(capsys):
   lines = capsys.readouterr().out.splitlines()
   rows = [l.split() for l in lines if l.split() and l.split()[0] == "decay"]
   assert [(r[1], r[2], r[3]) for r in rows] == [("8192", "4", "0")]
-  assert 0 < float(rows[0][11]) <= 1 and float(rows[0][13]) >= 0
+  assert 0 < float(rows[0][12]) <= 1 and float(rows[0][14]) >= 0 and float(rows[0][8]) >= 1
