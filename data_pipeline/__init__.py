@@ -9,5 +9,5 @@ Modules, in the order data flows through them:
   masking      MLM masking (Bernoulli selection, 80/10/10, fixed-size list of masked positions)
   pipeline     PipelineConfig, make_train_iterator (checkpointable, process-count independent), eval_batches
   demo_corpus  a real multilingual corpus built at run time from the CLDR locale data shipped with babel
-  benchmark    tokens/s and packing efficiency of read → mix → pack → mask → batch
+  benchmark    one host's batches at 1,834 languages: start-up, open files, p50/p99 batch time, tokens/s, index memory
 """

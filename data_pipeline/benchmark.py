@@ -1,112 +1,248 @@
-"""Input-pipeline throughput per process: read → mix → pack → mask → batch, and packing efficiency.
+"""Input-pipeline figures per process: start-up, open files, batch-time percentiles, tokens/s, index memory.
 
-  python -m data_pipeline.benchmark                          # synthetic web-like corpus, seq 1024 and 8192
-  python -m data_pipeline.benchmark --data_dir data/ --languages demo-mid --num_workers 4
+  python -m data_pipeline.benchmark                          # synthetic corpus of 1,834 languages
+  python -m data_pipeline.benchmark --data_dir data/ --languages all --workers 0,4
+  python -m data_pipeline.benchmark --index_documents 50000000   # index memory per document, 1,834 languages
 
-Without --data_dir the corpus is synthetic: 12 languages with skewed sizes, document lengths log-normal around a
-median of 600 tokens (σ = 1.1; web text is of that order), random ids from a 256k vocabulary, prepared with
-max_len 8192. Each setting builds batches of about --batch_tokens tokens (rows = batch_tokens / seq_len, one
-stream per row) and times --batches of them after a warm-up. Reported per setting:
+Without --data_dir the corpus is synthetic: --num_languages languages (default 1,834, FineWeb2's count) whose
+token counts spread log-uniformly over four orders of magnitude, document lengths log-normal around a median of
+600 tokens (σ = 1.1; web text is of that order), random ids from a 256k vocabulary, prepared with max_len 8192.
 
-  slots/s   batch tokens per second (rows × seq_len), what the trainer consumes; the goal is ≥ 1M per process
-  real/s    non-padding tokens per second
-  /cpu-s    slots per CPU-second of this process (with num_workers 0: the cost of the pipeline on one core,
+Each setting is one host's share of a recipe micro-batch (--hosts hosts, configs/pretrain.py and configs/decay.py
+with the README's v5p-64 micro-batch for seq 8192): the iterator of process 0 of --hosts, with the config's
+num_streams. It is timed batch by batch over --cycles refill cycles after one cycle of warm-up; a cycle is
+packing_bins / rows-per-stream batches, in which every stream gives out as many rows as it keeps open (a packer
+that fills all its bins at once would refill once per cycle, so p50 / p99 over whole cycles would see it).
+Reported per setting:
+
+  startup   seconds from building the iterator to its first batch (stats.json, mixture, first refill)
+  p50 p99   batch time percentiles (ms); the goal is p99 ≤ 3 × p50
+  cpu       p99 / p50 of the CPU time per batch of this process (in-process runs: the same ratio without the
+            waits that other load on the machine adds)
+  tokens/s  batch tokens (rows × seq_len) per second, what the trainer consumes
+  /cpu-s    batch tokens per CPU-second of this process (in-process runs: the pipeline's cost on one core,
             unaffected by other load on the machine)
-  packing   real tokens / slots
-  masked    masked tokens / real tokens (the mask rate, minus rows that hit the K cap)
+  packing   real tokens / batch tokens
+  files     most open file descriptors seen, this process and its workers together (goal ≤ 256)
+  opens     shard readers opened per batch (least-recently-used cache misses; in-process runs only)
+
+--index_documents writes that many tiny documents over the languages (shards of at most 1M documents, like one
+FineWeb2 parquet file each), then reads decay batches and reports the growth of this process's anonymous memory
+per document, with all shards of the largest languages open (goal ≤ 2 bytes per document).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
 from typing import Sequence
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipeline import pipeline, prepare
 
 SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
+TOKENIZER_INFO = {"path": "synthetic", "kind": "synthetic", "vocab_size": 256_000, "special_ids": SPECIAL_IDS}
+# One host's share: the recipe's micro-batch rows and num_streams (configs/), on 8 hosts by default.
+SETTINGS = {
+    "pretrain": dict(seq_len=1024, batch_size=384, num_streams=128, mask_rate=0.30, tau=0.7),
+    "decay": dict(seq_len=8192, batch_size=32, num_streams=32, mask_rate=0.05, tau=0.3),
+}
 
 
-def synthetic_corpus(data_dir: str, *, languages: int = 12, tokens: int = 24_000_000, vocab_size: int = 256_000,
-                     median_len: int = 600, sigma: float = 1.1, max_len: int = 8192, seed: int = 0) -> dict:
-  """Writes a prepared corpus of random token documents; language i holds a share ∝ 0.7^i of the tokens."""
+def language_shares(languages: int, seed: int = 0) -> dict[str, float]:
+  """Token shares of `languages` synthetic languages, log-uniform over four orders of magnitude."""
   rng = np.random.default_rng(seed)
-  share = 0.7 ** np.arange(languages)
+  share = np.exp(rng.uniform(0.0, np.log(1e4), languages))
   share /= share.sum()
+  return {f"l{i:04d}_Synt": float(s) for i, s in enumerate(share)}
+
+
+def synthetic_corpus(data_dir: str, *, languages: int = 1834, tokens: int = 24_000_000, vocab_size: int = 256_000,
+                     median_len: int = 600, sigma: float = 1.1, max_len: int = 8192, seed: int = 0) -> dict:
+  """Writes a prepared corpus of random token documents (at least 2 documents per language)."""
+  rng = np.random.default_rng(seed)
 
   def docs(budget):
-    while budget > 0:
+    for i in range(10 ** 9):
+      if budget <= 0 and i >= 2:
+        return
       n = int(np.clip(rng.lognormal(np.log(median_len), sigma), 8, 32_768))
       budget -= n
       yield rng.integers(5, vocab_size, n, dtype=np.int32)
 
-  documents = {f"lang{i:02d}": docs(int(tokens * s)) for i, s in enumerate(share)}
-  info = {"path": "synthetic", "kind": "synthetic", "vocab_size": vocab_size, "special_ids": SPECIAL_IDS}
+  documents = {lang: docs(int(tokens * s)) for lang, s in language_shares(languages, seed).items()}
   settings = prepare.Settings(tokenizer="", max_len=max_len, eval_documents=0)
-  return prepare.write_pretokenized(data_dir, documents, info, settings)
+  return prepare.write_pretokenized(data_dir, documents, dict(TOKENIZER_INFO, vocab_size=vocab_size), settings)
 
 
-def run(cfg: pipeline.PipelineConfig, batches: int, warmup: int = 3) -> dict[str, float]:
-  """Times `batches` batches of one iterator (after `warmup`) and returns the figures."""
+def index_corpus(data_dir: str, documents: int, *, languages: int = 1834, shard_documents: int = 1_000_000) -> dict:
+  """`documents` two-token documents over the languages, written straight to shards (fast), and stats.json."""
+  bos, eos = SPECIAL_IDS["bos"], SPECIAL_IDS["eos"]
+  record = np.asarray([bos, 7, 8, eos], prepare.TOKEN_DTYPE).tobytes()
+  shares = language_shares(languages)
+  counts = np.maximum(1, np.floor(np.asarray(list(shares.values())) * documents)).astype(np.int64)
+  records = []
+  for lang, n in zip(shares, counts):
+    for first in range(0, int(n), shard_documents):
+      size = min(shard_documents, int(n) - first)
+      name = f"index-{first // shard_documents:05d}"
+      path = os.path.join(lang, "train", f"{name}.array_record")
+      os.makedirs(os.path.join(data_dir, lang, "train"), exist_ok=True)
+      writer = ArrayRecordWriter(os.path.join(data_dir, path), prepare.WRITER_OPTIONS)
+      for _ in range(size):
+        writer.write(record)
+      writer.close()
+      records.append({"unit": f"{name}-{lang}", "source": "index", "languages": {lang: {"train": {
+          "documents": size, "sequences": size, "tokens": 4 * size, "path": path}}}})
+  settings = prepare.Settings(tokenizer="", max_len=8, eval_documents=0)
+  stats = prepare.aggregate(records, TOKENIZER_INFO, settings)
+  prepare._atomic_write_json(os.path.join(data_dir, "stats.json"), stats)
+  return stats
+
+
+def open_files() -> int:
+  """Open file descriptors of this process and its children (grain's workers)."""
+  pids = [os.getpid()]
+  for task in os.listdir("/proc/self/task"):
+    try:
+      with open(f"/proc/self/task/{task}/children") as f:
+        pids += [int(p) for p in f.read().split()]
+    except OSError:
+      pass
+  total = 0
+  for pid in pids:
+    try:
+      total += len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+      pass
+  return total
+
+
+def anon_memory() -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("RssAnon:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, float]:
+  """Times one host's batches over `cycles` refill cycles after one cycle of warm-up."""
+  rows = cfg.batch_size // cfg.streams
+  cycle = cfg.packing_bins // math.gcd(cfg.packing_bins, rows)
   t0 = time.perf_counter()
-  it = pipeline.make_train_iterator(cfg, 0, 1)
-  for _ in range(warmup):
-    next(it)
+  it = pipeline.make_train_iterator(cfg, 0, hosts)
+  next(it)
   startup = time.perf_counter() - t0
-  real = masked = 0
-  t0, cpu0 = time.perf_counter(), time.process_time()
-  for _ in range(batches):
+  files = open_files()
+  for _ in range(cycle - 1):
+    next(it)
+  times, real, opened, cpu = [], 0, pipeline.READERS.opened, time.process_time()
+  cpu_times = []
+  for _ in range(cycles * cycle):
+    t, c = time.perf_counter(), time.process_time()
     b = next(it)
+    times.append(time.perf_counter() - t)
+    cpu_times.append(time.process_time() - c)
     real += int((b["segment_ids"] > 0).sum())
-    masked += int(b["masked_weights"].sum())
-  dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    files = max(files, open_files())
+  opened = pipeline.READERS.opened - opened     # counted in this process: with workers 0 only
+  cpu = time.process_time() - cpu
   it.close()
-  slots = batches * cfg.batch_size * cfg.seq_len
-  return {"startup_s": startup, "batches_per_s": batches / dt, "slots_per_s": slots / dt, "real_per_s": real / dt,
-          "slots_per_cpu_s": slots / cpu, "packing": real / slots, "masked": masked / real}
+  times = np.asarray(times)
+  slots = len(times) * b["segment_ids"].size
+  return {"startup_s": startup, "p50_ms": 1e3 * np.percentile(times, 50), "p99_ms": 1e3 * np.percentile(times, 99),
+          "max_ms": 1e3 * times.max(), "tokens_per_s": slots / times.sum(), "packing": real / slots,
+          "files": files, "batches": len(times), "rows": b["segment_ids"].shape[0],
+          "opens_per_batch": opened / len(times) if not cfg.num_workers else float("nan"),
+          "tokens_per_cpu_s": slots / cpu if not cfg.num_workers else float("nan"),
+          "cpu_p99_p50": (np.percentile(cpu_times, 99) / np.percentile(cpu_times, 50) if not cfg.num_workers
+                          else float("nan"))}
+
+
+def index_memory(documents: int, languages: int, hosts: int, batches: int) -> None:
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    stats = index_corpus(tmp, documents, languages=languages)
+    shards = sum(len(v["train"]["shards"]) for v in stats["languages"].values())
+    docs = stats["totals"]["train"]["documents"]
+    print(f"index corpus: {len(stats['languages'])} languages, {docs:,} documents in {shards} shards "
+          f"({time.perf_counter() - t0:.0f} s to write)")
+    cfg = pipeline.PipelineConfig(data_dir=tmp, **dict(SETTINGS["decay"], seq_len=1024), prefetch=0)
+    base = anon_memory()
+    t0 = time.perf_counter()
+    it = pipeline.make_train_iterator(cfg, 0, hosts)
+    plan_s = time.perf_counter() - t0
+    next(it)
+    first_s = time.perf_counter() - t0 - plan_s
+    files = open_files()
+    for _ in range(batches):
+      next(it)
+      files = max(files, open_files())
+    used = anon_memory() - base
+    print(f"after {batches + 1} batches: iterator built in {plan_s:.1f} s, first batch {first_s:.1f} s (4-token "
+          f"documents: {pipeline.READERS.opened:,} shard opens in all), {files} open files, anonymous memory "
+          f"+{used / 2**20:.0f} MiB = {used / docs:.2f} bytes/document")
+    # The worst case for the index: the open readers all hold the largest shards.
+    largest = sorted(((n, p) for p, n in (s for v in it._plan.shards for s in v)), reverse=True)
+    pipeline.READERS.close_all()
+    base = anon_memory()
+    held = largest[:pipeline.READERS.capacity]
+    for n, path in held:
+      pipeline.READERS.read(path, n, n - 1)
+    used = anon_memory() - base
+    print(f"{len(held)} largest shards open ({sum(n for n, _ in held):,} documents): +{used / 2**20:.0f} MiB = "
+          f"{used / sum(n for n, _ in held):.2f} bytes per document they hold, {used / docs:.2f} per document "
+          "of the corpus")
+    it.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m data_pipeline.benchmark", description=__doc__.split("\n")[0])
   parser.add_argument("--data_dir", default=None, help="a prepared corpus (default: a synthetic one)")
   parser.add_argument("--languages", default=None, help="phase languages (default: all)")
+  parser.add_argument("--num_languages", type=int, default=1834, help="languages of the synthetic corpus")
   parser.add_argument("--corpus_tokens", type=int, default=24_000_000, help="size of the synthetic corpus")
-  parser.add_argument("--seq_lens", default="1024,8192")
-  parser.add_argument("--packing", default="first_fit,best_fit")
-  parser.add_argument("--batch_tokens", type=int, default=65_536, help="tokens per batch (rows = this / seq_len)")
-  parser.add_argument("--batches", type=int, default=60)
+  parser.add_argument("--settings", default="pretrain,decay", help=f"of {', '.join(SETTINGS)}")
+  parser.add_argument("--hosts", type=int, default=8, help="hosts sharing each micro-batch")
+  parser.add_argument("--workers", default="0,2", help="grain worker processes per process, comma-separated")
+  parser.add_argument("--cycles", type=int, default=8, help="refill cycles timed per setting")
+  parser.add_argument("--packing", default="best_fit")
   parser.add_argument("--packing_bins", type=int, default=16)
-  parser.add_argument("--mask_rate", type=float, default=0.3)
-  parser.add_argument("--num_workers", type=int, default=0)
-  parser.add_argument("--prefetch", type=int, default=0, help="thread prefetch (0: measure the pipeline alone)")
+  parser.add_argument("--index_documents", type=int, default=0, help="measure index memory at this many documents")
   args = parser.parse_args(argv)
 
+  print(f"RLIMIT_NOFILE soft/hard after raising: {pipeline.raise_open_file_limit()}")
+  if args.index_documents:
+    index_memory(args.index_documents, args.num_languages, args.hosts, batches=200)
+    return
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data_dir
     if data_dir is None:
       data_dir = tmp
       t0 = time.perf_counter()
-      stats = synthetic_corpus(tmp, tokens=args.corpus_tokens)
+      stats = synthetic_corpus(tmp, languages=args.num_languages, tokens=args.corpus_tokens)
       t = stats["totals"]["train"]
       print(f"synthetic corpus: {len(stats['languages'])} languages, {t['documents']:,} documents, "
             f"{t['tokens']:,} tokens ({time.perf_counter() - t0:.1f} s to write)")
-    print(f"{'seq_len':>8} {'rows':>5} {'packing':>10} {'batch/s':>8} {'slots/s':>10} {'real/s':>10} "
-          f"{'/cpu-s':>10} {'packing':>8} {'masked':>7} {'startup':>8}")
-    for seq_len in map(int, args.seq_lens.split(",")):
-      rows = max(1, args.batch_tokens // seq_len)
-      for packer in args.packing.split(","):
+    print(f"{'setting':>9} {'seq':>5} {'rows':>5} {'workers':>7} {'startup':>8} {'p50':>8} {'p99':>8} {'p99/p50':>7} "
+          f"{'cpu':>5} {'max':>8} {'tokens/s':>9} {'/cpu-s':>7} {'packing':>7} {'files':>5} {'opens':>6} "
+          f"{'batches':>7}")
+    for name in args.settings.split(","):
+      for workers in map(int, args.workers.split(",")):
         cfg = pipeline.PipelineConfig(
-            data_dir=data_dir, languages=args.languages, seq_len=seq_len, batch_size=rows, mask_rate=args.mask_rate,
-            packing=packer, packing_bins=args.packing_bins, num_workers=args.num_workers, prefetch=args.prefetch)
-        r = run(cfg, args.batches)
-        print(f"{seq_len:>8} {rows:>5} {packer:>10} {r['batches_per_s']:>8.1f} {r['slots_per_s'] / 1e6:>9.2f}M "
-              f"{r['real_per_s'] / 1e6:>9.2f}M {r['slots_per_cpu_s'] / 1e6:>9.2f}M {r['packing']:>8.3f} "
-              f"{r['masked']:>7.3f} {r['startup_s']:>7.1f}s")
-    print(f"per process, {os.cpu_count()} CPUs, num_workers={args.num_workers}, load average "
-          f"{os.getloadavg()[0]:.1f}" + (" (/cpu-s excludes worker processes)" if args.num_workers else ""))
+            data_dir=data_dir, languages=args.languages, packing=args.packing, packing_bins=args.packing_bins,
+            num_workers=workers, prefetch=0, **SETTINGS[name])
+        r = run(cfg, args.hosts, args.cycles)
+        print(f"{name:>9} {cfg.seq_len:>5} {r['rows']:>5} {workers:>7} {r['startup_s']:>7.1f}s {r['p50_ms']:>6.1f}ms "
+              f"{r['p99_ms']:>6.1f}ms {r['p99_ms'] / r['p50_ms']:>7.2f} {r['cpu_p99_p50']:>5.2f} {r['max_ms']:>6.1f}ms "
+              f"{r['tokens_per_s'] / 1e6:>8.2f}M {r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} "
+              f"{r['files']:>5} {r['opens_per_batch']:>6.1f} {r['batches']:>7}")
+    print(f"one host of {args.hosts}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ fixed share of the phase (§6.1). A phase here is a `PhaseSpec`:
 
   languages    names in the data, a named set (`LANGUAGE_SETS`, e.g. "mmbert-pretrain", "demo-mid"), or None = all
   tau          temperature exponent
-  budgets      {source: token share} fixed shares taken off the top (e.g. {"eng_Latn": 0.3}); the rest is tau-mixed
+  budgets      {name: token share} fixed shares taken off the top; the rest is tau-mixed. A name is a language
+               (e.g. {"eng": 0.3}) or a prepare `--source` id (e.g. {"dclm": 0.302, "starcoder": 0.051}): a
+               source's shards then form a component of their own, whatever their language, and leave the
+               languages they were prepared under
   max_passes   with total_tokens (the phase length), cap every language at max_passes × n_l tokens and hand the
                excess to the uncapped languages (repeated until nothing exceeds its cap)
 
@@ -23,14 +26,17 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import sys
 from typing import Mapping, Sequence
 
 import numpy as np
 
+_CODE_SCRIPT = re.compile(r"^([a-z]{2,3})_([A-Z][a-z]{3})$")   # FineWeb2's <ISO 639-3>_<ISO 15924>
 
 # mmBERT's language sets (ISO 639-3; RECIPE.md data/phase_languages.txt). `resolve_languages` maps a bare code to
-# the data's `<code>_<Script>` name when the data holds exactly one script of it (FineWeb2 naming).
+# the data's `<code>_<Script>` name when the data holds exactly one script of it (FineWeb2 naming; other names
+# such as `fao_Latn_removed` never match a bare code).
 MMBERT_PRETRAIN = tuple(
     "afr arb azj ben bul ces cmn dan deu ekk ell eng fas fil fin fra gle glg guj heb hin hrv hun ind ita jpn kat "
     "kaz khk khm kor lit lvs mal mar mkd mya nld nob npi pbt pol por ron rus sin slk slv spa swe swh tam tel tha "
@@ -65,7 +71,8 @@ def language_set(name: str) -> tuple[str, ...] | None:
   return sets[name]
 
 
-def resolve_languages(requested: Sequence[str] | str | None, available: Sequence[str]) -> tuple[str, ...]:
+def resolve_languages(requested: Sequence[str] | str | None, available: Sequence[str], what: str = "phase languages",
+                      where: str = "the data") -> tuple[str, ...]:
   """Maps the phase's languages onto the data's names, keeping the phase's order (sorted for None)."""
   if isinstance(requested, str):   # a set name, else comma-separated names
     is_set = requested in LANGUAGE_SETS or requested.startswith("demo-")
@@ -75,7 +82,9 @@ def resolve_languages(requested: Sequence[str] | str | None, available: Sequence
   available = set(available)
   by_code: dict[str, list[str]] = {}
   for name in available:
-    by_code.setdefault(name.split("_")[0], []).append(name)
+    m = _CODE_SCRIPT.match(name)
+    if m:
+      by_code.setdefault(m.group(1), []).append(name)
   out, missing = [], []
   for lang in requested:
     if lang in available:
@@ -88,7 +97,7 @@ def resolve_languages(requested: Sequence[str] | str | None, available: Sequence
     else:
       missing.append(lang)
   if missing:
-    raise ValueError(f"phase languages not in the data: {', '.join(missing)} (the data has "
+    raise ValueError(f"{what} not in {where}: {', '.join(missing)} (the data has "
                      f"{len(available)} languages: {', '.join(sorted(available)[:20])}"
                      f"{', …' if len(available) > 20 else ''})")
   if len(set(out)) != len(out):
@@ -209,6 +218,27 @@ def compute_mixture(counts: Mapping[str, tuple[float, float] | float], spec: Pha
   return Mixture(tuple(langs), tokens, sequences, p, tuple(budgeted), spec.total_tokens)
 
 
+def components(stats: dict, budget_names: Sequence[str] = (), split: str = "train") -> dict[str, list[dict]]:
+  """The mixture's components and their shards (stats.json entries): one per language, except that a budget name
+  which is a prepare source (and no language) takes that source's shards out of their languages."""
+  sources = {b for b in budget_names if b in stats.get("sources", {}) and b not in stats["languages"]}
+  out: dict[str, list[dict]] = {}
+  for lang, entry in stats["languages"].items():
+    for shard in entry[split]["shards"]:
+      source = shard.get("source")
+      out.setdefault(source if source in sources else lang, []).append(shard)
+  for name in sources:
+    out.setdefault(name, [])
+  return out
+
+
+def counts_of(components: Mapping[str, Sequence[dict]]) -> dict[str, tuple[int, int]]:
+  """{component: (tokens, sequences)} for components with tokens."""
+  counts = {name: (sum(s["tokens"] for s in shards), sum(s["sequences"] for s in shards))
+            for name, shards in components.items()}
+  return {name: c for name, c in counts.items() if c[0] > 0}
+
+
 def load_stats(data_dir: str) -> dict:
   path = os.path.join(data_dir, "stats.json")
   if not os.path.isfile(path):
@@ -218,10 +248,9 @@ def load_stats(data_dir: str) -> dict:
     return json.load(f)
 
 
-def counts_from_stats(stats: dict) -> dict[str, tuple[int, int]]:
-  """{language: (train tokens, train sequences)} for languages with training data."""
-  return {l: (v["train"]["tokens"], v["train"]["sequences"]) for l, v in stats["languages"].items()
-          if v["train"]["tokens"] > 0}
+def counts_from_stats(stats: dict, budget_names: Sequence[str] = ()) -> dict[str, tuple[int, int]]:
+  """{component: (train tokens, train sequences)} for components with training data (see `components`)."""
+  return counts_of(components(stats, budget_names))
 
 
 def counts_from_csv(path: str, column: str) -> dict[str, int]:
@@ -247,12 +276,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--total_tokens", type=float, default=None, help="phase length in tokens")
   args = parser.parse_args(argv)
   try:
-    counts = (counts_from_stats(load_stats(args.data_dir)) if args.data_dir
-              else counts_from_csv(args.counts_csv, args.column))
     budgets = {}
     for item in args.budget:
       name, _, share = item.partition("=")
       budgets[name] = float(share)
+    counts = (counts_from_stats(load_stats(args.data_dir), list(budgets)) if args.data_dir
+              else counts_from_csv(args.counts_csv, args.column))
     spec = PhaseSpec(args.languages, args.tau, budgets, args.max_passes, args.total_tokens)
     print(compute_mixture(counts, spec).table())
   except (ValueError, FileNotFoundError) as e:

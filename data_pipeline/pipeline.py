@@ -1,24 +1,32 @@
 """The training input pipeline: per-language shards → weighted mix → pack → MLM mask → batch, in Grain.
 
 Design: the global batch of `batch_size` rows is built from `num_streams` independent row streams (a config value
-that does not depend on the number of processes; default = batch_size). Global row r of every batch comes from
-stream r // rows_per_stream. A stream is a Grain pipeline of its own:
+that depends neither on the number of processes nor on the batch size; default = batch_size). Global row r of every
+batch comes from stream r // rows_per_stream, and each stream's rows are one fixed sequence, so a run that changes
+its (micro-)batch size or host count keeps reading the same rows in the same order. A stream is a Grain pipeline
+of its own:
 
   per language l: ArrayRecord shards → repeated forever, in a new random order every pass → every
                   num_streams-th document (streams split each language's documents between them, so a pass
                   reads every document once)
   → weighted mix: blocks of `mix_block` documents with each language in exact proportion to its document weight
     (token shares p_l ∝ n_l^tau from the phase's mixture), randomly ordered (sampling.BlockMixSelection)
-  → split documents longer than seq_len → first-fit / best-fit packing
+  → split documents longer than seq_len → best-fit / first-fit packing into `packing_bins` open rows, given out
+    one at a time after about one row of reading (packing.StreamingPacker: every batch costs about the same)
 
-Each process builds only the streams of its own rows and masks them with a Generator keyed by (seed, step,
-global row). The global batch sequence is therefore a function of the seed alone: it does not depend on the
+Each process builds only the streams of its own rows and masks row k of stream s with a Generator keyed by
+(seed, s, k). The global batch sequence is therefore a function of the seed alone: it does not depend on the
 number of processes, nor on the number of worker processes (`num_workers` > 0 spreads a process's streams over
 `grain` `mp_prefetch` workers and reassembles their rows in order).
 
-Iterator state is global by construction: `{"step", "streams": {stream id: grain state}, "pipeline": config
-signature}`. A process's `get_state()` holds its own streams; the union over processes is the global state, and
-any process count that divides num_streams can restore it (`data_pipeline.checkpoint` merges per-process files).
+Shards are read through a per-process cache of at most `max_open_files` open readers (split between worker
+processes), least recently used closed first, so any number of languages runs under a small `ulimit -n`; nothing
+is opened at start-up, and each shard's record count is checked against stats.json when it is first opened.
+
+Iterator state is global by construction: `{"step", "rows", "streams": {stream id: grain state}, "pipeline":
+config signature}` (`rows`: rows each stream has given). A process's `get_state()` holds its own streams; the
+union over processes is the global state, and any process count that divides num_streams, with any batch size that
+num_streams divides, can restore it (`data_pipeline.checkpoint` merges per-process files).
 With one process, `ocp.args.JsonSave(it.get_state())` is a complete checkpoint.
 
 Batches (numpy, per process; b = batch_size / process_count, K = max_masked):
@@ -34,11 +42,14 @@ Batches (numpy, per process; b = batch_size / process_count, K = max_masked):
 """
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
-import functools
 import hashlib
 import json
 import os
+import resource
+import threading
 import zlib
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -48,7 +59,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from data_pipeline import masking, mixture, packing, sampling
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "masked_positions", "masked_labels", "masked_weights",
               "lang_ids")
 _TRAIN, _EVAL = 0, 1     # mask RNG tags
@@ -69,9 +80,11 @@ class PipelineConfig:
   mask_rate: float = 0.3
   max_masked: int | None = None                    # K; None: masking.default_max_masked(seq_len, mask_rate)
   seed: int = 0
-  num_streams: int | None = None                   # independent row streams; None: batch_size
+  num_streams: int | None = None                   # independent row streams; None: batch_size. Fix it for a run:
+                                                   # it must divide every batch_size and be a multiple of every
+                                                   # process count the run may use
   packing: str = "first_fit"                       # first_fit | best_fit
-  packing_bins: int = 16                           # rows a packer fills at once (more: less padding, more memory)
+  packing_bins: int = 16                           # rows a packer keeps open (more: less padding, more memory)
   mix_block: int = 4096                            # documents per mixing block (exact proportions per block)
   vocab_size: int | None = None                    # random replacements < vocab_size; None: the tokenizer's size
   mask_id: int = 4
@@ -79,6 +92,7 @@ class PipelineConfig:
   num_workers: int = 0                             # grain mp_prefetch worker processes per process (0: in-process)
   worker_buffer: int = 2                           # batches each worker prepares ahead
   prefetch: int = 2                                # batches prepared ahead by a thread when num_workers == 0
+  max_open_files: int = 128                        # open shard readers per process, its workers together
 
   def __post_init__(self):
     if self.seq_len < 2 or self.batch_size < 1:
@@ -91,6 +105,8 @@ class PipelineConfig:
       raise ValueError(f"num_streams {self.num_streams} must divide batch_size {self.batch_size}")
     if self.seed < 0:
       raise ValueError(f"seed must be non-negative, got {self.seed}")
+    if self.max_open_files < 1:
+      raise ValueError(f"max_open_files must be positive, got {self.max_open_files}")
     if self.max_masked is not None and not 0 < self.max_masked <= self.seq_len:
       raise ValueError(f"max_masked must be in [1, seq_len={self.seq_len}], got {self.max_masked}")
 
@@ -120,7 +136,7 @@ class Plan:
   """What a (worker) process needs to build streams: picklable, no open files."""
   cfg: PipelineConfig
   languages: tuple[str, ...]
-  shards: tuple[tuple[str, ...], ...]     # train shard paths per language
+  shards: tuple[tuple[tuple[str, int], ...], ...]   # train shards per language: (path, records)
   doc_weights: tuple[float, ...]
   random_low: int                         # random replacement ids: [random_low, random_high)
   random_high: int
@@ -131,30 +147,22 @@ class Plan:
     return self.cfg.batch_size // self.cfg.streams
 
 
-def _shard_paths(data_dir: str, split: dict, check: bool) -> tuple[str, ...]:
-  paths = []
-  for shard in split["shards"]:
+def _shards(data_dir: str, shards: Sequence[dict]) -> tuple[tuple[str, int], ...]:
+  """(path, records) of shards listed in stats.json; only their existence is checked here (a stat call each)."""
+  out = []
+  for shard in shards:
     path = os.path.join(data_dir, shard["path"])
     if not os.path.isfile(path):
       raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)")
-    if check:
-      try:
-        reader = ArrayRecordReader(path)
-        n = reader.num_records()
-        reader.close()
-      except (RuntimeError, OSError, ValueError):
-        n = "no readable"
-      if n != shard["sequences"]:
-        raise ValueError(f"shard {path} is corrupt or truncated: stats.json lists {shard['sequences']} records, "
-                         f"the file holds {n} (delete it and its _units record, then re-run prepare)")
-    paths.append(path)
-  return tuple(paths)
+    out.append((path, int(shard["sequences"])))
+  return tuple(out)
 
 
-def make_plan(cfg: PipelineConfig, check_shards: bool = True) -> tuple[Plan, mixture.Mixture, dict]:
-  """Reads stats.json, computes the phase mixture and checks every shard's record count against stats.json."""
+def make_plan(cfg: PipelineConfig) -> tuple[Plan, mixture.Mixture, dict]:
+  """Reads stats.json and computes the phase mixture (budgets may name languages or prepare sources)."""
   stats = mixture.load_stats(cfg.data_dir)
-  mix = mixture.compute_mixture(mixture.counts_from_stats(stats), cfg.phase)
+  components = mixture.components(stats, list(cfg.budgets))
+  mix = mixture.compute_mixture(mixture.counts_of(components), cfg.phase)
   tok = stats["tokenizer"]
   ids = tok["special_ids"]
   if ids.get("mask") != cfg.mask_id or ids.get("pad") != cfg.pad_id:
@@ -163,11 +171,11 @@ def make_plan(cfg: PipelineConfig, check_shards: bool = True) -> tuple[Plan, mix
   vocab = cfg.vocab_size or tok["vocab_size"]
   if vocab < tok["vocab_size"]:
     raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer's {tok['vocab_size']} ({tok['path']})")
-  shards = tuple(_shard_paths(cfg.data_dir, stats["languages"][l]["train"], check_shards) for l in mix.languages)
-  data = {l: stats["languages"][l]["train"] for l in mix.languages}
+  shards = tuple(_shards(cfg.data_dir, components[l]) for l in mix.languages)
+  data = {l: [[s["path"], s["sequences"], s["tokens"]] for s in components[l]] for l in mix.languages}
   signature = {
       "seed": cfg.seed, "languages": list(mix.languages), "doc_weights": [round(float(w), 12) for w in mix.doc_weights],
-      "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "num_streams": cfg.streams, "packing": cfg.packing,
+      "seq_len": cfg.seq_len, "num_streams": cfg.streams, "packing": cfg.packing,
       "packing_bins": cfg.packing_bins, "mix_block": cfg.mix_block, "mask_rate": cfg.mask_rate,
       "max_masked": cfg.masked_per_row, "random_ids": [max(ids.values()) + 1, vocab],
       "data": hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
@@ -175,6 +183,99 @@ def make_plan(cfg: PipelineConfig, check_shards: bool = True) -> tuple[Plan, mix
   plan = Plan(cfg, mix.languages, shards, tuple(float(w) for w in mix.doc_weights), max(ids.values()) + 1, vocab,
                signature)
   return plan, mix, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading shards with a bounded number of open files
+# ----------------------------------------------------------------------------------------------------------------
+
+class _ReaderCache:
+  """The open ArrayRecord readers of this process, at most `capacity`, the least recently used closed first."""
+
+  def __init__(self, capacity: int = 128):
+    self.capacity = capacity
+    self._readers: collections.OrderedDict[str, ArrayRecordReader] = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self.opened = 0                       # readers opened so far (a measure of cache misses)
+    self.reads = 0                        # records read so far
+
+  def read(self, path: str, records: int, index: int) -> bytes:
+    with self._lock:
+      reader = self._readers.get(path)
+      if reader is None:
+        while len(self._readers) >= self.capacity:
+          _close(self._readers.popitem(last=False)[1])
+        reader = self._open(path, records)
+        self._readers[path] = reader
+      else:
+        self._readers.move_to_end(path)
+      self.reads += 1
+      try:
+        return reader.read([index])[0]
+      except (RuntimeError, OSError, ValueError) as e:
+        raise ValueError(f"{path} record {index}: cannot read it ({str(e).splitlines()[0]}); delete the shard "
+                         "and its _units record, then re-run prepare") from None
+
+  def _open(self, path: str, records: int) -> ArrayRecordReader:
+    try:
+      # No read-ahead: documents are read one at a time in random order.
+      reader = ArrayRecordReader(path, "readahead_buffer_size:0", file_reader_buffer_size=32768)
+      n = reader.num_records()
+    except (RuntimeError, OSError, ValueError) as e:
+      raise ValueError(f"{path}: cannot open the shard ({str(e).splitlines()[0]})") from None
+    self.opened += 1
+    if n != records:
+      _close(reader)
+      raise ValueError(f"shard {path} is corrupt or truncated: stats.json lists {records} records, the file holds "
+                       f"{n} (delete it and its _units record, then re-run prepare)")
+    return reader
+
+  def close_all(self) -> None:
+    with self._lock:
+      while self._readers:
+        _close(self._readers.popitem()[1])
+
+
+def _close(reader: ArrayRecordReader) -> None:
+  try:
+    reader.close()
+  except RuntimeError:   # raised by a reader of a damaged file; the descriptor is released all the same
+    pass
+
+
+READERS = _ReaderCache()   # one per process: every language and stream of the process shares it
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+  """Raises this process's soft RLIMIT_NOFILE to its hard limit (allowed without privileges); returns both."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  if hard == resource.RLIM_INFINITY or soft < hard:
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    try:
+      resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+      soft = target
+    except (ValueError, OSError):
+      pass
+  return soft, hard
+
+
+class ShardSource(grain.sources.RandomAccessDataSource):
+  """The records of some shards as one random-access source, read through `READERS` (opens nothing itself)."""
+
+  def __init__(self, shards: Sequence[tuple[str, int]]):
+    self._shards = tuple(shards)
+    self._ends = np.cumsum([n for _, n in self._shards]).tolist()
+
+  def __len__(self) -> int:
+    return self._ends[-1] if self._ends else 0
+
+  def __getitem__(self, index: int) -> bytes:
+    i = bisect.bisect_right(self._ends, index)
+    path, records = self._shards[i]
+    return READERS.read(path, records, index - (self._ends[i - 1] if i else 0))
+
+  def __repr__(self) -> str:
+    return f"ShardSource({len(self._shards)} shards, {len(self)} records)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,9 +288,9 @@ def _decode(record: bytes, lang: int) -> dict:
 
 def language_datasets(plan: Plan) -> list[grain.MapDataset]:
   """Each language's training sequences, repeated forever in a new order every pass (shared by all streams)."""
-  return [sampling.shuffled_forever(grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths))),
+  return [sampling.shuffled_forever(grain.MapDataset.source(ShardSource(shards)),
                                     seed=_seed32(plan.cfg.seed, _SEED_LANG, _lang_key(lang)))
-          for lang, paths in zip(plan.languages, plan.shards)]
+          for lang, shards in zip(plan.languages, plan.shards)]
 
 
 class StreamDocuments(grain.MapDataset):
@@ -220,15 +321,30 @@ class StreamDocuments(grain.MapDataset):
     return f"StreamDocuments(stream={self._stream}/{self._num_streams}, languages={len(self._languages)})"
 
 
-def build_stream(plan: Plan, stream: int, languages: Sequence[grain.MapDataset]) -> grain.IterDataset:
-  """The Grain pipeline of one row stream (documents → packed rows)."""
-  cfg = plan.cfg
-  selection = sampling.BlockMixSelection(plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream),
-                                         block=cfg.mix_block)
-  ds = StreamDocuments(languages, selection, stream, cfg.streams)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  return packing.pack(ds, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins,
-                      seed=_seed32(cfg.seed, _SEED_BINS, stream), pad_id=cfg.pad_id)
+class _Stream:
+  """One row stream: its documents, packed row by row (`packing.StreamingPacker`, so every batch does about the
+  same reading and packing); counts the rows it has given."""
+
+  def __init__(self, plan: Plan, stream: int, languages: Sequence[grain.MapDataset]):
+    cfg = plan.cfg
+    selection = sampling.BlockMixSelection(plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream),
+                                           block=cfg.mix_block)
+    docs = StreamDocuments(languages, selection, stream, cfg.streams)
+    self._packer = packing.StreamingPacker(docs.__getitem__, cfg.seq_len, num_bins=cfg.packing_bins,
+                                           packing=cfg.packing, pad_id=cfg.pad_id)
+    self.rows = 0
+
+  def take(self, k: int) -> list[dict]:
+    out = [next(self._packer) for _ in range(k)]
+    self.rows += k
+    return out
+
+  def get_state(self) -> dict:
+    return self._packer.get_state()
+
+  def set_state(self, state: Mapping[str, Any], rows: int) -> None:
+    self._packer.set_state(state)
+    self.rows = rows
 
 
 def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -252,47 +368,47 @@ class _RowStreamsIterator(grain.DatasetIterator):
     super().__init__()
     self._plan = plan
     languages = language_datasets(plan)
-    self._streams = {s: build_stream(plan, s, languages).__iter__() for s in stream_ids}
-    self._step = 0
+    self._streams = {s: _Stream(plan, s, languages) for s in stream_ids}
     if start is not None:
       self.set_state(start)
 
   def __next__(self) -> dict:
     k, cfg = self._plan.rows_per_stream, self._plan.cfg
-    rows, row_ids = [], []
-    for s, it in self._streams.items():
-      for j in range(k):
-        rows.append(packing.to_row(next(it)))
-        row_ids.append(s * k + j)
-    rngs = [masking.row_rng(cfg.seed, _TRAIN, self._step, r) for r in row_ids]
+    rows, row_ids, rngs = [], [], []
+    for s, stream in self._streams.items():
+      # Row j of stream s is masked by (seed, s, j) whatever the batch shape.
+      rngs += [masking.row_rng(cfg.seed, _TRAIN, s, stream.rows + j) for j in range(k)]
+      rows += stream.take(k)
+      row_ids += [s * k + j for j in range(k)]
     batch = _mask(self._plan, _stack(rows), rngs)
-    self._step += 1
     batch["_rows"] = np.asarray(row_ids, np.int64)
     batch["_state"] = self.get_state()
     return batch
 
   def get_state(self) -> dict:
-    return {"step": self._step, "streams": {str(s): it.get_state() for s, it in self._streams.items()}}
+    rows = {stream.rows for stream in self._streams.values()}
+    assert len(rows) == 1, rows
+    return {"rows": rows.pop(), "streams": {str(s): st.get_state() for s, st in self._streams.items()}}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    self._step = state["step"]
-    for s, it in self._streams.items():
+    for s, stream in self._streams.items():
       if state["streams"][str(s)] is not None:     # None: the stream has not started
-        it.set_state(state["streams"][str(s)])
+        stream.set_state(state["streams"][str(s)], state["rows"])
 
 
 class _RowStreams(grain.IterDataset):
   """Some streams of a process. `set_slice` (called by grain in each mp_prefetch worker) keeps a worker's share."""
 
-  def __init__(self, plan: Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None):
+  def __init__(self, plan: Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None, open_files: int):
     super().__init__()
-    self._plan, self._stream_ids, self._start = plan, tuple(stream_ids), start
+    self._plan, self._stream_ids, self._start, self._open_files = plan, tuple(stream_ids), start, open_files
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     del sequential_slice
     self._stream_ids = self._stream_ids[sl]
 
   def __iter__(self) -> _RowStreamsIterator:
+    READERS.capacity = self._open_files
     return _RowStreamsIterator(self._plan, self._stream_ids, self._start)
 
 
@@ -328,23 +444,26 @@ class TrainIterator(grain.DatasetIterator):
     per_process = cfg.streams // process_count
     self.stream_ids = tuple(range(process_index * per_process, (process_index + 1) * per_process))
     self._plan = plan
-    self._start({"step": 0, "streams": {str(s): None for s in self.stream_ids}})
+    raise_open_file_limit()
+    self._start({"rows": 0, "streams": {str(s): None for s in self.stream_ids}})
 
   def _start(self, state: Mapping[str, Any]) -> None:
     """Continues from `state`; streams (and workers) start with the next batch."""
     if self._inner is not None:
       self._inner.close()
       self._inner = None
-    self._state = {"step": state["step"], "streams": {str(s): state["streams"][str(s)] for s in self.stream_ids}}
+    self._state = {"rows": state["rows"], "streams": {str(s): state["streams"][str(s)] for s in self.stream_ids}}
 
   def _open(self) -> None:
     cfg = self.config
-    ds = _RowStreams(self._plan, self.stream_ids, self._state)
     workers = min(cfg.num_workers, len(self.stream_ids))
+    ds = _RowStreams(self._plan, self.stream_ids, self._state, open_files=max(1, cfg.max_open_files // max(workers, 1)))
     if workers > 0:
       from absl import flags  # grain's worker processes read absl flags; parse them when no app did
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+      # Batches come back pickled, not in shared memory: every array in flight would hold a descriptor.
+      ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=1 << 62))
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=cfg.worker_buffer))
     elif cfg.prefetch > 0:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
@@ -355,30 +474,32 @@ class TrainIterator(grain.DatasetIterator):
     if self._inner is None:
       self._open()
     parts = [next(self._inner) for _ in range(self._parts)]
-    steps = {p["_state"]["step"] for p in parts}
-    assert len(steps) == 1, f"workers out of step: {steps}"
+    rows_done = {p["_state"]["rows"] for p in parts}
+    assert len(rows_done) == 1, f"workers out of step: {rows_done}"
     rows = np.concatenate([p["_rows"] for p in parts])
     order = np.argsort(rows)
     batch = {k: np.concatenate([p[k] for p in parts])[order] for k in BATCH_KEYS}
     streams = {}
     for p in parts:
       streams.update(p["_state"]["streams"])
-    self._state = {"step": steps.pop(), "streams": streams}
+    self._state = {"rows": rows_done.pop(), "streams": streams}
     return batch
 
   @property
   def step(self) -> int:
-    """Batches produced so far (the step of the next batch)."""
-    return self._state["step"]
+    """Batches of this batch size produced so far (the step of the next batch)."""
+    return self._state["rows"] // self._plan.rows_per_stream
 
   def get_state(self) -> dict[str, Any]:
-    return {"version": STATE_VERSION, "pipeline": dict(self._plan.signature), "step": self._state["step"],
+    return {"version": STATE_VERSION, "pipeline": dict(self._plan.signature), "step": self.step,
+            "rows": self._state["rows"],
             "streams": {s: self._state["streams"][s] for s in sorted(self._state["streams"], key=int)}}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    """Restores a state saved by any process count (it must hold at least this process's streams)."""
+    """Restores a state saved by any process count and batch size (it must hold this process's streams)."""
     if state.get("version") != STATE_VERSION:
-      raise ValueError(f"iterator state version {state.get('version')} is not {STATE_VERSION}")
+      raise ValueError(f"iterator state version {state.get('version')} is not {STATE_VERSION} (saved by an older "
+                       "data_pipeline; a new phase starts with a fresh iterator)")
     saved, now = state["pipeline"], self._plan.signature
     diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
     if diff:
@@ -395,6 +516,8 @@ class TrainIterator(grain.DatasetIterator):
     if self._inner is not None:
       self._inner.close()
       self._inner = None
+    if READERS is not None:     # None while the interpreter shuts down
+      READERS.close_all()
     super().close()
 
 
@@ -423,16 +546,16 @@ def eval_batches(cfg: PipelineConfig, process_index: int | None = None, process_
   if cfg.batch_size % process_count:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by process_count {process_count}")
   plan, _, stats = make_plan(cfg)
+  eval_shards = mixture.components(stats, list(cfg.budgets), split="eval")
   b = cfg.batch_size // process_count
   for lang in (languages or plan.languages):
     if lang not in plan.languages:
       raise ValueError(f"eval language {lang!r} is not in the pipeline's languages {plan.languages}")
-    split = stats["languages"][lang]["eval"]
-    if not split["sequences"]:
+    shards = [s for s in eval_shards.get(lang, ()) if s["sequences"]]
+    if not shards:
       continue
     li = plan.languages.index(lang)
-    source = grain.sources.ArrayRecordDataSource(list(_shard_paths(cfg.data_dir, split, check=True)))
-    ds = grain.MapDataset.source(source).map(functools.partial(_decode, lang=li))
+    ds = grain.MapDataset.source(ShardSource(_shards(cfg.data_dir, shards))).map(lambda r, li=li: _decode(r, li))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     rows = packing.pack(ds, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins, shuffle_bins=False,
                         pad_id=cfg.pad_id).__iter__()

@@ -135,7 +135,7 @@ def pipeline_config(config: ml_collections.ConfigDict, batch_size: int, *, eval:
       data_dir=d.data_dir, languages=d.languages, tau=d.tau, budgets=dict(d.budgets),
       max_passes=d.max_passes or None, total_tokens=float(config.train_tokens) if d.max_passes else None,
       seq_len=d.seq_len, batch_size=batch_size, mask_rate=d.mask_rate, max_masked=d.max_masked or None,
-      seed=config.seed, packing=d.packing, num_workers=d.num_workers)
+      seed=config.seed, packing=d.packing, num_workers=d.num_workers, num_streams=d.num_streams or None)
 
 
 def num_microbatches(config: ml_collections.ConfigDict) -> int:

@@ -1,25 +1,39 @@
-"""The benchmark's synthetic corpus and figures."""
+"""The benchmark's synthetic corpora and figures."""
+import numpy as np
 import pytest
 
 from data_pipeline import benchmark, pipeline
 
 
 def test_synthetic_corpus_and_figures(tmp_path):
-  stats = benchmark.synthetic_corpus(str(tmp_path), tokens=300_000, max_len=512)
-  train = [stats["languages"][f"lang{i:02d}"]["train"]["tokens"] for i in range(12)]
-  assert abs(sum(train) - 300_000) < 30_000 and all(a > b for a, b in zip(train, train[1:]))
-  cfg = pipeline.PipelineConfig(data_dir=str(tmp_path), seq_len=256, batch_size=8, mask_rate=0.3, prefetch=0)
-  r = benchmark.run(cfg, batches=20)
-  assert 0.8 < r["packing"] <= 1.0
-  assert abs(r["masked"] - 0.3) < 0.03
-  assert r["real_per_s"] == pytest.approx(r["slots_per_s"] * r["packing"])
-  assert r["slots_per_s"] > 0
+  stats = benchmark.synthetic_corpus(str(tmp_path), languages=40, tokens=300_000, max_len=512)
+  train = {l: v["train"] for l, v in stats["languages"].items()}
+  assert len(train) == 40 and all(t["documents"] >= 2 for t in train.values())
+  tokens = np.array([t["tokens"] for t in train.values()])
+  assert 300_000 <= tokens.sum() < 450_000 and tokens.max() / tokens.min() > 20     # skewed sizes
+  cfg = pipeline.PipelineConfig(data_dir=str(tmp_path), seq_len=256, batch_size=8, num_streams=4, mask_rate=0.3,
+                                prefetch=0, packing_bins=8)
+  r = benchmark.run(cfg, hosts=2, cycles=3)
+  assert r["batches"] == 3 * 4 and r["rows"] == 4               # a refill cycle: 8 bins / 2 rows per stream
+  assert 0.8 < r["packing"] <= 1.0 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+  assert r["tokens_per_s"] > 0 and 0 < r["files"] < 256
+
+
+def test_index_corpus(tmp_path):
+  stats = benchmark.index_corpus(str(tmp_path), 5000, languages=30, shard_documents=400)
+  assert abs(stats["totals"]["train"]["documents"] - 5000) <= 30
+  shards = [s for v in stats["languages"].values() for s in v["train"]["shards"]]
+  assert max(s["sequences"] for s in shards) == 400 and len(shards) > 30
+  it = pipeline.make_train_iterator(pipeline.PipelineConfig(data_dir=str(tmp_path), seq_len=64, batch_size=4,
+                                                            mask_rate=0.3, prefetch=0), 0, 1)
+  assert next(it)["input_ids"].shape == (4, 64)
+  it.close()
 
 
 def test_command(capsys):
-  benchmark.main(["--corpus_tokens", "200000", "--seq_lens", "128,256", "--packing", "best_fit",
-                  "--batch_tokens", "1024", "--batches", "4"])
+  benchmark.main(["--corpus_tokens", "200000", "--num_languages", "20", "--settings", "decay", "--workers", "0",
+                  "--cycles", "1"])
   lines = capsys.readouterr().out.splitlines()
-  rows = [l.split() for l in lines if l.split() and l.split()[0] in ("128", "256")]
-  assert [(r[0], r[1], r[2]) for r in rows] == [("128", "8", "best_fit"), ("256", "4", "best_fit")]
-  assert all(0 < float(r[7]) <= 1 for r in rows)
+  rows = [l.split() for l in lines if l.split() and l.split()[0] == "decay"]
+  assert [(r[1], r[2], r[3]) for r in rows] == [("8192", "4", "0")]
+  assert 0 < float(rows[0][12]) <= 1 and float(rows[0][14]) >= 0 and float(rows[0][8]) >= 1

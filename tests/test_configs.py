@@ -21,7 +21,7 @@ def test_pretrain(size):
   assert (c.optim.name, c.optim.peak_lr, c.optim.weight_decay) == ("stable_adamw", 8e-4, 8e-5)
   assert (c.optim.b1, c.optim.b2, c.optim.eps) == (0.9, 0.95, 1e-8)
   assert c.model.attn_out_dropout == 0.1 and c.seed == 21 and c.checkpoint_every_tokens == 10 * B
-  assert dict(c.data.budgets) == {"eng": 0.345}
+  assert dict(c.data.budgets) == {"dclm": 0.3017, "eng": 0.0434, "code": 0.0513} and c.data.max_passes == 5.0
 
 
 @pytest.mark.parametrize("size", ["small", "base"])
@@ -42,7 +42,8 @@ def test_decay(variant, languages, english, size):
   c = load_config("decay", f"{variant},{size}")
   assert c.phase == f"decay_{variant}"
   assert (c.data.languages, c.data.tau, c.data.mask_rate, c.data.seq_len) == (languages, 0.3, 0.05, 8192)
-  assert dict(c.data.budgets) == {"eng": english}
+  assert dict(c.data.budgets) == {"eng": english, "code": {"eng": 0.031, "cont": 0.032, "all": 0.055}[variant]}
+  assert c.data.max_passes == 5.0
   assert (c.model.global_rope_theta, c.model.local_rope_theta) == (160_000.0, 160_000.0)
   assert c.train_tokens == 100 * B and c.schedule.decay_tokens == 100 * B and c.schedule.decay_start_tokens == 0
   assert c.schedule.decay_shape == "1-sqrt"

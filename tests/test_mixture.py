@@ -1,8 +1,12 @@
 """Phase mixtures: p_l ∝ n_l^tau, budgets, pass caps, language resolution."""
+import dataclasses
+
 import numpy as np
 import pytest
 
+from conftest import load_config
 from data_pipeline import mixture
+from mmbert_jax import train
 
 # Token counts from /work/shared/reference/data/language_counts.csv (JHU-CLSP/mmBERT statistics): phase 1
 # ("pretrain", tau 0.7) and phase 2 ("ext", tau 0.5) budgets of languages present in both.
@@ -100,6 +104,10 @@ def test_language_resolution():
     mixture.resolve_languages(["srp"], data)
   with pytest.raises(ValueError, match="phase languages not in the data: tir"):
     mixture.resolve_languages(["tir"], data)
+  # A bare code means <code>_<Script> only: FineWeb2's *_removed subsets and other names never match it.
+  assert mixture.resolve_languages(["fao"], data + ["fao_Latn_removed", "fao_web"]) == ("fao_Latn",)
+  with pytest.raises(ValueError, match="phase languages not in the data: tir"):
+    mixture.resolve_languages(["tir"], data + ["tir_Ethi_removed"])
   assert mixture.resolve_languages("fao,rus", data) == ("fao_Latn", "rus_Cyrl")
   with pytest.raises(ValueError, match="unknown language set 'demo-phase9'"):
     mixture.resolve_languages("demo-phase9", data)
@@ -118,3 +126,71 @@ def test_command_prints_the_table(tmp_path, capsys):
   assert f"{p[0]:.5f}" in out and f"{p[1]:.5f}" in out and "2 languages" in out
   with pytest.raises(SystemExit, match="phase languages not in the data: fao"):
     mixture.main(["--counts_csv", str(csv), "--column", "ext", "--tau", "0.5", "--languages", "fao"])
+
+
+def _csv_sized(seed=0):
+  """Available tokens shaped like language_counts.csv's decay-all column: 1,832 languages from a few hundred
+  tokens to 10^11 (log-uniform), plus English and code."""
+  rng = np.random.default_rng(seed)
+  names = sorted({"".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 3)) for _ in range(4000)} - {"eng"})
+  counts = {f"{c}_Latn": float(n) for c, n in zip(names[:1832], np.exp(rng.uniform(np.log(200), np.log(1e11), 1832)))}
+  return counts | {"eng_Latn": 1.5e12, "code": 3e11}
+
+
+@pytest.mark.parametrize("variant", ["all", "cont"])
+def test_decay_configs_cap_passes_on_csv_sized_inputs(variant):
+  c = load_config("decay", f"{variant},base")
+  counts = _csv_sized()
+  if variant == "cont":    # the 110-language variant over the mid-training set: name 108 of the languages so
+    counts = dict(list(counts.items())[:108]) | {"eng_Latn": 1.5e12, "code": 3e11}
+  cfg = train.pipeline_config(c, 32)
+  assert cfg.max_passes == 5.0 and cfg.total_tokens == 100e9 and cfg.num_streams == 32
+  spec = dataclasses.replace(cfg.phase, languages=None)
+  m = mixture.compute_mixture(counts, spec)
+  w = dict(zip(m.languages, m.weights))
+  assert len(m.languages) == len(counts) and m.weights.sum() == pytest.approx(1.0)
+  assert w["eng_Latn"] == pytest.approx(c.data.budgets["eng"]) and w["code"] == pytest.approx(c.data.budgets["code"])
+  assert m.passes.max() <= 5.0 * (1 + 1e-9)
+  free = np.array([l not in ("eng_Latn", "code") for l in m.languages])
+  capped = free & np.isclose(m.passes, 5.0)
+  # The cap binds (without it small languages are read hundreds of times) ...
+  uncapped = mixture.compute_mixture(counts, dataclasses.replace(spec, max_passes=None))
+  assert uncapped.passes.max() > 100 and capped.sum() > 0
+  # ... and the uncapped languages keep p ∝ n^0.3 among themselves, each wanting less than its cap.
+  rest = free & ~capped
+  k = m.weights[rest] / m.tokens[rest] ** 0.3
+  np.testing.assert_allclose(k, k[0], rtol=1e-9)
+  assert np.all(k[0] * m.tokens[capped] ** 0.3 >= 5.0 * m.tokens[capped] / 100e9 * (1 - 1e-9))
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "midtrain"])
+def test_english_by_source_and_code_budgets(phase):
+  """The configs' budgets on a stats.json with the recipe's sources: DCLM English as a source of its own, other
+  English, code, and the phase's FineWeb2 languages (each of the 60 / 109 with a csv-sized count)."""
+  c = load_config(phase, "base")
+  codes = mixture.language_set(c.data.languages)
+  rng = np.random.default_rng(1)
+  def entry(shards):
+    train = {"documents": 0, "sequences": sum(s["sequences"] for s in shards),
+             "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    return {"train": train, "eval": {"documents": 0, "sequences": 0, "tokens": 0, "shards": []}}
+  def shard(lang, source, tokens):
+    return {"path": f"{lang}/train/{source}-0.array_record", "sequences": int(tokens // 900), "tokens": int(tokens),
+            "source": source}
+  languages = {f"{l}_Latn": entry([shard(f"{l}_Latn", "fineweb2", t)])
+               for l, t in zip(codes, np.exp(rng.uniform(np.log(3e9), np.log(4e11), len(codes)))) if l != "eng"}
+  languages["eng"] = entry([shard("eng", "dclm", 4e12), shard("eng", "arxiv", 3e11), shard("eng", "books", 2e11)])
+  languages["code"] = entry([shard("code", "starcoder", 2.5e11)])
+  stats = {"languages": languages, "sources": {s: {} for s in ("fineweb2", "dclm", "arxiv", "books", "starcoder")}}
+  cfg = train.pipeline_config(c, c.micro_batch_size)
+  comps = mixture.components(stats, list(cfg.budgets))
+  assert {s["source"] for s in comps["dclm"]} == {"dclm"} and {s["source"] for s in comps["eng"]} == {"arxiv", "books"}
+  m = mixture.compute_mixture(mixture.counts_of(comps), cfg.phase)
+  w = dict(zip(m.languages, m.weights))
+  english, code = {"pretrain": (0.3451, 0.0513), "midtrain": (0.1214, 0.0333)}[phase]   # language_counts.csv
+  assert w["dclm"] + w["eng"] == pytest.approx(english, abs=1e-4) and w["code"] == pytest.approx(code)
+  assert w["dclm"] == pytest.approx({"pretrain": 600.0 / 1989.0, "midtrain": 40.0 / 600.8}[phase], abs=1e-4)
+  assert len(m.languages) == len(codes) + 2 and m.passes.max() <= 5.0 * (1 + 1e-9)
+  free = [l for l in m.languages if l not in ("dclm", "eng", "code")]
+  n = np.array([languages[l]["train"]["tokens"] for l in free], float) ** cfg.tau
+  np.testing.assert_allclose([w[l] for l in free], (1 - sum(cfg.budgets.values())) * n / n.sum(), rtol=1e-9)

@@ -233,7 +233,8 @@ def test_bad_inputs(tmp_path, tok):
   with pytest.raises(FileNotFoundError, match="no <lang>.txt"):
     prepare.prepare(prepare.Source("text", str(tmp_path / "nothing")), str(tmp_path / "o2"), _settings(tok))
   source = _text_corpus(tmp_path / "txt")
-  with pytest.raises(ValueError, match=r"languages not in .*: xho_Latn \(it has deu_Latn, fao_Latn, tir_Ethi\)"):
+  with pytest.raises(ValueError, match=r"languages not in .*txt: xho_Latn \(the data has 3 languages: deu_Latn, "
+                                       r"fao_Latn, tir_Ethi\)"):
     prepare.prepare(source, str(tmp_path / "o3"), _settings(tok), languages=["xho_Latn"])
   with pytest.raises(FileNotFoundError, match="tokenizer file .*missing.model does not exist"):
     prepare.prepare(source, str(tmp_path / "o4"), _settings(str(tmp_path / "missing.model")))
@@ -263,3 +264,138 @@ def test_command_line(tmp_path, tok, capsys):
   with pytest.raises(SystemExit, match="error: languages not in"):
     prepare.main(["--text_dir", str(tmp_path / "txt"), "--tokenizer", tok, "--output_dir", str(tmp_path / "o2"),
                   "--languages", "eng_Latn"])
+
+
+def _shard_bytes(out_dir, stats):
+  return {s["path"]: open(os.path.join(out_dir, s["path"]), "rb").read()
+          for l in stats["languages"].values() for sp in l.values() for s in sp["shards"]}
+
+
+def test_two_sources_into_one_data_dir_and_budgets_by_source(tmp_path, tok):
+  from data_pipeline import mixture, pipeline
+  root = tmp_path / "fineweb2"
+  _write_parquet(root, "deu_Latn", "a.parquet", _texts("deu_Latn", 30, 1))
+  _write_parquet(root, "fao_Latn", "a.parquet", _texts("fao_Latn", 15, 2))
+  _write_parquet(root, "fao_Latn_removed", "a.parquet", _texts("fao_Latn", 40, 3))
+  web = tmp_path / "web.jsonl"        # a second source of German, single-language: no lang field
+  web.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts("deu_Latn", 25, 4)))
+  out, settings = str(tmp_path / "out"), _settings(tok)
+  first = prepare.prepare(prepare.Source("parquet", str(root), id="fw2"), out, settings, progress=False)
+  assert sorted(first["languages"]) == ["deu_Latn", "fao_Latn"]        # *_removed skipped
+  both = prepare.prepare(prepare.Source("jsonl", files=(str(web),), id="web", lang="deu_Latn"), out, settings,
+                         progress=False)
+  # stats.json describes both runs: the parquet languages kept, German from two sources.
+  assert sorted(both["languages"]) == ["deu_Latn", "fao_Latn"] and sorted(both["sources"]) == ["fw2", "web"]
+  assert both["languages"]["fao_Latn"] == first["languages"]["fao_Latn"]
+  deu = both["languages"]["deu_Latn"]["train"]
+  assert {s["source"] for s in deu["shards"]} == {"fw2", "web"}
+  assert deu["documents"] == first["languages"]["deu_Latn"]["train"]["documents"] + both["sources"]["web"]["documents"]
+  assert both["sources"]["web"]["languages"] == ["deu_Latn"]
+  web_shards = [s for s in deu["shards"] if s["source"] == "web"]
+  # A budget that names a source takes its shards out of their language.
+  spec = mixture.PhaseSpec(None, tau=0.5, budgets={"web": 0.25})
+  cfg = pipeline.PipelineConfig(data_dir=out, tau=0.5, budgets={"web": 0.25}, seq_len=32, batch_size=2,
+                                mask_id=4, pad_id=0)
+  plan, mix, _ = pipeline.make_plan(cfg)
+  assert set(mix.languages) == {"deu_Latn", "fao_Latn", "web"}
+  w = dict(zip(mix.languages, mix.weights))
+  assert w["web"] == pytest.approx(0.25)
+  fw2 = {l: both["languages"][l]["train"]["tokens"] for l in ("deu_Latn", "fao_Latn")}
+  fw2["deu_Latn"] -= sum(s["tokens"] for s in web_shards)
+  n = np.array([fw2["deu_Latn"], fw2["fao_Latn"]], float) ** 0.5
+  np.testing.assert_allclose([w["deu_Latn"], w["fao_Latn"]], 0.75 * n / n.sum())
+  shards = dict(zip(plan.languages, plan.shards))
+  assert [p for p, _ in shards["web"]] == [os.path.join(out, s["path"]) for s in web_shards]
+  assert not {p for p, _ in shards["deu_Latn"]} & {p for p, _ in shards["web"]}
+  assert mixture.compute_mixture(mixture.counts_from_stats(both, ["web"]), spec).weights.tolist() == \
+      mix.weights.tolist()
+  # A source id names one input: another input under it is refused and stats.json stays as it was.
+  before = open(os.path.join(out, "stats.json")).read()
+  with pytest.raises(ValueError, match="source id 'web' already names another input"):
+    prepare.prepare(prepare.Source("jsonl", files=(str(web),), id="web", lang="fao_Latn"), out, settings)
+  assert open(os.path.join(out, "stats.json")).read() == before
+
+
+def test_removed_subsets_and_exact_script_names(tmp_path, tok):
+  root = tmp_path / "fineweb2"
+  _write_parquet(root, "fao_Latn", "a.parquet", _texts("fao_Latn", 12, 1))
+  _write_parquet(root, "fao_Latn_removed", "a.parquet", _texts("fao_Latn", 9, 2))
+  _write_parquet(root, "deu_Latn", "a.parquet", _texts("deu_Latn", 9, 3))
+  settings = _settings(tok)
+  units = prepare.list_units(prepare.Source("parquet", str(root)), settings, ["fao"])
+  assert [u.lang for u in units] == ["fao_Latn"]
+  src = prepare.Source("parquet", str(root), include_removed=True)
+  assert [u.lang for u in prepare.list_units(src, settings)] == ["deu_Latn", "fao_Latn", "fao_Latn_removed"]
+  assert [u.lang for u in prepare.list_units(src, settings, ["fao"])] == ["fao_Latn"]     # not ambiguous
+  stats = prepare.prepare(src, str(tmp_path / "out"), settings, languages=["fao_Latn_removed"], progress=False)
+  assert list(stats["languages"]) == ["fao_Latn_removed"]
+
+
+def test_unit_names_do_not_collide_and_text_key(tmp_path, tok):
+  root = tmp_path / "code"
+  a, b = _texts("deu_Latn", 12, 1), _texts("fao_Latn", 10, 2)
+  os.makedirs(root / "x")
+  pq.write_table(pa.table({"content": a}), root / "part 1.parquet")
+  pq.write_table(pa.table({"content": b}), root / "part_1.parquet")
+  pq.write_table(pa.table({"content": b[:4]}), root / "x" / "y.parquet")
+  pq.write_table(pa.table({"content": a[:3]}), root / "x+y.parquet")
+  settings = _settings(tok, eval_documents=0)
+  src = prepare.Source("parquet", str(root), id="starcoder", lang="code", text_key="content")
+  names = [u.name for u in prepare.list_units(src, settings)]
+  assert len(set(names)) == 4 and all(n.startswith("starcoder-") for n in names)
+  stats = prepare.prepare(src, str(tmp_path / "out"), settings, progress=False)
+  train = stats["languages"]["code"]["train"]
+  assert train["documents"] == 12 + 10 + 4 + 3 and len(train["shards"]) == 4
+  # The same documents under a `text` column give the same sequences.
+  plain = tmp_path / "plain"
+  os.makedirs(plain)
+  for i, texts in enumerate((a, b, b[:4], a[:3])):
+    pq.write_table(pa.table({"text": texts}), plain / f"{i}.parquet")
+  ref = prepare.prepare(prepare.Source("parquet", str(plain), lang="code"), str(tmp_path / "ref"), settings,
+                        progress=False)
+  got, want = _read_split(str(tmp_path / "out"), train), _read_split(str(tmp_path / "ref"),
+                                                                     ref["languages"]["code"]["train"])
+  assert sorted(got) == sorted(want) and len(got) == ref["languages"]["code"]["train"]["sequences"]
+  with pytest.raises(ValueError, match=r"part 1.parquet: no `text` column \(columns: content\); choose one with "
+                                       "--text_key"):
+    prepare.prepare(prepare.Source("parquet", str(root), lang="code"), str(tmp_path / "o2"), settings)
+
+
+def test_sharded_prepare_over_two_invocations_equals_one(tmp_path, tok):
+  root = tmp_path / "fineweb2"
+  for lang, n in (("deu_Latn", 3), ("fao_Latn", 2), ("tir_Ethi", 1)):
+    for i in range(n):
+      _write_parquet(root, lang, f"{i:03d}.parquet", _texts(lang, 10 + i, 20 + i))
+  settings, src = _settings(tok), prepare.Source("parquet", str(root), id="fw2")
+  one = prepare.prepare(src, str(tmp_path / "one"), settings, progress=False)
+  half = prepare.prepare(src, str(tmp_path / "two"), settings, shard_index=1, num_shards=2, progress=False)
+  assert 0 < half["totals"]["train"]["documents"] < one["totals"]["train"]["documents"]
+  two = prepare.prepare(src, str(tmp_path / "two"), settings, shard_index=0, num_shards=2, num_workers=2,
+                        progress=False)
+  assert two == one
+  assert _shard_bytes(str(tmp_path / "two"), two) == _shard_bytes(str(tmp_path / "one"), one)
+  with pytest.raises(ValueError, match=r"shard_index 2 is not in \[0, num_shards=2\)"):
+    prepare.prepare(src, str(tmp_path / "two"), settings, shard_index=2, num_shards=2)
+
+
+def test_errors_name_the_file_and_line(tmp_path, tok, capsys):
+  settings = _settings(tok)
+  root = tmp_path / "pq"
+  _write_parquet(root, "deu_Latn", "good.parquet", _texts("deu_Latn", 5, 1))
+  (root / "deu_Latn" / "train" / "bad.parquet").write_bytes(b"PAR1 not really parquet")
+  with pytest.raises(ValueError, match=r"bad.parquet: not a readable parquet file"):
+    prepare.prepare(prepare.Source("parquet", str(root)), str(tmp_path / "o1"), settings)
+  txt = tmp_path / "txt"
+  txt.mkdir()
+  (txt / "deu_Latn.txt").write_bytes("Haus\nBaum\n".encode() + b"Stra\xdfe\n" + b"Licht\n")
+  with pytest.raises(ValueError, match=r"deu_Latn.txt:3: not valid UTF-8"):
+    prepare.prepare(prepare.Source("text", str(txt)), str(tmp_path / "o2"), settings)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_bytes(b'{"text": "Haus", "lang": "deu_Latn"}\n{"text": "\xff", "lang": "deu_Latn"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid UTF-8"):
+    prepare.prepare(prepare.Source("jsonl", files=(str(bad),)), str(tmp_path / "o3"), settings)
+  # An OSError (here: the output directory is under a file) is one line on the command line.
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(SystemExit) as e:
+    prepare.main(["--text_dir", str(txt), "--tokenizer", tok, "--output_dir", str(tmp_path / "file" / "out")])
+  assert str(e.value).startswith("error: [Errno 20] Not a directory") and "\n" not in str(e.value)
