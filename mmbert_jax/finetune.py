@@ -15,10 +15,10 @@ checkpoints/ or one checkpoints/<step> directory, or a transformers ModernBERT d
 run's (`<data_dir>/tokenizer.model`), the directory's, or `--tokenizer`.
 
 Heads:
-  classification  pool (CLS = the <bos> position, or the mean over the text) → dropout → dense → softmax
-                  cross-entropy; scored by accuracy and macro-F1
-  retrieval       mean-pooled, L2-normalized embeddings trained with the symmetric in-batch InfoNCE loss at a
-                  fixed temperature; test queries rank every candidate by cosine: recall@1 and MRR@10
+  classification  pool (the mean over the text, as the exported config's `classifier_pooling`, or CLS = the <bos>
+                  position) → dropout → dense → softmax cross-entropy; scored by accuracy and macro-F1
+  retrieval       pooled, L2-normalized embeddings trained with the symmetric in-batch InfoNCE loss at a fixed
+                  temperature; test queries rank every candidate by cosine: recall@1 and MRR@10
 
 Training runs on the pretraining mesh with its logical sharding rules (`mmbert_jax.sharding`) and optimizer
 module (`mmbert_jax.optim`): a few epochs, linear warmup and linear decay to zero. Every checkpoint gets the same
@@ -50,7 +50,7 @@ from mmbert_jax import optim, schedules, sharding
 from mmbert_jax.model import MaskedLM, ModelConfig
 
 METRICS = {"classification": ("accuracy", "macro_f1"), "retrieval": ("recall@1", "mrr@10")}
-POOLING = ("cls", "mean")
+POOLING = ("mean", "cls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +60,11 @@ class Settings:
   batch_size: int = 32                # training rows (pairs for retrieval) per step
   eval_batch_size: int = 64
   max_len: int = 64                   # tokens per text, <bos> and <eos> included
-  peak_lr: float = 1e-3
+  peak_lr: float = 5e-5               # base-size encoders; tiny demo models take ~3e-3
   warmup_fraction: float = 0.1        # of all steps; then linear decay to 0
   optimizer: str = "adamw"            # any of mmbert_jax.optim.OPTIMIZERS
   weight_decay: float = 0.0           # decay per step at peak LR (mmbert_jax.optim's meaning)
-  pooling: str = ""                   # cls | mean ("" = cls for classification, mean for retrieval)
+  pooling: str = "mean"               # mean | cls (the <bos> position)
   dropout: float = 0.1                # before the classification layer
   temperature: float = 0.05           # InfoNCE
   seed: int = 0
@@ -72,18 +72,17 @@ class Settings:
   num_devices: int = 0                # use only the first N devices (0 = all)
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict | dict) -> "Settings":
-    """From a config section holding any of these fields (other keys are ignored)."""
-    values = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
+  def from_config(cls, config: ml_collections.ConfigDict | dict, ignore: Sequence[str] = ()) -> "Settings":
+    """From a config section holding any of these fields (and the keys named in `ignore`)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - fields - set(ignore))
+    if unknown:
+      raise ValueError(f"downstream settings: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    values = {k: config[k] for k in fields if k in config}
     if "mesh" in values:
       values["mesh"] = tuple(dict(values["mesh"]).items())
     return cls(**values)
 
-  def pooling_for(self, kind: str) -> str:
-    pooling = self.pooling or ("cls" if kind == "classification" else "mean")
-    if pooling not in POOLING:
-      raise ValueError(f"pooling {pooling!r} is not one of {POOLING}")
-    return pooling
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -134,7 +133,7 @@ def pool(hidden: jax.Array, segment_ids: jax.Array, how: str) -> jax.Array:
 class Classifier(nnx.Module):
   """Sequence classification: encoder → pool → dropout → dense → float32 logits [B, num_classes]."""
 
-  def __init__(self, cfg: ModelConfig, num_classes: int, *, pooling: str = "cls", dropout: float = 0.1,
+  def __init__(self, cfg: ModelConfig, num_classes: int, *, pooling: str = "mean", dropout: float = 0.1,
                rngs: nnx.Rngs):
     self.encoder = MaskedLM(cfg, rngs=rngs)
     self.pooling = pooling
@@ -285,13 +284,14 @@ class Program:
 def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) -> Program:
   devices = jax.devices()[:settings.num_devices] if settings.num_devices else jax.devices()
   mesh = sharding.make_mesh(dict(settings.mesh), devices)
-  pooling = settings.pooling_for(kind)
+  if settings.pooling not in POOLING:
+    raise ValueError(f"pooling {settings.pooling!r} is not one of {POOLING}")
 
   def make():
     rngs = nnx.Rngs(settings.seed)
     if kind == "classification":
-      return Classifier(cfg, num_classes, pooling=pooling, dropout=settings.dropout, rngs=rngs)
-    return Embedder(cfg, pooling=pooling, rngs=rngs)
+      return Classifier(cfg, num_classes, pooling=settings.pooling, dropout=settings.dropout, rngs=rngs)
+    return Embedder(cfg, pooling=settings.pooling, rngs=rngs)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     graph, abstract = nnx.split(nnx.eval_shape(make))
@@ -505,10 +505,11 @@ def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[st
       results = json.load(f)["tasks"]
   else:
     names = list(config.phases) + (["merged"] if "merge" in config and config.merge.method else [])
-    settings = dataclasses.replace(Settings.from_config(d), num_devices=config.num_devices)
+    settings = dataclasses.replace(Settings.from_config(d, ignore=("tasks",)), num_devices=config.num_devices)
     t0 = time.time()
     results = score([os.path.join(workdir, n) for n in names], [tasks_lib.embedded(t) for t in d.tasks], settings,
-                    tokenizer=os.path.join(config.data.data_dir, "tokenizer.model"), names=names)
+                    tokenizer=os.path.join(config.data.data_dir, "tokenizer.model"), names=names,
+                    log=lambda line: print(line, flush=True))
     print(f"downstream: {len(names)} checkpoints × {len(d.tasks)} tasks in {time.time() - t0:.0f}s", flush=True)
     write_json(out, results, settings, {n: os.path.join(workdir, n) for n in names})
   print(format_table(results, kinds), flush=True)
@@ -527,7 +528,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("task", None, f"{' | '.join(tasks_lib.EMBEDDED)} | classification | retrieval")
   flags.DEFINE_list("checkpoint", [], "Workdirs, checkpoints/ or checkpoints/<step> dirs, or transformers dirs.")
   flags.DEFINE_string("out", None, "JSON file for the results (must not exist).")
-  flags.DEFINE_string("train", None, "classification/retrieval: training file (.jsonl, .parquet, .tsv, tfds:NAME:SPLIT).")
+  flags.DEFINE_string("train", None, "classification/retrieval: training file (.jsonl, .parquet, .tsv or "
+                      "tfds:NAME:SPLIT).")
   flags.DEFINE_string("test", None, "classification/retrieval: test file, same formats.")
   flags.DEFINE_string("text_key", "text", "Column of the text (retrieval: the query).")
   flags.DEFINE_string("pair_key", "", "Column of the second text (classification) or of the positive (retrieval).")
@@ -543,7 +545,7 @@ def _define_flags() -> None:
   flags.DEFINE_float("lr", Settings.peak_lr, "Peak learning rate.")
   flags.DEFINE_float("weight_decay", Settings.weight_decay, "Decoupled weight decay per step at peak LR.")
   flags.DEFINE_string("optimizer", Settings.optimizer, "adamw | stable_adamw.")
-  flags.DEFINE_string("pooling", Settings.pooling, "cls | mean (default: cls for classification, mean for retrieval).")
+  flags.DEFINE_string("pooling", Settings.pooling, "mean | cls.")
   flags.DEFINE_float("dropout", Settings.dropout, "Dropout before the classification layer.")
   flags.DEFINE_float("temperature", Settings.temperature, "InfoNCE temperature.")
   flags.DEFINE_integer("seed", Settings.seed, "Seed of the head, the example order and dropout.")

@@ -119,4 +119,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if "merge" in config and config.merge.method:
     evals[f"merged_{config.merge.method}"] = merge_phases(config, workdir)
     print(format_eval_table(evals), flush=True)
-  return {"status": "complete", "phases": results, "eval": evals}
+  downstream = None
+  if "downstream" in config:
+    from mmbert_jax import finetune
+    downstream = finetune.score_curriculum(config, workdir)
+  return {"status": "complete", "phases": results, "eval": evals, "downstream": downstream}

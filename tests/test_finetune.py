@@ -199,7 +199,8 @@ def saved(tmp_path_factory, spm):
   data_dir.mkdir()
   (data_dir / "tokenizer.model").write_bytes(open(spm, "rb").read())
   model = MaskedLM(CFG, rngs=nnx.Rngs(5))
-  meta = {"model_config": dataclasses.asdict(CFG), "step": 3, "config": json.dumps({"data": {"data_dir": str(data_dir)}})}
+  meta = {"model_config": dataclasses.asdict(CFG), "step": 3,
+          "config": json.dumps({"data": {"data_dir": str(data_dir)}})}
   ckpt_lib.save_params(str(root / "run"), 3, nnx.to_pure_dict(nnx.state(model, nnx.Param)), meta)
   hf.save(model, str(root / "hf"))
   (root / "hf" / "tokenizer.model").write_bytes(open(spm, "rb").read())
@@ -358,3 +359,10 @@ def test_command_line_scores_checkpoints_into_one_table(saved, spm, tmp_path):
   assert "train.jsonl accuracy" in proc.stdout and "accuracy per test language" in proc.stdout
   again = run_module("mmbert_jax.finetune", *args)
   assert again.returncode != 0 and f"{out} exists" in again.stderr
+
+
+def test_settings_from_config_rejects_unknown_keys():
+  assert ft.Settings.from_config({"epochs": 2, "mesh": {"fsdp": -1}, "tasks": ()}, ignore=("tasks",)) == \
+      ft.Settings(epochs=2, mesh=(("fsdp", -1),))
+  with pytest.raises(ValueError, match="unknown key.*epoch\\b"):
+    ft.Settings.from_config({"epoch": 2})

@@ -22,7 +22,8 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
   workdir = str(tmp_path / "demo")
   proc = _main("--config=configs/demo.py", *SHORT_DEMO, workdir=workdir)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  table = proc.stdout.split("held-out MLM loss per language")[-1]
+  mlm, _, downstream = proc.stdout.partition("downstream (fine-tuned")
+  table = mlm.split("held-out MLM loss per language")[-1]
   header = table.strip().splitlines()[0].split()
   assert header == ["language", "pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all", "merged_ties"]
   rows = {line.split()[0]: line.split()[1:] for line in table.strip().splitlines()[1:]}
@@ -31,6 +32,12 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
   for phase in ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all", "merged"):
     assert os.listdir(os.path.join(workdir, phase, "checkpoints")), phase
   assert os.path.isdir(os.path.join(workdir, "pretrain", "tb"))
+  # Last, every checkpoint is fine-tuned and scored on both embedded tasks.
+  lines = downstream.strip().splitlines()[2:]
+  assert [line.split()[0] for line in lines] == ["pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all",
+                                                 "merged"]
+  assert all(len(line.split()) == 5 and all(0 <= float(x) <= 1 for x in line.split()[1:]) for line in lines)
+  assert os.path.exists(os.path.join(workdir, "downstream.json"))
 
 
 @pytest.mark.parametrize("flag,message", [
