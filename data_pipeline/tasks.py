@@ -49,8 +49,8 @@ class Split:
   def select(self, keep: np.ndarray) -> "Split":
     idx = np.flatnonzero(keep)
     pick = lambda xs: None if xs is None else [xs[i] for i in idx]
-    return Split([self.texts[i] for i in idx], [self.langs[i] for i in idx],
-                 None if self.labels is None else self.labels[idx], pick(self.pairs))
+    return Split(pick(self.texts), pick(self.langs), None if self.labels is None else self.labels[idx],
+                 pick(self.pairs))
 
 
 @dataclasses.dataclass

@@ -337,9 +337,8 @@ def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) 
   apply = jax.jit(lambda params, ids, segments: nnx.merge(graph, params, copy=True)(ids, segments),
                   in_shardings=(param_shardings, None, None), out_shardings=sharding.replicated(mesh))
 
-  def put(batch):
-    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
-            for k, v in batch.items()}
+  def put(batch):  # every process holds the whole task, so the whole batch
+    return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
 
   return Program(mesh, init, init_opt, train_step, apply, put, sharding.batch_divisor(mesh))
 
@@ -374,13 +373,14 @@ def lr_schedule(settings: Settings, total_steps: int):
 def finetune(encoder: Encoder, task: tasks_lib.Task, settings: Settings = Settings(),
              arrays: dict[str, dict] | None = None) -> dict[str, Any]:
   """Fine-tune a fresh head (and the encoder) on `task.train`, score `task.test`:
-  {"metrics": {...}, "per_language": {lang: {...}}, "train_loss": [per step], "steps", "seconds"}."""
+  {"kind", "metrics": {...}, "per_language": {lang: {...}}, "train_loss": [per step], "steps", "seconds"}."""
   from data_pipeline import tokenizer as tokenizer_lib
   t0 = time.time()
   if arrays is None:
     if not encoder.tokenizer:
       raise ValueError(f"{encoder.source}: no tokenizer found with this checkpoint; pass one (--tokenizer)")
-    tokenizer = tokenizer_lib.load_tokenizer(encoder.tokenizer, tokenizer_lib.SpecialIds.from_model_config(encoder.cfg))
+    tokenizer = tokenizer_lib.load_tokenizer(encoder.tokenizer,
+                                             tokenizer_lib.SpecialIds.from_model_config(encoder.cfg))
     arrays = _task_arrays(task, tokenizer, settings.max_len, encoder.cfg)
   program = _program(encoder.cfg, task.kind, len(task.label_names), settings)
   if settings.batch_size % program.rows_divisor:
@@ -391,7 +391,7 @@ def finetune(encoder: Encoder, task: tasks_lib.Task, settings: Settings = Settin
   if steps_per_epoch == 0:
     raise ValueError(f"task {task.name}: {n} training examples, fewer than one batch of {settings.batch_size}")
   total = settings.epochs * steps_per_epoch
-  schedule = lr_schedule(settings, total)
+  lrs = np.asarray(jax.vmap(lr_schedule(settings, total))(jnp.arange(1, total + 1)), np.float32)
   train = dict(arrays["train"])
   if task.kind == "classification":
     train["labels"] = np.asarray(task.train.labels, np.int32)
@@ -410,8 +410,7 @@ def finetune(encoder: Encoder, task: tasks_lib.Task, settings: Settings = Settin
         step = epoch * steps_per_epoch + i
         idx = perm[i * settings.batch_size:(i + 1) * settings.batch_size]
         batch = program.put({k: v[idx] for k, v in train.items()})
-        params, opt_state, loss = program.train_step(params, opt_state, batch, jnp.float32(schedule(step + 1)),
-                                                     jnp.int32(step))
+        params, opt_state, loss = program.train_step(params, opt_state, batch, lrs[step], np.int32(step))
         losses.append(loss)
   losses = [float(x) for x in jax.device_get(losses)]
   if not np.isfinite(losses).all():
@@ -427,7 +426,7 @@ def finetune(encoder: Encoder, task: tasks_lib.Task, settings: Settings = Settin
     candidates = _apply_all(program, params, arrays["candidates"], settings.eval_batch_size)
     rank = ranks(queries.astype(np.float64) @ candidates.astype(np.float64).T, np.asarray(task.test.labels))
     overall, per_lang = _per_language(task.test.langs, lambda m: retrieval_metrics(rank[m]))
-  return {"metrics": overall, "per_language": per_lang, "train_loss": losses, "steps": total,
+  return {"kind": task.kind, "metrics": overall, "per_language": per_lang, "train_loss": losses, "steps": total,
           "seconds": time.time() - t0}
 
 
@@ -453,9 +452,10 @@ def score(checkpoints: Sequence[str], tasks: Sequence[tasks_lib.Task], settings:
 # Reporting
 # --------------------------------------------------------------------------------------------------------------
 
-def format_table(results: dict[str, dict[str, dict]], kinds: dict[str, str]) -> str:
-  """Rows: checkpoints; columns: each task's metrics (`kinds`: task → classification | retrieval)."""
-  columns = [(task, metric) for task in results for metric in METRICS[kinds[task]]]
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+  """Rows: checkpoints; columns: each task's metrics."""
+  kinds = {task: next(iter(r.values()))["kind"] for task, r in results.items() if r}
+  columns = [(task, metric) for task in kinds for metric in METRICS[kinds[task]]]
   rows = list(dict.fromkeys(name for r in results.values() for name in r))
   headers = [f"{task} {metric}" for task, metric in columns]
   first = max([len(r) for r in rows] + [len("checkpoint")])
@@ -499,7 +499,6 @@ def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   table and keep it in `<workdir>/downstream.json` (a finished table is printed again, not recomputed)."""
   d = config.downstream
   out = os.path.join(workdir, "downstream.json")
-  kinds = {name: "classification" if name == "cldr_langid" else "retrieval" for name in d.tasks}
   if os.path.exists(out):
     with open(out) as f:
       results = json.load(f)["tasks"]
@@ -512,7 +511,7 @@ def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[st
                     log=lambda line: print(line, flush=True))
     print(f"downstream: {len(names)} checkpoints × {len(d.tasks)} tasks in {time.time() - t0:.0f}s", flush=True)
     write_json(out, results, settings, {n: os.path.join(workdir, n) for n in names})
-  print(format_table(results, kinds), flush=True)
+  print(format_table(results), flush=True)
   return results
 
 
@@ -583,7 +582,7 @@ def main(argv):
     raise SystemExit(f"finetune: {e}") from None
   names = list(results[task.name])
   write_json(FLAGS.out, results, settings, dict(zip(names, FLAGS.checkpoint)))
-  print(format_table(results, {task.name: task.kind}))
+  print(format_table(results))
   if len(task.languages) > 1:
     print(format_language_table(results[task.name], METRICS[task.kind][0]))
   print(f"results: {FLAGS.out}")

@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT
 
 SHORT_DEMO = [f"--config.phase_overrides.{phase}.train_tokens={tokens}" for phase, tokens in (
-    ("pretrain", 16_384), ("midtrain", 8192), ("decay_eng", 4096), ("decay_cont", 4096), ("decay_all", 4096))]
+    ("pretrain", 16_384), ("midtrain", 8192), ("decay_eng", 4096), ("decay_cont", 4096), ("decay_all", 4096))] + [
+    "--config.downstream.epochs=1"]
 
 
 def _main(*args, workdir=None, timeout=900):
