@@ -3,6 +3,8 @@ that must learn, checkpoint loading paths, task files and the embedded CLDR task
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import finetune as ft
 from mmbert_jax import hf
 from mmbert_jax.model import MaskedLM, get_config
+from conftest import ROOT
 from tiny_run import run_module
 
 CFG = get_config("tiny", vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
@@ -334,6 +337,25 @@ def test_embedded_tasks_are_deterministic_and_cover_50_languages():
     if lang == "de" and text in months.values():   # a German month name → its English name
       month = next(k for k, v in months.items() if v == text)
       assert retrieval.candidates[answer] == english[month]
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_embedded_tasks_do_not_depend_on_what_ran_before():
+  """babel's date and number formats change with the locales a process loaded before (the demo corpus loads them
+  all); the embedded tasks must come out the same in a fresh process and after the whole demo corpus."""
+  digest = ("import hashlib\nfrom data_pipeline import tasks\n"
+            "t = [tasks.embedded(n) for n in tasks.EMBEDDED]\n"
+            "print(hashlib.sha1(repr([(x.train.texts, x.train.pairs, x.test.texts, x.candidates) for x in t])"
+            ".encode()).hexdigest())")
+  after_corpus = ("from data_pipeline import demo_corpus\n"
+                  "[list(demo_corpus.documents(lang, 2)) for lang in demo_corpus.available_languages()]\n")
+  fresh, warm = _run_python(digest), _run_python(after_corpus + digest)
+  assert fresh.returncode == 0 and warm.returncode == 0, fresh.stderr[-2000:] + warm.stderr[-2000:]
+  assert fresh.stdout == warm.stdout
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
