@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -482,6 +483,10 @@ def format_language_table(task_results: dict[str, dict], metric: str) -> str:
   return "\n".join(lines)
 
 
+def _progress(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)   # stdout holds only the tables
+
+
 def write_json(path: str, results: dict, settings: Settings, sources: dict[str, str] | None = None) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
@@ -508,8 +513,8 @@ def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     t0 = time.time()
     results = score([os.path.join(workdir, n) for n in names], [tasks_lib.embedded(t) for t in d.tasks], settings,
                     tokenizer=os.path.join(config.data.data_dir, "tokenizer.model"), names=names,
-                    log=lambda line: print(line, flush=True))
-    print(f"downstream: {len(names)} checkpoints × {len(d.tasks)} tasks in {time.time() - t0:.0f}s", flush=True)
+                    log=_progress)
+    _progress(f"downstream: {len(names)} checkpoints × {len(d.tasks)} tasks in {time.time() - t0:.0f}s")
     write_json(out, results, settings, {n: os.path.join(workdir, n) for n in names})
   print(format_table(results), flush=True)
   return results
@@ -577,7 +582,7 @@ def main(argv):
                       dropout=FLAGS.dropout, temperature=FLAGS.temperature, seed=FLAGS.seed)
   try:
     task = _task_from_flags().train_on(FLAGS.train_languages)
-    results = score(FLAGS.checkpoint, [task], settings, FLAGS.tokenizer, log=lambda s: print(s, flush=True))
+    results = score(FLAGS.checkpoint, [task], settings, FLAGS.tokenizer, log=_progress)
   except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
     raise SystemExit(f"finetune: {e}") from None
   names = list(results[task.name])
