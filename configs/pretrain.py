@@ -5,8 +5,8 @@
 
 Choices where the sources conflict (docs/RECIPE.md §10): mask rate 30% for both sizes (paper and blog; the base yaml
 says 25%); 2.3T tokens (paper, blog, dataset card). Batch 4608 × 1024, grown from 1/12 over the first 60B (base) /
-100B (small) tokens by accumulating 1..12 micro-batches of 384 rows. Fixed shares (RECIPE.md §6.1 and
-language_counts.csv): DCLM 30.2% (prepared with `--source dclm --lang eng`), the other English sources 4.3%
+100B (small) tokens by accumulating 1..12 micro-batches of 384 rows. Fixed shares
+(docs/RECIPE.md §6.1): DCLM 30.2% (prepared with `--source dclm --lang eng`), the other English sources 4.3%
 (`--lang eng`), code 5.1% (`--lang code`); the FineWeb2 languages share the rest by n^0.7, none read more than 5
 times. The data pipeline's 128 row streams divide every micro-batch of 384 rows and any host count up to 128.
 """

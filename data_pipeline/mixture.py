@@ -1,6 +1,6 @@
 """Language mixtures per training phase: p_l ∝ n_l^tau, with fixed source budgets and a cap on passes.
 
-mmBERT's cascading annealed language learning (RECIPE.md §6.2) samples language l with probability proportional
+mmBERT's cascading annealed language learning (docs/RECIPE.md §6.2) samples language l with probability proportional
 to n_l^tau, n_l = available tokens of l, tau = 0.7 → 0.5 → 0.3 over the three phases, while some sources get a
 fixed share of the phase (§6.1). A phase here is a `PhaseSpec`:
 
@@ -34,7 +34,7 @@ import numpy as np
 
 _CODE_SCRIPT = re.compile(r"^([a-z]{2,3})_([A-Z][a-z]{3})$")   # FineWeb2's <ISO 639-3>_<ISO 15924>
 
-# mmBERT's language sets (ISO 639-3; RECIPE.md data/phase_languages.txt). `resolve_languages` maps a bare code to
+# mmBERT's language sets (ISO 639-3; docs/RECIPE.md §6.2). `resolve_languages` maps a bare code to
 # the data's `<code>_<Script>` name when the data holds exactly one script of it (FineWeb2 naming; other names
 # such as `fao_Latn_removed` never match a bare code).
 MMBERT_PRETRAIN = tuple(
@@ -254,7 +254,7 @@ def counts_from_stats(stats: dict, budget_names: Sequence[str] = ()) -> dict[str
 
 
 def counts_from_csv(path: str, column: str) -> dict[str, int]:
-  """{language: tokens} from a CSV like RECIPE.md's language_counts.csv (rows with 0 dropped)."""
+  """{language: tokens} from a CSV of token counts per language (mmBERT's published statistics) (rows with 0 dropped)."""
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
   if not rows or column not in rows[0]:

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import evaluate, merge, metrics, train
+from mmbert_jax import evaluate, finetune, merge, metrics, train
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) -> ml_collections.ConfigDict:
@@ -96,4 +96,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
       metrics.record_eval(os.path.join(workdir, "merged"), 0, evals[name], phase=name)
     print(evaluate.format_eval_table(evals), flush=True)
-  return {"status": "complete", "phases": results, "eval": evals}
+  downstream = finetune.score_curriculum(config, workdir) if "downstream" in config else None
+  return {"status": "complete", "phases": results, "eval": evals, "downstream": downstream}

@@ -21,6 +21,8 @@ LAZY_ALLOWED = {
     ("mmbert_jax.metrics", "wandb"): "optional: W&B only when config.wandb.project is set",
     ("mmbert_jax.metrics", "tensorboardX"): "heavy: imports torch when installed; only the writing process needs it",
     ("mmbert_jax.report", "matplotlib"): "heavy: only when plots are drawn, not for every entry-point start",
+    ("data_pipeline.tasks", "pyarrow"): "only for parquet task files",
+    ("data_pipeline.tasks", "tensorflow_datasets"): "heavy: only for TFDS task data",
 }
 # Lower layers never import higher ones (modules not listed may sit anywhere the graph allows).
 LAYERS = (
@@ -29,7 +31,7 @@ LAYERS = (
     ("mmbert_jax.model",),
     ("mmbert_jax.checkpoint", "mmbert_jax.hf", "mmbert_jax.flops", "mmbert_jax.optim"),
     ("mmbert_jax.train",),
-    ("mmbert_jax.evaluate", "mmbert_jax.merge", "mmbert_jax.export", "mmbert_jax.aot"),
+    ("mmbert_jax.evaluate", "mmbert_jax.merge", "mmbert_jax.export", "mmbert_jax.aot", "mmbert_jax.finetune"),
     ("mmbert_jax.phases",),
     ("mmbert_jax.main",),
 )

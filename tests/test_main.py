@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT
 
 SHORT_DEMO = [f"--config.phase_overrides.{phase}.train_tokens={tokens}" for phase, tokens in (
-    ("pretrain", 16_384), ("midtrain", 8192), ("decay_eng", 4096), ("decay_cont", 4096), ("decay_all", 4096))]
-SHORT_DEMO.append("--config.log_every_steps=2")
+    ("pretrain", 16_384), ("midtrain", 8192), ("decay_eng", 4096), ("decay_cont", 4096), ("decay_all", 4096))] + [
+    "--config.downstream.epochs=1", "--config.log_every_steps=2"]
 
 
 def _main(*args, workdir=None, timeout=900, platforms="cpu"):
@@ -31,7 +31,9 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
   proc = _main("--config=configs/demo.py", *SHORT_DEMO, workdir=workdir, platforms=None)
   assert proc.returncode == 0, proc.stderr[-4000:]
   _assert_no_libtpu_trace(proc.stderr)
-  table = proc.stdout.split("held-out MLM loss per language")[-1].split("\nplot: ")[0]
+  mlm, _, downstream = proc.stdout.partition("downstream (fine-tuned")
+  table = mlm.split("held-out MLM loss per language")[-1]
+  downstream = downstream.split("\nplot: ")[0]
   header = table.strip().splitlines()[0].split()
   assert header == ["language", "pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all", "merged_ties"]
   rows = {line.split()[0]: line.split()[1:] for line in table.strip().splitlines()[1:]}
@@ -46,6 +48,12 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
   assert all(os.path.getsize(p) > 10_000 for p in plots)
   # The progress line carries the curriculum's ETA while later phases remain.
   assert "midtrain step" in proc.stderr and ", curriculum " in proc.stderr
+  # Last, every checkpoint is fine-tuned and scored on both embedded tasks.
+  lines = downstream.strip().splitlines()[2:]
+  assert [line.split()[0] for line in lines] == ["pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all",
+                                                 "merged"]
+  assert all(len(line.split()) == 5 and all(0 <= float(x) <= 1 for x in line.split()[1:]) for line in lines)
+  assert os.path.exists(os.path.join(workdir, "downstream.json"))
 
 
 @pytest.mark.parametrize("flag,message", [

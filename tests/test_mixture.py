@@ -8,7 +8,7 @@ from conftest import load_config
 from data_pipeline import mixture
 from mmbert_jax import train
 
-# Token counts from /work/shared/reference/data/language_counts.csv (JHU-CLSP/mmBERT statistics): phase 1
+# Token counts from mmBERT's published token counts per language (JHU-CLSP/mmBERT statistics): phase 1
 # ("pretrain", tau 0.7) and phase 2 ("ext", tau 0.5) budgets of languages present in both.
 PRETRAIN = {"rus": 115435806777, "deu": 87337285702, "spa": 89770162637, "jpn": 58625517493, "pol": 36514762641,
             "tur": 24911024070, "hin": 9995437569, "tel": 2085498015, "mya": 1836717720, "swh": 1278170699,
@@ -129,7 +129,7 @@ def test_command_prints_the_table(tmp_path, capsys):
 
 
 def _csv_sized(seed=0):
-  """Available tokens shaped like language_counts.csv's decay-all column: 1,832 languages from a few hundred
+  """Available tokens shaped like mmBERT's decay-all token counts: 1,832 languages from a few hundred
   tokens to 10^11 (log-uniform), plus English and code."""
   rng = np.random.default_rng(seed)
   names = sorted({"".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 3)) for _ in range(4000)} - {"eng"})
@@ -187,7 +187,7 @@ def test_english_by_source_and_code_budgets(phase):
   assert {s["source"] for s in comps["dclm"]} == {"dclm"} and {s["source"] for s in comps["eng"]} == {"arxiv", "books"}
   m = mixture.compute_mixture(mixture.counts_of(comps), cfg.phase)
   w = dict(zip(m.languages, m.weights))
-  english, code = {"pretrain": (0.3451, 0.0513), "midtrain": (0.1214, 0.0333)}[phase]   # language_counts.csv
+  english, code = {"pretrain": (0.3451, 0.0513), "midtrain": (0.1214, 0.0333)}[phase]   # mmBERT's token counts
   assert w["dclm"] + w["eng"] == pytest.approx(english, abs=1e-4) and w["code"] == pytest.approx(code)
   assert w["dclm"] == pytest.approx({"pretrain": 600.0 / 1989.0, "midtrain": 40.0 / 600.8}[phase], abs=1e-4)
   assert len(m.languages) == len(codes) + 2 and m.passes.max() <= 5.0 * (1 + 1e-9)
