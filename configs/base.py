@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="auto",                   # bfloat16 on accelerators, float32 on CPU
       attention_impl="auto",          # splash on TPU, Pallas flash on GPU, XLA on CPU
       remat="none",
+      loss_impl="chunked",            # MLM cross-entropy without [masked, vocab] logits (dense: all logits at once)
+      loss_chunk_size=8192,
+      scan_layers=False,              # True: layers as one scan over global/local groups (compiles once)
   ))
 
   # Data: prepared shards (python -m data_pipeline.prepare) and this phase's mixture and masking.
