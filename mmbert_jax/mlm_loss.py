@@ -20,7 +20,7 @@ IMPLEMENTATIONS = ("dense", "chunked")
 
 
 def token_loss(features: jax.Array, embedding: jax.Array, bias: jax.Array, labels: jax.Array, *,
-               impl: str = "chunked", chunk_size: int = 8192) -> tuple[jax.Array, jax.Array]:
+               impl: str = "dense", chunk_size: int = 8192) -> tuple[jax.Array, jax.Array]:
   """Per-slot negative log-likelihood of `labels` and whether the argmax hits it (both float32, shape of
   `labels`). Unweighted: padding slots are weighted by the caller."""
   if impl not in IMPLEMENTATIONS:

@@ -57,7 +57,7 @@ class ModelConfig:
   attention_interpret: bool = False  # run the Pallas kernels in interpret mode (CPU tests)
   remat: str = "none"                # none | full | dots (save matmul outputs)
   scan_layers: bool = False          # run the layers as a scan over groups of global_every_n (one compiled body)
-  loss_impl: str = "chunked"         # MLM cross-entropy: dense | chunked (no [masked, vocab] logits; mlm_loss.py)
+  loss_impl: str = "dense"           # MLM cross-entropy: dense | chunked (no [masked, vocab] logits; mlm_loss.py)
   loss_chunk_size: int = 8192        # vocabulary rows per chunk of the chunked loss
 
   def __post_init__(self):
@@ -253,8 +253,8 @@ class MaskedLM(nnx.Module):
       positions = positions_from_segments(segment_ids)
     x = self.embedding[...].astype(cfg.dtype)[input_ids]
     x = self.emb_norm(x)
-    # One dropout key per layer, the same whether the layers run unrolled or scanned.
-    keys = None if rngs is None else jax.random.split(rngs.dropout(), cfg.num_layers)
+    # One dropout key per layer, drawn in layer order, the same whether the layers run unrolled or scanned.
+    keys = None if rngs is None else jnp.stack([rngs.dropout() for _ in range(cfg.num_layers)])
     if cfg.scan_layers:
       x = self._scanned_layers(x, segment_ids, positions, keys)
     else:

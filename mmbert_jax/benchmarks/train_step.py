@@ -31,6 +31,9 @@ _MASK = flags.DEFINE_float("mask_rate", 0.3, "Fraction of tokens predicted (spar
 _DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype (auto: bfloat16 on accelerators, float32 on CPU).")
 _IMPL = flags.DEFINE_string("attention_impl", "auto", "Attention implementation.")
 _REMAT = flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
+_LOSS = flags.DEFINE_string("loss_impl", "dense", "MLM cross-entropy: dense or chunked.")
+_CHUNK = flags.DEFINE_integer("loss_chunk_size", 8192, "Vocabulary rows per chunk of the chunked loss.")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "Run the layers as one scan over global/local groups.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the compiling one.")
 _MATMUL = flags.DEFINE_integer("matmul", 4096, "Size n of the n×n×n reference matmul.")
 
@@ -68,7 +71,8 @@ def main(argv):
   del argv
   dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   cfg = get_config(_PRESET.value, num_layers=_LAYERS.value, vocab_size=_VOCAB.value, dtype=dtype,
-                   attention_impl=_IMPL.value, remat=_REMAT.value)
+                   attention_impl=_IMPL.value, remat=_REMAT.value, loss_impl=_LOSS.value,
+                   loss_chunk_size=_CHUNK.value, scan_layers=_SCAN.value)
   mesh = sharding.make_mesh({"fsdp": -1})
   rows = _BATCH.value
   k = max(1, int(round(_MASK.value * _SEQ.value)))
@@ -104,7 +108,9 @@ def main(argv):
   peak = flops_lib.peak_flops(kind)
   print(f"device: {n} × {kind} ({jax.default_backend()}), compute dtype {dtype}, attention {_IMPL.value}")
   print(f"model: {_PRESET.value} width, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
-        f"{rows} × {_SEQ.value} tokens per step, {k} masked per row")
+        f"{rows} × {_SEQ.value} tokens per step, {k} masked per row; MLM loss {cfg.loss_impl}"
+        f"{f'/{cfg.loss_chunk_size}' if cfg.loss_impl == 'chunked' else ''}, "
+        f"layers {'scanned' if cfg.scan_layers else 'unrolled'}")
   print(f"first step (compile) {compile_s:.1f} s; step {seconds * 1e3:.1f} ms")
   print(f"tokens/s {tokens / seconds:,.0f} ({tokens / seconds / n:,.0f} per device)")
   print(f"model FLOPs per step {f.total:.3e} (linears {f.linears:.2e}, attention {f.attention:.2e}, "
