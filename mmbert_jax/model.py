@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmbert_jax import attention as attention_lib
+from mmbert_jax import mlm_loss
 
 
 _SAVE_ATTENTION = jax.checkpoint_policies.save_only_these_names(attention_lib.CHECKPOINT_NAME)
@@ -85,6 +86,9 @@ class ModelConfig:
   attention_interpret: bool = False  # run the Pallas kernels in interpret mode (CPU tests)
   attention_platform: str | None = None  # build for this platform ("cuda", "tpu") instead of the current one
   remat: str = "none"                # none | full | attention | dots (see REMAT_POLICIES)
+  scan_layers: bool = False          # run the layers as a scan over groups of global_every_n (one compiled body)
+  loss_impl: str = "dense"           # MLM cross-entropy: dense | chunked (no [masked, vocab] logits; mlm_loss.py)
+  loss_chunk_size: int = 8192        # vocabulary rows per chunk of the chunked loss
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -95,8 +99,10 @@ class ModelConfig:
       raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
     if self.attention_impl not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {attention_lib.IMPLEMENTATIONS}")
+    if self.loss_impl not in mlm_loss.IMPLEMENTATIONS:
+      raise ValueError(f"loss_impl {self.loss_impl!r} is not one of {mlm_loss.IMPLEMENTATIONS}")
     for name in ("attention_block_q", "attention_block_kv", "attention_block_kv_local", "attention_block_q_bwd",
-                 "attention_block_kv_bwd", "attention_num_warps", "attention_num_stages"):
+                 "attention_block_kv_bwd", "attention_num_warps", "attention_num_stages", "loss_chunk_size"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
 
@@ -246,6 +252,12 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
+def _apply_layer(cfg: ModelConfig, layer: EncoderLayer, x, segment_ids, positions, key):
+  if cfg.remat == "none":
+    return layer(x, segment_ids, positions, key)
+  return nnx.remat(lambda lyr, *a: lyr(*a), policy=REMAT_POLICIES[cfg.remat])(layer, x, segment_ids, positions, key)
+
+
 class MaskedLM(nnx.Module):
   """ModernBertForMaskedLM in NNX. `model(input_ids, segment_ids, positions)` → logits [B, S, V]."""
 
@@ -270,21 +282,63 @@ class MaskedLM(nnx.Module):
       positions = positions_from_segments(segment_ids)
     x = self.embedding[...].astype(cfg.dtype)[input_ids]
     x = self.emb_norm(x)
-    policy = REMAT_POLICIES[cfg.remat]
-    for layer in self.layers:
-      if cfg.remat == "none":
-        x = layer(x, segment_ids, positions, rngs)
-      else:
-        x = nnx.remat(lambda lyr, *a: lyr(*a), policy=policy)(layer, x, segment_ids, positions, rngs)
+    # One dropout key per layer, drawn in layer order, the same whether the layers run unrolled or scanned.
+    keys = None if rngs is None else jnp.stack([rngs.dropout() for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      x = self._scanned_layers(x, segment_ids, positions, keys)
+    else:
+      for i, layer in enumerate(self.layers):
+        x = _apply_layer(cfg, layer, x, segment_ids, positions, None if keys is None else keys[i])
     return self.final_norm(x)
+
+  def _scanned_layers(self, x, segment_ids, positions, keys):
+    """Layer 0 (no attention pre-norm) alone, then the groups of `global_every_n` layers that share one
+    structure (local…, global) as one `lax.scan` over their stacked parameters, then any remaining layers.
+    Parameters keep their per-layer layout (checkpoints, HF files): they are stacked inside the traced step."""
+    cfg = self.config
+    period = cfg.global_every_n
+    groups = (cfg.num_layers - 1) // period
+    key = lambda i: None if keys is None else keys[i]
+    x = _apply_layer(cfg, self.layers[0], x, segment_ids, positions, key(0))
+    if groups:
+      index = 1 + period * jnp.arange(groups)[:, None] + jnp.arange(period)          # [group, position]
+      graphdefs, stacked = [], []
+      for j in range(period):
+        splits = [nnx.split(self.layers[1 + g * period + j]) for g in range(groups)]
+        graphdefs.append(splits[0][0])
+        stacked.append(jax.tree.map(lambda *a: jnp.stack(a), *[state for _, state in splits]))
+
+      def group(x, xs):
+        states, group_keys = xs
+        for j in range(period):
+          layer = nnx.merge(graphdefs[j], states[j])
+          x = _apply_layer(cfg, layer, x, segment_ids, positions, None if group_keys is None else group_keys[j])
+        return x, None
+
+      x, _ = jax.lax.scan(group, x, (stacked, None if keys is None else keys[index]))
+    for i in range(1 + groups * period, cfg.num_layers):
+      x = _apply_layer(cfg, self.layers[i], x, segment_ids, positions, key(i))
+    return x
+
+  def head_features(self, x: jax.Array) -> jax.Array:
+    """The MLM head before the tied decoder: dense → GELU → LN, in the compute dtype."""
+    return self.head_norm(gelu(x @ self.head_dense[...].astype(self.config.dtype)))
 
   def head(self, x: jax.Array) -> jax.Array:
     """MLM head on hidden states [..., H] → float32 logits [..., V]."""
-    dtype = self.config.dtype
-    x = self.head_norm(gelu(x @ self.head_dense[...].astype(dtype)))
-    logits = jnp.einsum("...h,vh->...v", x, self.embedding[...].astype(dtype),
+    logits = jnp.einsum("...h,vh->...v", self.head_features(x), self.embedding[...].astype(self.config.dtype),
                         preferred_element_type=jnp.float32)
     return logits + self.decoder_bias[...]
+
+  def masked_lm_loss(self, input_ids, segment_ids, positions, masked_positions, masked_labels, *,
+                     rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per-slot negative log-likelihood of `masked_labels [B, K]` and argmax hits at `masked_positions`, by
+    `ModelConfig.loss_impl` (see mmbert_jax.mlm_loss): the training loss, without necessarily any logits."""
+    cfg = self.config
+    x = self.encode(input_ids, segment_ids, positions, rngs=rngs)
+    x = self.head_features(jnp.take_along_axis(x, masked_positions[..., None], axis=1))
+    return mlm_loss.token_loss(x, self.embedding[...].astype(cfg.dtype), self.decoder_bias[...], masked_labels,
+                               impl=cfg.loss_impl, chunk_size=cfg.loss_chunk_size)
 
   def __call__(self, input_ids, segment_ids=None, positions=None, masked_positions=None, *,
                rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -298,7 +352,7 @@ class MaskedLM(nnx.Module):
 
 # ModelConfig fields that say how the model runs, not what it computes (every attention_* field picks or tunes a
 # kernel): checkpoints of one model may differ in them, and a run may change them when it resumes.
-RUNTIME_FIELDS = frozenset({"dtype", "remat", "attn_out_dropout"} | {
+RUNTIME_FIELDS = frozenset({"dtype", "remat", "attn_out_dropout", "scan_layers", "loss_impl", "loss_chunk_size"} | {
     f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("attention_")})
 
 

@@ -189,12 +189,13 @@ def abstract_like(tree):
 # Loss and steps
 # --------------------------------------------------------------------------------------------------------------
 
-def mlm_stats(logits, batch, num_languages: int) -> dict[str, jax.Array]:
-  """Sums (not means) over the masked slots, so micro-batches and devices add up exactly."""
-  labels, w = batch["masked_labels"], batch["masked_weights"]
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0] * w
-  correct = (jnp.argmax(logits, -1) == labels) * w
+def mlm_stats(token_loss, batch, num_languages: int) -> dict[str, jax.Array]:
+  """Sums (not means) over the masked slots, so micro-batches and devices add up exactly. `token_loss` is the
+  per-slot (negative log-likelihood, argmax hit) pair of `MaskedLM.masked_lm_loss`."""
+  nll, hit = token_loss
+  w = batch["masked_weights"]
+  ce = nll * w
+  correct = hit * w
   lang_masked = jnp.maximum(jnp.take_along_axis(batch["lang_ids"], batch["masked_positions"], axis=1), 0)
   lang_tok = batch["lang_ids"]
   return {
@@ -208,16 +209,15 @@ def mlm_stats(logits, batch, num_languages: int) -> dict[str, jax.Array]:
 
 
 def _forward(model: MaskedLM, batch, rngs=None):
-  return model(batch["input_ids"], batch["segment_ids"], batch["positions"],
-               masked_positions=batch["masked_positions"], rngs=rngs)
+  return model.masked_lm_loss(batch["input_ids"], batch["segment_ids"], batch["positions"],
+                              batch["masked_positions"], batch["masked_labels"], rngs=rngs)
 
 
 def make_train_step(model: ModelGraph, tx, mesh, *, num_languages: int, seed: int, param_shardings, opt_shardings):
   """(params, opt_state, micro-batches [m, b, ...], lr, step) → (params, opt_state, metrics)."""
 
   def loss_fn(params, batch, key):
-    logits = _forward(model.bind(params), batch, rngs=nnx.Rngs(dropout=key))
-    stats = mlm_stats(logits, batch, num_languages)
+    stats = mlm_stats(_forward(model.bind(params), batch, rngs=nnx.Rngs(dropout=key)), batch, num_languages)
     return stats["loss_sum"], stats
 
   def step(params, opt_state, batches, lr, step_index):

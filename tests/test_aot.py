@@ -61,6 +61,7 @@ def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
   c = _config("pretrain", "base")
   c.model_preset = "tiny"
   c.model.attention_impl = "xla"   # the FLOP check below counts the XLA path's dense attention
+  c.model.loss_impl = "dense"      # ... and the head's logits once (cost analysis counts a scan body once)
   c.data.seq_len = 128
   c.batch_size, c.micro_batch_size = 32, 16
   r = aot.compile_train_step(c, "v5e-4")
@@ -79,6 +80,7 @@ def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
   ratio = r.compiled_flops * 4 / _dense_xla_flops(v, h, layers, i, rows=16, seq=128, masked=masked)
   assert 1.0 <= ratio <= 1.3, ratio
   assert "fits" in r.text() and "temporaries" in r.text()
+  assert "MLM loss dense · layers unrolled" in r.text()
 
 
 def test_mmbert_base_pretrain_compiles_for_v5p_with_sharded_state():
@@ -86,6 +88,7 @@ def test_mmbert_base_pretrain_compiles_for_v5p_with_sharded_state():
   c = _config("pretrain", "base")
   c.batch_size, c.micro_batch_size = 4, 4
   c.model.attention_impl = "xla"   # the FLOP check below counts the XLA path's dense attention
+  c.model.loss_impl = "dense"
   r = aot.compile_train_step(c, "v5p-8")
   assert r.compiler_error is None and r.fits
   assert r.model == "mmbert-base" and r.tpu.chips == 4 and r.rows == 4 and r.seq_len == 1024

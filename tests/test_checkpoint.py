@@ -99,6 +99,18 @@ def test_resume_on_fewer_devices_continues_the_same_global_batches(demo_data, re
                              rtol=0, atol=1e-5)
 
 
+def test_scanned_layers_save_the_same_checkpoints(demo_data, reference, tmp_path):
+  # A run with scanned layers writes checkpoints an unrolled run resumes from, with the same losses throughout.
+  _, ref = reference
+  workdir = str(tmp_path / "scanned")
+  train.train_and_evaluate(tiny_config(demo_data, train_tokens=512 * 4, **{"model.scan_layers": True}), workdir)
+  result = train.train_and_evaluate(tiny_config(demo_data), workdir)
+  assert result["step"] == STEPS
+  losses = train_losses(workdir)
+  np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
+                             rtol=0, atol=1e-5)
+
+
 def test_handoff_changes_seq_len_and_theta_and_keeps_params(demo_data, reference, tmp_path):
   ref_dir, _ = reference
   midtrain = tiny_config(demo_data, init_from=ref_dir, train_tokens=1024 * 2, **{

@@ -46,7 +46,8 @@ def _hf_logits(model, ids, attention_mask=None):
   return out.logits.numpy()
 
 
-def test_padded_batch_matches_transformers(hf_dir):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_padded_batch_matches_transformers(hf_dir, scan_layers):
   rng = np.random.default_rng(0)
   lengths = [40, 27, 9]
   ids = np.zeros((3, 40), np.int64)
@@ -55,7 +56,7 @@ def test_padded_batch_matches_transformers(hf_dir):
     ids[row, :n] = rng.integers(5, 1000, n)
     mask[row, :n] = 1
   want = _hf_logits(transformers.AutoModelForMaskedLM.from_pretrained(hf_dir).eval(), ids, mask)
-  model = hf.load(hf_dir)
+  model = hf.load(hf_dir, scan_layers=scan_layers)
   with jax.default_matmul_precision("highest"):
     got = np.asarray(model(jnp.asarray(ids, jnp.int32), segment_ids=jnp.asarray(mask, jnp.int32)))
   real = mask.astype(bool)
@@ -79,8 +80,9 @@ def test_packed_row_equals_each_document_alone(hf_dir):
     start += len(doc)
 
 
-def test_save_round_trip(hf_dir, tmp_path):
-  model = hf.load(hf_dir)
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_save_round_trip(hf_dir, tmp_path, scan_layers):
+  model = hf.load(hf_dir, scan_layers=scan_layers)
   out = str(tmp_path / "export")
   hf.save(model, out)
   reloaded_hf = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()

@@ -109,6 +109,26 @@ def test_remat_gives_same_gradients(remat):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_equal_unrolled(remat):
+  # 8 layers, global every 3: layer 0 alone, two scanned groups of (local, local, global), one remaining layer.
+  cfg = get_config("tiny", num_layers=8, attn_out_dropout=0.1, remat=remat)
+  ids = jax.random.randint(jax.random.key(1), (2, 48), 5, cfg.vocab_size)
+  seg = jnp.array([[1] * 20 + [2] * 20 + [0] * 8, [1] * 48])
+  outputs = []
+  for scan in (False, True):
+    model = MaskedLM(cfg.replace(scan_layers=scan), rngs=nnx.Rngs(0))
+    logits = model(ids, seg)
+    # Training mode: dropout draws the same mask for each layer either way.
+    grads = nnx.grad(lambda m: m(ids, seg, rngs=nnx.Rngs(dropout=3)).mean())(model)
+    outputs.append((logits, nnx.to_pure_dict(grads)))
+  (logits_u, grads_u), (logits_s, grads_s) = outputs
+  np.testing.assert_allclose(logits_s, logits_u, atol=1e-6)
+  assert grads_s.keys() == grads_u.keys() and len(grads_s["layers"]) == 8   # the per-layer layout is unchanged
+  for a, b in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads_s)):
+    np.testing.assert_allclose(b, a, atol=1e-6)
+
+
 def test_bad_model_config_errors():
   with pytest.raises(ValueError, match="not divisible by num_heads"):
     get_config("tiny", num_heads=5)

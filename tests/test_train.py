@@ -27,9 +27,9 @@ def _synthetic_batch(rng, rows, seq, k, vocab, languages):
               lang_ids=np.where(seg > 0, seg % languages, -1).astype(np.int32))
 
 
-def _three_steps(mesh_sizes, devices):
+def _three_steps(mesh_sizes, devices, **model_overrides):
   config = tiny_config("", **{"optim.peak_lr": 1e-3})
-  cfg = get_config("tiny", attn_out_dropout=0.1)
+  cfg = get_config("tiny", attn_out_dropout=0.1, **model_overrides)
   mesh = sharding.make_mesh(mesh_sizes, devices)
   params, opt, step = train.fresh_train_state(cfg, config, mesh, num_languages=3)
   put = train.make_put(mesh, leading=1)
@@ -43,10 +43,12 @@ def _three_steps(mesh_sizes, devices):
   return losses, jax.tree.map(np.asarray, params)
 
 
-def test_sharded_steps_equal_single_device():
+@pytest.mark.parametrize("scan_layers,loss_impl", [(False, "chunked"), (True, "dense")])
+def test_sharded_steps_equal_single_device(scan_layers, loss_impl):
   assert jax.device_count() == 8
-  single, p1 = _three_steps(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  sharded, p8 = _three_steps(dict(data=2, fsdp=2, tensor=2), jax.devices())   # every axis in use
+  model = dict(scan_layers=scan_layers, loss_impl=loss_impl, loss_chunk_size=256)   # vocabulary split in 4
+  single, p1 = _three_steps(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], **model)
+  sharded, p8 = _three_steps(dict(data=2, fsdp=2, tensor=2), jax.devices(), **model)   # every axis in use
   np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
     np.testing.assert_allclose(a, b, atol=1e-5)

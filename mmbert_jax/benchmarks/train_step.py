@@ -36,6 +36,9 @@ def define_flags() -> None:
   flags.DEFINE_string("dtype", "auto", "Compute dtype (auto: bfloat16 on accelerators, float32 on CPU).")
   flags.DEFINE_string("attention_impl", "auto", "Attention implementation.")
   flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
+  flags.DEFINE_string("loss_impl", "dense", "MLM cross-entropy: dense or chunked.")
+  flags.DEFINE_integer("loss_chunk_size", 8192, "Vocabulary rows per chunk of the chunked loss.")
+  flags.DEFINE_bool("scan_layers", False, "Run the layers as one scan over global/local groups.")
   flags.DEFINE_integer("steps", 5, "Timed steps after the compiling one.")
   flags.DEFINE_integer("matmul", 4096, "Size n of the n×n×n reference matmul.")
 
@@ -73,7 +76,8 @@ def main(argv):
   cli.start(argv)
   dtype = FLAGS.dtype if FLAGS.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   cfg = get_config(FLAGS.preset, num_layers=FLAGS.layers, vocab_size=FLAGS.vocab, dtype=dtype,
-                   attention_impl=FLAGS.attention_impl, remat=FLAGS.remat)
+                   attention_impl=FLAGS.attention_impl, remat=FLAGS.remat, loss_impl=FLAGS.loss_impl,
+                   loss_chunk_size=FLAGS.loss_chunk_size, scan_layers=FLAGS.scan_layers)
   mesh = sharding.make_mesh({"fsdp": -1})
   rows = FLAGS.batch
   k = max(1, int(round(FLAGS.mask_rate * FLAGS.seq_len)))
@@ -109,7 +113,9 @@ def main(argv):
   peak = flops_lib.peak_flops(kind)
   print(f"device: {n} × {kind} ({jax.default_backend()}), compute dtype {dtype}, attention {FLAGS.attention_impl}")
   print(f"model: {FLAGS.preset} width, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
-        f"{rows} × {FLAGS.seq_len} tokens per step, {k} masked per row")
+        f"{rows} × {FLAGS.seq_len} tokens per step, {k} masked per row; MLM loss {cfg.loss_impl}"
+        f"{f'/{cfg.loss_chunk_size}' if cfg.loss_impl == 'chunked' else ''}, "
+        f"layers {'scanned' if cfg.scan_layers else 'unrolled'}")
   print(f"first step (compile) {compile_s:.1f} s; step {seconds * 1e3:.1f} ms")
   print(f"tokens/s {tokens / seconds:,.0f} ({tokens / seconds / n:,.0f} per device)")
   print(f"model FLOPs per step {f.total:.3e} (linears {f.linears:.2e}, attention {f.attention:.2e}, "

@@ -1,0 +1,114 @@
+"""Masked-LM cross-entropy over the tied vocabulary, per masked slot: `token_loss(features, ...)`.
+
+`features [..., H]` are the MLM head's outputs before the decoder (compute dtype); the decoder is the tied
+embedding `[V, H]` plus a float32 bias `[V]`, with float32 logits. Two implementations behind one signature:
+
+  dense    the logits `[N, V]` of every masked slot at once (the reference; simple, and fastest for small V);
+  chunked  a scan over vocabulary chunks with an online logsumexp and a running argmax. Its backward pass
+           (`jax.custom_vjp`) recomputes each chunk's logits, so no `[N, V]` array exists in either pass; the
+           largest temporary is one `[N, chunk]` float32 block.
+
+At mmBERT's 256k vocabulary one float32 copy of the dense logits of 6k masked slots is 6.4 GB, and the training
+step holds several (logits, softmax, their gradient): that, not compute, bounds the rows per chip.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("dense", "chunked")
+
+
+def token_loss(features: jax.Array, embedding: jax.Array, bias: jax.Array, labels: jax.Array, *,
+               impl: str = "dense", chunk_size: int = 8192) -> tuple[jax.Array, jax.Array]:
+  """Per-slot negative log-likelihood of `labels` and whether the argmax hits it (both float32, shape of
+  `labels`). Unweighted: padding slots are weighted by the caller."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"MLM loss impl {impl!r} is not one of {IMPLEMENTATIONS}")
+  shape = labels.shape
+  x = features.reshape(-1, features.shape[-1])
+  labels = labels.reshape(-1)
+  if impl == "dense":
+    nll, hit = _dense(x, embedding, bias, labels)
+  else:
+    nll, hit = _chunked(x, *_split_vocab(embedding, bias, chunk_size), labels)
+  return nll.reshape(shape), hit.reshape(shape)
+
+
+def _dense(x, embedding, bias, labels):
+  logits = jnp.einsum("nh,vh->nv", x, embedding, preferred_element_type=jnp.float32) + bias
+  logp = jax.nn.log_softmax(logits)
+  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  return nll, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def _split_vocab(embedding, bias, chunk_size: int):
+  """[V, H], [V] → [n, C, H], [n, C]; the padded vocabulary rows get logit −inf (probability 0, never argmax)."""
+  if chunk_size <= 0:
+    raise ValueError(f"MLM loss chunk_size must be positive; got {chunk_size}")
+  v, h = embedding.shape
+  chunk = min(chunk_size, v)
+  n = -(-v // chunk)
+  pad = n * chunk - v
+  w = jnp.pad(embedding, ((0, pad), (0, 0))).reshape(n, chunk, h)
+  b = jnp.pad(bias.astype(jnp.float32), (0, pad), constant_values=-jnp.inf).reshape(n, chunk)
+  return w, b
+
+
+def _chunk_logits(x, w_c, b_c):
+  return jnp.einsum("nh,ch->nc", x, w_c, preferred_element_type=jnp.float32) + b_c
+
+
+@jax.custom_vjp
+def _chunked(x, w, b, labels):
+  return _chunked_fwd(x, w, b, labels)[0]
+
+
+def _chunked_fwd(x, w, b, labels):
+  n_slots, chunk = x.shape[0], w.shape[1]
+  neg_inf = jnp.full((n_slots,), -jnp.inf, jnp.float32)
+  zeros = jnp.zeros((n_slots,), jnp.float32)
+
+  def body(carry, xs):
+    run_max, run_sum, label_logit, best, best_idx = carry
+    w_c, b_c, c = xs
+    logits = _chunk_logits(x, w_c, b_c)                                   # [N, C] float32
+    cols = c * chunk + jnp.arange(chunk, dtype=labels.dtype)
+    chunk_max = logits.max(-1)
+    new_max = jnp.maximum(run_max, chunk_max)
+    run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(-1)
+    label_logit = label_logit + jnp.where(cols == labels[:, None], logits, 0.0).sum(-1)
+    # Strictly greater: ties keep the earlier index, as jnp.argmax over the whole vocabulary does.
+    better = chunk_max > best
+    best_idx = jnp.where(better, c * chunk + jnp.argmax(logits, -1).astype(labels.dtype), best_idx)
+    return (new_max, run_sum, label_logit, jnp.maximum(best, chunk_max), best_idx), None
+
+  init = (neg_inf, zeros, zeros, neg_inf, jnp.zeros_like(labels))
+  (run_max, run_sum, label_logit, _, best_idx), _ = jax.lax.scan(
+      body, init, (w, b, jnp.arange(w.shape[0], dtype=labels.dtype)))
+  lse = run_max + jnp.log(run_sum)
+  out = (lse - label_logit, (best_idx == labels).astype(jnp.float32))
+  return out, (x, w, b, labels, lse)
+
+
+def _chunked_bwd(residuals, cotangents):
+  x, w, b, labels, lse = residuals
+  g = cotangents[0]                                                       # the hit indicator has no gradient
+  chunk = w.shape[1]
+
+  def body(dx, xs):
+    w_c, b_c, c = xs
+    logits = _chunk_logits(x, w_c, b_c)
+    cols = c * chunk + jnp.arange(chunk, dtype=labels.dtype)
+    # d nll / d logits = softmax − one_hot(label)
+    d = g[:, None] * (jnp.exp(logits - lse[:, None]) - (cols == labels[:, None]))
+    dx = dx + jnp.einsum("nc,ch->nh", d.astype(x.dtype), w_c, preferred_element_type=jnp.float32)
+    dw_c = jnp.einsum("nc,nh->ch", d.astype(x.dtype), x, preferred_element_type=jnp.float32)
+    return dx, (dw_c.astype(w.dtype), d.sum(0))
+
+  dx, (dw, db) = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32),
+                              (w, b, jnp.arange(w.shape[0], dtype=labels.dtype)))
+  return dx.astype(x.dtype), dw, db.astype(b.dtype), None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -1,0 +1,119 @@
+"""The chunked MLM cross-entropy equals the dense one (loss, hits, gradients) and holds less memory."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmbert_jax import MaskedLM, get_config, mlm_loss, sharding, train
+
+VOCAB = 1000
+
+
+def _batch(seed=0, rows=3, seq=40, k=12):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(5, VOCAB, (rows, seq)).astype(np.int32)
+  seg = np.ones((rows, seq), np.int32)
+  seg[2, 25:] = 0
+  mp = np.stack([rng.choice(seq, k, replace=False) for _ in range(rows)]).astype(np.int32)
+  labels = np.take_along_axis(ids, mp, 1)
+  labels[0, :3] = [0, 1, VOCAB - 1]          # the first and the last vocabulary chunk
+  weights = (np.take_along_axis(seg, mp, 1) > 0).astype(np.float32)
+  weights[1, -2:] = 0.0                      # padding slots: their labels must not count
+  labels[1, -2:] = VOCAB - 2
+  return ids, seg, mp, labels, weights
+
+
+def _loss_and_grads(cfg, batch):
+  ids, seg, mp, labels, weights = (jnp.asarray(a) for a in batch)
+  model = MaskedLM(cfg, rngs=nnx.Rngs(0))
+  model.decoder_bias[...] = 0.5 * jax.random.normal(jax.random.key(7), (VOCAB,))  # not a symmetric zero bias
+
+  def loss_fn(m):
+    nll, hit = m.masked_lm_loss(ids, seg, None, mp, labels)
+    return (nll * weights).sum() / weights.sum(), (nll, hit)     # the train step's mean over masked slots
+
+  (loss, (nll, hit)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  logits = model(ids, seg, masked_positions=mp)
+  return float(loss), np.asarray(nll), np.asarray(hit), nnx.to_pure_dict(grads), np.asarray(logits, np.float64)
+
+
+@pytest.mark.parametrize("chunk", [128, 333, VOCAB])   # 8 chunks (last one padded), uneven, a single chunk
+def test_chunked_equals_dense_in_float32(chunk):
+  batch = _batch()
+  weights, labels = batch[4], batch[3]
+  loss_d, nll_d, hit_d, grads_d, logits = _loss_and_grads(get_config("tiny", vocab_size=VOCAB, loss_impl="dense"),
+                                                          batch)
+  loss_c, nll_c, hit_c, grads_c, _ = _loss_and_grads(
+      get_config("tiny", vocab_size=VOCAB, loss_impl="chunked", loss_chunk_size=chunk), batch)
+  # Independent reference: float64 log-softmax of the model's logits.
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  want = lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+  np.testing.assert_allclose(nll_c, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(nll_c, nll_d, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(hit_c, (logits.argmax(-1) == labels).astype(np.float32))
+  np.testing.assert_array_equal(hit_c, hit_d)
+  np.testing.assert_allclose(loss_c, (want * weights).sum() / weights.sum(), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_d), jax.tree.leaves(grads_c)):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_chunked_equals_dense_in_bfloat16():
+  batch = _batch(1)
+  out = [_loss_and_grads(get_config("tiny", vocab_size=VOCAB, dtype="bfloat16", loss_impl=impl,
+                                    loss_chunk_size=256), batch) for impl in ("dense", "chunked")]
+  (loss_d, nll_d, hit_d, grads_d, _), (loss_c, nll_c, hit_c, grads_c, _) = out
+  np.testing.assert_allclose(loss_c, loss_d, rtol=1e-2)
+  np.testing.assert_allclose(nll_c, nll_d, rtol=2e-2, atol=2e-2)
+  assert (hit_c == hit_d).mean() > 0.9
+  for a, b in zip(jax.tree.leaves(grads_d), jax.tree.leaves(grads_c)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(a) + 1e-6
+
+
+def test_ties_keep_the_first_index_across_chunks():
+  # Every logit is its bias; the largest value sits at 5 and again at 700 (another chunk): argmax is 5.
+  x = jnp.zeros((2, 8))
+  emb = jnp.zeros((VOCAB, 8))
+  bias = jnp.zeros(VOCAB).at[5].set(3.0).at[700].set(3.0)
+  labels = jnp.array([5, 700])
+  for impl in mlm_loss.IMPLEMENTATIONS:
+    nll, hit = mlm_loss.token_loss(x, emb, bias, labels, impl=impl, chunk_size=256)
+    np.testing.assert_array_equal(hit, [1.0, 0.0])
+    want = np.log(2 * np.exp(3.0) + VOCAB - 2) - 3.0
+    np.testing.assert_allclose(nll, [want, want], rtol=1e-6)
+
+
+def test_bad_loss_config_errors():
+  with pytest.raises(ValueError, match="loss_impl"):
+    get_config("tiny", loss_impl="sparse")
+  with pytest.raises(ValueError, match="loss_chunk_size"):
+    get_config("tiny", loss_chunk_size=0)
+
+
+def _train_step_temporaries(loss_impl: str) -> int:
+  cfg = get_config("tiny", vocab_size=4096, loss_impl=loss_impl, loss_chunk_size=512)
+  config = ml_collections.ConfigDict(dict(optim=dict(name="stable_adamw", peak_lr=1e-3, weight_decay=0.0,
+                                                     b1=0.9, b2=0.95, eps=1e-8)))
+  mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+  model = train.abstract_model(cfg, mesh)
+  tx = train.optimizer(config)
+  shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
+  opt = jax.eval_shape(tx.init, model.abstract_params)
+  step = train.make_train_step(model, tx, mesh, num_languages=2, seed=0, param_shardings=shardings,
+                               opt_shardings=jax.tree.map(lambda _: sharding.replicated(mesh), opt))
+  rows, seq, k = 8, 64, 32
+  batch = {key: jax.ShapeDtypeStruct((1, rows, k if key.startswith("masked") else seq),
+                                     jnp.float32 if key == "masked_weights" else jnp.int32)
+           for key in train.BATCH_KEYS}
+  with jax.set_mesh(mesh):
+    compiled = step.lower(model.abstract_params, opt, batch, jax.ShapeDtypeStruct((), jnp.float32),
+                          jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_train_step_needs_fewer_temporaries():
+  dense, chunked = _train_step_temporaries("dense"), _train_step_temporaries("chunked")
+  logits_bytes = 8 * 32 * 4096 * 4     # one float32 copy of the dense logits
+  assert chunked < dense - logits_bytes, (dense, chunked)
