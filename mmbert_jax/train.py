@@ -353,7 +353,7 @@ class PhaseRun:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0):
-    self.config, self.workdir = config, workdir
+    self.config, self.workdir, self.later_tokens = config, workdir, later_tokens
     validate(config)
     try:
       self._setup(config, workdir)
@@ -443,7 +443,7 @@ class PhaseRun:
     self.preemption = Preemption()
     self.timer = progress.StepTimer()
     self.progress = progress.Progress(config.phase, config.train_tokens, tokens=self.tokens,
-                                      later_tokens=later_tokens)
+                                      later_tokens=self.later_tokens)
     self.last_logged_step = self.step
     self.profiler = progress.Profiler(workdir, config.profile_start_step, config.profile_steps,
                                       config.profile_process, jax.process_index())
