@@ -25,25 +25,29 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from mmbert_jax import attention
+from mmbert_jax import attention, cli
 from mmbert_jax import model as model_lib
 from mmbert_jax.kernels import flash_gpu, splash
 
-_COUNT_SEQ_LENS = flags.DEFINE_list("count_seq_lens", ["1024", "8192"], "Sequence lengths for block counts.")
-_TIME_SEQ_LENS = flags.DEFINE_list("time_seq_lens", ["256"], "Sequence lengths for timings.")
-_WINDOW = flags.DEFINE_integer("window", 64, "One-sided local window (mmBERT: 64).")
-_BLOCK = flags.DEFINE_integer("block", 128, "block_q = block_kv.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Batch size for timings.")
-_HEADS = flags.DEFINE_integer("heads", 6, "Heads for timings (head_dim 64).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls after the compiling one; the median is printed.")
-_IMPLS = flags.DEFINE_list("impls", ["xla", "splash", "pallas_gpu"], "Implementations to time.")
-_MODE = flags.DEFINE_enum("mode", "counts", ["counts", "hardware"],
-                          "counts: block counts and float32 timings; hardware: bf16 TFLOP/s of xla/kernel/cuDNN.")
-_HW_SEQ_LENS = flags.DEFINE_list("hw_seq_lens", ["1024", "8192"], "hardware mode: sequence lengths.")
-_HW_TOKENS = flags.DEFINE_integer("hw_tokens", 32768, "hardware mode: tokens per call (batch = tokens / S).")
-_HW_HEADS = flags.DEFINE_integer("hw_heads", 12, "hardware mode: heads of 64 (mmBERT-base: 12).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("count_seq_lens", ["1024", "8192"], "Sequence lengths for block counts.")
+  flags.DEFINE_list("time_seq_lens", ["256"], "Sequence lengths for timings.")
+  flags.DEFINE_integer("window", 64, "One-sided local window (mmBERT: 64).")
+  flags.DEFINE_integer("block", 128, "block_q = block_kv.")
+  flags.DEFINE_integer("batch", 1, "Batch size for timings.")
+  flags.DEFINE_integer("heads", 6, "Heads for timings (head_dim 64).")
+  flags.DEFINE_integer("repeats", 3, "Timed calls after the compiling one; the median is printed.")
+  flags.DEFINE_list("impls", ["xla", "splash", "pallas_gpu"], "Implementations to time.")
+  flags.DEFINE_enum("mode", "counts", ["counts", "hardware"],
+                    "counts: block counts and float32 timings; hardware: bf16 TFLOP/s of xla/kernel/cuDNN.")
+  flags.DEFINE_list("hw_seq_lens", ["1024", "8192"], "hardware mode: sequence lengths.")
+  flags.DEFINE_integer("hw_tokens", 32768, "hardware mode: tokens per call (batch = tokens / S).")
+  flags.DEFINE_integer("hw_heads", 12, "hardware mode: heads of 64 (mmBERT-base: 12).")
 
 
 def block_counts(seq_lens, block, window):
@@ -157,15 +161,14 @@ def hardware(seq_lens, tokens: int, heads: int, window: int, repeats: int, head_
 
 
 def main(argv):
-  del argv
-  if _MODE.value == "hardware":
-    hardware([int(s) for s in _HW_SEQ_LENS.value], _HW_TOKENS.value, _HW_HEADS.value, _WINDOW.value,
-             _REPEATS.value)
+  cli.start(argv)
+  if FLAGS.mode == "hardware":
+    hardware([int(s) for s in FLAGS.hw_seq_lens], FLAGS.hw_tokens, FLAGS.hw_heads, FLAGS.window, FLAGS.repeats)
     return
-  block_counts([int(s) for s in _COUNT_SEQ_LENS.value], _BLOCK.value, _WINDOW.value)
-  timings([int(s) for s in _TIME_SEQ_LENS.value], _IMPLS.value, _BATCH.value, _HEADS.value, _BLOCK.value,
-          _WINDOW.value, _REPEATS.value)
+  block_counts([int(s) for s in FLAGS.count_seq_lens], FLAGS.block, FLAGS.window)
+  timings([int(s) for s in FLAGS.time_seq_lens], FLAGS.impls, FLAGS.batch, FLAGS.heads, FLAGS.block, FLAGS.window,
+          FLAGS.repeats)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)
