@@ -39,24 +39,14 @@ def demo_data(tmp_path_factory):
 def tiny_config(data_dir: str, **overrides):
   """A tiny single-phase run on the demo data: 4-layer model, 8 rows of 64 tokens per step, 4 devices."""
   c = load_config("base")
-  c.model_preset = "tiny"
-  c.model.vocab_size = 1000
-  c.model.attn_out_dropout = 0.1
-  c.model.attention_impl = "xla"
-  c.data.data_dir = data_dir
-  c.data.languages = "en,de,fr,ru,zh,sw"
-  c.data.seq_len = 64
-  c.batch_size = 8
-  c.micro_batch_size = 4
-  c.eval_batch_size = 8
-  c.eval_max_batches = 1
-  c.optim.peak_lr = 3e-3
-  c.schedule.warmup_tokens = 2048
-  c.train_tokens = 512 * 12
-  c.log_every_steps = 1
-  c.checkpoint_every_tokens = 512 * 4
-  c.keep_checkpoints = 2
-  c.num_devices = 4                   # fsdp over 4 of the 8 host devices
+  c.update_from_flattened_dict({
+      "model_preset": "tiny", "model.vocab_size": 1000, "model.attn_out_dropout": 0.1, "model.attention_impl": "xla",
+      "data.data_dir": data_dir, "data.languages": "en,de,fr,ru,zh,sw", "data.seq_len": 64,
+      "batch_size": 8, "micro_batch_size": 4, "eval_batch_size": 8, "eval_max_batches": 1,
+      "optim.peak_lr": 3e-3, "schedule.warmup_tokens": 2048, "train_tokens": 512 * 12, "log_every_steps": 1,
+      "checkpoint_every_tokens": 512 * 4, "keep_checkpoints": 2,
+      "num_devices": 4,                   # fsdp over 4 of the 8 host devices
+  })
   c.update_from_flattened_dict(overrides)
   return c
 
