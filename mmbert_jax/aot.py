@@ -194,6 +194,7 @@ class Report:
   temp_bytes: int | None = None
   code_bytes: int | None = None
   compiled_flops: float | None = None  # per chip, one micro-batch
+  kernel_calls: int | None = None      # Pallas kernel (tpu_custom_call) call sites in the compiled step
   compiler_error: str | None = None
 
   @property
@@ -216,6 +217,8 @@ class Report:
         f"mesh {mesh} · {self.microbatches} micro-batch(es) × {self.rows} rows × {self.seq_len} tokens, "
         f"{self.masked} masked slots/row · {self.dtype} · attention {self.attention} · remat {self.remat}",
     ]
+    if self.kernel_calls:
+      lines += [f"Pallas kernel call sites in the compiled step: {self.kernel_calls}"]
     if self.compiler_error:
       lines += [f"per-chip memory: DOES NOT FIT; the TPU compiler says: {self.compiler_error}"]
     else:
@@ -291,7 +294,8 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Repo
   return Report(**info, compile_seconds=seconds,
                 argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
                 alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-                code_bytes=mem.generated_code_size_in_bytes, compiled_flops=float(cost["flops"]))
+                code_bytes=mem.generated_code_size_in_bytes, compiled_flops=float(cost["flops"]),
+                kernel_calls=compiled.as_text().count("custom_call_target=\"tpu_custom_call\""))
 
 
 # --------------------------------------------------------------------------------------------------------------

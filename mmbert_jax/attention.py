@@ -8,12 +8,17 @@ Implementations (`ModelConfig.attention_impl`):
   splash      Pallas TPU splash attention (`kernels.splash`), block-sparse over the window.
   pallas_gpu  this project's Pallas/Triton flash attention (`kernels.flash_gpu`), skipping out-of-window blocks.
   auto        splash on TPU, pallas_gpu on GPU, xla elsewhere.
-`resolve_impl` picks the implementation and rejects impossible combinations when the model is built. The kernels
+`resolve_impl` picks the implementation and rejects impossible combinations when the model is built;
+`ModelConfig.attention_platform` overrides the platform it builds for (e.g. "cuda", to lower the GPU path with
+`jax.export` on a host without a GPU). `kernel_options` turns the config into the tiles and launch parameters of
+one layer (`KernelOptions`). The kernels name the residuals they save for the backward `CHECKPOINT_NAME`, so
+the model's remat policies can keep them (see `model.REMAT_POLICIES`). The kernels
 give padding (segment 0) a segment of its own, so padding rows hold finite values that differ from the XLA path's;
 real rows agree. Under a mesh the kernels run in `jax.shard_map`: batch over ("data", "fsdp"), heads over "tensor".
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -28,6 +33,38 @@ IMPLEMENTATIONS = ("auto", "xla", "splash", "pallas_gpu")
 BATCH_AXES = sharding.BATCH_AXES
 HEAD_AXIS = "tensor"
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+CHECKPOINT_NAME = "attention_residuals"   # the kernels' saved output and log-sum-exp
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """How a kernel runs one layer. Splash uses `block_q`, `block_kv`, `interpret` and `checkpoint_name` only."""
+  block_q: int = 128
+  block_kv: int = 128
+  block_q_bwd: int | None = None     # pallas_gpu backward tiles; None: the forward ones
+  block_kv_bwd: int | None = None
+  num_warps: int | None = None       # pallas_gpu; None: the kernel's default for the head dim
+  num_stages: int = 2
+  interpret: bool = False
+  checkpoint_name: str | None = None
+
+  def flash_block_sizes(self) -> flash_gpu.BlockSizes:
+    return flash_gpu.BlockSizes(self.block_q, self.block_kv, block_q_dkv=self.block_q_bwd,
+                                block_kv_dkv=self.block_kv_bwd, block_q_dq=self.block_q_bwd,
+                                block_kv_dq=self.block_kv_bwd)
+
+
+def kernel_options(cfg, impl: str, window: int | None) -> KernelOptions:
+  """The options of a layer with one-sided `window` (None = global) under resolved `impl`, from a ModelConfig.
+
+  pallas_gpu local layers use `attention_block_kv_local` as their forward kv tile.
+  """
+  local = window is not None and impl == "pallas_gpu"
+  return KernelOptions(
+      block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv_local if local else cfg.attention_block_kv,
+      block_q_bwd=cfg.attention_block_q_bwd, block_kv_bwd=cfg.attention_block_kv_bwd,
+      num_warps=cfg.attention_num_warps, num_stages=cfg.attention_num_stages,
+      interpret=cfg.attention_interpret, checkpoint_name=CHECKPOINT_NAME)
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -63,11 +100,12 @@ def target_platform() -> str:
 def resolve_impl(cfg, *, seq_len: int | None = None, platform: str | None = None) -> str:
   """The implementation `cfg.attention_impl` means here, or a ValueError saying why it cannot run.
 
-  `cfg` is a `ModelConfig`; `platform` defaults to `target_platform()`. With `seq_len`, also checks that the
+  `cfg` is a `ModelConfig`; `platform` defaults to `cfg.attention_platform`, else `target_platform()`. Triton
+  tiles are checked here (powers of two >= 16) unless in interpret mode. With `seq_len`, also checks that the
   kernel tiles divide it (the trainer knows the sequence length; the model does not).
   """
   impl, interpret = cfg.attention_impl, cfg.attention_interpret
-  platform = platform or target_platform()
+  platform = platform or cfg.attention_platform or target_platform()
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention_impl {impl!r} is not one of {IMPLEMENTATIONS}")
   if impl == "auto":
@@ -84,6 +122,10 @@ def resolve_impl(cfg, *, seq_len: int | None = None, platform: str | None = None
                      f"{splash.LANES}; got {bq} and {bkv}")
   if impl == "pallas_gpu" and cfg.head_dim & (cfg.head_dim - 1):
     raise ValueError(f"attention_impl='pallas_gpu' needs a power-of-two head_dim; got {cfg.head_dim}")
+  if impl == "pallas_gpu" and not interpret:
+    for name in ("attention_block_q", "attention_block_kv", "attention_block_kv_local", "attention_block_q_bwd",
+                 "attention_block_kv_bwd"):
+      flash_gpu.check_triton_block(name, getattr(cfg, name))
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
     used = [a for a in (*BATCH_AXES, HEAD_AXIS) if a in mesh.axis_names]
@@ -95,16 +137,17 @@ def resolve_impl(cfg, *, seq_len: int | None = None, platform: str | None = None
       raise ValueError(f"num_heads {cfg.num_heads} is not divisible by the mesh's {HEAD_AXIS!r} axis "
                        f"({mesh.shape[HEAD_AXIS]})")
   if seq_len is not None:
-    check_seq_len(impl, seq_len, bq, bkv)
+    for window in (None, cfg.window):
+      check_seq_len(impl, seq_len, kernel_options(cfg, impl, window))
   return impl
 
 
-def check_seq_len(impl: str, seq_len: int, block_q: int, block_kv: int) -> None:
+def check_seq_len(impl: str, seq_len: int, options: KernelOptions) -> None:
   """Raises a ValueError if the kernel tiles of `impl` do not fit a sequence of `seq_len`."""
   if impl == "splash":
-    splash.block_sizes(seq_len, block_q, block_kv)
+    splash.block_sizes(seq_len, options.block_q, options.block_kv)
   elif impl == "pallas_gpu":
-    flash_gpu.BlockSizes(block_q, block_kv).for_seq_len(seq_len)
+    options.flash_block_sizes().for_seq_len(seq_len, interpret=options.interpret)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -129,11 +172,11 @@ def _shard(local_fn, q, k, v, segment_ids, *extra, extra_specs=()):
                        check_vma=False)(*extra, q, k, v, segment_ids)
 
 
-def _splash(q, k, v, segment_ids, window, block_q, block_kv, interpret):
+def _splash(q, k, v, segment_ids, window, o: KernelOptions):
   _, s, n, _ = q.shape
   mesh = jax.sharding.get_abstract_mesh()
   head_shards = mesh.shape[HEAD_AXIS] if not mesh.empty and HEAD_AXIS in mesh.axis_names else 1
-  kernel = splash.make_kernel(s, n, window, block_q, block_kv, head_shards, interpret)
+  kernel = splash.make_kernel(s, n, window, o.block_q, o.block_kv, head_shards, o.interpret, o.checkpoint_name)
   specs = ()
   if not mesh.empty:
     heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
@@ -141,24 +184,26 @@ def _splash(q, k, v, segment_ids, window, block_q, block_kv, interpret):
   return _shard(splash.apply, q, k, v, segment_ids, kernel, extra_specs=specs)
 
 
-def _pallas_gpu(q, k, v, segment_ids, window, block_q, block_kv, interpret):
-  fn = functools.partial(flash_gpu.flash_attention, window=window,
-                         block_sizes=flash_gpu.BlockSizes(block_q, block_kv), interpret=interpret)
+def _pallas_gpu(q, k, v, segment_ids, window, o: KernelOptions):
+  fn = functools.partial(flash_gpu.flash_attention, window=window, block_sizes=o.flash_block_sizes(),
+                         num_warps=o.num_warps, num_stages=o.num_stages, interpret=o.interpret,
+                         residual_checkpoint_name=o.checkpoint_name)
   return _shard(fn, q, k, v, segment_ids)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, window: int | None,
-              *, impl: str = "xla", block_q: int = 128, block_kv: int = 128, interpret: bool = False) -> jax.Array:
+              *, impl: str = "xla", options: KernelOptions | None = None, **overrides) -> jax.Array:
   """Bidirectional attention within documents; `window` is the one-sided local window (None = global).
 
-  `impl` is a resolved name (see `resolve_impl`); `block_q`/`block_kv` tile the kernels; `interpret` runs
-  them in Pallas interpret mode (CPU tests).
+  `impl` is a resolved name (see `resolve_impl`); `options` (default `KernelOptions()`), with any of its fields
+  overridden by keyword (`block_q=64, interpret=True`), say how the kernels run.
   """
   if impl == "xla":
     return xla_attention(q, k, v, segment_ids, window)
   if impl not in ("splash", "pallas_gpu"):
     raise ValueError(f"attention impl {impl!r} is not one of ('xla', 'splash', 'pallas_gpu'); "
                      f"resolve 'auto' with resolve_impl first")
-  check_seq_len(impl, q.shape[1], block_q, block_kv)
+  options = dataclasses.replace(options or KernelOptions(), **overrides)
+  check_seq_len(impl, q.shape[1], options)
   run = _splash if impl == "splash" else _pallas_gpu
-  return run(q, k, v, segment_ids, window, block_q, block_kv, interpret)
+  return run(q, k, v, segment_ids, window, options)

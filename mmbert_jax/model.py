@@ -21,16 +21,40 @@ from flax import nnx
 from mmbert_jax import attention as attention_lib
 
 
+_SAVE_ATTENTION = jax.checkpoint_policies.save_only_these_names(attention_lib.CHECKPOINT_NAME)
+# What a rematerialised layer keeps for the backward pass. "attention" and "dots" keep the Pallas kernels' output
+# and log-sum-exp (named attention_lib.CHECKPOINT_NAME), so the forward kernel runs once; "full" keeps nothing and
+# runs it again. On the XLA path "attention" recomputes as much as "full".
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention": _SAVE_ATTENTION,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_ATTENTION),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Everything a layer needs to know, and nothing about the run."""
+  """Everything a layer needs to know, and nothing about the run.
+
+  Attention kernel tiles. `attention_block_q`/`attention_block_kv` tile both kernels' forward pass (splash: also
+  its backward; multiples of 128). The other tile and launch fields are pallas_gpu (Triton) only; their defaults
+  are sized for an H100/H200 SM (64 K 32-bit registers, at most 255 per thread; 227 KiB shared memory per block)
+  at head_dim 64, counting f32 registers per thread as tile elements / (32 · num_warps):
+  - forward 128×128, 4 warps (128 threads): f32 accumulator [128, 64] 64 registers, f32 scores/probabilities
+    [128, 128] 128, the bf16 q tile 32: ≈ 224, at the limit but unspilled (the tiling of FlashAttention-2 and
+    of JAX's own Pallas GPU kernel at this head dim), two CTAs per SM.
+  - local layers' forward kv tile 64: a q block of 128 rows needs keys [start − 64, end + 64], 256 keys; 64-wide
+    kv tiles cover exactly those (4 tiles) where 128-wide ones read 384 (3 tiles), a third less work, and the
+    [128, 64] score tile halves its 128 registers.
+  - backward 64×64: the dk/dv kernel keeps two f32 accumulators [kv, 64] plus bf16 k and v for its whole loop, and
+    per step bf16 q, do [q, 64] and f32 s, p, dp, ds [q, kv] (about three live); at 64×64 that is
+    2 × 32 + 2 × 16 + 2 × 16 + 3 × 32 ≈ 224 registers, where the forward's 128×128 would need ≈ 640 and spill.
+    The dq kernel is the mirror image.
+  - 2 pipeline stages: double-buffered bf16 tiles take 2 × 2 × 16 KiB (forward k, v) or 2 × 2 × 8 KiB
+    (backward), far below shared memory; more stages mostly help larger head dims.
+  """
   vocab_size: int = 256_000
   hidden_size: int = 768
   num_layers: int = 22
@@ -51,10 +75,16 @@ class ModelConfig:
   mask_id: int = 4
   dtype: str = "float32"             # compute dtype; parameters stay float32
   attention_impl: str = "xla"        # auto | xla | splash | pallas_gpu (see mmbert_jax.attention)
-  attention_block_q: int = 128       # kernel tiling (Pallas implementations)
+  attention_block_q: int = 128       # kernel tiling (Pallas implementations; see the docstring)
   attention_block_kv: int = 128
+  attention_block_kv_local: int = 64  # pallas_gpu: forward kv tile of local layers
+  attention_block_q_bwd: int = 64    # pallas_gpu: backward tiles (dq and dk/dv kernels)
+  attention_block_kv_bwd: int = 64
+  attention_num_warps: int = 4       # pallas_gpu: Triton warps per program (all three kernels)
+  attention_num_stages: int = 2      # pallas_gpu: Triton software-pipelining stages
   attention_interpret: bool = False  # run the Pallas kernels in interpret mode (CPU tests)
-  remat: str = "none"                # none | full | dots (save matmul outputs)
+  attention_platform: str | None = None  # build for this platform ("cuda", "tpu") instead of the current one
+  remat: str = "none"                # none | full | attention | dots (see REMAT_POLICIES)
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -65,7 +95,8 @@ class ModelConfig:
       raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
     if self.attention_impl not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {attention_lib.IMPLEMENTATIONS}")
-    for name in ("attention_block_q", "attention_block_kv"):
+    for name in ("attention_block_q", "attention_block_kv", "attention_block_kv_local", "attention_block_q_bwd",
+                 "attention_block_kv_bwd", "attention_num_warps", "attention_num_stages"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
 
@@ -160,16 +191,14 @@ class Attention(nnx.Module):
     self.theta = cfg.global_rope_theta if self.is_global else cfg.local_rope_theta
     self.window = None if self.is_global else cfg.window
     self.impl = attention_lib.resolve_impl(cfg)   # an impossible impl/platform/mesh combination fails here
-    self.block_q, self.block_kv = cfg.attention_block_q, cfg.attention_block_kv
-    self.interpret = cfg.attention_interpret
+    self.kernel_options = attention_lib.kernel_options(cfg, self.impl, self.window)
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x, segment_ids, positions, rngs=None):
     qkv = jnp.einsum("bsh,hcnd->bscnd", x, self.wqkv[...].astype(self.dtype))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
-    out = attention_lib.attention(q, k, v, segment_ids, self.window, impl=self.impl, block_q=self.block_q,
-                                  block_kv=self.block_kv, interpret=self.interpret)
+    out = attention_lib.attention(q, k, v, segment_ids, self.window, impl=self.impl, options=self.kernel_options)
     out = jnp.einsum("bsnd,ndh->bsh", out, self.wo[...].astype(self.dtype))
     if rngs is None:  # inference and eval: no dropout
       return out

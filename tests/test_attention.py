@@ -99,6 +99,38 @@ def test_kernel_under_mesh_shard_map(impl):
     np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
 
 
+def rms_errors(impl, q, k, v, segment_ids, window, ct, reference, **kw):
+  """Root-mean-square error of the output and of dq, dk, dv on real rows against float32 `reference` results."""
+  out, grads = attention_and_grads(impl, q, k, v, segment_ids, window, ct, **kw)
+  real = np.asarray(segment_ids != 0)[:, :, None, None]
+  return np.array([np.sqrt(np.mean(np.square(np.where(real, np.asarray(x, np.float32) - r, 0))))
+                   for x, r in zip((out, *grads), reference)])
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_bfloat16_forward_and_gradients_within_xla_error(impl):
+  """bf16 q/k/v at S = 512 with a ±64 window (most kv blocks skipped), packed rows and a padding tail.
+
+  The reference is float32 attention on the same bf16-rounded inputs; the XLA path in bf16 rounds the
+  probabilities and outputs to bf16 and keeps the logits and the softmax statistics in float32. A kernel that
+  also rounds the logits, or its saved log-sum-exp, to bf16 has 1.6× (output) or 3× (dq) the XLA path's error.
+  The tiles are the model's defaults (`kernel_options`), local kv tile and backward tiles included.
+  """
+  seq, window = 512, 64
+  seg = jnp.asarray(packed_segments(2, seq))
+  q, k, v, ct = (x.astype(jnp.bfloat16) for x in qkv(2, seq, 2, seed=4))
+  ref_out, ref_grads = attention_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)), seg, window,
+                                           ct.astype(jnp.float32))
+  reference = [np.asarray(x) for x in (ref_out, *ref_grads)]
+  xla = rms_errors("xla", q, k, v, seg, window, ct, reference)
+  cfg = small_config(local_window=2 * window, attention_impl=impl, attention_interpret=True)
+  kernel = rms_errors(impl, q, k, v, seg, window, ct, reference,
+                      options=attention.kernel_options(cfg, impl, window))
+  assert np.all(xla > 0)
+  for name, err, err_xla in zip(("out", "dq", "dk", "dv"), kernel, xla):
+    assert err <= 1.5 * err_xla, f"{impl} bf16 {name} error {err:.3g} > 1.5 × XLA's {err_xla:.3g}"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Implementation choice and build-time errors
 # --------------------------------------------------------------------------------------------------------------
@@ -128,6 +160,9 @@ def test_forced_kernels_resolve_where_they_run():
     (dict(attention_impl="pallas_gpu"), "tpu", "needs a GPU"),
     (dict(attention_impl="splash", attention_block_kv=64), "tpu", "multiples of 128"),
     (dict(attention_impl="pallas_gpu", hidden_size=96, num_heads=2), "gpu", "power-of-two head_dim"),
+    (dict(attention_impl="pallas_gpu", attention_block_kv_bwd=48), "gpu",
+     "attention_block_kv_bwd=48 must be a power of two >= 16 for Triton"),
+    (dict(attention_impl="auto", attention_block_kv_local=8), "cuda", "attention_block_kv_local=8 must be"),
 ])
 def test_impossible_combinations_fail_at_resolve(kw, platform, message):
   with pytest.raises(ValueError, match=message):
@@ -143,6 +178,12 @@ def test_block_sizes_must_divide_seq_len():
                            seq_len=200)
   fits = small_config(attention_impl="pallas_gpu", attention_block_q=64, attention_block_kv=64)
   assert attention.resolve_impl(fits, platform="gpu", seq_len=192) == "pallas_gpu"
+  # 128-row tiles capped at S = 96 divide it, but Triton cannot lower them; interpret mode can run them.
+  with pytest.raises(ValueError, match="block_q=96 \\(sequence length 96\\) must be a power of two"):
+    attention.resolve_impl(small_config(attention_impl="pallas_gpu"), platform="gpu", seq_len=96)
+  interpreted = small_config(attention_impl="pallas_gpu", attention_interpret=True, attention_block_kv_local=48,
+                             attention_block_q_bwd=48, attention_block_kv_bwd=48)
+  assert attention.resolve_impl(interpreted, platform="cpu", seq_len=96) == "pallas_gpu"
 
 
 def test_model_construction_rejects_kernel_without_accelerator():
@@ -183,3 +224,37 @@ def test_masked_lm_logits_match_xla(impl):
   real = np.asarray(seg != 0)[..., None]
   assert np.all(np.isfinite(logits))
   np.testing.assert_allclose(np.where(real, logits, 0), np.where(real, ref_logits, 0), atol=1e-5, rtol=0)
+
+
+def test_remat_keeping_attention_residuals_gives_same_gradients():
+  """remat="attention" keeps the kernel's named output and log-sum-exp and recomputes the rest of the layer: the
+  parameter gradients equal those of the XLA path without remat (one global and one local layer; the loss
+  leaves out padding rows, where the paths differ)."""
+  seq = 128
+  seg = jnp.asarray(packed_segments(2, seq))
+  ids = jnp.where(seg != 0, jax.random.randint(jax.random.key(5), seg.shape, 5, 1024), 0)
+  grads = []
+  for kw in (dict(), dict(attention_impl="pallas_gpu", attention_interpret=True, remat="attention")):
+    model = model_lib.MaskedLM(small_config(num_layers=2, **kw), rngs=nnx.Rngs(0))
+    grads.append(nnx.jit(nnx.grad(lambda m: jnp.mean(m(ids, seg) ** 2 * (seg != 0)[..., None])))(model))
+  for a, b in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_hardware_benchmark_mode_runs_and_counts_visited_pairs(capsys):
+  """The hardware mode of benchmarks/attention runs end to end here (kernel in interpret mode, no cuDNN on CPU);
+  its visited-pair counts lie between the in-window pairs (brute force) and all S×S pairs."""
+  from mmbert_jax.benchmarks import attention as bench
+  bench.hardware([128], tokens=128, heads=1, window=32, repeats=1)
+  rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["128"]]
+  assert [(r[2], r[3]) for r in rows] == [("global", "xla"), ("global", "kernel"), ("local", "xla"),
+                                          ("local", "kernel")]
+  assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+  seq, window = 8192, 64
+  i = np.arange(seq)
+  in_window = int(np.sum(np.minimum(i + window, seq - 1) - np.maximum(i - window, 0) + 1))   # |i − j| ≤ w
+  cfg = model_lib.ModelConfig()
+  for impl in KERNELS:
+    fwd, bwd = bench.visited_pairs(impl, seq, window, attention.kernel_options(cfg, impl, window))
+    assert in_window < fwd < 0.05 * seq * seq and in_window < bwd < 0.05 * seq * seq, impl
+  assert bench.visited_pairs("pallas_gpu", seq, None, attention.KernelOptions()) == (seq * seq, seq * seq)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mmbert_jax import attention
+from mmbert_jax import model as model_lib
 from mmbert_jax.kernels import flash_gpu
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -37,11 +38,13 @@ def test_local_layer_visits_under_five_percent_of_global_at_8192():
 
 
 def _poisoned(seq=128, block=32, window=20):
-  """Inputs whose keys/values beyond q block 0's kv range are NaN: only a kernel that skips them stays finite."""
+  """Inputs whose keys/values in blocks q block 0 does not need (brute force) are NaN: only a kernel that skips
+  those blocks stays finite on q block 0's rows."""
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, ct = (jax.random.normal(key, (1, seq, 2, 64), jnp.float32) for key in keys)
-  _, hi = flash_gpu.block_range(0, block, block, seq // block, window)
-  far = (jnp.arange(seq) >= int(hi) * block)[None, :, None, None]
+  needed = needed_blocks(seq, block, block, window)[0]
+  assert needed == set(range(len(needed))) and len(needed) < seq // block   # a prefix: some blocks are skipped
+  far = (jnp.arange(seq) >= len(needed) * block)[None, :, None, None]
   return q, k, v, ct, jnp.where(far, jnp.nan, k), jnp.where(far, jnp.nan, v)
 
 
@@ -107,6 +110,32 @@ def test_bfloat16_inputs():
   np.testing.assert_allclose(out.astype(jnp.float32), attention.xla_attention(q, k, v, seg, 32), atol=3e-2)
 
 
+@pytest.mark.parametrize("seq,blocks,message", [
+    (96, flash_gpu.BlockSizes(128, 128), "block_q=96 .*must be a power of two >= 16 for Triton"),
+    (384, flash_gpu.BlockSizes(192, 128), "block_q=192 .*must be a power of two >= 16"),
+    (400, flash_gpu.BlockSizes(16, 200), "block_kv=200 .*must be a power of two >= 16"),
+    (256, flash_gpu.BlockSizes(128, 128, block_q_dkv=8), "block_q_dkv=8 .*must be a power of two >= 16"),
+])
+def test_triton_tiles_are_checked_before_lowering(seq, blocks, message):
+  """Tiles that divide S but that Triton cannot lower fail up front with one line; interpret mode accepts them."""
+  x = jnp.zeros((1, seq, 1, 64), jnp.float32)
+  with pytest.raises(ValueError, match=message) as error:
+    flash_gpu.flash_attention(x, x, x, block_sizes=blocks)
+  assert "\n" not in str(error.value)
+  blocks.for_seq_len(seq, interpret=True)
+
+
+def test_local_kv_tile_visits_fewer_keys():
+  """The model's local-layer kv tile (64) reads fewer keys per q block than the global tile (128) at ±64."""
+  cfg = model_lib.ModelConfig()
+  local = attention.kernel_options(cfg, "pallas_gpu", cfg.window)
+  glob = attention.kernel_options(cfg, "pallas_gpu", None)
+  assert (local.block_kv, glob.block_kv) == (64, 128)
+  keys = lambda bk: flash_gpu.visited_kv_blocks(8192, cfg.attention_block_q, bk, cfg.window) * bk
+  assert keys(local.block_kv) < 0.7 * keys(glob.block_kv)   # 256 instead of 384 keys away from the edges
+  assert attention.kernel_options(cfg, "splash", cfg.window).block_kv == 128   # splash tiles stay 128-lane
+
+
 def test_bad_arguments_say_what_is_wrong():
   x = jnp.zeros((1, 128, 2, 48))
   with pytest.raises(ValueError, match="head_dim 48 must be a power of two"):
@@ -136,3 +165,70 @@ def test_lowers_to_triton_for_cuda_forward_and_backward():
     assert text.count(f"@{TRITON_CALL}") == len(kernels)
     for name in kernels:
       assert f'name = "{name}"' in text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model and the real train step, built for CUDA on this CPU host (ModelConfig.attention_platform)
+# --------------------------------------------------------------------------------------------------------------
+
+KERNEL_NAMES = ("flash_fwd", "flash_bwd_dq", "flash_bwd_dkv")
+
+
+def export_for_cuda(fn, *args):
+  exported = jax.export.export(fn, platforms=["cuda"],
+                               disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+  assert exported.platforms == ("cuda",)
+  text = exported.mlir_module()
+  counts = {name: text.count(f'name = "{name}"') for name in KERNEL_NAMES}
+  assert text.count(f"@{TRITON_CALL}") == sum(counts.values())
+  return exported, counts
+
+
+def cuda_model_config(**kw):
+  return model_lib.ModelConfig(
+      vocab_size=1024, hidden_size=128, num_layers=3, num_heads=2, intermediate_size=128, local_window=128,
+      max_position_embeddings=512, dtype="bfloat16", attention_impl="auto", attention_platform="cuda", **kw)
+
+
+@pytest.mark.parametrize("remat,forward_calls", [("none", 3), ("full", 6), ("attention", 3), ("dots", 3)])
+def test_model_forward_backward_lowers_for_cuda(remat, forward_calls):
+  """3 layers (one global, two ±64 local): one forward and two backward kernels per layer; a remat policy that
+  does not keep the kernels' named residuals runs the forward kernel again in the backward pass."""
+  from flax import nnx
+  cfg = cuda_model_config(remat=remat)
+  abstract = nnx.eval_shape(lambda: model_lib.MaskedLM(cfg, rngs=nnx.Rngs(0)))
+  assert [layer.attn.impl for layer in abstract.layers] == ["pallas_gpu"] * 3   # "auto" on a CUDA target
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+  loss = lambda params, ids, seg: nnx.merge(graphdef, params)(ids, seg).astype(jnp.float32).mean()
+  _, counts = export_for_cuda(jax.jit(jax.grad(loss)), params, ids, ids)
+  assert counts == {"flash_fwd": forward_calls, "flash_bwd_dq": 3, "flash_bwd_dkv": 3}
+
+
+def test_real_train_step_lowers_for_cuda_on_four_devices():
+  """train.make_train_step (scan over micro-batches, optimizer update) with FSDP × tensor sharding over 4 devices:
+  the kernels run in shard_map and lower to Triton, once per layer and pass in the scanned micro-batch body."""
+  from conftest import load_config
+  from mmbert_jax import aot, sharding, train
+  c = load_config("base")
+  c.model_preset = "tiny"                     # 4 layers, 4 heads of 16
+  c.model.dtype = "bfloat16"
+  c.data.seq_len = 256
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+  cfg = train.model_config(c).replace(attention_platform="cuda")
+  model = train.abstract_model(cfg, mesh)
+  tx = train.optimizer(c)
+  opt = aot.abstract_optimizer_state(tx, model.abstract_params, mesh)
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  with jax.set_mesh(mesh):
+    step = train.make_train_step(model, tx, mesh, num_languages=4, seed=0,
+                                 param_shardings=shardings(model.abstract_params), opt_shardings=shardings(opt))
+    exported, counts = export_for_cuda(
+        step, model.abstract_params, opt, aot.abstract_batch(mesh, 2, 4, 256, 96),
+        jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+  assert counts == {name: cfg.num_layers for name in KERNEL_NAMES}
+  assert exported.nr_devices == 4
+  text = exported.mlir_module()
+  assert "shard_map" in text
+  # FSDP × tensor: the embedding table [V, H] arrives split over the 4 devices.
+  assert 'tensor<1024x64xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"tensor"}, {"fsdp"}]>' in text

@@ -2,10 +2,21 @@
 
   python -m mmbert_jax.benchmarks.attention                          # block counts at S=1024, 8192; timings at S=256
   python -m mmbert_jax.benchmarks.attention --time_seq_lens=256,1024 # more timings (interpret mode is slow on CPU)
+  python -m mmbert_jax.benchmarks.attention --mode=hardware          # on a GPU or TPU: xla vs kernel vs cuDNN
 
 Block counts are per (example, head) for the forward pass: for pallas_gpu from the kernel's own iteration range
 (`flash_gpu.block_range`), for splash from the block mask splash builds. The kernels run in interpret mode
 unless the backend is the one they are built for; interpret timings show the cost of emulation, not kernel speed.
+
+`--mode=hardware` times forward and forward+backward in bfloat16 at S = 1024 and 8192 (`--hw_tokens` tokens per
+call, mmBERT-base heads: 12 × 64, one document per row) for global and ±64 local layers: the XLA path, this
+backend's kernel (splash on TPU, pallas_gpu on GPU, with the model's default tiles) and, for global layers on a
+GPU, `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN has no two-sided window). TFLOP/s are printed
+twice: counting the matmul FLOPs of the (query, key) tiles the implementation visits, and counting all S×S pairs
+(dense attention's FLOPs; for a local layer this is the speed a dense computation would need to match it).
+FLOPs per pair: 4·D forward and 10·D backward (dq, dk, dv, dp and the recomputed scores are not counted twice:
+the FlashAttention convention, backward = 2.5 × forward). On CPU the mode runs the kernel in interpret mode, which
+only checks that the mode works.
 """
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from mmbert_jax import attention
+from mmbert_jax import model as model_lib
 from mmbert_jax.kernels import flash_gpu, splash
 
 _COUNT_SEQ_LENS = flags.DEFINE_list("count_seq_lens", ["1024", "8192"], "Sequence lengths for block counts.")
@@ -27,6 +39,11 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Batch size for timings.")
 _HEADS = flags.DEFINE_integer("heads", 6, "Heads for timings (head_dim 64).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls after the compiling one; the median is printed.")
 _IMPLS = flags.DEFINE_list("impls", ["xla", "splash", "pallas_gpu"], "Implementations to time.")
+_MODE = flags.DEFINE_enum("mode", "counts", ["counts", "hardware"],
+                          "counts: block counts and float32 timings; hardware: bf16 TFLOP/s of xla/kernel/cuDNN.")
+_HW_SEQ_LENS = flags.DEFINE_list("hw_seq_lens", ["1024", "8192"], "hardware mode: sequence lengths.")
+_HW_TOKENS = flags.DEFINE_integer("hw_tokens", 32768, "hardware mode: tokens per call (batch = tokens / S).")
+_HW_HEADS = flags.DEFINE_integer("hw_heads", 12, "hardware mode: heads of 64 (mmBERT-base: 12).")
 
 
 def block_counts(seq_lens, block, window):
@@ -73,8 +90,78 @@ def timings(seq_lens, impls, batch, heads, block, window, repeats):
         print(f"{s:>6} {label:>22} {layer:>7} {row[0]:>18} {row[1]:>18}")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Hardware mode
+# --------------------------------------------------------------------------------------------------------------
+
+FWD_FLOPS_PER_PAIR = 4      # × head_dim: q·kᵀ and p·v
+BWD_FLOPS_PER_PAIR = 10     # × head_dim: dv, dp, ds·k (dq), dsᵀ·q (dk) and the recomputed q·kᵀ
+
+
+def visited_pairs(impl: str, seq_len: int, window: int | None, options: attention.KernelOptions):
+  """(forward, backward) (query, key) pairs per (example, head) in the tiles `impl` computes."""
+  if impl == "pallas_gpu":
+    blocks = options.flash_block_sizes().for_seq_len(seq_len, interpret=True)
+    tiles = lambda bq, bk: flash_gpu.visited_kv_blocks(seq_len, bq, bk, window) * bq * bk
+    return tiles(blocks.block_q, blocks.block_kv), tiles(blocks.block_q_dq, blocks.block_kv_dq)
+  if impl == "splash":
+    bq, bk = min(options.block_q, seq_len), min(options.block_kv, seq_len)
+    pairs = splash.visited_kv_blocks(seq_len, bq, bk, window) * bq * bk
+    return pairs, pairs
+  return seq_len * seq_len, seq_len * seq_len   # xla and cuDNN compute every pair
+
+
+def _attention_fn(impl: str, kernel: str, window, seg, options):
+  if impl == "cudnn":
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  if impl == "kernel":
+    return lambda q, k, v: attention.attention(q, k, v, seg, window, impl=kernel, options=options)
+  return lambda q, k, v: attention.attention(q, k, v, seg, window, impl="xla")
+
+
+def hardware(seq_lens, tokens: int, heads: int, window: int, repeats: int, head_dim: int = 64):
+  backend = jax.default_backend()
+  kernel = {"tpu": "splash", "gpu": "pallas_gpu"}.get(backend, "pallas_gpu")
+  interpret = backend not in ("tpu", "gpu")
+  cfg = model_lib.ModelConfig(local_window=2 * window, attention_interpret=interpret)
+  print(f"\nhardware mode on {backend} ({jax.devices()[0].device_kind}): bfloat16, {heads} heads × {head_dim}, "
+        f"{tokens} tokens per call, one document per row; kernel = {kernel}"
+        f"{' (INTERPRET mode: not kernel speed)' if interpret else ''}; ms median of {repeats}; TFLOP/s over "
+        f"visited tiles / over all S×S pairs")
+  print(f"{'S':>6} {'batch':>5} {'layer':>6} {'impl':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+        f"{'fwd TF/s':>17} {'fwd+bwd TF/s':>17}")
+  for s in seq_lens:
+    batch = max(1, tokens // s)
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, ct = (jax.random.normal(key, (batch, s, heads, head_dim), jnp.bfloat16) for key in keys)
+    seg = jnp.ones((batch, s), jnp.int32)
+    for layer, w in (("global", None), ("local", window)):
+      options = attention.kernel_options(cfg, kernel, w)
+      for impl in ("xla", "kernel", "cudnn"):
+        if impl == "cudnn" and (backend != "gpu" or w is not None):
+          continue   # cuDNN: GPU only, and no two-sided window
+        fn = _attention_fn(impl, kernel, w, seg, options)
+        grad = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct), argnums=(0, 1, 2))
+        try:
+          ms = [_median_ms(jax.jit(f), (q, k, v), repeats)[1] for f in (fn, grad)]
+        except Exception as e:  # an OOM or an unsupported shape: report it and go on
+          print(f"{s:>6} {batch:>5} {layer:>6} {impl:>8}  failed: {str(e).splitlines()[0][:100]}")
+          continue
+        fwd_pairs, bwd_pairs = visited_pairs(kernel if impl == "kernel" else impl, s, w, options)
+        scale = batch * heads * head_dim
+        visited = (FWD_FLOPS_PER_PAIR * fwd_pairs * scale,
+                   (FWD_FLOPS_PER_PAIR * fwd_pairs + BWD_FLOPS_PER_PAIR * bwd_pairs) * scale)
+        dense = (FWD_FLOPS_PER_PAIR * s * s * scale, (FWD_FLOPS_PER_PAIR + BWD_FLOPS_PER_PAIR) * s * s * scale)
+        rate = lambda i: f"{visited[i] / ms[i] / 1e9:7.2f} / {dense[i] / ms[i] / 1e9:7.2f}"
+        print(f"{s:>6} {batch:>5} {layer:>6} {impl:>8} {ms[0]:9.2f} {ms[1]:11.2f} {rate(0):>17} {rate(1):>17}")
+
+
 def main(argv):
   del argv
+  if _MODE.value == "hardware":
+    hardware([int(s) for s in _HW_SEQ_LENS.value], _HW_TOKENS.value, _HW_HEADS.value, _WINDOW.value,
+             _REPEATS.value)
+    return
   block_counts([int(s) for s in _COUNT_SEQ_LENS.value], _BLOCK.value, _WINDOW.value)
   timings([int(s) for s in _TIME_SEQ_LENS.value], _IMPLS.value, _BATCH.value, _HEADS.value, _BLOCK.value,
           _WINDOW.value, _REPEATS.value)

@@ -8,7 +8,12 @@ mirrored range of q blocks, one program per q block accumulates dq. Every query 
 segment, distance 0), so no softmax row is ever empty, padding rows included.
 
 Layout `bsnd` ([B, S, N, D], the model's) or `bnsd` ([B, N, S, D]); S must be a multiple of the block sizes and
-D a power of two. On CPU run with `interpret=True`.
+D a power of two. Triton needs power-of-two tiles of at least 16 rows (`tl.dot`'s minimum), which is checked up
+front; interpret mode (`interpret=True`, the only mode on CPU) accepts any tile dividing S.
+
+With `residual_checkpoint_name`, the output and log-sum-exp saved for the backward carry that `checkpoint_name`, so
+a remat policy that saves the name (`jax.checkpoint_policies.save_only_these_names`) keeps the forward kernel
+from running a second time in the backward pass.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -29,6 +35,16 @@ _LOG2E = math.log2(math.e)
 # Finite, so a block whose entries are all masked for a row cannot produce inf − inf; its weights are wiped by
 # the rescaling factor as soon as the row meets a real key (the diagonal guarantees one).
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Smallest tile Triton's tl.dot accepts; tiles must also be powers of two (Triton tensor shapes).
+MIN_TRITON_BLOCK = 16
+
+
+def check_triton_block(name: str, size: int, seq_len: int | None = None) -> None:
+  """Raises a one-line ValueError unless `size` is a tile Triton can lower: a power of two ≥ 16."""
+  if size < MIN_TRITON_BLOCK or size & (size - 1):
+    at = "" if seq_len is None else f" (sequence length {seq_len})"
+    raise ValueError(f"flash attention {name}={size}{at} must be a power of two >= {MIN_TRITON_BLOCK} for Triton; "
+                     f"pick power-of-two tiles that divide the sequence length (interpret mode accepts any divisor)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +57,9 @@ class BlockSizes:
   block_q_dq: int | None = None     # dq kernel: the q block each program owns
   block_kv_dq: int | None = None    # dq kernel: kv blocks iterated by each program
 
-  def for_seq_len(self, seq_len: int) -> "BlockSizes":
-    """Fills the backward sizes, caps every size at `seq_len`, and checks that each divides it."""
+  def for_seq_len(self, seq_len: int, *, interpret: bool = False) -> "BlockSizes":
+    """Fills the backward sizes, caps every size at `seq_len`, and checks that each divides it and, unless
+    `interpret`, that Triton can lower it."""
     sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     for name in ("block_q_dkv", "block_q_dq"):
       sizes[name] = sizes[name] or self.block_q
@@ -55,6 +72,8 @@ class BlockSizes:
       if seq_len % size:
         raise ValueError(f"flash attention {name}={size} does not divide the sequence length {seq_len}; "
                          f"pick a block size that divides it")
+      if not interpret:
+        check_triton_block(name, size, seq_len)
       sizes[name] = size
     return BlockSizes(**sizes)
 
@@ -95,6 +114,7 @@ class _Options:
   num_warps: int
   num_stages: int
   interpret: bool
+  residual_checkpoint_name: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -278,6 +298,8 @@ def _flash(q, k, v, segment_ids, opts: _Options):
 
 def _flash_fwd(q, k, v, segment_ids, opts: _Options):
   out, lse = _forward(q, k, v, segment_ids, opts)
+  if opts.residual_checkpoint_name is not None:
+    out, lse = (checkpoint_name(x, opts.residual_checkpoint_name) for x in (out, lse))
   return out, (q, k, v, segment_ids, out, lse)
 
 
@@ -293,11 +315,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
                     window: int | None = None, sm_scale: float | None = None,
                     block_sizes: BlockSizes = BlockSizes(), layout: str = "bsnd",
-                    num_warps: int | None = None, num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                    num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
+                    residual_checkpoint_name: str | None = None) -> jax.Array:
   """Attention within segments and, if `window` is set, within |i − j| ≤ window. Differentiable in q, k, v.
 
   q, k, v: [B, S, N, D] (`layout="bsnd"`) or [B, N, S, D] (`"bnsd"`); segment_ids: int32 [B, S] or None (one
-  segment). `sm_scale` defaults to 1/√D.
+  segment). `sm_scale` defaults to 1/√D. `num_warps` (default 4 for D ≤ 64, else 8) and `num_stages` apply to
+  all three kernels.
   """
   if layout not in LAYOUTS:
     raise ValueError(f"flash attention layout {layout!r} is not one of {LAYOUTS}")
@@ -313,6 +337,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     raise ValueError(f"flash attention window={window!r}: expected a non-negative int or None")
   opts = _Options(
       window=window, sm_scale=1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale),
-      blocks=block_sizes.for_seq_len(seq_len), layout=layout,
-      num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages, interpret=interpret)
+      blocks=block_sizes.for_seq_len(seq_len, interpret=interpret), layout=layout,
+      num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages, interpret=interpret,
+      residual_checkpoint_name=residual_checkpoint_name)
   return _flash(q, k, v, segment_ids, opts)

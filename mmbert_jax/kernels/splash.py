@@ -6,8 +6,6 @@ Splash skips the kv blocks its mask marks as all-zero, so a local layer visits O
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,13 +37,20 @@ def block_sizes(seq_len: int, block_q: int, block_kv: int) -> sk.BlockSizes:
                        block_q_dq=bq, block_kv_dq=bkv)
 
 
-@functools.lru_cache(maxsize=32)
 def make_kernel(seq_len: int, num_heads: int, window: int | None, block_q: int, block_kv: int,
-                head_shards: int = 1, interpret: bool = False) -> sk.SplashAttentionKernel:
-  """The splash kernel for one layer kind; cached because building the block-sparsity tables costs host time."""
+                head_shards: int = 1, interpret: bool = False,
+                residual_checkpoint_name: str | None = None) -> sk.SplashAttentionKernel:
+  """The splash kernel for one layer kind. With `residual_checkpoint_name`, the output and log-sum-exp saved for
+  the backward carry that checkpoint name.
+
+  Built anew at every call: its tables become constants of the trace that calls it (a kernel cached across traces
+  would carry the first trace's tracers when that one was a remat or jit trace). The costly host part, the
+  block-sparsity tables, is cached by splash itself (`process_mask` is an lru_cache keyed by the mask's value).
+  """
   return sk.make_splash_mha(
       _mask(seq_len, num_heads, window), block_sizes=block_sizes(seq_len, block_q, block_kv),
-      head_shards=head_shards, q_seq_shards=1, interpret=interpret)
+      head_shards=head_shards, q_seq_shards=1, interpret=interpret,
+      residual_checkpoint_name=residual_checkpoint_name)
 
 
 def apply(kernel: sk.SplashAttentionKernel, q, k, v, segment_ids):
