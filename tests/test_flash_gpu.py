@@ -216,7 +216,7 @@ def test_real_train_step_lowers_for_cuda_on_four_devices():
   c.data.seq_len = 256
   mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
   cfg = train.model_config(c).replace(attention_platform="cuda")
-  model = train.abstract_model(cfg, mesh)
+  model = train.model_graph(cfg, mesh)
   tx = train.optimizer(c)
   opt = aot.abstract_optimizer_state(tx, model.abstract_params, mesh)
   shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
