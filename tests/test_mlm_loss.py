@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data_pipeline import pipeline as data_lib
 from mmbert_jax import MaskedLM, get_config, mlm_loss, sharding, train
 
 VOCAB = 1000
@@ -97,7 +98,7 @@ def _train_step_temporaries(loss_impl: str) -> int:
   config = ml_collections.ConfigDict(dict(optim=dict(name="stable_adamw", peak_lr=1e-3, weight_decay=0.0,
                                                      b1=0.9, b2=0.95, eps=1e-8)))
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
-  model = train.abstract_model(cfg, mesh)
+  model = train.model_graph(cfg, mesh)
   tx = train.optimizer(config)
   shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
   opt = jax.eval_shape(tx.init, model.abstract_params)
@@ -106,7 +107,7 @@ def _train_step_temporaries(loss_impl: str) -> int:
   rows, seq, k = 8, 64, 32
   batch = {key: jax.ShapeDtypeStruct((1, rows, k if key.startswith("masked") else seq),
                                      jnp.float32 if key == "masked_weights" else jnp.int32)
-           for key in train.BATCH_KEYS}
+           for key in data_lib.BATCH_KEYS}
   with jax.set_mesh(mesh):
     compiled = step.lower(model.abstract_params, opt, batch, jax.ShapeDtypeStruct((), jnp.float32),
                           jax.ShapeDtypeStruct((), jnp.int32)).compile()
