@@ -106,7 +106,7 @@ class Encoder:
 
 def load_encoder(path: str, tokenizer: str | None = None) -> Encoder:
   """A workdir, checkpoints/ or checkpoints/<step> directory, or a transformers ModernBERT directory."""
-  if os.path.exists(os.path.join(path, hf.CONFIG_FILE)):
+  if hf.is_model_dir(path):
     model = hf.load(path, attention_impl="auto")
     params, cfg, source = nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, os.path.abspath(path)
     found = [os.path.join(path, n) for n in (export.TOKENIZER_FILE, "tokenizer.json")]

@@ -22,6 +22,13 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
 
+def is_model_dir(path: str) -> bool:
+  """A transformers model directory: its config.json next to safetensors weights (a training workdir also holds a
+  config.json, the run's config, but no weights files)."""
+  return os.path.exists(os.path.join(path, CONFIG_FILE)) and any(
+      os.path.exists(os.path.join(path, name)) for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE))
+
+
 class HFConfigError(ValueError):
   """A config.json this model cannot represent; the message names the field."""
 
@@ -29,6 +36,7 @@ class HFConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # config.json ⇄ ModelConfig
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _rope_theta(hf: dict[str, Any], kind: str, legacy_key: str, default: float) -> float:
   params = (hf.get("rope_parameters") or {}).get(kind) or {}

@@ -84,7 +84,8 @@ def _check_mixture(config: ml_collections.ConfigDict) -> None:
     return
   try:  # the phase's mixture over this data: languages, budgets and pass caps that do not fit fail here
     stats = mixture.load_stats(data_dir)
-    mixture.compute_mixture(mixture.counts_from_stats(stats), train.pipeline_config(config, config.batch_size).phase)
+    mixture.compute_mixture(mixture.counts_from_stats(stats, list(config.data.budgets)),
+                            train.pipeline_config(config, config.batch_size).phase)
     if config.data.eval_languages:
       mixture.resolve_languages(config.data.eval_languages, list(stats["languages"]))
   except ValueError as e:

@@ -18,10 +18,19 @@ def data_dir(tmp_path):
   the tiny test config's languages: the recipe configs' language sets and budgets fit it."""
   from data_pipeline import mixture
   names = [f"{code}_Latn" for code in mixture.MMBERT_PRETRAIN + mixture.MMBERT_MID_ADDED]
-  names += ["en", "de", "fr", "ru", "zh", "sw"]
+  names += ["en", "de", "fr", "ru", "zh", "sw", "code"]
   d = tmp_path / "data"
   d.mkdir()
-  stats = {"languages": {name: {"train": {"tokens": 1000 * (i + 1), "sequences": 10}} for i, name in enumerate(names)}}
+
+  def shard(name, source, tokens):
+    return {"path": f"{name}/train/{source}.array_record", "source": source, "tokens": tokens, "sequences": 10}
+
+  # Recipe-sized counts (the configs cap passes at 5 over 100B+ tokens); English also has a DCLM source.
+  shards = {name: [shard(name, "fineweb2", 10**12 * (i + 1))] for i, name in enumerate(names)}
+  shards["eng_Latn"].append(shard("eng_Latn", "dclm", 10**13))
+  stats = {"languages": {name: {"train": {"tokens": sum(s["tokens"] for s in parts), "sequences": 10 * len(parts),
+                                          "shards": parts}} for name, parts in shards.items()},
+           "sources": {"fineweb2": {"languages": names}, "dclm": {"languages": ["eng_Latn"]}}}
   (d / "stats.json").write_text(json.dumps(stats))
   return str(d)
 
@@ -65,10 +74,10 @@ def test_languages_that_do_not_fit_the_data(tmp_path, demo_data):
   _fails(tiny_config(demo_data, **{"data.languages": "en,xx"}), workdir, "config.data (languages=en,xx",
          "phase languages not in the data: xx")
   _fails(tiny_config(demo_data, **{"data.eval_languages": "en,qq"}), workdir, "eval_languages=en,qq", "qq")
-  c = load_config("decay", "all,small")                     # English as "eng": the demo data calls it "en"
+  c = load_config("decay", "all,small")        # budgets for "eng" and "code": the demo data has "en" and no code
   c.data.data_dir, c.init_from = demo_data, ""
   c.allow_random_init = True
-  _fails(c, workdir, "budgets={'eng': 0.101}", "not in the data: eng")
+  _fails(c, workdir, f"budgets={dict(c.data.budgets)}", "not in the data: code, eng")
   _fails(tiny_config(demo_data, **{"model.vocab_size": 512}), workdir,     # the demo tokenizer has 1000 pieces
          "tokenized with 1000 pieces but the model has vocab_size=512")
 
