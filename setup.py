@@ -27,11 +27,15 @@ setup(
         "matplotlib>=3.8",        # python -m mmbert_jax.report
         "babel==2.18.0",          # CLDR locale data: the embedded multilingual demo corpus
         "safetensors>=0.4",
+        # gs:// paths (data_pipeline/filesystem.py): epath's GCS backend, and tensorboardX's.
+        "gcsfs>=2024.6",
+        "google-cloud-storage>=2.14",
     ],
     extras_require={
         # torch pinned to the CPU build available here; other versions pull several GB of CUDA packages.
         "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "tokenizers>=0.20",
-                 "sentence-transformers==6.2.0"],
+                 "sentence-transformers==6.2.0",
+                 "gcp-storage-emulator>=2024.1"],   # the GCS JSON API on localhost (tests/conftest.py)
         # libtpu matching jax 0.10.2: runs on TPU VMs and compiles for TPU topologies on any machine.
         "tpu": ["jax[tpu]==0.10.2"],
     },

@@ -36,6 +36,44 @@ def demo_data(tmp_path_factory):
   return data_dir
 
 
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """A Cloud Storage emulator on localhost (gcp-storage-emulator, the GCS JSON API) with one bucket, for the
+  whole session. The standard variables point every client at it: google-cloud-storage and gcsfs read
+  STORAGE_EMULATOR_HOST, tensorstore (Orbax's array writer) TENSORSTORE_GCS_HTTP_URL; subprocesses inherit them.
+  Tests write under their own prefix of the returned `gs://bucket`."""
+  import time
+  import urllib.request
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  bucket = "mmbert-test"
+  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+                           f"--port={port}", "--no-store-on-disk", f"--default-bucket={bucket}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
+  for _ in range(100):
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=1)
+      break
+    except OSError:
+      time.sleep(0.1)
+  else:
+    proc.kill()
+    pytest.fail("the GCS emulator did not start")
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+  os.environ["STORAGE_EMULATOR_HOST"] = url
+  os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
+  yield f"gs://{bucket}"
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  proc.kill()
+  proc.wait()
+
+
 def tiny_config(data_dir: str, **overrides):
   """A tiny single-phase run on the demo data: 4-layer model, 8 rows of 64 tokens per step, 4 devices."""
   c = load_config("base")

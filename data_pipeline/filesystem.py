@@ -1,0 +1,131 @@
+"""The one filesystem layer: every path the project reads or writes, local or `gs://`, goes through here.
+
+Paths are `etils.epath.Path` objects (the layer Orbax uses itself): local paths are plain files, `gs://bucket/...`
+goes through gcsfs (google-cloud-storage's JSON API; `STORAGE_EMULATOR_HOST` points it at an emulator). What a
+bucket cannot do, this module does another way:
+
+- Objects are written whole and replaced atomically, so `write_text` needs no temporary file there; locally it
+  writes a temporary file and renames it, so a reader never sees half a file.
+- There is no append on GCS (gcsfs silently overwrites in mode "a"): append-only logs are kept in a local file and
+  copied up whole (`metrics.MetricWriter`).
+- Libraries that only open local files (ArrayRecord, SentencePiece, safetensors, matplotlib) get a local copy
+  (`local_copy`) or write into a local folder that is uploaded when they are done (`staged_dir`).
+
+`path(value, key)` is where a user-supplied string becomes a Path: an unsupported scheme, a malformed `gs:/x` or a
+`gs://` path without the GCS packages is one line naming the config key, never a local folder called `gs:`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from typing import Iterator
+
+import fsspec
+from etils import epath
+
+Path = epath.Path
+SCHEMES = ("gs",)
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+
+# Checkpoints are written by tensorstore and by other hosts, behind gcsfs's back: a cached directory listing would
+# hide their steps. Listings are therefore always fresh.
+fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
+fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
+
+
+def path(value: str | os.PathLike, key: str = "path") -> epath.Path:
+  """`value` as a Path; `key` names the flag or config key in the error for a path that cannot be used."""
+  text = os.fspath(value) if not isinstance(value, str) else value
+  if not text:
+    raise ValueError(f"{key} is empty; expected a local path or gs://bucket/...")
+  m = _SCHEME.match(text)
+  if m is None:
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+  scheme = m.group(1).lower()
+  if scheme not in SCHEMES:
+    raise ValueError(f"{key}={text}: the scheme {scheme}:// is not supported; use a local path or gs://bucket/...")
+  if not re.match(r"^gs://[a-z0-9][a-z0-9._-]*(/|$)", text):
+    raise ValueError(f"{key}={text} is not a valid gs:// path; expected gs://bucket/path (a lower-case bucket name)")
+  if importlib.util.find_spec("gcsfs") is None:
+    raise ValueError(f"{key}={text} needs the GCS client packages (gcsfs); reinstall with `pip install -e .`")
+  return epath.Path(text.rstrip("/") if text.count("/") > 2 else text)
+
+
+def is_remote(p: str | os.PathLike) -> bool:
+  """Whether `p` lives in a bucket (no local file handle can be opened on it)."""
+  return _SCHEME.match(os.fspath(p)) is not None
+
+
+def local_path(p: epath.Path, what: str) -> str:
+  """`p` as a local filename for a library that only opens local files; a bucket path is refused."""
+  if is_remote(p):
+    raise ValueError(f"{what} must be a local path, got {p}")
+  return os.fspath(p)
+
+
+def write_text(p: epath.Path, text: str) -> None:
+  """Replaces `p` whole: a reader sees the old or the new content, never a part."""
+  if is_remote(p):
+    p.write_text(text)
+    return
+  tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
+  tmp.write_text(text)
+  os.replace(tmp, p)
+
+
+def upload(local_file: str | os.PathLike, dest: epath.Path) -> None:
+  """Copies a local file to `dest` (a bucket object or a local file), replacing it."""
+  epath.Path(local_file).copy(dest, overwrite=True)
+
+
+def copy_tree(src: epath.Path, dest: epath.Path) -> None:
+  """Copies every file under `src` to the same relative path under `dest`."""
+  for folder, _, files in src.walk():
+    for name in sorted(files):
+      target = dest / epath.Path(folder).relative_to(src) / name
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (epath.Path(folder) / name).copy(target, overwrite=True)
+
+
+def cache_root() -> epath.Path:
+  """Where bucket files are copied for libraries that read local files: $MMBERT_JAX_CACHE or ~/.cache/mmbert_jax."""
+  return epath.Path(os.environ.get("MMBERT_JAX_CACHE") or os.path.expanduser("~/.cache/mmbert_jax"))
+
+
+def local_copy(p: epath.Path, cache: epath.Path | None = None) -> str:
+  """A local filename with the content of `p`: `p` itself when local, else a copy under the cache, made once per
+  host and refreshed when the object's size or modification time changes. Concurrent processes of one host each
+  copy to their own temporary name and rename, so none reads a partial file."""
+  if not is_remote(p):
+    return os.fspath(p)
+  stat = p.stat()
+  key = hashlib.sha1(f"{p}|{stat.length}|{stat.mtime}".encode()).hexdigest()[:16]
+  target = (cache or cache_root()) / "gs" / os.fspath(p)[len("gs://"):]
+  target = target.parent / f"{target.name}.{key}"
+  if not target.exists():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    p.copy(tmp, overwrite=True)
+    os.replace(tmp, target)
+  return os.fspath(target)
+
+
+@contextlib.contextmanager
+def staged_dir(dest: epath.Path) -> Iterator[str]:
+  """A local folder to write `dest`'s files into: `dest` itself when local; for a bucket, a temporary folder whose
+  files are uploaded under `dest` when the block ends without an error (a failed block uploads nothing)."""
+  if not is_remote(dest):
+    dest.mkdir(parents=True, exist_ok=True)
+    yield os.fspath(dest)
+    return
+  tmp = tempfile.mkdtemp(prefix="mmbert_jax-stage-")
+  try:
+    yield tmp
+    copy_tree(epath.Path(tmp), dest)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)

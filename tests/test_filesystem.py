@@ -1,0 +1,76 @@
+"""The filesystem layer on local disk and on a GCS emulator (tests/conftest.py `gcs_bucket`)."""
+import os
+import uuid
+
+import pytest
+
+from data_pipeline import filesystem as fs
+
+
+@pytest.fixture
+def remote(gcs_bucket):
+  return fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
+
+
+@pytest.mark.parametrize("value, words", [
+    ("s3://b/x", "config.workdir=s3://b/x: the scheme s3:// is not supported"),
+    ("gs:/b/x", "config.workdir=gs:/b/x is not a valid gs:// path"),
+    ("gs://Bucket/x", "is not a valid gs:// path"),
+    ("", "config.workdir is empty"),
+])
+def test_unusable_paths_name_the_key(value, words, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=words.replace("/", "/").replace(".", r"\.")) as e:
+    fs.path(value, "config.workdir")
+  assert "\n" not in str(e.value)
+  assert not any(tmp_path.iterdir())          # no local folder named "gs:" or "s3:"
+
+
+def test_local_paths_are_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert os.fspath(fs.path("run/x")) == os.path.join(str(tmp_path), "run", "x")
+  assert not fs.is_remote(fs.path("run/x")) and fs.is_remote("gs://b/x")
+
+
+def test_write_text_replaces_whole_file(tmp_path, remote):
+  for base in (fs.path(str(tmp_path)), remote):
+    p = base / "a.json"
+    base.mkdir(parents=True, exist_ok=True)
+    fs.write_text(p, "old")
+    fs.write_text(p, "new")
+    assert p.read_text() == "new"
+    assert sorted(x.name for x in base.iterdir()) == ["a.json"]      # no temporary file left behind
+
+
+def test_listing_sees_objects_written_by_another_client(remote):
+  from google.cloud import storage
+  (remote / "a").write_text("1")
+  assert [p.name for p in remote.iterdir()] == ["a"]
+  bucket, prefix = os.fspath(remote)[len("gs://"):].split("/", 1)
+  storage.Client().bucket(bucket).blob(f"{prefix}/b").upload_from_string(b"2")
+  assert sorted(p.name for p in remote.iterdir()) == ["a", "b"]     # no stale cached listing
+
+
+def test_local_copy_is_made_once_and_refreshed(remote, tmp_path):
+  src = remote / "d" / "shard.bin"
+  src.parent.mkdir(parents=True, exist_ok=True)
+  src.write_bytes(b"abc")
+  first = fs.local_copy(src, cache=fs.path(str(tmp_path)))
+  assert open(first, "rb").read() == b"abc"
+  assert fs.local_copy(src, cache=fs.path(str(tmp_path))) == first
+  src.write_bytes(b"abcd")                    # a new object: another size
+  second = fs.local_copy(src, cache=fs.path(str(tmp_path)))
+  assert second != first and open(second, "rb").read() == b"abcd"
+  assert fs.local_copy(fs.path(str(tmp_path / "x")), cache=None) == str(tmp_path / "x")
+
+
+def test_staged_dir_uploads_on_success_only(remote):
+  with fs.staged_dir(remote / "ok") as d:
+    os.makedirs(os.path.join(d, "sub"))
+    open(os.path.join(d, "sub", "f.txt"), "w").write("x")
+  assert (remote / "ok" / "sub" / "f.txt").read_text() == "x"
+  with pytest.raises(RuntimeError):
+    with fs.staged_dir(remote / "failed") as d:
+      open(os.path.join(d, "f.txt"), "w").write("x")
+      raise RuntimeError("boom")
+  assert not (remote / "failed").exists()
