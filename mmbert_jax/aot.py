@@ -215,7 +215,7 @@ class Report:
 
   def text(self) -> str:
     s = self.tpu
-    size = lambda b: f"{b / GiB:8.2f} GiB" if b >= GiB else f"{b / MiB:8.1f} MiB"
+    size = _size
     mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
     lines = [
         f"{self.model} · {self.phase} on {s.name} ({s.topology}, {s.chips} chips of {self.device_kind}, "
@@ -250,6 +250,10 @@ class Report:
     lines += [f"  analytic (flops.py)      {self.analytic_flops:.4g}{ratio}",
               f"compiled in {self.compile_seconds:.1f} s"]
     return "\n".join(lines)
+
+
+def _size(b: int) -> str:
+  return f"{b / GiB:8.2f} GiB" if b >= GiB else f"{b / MiB:8.1f} MiB"
 
 
 def _hbm_oom(error: Exception) -> str | None:
@@ -308,6 +312,34 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Repo
                 kernel_calls=compiled.as_text().count("custom_call_target=\"tpu_custom_call\""))
 
 
+# The memory/compile-time switches of ModelConfig compared by `--compare`: MLM loss × layer stack.
+SWITCHES = (("dense", False), ("chunked", False), ("dense", True), ("chunked", True))
+
+
+def compare_switches(config: ml_collections.ConfigDict, topology: str) -> list[Report]:
+  """The train step compiled once per (loss_impl, scan_layers) of `SWITCHES`, everything else as configured."""
+  reports = []
+  for loss_impl, scan in SWITCHES:
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.model.loss_impl, c.model.scan_layers = loss_impl, scan
+    reports.append(compile_train_step(c, topology))
+  return reports
+
+
+def comparison_table(reports: list[Report]) -> str:
+  """One line per compiled variant: per-chip temporaries, total against usable HBM, compile seconds."""
+  lines = [f"{'MLM loss':<14}{'layers':<10}{'temporaries':>13}{'total':>13}{'compile':>10}"]
+  for r in reports:
+    layers = "scanned" if r.scan_layers else "unrolled"
+    if r.compiler_error:
+      memory = f"{'—':>13}{'DOES NOT FIT':>13}"
+    else:
+      memory = f"{_size(r.temp_bytes):>13}{_size(r.total_bytes):>13}"
+    lines.append(f"{r.loss:<14}{layers:<10}{memory}{r.compile_seconds:>8.0f} s")
+  return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
@@ -316,17 +348,28 @@ def define_flags():
   """Flags of the command line (defined on demand, so that importing this module defines none)."""
   config_flags.DEFINE_config_file("config", None, "Run config file (ml_collections).", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-8, v5p-64, v6e-256.")
+  flags.DEFINE_bool("compare", False, "Also compile the step for every MLM loss (dense, chunked) × layer stack "
+                    "(unrolled, scanned) and print their per-chip temporaries and compile seconds.")
   flags.mark_flags_as_required(["config", "topology"])
 
 
 def main(argv):
   cli.start(argv)
+  config, topology = flags.FLAGS.config, flags.FLAGS.topology
   try:
-    report = compile_train_step(flags.FLAGS.config, flags.FLAGS.topology)
+    if flags.FLAGS.compare:
+      reports = compare_switches(config, topology)
+      report = next(r for r in reports if r.loss.split("/")[0] == config.model.loss_impl
+                    and r.scan_layers == config.model.scan_layers)
+    else:
+      report = compile_train_step(config, topology)
   except (ValueError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(report.text())
+  if flags.FLAGS.compare:
+    print("\nper chip, by model switch (--config.model.loss_impl, --config.model.scan_layers):")
+    print(comparison_table(reports))
   if not report.fits:
     print(f"error: the train step does not fit in the {report.tpu.usable_bytes / GiB:.2f} GiB of a "
           f"{report.tpu.name} chip; lower --config.micro_batch_size, set --config.model.remat=full, or use a "

@@ -135,3 +135,19 @@ def test_splash_train_step_compiles_and_needs_less_memory_than_xla():
   assert (splash.kernel_calls, xla.kernel_calls) == (4 * 3, 0)
   assert splash.total_bytes < xla.total_bytes, (splash.text(), xla.text())
   assert "Pallas kernel call sites in the compiled step: 12" in splash.text()
+
+
+def test_compare_prints_every_switch_and_the_chunked_head_needs_less():
+  """`--compare` compiles the step once per MLM loss × layer stack; on a step whose head dominates (1k-row
+  vocabulary chunks of a 32k vocabulary, 512 masked slots per chip) the chunked loss needs fewer temporaries."""
+  r = _cli("--config=configs/pretrain.py:base", "--topology=v5e-1", "--config.model_preset=tiny",
+           "--config.model.vocab_size=32768", "--config.model.loss_chunk_size=1024", "--config.data.seq_len=256",
+           "--config.batch_size=8", "--config.micro_batch_size=8", "--compare")
+  assert r.returncode == 0, r.stderr[-2000:]
+  table = r.stdout.split("by model switch")[1].splitlines()[2:]
+  rows = {(line.split()[0], line.split()[1]): float(line.split()[2]) * (1024 if line.split()[3] == "GiB" else 1)
+          for line in table if line.strip()}
+  assert set(rows) == {("dense", "unrolled"), ("chunked/1024", "unrolled"), ("dense", "scanned"),
+                       ("chunked/1024", "scanned")}, r.stdout
+  assert rows[("chunked/1024", "unrolled")] < rows[("dense", "unrolled")], r.stdout
+  assert r.stdout.count("compiled in") == 1            # the configured variant's full report, compiled once
