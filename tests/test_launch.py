@@ -389,3 +389,143 @@ def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_e
       break
   assert "state=exited code=1 " in state
   assert len((tmp_path / "gcsfuse_calls").read_text().splitlines()) == 1       # still mounted: not mounted again
+
+
+def test_slurm_sigterm_reaches_the_training_tasks_300s_before_the_limit():
+  """`--signal=TERM@300` signals the job steps (the srun tasks that train); `B:TERM@300` would signal only the batch
+  shell, which neither trains nor forwards it. --requeue lets `scontrol requeue` put the job back in the queue."""
+  directives = [l.split(None, 1)[1] for l in SLURM.read_text().splitlines() if l.startswith("#SBATCH")]
+  assert "--signal=TERM@300" in directives
+  assert "--requeue" in directives
+  assert not any(d.startswith("--signal=B:") for d in directives)
+
+
+# A `--config.KEY=` example in the docs or launchers that names no key of a config would be refused by main.
+CONFIG_FLAG = re.compile(r"--config\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=")
+
+
+def _config_keys():
+  """Every dotted key path of the phase configs (base, pretrain, midtrain, decay, demo) with their defaults."""
+  import importlib
+  import sys
+  sys.path.insert(0, str(ROOT))
+  try:
+    keys = set()
+    for name in ("base", "pretrain", "midtrain", "decay", "demo"):
+      def walk(node, prefix):
+        for k in node.keys():
+          keys.add(prefix + k)
+          if hasattr(node[k], "keys"):
+            walk(node[k], prefix + k + ".")
+      walk(importlib.import_module(f"configs.{name}").get_config(), "")
+    return keys
+  finally:
+    sys.path.remove(str(ROOT))
+
+
+def test_config_flag_examples_name_real_config_keys():
+  keys = _config_keys()
+  assert "train_tokens" in keys and "data.data_dir" in keys and "model.hidden_size" in keys
+  assert "train.steps" not in keys and "some.flag" not in keys          # what earlier examples wrongly used
+  files = [ROOT / "README.md", *sorted((ROOT / "launch").iterdir())]
+  found = {}
+  for path in files:
+    for m in CONFIG_FLAG.finditer(path.read_text()):
+      found.setdefault(m.group(1), set()).add(path.name)
+  assert {"train_tokens", "data.data_dir", "init_from"} <= found.keys()   # the regex finds the examples
+  unknown = {k: sorted(v) for k, v in found.items() if k not in keys}
+  assert not unknown, f"--config.KEY examples naming no config key: {unknown}"
+
+
+@pytest.fixture
+def one_worker_pod(tmp_path):
+  """A fake `gcloud` for a one-worker slice that is always ACTIVE: `tpu-vm ssh` runs the command locally with HOME
+  at a fake worker home, `tpu-vm scp` copies there. The worker's python trains for a moment and then exits with the
+  next status in ~/codes (one per start), or runs until SIGTERM (exit 75) once ~/codes is empty."""
+  home, bin_dir = tmp_path / "worker_home", tmp_path / "bin"
+  (home / "mmbert_venv" / "bin").mkdir(parents=True)
+  bin_dir.mkdir()
+  _stub(bin_dir, "gcloud", f'''echo "$*" >> {tmp_path}/gcloud_calls
+case "$*" in
+  *"queued-resources describe"*) echo ACTIVE ;;
+  *"tpu-vm scp"*) for a in "$@"; do if [ -f "$a" ]; then cp "$a" {home}/; fi; done ;;
+  *"tpu-vm ssh"*) for a in "$@"; do case "$a" in --command=*) cmd=${{a#--command=}} ;; esac; done
+                  cd {home} && HOME={home} bash -c "$cmd" ;;
+esac
+''')
+  _stub(bin_dir, "curl", "echo 0\n")
+  _stub(home / "mmbert_venv" / "bin", "pip", "true\n")
+  _stub(home / "mmbert_venv" / "bin", "python", '''[ "$1" = -c ] && { echo "worker jax 0.10.2"; exit 0; }
+echo "training $*"
+code=$(head -n 1 ~/codes 2>/dev/null); sed -i 1d ~/codes 2>/dev/null
+trap 'echo "SIGTERM: checkpoint saved"; exit 75' TERM
+if [ -n "$code" ]; then sleep 1; exit "$code"; fi
+while :; do sleep 0.1; done
+''')
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("DRY_RUN", "TPU_", "ZONE", "PROJECT", "WORKDIR"))}
+  env.update(PATH=f"{bin_dir}:{env['PATH']}", WORKDIR="gs://bucket/live", PYTHON="python3", POLL_SECONDS="1",
+             LOG_UPLOAD_SECONDS="1")
+  yield env, home, tmp_path / "gcloud_calls"
+  pid_file = home / "mmbert_run" / "pid"
+  if pid_file.exists():
+    try:
+      os.killpg(os.getsid(int(pid_file.read_text())), 9)      # the detached training session, if still up
+    except ProcessLookupError:
+      pass
+
+
+def test_pod_watches_the_detached_run_and_relaunches_only_after_75(one_worker_pod):
+  env, home, calls = one_worker_pod
+  (home / "codes").write_text("75\n0\n")
+  r = subprocess.run(["bash", str(POD)], env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert "preempted (exit status 75, slice ACTIVE)" in r.stderr and "training finished" in r.stderr
+  gcloud = calls.read_text()
+  assert gcloud.count("worker.sh start") == 2 and "queued-resources create" not in gcloud
+  log = (home / "mmbert_run" / "logs" / "worker-0.log").read_text()
+  assert log.count("training -m mmbert_jax.main --config=configs/pretrain.py --workdir=gs://bucket/live") == 2
+  assert "exit status 75" in log and "exit status 0" in log
+
+  (home / "codes").write_text("1\n")                                       # a failure is not relaunched
+  r = subprocess.run(["bash", str(POD)], env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "not restarting" in r.stderr
+  assert calls.read_text().count("worker.sh start") == 3
+
+
+def test_pod_run_outlives_the_launcher_which_reattaches_and_stop_ends_it(one_worker_pod):
+  env, home, calls = one_worker_pod
+  launcher = subprocess.Popen(["bash", str(POD)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True)
+  pid_file = home / "mmbert_run" / "pid"
+  try:
+    for _ in range(300):
+      if pid_file.exists() and pid_file.read_text().strip():
+        break
+      threading.Event().wait(0.1)
+    pid = int(pid_file.read_text())
+  finally:
+    os.killpg(launcher.pid, 9)                                  # the laptop goes away mid-run
+    launcher.wait()
+  threading.Event().wait(1.5)
+  os.kill(pid, 0)                                               # training goes on
+  status = subprocess.run(["bash", str(POD), "status"], env=env, capture_output=True, text=True, timeout=60)
+  assert f"MMBERT_STATE worker=0 state=running code=- pid={pid}" in status.stdout
+  assert "[worker 0] training -m mmbert_jax.main" in status.stdout
+
+  # A second launch attaches instead of starting another process; `stop` ends the run with 75 and no relaunch.
+  err_file = home.parent / "again.err"
+  with open(err_file, "w") as err_out:
+    again = subprocess.Popen(["bash", str(POD)], env=env, stdout=subprocess.DEVNULL, stderr=err_out)
+  for _ in range(300):
+    if "watching it" in err_file.read_text():
+      break
+    threading.Event().wait(0.1)
+  stop = subprocess.run(["bash", str(POD), "stop"], env=env, capture_output=True, text=True, timeout=60)
+  assert f"state=exited,stopped code=75 pid={pid}" in stop.stdout
+  again.wait(timeout=60)
+  err = err_file.read_text()
+  assert again.returncode == 75, err
+  assert "already going on 1 of 1 workers: watching it" in err and "stopped by 'tpu_pod.sh stop'" in err
+  assert calls.read_text().count("worker.sh start") == 1 and int(pid_file.read_text()) == pid
+  logs = subprocess.run(["bash", str(POD), "logs"], env=env, capture_output=True, text=True, timeout=60)
+  assert "SIGTERM: checkpoint saved" in logs.stdout and "exit status 75" in logs.stdout
