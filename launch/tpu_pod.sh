@@ -442,14 +442,15 @@ watch_run() {
     echo "# -> exit $rc"
     return "$rc"
   fi
-  local out first_exit=0
+  local out first_exit=0 workers=0
   while :; do
     sleep "$POLL_SECONDS"
     refresh_state
     if [[ $STATE != ACTIVE ]]; then log "queued resource is $STATE during the run"; return 255; fi
     out=$(query_workers state)
     summarize <<< "$out"
-    ((TOTAL)) || continue                                   # no answer this time: ask again
+    ((TOTAL > workers)) && workers=$TOTAL
+    ((TOTAL && TOTAL == workers)) || continue               # some workers did not answer this time: ask again
     if ((RUNNING == 0)); then
       ((STOPPED)) && { log "run stopped by 'tpu_pod.sh stop' (status $RC); 'start' resumes it"; exit "$RC"; }
       return "$RC"
@@ -504,7 +505,12 @@ while :; do
   fi
   if ((!attach)); then
     install_code
-    ssh_all "bash $WORKER_SCRIPT start"
+    if ! ssh_all "bash $WORKER_SCRIPT start"; then
+      # A worker that did not start (e.g. its data mount failed) leaves the others waiting for it: end them.
+      log "the run did not start on every worker (see above); stopping it where it did"
+      query_workers "kill 60" >/dev/null
+      exit 1
+    fi
     log "started on every worker, detached; logs: ~/mmbert_run/logs/worker-<i>.log on each worker, copied to $WORKDIR/logs/"
     log "this script only watches from here on: 'launch/tpu_pod.sh status|logs|stop' with the same TPU_NAME and ZONE"
   fi

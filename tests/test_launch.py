@@ -529,3 +529,16 @@ def test_pod_run_outlives_the_launcher_which_reattaches_and_stop_ends_it(one_wor
   assert calls.read_text().count("worker.sh start") == 1 and int(pid_file.read_text()) == pid
   logs = subprocess.run(["bash", str(POD), "logs"], env=env, capture_output=True, text=True, timeout=60)
   assert "SIGTERM: checkpoint saved" in logs.stdout and "exit status 75" in logs.stdout
+
+
+def test_pod_failed_data_mount_stops_the_launch(one_worker_pod, tmp_path):
+  env, home, calls = one_worker_pod
+  _stub(tmp_path / "bin", "sudo", 'exec "$@"\n')
+  _stub(tmp_path / "bin", "gcsfuse", 'echo "gcsfuse: bucket not found" >&2; exit 1\n')
+  r = subprocess.run(["bash", str(POD)], env={**env, "DATA_BUCKET": "gs://no-such-bucket",
+                                              "DATA_MOUNT": str(tmp_path / "mnt")},
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "did not start on every worker" in r.stderr
+  assert "worker 0: mounting gs://no-such-bucket failed" in r.stdout
+  log = (home / "mmbert_run" / "logs" / "worker-0.log").read_text()
+  assert "gcsfuse: bucket not found" in log and "training" not in log
