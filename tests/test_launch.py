@@ -44,9 +44,21 @@ def test_scripts_pass_bash_syntax_check():
     assert result.returncode == 0, result.stderr
 
 
-def test_pod_dry_run_prints_create_install_and_run_on_all_workers(guarded_env):
+def _worker_script(dry_run_stdout: str) -> str:
+  """The worker control script a dry run prints (as comment lines) before the gcloud commands."""
+  lines = dry_run_stdout.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith("# /tmp/mmbert_worker.sh")) + 1
+  body = []
+  for l in lines[start:]:
+    if not l.startswith("#   "):
+      break
+    body.append(l[4:])
+  return "\n".join(body) + "\n"
+
+
+def test_pod_dry_run_prints_create_install_and_detached_start_on_all_workers(guarded_env):
   env, calls = guarded_env
-  r = _pod(env, "--dry-run", "--", "--config.train.steps=100", WORKDIR="gs://bucket/run1",
+  r = _pod(env, "--dry-run", "--", "--config.train_tokens=100", WORKDIR="gs://bucket/run1",
            CONFIG="configs/pretrain.py:base", TPU_NAME="pod-a", ZONE="us-east5-b", PROJECT="proj",
            ACCELERATOR_TYPE="v6e-64", RUNTIME_VERSION="v2-alpha-tpuv6e", CAPACITY="spot")
   assert r.returncode == 0, r.stderr
@@ -63,15 +75,65 @@ def test_pod_dry_run_prints_create_install_and_run_on_all_workers(guarded_env):
 
   scp = [l for l in lines if "tpu-vm scp" in l]
   assert len(scp) == 1 and "--worker=all" in scp[0] and "pod-a:" in scp[0]
-  ssh = [l for l in lines if "tpu-vm ssh pod-a" in l]
-  assert len(ssh) == 2 and all("--worker=all" in l for l in ssh)
-  install, run = ssh
+  assert "/tmp/mmbert_worker.sh" in scp[0] and "/tmp/mmbert_jax_bundle.tgz" in scp[0]
+  ssh = [l for l in lines if l.startswith("gcloud compute tpus tpu-vm ssh pod-a")]
+  assert len(ssh) == 3 and all("--worker=all" in l for l in ssh)
+  install, start, watch = ssh
   assert "jax\\[tpu\\]==0.10.2" in install and "pip install" in install
-  assert "python -m mmbert_jax.main --config=configs/pretrain.py:base --workdir=gs://bucket/run1" in run
-  assert "--config.train.steps=100" in run
-  assert "MMBERT_DISTRIBUTED=1" in run and "JAX_COORDINATOR_PORT=8476" in run
-  # Order: the slice exists before anything is copied, and the code before it runs.
-  assert out.index("queued-resources create") < out.index("tpu-vm scp") < out.index("mmbert_jax.main")
+  assert "cp ~/mmbert_worker.sh ~/mmbert_run/worker.sh" in install
+  assert "'--command=bash ~/mmbert_run/worker.sh start'" in start
+  assert "worker.sh state" in watch
+  # The worker script holds the command, started detached (new session, no hangup, no terminal).
+  script = _worker_script(out)
+  assert "ARGS=(-m mmbert_jax.main --config=configs/pretrain.py:base --workdir=gs://bucket/run1 " \
+         "--config.train_tokens=100 )" in script
+  assert "ENVS=(MMBERT_DISTRIBUTED=1 JAX_COORDINATOR_PORT=8476 )" in script
+  assert 'setsid nohup bash "$0" _supervise >> "$LOG" 2>&1 < /dev/null &' in script
+  assert "GCSFUSE_FLAGS=()" in script and "DATA_BUCKET=''" in script          # no DATA_BUCKET: no mount
+  # Order: the slice exists before anything is copied, the code before it starts, and it starts before the watch.
+  assert out.index("queued-resources create") < out.index("tpu-vm scp") < out.index("worker.sh start'") \
+      < out.index("worker.sh state")
+
+
+def test_pod_dry_run_mounts_data_bucket_with_gcsfuse(guarded_env):
+  env, _ = guarded_env
+  r = _pod(env, "--dry-run", WORKDIR="gs://bucket/run1", DATA_BUCKET="gs://data-bkt/prepared/v1",
+           GCSFUSE_CACHE_MB="1000")
+  assert r.returncode == 0, r.stderr
+  script = _worker_script(r.stdout)
+  assert "DATA_BUCKET=data-bkt" in script and "DATA_MOUNT=/mnt/mmbert-data" in script
+  assert "--config.data.data_dir=/mnt/mmbert-data/prepared/v1" in script
+  flags = re.search(r"^GCSFUSE_FLAGS=\((.*)\)$", script, re.M).group(1).split()
+  assert flags[:2] == ["-o", "ro"] and "--implicit-dirs" in flags
+  assert "--metadata-cache-ttl-secs=-1" in flags and "--stat-cache-max-size-mb=-1" in flags
+  assert "--cache-dir=/tmp/gcsfuse-cache" in flags and "--file-cache-max-size-mb=1000" in flags
+  assert 'gcsfuse "${GCSFUSE_FLAGS[@]}" "$DATA_BUCKET" "$DATA_MOUNT"' in script
+  assert script.index("mount_data >>") < script.index("setsid nohup")     # mounted before the run starts
+  no_cache = _worker_script(_pod(env, "--dry-run", WORKDIR="gs://b/r", DATA_BUCKET="data-bkt",
+                                 GCSFUSE_CACHE_MB="0").stdout)
+  assert "--cache-dir" not in no_cache and "--config.data.data_dir=/mnt/mmbert-data " in no_cache
+  both = _pod(env, "--dry-run", "--", "--config.data.data_dir=gs://x/y", WORKDIR="gs://b/r", DATA_BUCKET="gs://d")
+  assert both.returncode == 2 and "do not pass --config.data.data_dir=gs://x/y" in both.stderr
+
+
+def test_pod_dry_run_status_logs_stop(guarded_env):
+  env, calls = guarded_env
+  status = _pod(env, "status", "--dry-run", TPU_NAME="pod-a", ZONE="us-east5-b", STATUS_LINES="7")
+  assert status.returncode == 0, status.stderr
+  assert "queued-resources describe pod-a-qr" in status.stdout
+  line = next(l for l in status.stdout.splitlines() if "tpu-vm ssh pod-a" in l)
+  assert "--worker=all" in line and "bash ~/mmbert_run/worker.sh status 7" in line
+  logs = _pod(env, "logs", "-f", "3", "--dry-run", TPU_NAME="pod-a")
+  assert logs.returncode == 0, logs.stderr
+  assert "--worker=3 '--command=bash ~/mmbert_run/worker.sh logs -f 100'" in logs.stdout
+  assert "--worker=0 '--command=bash ~/mmbert_run/worker.sh logs 20'" in _pod(env, "logs", "--dry-run",
+                                                                              LOG_LINES="20").stdout
+  stop = _pod(env, "stop", "--dry-run", TPU_NAME="pod-a", STOP_WAIT_SECONDS="60")
+  assert stop.returncode == 0, stop.stderr
+  line = next(l for l in stop.stdout.splitlines() if "tpu-vm ssh pod-a" in l)
+  assert "--worker=all" in line and "bash ~/mmbert_run/worker.sh stop 60" in line
+  assert not calls.exists()
+  assert "-f only goes with logs" in _pod(env, "status", "-f").stderr
 
 
 def test_pod_dry_run_restarts_after_preemption(guarded_env):
@@ -81,14 +143,13 @@ def test_pod_dry_run_restarts_after_preemption(guarded_env):
   assert r.returncode == 0, r.stderr
   assert not calls.exists()
   out = r.stdout
-  steps = [m.group(0) for m in re.finditer(r"queued-resources (create|delete)|-m mmbert_jax\.main", out)]
-  assert steps == ["queued-resources create", "-m mmbert_jax.main", "queued-resources delete",
-                   "queued-resources create", "-m mmbert_jax.main"]
+  steps = [m.group(0) for m in re.finditer(r"queued-resources (create|delete)|worker\.sh start'", out)]
+  assert steps == ["queued-resources create", "worker.sh start'", "queued-resources delete",
+                   "queued-resources create", "worker.sh start'"]
   assert "--force" in next(l for l in out.splitlines() if "queued-resources delete" in l)
   assert "preempted" in r.stderr and "resuming from gs://bucket/run2" in r.stderr
-  # Both runs are the same command: the second resumes from the workdir.
-  runs = [l for l in out.splitlines() if "-m mmbert_jax.main" in l]
-  assert runs[0] == runs[1]
+  # The worker script (the command) is written once: the relaunch resumes the same run from the workdir.
+  assert out.count("# /tmp/mmbert_worker.sh") == 1 and out.count("tpu-vm scp") == 2
 
 
 def test_pod_restarts_only_a_preempted_run(guarded_env):
@@ -98,13 +159,13 @@ def test_pod_restarts_only_a_preempted_run(guarded_env):
   r = _pod(env, "--dry-run", WORKDIR="gs://bucket/run3",
            DRY_RUN_STATES="MISSING ACTIVE ACTIVE ACTIVE ACTIVE ACTIVE", DRY_RUN_EXIT_CODES="75 1")
   assert r.returncode == 1, r.stderr
-  assert r.stdout.count("-m mmbert_jax.main") == 2 and r.stdout.count("queued-resources create") == 1
+  assert r.stdout.count("worker.sh start'") == 2 and r.stdout.count("queued-resources create") == 1
   assert "preempted (exit status 75" in r.stderr and "not restarting" in r.stderr
   bad = _pod(env, "--dry-run", WORKDIR="gs://bucket/run3", DRY_RUN_STATES="MISSING ACTIVE ACTIVE",
              DRY_RUN_EXIT_CODES="2")
-  assert bad.returncode == 2 and bad.stdout.count("-m mmbert_jax.main") == 1 and "not restarting" in bad.stderr
+  assert bad.returncode == 2 and bad.stdout.count("worker.sh start'") == 1 and "not restarting" in bad.stderr
   once = _pod(env, "--dry-run", "--once", WORKDIR="gs://bucket/run3", DRY_RUN_EXIT_CODES="7")
-  assert once.returncode == 7 and once.stdout.count("-m mmbert_jax.main") == 1
+  assert once.returncode == 7 and once.stdout.count("worker.sh start'") == 1
 
 
 def test_pod_git_install_and_on_demand(guarded_env):
@@ -112,7 +173,8 @@ def test_pod_git_install_and_on_demand(guarded_env):
   r = _pod(env, "--dry-run", WORKDIR="gs://bucket/run4", INSTALL="git", GIT_URL="https://example.com/mmbert_jax.git",
            GIT_REF="v1.0", CAPACITY="on-demand")
   assert r.returncode == 0, r.stderr
-  assert "tpu-vm scp" not in r.stdout
+  scp = next(l for l in r.stdout.splitlines() if "tpu-vm scp" in l)
+  assert "bundle" not in scp and "/tmp/mmbert_worker.sh" in scp                  # only the worker script
   assert "git clone -q https://example.com/mmbert_jax.git" in r.stdout and "checkout -q v1.0" in r.stdout
   create = next(l for l in r.stdout.splitlines() if "queued-resources create" in l)
   assert "--spot" not in create and "--reserved" not in create
@@ -125,6 +187,9 @@ def test_pod_git_install_and_on_demand(guarded_env):
     ((), {"WORKDIR": "gs://b/r", "CAPACITY": "cheap"}, "CAPACITY must be spot, reserved or on-demand"),
     ((), {"WORKDIR": "gs://b/r", "INSTALL": "git"}, "INSTALL=git needs GIT_URL"),
     ((), {"WORKDIR": "gs://b/r", "POLL_SECONDS": "soon"}, "POLL_SECONDS must be a non-negative integer"),
+    ((), {"WORKDIR": "gs://b/r", "DATA_BUCKET": "gs://Bad_Bucket"}, "DATA_BUCKET must be gs://BUCKET"),
+    ((), {"WORKDIR": "gs://b/r", "DATA_BUCKET": "d", "DATA_MOUNT": "data"}, "DATA_MOUNT must be an absolute path"),
+    (("logs", "--once"), {}, "--once only goes with start"),
 ])
 def test_pod_bad_settings_fail_with_clear_error(guarded_env, args, extra, message):
   env, calls = guarded_env
@@ -139,7 +204,7 @@ def test_pod_help_documents_variables(guarded_env):
   r = _pod(env, "--help")
   assert r.returncode == 0
   for var in ("TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "CONFIG", "WORKDIR",
-              "--dry-run"):
+              "DATA_BUCKET", "--dry-run", "status", "logs [-f] [WORKER]", "stop"):
     assert var in r.stdout
 
 
@@ -156,7 +221,7 @@ def _slurm(tmp_path, tasks_per_node, gpus, nodes=2, **extra_env):
              SLURM_GPUS_ON_NODE=str(gpus), SLURM_SUBMIT_DIR=str(ROOT), WORKDIR="/shared/run",
              CONFIG="launch/gpu_slurm.sbatch", PYTHON="/venv/bin/python")
   env.update(extra_env)
-  return subprocess.run(["bash", str(SLURM), "--config.train.steps=5"], env=env, capture_output=True, text=True,
+  return subprocess.run(["bash", str(SLURM), "--config.train_tokens=5"], env=env, capture_output=True, text=True,
                         timeout=60)
 
 
@@ -167,7 +232,7 @@ def test_slurm_one_process_per_gpu(tmp_path):
   srun = next(l for l in r.stdout.splitlines() if l.startswith("SRUN"))
   assert "--kill-on-bad-exit=1" in srun
   assert srun.endswith("/venv/bin/python -m mmbert_jax.main --config=launch/gpu_slurm.sbatch --workdir=/shared/run "
-                       "--config.train.steps=5")
+                       "--config.train_tokens=5")
   assert "MMBERT_DISTRIBUTED=1 JAX_LOCAL_DEVICE_IDS=unset JAX_COORDINATOR_PORT=unset" in r.stdout
 
 
@@ -235,42 +300,245 @@ def _remote_command(dry_run_stdout: str, marker: str) -> str:
   return next(a for a in shlex.split(line) if a.startswith("--command="))[len("--command="):]
 
 
-def test_pod_remote_commands_parse_and_run_command_replaces_a_stale_run(guarded_env, tmp_path):
+def _worker_state(out: str) -> str:
+  return next(l for l in out.splitlines() if l.startswith("MMBERT_STATE "))
+
+
+def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_env, tmp_path):
+  """Runs the worker control script the launcher installs, locally: the fake python trains until SIGTERM, then
+  exits 75 like mmbert_jax.main; curl (the TPU metadata), gcloud (log upload), sudo, mountpoint and gcsfuse are
+  stand-ins that record their calls."""
   env, _ = guarded_env
-  r = _pod(env, "--dry-run", "--", "--config.note=two words", WORKDIR="gs://bucket/run5", CONFIG="configs/demo.py",
-           LIBTPU_INIT_ARGS="--xla_a=1 --xla_b=2")
+  mount, cache, uploads = tmp_path / "mnt", tmp_path / "cache", tmp_path / "uploads"
+  r = _pod(env, "--dry-run", "--", "--config.wandb.name=two words", WORKDIR="gs://bucket/run5",
+           CONFIG="configs/demo.py", LIBTPU_INIT_ARGS="--xla_a=1 --xla_b=2", DATA_BUCKET="gs://data-bkt/prepared",
+           DATA_MOUNT=str(mount), GCSFUSE_CACHE_DIR=str(cache), LOG_UPLOAD_SECONDS="1")
   assert r.returncode == 0, r.stderr
   install = _remote_command(r.stdout, "pip install")
-  run = _remote_command(r.stdout, "-m mmbert_jax.main")
-  for command in (install, run):
+  for command in (install, _remote_command(r.stdout, "worker.sh start"), _remote_command(r.stdout, "worker.sh state")):
     check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
-  # Execute the worker-side run command locally: HOME holds the code dir and a venv whose python only reports.
   home = tmp_path / "home"
   (home / "mmbert_jax").mkdir(parents=True)
   (home / "mmbert_venv" / "bin").mkdir(parents=True)
+  (home / "mmbert_run").mkdir()
+  script = home / "mmbert_run" / "worker.sh"
+  script.write_text(_worker_script(r.stdout))
   _stub(home / "mmbert_venv" / "bin", "python",
-        'echo "PID $$"; echo "CWD $PWD"; printf "ARG %s\\n" "$@"; '
-        'echo "ENV $MMBERT_DISTRIBUTED $JAX_COORDINATOR_PORT $LIBTPU_INIT_ARGS"\n')
-  stale = subprocess.Popen(["bash", "-c", 'exec -a "python -m mmbert_jax.main" sleep 120'])
-  reaper = threading.Thread(target=stale.wait)                 # as init would: reap it once it is killed
-  reaper.start()
+        'echo "CWD $PWD"; printf "ARG %s\\n" "$@"; echo "ENV $MMBERT_DISTRIBUTED $JAX_COORDINATOR_PORT $LIBTPU_INIT_ARGS"\n'
+        '[ -n "${FAKE_EXIT:-}" ] && exit "$FAKE_EXIT"\n'
+        'trap \'echo "SIGTERM: checkpoint saved"; exit 75\' TERM\n'
+        'while :; do sleep 0.1; done\n')
+  bin_dir = tmp_path / "worker_bin"
+  bin_dir.mkdir()
+  _stub(bin_dir, "curl", "echo 3\n")                                            # agent-worker-number
+  _stub(bin_dir, "gcloud", f'echo "$@" >> {tmp_path}/worker_gcloud; mkdir -p {uploads}; cp "$3" {uploads}/\n')
+  _stub(bin_dir, "sudo", 'exec "$@"\n')
+  _stub(bin_dir, "mountpoint", f'[ -e {tmp_path}/mounted ]\n')
+  _stub(bin_dir, "gcsfuse", f'echo "$@" >> {tmp_path}/gcsfuse_calls; touch {tmp_path}/mounted\n')
+  wenv = {**env, "HOME": str(home), "PATH": f"{bin_dir}:{env['PATH']}"}
+
+  def worker(*args, **extra):
+    return subprocess.run(["bash", str(script), *args], env={**wenv, **extra}, capture_output=True, text=True,
+                          timeout=60)
+
+  pid_file, log = home / "mmbert_run" / "pid", home / "mmbert_run" / "logs" / "worker-3.log"
+  assert "state=none" in _worker_state(worker("state").stdout)
   try:
-    (home / ".mmbert_run.pid").write_text(f"{stale.pid}\n")
-    out = subprocess.run(["bash", "-c", run], env={**env, "HOME": str(home)}, capture_output=True, text=True,
-                         timeout=30)
-    assert out.returncode == 0, out.stderr
-    reaper.join(timeout=10)
-    assert stale.returncode is not None                        # the earlier run was stopped
+    started = worker("start")                # returns at once although training goes on: it is detached
+    assert started.returncode == 0, started.stderr
+    pid = int(pid_file.read_text())
+    assert f"worker 3: started pid {pid}" in started.stdout
+    assert os.getsid(pid) != os.getsid(0)                                     # its own session: no hangup
+    assert _worker_state(worker("state").stdout) == f"MMBERT_STATE worker=3 state=running code=- pid={pid}"
+    again = worker("start")
+    assert f"already running (pid {pid}); not starting another" in again.stdout and int(pid_file.read_text()) == pid
+    # The bucket was mounted once, read-only, before the run; the run reads the mount.
+    fuse = (tmp_path / "gcsfuse_calls").read_text().splitlines()
+    assert len(fuse) == 1 and fuse[0].startswith("-o ro --implicit-dirs") and fuse[0].endswith(f"data-bkt {mount}")
+    assert f"--cache-dir={cache}" in fuse[0] and cache.is_dir()
+    status = worker("status", "20").stdout
+    assert "state=running" in status and "  [worker 3] ARG --config.wandb.name=two words" in status
+    stopped = worker("stop", "30")
+    assert _worker_state(stopped.stdout) == f"MMBERT_STATE worker=3 state=exited,stopped code=75 pid={pid}"
   finally:
-    if stale.returncode is None:
-      stale.kill()
-      reaper.join()
-  lines = out.stdout.splitlines()
-  assert f"CWD {home / 'mmbert_jax'}" in lines
-  assert [l[4:] for l in lines if l.startswith("ARG ")] == [
-      "-m", "mmbert_jax.main", "--config=configs/demo.py", "--workdir=gs://bucket/run5", "--config.note=two words"]
-  assert "ENV 1 8476 --xla_a=1 --xla_b=2" in lines
-  # The pid file names the training process itself (exec keeps the shell's pid).
-  assert (home / ".mmbert_run.pid").read_text().strip() == lines[0].split()[1]
+    if pid_file.exists():
+      try:
+        os.killpg(os.getsid(int(pid_file.read_text())), 9)                   # the detached session, if still up
+      except ProcessLookupError:
+        pass
+  text = log.read_text()
+  assert f"CWD {home / 'mmbert_jax'}" in text and "ENV 1 8476 --xla_a=1 --xla_b=2" in text
+  assert [l[4:] for l in text.splitlines() if l.startswith("ARG ")] == [
+      "-m", "mmbert_jax.main", "--config=configs/demo.py", "--workdir=gs://bucket/run5",
+      f"--config.data.data_dir={mount}/prepared", "--config.wandb.name=two words"]
+  assert "SIGTERM: checkpoint saved" in text and "worker 3: exit status 75" in text
+  assert text.count("worker 3: " + str(home)) == 1                              # one training process only
+  # The log went up to the workdir when the run ended (and while it ran).
+  assert f"storage cp {log} gs://bucket/run5/logs/worker-3.log" in (tmp_path / "worker_gcloud").read_text()
+  assert (uploads / "worker-3.log").read_text() == text
+  assert worker("logs", "1").stdout == text.splitlines()[-1] + "\n"
+
+  # A rerun after a failure starts anew (no stop marker left) and records the failure's status.
+  failed = worker("start", FAKE_EXIT="1")
+  assert failed.returncode == 0, failed.stderr
+  for _ in range(50):
+    state = _worker_state(worker("state").stdout)
+    if "state=running" not in state:
+      break
+  assert "state=exited code=1 " in state
+  assert len((tmp_path / "gcsfuse_calls").read_text().splitlines()) == 1       # still mounted: not mounted again
+
+
+def test_slurm_sigterm_reaches_the_training_tasks_300s_before_the_limit():
+  """`--signal=TERM@300` signals the job steps (the srun tasks that train); `B:TERM@300` would signal only the batch
+  shell, which neither trains nor forwards it. --requeue lets `scontrol requeue` put the job back in the queue."""
+  directives = [l.split(None, 1)[1] for l in SLURM.read_text().splitlines() if l.startswith("#SBATCH")]
+  assert "--signal=TERM@300" in directives
+  assert "--requeue" in directives
+  assert not any(d.startswith("--signal=B:") for d in directives)
+
+
+# A `--config.KEY=` example in the docs or launchers that names no key of a config would be refused by main.
+CONFIG_FLAG = re.compile(r"--config\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=")
+
+
+def _config_keys():
+  """Every dotted key path of the phase configs (base, pretrain, midtrain, decay, demo) with their defaults."""
+  import importlib
+  import sys
+  sys.path.insert(0, str(ROOT))
+  try:
+    keys = set()
+    for name in ("base", "pretrain", "midtrain", "decay", "demo"):
+      def walk(node, prefix):
+        for k in node.keys():
+          keys.add(prefix + k)
+          if hasattr(node[k], "keys"):
+            walk(node[k], prefix + k + ".")
+      walk(importlib.import_module(f"configs.{name}").get_config(), "")
+    return keys
+  finally:
+    sys.path.remove(str(ROOT))
+
+
+def test_config_flag_examples_name_real_config_keys():
+  keys = _config_keys()
+  assert "train_tokens" in keys and "data.data_dir" in keys and "model.hidden_size" in keys
+  assert "train.steps" not in keys and "some.flag" not in keys          # what earlier examples wrongly used
+  files = [ROOT / "README.md", *sorted((ROOT / "launch").iterdir())]
+  found = {}
+  for path in files:
+    for m in CONFIG_FLAG.finditer(path.read_text()):
+      found.setdefault(m.group(1), set()).add(path.name)
+  assert {"train_tokens", "data.data_dir", "init_from"} <= found.keys()   # the regex finds the examples
+  unknown = {k: sorted(v) for k, v in found.items() if k not in keys}
+  assert not unknown, f"--config.KEY examples naming no config key: {unknown}"
+
+
+@pytest.fixture
+def one_worker_pod(tmp_path):
+  """A fake `gcloud` for a one-worker slice that is always ACTIVE: `tpu-vm ssh` runs the command locally with HOME
+  at a fake worker home, `tpu-vm scp` copies there. The worker's python trains for a moment and then exits with the
+  next status in ~/codes (one per start), or runs until SIGTERM (exit 75) once ~/codes is empty."""
+  home, bin_dir = tmp_path / "worker_home", tmp_path / "bin"
+  (home / "mmbert_venv" / "bin").mkdir(parents=True)
+  bin_dir.mkdir()
+  _stub(bin_dir, "gcloud", f'''echo "$*" >> {tmp_path}/gcloud_calls
+case "$*" in
+  *"queued-resources describe"*) echo ACTIVE ;;
+  *"tpu-vm scp"*) for a in "$@"; do if [ -f "$a" ]; then cp "$a" {home}/; fi; done ;;
+  *"tpu-vm ssh"*) for a in "$@"; do case "$a" in --command=*) cmd=${{a#--command=}} ;; esac; done
+                  cd {home} && HOME={home} bash -c "$cmd" ;;
+esac
+''')
+  _stub(bin_dir, "curl", "echo 0\n")
+  _stub(home / "mmbert_venv" / "bin", "pip", "true\n")
+  _stub(home / "mmbert_venv" / "bin", "python", '''[ "$1" = -c ] && { echo "worker jax 0.10.2"; exit 0; }
+echo "training $*"
+code=$(head -n 1 ~/codes 2>/dev/null); sed -i 1d ~/codes 2>/dev/null
+trap 'echo "SIGTERM: checkpoint saved"; exit 75' TERM
+if [ -n "$code" ]; then sleep 1; exit "$code"; fi
+while :; do sleep 0.1; done
+''')
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("DRY_RUN", "TPU_", "ZONE", "PROJECT", "WORKDIR"))}
+  env.update(PATH=f"{bin_dir}:{env['PATH']}", WORKDIR="gs://bucket/live", PYTHON="python3", POLL_SECONDS="1",
+             LOG_UPLOAD_SECONDS="1")
+  yield env, home, tmp_path / "gcloud_calls"
+  pid_file = home / "mmbert_run" / "pid"
+  if pid_file.exists():
+    try:
+      os.killpg(os.getsid(int(pid_file.read_text())), 9)      # the detached training session, if still up
+    except ProcessLookupError:
+      pass
+
+
+def test_pod_watches_the_detached_run_and_relaunches_only_after_75(one_worker_pod):
+  env, home, calls = one_worker_pod
+  (home / "codes").write_text("75\n0\n")
+  r = subprocess.run(["bash", str(POD)], env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert "preempted (exit status 75, slice ACTIVE)" in r.stderr and "training finished" in r.stderr
+  gcloud = calls.read_text()
+  assert gcloud.count("worker.sh start") == 2 and "queued-resources create" not in gcloud
+  log = (home / "mmbert_run" / "logs" / "worker-0.log").read_text()
+  assert log.count("training -m mmbert_jax.main --config=configs/pretrain.py --workdir=gs://bucket/live") == 2
+  assert "exit status 75" in log and "exit status 0" in log
+
+  (home / "codes").write_text("1\n")                                       # a failure is not relaunched
+  r = subprocess.run(["bash", str(POD)], env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "not restarting" in r.stderr
+  assert calls.read_text().count("worker.sh start") == 3
+
+
+def test_pod_run_outlives_the_launcher_which_reattaches_and_stop_ends_it(one_worker_pod):
+  env, home, calls = one_worker_pod
+  launcher = subprocess.Popen(["bash", str(POD)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True)
+  pid_file = home / "mmbert_run" / "pid"
+  try:
+    for _ in range(300):
+      if pid_file.exists() and pid_file.read_text().strip():
+        break
+      threading.Event().wait(0.1)
+    pid = int(pid_file.read_text())
+  finally:
+    os.killpg(launcher.pid, 9)                                  # the laptop goes away mid-run
+    launcher.wait()
+  threading.Event().wait(1.5)
+  os.kill(pid, 0)                                               # training goes on
+  status = subprocess.run(["bash", str(POD), "status"], env=env, capture_output=True, text=True, timeout=60)
+  assert f"MMBERT_STATE worker=0 state=running code=- pid={pid}" in status.stdout
+  assert "[worker 0] training -m mmbert_jax.main" in status.stdout
+
+  # A second launch attaches instead of starting another process; `stop` ends the run with 75 and no relaunch.
+  err_file = home.parent / "again.err"
+  with open(err_file, "w") as err_out:
+    again = subprocess.Popen(["bash", str(POD)], env=env, stdout=subprocess.DEVNULL, stderr=err_out)
+  for _ in range(300):
+    if "watching it" in err_file.read_text():
+      break
+    threading.Event().wait(0.1)
+  stop = subprocess.run(["bash", str(POD), "stop"], env=env, capture_output=True, text=True, timeout=60)
+  assert f"state=exited,stopped code=75 pid={pid}" in stop.stdout
+  again.wait(timeout=60)
+  err = err_file.read_text()
+  assert again.returncode == 75, err
+  assert "already going on 1 of 1 workers: watching it" in err and "stopped by 'tpu_pod.sh stop'" in err
+  assert calls.read_text().count("worker.sh start") == 1 and int(pid_file.read_text()) == pid
+  logs = subprocess.run(["bash", str(POD), "logs"], env=env, capture_output=True, text=True, timeout=60)
+  assert "SIGTERM: checkpoint saved" in logs.stdout and "exit status 75" in logs.stdout
+
+
+def test_pod_failed_data_mount_stops_the_launch(one_worker_pod, tmp_path):
+  env, home, calls = one_worker_pod
+  _stub(tmp_path / "bin", "sudo", 'exec "$@"\n')
+  _stub(tmp_path / "bin", "gcsfuse", 'echo "gcsfuse: bucket not found" >&2; exit 1\n')
+  r = subprocess.run(["bash", str(POD)], env={**env, "DATA_BUCKET": "gs://no-such-bucket",
+                                              "DATA_MOUNT": str(tmp_path / "mnt")},
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "did not start on every worker" in r.stderr
+  assert "worker 0: mounting gs://no-such-bucket failed" in r.stdout
+  log = (home / "mmbert_run" / "logs" / "worker-0.log").read_text()
+  assert "gcsfuse: bucket not found" in log and "training" not in log
