@@ -47,6 +47,7 @@ from typing import Sequence
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from data_pipeline import filesystem as fs
 from data_pipeline import pipeline, prepare
 
 SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
@@ -95,9 +96,10 @@ def index_corpus(data_dir: str, documents: int, *, languages: int = 1834, shard_
     for first in range(0, int(n), shard_documents):
       size = min(shard_documents, int(n) - first)
       name = f"index-{first // shard_documents:05d}"
+      # local-only: ArrayRecord writes local files (the benchmark's corpus is a local temporary folder)
       path = os.path.join(lang, "train", f"{name}.array_record")
       os.makedirs(os.path.join(data_dir, lang, "train"), exist_ok=True)
-      writer = ArrayRecordWriter(os.path.join(data_dir, path), prepare.WRITER_OPTIONS)
+      writer = ArrayRecordWriter(os.path.join(data_dir, path), prepare.WRITER_OPTIONS)  # local-only: as above
       for _ in range(size):
         writer.write(record)
       writer.close()
@@ -105,30 +107,30 @@ def index_corpus(data_dir: str, documents: int, *, languages: int = 1834, shard_
           "documents": size, "sequences": size, "tokens": 4 * size, "path": path}}}})
   settings = prepare.Settings(tokenizer="", max_len=8, eval_documents=0)
   stats = prepare.aggregate(records, TOKENIZER_INFO, settings)
-  prepare._atomic_write_json(os.path.join(data_dir, "stats.json"), stats)
+  prepare._atomic_write_json(fs.path(data_dir, "data_dir") / "stats.json", stats)
   return stats
 
 
 def open_files() -> int:
   """Open file descriptors of this process and its children (grain's workers)."""
   pids = [os.getpid()]
-  for task in os.listdir("/proc/self/task"):
+  for task in os.listdir("/proc/self/task"):    # local-only: /proc of this machine
     try:
-      with open(f"/proc/self/task/{task}/children") as f:
+      with open(f"/proc/self/task/{task}/children") as f:   # local-only: /proc
         pids += [int(p) for p in f.read().split()]
     except OSError:
       pass
   total = 0
   for pid in pids:
     try:
-      total += len(os.listdir(f"/proc/{pid}/fd"))
+      total += len(os.listdir(f"/proc/{pid}/fd"))   # local-only: /proc
     except OSError:
       pass
   return total
 
 
 def anon_memory() -> int:
-  with open("/proc/self/status") as f:
+  with open("/proc/self/status") as f:   # local-only: /proc
     for line in f:
       if line.startswith("RssAnon:"):
         return int(line.split()[1]) * 1024

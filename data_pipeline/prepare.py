@@ -406,7 +406,7 @@ class _ShardWriter:
 
   def commit(self) -> dict:
     self._writer.close()
-    os.replace(self.tmp, self.path)
+    os.replace(self.tmp, self.path)  # local-only: within the local stage folder
     return {"documents": self.documents, "sequences": self.sequences, "tokens": self.tokens}
 
 
@@ -584,12 +584,12 @@ def prepare(source: Source, output_dir: str, settings: Settings, *, languages: S
   rebuilds stats.json from every finished unit in output_dir and returns it. num_workers 0 = in this process."""
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index {shard_index} is not in [0, num_shards={num_shards})")
+  out = fs.path(output_dir, "--output_dir")
   tok = tokenizer_lib.load_tokenizer(settings.tokenizer)
   settings = dataclasses.replace(settings, tokenizer=tok.path)
   if languages:
     for lang in languages:
       check_language_name(lang, "--languages")
-  out = fs.path(output_dir, "--output_dir")
   units = list_units(source, settings, languages)[shard_index::num_shards]
   out.mkdir(parents=True, exist_ok=True)
   _check_settings(out, settings, tok)

@@ -170,7 +170,7 @@ def train_sentencepiece(model_prefix: str, *, vocab_size: int, input_files: Sequ
   else:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
+    os.replace(tmp, path)   # local-only: the local branch
   load_tokenizer(path)   # the ids came out as requested
   return os.fspath(path)
 
