@@ -165,9 +165,12 @@ def _shards(data_dir: fs.Path, shards: Sequence[dict], threads: int = 16) -> tup
   bucket are copied to this host's cache first (in parallel, once per host)."""
   def local(shard):
     path = data_dir / shard["path"]
-    if not path.exists():
-      raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)")
-    return fs.local_copy(path)
+    try:
+      if not fs.is_remote(path) and not path.exists():   # (in a bucket, the copy's stat call finds out)
+        raise FileNotFoundError(path)
+      return fs.local_copy(path)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)") from None
   if not fs.is_remote(data_dir):
     paths = [local(shard) for shard in shards]
   else:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import glob
 import gzip
 import json
@@ -155,8 +156,17 @@ def _safe_name(relpath: str) -> str:
 def _glob(root: str, *patterns: str) -> list[str]:
   """Sorted files under `root` (local or gs://) matching any of `patterns` (`**` only as a whole component)."""
   if fs.is_remote(root):
-    base = fs.path(root, "input")
-    return sorted({os.fspath(p) for pattern in patterns for p in base.glob(pattern)})
+    base, found = fs.path(root, "input"), set()
+    for pattern in patterns:
+      if pattern.startswith("**/"):      # epath refuses `**` in a bucket: walk it
+        plain = os.fspath(base)[len("gs://"):]
+        for folder, _, names in base.walk():   # folders come as bucket/path, without the scheme
+          below = os.fspath(folder).removeprefix("gs://")[len(plain):].strip("/")
+          found |= {os.fspath(base / below / name if below else base / name)
+                    for name in fnmatch.filter(names, pattern[3:])}
+      else:
+        found |= {os.fspath(p) for p in base.glob(pattern)}
+    return sorted(found)
   # local-only: glob.glob lists local files (escape keeps brackets in folder names literal)
   return sorted({f for pattern in patterns for f in glob.glob(f"{glob.escape(root)}/{pattern}", recursive=True)})
 

@@ -397,6 +397,9 @@ def test_data_dir_in_a_bucket_gives_the_same_batches(data_dir, gcs_bucket, tmp_p
   fresh.close()
   with pytest.raises(ValueError, match="data_dir=s3://b/x: the scheme s3:// is not supported"):
     pipeline.make_train_iterator(_cfg("s3://b/x"), 0, 1)
+  (remote / shards[0]).unlink()
+  with pytest.raises(FileNotFoundError, match=f"shard {remote}/{shards[0]} listed in stats.json is missing"):
+    pipeline.make_train_iterator(remote_cfg, 0, 1)
 
 
 class _SlowReader:

@@ -454,3 +454,20 @@ def test_output_dir_inputs_and_tokenizer_in_a_bucket(tmp_path, tok, gcs_bucket, 
         assert (out / shard["path"]).read_bytes() == open(os.path.join(local, shard["path"]), "rb").read()
   with pytest.raises(SystemExit, match="error: --output_dir=s3://b/x: the scheme s3:// is not supported"):
     prepare.main(["--text_dir", str(tmp_path / "txt"), "--output_dir", "s3://b/x"] + args)
+
+
+def test_parquet_files_of_one_language_in_a_bucket(tmp_path, tok, gcs_bucket):
+  """--lang with a bucket: every *.parquet at any depth (a bucket is walked; epath refuses `**` there)."""
+  import uuid
+  from data_pipeline import filesystem as fs
+  remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
+  _write_parquet(tmp_path / "pq", "a", "x.parquet", _texts("deu_Latn", 12, 1))
+  _write_parquet(tmp_path / "pq" / "b", "c", "y.parquet", _texts("deu_Latn", 9, 2))
+  pq.write_table(pa.table({"text": _texts("deu_Latn", 7, 3)}), tmp_path / "pq" / "top.parquet")
+  fs.copy_tree(fs.path(str(tmp_path / "pq")), remote / "pq")
+  settings = _settings(tok)
+  got = prepare.prepare(prepare.Source("parquet", os.fspath(remote / "pq"), lang="deu_Latn"), os.fspath(remote / "o"),
+                        settings, progress=False)
+  want = prepare.prepare(prepare.Source("parquet", str(tmp_path / "pq"), lang="deu_Latn"), str(tmp_path / "o"),
+                         settings, progress=False)
+  assert got == want and got["sources"]["parquet"]["units"] == 3
