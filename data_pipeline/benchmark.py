@@ -98,7 +98,7 @@ def index_corpus(data_dir: str, documents: int, *, languages: int = 1834, shard_
       name = f"index-{first // shard_documents:05d}"
       # local-only: ArrayRecord writes local files (the benchmark's corpus is a local temporary folder)
       path = os.path.join(lang, "train", f"{name}.array_record")
-      os.makedirs(os.path.join(data_dir, lang, "train"), exist_ok=True)
+      os.makedirs(os.path.join(data_dir, lang, "train"), exist_ok=True)  # local-only: as above
       writer = ArrayRecordWriter(os.path.join(data_dir, path), prepare.WRITER_OPTIONS)  # local-only: as above
       for _ in range(size):
         writer.write(record)

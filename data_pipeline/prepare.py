@@ -403,8 +403,8 @@ class _ShardWriter:
   def __init__(self, path: str):
     # local-only: ArrayRecord writes local files; stale temporaries are left by an interrupted run of this unit
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
-      os.remove(stale)
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # local-only: as above
+      os.remove(stale)  # local-only: as above
     self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
     self._writer = ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
     self.documents = self.sequences = self.tokens = 0
