@@ -3,6 +3,7 @@
   python -m data_pipeline.benchmark                          # synthetic corpus of 1,834 languages
   python -m data_pipeline.benchmark --data_dir data/ --languages all --workers 0,4
   python -m data_pipeline.benchmark --index_documents 50000000   # index memory per document, 1,834 languages
+  python -m data_pipeline.benchmark --settings pretrain --workers 0 --read_latency_ms 5 --read_threads 0,16
 
 Without --data_dir the corpus is synthetic: --num_languages languages (default 1,834, FineWeb2's count) whose
 token counts spread log-uniformly over four orders of magnitude, document lengths log-normal around a median of
@@ -25,6 +26,10 @@ Reported per setting:
   packing   real tokens / batch tokens
   files     most open file descriptors seen, this process and its workers together (goal ≤ 256)
   opens     shard readers opened per batch (least-recently-used cache misses; in-process runs only)
+  threads   read threads per process (`PipelineConfig.read_threads`; 0: one record after the other)
+  latency   injected sleep per record read (--read_latency_ms: a network disk; the sleep runs in the thread that
+            reads the record, so what overlaps in real reads overlaps here)
+  inflight  most record reads in progress at once (in-process runs only)
 
 --index_documents writes that many tiny documents over the languages (shards of at most 1M documents, like one
 FineWeb2 parquet file each), then reads decay batches and reports the growth of this process's anonymous memory
@@ -42,6 +47,7 @@ from typing import Sequence
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from data_pipeline import filesystem as fs
 from data_pipeline import pipeline, prepare
 
 SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
@@ -90,9 +96,10 @@ def index_corpus(data_dir: str, documents: int, *, languages: int = 1834, shard_
     for first in range(0, int(n), shard_documents):
       size = min(shard_documents, int(n) - first)
       name = f"index-{first // shard_documents:05d}"
+      # local-only: ArrayRecord writes local files (the benchmark's corpus is a local temporary folder)
       path = os.path.join(lang, "train", f"{name}.array_record")
-      os.makedirs(os.path.join(data_dir, lang, "train"), exist_ok=True)
-      writer = ArrayRecordWriter(os.path.join(data_dir, path), prepare.WRITER_OPTIONS)
+      os.makedirs(os.path.join(data_dir, lang, "train"), exist_ok=True)  # local-only: as above
+      writer = ArrayRecordWriter(os.path.join(data_dir, path), prepare.WRITER_OPTIONS)  # local-only: as above
       for _ in range(size):
         writer.write(record)
       writer.close()
@@ -100,30 +107,30 @@ def index_corpus(data_dir: str, documents: int, *, languages: int = 1834, shard_
           "documents": size, "sequences": size, "tokens": 4 * size, "path": path}}}})
   settings = prepare.Settings(tokenizer="", max_len=8, eval_documents=0)
   stats = prepare.aggregate(records, TOKENIZER_INFO, settings)
-  prepare._atomic_write_json(os.path.join(data_dir, "stats.json"), stats)
+  prepare._atomic_write_json(fs.path(data_dir, "data_dir") / "stats.json", stats)
   return stats
 
 
 def open_files() -> int:
   """Open file descriptors of this process and its children (grain's workers)."""
   pids = [os.getpid()]
-  for task in os.listdir("/proc/self/task"):
+  for task in os.listdir("/proc/self/task"):    # local-only: /proc of this machine
     try:
-      with open(f"/proc/self/task/{task}/children") as f:
+      with open(f"/proc/self/task/{task}/children") as f:   # local-only: /proc
         pids += [int(p) for p in f.read().split()]
     except OSError:
       pass
   total = 0
   for pid in pids:
     try:
-      total += len(os.listdir(f"/proc/{pid}/fd"))
+      total += len(os.listdir(f"/proc/{pid}/fd"))   # local-only: /proc
     except OSError:
       pass
   return total
 
 
 def anon_memory() -> int:
-  with open("/proc/self/status") as f:
+  with open("/proc/self/status") as f:   # local-only: /proc
     for line in f:
       if line.startswith("RssAnon:"):
         return int(line.split()[1]) * 1024
@@ -142,6 +149,7 @@ def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, floa
   for _ in range(cycle - 1):
     next(it)
   times, real, opened, cpu = [], 0, pipeline.READERS.opened, time.process_time()
+  pipeline.READERS.max_in_flight = 0
   cpu_times = []
   for _ in range(cycles * cycle):
     t, c = time.perf_counter(), time.process_time()
@@ -151,6 +159,7 @@ def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, floa
     real += int((b["segment_ids"] > 0).sum())
     files = max(files, open_files())
   opened = pipeline.READERS.opened - opened     # counted in this process: with workers 0 only
+  inflight = pipeline.READERS.max_in_flight
   cpu = time.process_time() - cpu
   it.close()
   times = np.asarray(times)
@@ -158,6 +167,7 @@ def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, floa
   return {"startup_s": startup, "p50_ms": 1e3 * np.percentile(times, 50), "p99_ms": 1e3 * np.percentile(times, 99),
           "max_ms": 1e3 * times.max(), "tokens_per_s": slots / times.sum(), "packing": real / slots,
           "files": files, "batches": len(times), "rows": b["segment_ids"].shape[0],
+          "in_flight": inflight if not cfg.num_workers else float("nan"),
           "opens_per_batch": opened / len(times) if not cfg.num_workers else float("nan"),
           "tokens_per_cpu_s": slots / cpu if not cfg.num_workers else float("nan"),
           "cpu_p99_p50": (np.percentile(cpu_times, 99) / np.percentile(cpu_times, 50) if not cfg.num_workers
@@ -211,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--hosts", type=int, default=8, help="hosts sharing each micro-batch")
   parser.add_argument("--workers", default="0,2", help="grain worker processes per process, comma-separated")
   parser.add_argument("--cycles", type=int, default=8, help="refill cycles timed per setting")
+  parser.add_argument("--read_threads", default="16", help="read threads per process, comma-separated")
+  parser.add_argument("--read_latency_ms", type=float, default=0.0, help="injected sleep per record read")
   parser.add_argument("--packing", default="best_fit")
   parser.add_argument("--packing_bins", type=int, default=16)
   parser.add_argument("--index_documents", type=int, default=0, help="measure index memory at this many documents")
@@ -231,17 +243,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{t['tokens']:,} tokens ({time.perf_counter() - t0:.1f} s to write)")
     print(f"{'setting':>9} {'seq':>5} {'rows':>5} {'workers':>7} {'startup':>8} {'p50':>8} {'p99':>8} {'p99/p50':>7} "
           f"{'cpu':>5} {'max':>8} {'tokens/s':>9} {'/cpu-s':>7} {'packing':>7} {'files':>5} {'opens':>6} "
-          f"{'batches':>7}")
+          f"{'batches':>7} {'threads':>7} {'latency':>8} {'inflight':>8}")
     for name in args.settings.split(","):
       for workers in map(int, args.workers.split(",")):
-        cfg = pipeline.PipelineConfig(
-            data_dir=data_dir, languages=args.languages, packing=args.packing, packing_bins=args.packing_bins,
-            num_workers=workers, prefetch=0, **SETTINGS[name])
-        r = run(cfg, args.hosts, args.cycles)
-        print(f"{name:>9} {cfg.seq_len:>5} {r['rows']:>5} {workers:>7} {r['startup_s']:>7.1f}s {r['p50_ms']:>6.1f}ms "
-              f"{r['p99_ms']:>6.1f}ms {r['p99_ms'] / r['p50_ms']:>7.2f} {r['cpu_p99_p50']:>5.2f} {r['max_ms']:>6.1f}ms "
-              f"{r['tokens_per_s'] / 1e6:>8.2f}M {r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} "
-              f"{r['files']:>5} {r['opens_per_batch']:>6.1f} {r['batches']:>7}")
+        for threads in map(int, args.read_threads.split(",")):
+          cfg = pipeline.PipelineConfig(
+              data_dir=data_dir, languages=args.languages, packing=args.packing, packing_bins=args.packing_bins,
+              num_workers=workers, prefetch=0, read_threads=threads, read_latency_ms=args.read_latency_ms,
+              **SETTINGS[name])
+          r = run(cfg, args.hosts, args.cycles)
+          print(f"{name:>9} {cfg.seq_len:>5} {r['rows']:>5} {workers:>7} {r['startup_s']:>7.1f}s "
+                f"{r['p50_ms']:>6.1f}ms {r['p99_ms']:>6.1f}ms {r['p99_ms'] / r['p50_ms']:>7.2f} "
+                f"{r['cpu_p99_p50']:>5.2f} {r['max_ms']:>6.1f}ms {r['tokens_per_s'] / 1e6:>8.2f}M "
+                f"{r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} {r['files']:>5} "
+                f"{r['opens_per_batch']:>6.1f} {r['batches']:>7} {threads:>7} {args.read_latency_ms:>6.1f}ms "
+                f"{r['in_flight']:>8}")
     print(f"one host of {args.hosts}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
 

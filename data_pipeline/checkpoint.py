@@ -13,7 +13,6 @@ With a single process, `ocp.args.JsonSave(it.get_state())` / `JsonRestore()` + `
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -23,9 +22,10 @@ import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
+from data_pipeline import filesystem as fs
 from data_pipeline import pipeline
 
-_FILE_RE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+_FILE_RE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -43,19 +43,19 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
   return merged
 
 
-def load_state(directory: str) -> dict[str, Any]:
-  """Reads and merges every `process_*-of-*.json` in `directory`."""
-  files = [f for f in glob.glob(os.path.join(directory, "process_*-of-*.json")) if _FILE_RE.search(f)]
+def load_state(directory: str | os.PathLike) -> dict[str, Any]:
+  """Reads and merges every `process_*-of-*.json` in `directory` (local or gs://). No state, or the states of
+  only some processes, is an error: a resumed run must not silently start its data over."""
+  directory = fs.path(directory, "data iterator checkpoint")
+  files = sorted((f for f in directory.glob("process_*-of-*.json") if _FILE_RE.fullmatch(f.name)),
+                 key=lambda f: int(_FILE_RE.fullmatch(f.name).group(1)))
   if not files:
     raise FileNotFoundError(f"no process_*-of-*.json iterator states in {directory}")
-  counts = {int(_FILE_RE.search(f).group(2)) for f in files}
-  if len(counts) != 1 or len(files) != counts.pop():
-    raise ValueError(f"{directory} holds an incomplete set of iterator states: {sorted(map(os.path.basename, files))}")
-  states = []
-  for f in sorted(files):
-    with open(f) as fh:
-      states.append(json.load(fh))
-  return merge_states(states)
+  found = {(int(m.group(1)), int(m.group(2))) for m in (_FILE_RE.fullmatch(f.name) for f in files)}
+  counts = {n for _, n in found}
+  if len(counts) != 1 or found != {(i, n) for n in counts for i in range(n)}:
+    raise ValueError(f"{directory} holds an incomplete set of iterator states: {sorted(f.name for f in files)}")
+  return merge_states([json.loads(f.read_text()) for f in files])
 
 
 class PipelineCheckpointHandler(grain.checkpoint.CheckpointHandler):
@@ -64,11 +64,11 @@ class PipelineCheckpointHandler(grain.checkpoint.CheckpointHandler):
   def save(self, directory: epath.Path, item: Any = None, args: Any = None):
     it = item or args.item
     name = f"process_{it.process_index}-of-{it.process_count}.json"
-    (epath.Path(directory) / name).write_text(json.dumps(it.get_state()))
+    fs.write_text(epath.Path(directory) / name, json.dumps(it.get_state()))
 
   def restore(self, directory: epath.Path, item: Any = None, args: Any = None):
     it = item or args.item
-    it.set_state(load_state(os.fspath(directory)))
+    it.set_state(load_state(directory))
     return it
 
 

@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from babel import Locale, UnknownLocaleError, dates, lists, localedata, numbers, units
 
+from data_pipeline import filesystem as fs
 from data_pipeline import mixture
 from data_pipeline import prepare as prepare_lib
 from data_pipeline import tokenizer as tokenizer_lib
@@ -122,46 +123,46 @@ def resolve(languages: Sequence[str] | str | None) -> tuple[str, ...]:
   return tuple(languages)
 
 
-def write_corpus(raw_dir: str, languages: Sequence[str] | str | None = None, scale: float = 1.0,
+def write_corpus(raw_dir: str | os.PathLike, languages: Sequence[str] | str | None = None, scale: float = 1.0,
                  seed: int = 0) -> dict[str, str]:
-  """Writes `<raw_dir>/<lang>.txt` (a document per line) and returns {lang: path}; existing files are kept."""
-  os.makedirs(raw_dir, exist_ok=True)
+  """Writes `<raw_dir>/<lang>.txt` (a document per line; local or gs://) and returns {lang: path}; existing files
+  are kept."""
+  raw = fs.path(raw_dir, "data_dir")
+  raw.mkdir(parents=True, exist_ok=True)
   paths = {}
   for lang in resolve(languages):
-    path = os.path.join(raw_dir, f"{lang}.txt")
-    if not os.path.exists(path):
-      tmp = f"{path}.tmp-{os.getpid()}"
-      with open(tmp, "w", encoding="utf-8") as f:
-        for doc in documents(lang, documents_for(lang, scale), seed):
-          f.write(doc + "\n")
-      os.replace(tmp, path)
-    paths[lang] = path
+    path = raw / f"{lang}.txt"
+    if not path.exists():
+      fs.write_text(path, "".join(doc + "\n" for doc in documents(lang, documents_for(lang, scale), seed)))
+    paths[lang] = os.fspath(path)
   return paths
 
 
 def prepare_demo(data_dir: str, *, languages: Sequence[str] | str | None = None, scale: float = 1.0,
                  vocab_size: int = 2000, max_len: int = 1024, eval_documents: int = 20, num_workers: int = 0,
                  character_coverage: float = 0.99, seed: int = 0, progress: bool = True) -> dict:
-  """End to end into `data_dir`: corpus text (in `_raw/`), a SentencePiece tokenizer, shards and stats.json."""
-  paths = write_corpus(os.path.join(data_dir, "_raw"), languages, scale, seed)
-  tok_path = os.path.join(data_dir, "tokenizer.model")
-  if not os.path.exists(tok_path):
+  """End to end into `data_dir` (local or gs://): corpus text (in `_raw/`), a SentencePiece tokenizer, shards and
+  stats.json."""
+  out = fs.path(data_dir, "data_dir")
+  paths = write_corpus(out / "_raw", languages, scale, seed)
+  tok_path = out / "tokenizer.model"
+  if not tok_path.exists():
     # Tokenizer text: at most 200 documents per language, so small languages still get their characters.
     sample = []
     for path in paths.values():
-      with open(path, encoding="utf-8") as f:
+      with fs.path(path).open("r", encoding="utf-8") as f:
         sample += [line.rstrip("\n") for _, line in zip(range(200), f)]
-    tokenizer_lib.train_sentencepiece(os.path.join(data_dir, "tokenizer"), vocab_size=vocab_size,
+    tokenizer_lib.train_sentencepiece(os.fspath(out / "tokenizer"), vocab_size=vocab_size,
                                       sentences=sample, seed=seed, character_coverage=character_coverage)
-  source = prepare_lib.Source(format="text", path=os.path.join(data_dir, "_raw"))
-  settings = prepare_lib.Settings(tok_path, max_len=max_len, eval_documents=eval_documents)
-  return prepare_lib.prepare(source, data_dir, settings, num_workers=num_workers, progress=progress)
+  source = prepare_lib.Source(format="text", path=os.fspath(out / "_raw"))
+  settings = prepare_lib.Settings(os.fspath(tok_path), max_len=max_len, eval_documents=eval_documents)
+  return prepare_lib.prepare(source, out, settings, num_workers=num_workers, progress=progress)
 
 
 def prepare_for_run(workdir: str, *, languages: Sequence[str] | str | None, scale: float, vocab_size: int,
                     seq_len: int) -> str:
   """The demo run's data in `<workdir>/data`, built on the first call and reused after; returns that directory."""
-  data_dir = os.path.join(workdir, "data")
+  data_dir = os.fspath(fs.path(workdir, "workdir") / "data")
   prepare_demo(data_dir, languages=languages, scale=scale, vocab_size=vocab_size, max_len=max(seq_len, 256),
                progress=False)
   return data_dir

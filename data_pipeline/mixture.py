@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import os
 import re
@@ -31,6 +32,8 @@ import sys
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from data_pipeline import filesystem as fs
 
 _CODE_SCRIPT = re.compile(r"^([a-z]{2,3})_([A-Z][a-z]{3})$")   # FineWeb2's <ISO 639-3>_<ISO 15924>
 
@@ -239,13 +242,13 @@ def counts_of(components: Mapping[str, Sequence[dict]]) -> dict[str, tuple[int, 
   return {name: c for name, c in counts.items() if c[0] > 0}
 
 
-def load_stats(data_dir: str) -> dict:
-  path = os.path.join(data_dir, "stats.json")
-  if not os.path.isfile(path):
+def load_stats(data_dir: str | os.PathLike) -> dict:
+  """The stats.json of a prepared data directory (local or gs://)."""
+  path = fs.path(data_dir, "data_dir") / "stats.json"
+  if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: run `python -m data_pipeline.prepare --output_dir {data_dir} "
                             "...` first (a prepare run that did not finish writes no stats.json)")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def counts_from_stats(stats: dict, budget_names: Sequence[str] = ()) -> dict[str, tuple[int, int]]:
@@ -255,8 +258,7 @@ def counts_from_stats(stats: dict, budget_names: Sequence[str] = ()) -> dict[str
 
 def counts_from_csv(path: str, column: str) -> dict[str, int]:
   """{language: tokens} from a CSV of token counts per language (mmBERT's published statistics) (rows with 0 dropped)."""
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
+  rows = list(csv.DictReader(io.StringIO(fs.path(path, "--counts_csv").read_text(), newline="")))
   if not rows or column not in rows[0]:
     raise ValueError(f"{path} has no column {column!r}; columns: {list(rows[0]) if rows else []}")
   key = next(iter(rows[0]))

@@ -22,6 +22,10 @@ number of processes, nor on the number of worker processes (`num_workers` > 0 sp
 Shards are read through a per-process cache of at most `max_open_files` open readers (split between worker
 processes), least recently used closed first, so any number of languages runs under a small `ulimit -n`; nothing
 is opened at start-up, and each shard's record count is checked against stats.json when it is first opened.
+Reads overlap: every stream keeps its next `read_ahead` documents in flight on a pool of `read_threads` threads
+(documents are a pure function of their index, so reading ahead changes no batch). A `gs://` data_dir is read from
+local copies of the phase's shards (`filesystem.local_copy`, once per host, before the first batch): ArrayRecord
+reads local files only.
 
 Iterator state is global by construction: `{"step", "rows", "streams": {stream id: grain state}, "pipeline":
 config signature}` (`rows`: rows each stream has given). A process's `get_state()` holds its own streams; the
@@ -44,12 +48,14 @@ from __future__ import annotations
 
 import bisect
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import os
 import resource
 import threading
+import time
 import zlib
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -57,6 +63,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
+from data_pipeline import filesystem as fs
 from data_pipeline import masking, mixture, packing, sampling
 
 STATE_VERSION = 2
@@ -93,6 +100,9 @@ class PipelineConfig:
   worker_buffer: int = 2                           # batches each worker prepares ahead
   prefetch: int = 2                                # batches prepared ahead by a thread when num_workers == 0
   max_open_files: int = 128                        # open shard readers per process, its workers together
+  read_threads: int = 16                           # threads reading documents per (worker) process; 0: serial
+  read_ahead: int = 32                             # documents each stream keeps in flight (with read_threads)
+  read_latency_ms: float = 0.0                     # sleep per record read (benchmarks and tests of the overlap)
 
   def __post_init__(self):
     if self.seq_len < 2 or self.batch_size < 1:
@@ -107,6 +117,9 @@ class PipelineConfig:
       raise ValueError(f"seed must be non-negative, got {self.seed}")
     if self.max_open_files < 1:
       raise ValueError(f"max_open_files must be positive, got {self.max_open_files}")
+    if self.read_threads < 0 or self.read_ahead < 0 or self.read_latency_ms < 0:
+      raise ValueError(f"read_threads, read_ahead and read_latency_ms must be non-negative, got {self.read_threads}, "
+                       f"{self.read_ahead} and {self.read_latency_ms}")
     if self.max_masked is not None and not 0 < self.max_masked <= self.seq_len:
       raise ValueError(f"max_masked must be in [1, seq_len={self.seq_len}], got {self.max_masked}")
 
@@ -147,20 +160,29 @@ class Plan:
     return self.cfg.batch_size // self.cfg.streams
 
 
-def _shards(data_dir: str, shards: Sequence[dict]) -> tuple[tuple[str, int], ...]:
-  """(path, records) of shards listed in stats.json; only their existence is checked here (a stat call each)."""
-  out = []
-  for shard in shards:
-    path = os.path.join(data_dir, shard["path"])
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)")
-    out.append((path, int(shard["sequences"])))
-  return tuple(out)
+def _shards(data_dir: fs.Path, shards: Sequence[dict], threads: int = 16) -> tuple[tuple[str, int], ...]:
+  """(local filename, records) of shards listed in stats.json. Only their existence is checked here; shards in a
+  bucket are copied to this host's cache first (in parallel, once per host)."""
+  def local(shard):
+    path = data_dir / shard["path"]
+    try:
+      if not fs.is_remote(path) and not path.exists():   # (in a bucket, the copy's stat call finds out)
+        raise FileNotFoundError(path)
+      return fs.local_copy(path)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)") from None
+  if not fs.is_remote(data_dir):
+    paths = [local(shard) for shard in shards]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+      paths = list(pool.map(local, shards))
+  return tuple((p, int(shard["sequences"])) for p, shard in zip(paths, shards))
 
 
 def make_plan(cfg: PipelineConfig) -> tuple[Plan, mixture.Mixture, dict]:
   """Reads stats.json and computes the phase mixture (budgets may name languages or prepare sources)."""
-  stats = mixture.load_stats(cfg.data_dir)
+  data_dir = fs.path(cfg.data_dir, "data_dir")
+  stats = mixture.load_stats(data_dir)
   components = mixture.components(stats, list(cfg.budgets))
   mix = mixture.compute_mixture(mixture.counts_of(components), cfg.phase)
   tok = stats["tokenizer"]
@@ -171,7 +193,7 @@ def make_plan(cfg: PipelineConfig) -> tuple[Plan, mixture.Mixture, dict]:
   vocab = cfg.vocab_size or tok["vocab_size"]
   if vocab < tok["vocab_size"]:
     raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer's {tok['vocab_size']} ({tok['path']})")
-  shards = tuple(_shards(cfg.data_dir, components[l]) for l in mix.languages)
+  shards = tuple(_shards(data_dir, components[l], cfg.read_threads) for l in mix.languages)
   data = {l: [[s["path"], s["sequences"], s["tokens"]] for s in components[l]] for l in mix.languages}
   signature = {
       "seed": cfg.seed, "languages": list(mix.languages), "doc_weights": [round(float(w), 12) for w in mix.doc_weights],
@@ -190,35 +212,64 @@ def make_plan(cfg: PipelineConfig) -> tuple[Plan, mixture.Mixture, dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 class _ReaderCache:
-  """The open ArrayRecord readers of this process, at most `capacity`, the least recently used closed first."""
+  """The open ArrayRecord readers of this process, at most `capacity`, the least recently used closed first.
+
+  Any number of threads read at once (an ArrayRecordReader is thread-safe); the lock guards only the cache, and a
+  reader in use by another thread is closed when its last read ends. `latency_s` makes every record read sleep
+  that long in the reading thread (benchmarks and tests model a network disk with it)."""
 
   def __init__(self, capacity: int = 128):
     self.capacity = capacity
+    self.latency_s = 0.0
     self._readers: collections.OrderedDict[str, ArrayRecordReader] = collections.OrderedDict()
+    self._users: collections.Counter = collections.Counter()     # reads in progress per reader (by id)
+    self._retired: dict[int, ArrayRecordReader] = {}               # evicted while in use: closed after the read
     self._lock = threading.Lock()
     self.opened = 0                       # readers opened so far (a measure of cache misses)
     self.reads = 0                        # records read so far
+    self.in_flight = 0                    # record reads in progress now
+    self.max_in_flight = 0                # the most seen at once
 
   def read(self, path: str, records: int, index: int) -> bytes:
     with self._lock:
       reader = self._readers.get(path)
       if reader is None:
         while len(self._readers) >= self.capacity:
-          _close(self._readers.popitem(last=False)[1])
+          self._evict(self._readers.popitem(last=False)[1])
         reader = self._open(path, records)
         self._readers[path] = reader
       else:
         self._readers.move_to_end(path)
+      self._users[id(reader)] += 1
       self.reads += 1
-      try:
-        return reader.read([index])[0]
-      except (RuntimeError, OSError, ValueError) as e:
-        raise ValueError(f"{path} record {index}: cannot read it ({str(e).splitlines()[0]}); delete the shard "
-                         "and its _units record, then re-run prepare") from None
+      self.in_flight += 1
+      self.max_in_flight = max(self.max_in_flight, self.in_flight)
+    try:
+      if self.latency_s:
+        time.sleep(self.latency_s)
+      return reader.read([index])[0]
+    except (RuntimeError, OSError, ValueError) as e:
+      raise ValueError(f"{path} record {index}: cannot read it ({str(e).splitlines()[0]}); delete the shard "
+                       "and its _units record, then re-run prepare") from None
+    finally:
+      with self._lock:
+        self.in_flight -= 1
+        self._users[id(reader)] -= 1
+        if not self._users[id(reader)]:
+          del self._users[id(reader)]
+          retired = self._retired.pop(id(reader), None)
+          if retired is not None:
+            _close(retired)
+
+  def _evict(self, reader: ArrayRecordReader) -> None:
+    if self._users[id(reader)]:
+      self._retired[id(reader)] = reader
+    else:
+      _close(reader)
 
   def _open(self, path: str, records: int) -> ArrayRecordReader:
     try:
-      # No read-ahead: documents are read one at a time in random order.
+      # No read-ahead inside the reader: documents are read one at a time in random order.
       reader = ArrayRecordReader(path, "readahead_buffer_size:0", file_reader_buffer_size=32768)
       n = reader.num_records()
     except (RuntimeError, OSError, ValueError) as e:
@@ -233,7 +284,7 @@ class _ReaderCache:
   def close_all(self) -> None:
     with self._lock:
       while self._readers:
-        _close(self._readers.popitem()[1])
+        self._evict(self._readers.popitem()[1])
 
 
 def _close(reader: ArrayRecordReader) -> None:
@@ -269,13 +320,25 @@ class ShardSource(grain.sources.RandomAccessDataSource):
   def __len__(self) -> int:
     return self._ends[-1] if self._ends else 0
 
-  def __getitem__(self, index: int) -> bytes:
+  def address(self, index: int) -> tuple[str, int, int]:
+    """(shard path, its records, record index in the shard) of record `index`."""
     i = bisect.bisect_right(self._ends, index)
     path, records = self._shards[i]
-    return READERS.read(path, records, index - (self._ends[i - 1] if i else 0))
+    return path, records, index - (self._ends[i - 1] if i else 0)
+
+  def __getitem__(self, index: int) -> bytes:
+    return READERS.read(*self.address(index))
 
   def __repr__(self) -> str:
     return f"ShardSource({len(self._shards)} shards, {len(self)} records)"
+
+
+class ShardAddresses(ShardSource):
+  """The addresses of the records of some shards (`ShardSource.address`): the shuffled order of a language is
+  computed on them in the stream's thread, and only the reads themselves go to the read threads."""
+
+  def __getitem__(self, index: int) -> tuple[str, int, int]:
+    return self.address(index)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,9 +349,15 @@ def _decode(record: bytes, lang: int) -> dict:
   return {"tokens": np.frombuffer(record, np.int32), "lang": lang}
 
 
+def _read(address: tuple[int, tuple[str, int, int]]) -> dict:
+  lang, where = address
+  return _decode(READERS.read(*where), lang)
+
+
 def language_datasets(plan: Plan) -> list[grain.MapDataset]:
-  """Each language's training sequences, repeated forever in a new order every pass (shared by all streams)."""
-  return [sampling.shuffled_forever(grain.MapDataset.source(ShardSource(shards)),
+  """Each language's training record addresses, repeated forever in a new order every pass (shared by all
+  streams)."""
+  return [sampling.shuffled_forever(grain.MapDataset.source(ShardAddresses(shards)),
                                     seed=_seed32(plan.cfg.seed, _SEED_LANG, _lang_key(lang)))
           for lang, shards in zip(plan.languages, plan.shards)]
 
@@ -311,26 +380,70 @@ class StreamDocuments(grain.MapDataset):
   def __len__(self) -> int:
     return len(self._selection)
 
+  def address(self, index: int) -> tuple[int, tuple[str, int, int]]:
+    """(language, record address) of element `index`, without reading it."""
+    lang, j = self._selection[index]
+    return lang, self._languages[lang][self._stream + self._num_streams * j]
+
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    lang, j = self._selection[index]
-    return _decode(self._languages[lang][self._stream + self._num_streams * j], lang)
+    return _read(self.address(index))
 
   def __str__(self) -> str:
     return f"StreamDocuments(stream={self._stream}/{self._num_streams}, languages={len(self._languages)})"
+
+
+class _ReadAhead:
+  """`documents(k)` for a packer, which asks for k = 0, 1, 2, …: each call also puts the reads of the next `depth`
+  documents on `pool`, so they overlap with each other, with the other streams and with packing. Element k is a
+  pure function of k, so what is read ahead is exactly what a serial read would give. A batch ends with `settle`:
+  the reads it started are done within it (the reading of every batch stays the same, not left to chance of
+  thread scheduling), and the next batch finds its documents read."""
+
+  def __init__(self, docs: StreamDocuments, pool: concurrent.futures.Executor | None, depth: int):
+    self._docs, self._pool, self._depth = docs, pool, depth if pool is not None else 0
+    self._pending: dict[int, concurrent.futures.Future] = {}
+    self.ahead = True                   # False while a restore reads the documents of the rows it held
+
+  def __call__(self, k: int) -> dict:
+    future = self._pending.pop(k, None)
+    if self.ahead and self._depth:
+      for i in [i for i in self._pending if i < k]:       # left behind by a restore
+        self._pending.pop(i).cancel()
+      for i in range(k + 1, k + 1 + self._depth):
+        if i not in self._pending:
+          self._pending[i] = self._pool.submit(_read, self._docs.address(i))
+    return future.result() if future is not None else self._docs[k]
+
+  def settle(self) -> None:
+    concurrent.futures.wait(list(self._pending.values()))
+
+  def prefetch(self, ks) -> None:
+    """Starts reading documents `ks` (those a restore is about to ask for)."""
+    if self._depth:
+      for k in ks:
+        if k not in self._pending:
+          self._pending[k] = self._pool.submit(_read, self._docs.address(k))
+
+  def cancel(self) -> None:
+    for future in self._pending.values():
+      future.cancel()
+    self._pending.clear()
 
 
 class _Stream:
   """One row stream: its documents, packed row by row (`packing.StreamingPacker`, so every batch does about the
   same reading and packing); counts the rows it has given."""
 
-  def __init__(self, plan: Plan, stream: int, languages: Sequence[grain.MapDataset]):
+  def __init__(self, plan: Plan, stream: int, languages: Sequence[grain.MapDataset],
+               pool: concurrent.futures.Executor | None = None):
     cfg = plan.cfg
     selection = sampling.BlockMixSelection(plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream),
                                            block=cfg.mix_block)
     docs = StreamDocuments(languages, selection, stream, cfg.streams)
-    self._packer = packing.StreamingPacker(docs.__getitem__, cfg.seq_len, num_bins=cfg.packing_bins,
+    self._reads = _ReadAhead(docs, pool, cfg.read_ahead)
+    self._packer = packing.StreamingPacker(self._reads, cfg.seq_len, num_bins=cfg.packing_bins,
                                            packing=cfg.packing, pad_id=cfg.pad_id)
     self.rows = 0
 
@@ -343,8 +456,20 @@ class _Stream:
     return self._packer.get_state()
 
   def set_state(self, state: Mapping[str, Any], rows: int) -> None:
-    self._packer.set_state(state)
+    self._reads.cancel()
+    self._reads.prefetch(sorted({k for row in (*state["open"], *state["closed"]) for k, _, _ in row}))
+    self._reads.ahead = False
+    try:
+      self._packer.set_state(state)
+    finally:
+      self._reads.ahead = True
     self.rows = rows
+
+  def settle(self) -> None:
+    self._reads.settle()
+
+  def close(self) -> None:
+    self._reads.cancel()
 
 
 def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -368,7 +493,10 @@ class _RowStreamsIterator(grain.DatasetIterator):
     super().__init__()
     self._plan = plan
     languages = language_datasets(plan)
-    self._streams = {s: _Stream(plan, s, languages) for s in stream_ids}
+    cfg = plan.cfg
+    self._pool = (concurrent.futures.ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read")
+                  if cfg.read_threads and cfg.read_ahead else None)
+    self._streams = {s: _Stream(plan, s, languages, self._pool) for s in stream_ids}
     if start is not None:
       self.set_state(start)
 
@@ -380,6 +508,8 @@ class _RowStreamsIterator(grain.DatasetIterator):
       rngs += [masking.row_rng(cfg.seed, _TRAIN, s, stream.rows + j) for j in range(k)]
       rows += stream.take(k)
       row_ids += [s * k + j for j in range(k)]
+    for stream in self._streams.values():
+      stream.settle()
     batch = _mask(self._plan, _stack(rows), rngs)
     batch["_rows"] = np.asarray(row_ids, np.int64)
     batch["_state"] = self.get_state()
@@ -395,6 +525,13 @@ class _RowStreamsIterator(grain.DatasetIterator):
       if state["streams"][str(s)] is not None:     # None: the stream has not started
         stream.set_state(state["streams"][str(s)], state["rows"])
 
+  def close(self) -> None:
+    for stream in self._streams.values():
+      stream.close()
+    if self._pool is not None:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+    super().close()
+
 
 class _RowStreams(grain.IterDataset):
   """Some streams of a process. `set_slice` (called by grain in each mp_prefetch worker) keeps a worker's share."""
@@ -409,6 +546,7 @@ class _RowStreams(grain.IterDataset):
 
   def __iter__(self) -> _RowStreamsIterator:
     READERS.capacity = self._open_files
+    READERS.latency_s = self._plan.cfg.read_latency_ms / 1e3
     return _RowStreamsIterator(self._plan, self._stream_ids, self._start)
 
 
@@ -555,8 +693,11 @@ def eval_batches(cfg: PipelineConfig, process_index: int | None = None, process_
     if not shards:
       continue
     li = plan.languages.index(lang)
-    ds = grain.MapDataset.source(ShardSource(_shards(cfg.data_dir, shards))).map(lambda r, li=li: _decode(r, li))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    ds = grain.MapDataset.source(ShardSource(_shards(fs.path(cfg.data_dir, "data_dir"), shards, cfg.read_threads)))
+    ds = ds.map(lambda r, li=li: _decode(r, li))
+    # Grain's read threads read ahead in order (the same documents, overlapped).
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=cfg.read_ahead if cfg.read_threads else 0))
     rows = packing.pack(ds, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins, shuffle_bins=False,
                         pad_id=cfg.pad_id).__iter__()
     batch_index = 0

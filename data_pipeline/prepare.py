@@ -25,6 +25,9 @@ never takes more than 1/eval_every of a small language). Output, under --output_
 
 Shards are written under a temporary name and renamed when complete, then the unit's record is written. A re-run
 skips finished units and redoes the rest, so an interrupted run never leaves a shard that reads as complete.
+--output_dir may be gs://bucket/...: a unit's shards are written to a local folder and uploaded when complete,
+then its record; stats.json comes last. Inputs (and --tokenizer) may be in a bucket too, except TFDS datasets,
+which `tfds.data_source` reads through its own --tfds_data_dir.
 stats.json is rebuilt from every finished unit in --output_dir (all sources) at the end of each run; the training
 pipeline reads only shards listed there. --shard_index i --num_shards n makes this run take every n-th unit from
 the i-th on, so n machines (or jobs) can share one source and one --output_dir; rerun any one of them (it then has
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import glob
 import gzip
 import json
@@ -54,6 +58,7 @@ import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from data_pipeline import filesystem as fs
 from data_pipeline import mixture, tokenizer as tokenizer_lib
 
 FORMAT_VERSION = 2
@@ -99,8 +104,10 @@ class Source:
 
   def describe(self) -> dict:
     """What the source id stands for (recorded in _sources/<id>.json)."""
-    return {"format": self.format, "path": os.path.abspath(self.path) if self.path else "",
-            "files": [os.path.abspath(f) for f in self.files], "lang": self.lang, "text_key": self.text_key}
+    path = os.fspath(fs.path(self.path, f"--{self.format}")) if self.path and self.format != "tfds" else self.path
+    return {"format": self.format, "path": path,
+            "files": [os.fspath(fs.path(f, "--jsonl")) for f in self.files], "lang": self.lang,
+            "text_key": self.text_key}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,41 +153,65 @@ def _safe_name(relpath: str) -> str:
 # Listing and reading inputs
 # ----------------------------------------------------------------------------------------------------------------
 
+def _glob(root: str, *patterns: str) -> list[str]:
+  """Sorted files under `root` (local or gs://) matching any of `patterns` (`**` only as a whole component)."""
+  if fs.is_remote(root):
+    base, found = fs.path(root, "input"), set()
+    for pattern in patterns:
+      if pattern.startswith("**/"):      # epath refuses `**` in a bucket: walk it
+        plain = os.fspath(base)[len("gs://"):]
+        for folder, _, names in base.walk():   # folders come as bucket/path, without the scheme
+          below = os.fspath(folder).removeprefix("gs://")[len(plain):].strip("/")
+          found |= {os.fspath(base / below / name if below else base / name)
+                    for name in fnmatch.filter(names, pattern[3:])}
+      else:
+        found |= {os.fspath(p) for p in base.glob(pattern)}
+    return sorted(found)
+  # local-only: glob.glob lists local files (escape keeps brackets in folder names literal)
+  return sorted({f for pattern in patterns for f in glob.glob(f"{glob.escape(root)}/{pattern}", recursive=True)})
+
+
+def _relpath(f: str, root: str) -> str:
+  if fs.is_remote(root):
+    return f[len(root.rstrip("/")) + 1:]
+  return os.path.relpath(f, root)  # local-only: both are local paths here
+
+
 def list_units(source: Source, settings: Settings, languages: Sequence[str] | None = None) -> list[Unit]:
   """The units of work of `source`, sorted, restricted to `languages` where files carry one language."""
   prefix = source.name + "-"
+  if source.format in ("parquet", "text"):
+    fs.path(source.path, f"--{source.format}_dir")     # an unusable scheme is an error naming the flag
   if source.format == "parquet":
     if source.lang:
-      files = sorted(glob.glob(os.path.join(glob.escape(source.path), "**", "*.parquet"), recursive=True))
+      files = _glob(source.path, "**/*.parquet")
       per_file = [(source.lang, f) for f in files]
     else:
-      files = sorted(glob.glob(os.path.join(glob.escape(source.path), "*", "train", "*.parquet")))
-      per_file = [(os.path.basename(os.path.dirname(os.path.dirname(f))), f) for f in files]
+      files = _glob(source.path, "*/train/*.parquet")
+      per_file = [(_relpath(f, source.path).split("/")[0], f) for f in files]
       if not source.include_removed:   # FineWeb2's filtered-out documents of each language
         per_file = [(lang, f) for lang, f in per_file if not lang.endswith("_removed")]
     if not per_file:
       raise FileNotFoundError(f"no {'*.parquet' if source.lang else '<lang>_<Script>/train/*.parquet'} files "
                               f"under {source.path}")
   elif source.format == "text":
-    root = glob.escape(source.path)
-    files = sorted(glob.glob(os.path.join(root, "*.txt")) + glob.glob(os.path.join(root, "*.txt.gz"))
-                   + glob.glob(os.path.join(root, "*", "*.txt")) + glob.glob(os.path.join(root, "*", "*.txt.gz")))
+    files = _glob(source.path, "*.txt", "*.txt.gz", "*/*.txt", "*/*.txt.gz")
     if not files:
       raise FileNotFoundError(f"no <lang>.txt or <lang>/*.txt files under {source.path}")
     per_file = []
     for f in files:
-      rel = os.path.relpath(f, source.path)
+      rel = _relpath(f, source.path)
       lang = rel.split(os.sep)[0] if os.sep in rel else re.sub(r"\.txt(\.gz)?$", "", rel)
       per_file.append((lang, f))
   elif source.format == "jsonl":
     if not source.files:
       raise ValueError("jsonl input needs at least one file")
-    missing = [f for f in source.files if not os.path.isfile(f)]
+    missing = [f for f in source.files if not fs.path(f, "--jsonl").is_file()]
     if missing:
       raise FileNotFoundError(f"jsonl input files do not exist: {', '.join(missing)}")
     files = sorted(source.files)
     quota = math.ceil(settings.eval_documents / len(files))
-    return [Unit(f"{prefix}{i:05d}-{_safe_name(os.path.basename(f))}", f, source.lang, eval_quota=quota)
+    return [Unit(f"{prefix}{i:05d}-{_safe_name(f.rsplit('/', 1)[-1])}", f, source.lang, eval_quota=quota)
             for i, f in enumerate(files)]
   else:  # tfds
     n = len(_tfds_source(source))
@@ -201,7 +232,7 @@ def list_units(source: Source, settings: Settings, languages: Sequence[str] | No
   files_per_lang: dict[str, int] = {}
   for lang, _ in per_file:
     files_per_lang[lang] = files_per_lang.get(lang, 0) + 1
-  return [Unit(prefix + _safe_name(os.path.relpath(f, source.path)), f, lang,
+  return [Unit(prefix + _safe_name(_relpath(f, source.path)), f, lang,
                eval_quota=math.ceil(settings.eval_documents / files_per_lang[lang])) for lang, f in per_file]
 
 
@@ -210,7 +241,8 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
   line. Lines are decoded one by one (not in blocks) so that the line number is exact."""
   lineno = 0
   try:
-    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+    with fs.path(path, "input").open("rb") as raw_file, \
+        (gzip.GzipFile(fileobj=raw_file) if path.endswith(".gz") else raw_file) as f:
       for lineno, raw in enumerate(f, 1):
         line = raw.decode("utf-8")
         yield lineno, line[:-2] + "\n" if line.endswith("\r\n") else line
@@ -234,10 +266,15 @@ def _as_str(value) -> str:
 
 
 def _read_parquet(unit: Unit, source: Source, batch: int) -> Iterator[list[tuple[str, str]]]:
+  with fs.path(unit.path, "input").open("rb") as raw:
+    yield from _read_parquet_file(raw, unit, source, batch)
+
+
+def _read_parquet_file(raw, unit: Unit, source: Source, batch: int) -> Iterator[list[tuple[str, str]]]:
   import pyarrow as pa
   import pyarrow.parquet as pq
   try:
-    f = pq.ParquetFile(unit.path)
+    f = pq.ParquetFile(raw)
   except (pa.ArrowException, OSError) as e:
     raise ValueError(f"{unit.path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
   names = f.schema_arrow.names
@@ -360,12 +397,14 @@ def _tokenizer(path: str) -> tokenizer_lib.Tokenizer:
 
 
 class _ShardWriter:
-  """An ArrayRecord file written under a temporary name and renamed to its final name on `commit`."""
+  """An ArrayRecord file written under a temporary name and renamed to its final name on `commit` (a local path:
+  for a bucket, `process_unit` writes into a local folder that it uploads)."""
 
   def __init__(self, path: str):
+    # local-only: ArrayRecord writes local files; stale temporaries are left by an interrupted run of this unit
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    for stale in glob.glob(glob.escape(path) + ".tmp-*"):   # left by an interrupted run of this unit
-      os.remove(stale)
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # local-only: as above
+      os.remove(stale)  # local-only: as above
     self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
     self._writer = ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
     self.documents = self.sequences = self.tokens = 0
@@ -377,19 +416,20 @@ class _ShardWriter:
 
   def commit(self) -> dict:
     self._writer.close()
-    os.replace(self.tmp, self.path)
+    os.replace(self.tmp, self.path)  # local-only: within the local stage folder
     return {"documents": self.documents, "sequences": self.sequences, "tokens": self.tokens}
 
 
-def _atomic_write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+def _atomic_write_json(path: str | os.PathLike, obj) -> None:
+  fs.write_text(fs.path(path), json.dumps(obj, indent=1, sort_keys=True))
 
 
-def _unit_record_path(output_dir: str, unit: Unit) -> str:
-  return os.path.join(output_dir, "_units", unit.name + ".json")
+def _read_json(path: fs.Path):
+  return json.loads(path.read_text())
+
+
+def _unit_record_path(output_dir: fs.Path, unit: Unit) -> fs.Path:
+  return output_dir / "_units" / (unit.name + ".json")
 
 
 class _UnitWriter:
@@ -415,6 +455,7 @@ class _UnitWriter:
       self.held_out[lang] = self.held_out.get(lang, 0) + 1
     key = (lang, split)
     if key not in self.writers:
+      # local-only: the unit's local stage folder (process_unit uploads it to a bucket)
       path = os.path.join(self.output_dir, lang, split, self.unit.name + ".array_record")
       self.writers[key] = _ShardWriter(path)
     self.writers[key].documents += 1
@@ -422,15 +463,28 @@ class _UnitWriter:
       self.writers[key].write(seq)
 
   def commit(self, source: str) -> dict:
-    """Renames the finished shards into place, then records the unit as done."""
+    """Renames the finished shards into place and returns the unit's record (written by the caller once the
+    shards are where readers look for them)."""
     record: dict = {"unit": self.unit.name, "source": source, "languages": {}}
     for (lang, split), w in sorted(self.writers.items()):
       counts = w.commit()
-      counts["path"] = os.path.relpath(w.path, self.output_dir)
+      counts["path"] = os.path.relpath(w.path, self.output_dir)  # local-only: both inside the local stage folder
       record["languages"].setdefault(lang, {})[split] = counts
-    os.makedirs(os.path.join(self.output_dir, "_units"), exist_ok=True)
-    _atomic_write_json(_unit_record_path(self.output_dir, self.unit), record)
     return record
+
+
+def _write_unit(unit: Unit, settings: Settings, output_dir: str | os.PathLike, bos: int, eos: int, source: str,
+                documents: Iterable[tuple[str, Sequence[int]]]) -> dict:
+  """Writes a unit's shards (for a bucket: into a local folder, uploaded when complete), then its record."""
+  out = fs.path(output_dir, "--output_dir")
+  with fs.staged_dir(out) as stage:
+    writer = _UnitWriter(unit, settings, stage, bos, eos)
+    for lang, token_ids in documents:
+      writer.add(lang, token_ids)
+    record = writer.commit(source)
+  (out / "_units").mkdir(parents=True, exist_ok=True)
+  _atomic_write_json(_unit_record_path(out, unit), record)
+  return record
 
 
 def process_unit(unit: Unit, source: Source, settings: Settings, output_dir: str,
@@ -439,13 +493,13 @@ def process_unit(unit: Unit, source: Source, settings: Settings, output_dir: str
   tok = _tokenizer(settings.tokenizer)
   ids = tok.special_ids()
   want = set(languages) if languages and unit.lang is None else None   # files of one language: chosen already
-  writer = _UnitWriter(unit, settings, output_dir, ids["bos"], ids["eos"])
-  for batch in read_unit(unit, source):
-    batch = [(lang, text) for lang, text in batch if text and text.strip() and (want is None or lang in want)]
-    if batch:
-      for (lang, _), token_ids in zip(batch, tok.encode([text for _, text in batch])):
-        writer.add(lang, token_ids)
-  return writer.commit(source.name)
+
+  def documents():
+    for batch in read_unit(unit, source):
+      batch = [(lang, text) for lang, text in batch if text and text.strip() and (want is None or lang in want)]
+      if batch:
+        yield from zip((lang for lang, _ in batch), tok.encode([text for _, text in batch]))
+  return _write_unit(unit, settings, output_dir, ids["bos"], ids["eos"], source.name, documents())
 
 
 def _process_task(task) -> dict:
@@ -456,14 +510,13 @@ def _process_task(task) -> dict:
 # The whole run
 # ----------------------------------------------------------------------------------------------------------------
 
-def _check_settings(output_dir: str, settings: Settings, tok: tokenizer_lib.Tokenizer) -> None:
-  path = os.path.join(output_dir, "prepare.json")
-  current = {"format": FORMAT_VERSION, "tokenizer_sha256": tokenizer_lib.file_sha256(tok.path),
+def _check_settings(output_dir: fs.Path, settings: Settings, tok: tokenizer_lib.Tokenizer) -> None:
+  path = output_dir / "prepare.json"
+  current = {"format": FORMAT_VERSION, "tokenizer_sha256": tok.sha256,
              "max_len": settings.max_len, "min_tokens": settings.min_tokens,
              "eval_documents": settings.eval_documents, "eval_every": settings.eval_every}
-  if os.path.exists(path):
-    with open(path) as f:
-      before = json.load(f)
+  if path.exists():
+    before = _read_json(path)
     diff = [f"{k} {before.get(k)!r} → {v!r}" for k, v in current.items() if before.get(k) != v]
     if diff:
       raise ValueError(f"{output_dir} was prepared with other settings ({'; '.join(diff)}); use a new "
@@ -472,28 +525,29 @@ def _check_settings(output_dir: str, settings: Settings, tok: tokenizer_lib.Toke
     _atomic_write_json(path, current)
 
 
-def _check_source(output_dir: str, source: Source) -> None:
+def _check_source(output_dir: fs.Path, source: Source) -> None:
   """One source id stands for one input in an output directory."""
-  path = os.path.join(output_dir, "_sources", source.name + ".json")
-  if os.path.exists(path):
-    with open(path) as f:
-      before = json.load(f)
+  path = output_dir / "_sources" / (source.name + ".json")
+  if path.exists():
+    before = _read_json(path)
     if before != source.describe():
       raise ValueError(f"source id {source.name!r} already names another input in {output_dir} "
                        f"({before['format']} {before['path'] or ', '.join(before['files'])}); give this input "
                        "its own --source id")
   else:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(path, source.describe())
 
 
-def finished_units(output_dir: str) -> list[dict]:
-  """The records of every finished unit in `output_dir`, of all sources, by unit name."""
-  records = []
-  for path in sorted(glob.glob(os.path.join(glob.escape(output_dir), "_units", "*.json"))):
-    with open(path) as f:
-      records.append(json.load(f))
-  return records
+def _unit_names(output_dir: fs.Path) -> list[str]:
+  units = output_dir / "_units"
+  return sorted(p.name for p in units.iterdir() if p.name.endswith(".json")) if units.exists() else []
+
+
+def finished_units(output_dir: str | os.PathLike) -> list[dict]:
+  """The records of every finished unit in `output_dir` (local or gs://), of all sources, by unit name."""
+  out = fs.path(output_dir, "--output_dir")
+  return [_read_json(out / "_units" / name) for name in _unit_names(out)]
 
 
 def aggregate(records: Sequence[dict], tokenizer_info: dict, settings: Settings) -> dict:
@@ -540,25 +594,25 @@ def prepare(source: Source, output_dir: str, settings: Settings, *, languages: S
   rebuilds stats.json from every finished unit in output_dir and returns it. num_workers 0 = in this process."""
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index {shard_index} is not in [0, num_shards={num_shards})")
+  out = fs.path(output_dir, "--output_dir")
   tok = tokenizer_lib.load_tokenizer(settings.tokenizer)
   settings = dataclasses.replace(settings, tokenizer=tok.path)
   if languages:
     for lang in languages:
       check_language_name(lang, "--languages")
   units = list_units(source, settings, languages)[shard_index::num_shards]
-  os.makedirs(output_dir, exist_ok=True)
-  _check_settings(output_dir, settings, tok)
-  _check_source(output_dir, source)
+  out.mkdir(parents=True, exist_ok=True)
+  _check_settings(out, settings, tok)
+  _check_source(out, source)
 
   records, todo = {}, []
+  done_names = set(_unit_names(out))          # one listing, not a request per unit
   for unit in units:
-    path = _unit_record_path(output_dir, unit)
-    if os.path.exists(path):
-      with open(path) as f:
-        records[unit.name] = json.load(f)
+    if unit.name + ".json" in done_names:
+      records[unit.name] = _read_json(_unit_record_path(out, unit))
     else:
       todo.append(unit)
-  tasks = [(u, source, settings, output_dir, languages) for u in todo]
+  tasks = [(u, source, settings, os.fspath(out), languages) for u in todo]
   bar = tqdm.tqdm(total=len(units), initial=len(units) - len(todo), unit="file", desc="prepare",
                   disable=not progress, dynamic_ncols=True)
   tokens = 0
@@ -591,11 +645,12 @@ def prepare(source: Source, output_dir: str, settings: Settings, *, languages: S
       if absent:
         raise ValueError(f"requested languages with no documents in the input: {', '.join(absent)}")
   # Every finished unit of every source; written again if another run finished a unit meanwhile.
+  # stats.json last: every shard it lists is in place before it is written.
   while True:
-    names = sorted(os.listdir(os.path.join(output_dir, "_units")))
-    stats = aggregate(finished_units(output_dir), tok.describe(), settings)
-    _atomic_write_json(os.path.join(output_dir, "stats.json"), stats)
-    if sorted(os.listdir(os.path.join(output_dir, "_units"))) == names:
+    names = _unit_names(out)
+    stats = aggregate(finished_units(out), tok.describe(), settings)
+    _atomic_write_json(out / "stats.json", stats)
+    if _unit_names(out) == names:
       return stats
 
 
@@ -604,19 +659,18 @@ def write_pretokenized(output_dir: str, documents: Mapping[str, Iterable[Sequenc
   """Writes already tokenized documents ({language: token id lists}, no <bos>/<eos>) in the same layout as
   `prepare`, for synthetic corpora (benchmarks, tests). `tokenizer_info` stands in for `Tokenizer.describe()`:
   at least vocab_size and special_ids."""
-  if os.path.exists(os.path.join(output_dir, "stats.json")):
+  out = fs.path(output_dir, "output_dir")
+  if (out / "stats.json").exists():
     raise FileExistsError(f"{output_dir} already holds a prepared corpus (stats.json)")
   ids = tokenizer_info["special_ids"]
   records = []
   for lang, docs in sorted(documents.items()):
     check_language_name(lang, "write_pretokenized")
-    writer = _UnitWriter(Unit(f"pretokenized-{lang}", "", lang, eval_quota=settings.eval_documents), settings,
-                         output_dir, ids["bos"], ids["eos"])
-    for doc in docs:
-      writer.add(lang, doc)
-    records.append(writer.commit("pretokenized"))
+    unit = Unit(f"pretokenized-{lang}", "", lang, eval_quota=settings.eval_documents)
+    records.append(_write_unit(unit, settings, out, ids["bos"], ids["eos"], "pretokenized",
+                               ((lang, doc) for doc in docs)))
   stats = aggregate(records, tokenizer_info, settings)
-  _atomic_write_json(os.path.join(output_dir, "stats.json"), stats)
+  _atomic_write_json(out / "stats.json", stats)
   return stats
 
 
@@ -668,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   t = stats["totals"]
   print(f"{len(stats['languages'])} languages; train {t['train']['documents']:,} documents, "
         f"{t['train']['tokens']:,} tokens; eval {t['eval']['documents']:,} documents → "
-        f"{os.path.join(args.output_dir, 'stats.json')}")
+        f"{fs.path(args.output_dir, '--output_dir') / 'stats.json'}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import io
 import json
-import os
 import zlib
 from typing import Any, Iterable, Sequence
 
@@ -34,6 +34,7 @@ import numpy as np
 from babel import Locale, lists
 
 from data_pipeline import demo_corpus
+from data_pipeline import filesystem as fs
 
 KINDS = ("classification", "retrieval")
 EMBEDDED = ("cldr_langid", "cldr_retrieval")
@@ -97,15 +98,21 @@ class Columns:
   default_lang: str = "und"
 
 
+def _open_text(p: fs.Path, raw, newline: str | None = None):
+  """A text stream over the bytes of `raw` (an open file of `p`), gunzipped for a .gz name."""
+  return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if p.name.endswith(".gz") else raw, encoding="utf-8",
+                          newline=newline)
+
+
 def read_records(path: str, tfds_data_dir: str | None = None) -> list[dict[str, Any]]:
-  """Rows of a JSONL / parquet / TSV file or of `tfds:NAME[:SPLIT]`, as dicts."""
+  """Rows of a JSONL / parquet / TSV file (local or gs://) or of `tfds:NAME[:SPLIT]`, as dicts."""
   if path.startswith("tfds:"):
     return _tfds_records(path, tfds_data_dir)
-  if not os.path.exists(path):
+  p = fs.path(path, "task file")
+  if not p.exists():
     raise FileNotFoundError(f"task file {path} does not exist")
   if path.endswith((".jsonl", ".jsonl.gz", ".json")):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with p.open("rb") as raw, _open_text(p, raw) as f:
       rows = []
       for i, line in enumerate(f):
         if line.strip():
@@ -116,10 +123,10 @@ def read_records(path: str, tfds_data_dir: str | None = None) -> list[dict[str, 
       return rows
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq
-    return pq.read_table(path).to_pylist()
+    with p.open("rb") as raw:
+      return pq.read_table(raw).to_pylist()
   if path.endswith((".tsv", ".tsv.gz")):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
+    with p.open("rb") as raw, _open_text(p, raw, newline="") as f:
       return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
   raise ValueError(f"task file {path}: unknown format (expected .jsonl[.gz], .parquet, .tsv[.gz] or "
                    "tfds:NAME[:SPLIT])")
@@ -177,7 +184,7 @@ def from_files(kind: str, train: str, test: str, columns: Columns = Columns(), *
     pairs = _column(rows, columns.pair, path) if columns.pair else None
     labels = _column(rows, columns.label, path) if kind == "classification" else None
     splits[split] = (texts, langs, pairs, labels)
-  name = name or os.path.basename(train)
+  name = name or train.rstrip("/").rsplit("/", 1)[-1]
   if kind == "classification":
     label_names = _label_order(splits["train"][3])
     index = {n: i for i, n in enumerate(label_names)}

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Sequence
 
 import sentencepiece as spm
 
+from data_pipeline import filesystem as fs
+
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
@@ -46,32 +48,34 @@ class SpecialIds:
 PIECES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>", "mask": "<mask>"}
 
 
-def file_sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+def file_sha256(path: str | os.PathLike) -> str:
+  return hashlib.sha256(fs.path(path, "tokenizer").read_bytes()).hexdigest()
 
 
 class Tokenizer:
   """A SentencePiece model or HF tokenizer.json. `encode` adds no special tokens; callers add <bos>/<eos>."""
 
-  def __init__(self, path: str):
-    if not os.path.isfile(path):
+  def __init__(self, path: str | os.PathLike):
+    p = fs.path(path, "tokenizer")
+    if not p.is_file():
       raise FileNotFoundError(f"tokenizer file {path} does not exist (expected a SentencePiece .model or a "
                               "tokenizer.json; train one with `python -m data_pipeline.tokenizer train`)")
-    self.path = os.path.abspath(path)
-    if path.endswith(".json"):
+    self.path = os.fspath(p)
+    data = p.read_bytes()         # local or gs://: both libraries load from memory
+    if self.path.endswith(".json"):
       import tokenizers  # only needed for this file kind
       self.kind = "tokenizers"
-      self._hf = tokenizers.Tokenizer.from_file(path)
+      self._hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
       self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
     else:
       self.kind = "sentencepiece"
       self._sp = spm.SentencePieceProcessor()
       try:
-        self._sp.Load(path)
+        self._sp.LoadFromSerializedProto(data)
       except (OSError, RuntimeError) as e:
-        raise ValueError(f"tokenizer file {path} is not a SentencePiece model ({e})") from None
+        raise ValueError(f"tokenizer file {path} is not a SentencePiece model ({str(e).splitlines()[0]})") from None
       self.vocab_size = self._sp.GetPieceSize()
+    self.sha256 = hashlib.sha256(data).hexdigest()
 
   def __getstate__(self):
     return {"path": self.path}
@@ -115,7 +119,7 @@ class Tokenizer:
   def describe(self) -> dict[str, Any]:
     """What stats.json records about the tokenizer that produced the shards."""
     return {"path": self.path, "kind": self.kind, "vocab_size": self.vocab_size,
-            "sha256": file_sha256(self.path), "special_ids": self.special_ids()}
+            "sha256": self.sha256, "special_ids": self.special_ids()}
 
 
 def load_tokenizer(path: str, expected: SpecialIds | None = SpecialIds()) -> Tokenizer:
@@ -136,11 +140,14 @@ def train_sentencepiece(model_prefix: str, *, vocab_size: int, input_files: Sequ
   """
   if not input_files and sentences is None:
     raise ValueError("train_sentencepiece needs input_files or sentences")
-  for f in input_files:
-    if not os.path.isfile(f):
+  inputs = [fs.path(f, "tokenizer training input") for f in input_files]
+  for f in inputs:
+    if not f.is_file():
       raise FileNotFoundError(f"tokenizer training input {f} does not exist")
+  input_files = [fs.local_copy(f) for f in inputs]          # the trainer opens local files only
+  path = fs.path(os.fspath(model_prefix) + ".model", "model_prefix")
   ids = SpecialIds()
-  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  path.parent.mkdir(parents=True, exist_ok=True)
   spm.set_random_generator_seed(seed)
   model = io.BytesIO()
   kwargs = dict(
@@ -158,13 +165,14 @@ def train_sentencepiece(model_prefix: str, *, vocab_size: int, input_files: Sequ
     spm.SentencePieceTrainer.Train(input=",".join(input_files), **kwargs)
   else:
     spm.SentencePieceTrainer.Train(sentence_iterator=iter(sentences), **kwargs)
-  path = model_prefix + ".model"
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)
+  if fs.is_remote(path):
+    path.write_bytes(model.getvalue())              # an object is replaced whole
+  else:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)   # local-only: the local branch
   load_tokenizer(path)   # the ids came out as requested
-  return path
+  return os.fspath(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

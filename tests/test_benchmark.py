@@ -37,3 +37,14 @@ def test_command(capsys):
   rows = [l.split() for l in lines if l.split() and l.split()[0] == "decay"]
   assert [(r[1], r[2], r[3]) for r in rows] == [("8192", "4", "0")]
   assert 0 < float(rows[0][12]) <= 1 and float(rows[0][14]) >= 0 and float(rows[0][8]) >= 1
+
+
+def test_injected_read_latency(capsys):
+  """--read_latency_ms: serial reads are one at a time and slow; read threads overlap them."""
+  benchmark.main(["--corpus_tokens", "200000", "--num_languages", "20", "--settings", "pretrain", "--workers", "0",
+                  "--cycles", "1", "--read_latency_ms=3", "--read_threads", "0,8"])
+  lines = capsys.readouterr().out.splitlines()
+  rows = [l.split() for l in lines if l.split() and l.split()[0] == "pretrain"]
+  assert [(r[16], r[17], r[18]) for r in rows] == [("0", "3.0ms", "1"), ("8", "3.0ms", rows[1][18])]
+  assert int(rows[1][18]) >= 4 and all(float(r[10].rstrip("M")) > 0 for r in rows)
+  pipeline.READERS.latency_s = 0.0

@@ -111,3 +111,49 @@ def test_incomplete_or_mixed_saves_are_refused(data_dir, tmp_path):
     checkpoint.load_state(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no process_\\*-of-\\*.json"):
     checkpoint.load_state(str(tmp_path / "nothing"))
+
+
+def test_states_in_a_bucket(data_dir, gcs_bucket):
+  """Each host's state file in a bucket; restored by another process count from there. A missing or partial set
+  of states is an error, never a fresh start of the data."""
+  import uuid
+  from data_pipeline import filesystem as fs
+  root = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
+  cfg = _cfg(data_dir)
+  single = pipeline.make_train_iterator(cfg, 0, 1)
+  procs = [pipeline.make_train_iterator(cfg, i, 2) for i in range(2)]
+  for it in [single] + procs:
+    [next(it) for _ in range(4)]
+  expected = [next(single) for _ in range(3)]
+  handler = checkpoint.PipelineCheckpointHandler()
+  handler.save(root / "partial", args=checkpoint.PipelineSave(procs[1]))
+  for it in procs:
+    handler.save(root / "4", args=checkpoint.PipelineSave(it))
+  assert sorted(p.name for p in (root / "4").iterdir()) == ["process_0-of-2.json", "process_1-of-2.json"]
+  one = handler.restore(root / "4", args=checkpoint.PipelineRestore(pipeline.make_train_iterator(cfg, 0, 1)))
+  _same([next(one) for _ in range(3)], expected)
+  four = [pipeline.make_train_iterator(cfg, i, 4) for i in range(4)]
+  for it in four:
+    it.set_state(checkpoint.load_state(os.fspath(root / "4")))      # a gs:// string, as a config holds it
+  got = [[next(it) for _ in range(3)] for it in four]
+  _same([{k: np.concatenate([g[s][k] for g in got]) for k in expected[0]} for s in range(3)], expected)
+  fresh = pipeline.make_train_iterator(cfg, 0, 1)
+  with pytest.raises(FileNotFoundError, match="no process_\\*-of-\\*.json iterator states in gs://"):
+    handler.restore(root / "missing", args=checkpoint.PipelineRestore(fresh))
+  with pytest.raises(ValueError, match=r"incomplete set of iterator states: \['process_1-of-2.json'\]"):
+    handler.restore(root / "partial", args=checkpoint.PipelineRestore(fresh))
+  assert fresh.step == 0
+
+
+def test_states_through_an_orbax_manager_in_a_bucket(data_dir, gcs_bucket):
+  import uuid
+  path = f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/ckpt"
+  it = pipeline.make_train_iterator(_cfg(data_dir), 0, 1)
+  [next(it) for _ in range(3)]
+  mngr = _manager(path)
+  mngr.save(3, args=ocp.args.Composite(data_iter=checkpoint.PipelineSave(it)))
+  mngr.wait_until_finished()
+  expected = [next(it) for _ in range(2)]
+  fresh = pipeline.make_train_iterator(_cfg(data_dir), 0, 1)
+  _manager(path).restore(3, args=ocp.args.Composite(data_iter=checkpoint.PipelineRestore(fresh)))
+  _same([next(fresh) for _ in range(2)], expected)

@@ -74,3 +74,21 @@ def test_prepare_demo_end_to_end(tmp_path):
   assert demo_corpus.prepare_demo(str(tmp_path), languages=langs, scale=0.1, vocab_size=600, max_len=256,
                                   eval_documents=2, progress=False) == stats
   assert os.path.getmtime(tmp_path / "tokenizer.model") == mtime
+
+
+def test_prepare_demo_into_a_bucket(tmp_path, gcs_bucket):
+  """The demo's text, tokenizer, shards and stats.json in a bucket: the same corpus as on local disk."""
+  import json
+  import uuid
+  from data_pipeline import filesystem as fs
+  remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/data")
+  kw = dict(languages=["fo", "ti"], scale=0.1, vocab_size=600, max_len=128, eval_documents=2, progress=False)
+  got = demo_corpus.prepare_demo(os.fspath(remote), **kw)
+  want = demo_corpus.prepare_demo(str(tmp_path), **kw)
+  assert json.loads((remote / "stats.json").read_text()) == got
+  assert (remote / "tokenizer.model").read_bytes() == (tmp_path / "tokenizer.model").read_bytes()
+  for stats in (got, want):
+    del stats["tokenizer"]["path"], stats["settings"]["tokenizer"]
+  assert got == want
+  shard = want["languages"]["ti"]["train"]["shards"][0]["path"]
+  assert (remote / shard).read_bytes() == (tmp_path / shard).read_bytes()

@@ -362,3 +362,126 @@ def test_reader_cache_keeps_the_most_recent_files_open(data_dir):
   assert cache.opened == 4
   cache.close_all()
   assert fds() == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data in a bucket, and reads that overlap
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_data_dir_in_a_bucket_gives_the_same_batches(data_dir, gcs_bucket, tmp_path, monkeypatch):
+  """The same corpus in a bucket: the same training and eval batches, read from local copies of only the phase's
+  languages, made before the first batch."""
+  import uuid
+  from data_pipeline import filesystem as fs
+  remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/data")
+  fs.copy_tree(fs.path(data_dir), remote)
+  monkeypatch.setenv("MMBERT_JAX_CACHE", str(tmp_path / "cache"))
+  langs = ("ccc_Cyrl", "aaa_Latn")
+  local_cfg = _cfg(data_dir, languages=langs)
+  remote_cfg = _cfg(os.fspath(remote), languages=langs)
+  it = pipeline.make_train_iterator(remote_cfg, 0, 1)
+  copied = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "cache") for d, _, files in
+                  os.walk(tmp_path / "cache") for f in files)
+  stats = json.load(open(os.path.join(data_dir, "stats.json")))
+  shards = sorted(s["path"] for l in langs for s in stats["languages"][l]["train"]["shards"])
+  # <cache>/gs/<bucket>/<prefix>/<shard path>.<version key>: every train shard of the two languages, nothing else
+  assert sorted(p.split("/", 4)[-1].rsplit(".", 1)[0] for p in copied) == shards
+  expected = _take(pipeline.make_train_iterator(local_cfg, 0, 1), 4)
+  _same(_take(it, 4), expected)
+  state = it.get_state()
+  it.close()
+  _same([b for _, b in pipeline.eval_batches(remote_cfg, 0, 1)], [b for _, b in pipeline.eval_batches(local_cfg, 0, 1)])
+  fresh = pipeline.make_train_iterator(remote_cfg, 0, 1)
+  fresh.set_state(state)
+  _same(_take(fresh, 2), _take(pipeline.make_train_iterator(local_cfg, 0, 1), 6)[4:])
+  fresh.close()
+  with pytest.raises(ValueError, match="data_dir=s3://b/x: the scheme s3:// is not supported"):
+    pipeline.make_train_iterator(_cfg("s3://b/x"), 0, 1)
+  (remote / shards[0]).unlink()
+  with pytest.raises(FileNotFoundError, match=f"shard {remote}/{shards[0]} listed in stats.json is missing"):
+    pipeline.make_train_iterator(remote_cfg, 0, 1)
+
+
+class _SlowReader:
+  """An ArrayRecordReader that sleeps in every read and counts the reads in progress at once (independently of
+  the pipeline's own counters)."""
+  lock, now, most, delay = None, 0, 0, 0.02
+
+  def __init__(self, *args, **kwargs):
+    from array_record.python.array_record_module import ArrayRecordReader
+    self._reader = ArrayRecordReader(*args, **kwargs)
+
+  def read(self, indices):
+    cls = type(self)
+    with cls.lock:
+      cls.now += 1
+      cls.most = max(cls.most, cls.now)
+    try:
+      import time
+      time.sleep(cls.delay)
+      return self._reader.read(indices)
+    finally:
+      with cls.lock:
+        cls.now -= 1
+
+  def num_records(self):
+    return self._reader.num_records()
+
+  def close(self):
+    self._reader.close()
+
+
+@pytest.mark.parametrize("threads", [0, 8])
+def test_reads_overlap_and_change_no_batch(data_dir, monkeypatch, threads):
+  """Slow reads (20 ms each): with read threads, several are in progress at once (serial reads never overlap,
+  however loaded the machine), and the batches, also after a restore, are those of plain serial reads."""
+  import threading
+  expected = _take(pipeline.make_train_iterator(_cfg(data_dir, read_threads=0), 0, 1), 6)
+  monkeypatch.setattr(_SlowReader, "lock", threading.Lock())
+  monkeypatch.setattr(_SlowReader, "most", 0)
+  monkeypatch.setattr(pipeline, "ArrayRecordReader", _SlowReader)
+  pipeline.READERS.close_all()
+  it = pipeline.make_train_iterator(_cfg(data_dir, read_threads=threads, read_ahead=16, prefetch=2), 0, 1)
+  got = _take(it, 3)
+  state = it.get_state()
+  got += _take(it, 3)
+  it.close()
+  _same(got, expected)
+  assert _SlowReader.most == 1 if threads == 0 else _SlowReader.most >= 4, _SlowReader.most
+  fresh = pipeline.make_train_iterator(_cfg(data_dir, read_threads=threads, read_ahead=16), 0, 1)
+  fresh.set_state(state)
+  _same(_take(fresh, 3), expected[3:])
+  fresh.close()
+  pipeline.READERS.close_all()
+
+
+def test_injected_latency_changes_no_batch(data_dir):
+  """`read_latency_ms` (the benchmark's network disk) sleeps in the reading threads and leaves the batches as
+  they are; the reads of a batch are in flight together."""
+  expected = _take(pipeline.make_train_iterator(_cfg(data_dir), 0, 1), 4)
+  pipeline.READERS.max_in_flight = 0
+  it = pipeline.make_train_iterator(_cfg(data_dir, read_latency_ms=10, read_threads=8), 0, 1)
+  _same(_take(it, 4), expected)
+  it.close()
+  assert pipeline.READERS.max_in_flight >= 4
+  pipeline.READERS.latency_s = 0.0
+
+
+def test_reader_evicted_while_another_thread_reads_it(data_dir):
+  """A cache of one reader shared by threads reading different shards: a reader in use is closed only when its
+  read ends, so every record comes back whole."""
+  import concurrent.futures
+  stats = json.load(open(os.path.join(data_dir, "stats.json")))
+  shards = [(os.path.join(data_dir, s["path"]), s["sequences"]) for l in LANGS
+            for s in stats["languages"][l]["train"]["shards"]]
+  cache = pipeline._ReaderCache(capacity=1)
+  cache.latency_s = 0.005
+  jobs = [(path, n, i) for path, n in shards for i in range(n)] * 2
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    records = list(pool.map(lambda job: np.frombuffer(cache.read(*job), np.int32), jobs))
+  serial = pipeline._ReaderCache(capacity=8)
+  for job, record in zip(jobs, records):
+    np.testing.assert_array_equal(record, np.frombuffer(serial.read(*job), np.int32), err_msg=str(job))
+  assert cache.max_in_flight > 1 and cache.opened > len(shards)       # readers were closed and opened again
+  serial.close_all()
+  cache.close_all()

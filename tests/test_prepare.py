@@ -399,3 +399,75 @@ def test_errors_name_the_file_and_line(tmp_path, tok, capsys):
   with pytest.raises(SystemExit) as e:
     prepare.main(["--text_dir", str(txt), "--tokenizer", tok, "--output_dir", str(tmp_path / "file" / "out")])
   assert str(e.value).startswith("error: [Errno 20] Not a directory") and "\n" not in str(e.value)
+
+
+def test_output_dir_inputs_and_tokenizer_in_a_bucket(tmp_path, tok, gcs_bucket, monkeypatch, capsys):
+  """Text and parquet inputs, the tokenizer and --output_dir all in a bucket: the same shards and stats as on
+  local disk; a unit's record is written only when its shards are in the bucket, and stats.json last, when every
+  shard it lists is there; the command prints where it wrote."""
+  import uuid
+  from data_pipeline import filesystem as fs
+  remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
+  _text_corpus(tmp_path / "txt")
+  for lang, seed in (("deu_Latn", 1), ("fao_Latn", 3)):
+    _write_parquet(tmp_path / "pq", lang, "000_00000.parquet", _texts(lang, 20, seed))
+  fs.copy_tree(fs.path(str(tmp_path / "txt")), remote / "txt")
+  fs.copy_tree(fs.path(str(tmp_path / "pq")), remote / "pq")
+  fs.upload(tok, remote / "spm.model")
+
+  out = remote / "out"
+  writes, real_write = [], fs.write_text
+  def checked_write(p, text):
+    if p.parent.name == "_units" or p.name == "stats.json":
+      obj = json.loads(text)
+      if p.name == "stats.json":
+        paths = [s["path"] for l in obj["languages"].values() for sp in l.values() for s in sp["shards"]]
+      else:
+        paths = [c["path"] for l in obj["languages"].values() for c in l.values()]
+      writes.append((p.name, [x for x in paths if not (out / x).exists()]))
+    real_write(p, text)
+  monkeypatch.setattr(fs, "write_text", checked_write)
+  monkeypatch.chdir(tmp_path)
+  args = ["--tokenizer", os.fspath(remote / "spm.model"), "--max_len", str(MAX_LEN), "--num_workers", "0",
+          "--eval_documents", "4", "--eval_every", "3"]
+  prepare.main(["--text_dir", os.fspath(remote / "txt"), "--output_dir", os.fspath(out)] + args)
+  assert f"→ {out}/stats.json" in capsys.readouterr().out
+  assert [w[0] for w in writes] == ["text-deu_Latn.txt.json", "text-fao_Latn.txt.json", "text-tir_Ethi.txt.json",
+                                    "stats.json"]
+  assert all(missing == [] for _, missing in writes), writes
+  prepare.main(["--parquet_dir", os.fspath(remote / "pq"), "--source", "web", "--output_dir", os.fspath(out)] + args)
+  assert not os.path.exists(tmp_path / "gs:")
+  assert writes[-1] == ("stats.json", [])
+
+  local = str(tmp_path / "local")
+  prepare.main(["--text_dir", str(tmp_path / "txt"), "--output_dir", local] + args[:1] + [tok] + args[2:])
+  prepare.main(["--parquet_dir", str(tmp_path / "pq"), "--source", "web", "--output_dir", local] + args[:1] + [tok]
+               + args[2:])
+  got, want = json.loads((out / "stats.json").read_text()), json.load(open(os.path.join(local, "stats.json")))
+  assert got["tokenizer"].pop("path") == os.fspath(remote / "spm.model") and want["tokenizer"].pop("path") == tok
+  for stats in (got, want):
+    del stats["settings"]["tokenizer"]
+  assert got == want and set(want["sources"]) == {"text", "web"}
+  for lang in want["languages"].values():
+    for split in lang.values():
+      for shard in split["shards"]:
+        assert (out / shard["path"]).read_bytes() == open(os.path.join(local, shard["path"]), "rb").read()
+  with pytest.raises(SystemExit, match="error: --output_dir=s3://b/x: the scheme s3:// is not supported"):
+    prepare.main(["--text_dir", str(tmp_path / "txt"), "--output_dir", "s3://b/x"] + args)
+
+
+def test_parquet_files_of_one_language_in_a_bucket(tmp_path, tok, gcs_bucket):
+  """--lang with a bucket: every *.parquet at any depth (a bucket is walked; epath refuses `**` there)."""
+  import uuid
+  from data_pipeline import filesystem as fs
+  remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
+  _write_parquet(tmp_path / "pq", "a", "x.parquet", _texts("deu_Latn", 12, 1))
+  _write_parquet(tmp_path / "pq" / "b", "c", "y.parquet", _texts("deu_Latn", 9, 2))
+  pq.write_table(pa.table({"text": _texts("deu_Latn", 7, 3)}), tmp_path / "pq" / "top.parquet")
+  fs.copy_tree(fs.path(str(tmp_path / "pq")), remote / "pq")
+  settings = _settings(tok)
+  got = prepare.prepare(prepare.Source("parquet", os.fspath(remote / "pq"), lang="deu_Latn"), os.fspath(remote / "o"),
+                        settings, progress=False)
+  want = prepare.prepare(prepare.Source("parquet", str(tmp_path / "pq"), lang="deu_Latn"), str(tmp_path / "o"),
+                         settings, progress=False)
+  assert got == want and got["sources"]["parquet"]["units"] == 3
