@@ -68,13 +68,13 @@ def local_path(p: epath.Path, what: str) -> str:
   return os.fspath(p)
 
 
-def write_text(p: epath.Path, text: str) -> None:
+def write_text(p: epath.Path, text: str, encoding: str = "utf-8") -> None:
   """Replaces `p` whole: a reader sees the old or the new content, never a part."""
   if is_remote(p):
-    p.write_text(text)
+    p.write_text(text, encoding=encoding)
     return
   tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
-  tmp.write_text(text)
+  tmp.write_text(text, encoding=encoding)
   os.replace(tmp, p)
 
 
@@ -85,11 +85,16 @@ def upload(local_file: str | os.PathLike, dest: epath.Path) -> None:
 
 def copy_tree(src: epath.Path, dest: epath.Path) -> None:
   """Copies every file under `src` to the same relative path under `dest`."""
+  root = os.fspath(src)
   for folder, _, files in src.walk():
+    folder = os.fspath(folder)
+    if is_remote(root) and not is_remote(folder):   # gcsfs walks a bucket without its gs:// prefix
+      folder = "gs://" + folder.lstrip("/")
+    rel = os.path.relpath(folder, root)
     for name in sorted(files):
-      target = dest / epath.Path(folder).relative_to(src) / name
+      target = dest / name if rel == "." else dest / rel / name
       target.parent.mkdir(parents=True, exist_ok=True)
-      (epath.Path(folder) / name).copy(target, overwrite=True)
+      epath.Path(folder, name).copy(target, overwrite=True)
 
 
 def cache_root() -> epath.Path:

@@ -74,3 +74,15 @@ def test_staged_dir_uploads_on_success_only(remote):
       open(os.path.join(d, "f.txt"), "w").write("x")
       raise RuntimeError("boom")
   assert not (remote / "failed").exists()
+
+
+def test_copy_tree_between_bucket_and_disk(remote, tmp_path):
+  src = tmp_path / "src"
+  (src / "a" / "b").mkdir(parents=True)
+  (src / "top.txt").write_text("t")
+  (src / "a" / "b" / "deep.txt").write_text("d")
+  fs.copy_tree(fs.path(str(src)), remote / "up")
+  fs.copy_tree(remote / "up", fs.path(str(tmp_path / "down")))
+  got = sorted(str(p.relative_to(tmp_path / "down")) for p in (tmp_path / "down").rglob("*") if p.is_file())
+  assert got == ["a/b/deep.txt", "top.txt"]
+  assert (tmp_path / "down" / "a" / "b" / "deep.txt").read_text() == "d"
