@@ -107,6 +107,7 @@ class Encoder:
 def load_encoder(path: str, tokenizer: str | None = None) -> Encoder:
   """A workdir, checkpoints/ or checkpoints/<step> directory, or a transformers ModernBERT directory (local or
   gs://)."""
+  fs.path(path, "--checkpoint")   # a scheme other than gs:// is one line naming the flag
   if hf.is_model_dir(path):
     model = hf.load(path, attention_impl="auto")
     params, cfg, source = nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, str(fs.path(path))
