@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -36,6 +37,27 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
 # hide their steps. Listings are therefore always fresh.
 fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
 fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
+
+
+class _BucketTypeOnce(logging.Filter):
+  """gcsfs repeats its bucket-type warning at every operation when it cannot ask the storage-layout API (no
+  credentials, an emulator): hundreds of lines per run. Each such message passes once; other messages all pass."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if "bucket type" not in message and "storage layout" not in message:
+      return True
+    if message in self.seen:
+      return False
+    self.seen.add(message)
+    return True
+
+
+logging.getLogger("gcsfs").addFilter(_BucketTypeOnce())
 
 
 def path(value: str | os.PathLike, key: str = "path") -> epath.Path:
@@ -84,17 +106,16 @@ def upload(local_file: str | os.PathLike, dest: epath.Path) -> None:
 
 
 def copy_tree(src: epath.Path, dest: epath.Path) -> None:
-  """Copies every file under `src` to the same relative path under `dest`."""
-  root = os.fspath(src)
+  """Copies every file under `src` (local or a bucket) to the same relative path under `dest`."""
+  root = os.fspath(src).removeprefix("gs://").rstrip("/")
   for folder, _, files in src.walk():
-    folder = os.fspath(folder)
-    if is_remote(root) and not is_remote(folder):   # gcsfs walks a bucket without its gs:// prefix
-      folder = "gs://" + folder.lstrip("/")
-    rel = os.path.relpath(folder, root)
+    # epath's walk of a bucket yields its folders without the gs:// prefix: only the relative part is used.
+    relative = os.fspath(folder).removeprefix("gs://")[len(root):].strip("/")
     for name in sorted(files):
-      target = dest / name if rel == "." else dest / rel / name
+      source = src / relative / name if relative else src / name
+      target = dest / relative / name if relative else dest / name
       target.parent.mkdir(parents=True, exist_ok=True)
-      epath.Path(folder, name).copy(target, overwrite=True)
+      source.copy(target, overwrite=True)
 
 
 def cache_root() -> epath.Path:

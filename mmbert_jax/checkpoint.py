@@ -3,12 +3,13 @@
 A run's checkpoints live in `<workdir>/checkpoints/<step>/` with four separate items, so each can be restored
 alone: `params` (pure dict of float32 arrays), `opt_state`, `data_iter` (the data pipeline's JSON state) and
 `meta` (phase, step, token counters, model config). Orbax writes each step to a temporary directory and renames it
-when complete, so a save killed half-way is never taken for a checkpoint.
+when complete (in a bucket, which has no folder rename, it marks a complete step with a commit file), so a save
+killed half-way is never taken for a checkpoint. Paths are local or `gs://` (`data_pipeline.filesystem`); Orbax
+writes buckets itself.
 """
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from data_pipeline import checkpoint as data_ckpt
+from data_pipeline import filesystem as fs
 from mmbert_jax import storage
 from mmbert_jax.model import ModelConfig, abstract_model
 
@@ -31,17 +33,17 @@ class ParamsMismatchError(CheckpointError):
   """The checkpoint's parameters do not have the model's names or shapes (the model config changed)."""
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, "checkpoints")
+def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
+  return fs.path(workdir, "workdir") / "checkpoints"
 
 
-def _manager(directory: str, *, data_iter: bool = False, **options) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path, *, data_iter: bool = False, **options) -> ocp.CheckpointManager:
   handlers = dict(params=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(),
                   meta=ocp.JsonCheckpointHandler())
   if data_iter:
     # Each process writes its own streams; restore merges them, so the process count may change (elastic).
     handlers["data_iter"] = data_ckpt.PipelineCheckpointHandler()
-  return ocp.CheckpointManager(epath.Path(directory), item_handlers=handlers,
+  return ocp.CheckpointManager(directory, item_handlers=handlers,
                                options=ocp.CheckpointManagerOptions(**options))
 
 
@@ -53,13 +55,13 @@ class Checkpointer:
   complete checkpoints before it stay intact.
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
     try:
       self.manager = _manager(self.directory, data_iter=True, max_to_keep=max_to_keep, create=True,
                               enable_async_checkpointing=async_save)
     except OSError as e:
-      raise storage.write_error("creating the checkpoint directory", self.directory, e) from e
+      raise storage.write_error("creating the checkpoint directory", str(self.directory), e) from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -72,7 +74,7 @@ class Checkpointer:
     try:
       self.manager.check_for_errors()
     except Exception as e:  # whatever the storage layer raised (OSError, tensorstore's ValueError, ...)
-      raise storage.write_error("saving a checkpoint", self.directory, e) from e
+      raise storage.write_error("saving a checkpoint", str(self.directory), e) from e
 
   def save(self, step: int, *, params, opt_state, data_iter, meta: dict) -> None:
     """Starts saving `step`; `meta` is copied first, so the caller may keep changing it."""
@@ -85,7 +87,7 @@ class Checkpointer:
           meta=ocp.args.JsonSave(copy.deepcopy(meta))), force=True)
     except Exception as e:   # tensorstore reports a full disk as ValueError, Python as OSError
       if storage.is_storage_error(e):
-        raise storage.write_error(f"saving checkpoint {step}", self.directory, e) from e
+        raise storage.write_error(f"saving checkpoint {step}", str(self.directory), e) from e
       raise
 
   def restore(self, step: int, *, abstract_params, abstract_opt_state, data_iter) -> dict[str, Any]:
@@ -138,24 +140,29 @@ class Checkpointer:
                           "another --workdir")
 
   def _move_aside(self, step: int) -> str:
-    target = os.path.join(self.directory, f"corrupt-{step}")
+    target = self.directory / f"corrupt-{step}"
     n = 1
-    while os.path.exists(target):
+    while target.exists():
       n += 1
-      target = os.path.join(self.directory, f"corrupt-{step}.{n}")
+      target = self.directory / f"corrupt-{step}.{n}"
     if jax.process_index() == 0:
-      os.rename(os.path.join(self.directory, str(step)), target)
+      source = self.directory / str(step)
+      if fs.is_remote(source):  # a bucket has no folder rename: copy every object, then delete the originals
+        fs.copy_tree(source, target)
+        source.rmtree()
+      else:
+        source.rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"mmbert_jax: moved checkpoint {step} aside")
     self.manager.reload()
     logging.warning("moved damaged checkpoint %s/%d to %s", self.directory, step, target)
-    return target
+    return str(target)
 
   def wait(self) -> None:
     try:
       self.manager.wait_until_finished()
     except Exception as e:
-      raise storage.write_error("saving a checkpoint", self.directory, e) from e
+      raise storage.write_error("saving a checkpoint", str(self.directory), e) from e
 
   def close(self) -> None:
     self.manager.close()
@@ -166,7 +173,7 @@ def _flat(tree) -> dict[str, Any]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def check_params_fit(manager: ocp.CheckpointManager, step: int, abstract_params, where: str) -> None:
+def check_params_fit(manager: ocp.CheckpointManager, step: int, abstract_params, where: str | epath.Path) -> None:
   """One clear error naming the first parameter whose stored shape differs from the model's."""
   try:
     stored = manager.item_metadata(step)["params"]
@@ -187,21 +194,25 @@ def check_params_fit(manager: ocp.CheckpointManager, step: int, abstract_params,
                             f"checkpoint but {tuple(want[name].shape)} in the model")
 
 
-def steps(directory: str) -> list[int]:
+def steps(directory: str | epath.Path) -> list[int]:
   """Complete checkpoints in a checkpoints/ directory, oldest first."""
-  return sorted(ocp.utils.checkpoint_steps(epath.Path(directory)))
+  return sorted(ocp.utils.checkpoint_steps(fs.path(directory, "checkpoint directory")))
 
 
-def resolve(path: str) -> tuple[str, int]:
+def resolve(path: str | epath.Path, key: str = "checkpoint") -> tuple[epath.Path, int]:
   """`init_from` → (checkpoint manager directory, step). Accepts a run's workdir (its latest checkpoint), its
-  `checkpoints/` directory, or one step directory `.../checkpoints/<step>`."""
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
+  `checkpoints/` directory, or one step directory `.../checkpoints/<step>`, local or `gs://`. `key` names the flag
+  or config key in the error for a path that is not local or gs://."""
+  try:
+    path = fs.path(path, key)
+  except ValueError as e:   # a scheme other than gs://, or a malformed gs:// path
+    raise CheckpointError(str(e)) from None
+  if not path.exists():
     raise CheckpointError(f"checkpoint path {path} does not exist")
   if names_a_step(path):
-    return os.path.dirname(path), int(os.path.basename(path))
+    return path.parent, int(path.name)
   for directory in (checkpoint_dir(path), path):
-    if os.path.isdir(directory):
+    if directory.is_dir():
       found = steps(directory)
       if found:
         return directory, found[-1]
@@ -209,24 +220,24 @@ def resolve(path: str) -> tuple[str, int]:
                         "directory or a checkpoints/<step> directory)")
 
 
-def names_a_step(path: str) -> bool:
+def names_a_step(path: str | epath.Path) -> bool:
   """Whether `path` is one step directory `.../checkpoints/<step>` (not a workdir or `checkpoints/`)."""
-  path = os.path.abspath(path)
-  return os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "params"))
+  path = fs.path(path, "checkpoint")
+  return path.name.isdigit() and (path / "params").is_dir()
 
 
-def read_meta(directory: str, step: int) -> dict[str, Any]:
-  with _manager(directory, read_only=True) as manager:
+def read_meta(directory: str | epath.Path, step: int) -> dict[str, Any]:
+  with _manager(fs.path(directory, "checkpoint directory"), read_only=True) as manager:
     return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
-def restore_for_handoff(path: str, abstract_params, abstract_opt_state=None, *,
-                        require_complete: bool = False) -> dict[str, Any]:
+def restore_for_handoff(path: str | epath.Path, abstract_params, abstract_opt_state=None, *,
+                        require_complete: bool = False, key: str = "init_from") -> dict[str, Any]:
   """Params (and, if `abstract_opt_state` is given, optimizer state) of another run's checkpoint, restored into
   this run's shapes and shardings, plus that checkpoint's metadata. With `require_complete`, a workdir (or its
   checkpoints/) whose latest checkpoint is not its run's final one is refused: only an explicit
   `checkpoints/<step>` may start from an unfinished run."""
-  directory, step = resolve(path)
+  directory, step = resolve(path, key)
   with _manager(directory, read_only=True) as manager:
     if require_complete and not names_a_step(path):
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -249,7 +260,7 @@ def model_config_of(meta: dict[str, Any]) -> ModelConfig:
   return ModelConfig(**meta["model_config"])
 
 
-def load_params(path: str) -> tuple[Any, dict[str, Any], str]:
+def load_params(path: str | epath.Path) -> tuple[Any, dict[str, Any], str]:
   """(params as a pure dict on the default device, metadata, 'dir/step') of a checkpoint, without a mesh.
 
   `path` is anything `resolve` accepts. The model config stored in the metadata gives the restore target.
@@ -265,10 +276,10 @@ def load_params(path: str) -> tuple[Any, dict[str, Any], str]:
   return restored["params"], meta, restored["source"]
 
 
-def save_params(workdir: str, step: int, params, meta: dict[str, Any]) -> str:
+def save_params(workdir: str | epath.Path, step: int, params, meta: dict[str, Any]) -> str:
   """A params-only checkpoint (merges, imports): usable as `init_from` and by export/evaluate."""
   directory = checkpoint_dir(workdir)
-  if os.path.exists(directory) and ocp.utils.checkpoint_steps(epath.Path(directory)):
+  if directory.exists() and ocp.utils.checkpoint_steps(directory):
     raise CheckpointError(f"{directory} already holds checkpoints; choose a new output directory")
   with _manager(directory, create=True, enable_async_checkpointing=False) as manager:
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
@@ -276,7 +287,7 @@ def save_params(workdir: str, step: int, params, meta: dict[str, Any]) -> str:
   return f"{directory}/{step}"
 
 
-def load_model(path: str, **overrides):
+def load_model(path: str | epath.Path, **overrides):
   """A MaskedLM with the parameters of a checkpoint (e.g. for export or evaluation), its metadata and source.
   Attention runs with the implementation that suits this host ('auto') unless `overrides` name one."""
   params, meta, source = load_params(path)

@@ -8,13 +8,13 @@ Every checkpoint sees the same batches (same documents, same masks), so the colu
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Sequence
 
 import jax
 from absl import app, flags
 from flax import nnx
 
+from data_pipeline import filesystem as fs
 from data_pipeline import pipeline as data_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, sharding, train
@@ -67,7 +67,7 @@ def evaluate_params(params, cfg: ModelConfig, pipeline_config, max_batches: int 
 def column_names(paths: Sequence[str]) -> list[str]:
   """The shortest trailing path parts that tell the checkpoints apart (run names; 'run/checkpoints/12' when
   step directories of different runs share a step)."""
-  parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+  parts = [str(fs.path(p, "--checkpoint")).split("/") for p in paths]
   for n in range(1, max(len(p) for p in parts) + 1):
     names = ["/".join(p[-n:]) for p in parts]
     if len(set(names)) == len(names):
@@ -91,7 +91,7 @@ def main(argv):
     raise app.UsageError("--checkpoint and --data are required")
   try:
     pipeline_config = data_lib.PipelineConfig(
-        data_dir=FLAGS.data, languages=tuple(FLAGS.languages) or None, seq_len=FLAGS.seq_len,
+        data_dir=str(fs.path(FLAGS.data, "--data")), languages=tuple(FLAGS.languages) or None, seq_len=FLAGS.seq_len,
         batch_size=FLAGS.batch_size, mask_rate=FLAGS.mask_rate, seed=FLAGS.seed)
     results = evaluate_checkpoints(FLAGS.checkpoint, pipeline_config, FLAGS.max_batches or None)
   except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:

@@ -5,16 +5,17 @@
 The config carries the checkpoint's phase values (RoPE theta, window, special ids). The SentencePiece tokenizer
 (from --tokenizer, or the run's data directory) is copied and, when `transformers` is installed, also written as a
 fast tokenizer (same ids, `<bos> text <eos>` as in training) so `AutoTokenizer` and sentence-transformers load the
-directory directly. An output directory that already holds any of these files is refused.
+directory directly. An output directory that already holds any of these files is refused. Checkpoint, tokenizer and
+output may be local or `gs://` (a bucket output is written locally and uploaded when complete).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 from absl import app, flags
+from etils import epath
 
+from data_pipeline import filesystem as fs
 from data_pipeline import tokenizer as tokenizer_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, hf
@@ -34,24 +35,26 @@ def define_flags() -> None:
                       "SentencePiece model to ship (default: <data_dir>/tokenizer.model of the run).")
 
 
-def check_new_output(out: str) -> None:
-  """Raises FileExistsError if `out` already holds (part of) an exported model."""
+def check_new_output(out: str | epath.Path, key: str = "--out") -> None:
+  """Raises FileExistsError if `out` already holds (part of) an exported model (ValueError: not a usable path)."""
+  out = fs.path(out, key)
   for name in OUTPUT_FILES:
-    if os.path.exists(os.path.join(out, name)):
-      raise FileExistsError(f"{os.path.join(out, name)} exists; choose a new output directory")
+    if (out / name).exists():
+      raise FileExistsError(f"{out / name} exists; choose a new output directory")
 
 
 def _run_tokenizer(meta: dict) -> str | None:
+  """The run's `<data_dir>/tokenizer.model` (local or gs://), if it is there."""
   try:
     data_dir = json.loads(meta.get("config", "{}"))["data"]["data_dir"]
+    path = fs.path(data_dir, "config.data.data_dir") / TOKENIZER_FILE if data_dir else None
   except (KeyError, TypeError, ValueError):
     return None
-  path = os.path.join(data_dir, TOKENIZER_FILE)
-  return path if data_dir and os.path.exists(path) else None
+  return str(path) if path is not None and path.exists() else None
 
 
 def fast_tokenizer(spm_path: str, cfg):
-  """The SentencePiece model as a transformers fast tokenizer that frames text as `<bos> text <eos>`, like the
+  """The (local) SentencePiece model as a transformers fast tokenizer that frames text as `<bos> text <eos>`, like the
   training sequences; None without `transformers`. Vocabulary, merges (BPE) or scores (unigram), byte fallback and
   normalization come from the model file, as when transformers converts a bare `tokenizer.model`."""
   try:  # transformers and tokenizers: heavy, and only in the `test` extra
@@ -78,17 +81,20 @@ def fast_tokenizer(spm_path: str, cfg):
 def export(checkpoint: str, out: str, tokenizer: str | None = None) -> str:
   """Writes `checkpoint` to `out` as a ModernBertForMaskedLM directory with its tokenizer; returns 'dir/step'."""
   check_new_output(out)
-  if tokenizer and not os.path.exists(tokenizer):
+  out = fs.path(out, "--out")
+  if tokenizer and not fs.path(tokenizer, "--tokenizer").exists():
     raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist")
   model, meta, source = ckpt_lib.load_model(checkpoint)
-  spm_path = tokenizer or _run_tokenizer(meta)
+  spm = tokenizer or _run_tokenizer(meta)
+  spm_path = fs.local_copy(fs.path(spm, "--tokenizer")) if spm else None
   # Converted before anything is written: a tokenizer that cannot be converted leaves no half-written directory.
   fast = fast_tokenizer(spm_path, model.config) if spm_path else None
-  hf.save(model, out)
-  if spm_path:
-    shutil.copy(spm_path, os.path.join(out, TOKENIZER_FILE))
-  if fast is not None:
-    fast.save_pretrained(out)
+  with fs.staged_dir(out) as local:   # a bucket gets the files once all are written
+    hf.write_local(model, local)
+    if spm_path:
+      epath.Path(spm_path).copy(epath.Path(local) / TOKENIZER_FILE, overwrite=True)
+    if fast is not None:
+      fast.save_pretrained(local)
   return source
 
 

@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -45,6 +44,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from data_pipeline import filesystem as fs
 from data_pipeline import tasks as tasks_lib
 from data_pipeline import tokenizer as tokenizer_lib
 from mmbert_jax import checkpoint as ckpt_lib
@@ -105,12 +105,14 @@ class Encoder:
 
 
 def load_encoder(path: str, tokenizer: str | None = None) -> Encoder:
-  """A workdir, checkpoints/ or checkpoints/<step> directory, or a transformers ModernBERT directory."""
+  """A workdir, checkpoints/ or checkpoints/<step> directory, or a transformers ModernBERT directory (local or
+  gs://)."""
+  fs.path(path, "--checkpoint")   # a scheme other than gs:// is one line naming the flag
   if hf.is_model_dir(path):
     model = hf.load(path, attention_impl="auto")
-    params, cfg, source = nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, os.path.abspath(path)
-    found = [os.path.join(path, n) for n in (export.TOKENIZER_FILE, "tokenizer.json")]
-    run_tokenizer = next((p for p in found if os.path.exists(p)), None)
+    params, cfg, source = nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, str(fs.path(path))
+    found = [fs.path(path) / n for n in (export.TOKENIZER_FILE, "tokenizer.json")]
+    run_tokenizer = next((str(p) for p in found if p.exists()), None)
   else:
     params, meta, source = ckpt_lib.load_params(path)
     cfg = ckpt_lib.model_config_of(meta).replace(attention_impl="auto")  # the run's kernel may not run here
@@ -487,11 +489,9 @@ def _progress(line: str) -> None:
 
 
 def write_json(path: str, results: dict, settings: Settings, sources: dict[str, str] | None = None) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump({"settings": dataclasses.asdict(settings), "checkpoints": sources or {}, "tasks": results}, f,
-              indent=1)
-  os.replace(tmp, path)
+  """The results file (local or gs://), replaced whole."""
+  fs.write_text(fs.path(path, "--out"), json.dumps(
+      {"settings": dataclasses.asdict(settings), "checkpoints": sources or {}, "tasks": results}, indent=1))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -502,19 +502,19 @@ def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """`config.downstream`: fine-tune every phase's final checkpoint and the merge on the embedded tasks, print the
   table and keep it in `<workdir>/downstream.json` (a finished table is printed again, not recomputed)."""
   d = config.downstream
-  out = os.path.join(workdir, "downstream.json")
-  if os.path.exists(out):
-    with open(out) as f:
-      results = json.load(f)["tasks"]
+  root = fs.path(workdir, "workdir")
+  out = root / "downstream.json"
+  if out.exists():
+    results = json.loads(out.read_text())["tasks"]
   else:
     names = list(config.phases) + (["merged"] if "merge" in config and config.merge.method else [])
     settings = dataclasses.replace(Settings.from_config(d, ignore=("tasks",)), num_devices=config.num_devices)
     t0 = time.time()
-    results = score([os.path.join(workdir, n) for n in names], [tasks_lib.embedded(t) for t in d.tasks], settings,
-                    tokenizer=os.path.join(config.data.data_dir, "tokenizer.model"), names=names,
-                    log=_progress)
+    tokenizer = str(fs.path(config.data.data_dir, "config.data.data_dir") / "tokenizer.model")
+    results = score([str(root / n) for n in names], [tasks_lib.embedded(t) for t in d.tasks], settings,
+                    tokenizer=tokenizer, names=names, log=_progress)
     _progress(f"downstream: {len(names)} checkpoints × {len(d.tasks)} tasks in {time.time() - t0:.0f}s")
-    write_json(out, results, settings, {n: os.path.join(workdir, n) for n in names})
+    write_json(str(out), results, settings, {n: str(root / n) for n in names})
   print(format_table(results), flush=True)
   return results
 
@@ -571,7 +571,11 @@ def main(argv):
   cli.start(argv)
   if not FLAGS.task or not FLAGS.checkpoint or not FLAGS.out:
     raise app.UsageError("--task, --checkpoint and --out are required")
-  if os.path.exists(FLAGS.out):
+  try:
+    out = fs.path(FLAGS.out, "--out")
+  except ValueError as e:
+    raise cli.ConfigError(str(e)) from None
+  if out.exists():
     raise cli.ConfigError(f"--out={FLAGS.out} exists; choose a new --out")
   settings = Settings(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, max_len=FLAGS.max_len, peak_lr=FLAGS.lr,
                       weight_decay=FLAGS.weight_decay, optimizer=FLAGS.optimizer, pooling=FLAGS.pooling,

@@ -2,6 +2,7 @@
 
 Every torch Linear stores `W[out, in]`; our kernels are `W.T`, with the fused projections reshaped so heads and
 the GLU halves are explicit axes (docs/ARCHITECTURE.md §3). `decoder.weight` is tied to the embedding and not written.
+Directories may be local or `gs://` (safetensors reads and writes local files: `data_pipeline.filesystem` copies).
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from safetensors import flax as safetensors_flax
 
+from data_pipeline import filesystem as fs
 from mmbert_jax.model import MaskedLM, ModelConfig, abstract_model
 
 CONFIG_FILE = "config.json"
@@ -22,11 +25,11 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
 
-def is_model_dir(path: str) -> bool:
+def is_model_dir(path: str | epath.Path) -> bool:
   """A transformers model directory: its config.json next to safetensors weights (a training workdir also holds a
   config.json, the run's config, but no weights files)."""
-  return os.path.exists(os.path.join(path, CONFIG_FILE)) and any(
-      os.path.exists(os.path.join(path, name)) for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE))
+  path = fs.path(path, "model directory")
+  return (path / CONFIG_FILE).exists() and any((path / name).exists() for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE))
 
 
 class HFConfigError(ValueError):
@@ -185,29 +188,28 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def _read_weights(path: str) -> dict[str, jax.Array]:
-  single = os.path.join(path, WEIGHTS_FILE)
-  index = os.path.join(path, WEIGHTS_INDEX_FILE)
-  if os.path.exists(single):
-    return safetensors_flax.load_file(single)
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+def _read_weights(path: epath.Path) -> dict[str, jax.Array]:
+  single = path / WEIGHTS_FILE
+  index = path / WEIGHTS_INDEX_FILE
+  if single.exists():
+    return safetensors_flax.load_file(fs.local_copy(single))
+  if index.exists():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out: dict[str, jax.Array] = {}
     for name in files:
-      out.update(safetensors_flax.load_file(os.path.join(path, name)))
+      out.update(safetensors_flax.load_file(fs.local_copy(path / name)))
     return out
   raise FileNotFoundError(f"{path}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found")
 
 
-def load(path: str, **overrides: Any) -> MaskedLM:
-  """A `ModernBertForMaskedLM` directory → MaskedLM (float32 params). `overrides` change ModelConfig fields
-  that do not affect weights (e.g. dtype, attention_impl)."""
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(config_path):
+def load(path: str | epath.Path, **overrides: Any) -> MaskedLM:
+  """A `ModernBertForMaskedLM` directory (local or gs://) → MaskedLM (float32 params). `overrides` change
+  ModelConfig fields that do not affect weights (e.g. dtype, attention_impl)."""
+  path = fs.path(path, "model directory")
+  config_path = path / CONFIG_FILE
+  if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: expected a transformers ModernBertForMaskedLM directory")
-  with open(config_path) as f:
-    cfg = config_from_hf(json.load(f)).replace(**overrides)
+  cfg = config_from_hf(json.loads(config_path.read_text())).replace(**overrides)
   weights = _read_weights(path)
   # Keys of ModernBertModel saved alone lack the "model." prefix; accept both layouts for the encoder.
   if "embeddings.tok_embeddings.weight" in weights:
@@ -227,17 +229,23 @@ def load(path: str, **overrides: Any) -> MaskedLM:
   return nnx.merge(graphdef, abstract)
 
 
-def save(model: MaskedLM, path: str) -> None:
-  """Write `model` as a transformers ModernBertForMaskedLM directory. Refuses to overwrite existing weights."""
-  cfg = model.config
-  os.makedirs(path, exist_ok=True)
+def save(model: MaskedLM, path: str | epath.Path) -> None:
+  """Write `model` as a transformers ModernBertForMaskedLM directory (local or gs://: written locally, then
+  uploaded). Refuses to overwrite existing weights."""
+  path = fs.path(path, "model directory")
   for name in (CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE):
-    if os.path.exists(os.path.join(path, name)):
-      raise FileExistsError(f"{os.path.join(path, name)} exists; choose an empty directory")
+    if (path / name).exists():
+      raise FileExistsError(f"{path / name} exists; choose an empty directory")
+  with fs.staged_dir(path) as local:
+    write_local(model, local)
+
+
+def write_local(model: MaskedLM, directory: str) -> None:
+  """`save` into an existing local directory (what `save` uploads; `export` adds the tokenizer before that)."""
+  cfg = model.config
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   tensors = {key: np.ascontiguousarray(np.asarray(to_hf(_get(params, ours)), np.float32))
              for ours, key, _, to_hf in weight_map(cfg)}
   safetensors_flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},
-                             os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(config_to_hf(cfg), f, indent=2, sort_keys=True)
+                             os.fspath(epath.Path(directory) / WEIGHTS_FILE), metadata={"format": "pt"})
+  (epath.Path(directory) / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2, sort_keys=True))

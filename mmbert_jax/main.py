@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipeline import demo_corpus
+from data_pipeline import filesystem as fs
 from mmbert_jax import cli, phases, preflight, report, storage, train
 
 FLAGS = flags.FLAGS
@@ -25,11 +26,22 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["config"])
 
 
+def compilation_cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """`config.jax_cache_dir`, local or gs://; a relative path is inside the workdir."""
+  value = config.get("jax_cache_dir")
+  if not value:
+    return None
+  if fs.is_remote(value) or value.startswith(("/", "~")):
+    return str(fs.path(value, "config.jax_cache_dir"))
+  return str(fs.path(workdir, "--workdir") / value)
+
+
 def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """`config.jax_cache_dir` (relative paths are inside the workdir): compiled steps are reused across phases
-  of the same shapes and across restarts."""
-  if config.get("jax_cache_dir"):
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, config.jax_cache_dir))
+  """Compiled steps are reused across phases of the same shapes and across restarts (jax reads and writes the
+  cache through etils.epath, so it may be in a bucket)."""
+  directory = compilation_cache_dir(config, workdir)
+  if directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def prepare_demo_data(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -75,6 +87,10 @@ def main(argv):
   workdir = FLAGS.workdir or config.get("workdir") or None
   if not workdir:
     raise app.UsageError("--workdir is required (or set config.workdir)")
+  try:  # local paths become absolute; a scheme other than gs:// is refused before anything is created
+    workdir = str(fs.path(workdir, "--workdir" if FLAGS.workdir else "config.workdir"))
+  except ValueError as e:
+    raise cli.ConfigError(str(e)) from None
   preflight.check(config, workdir)  # reads only; before devices, mesh and compilation
   # Multi-host: every process runs this same command; TPU pods, SLURM and Open MPI are detected by jax itself.
   if os.environ.get("MMBERT_DISTRIBUTED", "0") == "1":

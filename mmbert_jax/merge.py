@@ -6,16 +6,17 @@ TIES over decay variants (mmBERT-base) or an exponential average over one run (m
   python -m mmbert_jax.merge --method=ema --run=RUN/decay_all --decay=0.5 --out=RUN/merged_ema
   python -m mmbert_jax.merge --method=average --models=A,B,C --out=OUT
 
-Each input is a workdir (its latest checkpoint), its checkpoints/ directory or one checkpoints/<step> directory.
-The output is a params-only Orbax checkpoint: `init_from` of a further phase, or input of export and evaluate.
+Each input is a workdir (its latest checkpoint), its checkpoints/ directory or one checkpoints/<step> directory,
+local or gs://. The output is a params-only Orbax checkpoint: `init_from` of a further phase, or input of export
+and evaluate.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 from absl import app, flags
 
+from data_pipeline import filesystem as fs
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, export, merging
 from mmbert_jax.model import RUNTIME_FIELDS
@@ -104,11 +105,11 @@ def main(argv):
     raise app.UsageError("--out is required")
   try:
     # Both outputs are checked before the (slow) merge: an existing one is never overwritten.
-    directory = ckpt_lib.checkpoint_dir(FLAGS.out)
-    if os.path.isdir(directory) and ckpt_lib.steps(directory):
+    directory = ckpt_lib.checkpoint_dir(fs.path(FLAGS.out, "--out"))
+    if directory.is_dir() and ckpt_lib.steps(directory):
       raise FileExistsError(f"{directory} already holds checkpoints; choose a new --out")
     if FLAGS.hf_out:
-      export.check_new_output(FLAGS.hf_out)
+      export.check_new_output(FLAGS.hf_out, "--hf_out")
     merged, meta = merge_checkpoints(FLAGS.method, base=FLAGS.base, models=FLAGS.models, run=FLAGS.run,
                          density=FLAGS.density, weights=FLAGS.weights, lam=FLAGS.lam, decay=FLAGS.decay)
     where = ckpt_lib.save_params(FLAGS.out, int(meta.get("step", 0)), merged, meta)

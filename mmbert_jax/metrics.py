@@ -5,6 +5,10 @@ evaluation, all languages).
 
 Every write happens in the caller's thread and is flushed at once, so a full or read-only disk raises
 `storage.WriteError` at the step that failed (a background writer thread would die and leave the loop waiting).
+
+A `gs://` workdir has no append: `metrics.jsonl` and the TensorBoard event file are kept in a local staging folder
+and uploaded whole at flush points (a log step at most every `UPLOAD_EVERY_S`, every checkpoint save, the end);
+`config.json`, `mixture.json` and `eval.jsonl` are replaced whole when they change.
 """
 from __future__ import annotations
 
@@ -13,13 +17,18 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
+from data_pipeline import filesystem as fs
 from mmbert_jax import storage
+
+UPLOAD_EVERY_S = 30.0   # a remote workdir's metrics.jsonl and events lag the run by at most this (and a log step)
 
 
 def _scalar(v: Any) -> float | int:
@@ -75,16 +84,16 @@ def flat_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, bool | 
 class WandbWriter:
   """Weights & Biases, when `config.wandb.project` is set: one W&B run per workdir (re-running resumes it)."""
 
-  def __init__(self, workdir: str, *, project: str, entity: str = "", name: str = "", group: str = "",
-               mode: str = "", config: Mapping[str, Any] | None = None):
+  def __init__(self, workdir: str | epath.Path, *, project: str, entity: str = "", name: str = "", group: str = "",
+               mode: str = "", config: Mapping[str, Any] | None = None, local_dir: str | None = None):
     try:
       import wandb
     except ImportError:
       raise ImportError("config.wandb.project is set but wandb is not installed: `pip install wandb`, or drop "
                         "--config.wandb.project") from None
-    run_id = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
+    run_id = hashlib.sha1(os.fspath(fs.path(workdir, "workdir")).encode()).hexdigest()[:16]
     self._run = wandb.init(project=project, entity=entity or None, name=name or None, group=group or None,
-                           mode=mode or None, dir=workdir, id=run_id, resume="allow",
+                           mode=mode or None, dir=local_dir or os.fspath(workdir), id=run_id, resume="allow",
                            config=dict(config) if config else None)
 
   def log(self, step: int, values: Mapping[str, float]) -> None:
@@ -94,62 +103,83 @@ class WandbWriter:
     self._run.finish()
 
 
-def save_config(workdir: str, config) -> str:
+def save_config(workdir: str | epath.Path, config) -> str:
   """`<workdir>/config.json`: the resolved config as JSON (returned). A different config.json already there (an
   earlier start with other flags) is kept as config.<n>.json."""
   text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = f.read()
+  workdir = fs.path(workdir, "workdir")
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / "config.json"
+  if path.exists():
+    old = path.read_text()
     if old != text:
       n = 1
-      while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+      while (workdir / f"config.{n}.json").exists():
         n += 1
-      os.replace(path, os.path.join(workdir, f"config.{n}.json"))
-  with open(path, "w") as f:
-    f.write(text)
+      fs.write_text(workdir / f"config.{n}.json", old)   # kept before config.json is replaced
+  fs.write_text(path, text)
   return text
 
 
-def record_eval(workdir: str, step: int, results: Mapping[str, Mapping[str, float]], **info: Any) -> None:
-  """One held-out evaluation with every language, appended to `<workdir>/eval.jsonl`."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-    f.write(json.dumps({"step": step, **info, "results": results}, default=float) + "\n")
+def record_eval(workdir: str | epath.Path, step: int, results: Mapping[str, Mapping[str, float]], **info: Any) -> None:
+  """One held-out evaluation with every language, appended to `<workdir>/eval.jsonl` (in a bucket, which has no
+  append, the file is replaced by its old content and the new line)."""
+  workdir = fs.path(workdir, "workdir")
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / "eval.jsonl"
+  line = json.dumps({"step": step, **info, "results": results}, default=float) + "\n"
+  if fs.is_remote(path):
+    fs.write_text(path, (path.read_text() if path.exists() else "") + line)
+  else:
+    with path.open("a") as f:
+      f.write(line)
 
 
 class MetricWriter:
   """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl`, TensorBoard in `<workdir>/tb` and W&B.
 
   `console`: print a line of `console_keys` per write (and every `text`), or hand them to a callable (a progress
-  console), or stay quiet (False).
+  console), or stay quiet (False). In a `gs://` workdir the two appended files live in a local staging folder
+  until `flush` uploads them (see the module docstring); a failed upload is a `storage.WriteError`.
   """
 
   CONSOLE_KEYS = ("train/loss", "train/accuracy", "train/lr", "train/tokens_per_s", "train/mfu", "eval/loss")
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None, console: bool | Callable[[str], None] = True,
-               console_keys: tuple[str, ...] | None = None, wandb: Mapping[str, Any] | None = None):
+  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None,
+               console: bool | Callable[[str], None] = True, console_keys: tuple[str, ...] | None = None,
+               wandb: Mapping[str, Any] | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.workdir = workdir
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self.tb_dir = os.path.join(workdir, "tb")
+    self.workdir = fs.path(workdir, "workdir")
+    self.remote = fs.is_remote(self.workdir)
+    self.jsonl_path = self.workdir / "metrics.jsonl"
+    self.tb_dir = self.workdir / "tb"
     self._console = console
     self._console_keys = self.CONSOLE_KEYS if console_keys is None else console_keys
     self._tb = None
     self._jsonl = None
     self._wandb = None
     self._wandb_settings = dict(wandb) if wandb and wandb.get("project") else None
+    self._stage: str | None = None       # the local folder of a remote workdir's appended files
+    self._uploaded_at = 0.0
+    self._dirty = False
     if self.enabled:
       # tensorboardX imports torch when installed: only the writing process pays.
       from tensorboardX.event_file_writer import EventsWriter   # TensorBoard event files without TensorFlow
       try:
-        os.makedirs(self.tb_dir, exist_ok=True)
-        self._tb = EventsWriter(os.path.join(self.tb_dir, "events"))
-        self._jsonl = open(self.jsonl_path, "a")
-      except OSError as e:
-        raise storage.write_error("opening the metric files", workdir, e) from e
+        local = self.workdir
+        if self.remote:
+          self._stage = tempfile.mkdtemp(prefix="mmbert_jax-metrics-")
+          local = epath.Path(self._stage)
+          if self.jsonl_path.exists():   # a restart appends to the run's records, as on local disk
+            self.jsonl_path.copy(local / "metrics.jsonl")
+        (local / "tb").mkdir(parents=True, exist_ok=True)
+        self._local_jsonl = local / "metrics.jsonl"
+        self._tb = EventsWriter(os.fspath(local / "tb" / "events"))
+        self._jsonl = self._local_jsonl.open("a")
+      except Exception as e:   # OSError locally; the GCS client's own errors for a bucket
+        if not (isinstance(e, OSError) or self.remote):
+          raise
+        raise storage.write_error("opening the metric files", str(self.workdir), e) from e
     self._start = time.time()
 
   def forget_after(self, step: int) -> None:
@@ -158,17 +188,32 @@ class MetricWriter:
       return
     self._jsonl.close()
     try:
-      with open(self.jsonl_path) as f:
-        lines = f.readlines()
+      lines = self._local_jsonl.read_text().splitlines(keepends=True)
       kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
       if len(kept) != len(lines):
-        tmp = f"{self.jsonl_path}.tmp"
-        with open(tmp, "w") as f:
-          f.writelines(kept)
-        os.replace(tmp, self.jsonl_path)
-      self._jsonl = open(self.jsonl_path, "a")
+        fs.write_text(self._local_jsonl, "".join(kept))
+        self._dirty = True
+      self._jsonl = self._local_jsonl.open("a")
     except OSError as e:
-      raise storage.write_error("rewriting metrics", self.jsonl_path, e) from e
+      raise storage.write_error("rewriting metrics", str(self._local_jsonl), e) from e
+
+  def flush(self, force: bool = True) -> None:
+    """Uploads a remote workdir's metrics.jsonl and event file (without `force`: only when the last upload is
+    `UPLOAD_EVERY_S` old); nothing to do for a local workdir, whose files are flushed at every write."""
+    if not (self.enabled and self.remote and self._dirty):
+      return
+    if not force and time.time() - self._uploaded_at < UPLOAD_EVERY_S:
+      return
+    self._tb.flush()
+    self._jsonl.flush()
+    events = sorted((epath.Path(self._stage) / "tb").iterdir())   # this process's one event file
+    for local, dest in [(self._local_jsonl, self.jsonl_path)] + [(e, self.tb_dir / e.name) for e in events]:
+      try:
+        fs.upload(local, dest)
+      except Exception as e:   # whatever the GCS client raises (HttpError, OSError, timeouts)
+        raise storage.write_error("uploading metrics", str(dest), e) from e
+    self._uploaded_at = time.time()
+    self._dirty = False
 
   def _event(self, step: int, summary) -> None:
     from tensorboardX.proto import event_pb2
@@ -176,7 +221,8 @@ class MetricWriter:
       self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
       self._tb.flush()
     except OSError as e:
-      raise storage.write_error("writing TensorBoard events", self.tb_dir, e) from e
+      raise storage.write_error("writing TensorBoard events", str(self.tb_dir), e) from e
+    self._dirty = True
 
   def _print(self, text: str, stream=None) -> None:
     if callable(self._console):
@@ -195,7 +241,9 @@ class MetricWriter:
       self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
       self._jsonl.flush()
     except OSError as e:
-      raise storage.write_error("writing metrics", self.jsonl_path, e) from e
+      raise storage.write_error("writing metrics", str(self.jsonl_path), e) from e
+    self._dirty = True
+    self.flush(force=False)
     if self._wandb is not None:
       self._wandb.log(step, values)
     shown = " ".join(f"{k.removeprefix('train/')}={values[k]:.4g}" for k in self._console_keys if k in values)
@@ -216,8 +264,10 @@ class MetricWriter:
     from tensorboardX import summary as tb_summary
     try:
       text = save_config(self.workdir, config)
-    except OSError as e:
-      raise storage.write_error("writing config.json", self.workdir, e) from e
+    except Exception as e:   # OSError locally; the GCS client's own errors for a bucket
+      if not (isinstance(e, OSError) or self.remote):
+        raise
+      raise storage.write_error("writing config.json", str(self.workdir / "config.json"), e) from e
     self._event(0, tb_summary.text("config", "    " + text.replace("\n", "\n    ")))  # markdown code block
     hparams = flat_hparams(json.loads(text))
     experiment, start, _ = tb_summary.hparams(hparams, {"eval/loss": 0.0})
@@ -226,34 +276,44 @@ class MetricWriter:
     if self._wandb_settings and self._wandb is None:
       settings = dict(self._wandb_settings)
       settings["name"] = settings.get("name") or config.get("phase", "")
-      self._wandb = WandbWriter(self.workdir, config=hparams, **settings)
+      self._wandb = WandbWriter(self.workdir, config=hparams, local_dir=self._stage, **settings)
 
   def write_json(self, name: str, record: Any) -> None:
     """`<workdir>/<name>.json` (replaced whole)."""
     if self.enabled:
-      path = os.path.join(self.workdir, f"{name}.json")
+      path = self.workdir / f"{name}.json"
       try:
-        with open(path + ".tmp", "w") as f:
-          json.dump(record, f, indent=1, default=float)
-        os.replace(path + ".tmp", path)
-      except OSError as e:
-        raise storage.write_error(f"writing {name}.json", path, e) from e
+        fs.write_text(path, json.dumps(record, indent=1, default=float))
+      except Exception as e:   # OSError locally; the GCS client's own errors for a bucket
+        if not (isinstance(e, OSError) or self.remote):
+          raise
+        raise storage.write_error(f"writing {name}.json", str(path), e) from e
 
   def write_eval(self, step: int, results: Mapping[str, Mapping[str, float]], **info: Any) -> None:
     if self.enabled:
       try:
         record_eval(self.workdir, step, results, **info)
-      except OSError as e:
-        raise storage.write_error("writing eval.jsonl", self.workdir, e) from e
+      except Exception as e:   # OSError locally; the GCS client's own errors for a bucket
+        if not (isinstance(e, OSError) or self.remote):
+          raise
+        raise storage.write_error("writing eval.jsonl", str(self.workdir / "eval.jsonl"), e) from e
 
   def close(self) -> None:
-    """Closes the files; a failure to flush them is not raised again (the run has already stopped or ended)."""
+    """Closes the files (a remote workdir's are uploaded a last time); a failure to flush or upload them is not
+    raised again (the run has already stopped or ended: a run that ends well calls `flush` first)."""
     if self.enabled:
+      try:
+        self.flush()
+      except storage.WriteError as e:
+        print(f"warning: {e}", file=sys.stderr, flush=True)
       for f in (self._tb, self._jsonl):
         try:
           f.close()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
           pass
       if self._wandb is not None:
         self._wandb.close()
         self._wandb = None
+      if self._stage is not None:
+        epath.Path(self._stage).rmtree(missing_ok=True)
+        self._stage = None

@@ -10,12 +10,12 @@ the loop exits at once), so re-running the same command resumes the curriculum w
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import jax
 import ml_collections
 
+from data_pipeline import filesystem as fs
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import evaluate, finetune, merge, metrics, train
 
@@ -45,7 +45,7 @@ def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) ->
   with out.unlocked():
     out.phase = phase
     if "init_from_phase" in overrides:
-      out.init_from = os.path.join(workdir, overrides.init_from_phase) if overrides.init_from_phase else ""
+      out.init_from = _inside(workdir, overrides.init_from_phase) if overrides.init_from_phase else ""
     for key in ("phases", "phase_overrides", "merge"):
       if key in out:
         del out[key]
@@ -54,13 +54,18 @@ def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) ->
   return out
 
 
+def _inside(workdir: str, name: str) -> str:
+  """`<workdir>/<name>`, local or gs://."""
+  return str(fs.path(workdir, "workdir") / name)
+
+
 def merge_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`config.merge`: merge the listed phases' final checkpoints into `<workdir>/merged` and evaluate it."""
   m = config.merge
-  out = os.path.join(workdir, "merged")
-  if not os.path.exists(ckpt_lib.checkpoint_dir(out)):
-    params, meta = merge.merge_checkpoints(m.method, base=os.path.join(workdir, m.base),
-                                           models=[os.path.join(workdir, p) for p in m.models], density=m.density,
+  out = _inside(workdir, "merged")
+  if not ckpt_lib.checkpoint_dir(out).exists():
+    params, meta = merge.merge_checkpoints(m.method, base=_inside(workdir, m.base),
+                                           models=[_inside(workdir, p) for p in m.models], density=m.density,
                                            lam=m.lam)
     ckpt_lib.save_params(out, int(meta.get("step", 0)), params, meta)
   params, meta, _ = ckpt_lib.load_params(out)
@@ -83,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results: dict[str, Any] = {}
   budgets = [phase_config(config, phase, workdir).train_tokens for phase in config.phases]
   for i, phase in enumerate(config.phases):
-    result = train.train_and_evaluate(phase_config(config, phase, workdir), os.path.join(workdir, phase),
+    result = train.train_and_evaluate(phase_config(config, phase, workdir), _inside(workdir, phase),
                                       later_tokens=sum(budgets[i + 1:]))
     results[phase] = result
     if result["status"] != "complete":
@@ -94,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     name = f"merged_{config.merge.method}"
     evals[name] = merge_phases(config, workdir)
     if jax.process_index() == 0:
-      metrics.record_eval(os.path.join(workdir, "merged"), 0, evals[name], phase=name)
+      metrics.record_eval(_inside(workdir, "merged"), 0, evals[name], phase=name)
     print(evaluate.format_eval_table(evals), flush=True)
   downstream = finetune.score_curriculum(config, workdir) if "downstream" in config else None
   return {"status": "complete", "phases": results, "eval": evals, "downstream": downstream}

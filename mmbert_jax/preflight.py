@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from typing import Any
 
 import ml_collections
-from etils import epath
 
+from data_pipeline import filesystem as fs
 from data_pipeline import mixture
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import phases, train
@@ -31,6 +30,10 @@ CONTINUES_FROM = {"midtrain": "pretrain", "decay": "midtrain"}
 
 def check(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Every check of a single-phase config, or of each phase of a curriculum config (in `<workdir>/<phase>`)."""
+  workdir = str(_path(workdir, "--workdir"))
+  cache = config.get("jax_cache_dir")
+  if cache and (fs.is_remote(cache) or cache.startswith(("/", "~"))):  # a relative one is inside the workdir
+    _path(cache, "config.jax_cache_dir")
   if "phases" not in config:
     check_phase(config, workdir)
     return
@@ -43,12 +46,14 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     inside = bool(config.phase_overrides[phase].get("init_from_phase"))
-    check_phase(phase_cfg, os.path.join(workdir, phase), init_from_inside=inside)
+    check_phase(phase_cfg, str(fs.path(workdir) / phase), init_from_inside=inside)
 
 
 def check_phase(config: ml_collections.ConfigDict, workdir: str, *, init_from_inside: bool = False) -> None:
   """One phase in `workdir`. `init_from_inside`: init_from names an earlier phase of the same curriculum (it
   need not exist yet)."""
+  if config.init_from and not init_from_inside:
+    _path(config.init_from, "config.init_from")
   _check_data(config)
   latest = _latest_checkpoint(workdir)
   if latest is not None:
@@ -62,6 +67,14 @@ def check_phase(config: ml_collections.ConfigDict, workdir: str, *, init_from_in
                       "--config.wandb.project")
 
 
+def _path(value: str, key: str):
+  """`fs.path`, its one-line error (scheme, malformed gs://) as a ConfigError naming `key`."""
+  try:
+    return fs.path(value, key)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def _check_data(config: ml_collections.ConfigDict) -> None:
   data_dir = config.data.data_dir
   if not data_dir and "demo_corpus" in config:
@@ -70,7 +83,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   if not data_dir:
     raise ConfigError(f"config.data.data_dir is empty: set --config.data.data_dir=DIR to a directory prepared by "
                       f"{prepare} (or `python -m data_pipeline.demo_corpus --data_dir DIR` for a small one)")
-  path = epath.Path(data_dir)
+  path = _path(data_dir, "config.data.data_dir")
   if not path.is_dir():
     raise ConfigError(f"config.data.data_dir={data_dir} does not exist: prepare it with {prepare}")
   if not (path / "stats.json").exists():
@@ -80,7 +93,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 
 def _check_mixture(config: ml_collections.ConfigDict) -> None:
   data_dir = config.data.data_dir
-  if not data_dir or "://" in data_dir:
+  if not data_dir or fs.is_remote(data_dir):
     return
   try:  # the phase's mixture over this data: languages, budgets and pass caps that do not fit fail here
     stats = mixture.load_stats(data_dir)
@@ -112,7 +125,7 @@ def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:
   if inside:
     return
   try:
-    ckpt_lib.resolve(config.init_from)
+    ckpt_lib.resolve(config.init_from, "config.init_from")
   except ckpt_lib.CheckpointError as e:
     raise ConfigError(f"config.init_from={config.init_from}: {e}") from None
 
@@ -133,16 +146,15 @@ def _model_shape(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _latest_checkpoint(workdir: str) -> tuple[int, dict[str, Any]] | None:
   """(step, metadata) of the workdir's newest complete checkpoint, without starting a device backend."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  if not directory.is_dir():
     return None
   found = ckpt_lib.steps(directory)
   if not found:
     return None
-  path = os.path.join(directory, str(found[-1]), "meta", "metadata")  # the JSON item Orbax wrote
+  path = directory / str(found[-1]) / "meta" / "metadata"  # the JSON item Orbax wrote
   try:
-    with open(path) as f:
-      return found[-1], json.load(f)
+    return found[-1], json.loads(path.read_text())
   except (OSError, ValueError):
     return found[-1], {}
 

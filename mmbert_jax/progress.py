@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
 from typing import Any, Callable, TextIO
 
 import jax
 from tqdm import tqdm
+
+from data_pipeline import filesystem as fs
 
 
 class StepTimer:
@@ -190,7 +191,7 @@ class Profiler:
 
   @property
   def directory(self) -> str:
-    return os.path.join(self.workdir, "profile")
+    return str(fs.path(self.workdir, "workdir") / "profile")
 
   @property
   def wanted(self) -> bool:

@@ -1,7 +1,7 @@
 """Pictures of a run: `python -m mmbert_jax.report --workdir=W [--out=DIR]` writes PNG plots and prints their paths.
 
-W is a curriculum root (one sub-directory per phase) or one phase's workdir. From each phase's records (written by
-the training loop: `metrics.jsonl`, `eval.jsonl`, `mixture.json`, `config.json`):
+W is a curriculum root (one sub-directory per phase) or one phase's workdir, local or gs://. From each phase's
+records (written by the training loop: `metrics.jsonl`, `eval.jsonl`, `mixture.json`, `config.json`):
 
   loss.png      training loss over total tokens across phases, phase boundaries marked, the LR schedule beneath
   eval.png      held-out loss per language after each phase; languages that enter after the first phase are
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
+from data_pipeline import filesystem as fs
 from mmbert_jax import cli
 
 FLAGS = flags.FLAGS
@@ -35,24 +36,19 @@ class Phase:
   config: dict[str, Any] | None
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
+def _read_jsonl(path: epath.Path) -> list[dict[str, Any]]:
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+def _read_json(path: epath.Path) -> dict[str, Any] | None:
+  return json.loads(path.read_text()) if path.exists() else None
 
 
-def _phase(directory: str, name: str) -> Phase:
-  return Phase(name, directory, _read_jsonl(os.path.join(directory, "metrics.jsonl")),
-               _read_jsonl(os.path.join(directory, "eval.jsonl")), _read_json(os.path.join(directory, "mixture.json")),
-               _read_json(os.path.join(directory, "config.json")))
+def _phase(directory: epath.Path, name: str) -> Phase:
+  return Phase(name, str(directory), _read_jsonl(directory / "metrics.jsonl"), _read_jsonl(directory / "eval.jsonl"),
+               _read_json(directory / "mixture.json"), _read_json(directory / "config.json"))
 
 
 def _start(phase: Phase) -> float:
@@ -61,20 +57,22 @@ def _start(phase: Phase) -> float:
   return row["train/total_tokens"] - row["train/tokens"] if row else float("inf")
 
 
-def load_run(workdir: str) -> list[Phase]:
+def load_run(workdir: str | epath.Path) -> list[Phase]:
   """The phases of `workdir` in curriculum order: a curriculum's own (its config.json's `phases`), else phases run
   one by one in sub-directories by the token count they started at; then any other sub-directory with records
   (e.g. a merged model). A single phase's workdir gives one."""
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    config = _read_json(os.path.join(workdir, "config.json")) or {}
-    return [_phase(workdir, config.get("phase") or os.path.basename(os.path.normpath(workdir)))]
-  root = _read_json(os.path.join(workdir, "config.json")) or {}
-  names = [n for n in sorted(os.listdir(workdir)) if os.path.isdir(os.path.join(workdir, n))
-           and any(os.path.exists(os.path.join(workdir, n, f)) for f in ("metrics.jsonl", "eval.jsonl"))]
+  workdir = fs.path(workdir, "--workdir")
+  if (workdir / "metrics.jsonl").exists():
+    config = _read_json(workdir / "config.json") or {}
+    return [_phase(workdir, config.get("phase") or workdir.name)]
+  root = _read_json(workdir / "config.json") or {}
+  children = sorted(workdir.iterdir()) if workdir.is_dir() else []
+  names = [p.name for p in children if p.is_dir()
+           and any((p / f).exists() for f in ("metrics.jsonl", "eval.jsonl"))]
   if not names:
     raise FileNotFoundError(f"{workdir} holds no run records (metrics.jsonl or eval.jsonl, in it or in its phase "
                             "sub-directories)")
-  phases = {n: _phase(os.path.join(workdir, n), n) for n in names}
+  phases = {n: _phase(workdir / n, n) for n in names}
   listed = [p for p in root.get("phases", []) if p in phases]
   rest = sorted((n for n in names if n not in listed), key=lambda n: (_start(phases[n]), n))
   return [phases[n] for n in listed + rest]
@@ -207,18 +205,20 @@ def plot_mixture(phases: Sequence[Phase]):
 
 
 def write_plots(workdir: str, out_dir: str | None = None) -> list[str]:
-  """Every plot the records allow, as PNGs in `out_dir` (default `<workdir>/plots`); returns their paths."""
+  """Every plot the records allow, as PNGs in `out_dir` (default `<workdir>/plots`; local or gs://); returns their
+  paths."""
   phases = load_run(workdir)
-  out_dir = out_dir or os.path.join(workdir, "plots")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = fs.path(out_dir, "--out") if out_dir else fs.path(workdir, "--workdir") / "plots"
+  out_dir.mkdir(parents=True, exist_ok=True)
   available = {"loss": bool(loss_curves(phases)), "eval": bool(final_eval(phases)),
                "mixture": bool(mixtures(phases)[1])}
   paths = []
   for name, plot in (("loss", plot_loss), ("eval", plot_eval), ("mixture", plot_mixture)):
     if available[name]:
-      path = os.path.join(out_dir, f"{name}.png")
-      plot(phases).savefig(path, dpi=110)
-      paths.append(path)
+      path = out_dir / f"{name}.png"
+      with path.open("wb") as f:   # a bucket object is written whole when the file closes
+        plot(phases).savefig(f, format="png", dpi=110)
+      paths.append(str(path))
   return paths
 
 
@@ -235,6 +235,8 @@ def main(argv):
     paths = write_plots(FLAGS.workdir, FLAGS.out or None)
   except FileNotFoundError as e:
     raise cli.ConfigError(f"--workdir={FLAGS.workdir}: {e}") from None
+  except ValueError as e:   # not a local or gs:// path (the message names the flag)
+    raise cli.ConfigError(str(e)) from None
   for path in paths:
     print(path)
 

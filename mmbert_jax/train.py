@@ -467,6 +467,7 @@ class PhaseRun:
                      config=self.config.to_json())
     self.checkpointer.save(self.step, params=self.params, opt_state=self.opt_state, data_iter=self.train_data,
                            meta=self.meta)
+    self.writer.flush()   # a gs:// workdir's metrics reach the bucket with every checkpoint
 
   def evaluate(self) -> dict[str, dict[str, float]]:
     config = self.config
@@ -621,6 +622,8 @@ class PhaseRun:
         profiler.stop()
       if wait and checkpointer is not None:
         checkpointer.wait()
+      if wait and getattr(self, "writer", None) is not None:
+        self.writer.flush()   # the last records of a gs:// workdir; a failed upload fails the run
     finally:
       for part in ("console", "checkpointer", "preemption", "writer", "train_data"):
         close = getattr(getattr(self, part, None), "close", None)

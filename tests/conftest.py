@@ -38,17 +38,17 @@ def demo_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-  """A Cloud Storage emulator on localhost (gcp-storage-emulator, the GCS JSON API) with one bucket, for the
-  whole session. The standard variables point every client at it: google-cloud-storage and gcsfs read
-  STORAGE_EMULATOR_HOST, tensorstore (Orbax's array writer) TENSORSTORE_GCS_HTTP_URL; subprocesses inherit them.
-  Tests write under their own prefix of the returned `gs://bucket`."""
+  """A Cloud Storage emulator on localhost (gcp-storage-emulator, the GCS JSON API, started by tests/gcs_emulator.py)
+  with one bucket, for the whole session. The standard variables point every client at it: google-cloud-storage
+  and gcsfs read STORAGE_EMULATOR_HOST, tensorstore (Orbax's array writer) TENSORSTORE_GCS_HTTP_URL; subprocesses
+  inherit them. Tests write under their own prefix of the returned `gs://bucket`."""
   import time
   import urllib.request
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   bucket = "mmbert-test"
-  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+  proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--host=127.0.0.1",
                            f"--port={port}", "--no-store-on-disk", f"--default-bucket={bucket}"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f"http://127.0.0.1:{port}"

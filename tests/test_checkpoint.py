@@ -157,3 +157,47 @@ def test_checkpoint_that_does_not_fit_names_the_parameter(demo_data, reference, 
     train.train_and_evaluate(c, str(tmp_path / "wrong"))
   with pytest.raises(ckpt_lib.CheckpointError, match="does not exist"):
     ckpt_lib.resolve(str(tmp_path / "nowhere"))
+
+
+def _objects(directory):
+  """{relative path: bytes} of every object under a bucket folder."""
+  root = str(directory)
+  out = {}
+  for folder, _, files in directory.walk():
+    relative = str(folder).removeprefix("gs://")[len(root.removeprefix("gs://")):].strip("/")
+    for name in files:
+      out[f"{relative}/{name}".lstrip("/")] = (directory / relative / name).read_bytes()
+  return out
+
+
+def test_a_damaged_step_in_a_bucket_is_copied_aside_then_deleted(gcs_bucket, monkeypatch):
+  """A bucket has no folder rename: the step's objects are copied to corrupt-<step> first, and only a complete copy
+  lets the originals go."""
+  import uuid
+  import orbax.checkpoint as ocp
+  from data_pipeline import filesystem as fs
+  workdir = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/run")
+  with ckpt_lib._manager(ckpt_lib.checkpoint_dir(workdir), create=True, enable_async_checkpointing=False) as m:
+    for step in (4, 8):
+      m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave({"w": np.full(3, step, np.float32)}),
+                                           meta=ocp.args.JsonSave({"step": step})))
+  checkpointer = ckpt_lib.Checkpointer(str(workdir), async_save=False)
+  assert checkpointer.all_steps() == [4, 8]
+  step_dir = ckpt_lib.checkpoint_dir(workdir) / "8"
+  before = _objects(step_dir)
+  assert "params/_METADATA" in before
+
+  def copy_then_fail(src, dest):   # the connection drops half-way through the copy
+    (dest / "partial").write_text("x")
+    raise OSError("connection reset")
+
+  monkeypatch.setattr(ckpt_lib.fs, "copy_tree", copy_then_fail)
+  with pytest.raises(OSError, match="connection reset"):
+    checkpointer._move_aside(8)
+  assert _objects(step_dir) == before               # nothing deleted before the copy is complete
+  monkeypatch.undo()
+  where = checkpointer._move_aside(8)
+  assert where == f"{ckpt_lib.checkpoint_dir(workdir)}/corrupt-8.2"   # corrupt-8 holds the failed attempt
+  assert not step_dir.exists() and _objects(fs.path(where)) == before
+  assert checkpointer.all_steps() == [4] and ckpt_lib.read_meta(ckpt_lib.checkpoint_dir(workdir), 4)["step"] == 4
+  checkpointer.close()

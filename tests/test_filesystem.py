@@ -76,13 +76,16 @@ def test_staged_dir_uploads_on_success_only(remote):
   assert not (remote / "failed").exists()
 
 
-def test_copy_tree_between_bucket_and_disk(remote, tmp_path):
-  src = tmp_path / "src"
-  (src / "a" / "b").mkdir(parents=True)
-  (src / "top.txt").write_text("t")
-  (src / "a" / "b" / "deep.txt").write_text("d")
-  fs.copy_tree(fs.path(str(src)), remote / "up")
-  fs.copy_tree(remote / "up", fs.path(str(tmp_path / "down")))
-  got = sorted(str(p.relative_to(tmp_path / "down")) for p in (tmp_path / "down").rglob("*") if p.is_file())
-  assert got == ["a/b/deep.txt", "top.txt"]
-  assert (tmp_path / "down" / "a" / "b" / "deep.txt").read_text() == "d"
+def test_copy_tree_between_buckets_and_disk(remote, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)                                  # where a bucket path taken for a local one would land
+  local = fs.path(str(tmp_path / "src"))
+  (local / "a" / "b").mkdir(parents=True)
+  (local / "top.txt").write_text("1")
+  (local / "a" / "b" / "deep.txt").write_text("2")
+  fs.copy_tree(local, remote / "up")                           # disk → bucket
+  fs.copy_tree(remote / "up", remote / "across")               # bucket → bucket (a folder "rename")
+  fs.copy_tree(remote / "across", fs.path(str(tmp_path / "down")))   # bucket → disk
+  down = tmp_path / "down"
+  assert sorted(str(p.relative_to(down)) for p in down.rglob("*") if p.is_file()) == ["a/b/deep.txt", "top.txt"]
+  assert (down / "a" / "b" / "deep.txt").read_text() == "2" and (remote / "up" / "top.txt").read_text() == "1"
+  assert not (tmp_path / "mmbert-test").exists() and not list(tmp_path.glob("gs:*"))

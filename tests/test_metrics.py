@@ -149,3 +149,53 @@ def test_missing_wandb_is_one_actionable_error(tmp_path, monkeypatch):
   with pytest.raises(ImportError, match="pip install wandb"):
     writer.write_config(load_config("demo"))
   writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A gs:// workdir (the GCS emulator, tests/conftest.py): no append, so metrics.jsonl and the event file are staged
+# locally and uploaded whole at flush points.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _remote_steps(path):
+  return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_a_bucket_workdir_gets_whole_files_at_flush_points(gcs_bucket, tmp_path, monkeypatch):
+  import uuid
+  from data_pipeline import filesystem as fs
+  workdir = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/run")
+  writer = metrics.MetricWriter(str(workdir), enabled=True, console=False)
+  writer.write_config(load_config("demo"))
+  writer.write(1, {"train/loss": 3.0})            # the first log step is uploaded at once
+  writer.write(2, {"train/loss": 2.5})            # within UPLOAD_EVERY_S of it: staged only
+  assert _remote_steps(workdir / "metrics.jsonl") == [1]
+  monkeypatch.setattr(metrics, "UPLOAD_EVERY_S", 0.0)
+  writer.write(3, {"train/loss": 2.0})
+  assert _remote_steps(workdir / "metrics.jsonl") == [1, 2, 3]
+  writer.write_eval(3, {"all": {"loss": 2.0}})
+  writer.write_eval(5, {"all": {"loss": 1.5}})    # replaced whole with both lines: no append in a bucket
+  writer.close()
+  assert _remote_steps(workdir / "eval.jsonl") == [3, 5]
+  assert json.loads((workdir / "config.json").read_text())["phase"] == load_config("demo").phase
+  fs.copy_tree(workdir / "tb", fs.path(str(tmp_path / "tb")))
+  scalars = [(e.step, v.simple_value) for e in _events(str(tmp_path)) for v in e.summary.value
+             if v.tag == "train/loss"]
+  assert scalars == [(1, 3.0), (2, 2.5), (3, 2.0)]
+  assert not list(tmp_path.glob("gs:*"))
+  # A restart (resume at step 2) downloads the records, drops the later steps and continues them.
+  again = metrics.MetricWriter(str(workdir), enabled=True, console=False)
+  again.forget_after(2)
+  again.write(3, {"train/loss": 1.9})
+  again.close()
+  assert _remote_steps(workdir / "metrics.jsonl") == [1, 2, 3]
+  assert json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["train/loss"] == 1.9
+  assert len(list((workdir / "tb").iterdir())) == 2   # one event file per process, as on local disk
+
+
+def test_a_failed_upload_is_one_line_naming_the_bucket_object(gcs_bucket):
+  writer = metrics.MetricWriter("gs://no-such-bucket/run", enabled=True, console=False)
+  with pytest.raises(metrics.storage.WriteError) as e:
+    writer.write(1, {"train/loss": 3.0})
+  assert str(e.value).startswith("uploading metrics failed: ")
+  assert str(e.value).endswith(" at gs://no-such-bucket/run/metrics.jsonl") and "\n" not in str(e.value)
+  writer.close()                                   # the run has already failed: warns, does not raise again
