@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
       max_masked=0,                   # masked slots per row for the sparse head (0 = from mask_rate)
       packing="best_fit",
       num_workers=0,
+      # Reads in flight: each row stream keeps `read_ahead` documents requested on `read_threads` threads per
+      # process, so per-record latency (a gcsfuse mount, a network disk) overlaps; 0 threads reads serially.
+      read_threads=16,
+      read_ahead=32,
       # Row streams of the data pipeline, fixed for a run: a resume with another micro_batch_size or host count
       # reads the same rows in the same order. It must divide micro_batch_size and be a multiple of the host
       # count (0 = micro_batch_size: a change of it then needs a fresh data iterator).

@@ -93,7 +93,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 
 def _check_mixture(config: ml_collections.ConfigDict) -> None:
   data_dir = config.data.data_dir
-  if not data_dir or fs.is_remote(data_dir):
+  if not data_dir:
     return
   try:  # the phase's mixture over this data: languages, budgets and pass caps that do not fit fail here
     stats = mixture.load_stats(data_dir)

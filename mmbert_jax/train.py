@@ -51,7 +51,8 @@ BOOKKEEPING_KEYS = frozenset({
     "phase", "workdir", "train_tokens", "mesh", "num_devices", "jax_cache_dir", "peak_flops_per_device",
     "log_every_steps", "eval_every_steps", "eval_batch_size", "eval_max_batches", "checkpoint_every_tokens",
     "keep_checkpoints", "skip_nonfinite", "max_consecutive_skips", "allow_config_change", "init_from",
-    "init_optimizer_state", "data.data_dir", "data.num_workers", "data.eval_languages", "data.eval_mask_rate",
+    "init_optimizer_state", "data.data_dir", "data.num_workers", "data.read_threads", "data.read_ahead",
+    "data.eval_languages", "data.eval_mask_rate",
 } | {f"model.{name}" for name in RUNTIME_FIELDS - {"attn_out_dropout"}})
 
 
@@ -135,7 +136,8 @@ def pipeline_config(config: ml_collections.ConfigDict, batch_size: int, *, eval:
       data_dir=d.data_dir, languages=d.languages, tau=d.tau, budgets=dict(d.budgets),
       max_passes=d.max_passes or None, total_tokens=float(config.train_tokens) if d.max_passes else None,
       seq_len=d.seq_len, batch_size=batch_size, mask_rate=d.mask_rate, max_masked=d.max_masked or None,
-      seed=config.seed, packing=d.packing, num_workers=d.num_workers, num_streams=d.num_streams or None)
+      seed=config.seed, packing=d.packing, num_workers=d.num_workers, num_streams=d.num_streams or None,
+      read_threads=d.read_threads, read_ahead=d.read_ahead)
 
 
 def num_microbatches(config: ml_collections.ConfigDict) -> int:

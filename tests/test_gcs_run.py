@@ -60,14 +60,20 @@ def _no_local_scheme_folders(*folders):
     assert not any(epath.Path(folder).glob("gs:*")) and not any(epath.Path(folder).glob("s3:*")), folder
 
 
-def test_a_bucket_workdir_trains_resumes_hands_off_merges_exports_and_evaluates(demo_data, gcs_bucket, tmp_path,
-                                                                                tmp_path_factory):
+def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(demo_data, gcs_bucket, tmp_path,
+                                                                             tmp_path_factory, monkeypatch):
   reference = trained_run(demo_data, tmp_path_factory)   # uninterrupted, on local disk
   root = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
   run = root / "run"
   cwd = tmp_path / "cwd"
   cwd.mkdir()
-  config = _config_file(tmp_path, demo_data, jax_cache_dir=str(root / "jax_cache"))
+  # The prepared data (tokenizer, shards, stats.json) in the bucket too: each process copies the phase's shards
+  # to its local cache once.
+  data = root / "data"
+  fs.copy_tree(fs.path(demo_data), data)
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("MMBERT_JAX_CACHE", str(cache))
+  config = _config_file(tmp_path, str(data), jax_cache_dir=str(root / "jax_cache"))
 
   # Stopped by SIGTERM once its first metrics reached the bucket, then run again to the end.
   proc = _start("mmbert_jax.main", f"--config={config}", f"--workdir={run}", cwd=cwd)
@@ -95,6 +101,8 @@ def test_a_bucket_workdir_trains_resumes_hands_off_merges_exports_and_evaluates(
   plots = [line.split("plot: ", 1)[1] for line in out.splitlines() if line.startswith("plot: ")]
   assert plots and all(p.startswith(str(run / "plots")) and epath.Path(p).stat().length > 10_000 for p in plots)
   assert any((root / "jax_cache").iterdir())   # jax writes its compilation cache to the bucket itself
+  copied = [p for p in cache.rglob("*") if p.is_file()]
+  assert copied and all("/data/" in str(p) for p in copied)   # shards came from the bucket
 
   # A second phase starts from the bucket run's final checkpoint.
   second = root / "second"

@@ -13,12 +13,6 @@ from conftest import ROOT
 
 PACKAGES = ("mmbert_jax", "data_pipeline")
 LAYER = "data_pipeline/filesystem.py"
-# Modules still being converted on another branch; emptied once that branch is merged.
-NOT_YET_CONVERTED = frozenset({
-    "data_pipeline/benchmark.py", "data_pipeline/checkpoint.py", "data_pipeline/demo_corpus.py",
-    "data_pipeline/mixture.py", "data_pipeline/pipeline.py", "data_pipeline/prepare.py", "data_pipeline/tasks.py",
-    "data_pipeline/tokenizer.py",
-})
 OS_CALLS = ("makedirs", "mkdir", "listdir", "scandir", "walk", "rename", "replace", "remove", "unlink", "rmdir")
 LOCAL_MODULES = ("glob", "shutil", "pathlib", "os.path")
 MARKER = re.compile(r"#\s*local-only:\s*\S")
@@ -86,14 +80,8 @@ def test_the_check_finds_local_file_calls(source, expected):
 
 def test_every_path_goes_through_the_filesystem_layer():
   found = {name: violations(path.read_text()) for name, path in _sources()
-           if name != LAYER and name not in NOT_YET_CONVERTED}
+           if name != LAYER}
   found = {name: v for name, v in found.items() if v}
   assert not found, "local-only file calls outside data_pipeline/filesystem.py (use `fs`/epath, or mark them " \
       "`# local-only: <reason>`): " + "; ".join(f"{n}:{line} {what}" for n, v in found.items() for line, what in v)
 
-
-def test_the_not_yet_converted_list_holds_only_modules_that_still_need_it():
-  names = dict(_sources())
-  assert NOT_YET_CONVERTED <= set(names), sorted(NOT_YET_CONVERTED - set(names))
-  clean = sorted(n for n in NOT_YET_CONVERTED if not violations(names[n].read_text()))
-  assert not clean, f"converted: remove {clean} from NOT_YET_CONVERTED"
