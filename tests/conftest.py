@@ -102,7 +102,8 @@ def train_losses(workdir: str) -> dict[int, float]:
 def run_two_processes(worker: str, timeout: int = 600, during=None, **fields) -> list[tuple[int, str, str]]:
   """Runs `worker` as processes 0 and 1 of a jax.distributed job on localhost: a Python source whose `{root}`,
   `{tests}`, `{port}`, `{pid}` and `fields` are filled in. `during(processes)`, if given, is called once both have
-  started (e.g. to signal one); their output is read only after it returns, so it must not wait long. Returns (return code, stdout, stderr) of each."""
+  started (e.g. to signal one); their output is read only after it returns, so it must not wait long. Returns
+  (return code, stdout, stderr) of each."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
