@@ -37,14 +37,22 @@ def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
   return fs.path(workdir, "workdir") / "checkpoints"
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager without its own calls to JAX's preemption sync point (in `save` and in the background thread
+  that finishes a save; only logging and metrics use them): the sync manager keeps the last count it was given, and
+  the training loop gives it its own, once per step (train.Preemption)."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
 def _manager(directory: epath.Path, *, data_iter: bool = False, **options) -> ocp.CheckpointManager:
   handlers = dict(params=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(),
                   meta=ocp.JsonCheckpointHandler())
   if data_iter:
     # Each process writes its own streams; restore merges them, so the process count may change (elastic).
     handlers["data_iter"] = data_ckpt.PipelineCheckpointHandler()
-  return ocp.CheckpointManager(directory, item_handlers=handlers,
-                               options=ocp.CheckpointManagerOptions(**options))
+  return _Manager(directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(**options))
 
 
 class Checkpointer:

@@ -112,8 +112,9 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def lr_schedule(config: ml_collections.ConfigDict):
+  """The phase's learning rate as a numpy function of its tokens, computed on the host: no device sync."""
   s = config.schedule
-  return schedules.wsd_schedule(
+  return schedules.host_wsd_schedule(
       config.optim.peak_lr, warmup_tokens=s.warmup_tokens,
       decay_start_tokens=None if s.decay_start_tokens < 0 else s.decay_start_tokens,
       decay_tokens=s.decay_tokens, final_fraction=s.final_fraction, decay_shape=s.decay_shape)
@@ -315,22 +316,46 @@ def stack_microbatches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.nda
 # --------------------------------------------------------------------------------------------------------------
 
 class Preemption:
-  """SIGTERM (preemption notice, `kill`) sets a flag; every process agrees on it at step boundaries."""
+  """A SIGTERM (preemption notice, `kill`) to any one process stops every process after the same step.
+
+  One process: SIGTERM sets a flag, read at step boundaries. Under jax.distributed, the coordination service's
+  preemption sync manager owns SIGTERM (jax.distributed.initialize installs its handler; a Python handler would
+  replace it): the process that receives the signal posts the notice to the coordination service, and every process
+  agrees in the background on the call after the furthest process's last one. `should_stop` is then a local check,
+  no collective: `multihost_utils.reached_preemption_sync_point(n)` on the n-th call, true on every process at the
+  same call. The count runs across the phases of one process and is the same everywhere because every process runs
+  the same loop. (With jax_enable_preemption_service off, the flags are all-gathered every step instead.)
+  """
+
+  calls = 0   # per process, across phases: the sync manager compares it with the point agreed on
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.synced = jax.distributed.is_initialized() and _has_preemption_service()
+    self._previous = None if self.synced else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     self.requested = True
 
   def should_stop(self) -> bool:
+    if self.synced:
+      Preemption.calls += 1
+      return multihost_utils.reached_preemption_sync_point(Preemption.calls)
     if jax.process_count() == 1:
       return self.requested
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
   def close(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _has_preemption_service() -> bool:
+  try:  # a call with the count already given changes nothing; it raises if the service was disabled
+    multihost_utils.reached_preemption_sync_point(Preemption.calls)
+    return True
+  except RuntimeError:
+    return False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -497,15 +522,13 @@ class PhaseRun:
       micro = [next(self.train_data) for _ in range(n_micro)]
       batch = stack_microbatches(micro)
     slot_tokens = n_micro * self.micro_rows * config.data.seq_len
-    # The LR at the end of this step's tokens: warmup starts above 0. The schedule runs on the default device,
-    # queued behind the previous step, so reading it waits for that step: device time.
-    with self.timer("device"):
-      lr = float(self.schedule(self.tokens + slot_tokens))
+    # The LR at the end of this step's tokens (warmup starts above 0), on the host: nothing waits for the devices.
+    lr = np.float32(self.schedule(self.tokens + slot_tokens))
     self.profiler.before_step(self.step)
     batch = self.put_train(batch)
     with self.timer("device"):  # dispatch; a backend without asynchronous dispatch runs the step right here
-      self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, batch, jnp.float32(lr),
-                                                             jnp.int32(self.step))
+      self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, batch, lr,
+                                                             np.int32(self.step))
     self.step += 1
     self.tokens += slot_tokens
     self.profiler.after_step(self.step, wait=functools.partial(jax.block_until_ready, metrics))
@@ -516,11 +539,13 @@ class PhaseRun:
     """Reads a dispatched step's metrics: stops (or skips) on a non-finite step, counts tokens per language,
     and logs every `log_every_steps`."""
     config = self.config
-    with self.timer("device"):
-      host = jax.device_get(done.metrics)
+    logging = done.step % config.log_every_steps == 0
+    with self.timer("device"):  # waits for the step; only what every step needs comes to the host between logs
+      host = jax.device_get(done.metrics if logging else {k: done.metrics[k] for k in ("finite", "lang_tokens")})
     if not bool(host["finite"]):
-      what = (f"step {done.step}: loss, gradients or updated parameters are not finite (loss={float(host['loss'])}, "
-              f"grad_norm={float(host['grad_norm'])}); the parameters were not updated")
+      what = (f"step {done.step}: loss, gradients or updated parameters are not finite "
+              f"(loss={float(done.metrics['loss'])}, grad_norm={float(done.metrics['grad_norm'])}); the parameters "
+              "were not updated")
       if not config.skip_nonfinite:
         raise NonFiniteLossError(f"{what}. {self._checkpoint_status()} Set --config.skip_nonfinite=True to skip "
                                  "such steps.")
@@ -534,7 +559,7 @@ class PhaseRun:
     for i, lang in enumerate(self.languages):
       self.meta["tokens_per_language"][lang] = (self.meta["tokens_per_language"].get(lang, 0)
                                                 + int(host["lang_tokens"][i]))
-    if done.step % config.log_every_steps == 0:
+    if logging:
       self._log(done, host)
 
   def _checkpoint_status(self) -> str:

@@ -99,9 +99,11 @@ def train_losses(workdir: str) -> dict[int, float]:
   return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
 
 
-def run_two_processes(worker: str, timeout: int = 600, **fields) -> list[tuple[int, str, str]]:
+def run_two_processes(worker: str, timeout: int = 600, during=None, **fields) -> list[tuple[int, str, str]]:
   """Runs `worker` as processes 0 and 1 of a jax.distributed job on localhost: a Python source whose `{root}`,
-  `{tests}`, `{port}`, `{pid}` and `fields` are filled in. Returns (return code, stdout, stderr) of each."""
+  `{tests}`, `{port}`, `{pid}` and `fields` are filled in. `during(processes)`, if given, is called once both have
+  started (e.g. to signal one); their output is read only after it returns, so it must not wait long. Returns
+  (return code, stdout, stderr) of each."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -109,5 +111,12 @@ def run_two_processes(worker: str, timeout: int = 600, **fields) -> list[tuple[i
   procs = [subprocess.Popen([sys.executable, "-c", worker.format(root=str(ROOT), tests=str(ROOT / "tests"),
                                                                 port=port, pid=i, **fields)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
-  outputs = [p.communicate(timeout=timeout) for p in procs]
+  try:
+    if during is not None:
+      during(procs)
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]

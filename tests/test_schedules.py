@@ -11,6 +11,12 @@ from mmbert_jax import schedules
 PEAK = 8e-4
 
 
+@pytest.fixture(params=["jnp", "host"])
+def wsd(request):
+  """Each closed-form test runs on the jit-able float32 schedule and on the loop's numpy float64 one."""
+  return {"jnp": schedules.wsd_schedule, "host": schedules.host_wsd_schedule}[request.param]
+
+
 def closed_form_decay(shape, s, alpha):
   s = min(max(s, 0.0), 1.0)
   if shape == "1-sqrt":
@@ -24,37 +30,35 @@ def closed_form_decay(shape, s, alpha):
   raise AssertionError(shape)
 
 
-def test_pretrain_phase_warmup_then_constant():
-  schedule = schedules.wsd_schedule(PEAK, warmup_tokens=3e9)
+def test_pretrain_phase_warmup_then_constant(wsd):
+  schedule = wsd(PEAK, warmup_tokens=3e9)
   for tokens, want in [(0, 0.0), (0.75e9, PEAK / 4), (1.5e9, PEAK / 2), (3e9, PEAK), (3.1e9, PEAK),
                        (2.3e12, PEAK)]:
     assert float(schedule(tokens)) == pytest.approx(want, rel=1e-6, abs=1e-12), tokens
 
 
-def test_midtrain_phase_is_constant():
-  schedule = schedules.wsd_schedule(PEAK)
+def test_midtrain_phase_is_constant(wsd):
+  schedule = wsd(PEAK)
   for tokens in [0, 1, 1e9, 6e11]:
     assert float(schedule(tokens)) == pytest.approx(PEAK, rel=1e-7)
 
 
 @pytest.mark.parametrize("shape", schedules.DECAY_SHAPES)
-def test_decay_phase_shapes(shape):
+def test_decay_phase_shapes(wsd, shape):
   alpha, total = 0.02, 100e9
-  schedule = schedules.wsd_schedule(PEAK, decay_start_tokens=0, decay_tokens=total, final_fraction=alpha,
-                                    decay_shape=shape)
+  schedule = wsd(PEAK, decay_start_tokens=0, decay_tokens=total, final_fraction=alpha, decay_shape=shape)
   for s in [0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 1.0, 1.5]:
     want = closed_form_decay(shape, s, alpha)
     assert float(schedule(s * total)) == pytest.approx(want, rel=2e-6), s
   assert float(schedule(total)) == pytest.approx(1.6e-5, rel=1e-5)   # RECIPE: 0.02 · 8e-4
 
 
-def test_full_warmup_stable_decay_and_phase_offset():
+def test_full_warmup_stable_decay_and_phase_offset(wsd):
   warmup, start, length, alpha = 10.0, 90.0, 10.0, 0.0
-  local = schedules.wsd_schedule(1e-3, warmup_tokens=warmup, decay_start_tokens=start, decay_tokens=length,
-                                 final_fraction=alpha)
+  local = wsd(1e-3, warmup_tokens=warmup, decay_start_tokens=start, decay_tokens=length, final_fraction=alpha)
   offset = 1e6
-  shifted = schedules.wsd_schedule(1e-3, warmup_tokens=warmup, decay_start_tokens=start, decay_tokens=length,
-                                   final_fraction=alpha, phase_start_tokens=offset)
+  shifted = wsd(1e-3, warmup_tokens=warmup, decay_start_tokens=start, decay_tokens=length,
+                final_fraction=alpha, phase_start_tokens=offset)
   for t in [0, 2.5, 5, 10, 50, 89, 90, 92.5, 95, 99, 100, 120]:
     if t < warmup:
       want = 1e-3 * t / warmup
@@ -67,9 +71,9 @@ def test_full_warmup_stable_decay_and_phase_offset():
   assert float(shifted(0.0)) == 0.0                 # before the phase starts: position 0
 
 
-def test_decay_right_after_warmup():
-  schedule = schedules.wsd_schedule(1.0, warmup_tokens=4, decay_start_tokens=4, decay_tokens=4,
-                                    final_fraction=0.5, decay_shape="linear")
+def test_decay_right_after_warmup(wsd):
+  schedule = wsd(1.0, warmup_tokens=4, decay_start_tokens=4, decay_tokens=4, final_fraction=0.5,
+                 decay_shape="linear")
   got = [float(schedule(t)) for t in range(10)]
   np.testing.assert_allclose(got, [0, .25, .5, .75, 1, .875, .75, .625, .5, .5], rtol=1e-6)
 
@@ -85,17 +89,37 @@ def test_jit_and_vectorised():
   assert const.shape == (3,)
 
 
-def test_schedule_errors():
+@pytest.mark.parametrize("shape", schedules.DECAY_SHAPES)
+def test_host_schedule_equals_the_jnp_schedule(shape):
+  """The loop's numpy float64 learning rate is the jit-able float32 one, to float32 precision: on both sides of
+  every boundary (phase start, end of warmup, start and end of the decay). Token counts below 2²⁴ are exact in
+  float32, so only the arithmetic differs."""
+  phase, warmup, decay_start, decay = 2 ** 20, 2 ** 18, 2 ** 22, 2 ** 21
+  kw = dict(warmup_tokens=warmup, decay_start_tokens=decay_start, decay_tokens=decay, final_fraction=0.02,
+            decay_shape=shape, phase_start_tokens=phase)
+  host, jitted = schedules.host_wsd_schedule(PEAK, **kw), jax.jit(schedules.wsd_schedule(PEAK, **kw))
+  edges = phase + np.array([0, warmup, decay_start, decay_start + decay])
+  tokens = np.unique(np.concatenate([[0, phase // 2], edges - 1, edges, edges + 1, edges + 4096,
+                                     phase + np.linspace(0, decay_start + 2 * decay, 101).round()]))
+  lr = host(tokens)
+  assert lr.dtype == np.float64 and isinstance(host(tokens[5]), np.float64)
+  np.testing.assert_allclose(lr, np.asarray(jitted(tokens), np.float64), rtol=2e-6, atol=1e-12)
+  # Every piece is visited: 0 before the phase, the warmup ramp, the peak, the decay and its end held.
+  assert lr[0] == 0 and 0 < host(phase + warmup // 2) < PEAK and host(phase + decay_start) == PEAK
+  assert host(phase + decay_start + decay // 2) < PEAK and host(tokens[-1]) == pytest.approx(0.02 * PEAK)
+
+
+def test_schedule_errors(wsd):
   with pytest.raises(ValueError, match="decay_shape"):
-    schedules.wsd_schedule(PEAK, decay_start_tokens=0, decay_tokens=1, decay_shape="exp")
+    wsd(PEAK, decay_start_tokens=0, decay_tokens=1, decay_shape="exp")
   with pytest.raises(ValueError, match="final_fraction > 0"):
-    schedules.wsd_schedule(PEAK, decay_start_tokens=0, decay_tokens=1, decay_shape="inverse_sqrt")
+    wsd(PEAK, decay_start_tokens=0, decay_tokens=1, decay_shape="inverse_sqrt")
   with pytest.raises(ValueError, match="decay_tokens"):
-    schedules.wsd_schedule(PEAK, decay_start_tokens=0)
+    wsd(PEAK, decay_start_tokens=0)
   with pytest.raises(ValueError, match="decay_start_tokens"):
-    schedules.wsd_schedule(PEAK, warmup_tokens=10, decay_start_tokens=5, decay_tokens=1)
+    wsd(PEAK, warmup_tokens=10, decay_start_tokens=5, decay_tokens=1)
   with pytest.raises(ValueError, match="peak_lr"):
-    schedules.wsd_schedule(0.0)
+    wsd(0.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -166,9 +190,9 @@ def test_batch_warmup_edges():
     schedules.batch_warmup(0, num_microbatches=4, warmup_tokens=1, level_duration="time")
 
 
-def test_recipe_scale_token_counts_do_not_overflow():
+def test_recipe_scale_token_counts_do_not_overflow(wsd):
   # 100B-token decay and a 2.3T-token phase: Python ints beyond int32 must not reach jnp as integers.
-  lr = schedules.wsd_schedule(8e-4, warmup_tokens=3_000_000_000, decay_start_tokens=2_200_000_000_000,
-                              decay_tokens=100_000_000_000, final_fraction=0.02)
+  lr = wsd(8e-4, warmup_tokens=3_000_000_000, decay_start_tokens=2_200_000_000_000,
+           decay_tokens=100_000_000_000, final_fraction=0.02)
   assert float(lr(2_250_000_000_000)) == pytest.approx(8e-4 * (0.02 + 0.98 * (1 - math.sqrt(0.5))), rel=1e-5)
   assert float(lr(1_500_000_000)) == pytest.approx(4e-4, rel=1e-5)

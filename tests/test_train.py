@@ -1,6 +1,8 @@
 """The training loop: sharded steps equal single-device steps, real text trains, metrics and errors."""
 import json
 import os
+import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import read_metrics, run_two_processes, tiny_config, train_losses
+from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import sharding, train
 from mmbert_jax.model import get_config
 
@@ -138,19 +141,84 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize("localhost:{port}", num_processes=2, process_id={pid})
 from conftest import tiny_config
 from mmbert_jax import train
-result = train.train_and_evaluate(tiny_config({data!r}, num_devices=0, train_tokens=512 * 6), {workdir!r})
+result = train.train_and_evaluate(tiny_config({data!r}, num_devices=0), {workdir!r})
 print("RESULT", result["status"], result["step"], jax.device_count())
 """
 
 
-def test_two_processes_train_like_one(demo_data, tmp_path):
+STEPS = 12   # tiny_config's run: 512 tokens a step
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(demo_data, tmp_path_factory):
+  """The per-step losses of tiny_config's run in one process of 4 devices, what 2-process runs must reproduce."""
+  workdir = str(tmp_path_factory.mktemp("one"))
+  train.train_and_evaluate(tiny_config(demo_data, num_devices=4), workdir)
+  losses = train_losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  return [losses[s] for s in range(1, STEPS + 1)]
+
+
+def test_two_processes_train_like_one(demo_data, tmp_path, one_process_losses):
   """A real 2-process run (jax.distributed, gloo collectives, 2 CPU devices each) equals one 4-device process."""
   workdir = str(tmp_path / "two")
   for returncode, out, err in run_two_processes(_WORKER, data=demo_data, workdir=workdir):
-    assert returncode == 0 and "RESULT complete 6 4" in out, (out + err)[-3000:]
-  one = str(tmp_path / "one")
-  train.train_and_evaluate(tiny_config(demo_data, num_devices=4, train_tokens=512 * 6), one)
-  two_losses, one_losses = train_losses(workdir), train_losses(one)
-  assert sorted(two_losses) == list(range(1, 7))
-  np.testing.assert_allclose([two_losses[s] for s in range(1, 7)], [one_losses[s] for s in range(1, 7)],
-                             rtol=0, atol=1e-5)
+    assert returncode == 0 and f"RESULT complete {STEPS} 4" in out, (out + err)[-3000:]
+  two_losses = train_losses(workdir)
+  assert sorted(two_losses) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([two_losses[s] for s in range(1, STEPS + 1)], one_process_losses, rtol=0, atol=1e-5)
+
+
+_PREEMPTIBLE = """
+import os, sys, time
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize("localhost:{port}", num_processes=2, process_id={pid})
+from conftest import tiny_config
+from mmbert_jax import main, train
+save, record = train.PhaseRun.save, train.PhaseRun.record
+def save_and_say(self, final=False):
+  print("SAVED", self.step, flush=True)
+  save(self, final)
+train.PhaseRun.save = save_and_say
+if {slow}:   # at least 0.2 s a step: the stop lands well before the end of the run
+  train.PhaseRun.record = lambda self, done: (time.sleep(0.2), record(self, done))[1]
+# No periodic checkpoint: the rerun resumes from the one the stop saved.
+sys.exit(main.run(tiny_config({data!r}, num_devices=0, checkpoint_every_tokens=10 ** 9), {workdir!r}))
+"""
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(demo_data, tmp_path, one_process_losses):
+  """SIGTERM to process 1 of 2 mid-run: JAX's preemption sync point stops both after the same step, both save it
+  and exit 75 (preempted); the rerun resumes on both and the per-step losses are those of an uninterrupted run."""
+  workdir = str(tmp_path / "two")
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+
+  def sigterm_process_1_after_step_2(procs):
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+      if os.path.exists(jsonl) and '"step": 2,' in open(jsonl).read():   # process 0 has logged step 2
+        procs[1].send_signal(signal.SIGTERM)
+        return
+      time.sleep(0.05)
+
+  first = run_two_processes(_PREEMPTIBLE, timeout=300, during=sigterm_process_1_after_step_2, data=demo_data,
+                            workdir=workdir, slow=True)
+  saved = []
+  for returncode, out, err in first:
+    assert returncode == 75, (out + err)[-3000:]
+    saved.append([int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVED")])
+  [[step], [other]] = saved                           # one save each: the stop's
+  assert step == other and 2 < step < STEPS, saved
+  assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir)) == [step]
+  assert "SIGTERM caught" in first[1][2] and "SIGTERM caught" not in first[0][2]   # only process 1 got it
+
+  second = run_two_processes(_PREEMPTIBLE, timeout=300, data=demo_data, workdir=workdir, slow=False)
+  for returncode, out, err in second:
+    assert returncode == 0, (out + err)[-3000:]
+  assert f"resumed {workdir} at step {step}" in second[0][1] + second[0][2]
+  two_losses = train_losses(workdir)
+  assert sorted(two_losses) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([two_losses[s] for s in range(1, STEPS + 1)], one_process_losses, rtol=0, atol=1e-5)
