@@ -20,6 +20,7 @@ from flax import nnx
 
 from mmbert_jax import attention as attention_lib
 from mmbert_jax import mlm_loss
+from mmbert_jax import sharding
 
 
 _SAVE_ATTENTION = jax.checkpoint_policies.save_only_these_names(attention_lib.CHECKPOINT_NAME)
@@ -252,10 +253,16 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
+# Hidden states [B, S, H] (and the head's [B, K, H]): rows over the batch axes, the rest whole on each device.
+ACTIVATIONS = ("batch", None, None)
+
+
 def _apply_layer(cfg: ModelConfig, layer: EncoderLayer, x, segment_ids, positions, key):
   if cfg.remat == "none":
-    return layer(x, segment_ids, positions, key)
-  return nnx.remat(lambda lyr, *a: lyr(*a), policy=REMAT_POLICIES[cfg.remat])(layer, x, segment_ids, positions, key)
+    x = layer(x, segment_ids, positions, key)
+  else:
+    x = nnx.remat(lambda lyr, *a: lyr(*a), policy=REMAT_POLICIES[cfg.remat])(layer, x, segment_ids, positions, key)
+  return sharding.constrain(x, ACTIVATIONS)
 
 
 class MaskedLM(nnx.Module):
@@ -282,6 +289,7 @@ class MaskedLM(nnx.Module):
       positions = positions_from_segments(segment_ids)
     x = self.embedding[...].astype(cfg.dtype)[input_ids]
     x = self.emb_norm(x)
+    x = sharding.constrain(x, ACTIVATIONS)
     # One dropout key per layer, drawn in layer order, the same whether the layers run unrolled or scanned.
     keys = None if rngs is None else jnp.stack([rngs.dropout() for _ in range(cfg.num_layers)])
     if cfg.scan_layers:
@@ -336,7 +344,8 @@ class MaskedLM(nnx.Module):
     `ModelConfig.loss_impl` (see mmbert_jax.mlm_loss): the training loss, without necessarily any logits."""
     cfg = self.config
     x = self.encode(input_ids, segment_ids, positions, rngs=rngs)
-    x = self.head_features(jnp.take_along_axis(x, masked_positions[..., None], axis=1))
+    x = sharding.constrain(jnp.take_along_axis(x, masked_positions[..., None], axis=1), ACTIVATIONS)
+    x = self.head_features(x)
     return mlm_loss.token_loss(x, self.embedding[...].astype(cfg.dtype), self.decoder_bias[...], masked_labels,
                                impl=cfg.loss_impl, chunk_size=cfg.loss_chunk_size)
 

@@ -53,6 +53,24 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """`x` pinned to the mesh axes of its logical axis names (`LOGICAL_AXIS_RULES`) when traced under a mesh
+  (`jax.set_mesh`); unchanged outside one, or where a dimension does not divide over its axes.
+
+  Activations need this: left to sharding propagation from the fsdp-sharded weights, XLA may keep every row of
+  the global batch on every device and split the hidden dimension instead, so per-device activation memory (and
+  attention work) grows with the slice's size rather than with the rows each device trains on."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  rules = dict(LOGICAL_AXIS_RULES)
+  axes = [rules.get(name) if name else None for name in logical]
+  sizes = [math.prod(mesh.shape[a] for a in ((m,) if isinstance(m, str) else m)) if m else 1 for m in axes]
+  if any(dim % size for dim, size in zip(x.shape, sizes)):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*axes))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
   """Sharding of a batch array: `leading` unsharded axes (e.g. micro-batches), then rows over (data, fsdp)."""
   return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1))))

@@ -67,6 +67,29 @@ def test_parameters_are_sharded_by_the_logical_rules():
   assert params["final_norm"]["scale"].sharding.is_fully_replicated
 
 
+def test_activations_hold_only_each_devices_rows():
+  """In the compiled fsdp step every [rows, seq, ...] activation has the rows of one device: left to sharding
+  propagation from the fsdp-sharded weights, XLA kept all 16 global rows on each of the 8 devices (and split the
+  hidden dimension instead), so per-device memory grew with the slice rather than with the rows per device."""
+  import re
+  from mmbert_jax import aot
+  cfg = get_config("tiny").replace(vocab_size=1024, attention_impl="xla")
+  mesh = sharding.make_mesh({"fsdp": 8}, jax.devices()[:8])
+  config = tiny_config("")
+  model = train.model_graph(cfg, mesh, 0)
+  tx = train.optimizer(config)
+  opt = aot.abstract_optimizer_state(tx, model.abstract_params, mesh)
+  seq = 128
+  with jax.set_mesh(mesh):
+    step = train.make_train_step(model, tx, mesh, num_languages=4, seed=0,
+                                 param_shardings=jax.tree.map(lambda x: x.sharding, model.abstract_params),
+                                 opt_shardings=jax.tree.map(lambda x: x.sharding, opt))
+    hlo = step.lower(model.abstract_params, opt, aot.abstract_batch(mesh, 1, 16, seq, 48),
+                     jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)).compile().as_text()
+  rows = {int(n) for n in re.findall(r"\b(?:f32|bf16)\[(\d+),%d," % seq, hlo)}
+  assert rows == {2}, rows
+
+
 def test_mesh_shape_resolves_and_rejects():
   assert sharding.mesh_shape(dict(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
   with pytest.raises(ValueError, match="not divisible"):
