@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -135,6 +136,9 @@ def record_eval(workdir: str | epath.Path, step: int, results: Mapping[str, Mapp
       f.write(line)
 
 
+_WRITER_COUNT = itertools.count()
+
+
 class MetricWriter:
   """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl`, TensorBoard in `<workdir>/tb` and W&B.
 
@@ -174,7 +178,10 @@ class MetricWriter:
             self.jsonl_path.copy(local / "metrics.jsonl")
         (local / "tb").mkdir(parents=True, exist_ok=True)
         self._local_jsonl = local / "metrics.jsonl"
-        self._tb = EventsWriter(os.fspath(local / "tb" / "events"))
+        # The name holds the time in seconds and the host: a restart within the same second would reuse it and,
+        # in a bucket, replace the earlier file. Process id and writer count keep each writer's file its own.
+        self._tb = EventsWriter(os.fspath(local / "tb" / "events"),
+                                filename_suffix=f".{os.getpid()}.{next(_WRITER_COUNT)}")
         self._jsonl = self._local_jsonl.open("a")
       except Exception as e:   # OSError locally; the GCS client's own errors for a bucket
         if not (isinstance(e, OSError) or self.remote):
