@@ -118,6 +118,16 @@ def copy_tree(src: epath.Path, dest: epath.Path) -> None:
       source.copy(target, overwrite=True)
 
 
+def move_tree(src: epath.Path, dest: epath.Path) -> None:
+  """Moves the folder `src` to `dest`: a rename on local disk; in a bucket, which has no folder rename, every object
+  is copied first and the originals are deleted only once the copy is complete."""
+  if is_remote(src):
+    copy_tree(src, dest)
+    src.rmtree()
+  else:
+    src.rename(dest)
+
+
 def cache_root() -> epath.Path:
   """Where bucket files are copied for libraries that read local files: $MMBERT_JAX_CACHE or ~/.cache/mmbert_jax."""
   return epath.Path(os.environ.get("MMBERT_JAX_CACHE") or os.path.expanduser("~/.cache/mmbert_jax"))

@@ -154,12 +154,7 @@ class Checkpointer:
       n += 1
       target = self.directory / f"corrupt-{step}.{n}"
     if jax.process_index() == 0:
-      source = self.directory / str(step)
-      if fs.is_remote(source):  # a bucket has no folder rename: copy every object, then delete the originals
-        fs.copy_tree(source, target)
-        source.rmtree()
-      else:
-        source.rename(target)
+      fs.move_tree(self.directory / str(step), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"mmbert_jax: moved checkpoint {step} aside")
     self.manager.reload()

@@ -12,6 +12,7 @@ and uploaded whole at flush points (a log step at most every `UPLOAD_EVERY_S`, e
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -20,7 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -169,7 +170,7 @@ class MetricWriter:
     if self.enabled:
       # tensorboardX imports torch when installed: only the writing process pays.
       from tensorboardX.event_file_writer import EventsWriter   # TensorBoard event files without TensorFlow
-      try:
+      with self._writes("opening the metric files", self.workdir):
         local = self.workdir
         if self.remote:
           self._stage = tempfile.mkdtemp(prefix="mmbert_jax-metrics-")
@@ -183,11 +184,18 @@ class MetricWriter:
         self._tb = EventsWriter(os.fspath(local / "tb" / "events"),
                                 filename_suffix=f".{os.getpid()}.{next(_WRITER_COUNT)}")
         self._jsonl = self._local_jsonl.open("a")
-      except Exception as e:   # OSError locally; the GCS client's own errors for a bucket
-        if not (isinstance(e, OSError) or self.remote):
-          raise
-        raise storage.write_error("opening the metric files", str(self.workdir), e) from e
     self._start = time.time()
+
+  @contextlib.contextmanager
+  def _writes(self, what: str, path) -> Iterator[None]:
+    """A failed write to `path` as one `storage.WriteError`: an OSError on local disk; in a bucket, whatever the
+    GCS client raises (HTTP errors, timeouts). Any other error on local disk is a bug and propagates."""
+    try:
+      yield
+    except Exception as e:
+      if not (isinstance(e, OSError) or self.remote):
+        raise
+      raise storage.write_error(what, str(path), e) from e
 
   def forget_after(self, step: int) -> None:
     """Drops JSONL records of steps after `step` (a resumed run writes those steps again)."""
@@ -215,10 +223,8 @@ class MetricWriter:
     self._jsonl.flush()
     events = sorted((epath.Path(self._stage) / "tb").iterdir())   # this process's one event file
     for local, dest in [(self._local_jsonl, self.jsonl_path)] + [(e, self.tb_dir / e.name) for e in events]:
-      try:
+      with self._writes("uploading metrics", dest):
         fs.upload(local, dest)
-      except Exception as e:   # whatever the GCS client raises (HttpError, OSError, timeouts)
-        raise storage.write_error("uploading metrics", str(dest), e) from e
     self._uploaded_at = time.time()
     self._dirty = False
 
@@ -269,12 +275,8 @@ class MetricWriter:
     if not self.enabled:
       return
     from tensorboardX import summary as tb_summary
-    try:
+    with self._writes("writing config.json", self.workdir / "config.json"):
       text = save_config(self.workdir, config)
-    except Exception as e:   # OSError locally; the GCS client's own errors for a bucket
-      if not (isinstance(e, OSError) or self.remote):
-        raise
-      raise storage.write_error("writing config.json", str(self.workdir / "config.json"), e) from e
     self._event(0, tb_summary.text("config", "    " + text.replace("\n", "\n    ")))  # markdown code block
     hparams = flat_hparams(json.loads(text))
     experiment, start, _ = tb_summary.hparams(hparams, {"eval/loss": 0.0})
@@ -289,21 +291,13 @@ class MetricWriter:
     """`<workdir>/<name>.json` (replaced whole)."""
     if self.enabled:
       path = self.workdir / f"{name}.json"
-      try:
+      with self._writes(f"writing {name}.json", path):
         fs.write_text(path, json.dumps(record, indent=1, default=float))
-      except Exception as e:   # OSError locally; the GCS client's own errors for a bucket
-        if not (isinstance(e, OSError) or self.remote):
-          raise
-        raise storage.write_error(f"writing {name}.json", str(path), e) from e
 
   def write_eval(self, step: int, results: Mapping[str, Mapping[str, float]], **info: Any) -> None:
     if self.enabled:
-      try:
+      with self._writes("writing eval.jsonl", self.workdir / "eval.jsonl"):
         record_eval(self.workdir, step, results, **info)
-      except Exception as e:   # OSError locally; the GCS client's own errors for a bucket
-        if not (isinstance(e, OSError) or self.remote):
-          raise
-        raise storage.write_error("writing eval.jsonl", str(self.workdir / "eval.jsonl"), e) from e
 
   def close(self) -> None:
     """Closes the files (a remote workdir's are uploaded a last time); a failure to flush or upload them is not
