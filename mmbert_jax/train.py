@@ -73,7 +73,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config[key] < 0:
       raise ValueError(f"config.{key} must be ≥ 0; got {config[key]}")
   lr = config.optim.peak_lr
-  if not (math.isfinite(lr) and 0 < lr <= np.finfo(np.float32).max):
+  if not (math.isfinite(lr) and 0 < lr <= float(np.finfo(np.float32).max)):
     raise ValueError(f"config.optim.peak_lr must be a positive number finite in float32; got {lr}")
   for key, value in config.schedule.items():
     if isinstance(value, (int, float)) and not math.isfinite(value):
