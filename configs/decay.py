@@ -11,13 +11,14 @@ size `base` (default) or `small`. All three start from the same mid-training che
 the small yaml says linear); the small model decays from its 4e-4 peak to 1.6e-5 (final fraction 0.04), the same
 final LR as its yaml.
 """
+
 from configs import base
 
 VARIANTS = {
-    # variant: (language set, English share, code share) from mmBERT's token counts per language (docs/RECIPE.md §6.1)
-    "eng": ("mmbert-mid", 0.179, 0.031),
-    "cont": ("mmbert-mid", 0.132, 0.032),
-    "all": ("all", 0.101, 0.055),
+  # variant: (language set, English share, code share) from mmBERT's token counts per language (docs/RECIPE.md §6.1)
+  "eng": ("mmbert-mid", 0.179, 0.031),
+  "cont": ("mmbert-mid", 0.132, 0.032),
+  "all": ("all", 0.101, 0.055),
 }
 
 
@@ -32,8 +33,8 @@ def get_config(arg: str = "all,base"):
   c.model.global_rope_theta = 160_000.0
   c.model.local_rope_theta = 160_000.0
   c.data.languages, english, code = VARIANTS[variant]
-  c.data.budgets = {"eng": english, "code": code}     # the sources' split of English is not published for decay
-  c.data.max_passes = 5.0                             # docs/RECIPE.md §6.2: no language read more than 5 times
+  c.data.budgets = {"eng": english, "code": code}  # the sources' split of English is not published for decay
+  c.data.max_passes = 5.0  # docs/RECIPE.md §6.2: no language read more than 5 times
   c.data.num_streams = 32
   c.data.tau = 0.3
   c.data.mask_rate = 0.05

@@ -10,13 +10,17 @@ prints the held-out MLM loss per language; languages that enter only in decay_al
 each of the six checkpoints is fine-tuned on two embedded downstream tasks (language identification of short texts
 in 60 languages, cross-lingual retrieval of CLDR names into English) and scored side by side.
 """
+
 import ml_collections
 
 from configs import base
 
-DECAY = dict(init_from_phase="midtrain", data=dict(tau=0.3, mask_rate=0.05),
-             schedule=dict(decay_start_tokens=0, decay_tokens=120_000, final_fraction=0.02, decay_shape="1-sqrt"),
-             train_tokens=120_000)
+DECAY = dict(
+  init_from_phase="midtrain",
+  data=dict(tau=0.3, mask_rate=0.05),
+  schedule=dict(decay_start_tokens=0, decay_tokens=120_000, final_fraction=0.02, decay_shape="1-sqrt"),
+  train_tokens=120_000,
+)
 
 
 def get_config(arg: str = ""):
@@ -39,23 +43,35 @@ def get_config(arg: str = ""):
   c.log_every_steps = 25
   c.checkpoint_every_tokens = 200_000
   c.keep_checkpoints = 2
-  c.jax_cache_dir = "jax_cache"       # the three decay variants share one compiled step
+  c.jax_cache_dir = "jax_cache"  # the three decay variants share one compiled step
 
   c.phases = ("pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all")
-  c.phase_overrides = ml_collections.ConfigDict(dict(
-      pretrain=dict(data=dict(languages="demo-pretrain", tau=0.7, mask_rate=0.30, seq_len=128),
-                    batch_warmup_tokens=60_000, schedule=dict(warmup_tokens=40_000), train_tokens=400_000),
-      midtrain=dict(init_from_phase="pretrain", model=dict(global_rope_theta=160_000.0, local_rope_theta=160_000.0),
-                    data=dict(languages="demo-mid", tau=0.5, mask_rate=0.15, seq_len=256), train_tokens=240_000),
+  c.phase_overrides = ml_collections.ConfigDict(
+    dict(
+      pretrain=dict(
+        data=dict(languages="demo-pretrain", tau=0.7, mask_rate=0.30, seq_len=128),
+        batch_warmup_tokens=60_000,
+        schedule=dict(warmup_tokens=40_000),
+        train_tokens=400_000,
+      ),
+      midtrain=dict(
+        init_from_phase="pretrain",
+        model=dict(global_rope_theta=160_000.0, local_rope_theta=160_000.0),
+        data=dict(languages="demo-mid", tau=0.5, mask_rate=0.15, seq_len=256),
+        train_tokens=240_000,
+      ),
       decay_eng=_decay("demo-mid", english=0.25),
       decay_cont=_decay("demo-mid"),
       decay_all=_decay("demo-decay"),
-  ))
-  c.merge = ml_collections.ConfigDict(dict(method="ties", base="midtrain",
-                                           models=("decay_eng", "decay_cont", "decay_all"), density=0.5, lam=1.0))
+    )
+  )
+  c.merge = ml_collections.ConfigDict(
+    dict(method="ties", base="midtrain", models=("decay_eng", "decay_cont", "decay_all"), density=0.5, lam=1.0)
+  )
   # Then every phase and the merge are fine-tuned and scored on the embedded CLDR tasks (mmbert_jax.finetune).
-  c.downstream = ml_collections.ConfigDict(dict(tasks=("cldr_langid", "cldr_retrieval"), epochs=3, batch_size=32,
-                                                peak_lr=3e-3, max_len=32))
+  c.downstream = ml_collections.ConfigDict(
+    dict(tasks=("cldr_langid", "cldr_retrieval"), epochs=3, batch_size=32, peak_lr=3e-3, max_len=32)
+  )
   return c
 
 

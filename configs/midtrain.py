@@ -9,6 +9,7 @@ LR and weight decay (4e-4, 4e-5) and seed 12345. Fixed shares (docs/RECIPE.md §
 sources 5.5% (English 12.1%), code 3.3%; at most 5 passes over any language. 32 row streams: they divide the
 micro-batches the README suggests per slice (32, 64, 576 rows).
 """
+
 from configs import base
 
 

@@ -10,6 +10,7 @@ says 25%); 2.3T tokens (paper, blog, dataset card). Batch 4608 × 1024, grown fr
 (`--lang eng`), code 5.1% (`--lang code`); the FineWeb2 languages share the rest by n^0.7, none read more than 5
 times. The data pipeline's 128 row streams divide every micro-batch of 384 rows and any host count up to 128.
 """
+
 from configs import base
 
 
@@ -18,7 +19,7 @@ def get_config(size: str = "base"):
   base.size_overrides(c, size)
   c.phase = "pretrain"
   c.data.languages = "mmbert-pretrain"
-  c.data.budgets = {"dclm": 0.3017, "eng": 0.0434, "code": 0.0513}    # English 34.51%, code 5.13%
+  c.data.budgets = {"dclm": 0.3017, "eng": 0.0434, "code": 0.0513}  # English 34.51%, code 5.13%
   c.data.max_passes = 5.0
   c.data.num_streams = 128
   c.micro_batch_size = 384

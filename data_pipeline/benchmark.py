@@ -35,6 +35,7 @@ Reported per setting:
 FineWeb2 parquet file each), then reads decay batches and reports the growth of this process's anonymous memory
 per document, with all shards of the largest languages open (goal ≤ 2 bytes per document).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -54,8 +55,8 @@ SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
 TOKENIZER_INFO = {"path": "synthetic", "kind": "synthetic", "vocab_size": 256_000, "special_ids": SPECIAL_IDS}
 # One host's share: the recipe's micro-batch rows and num_streams (configs/), on 8 hosts by default.
 SETTINGS = {
-    "pretrain": dict(seq_len=1024, batch_size=384, num_streams=128, mask_rate=0.30, tau=0.7),
-    "decay": dict(seq_len=8192, batch_size=32, num_streams=32, mask_rate=0.05, tau=0.3),
+  "pretrain": dict(seq_len=1024, batch_size=384, num_streams=128, mask_rate=0.30, tau=0.7),
+  "decay": dict(seq_len=8192, batch_size=32, num_streams=32, mask_rate=0.05, tau=0.3),
 }
 
 
@@ -67,13 +68,22 @@ def language_shares(languages: int, seed: int = 0) -> dict[str, float]:
   return {f"l{i:04d}_Synt": float(s) for i, s in enumerate(share)}
 
 
-def synthetic_corpus(data_dir: str, *, languages: int = 1834, tokens: int = 24_000_000, vocab_size: int = 256_000,
-                     median_len: int = 600, sigma: float = 1.1, max_len: int = 8192, seed: int = 0) -> dict:
+def synthetic_corpus(
+  data_dir: str,
+  *,
+  languages: int = 1834,
+  tokens: int = 24_000_000,
+  vocab_size: int = 256_000,
+  median_len: int = 600,
+  sigma: float = 1.1,
+  max_len: int = 8192,
+  seed: int = 0,
+) -> dict:
   """Writes a prepared corpus of random token documents (at least 2 documents per language)."""
   rng = np.random.default_rng(seed)
 
   def docs(budget):
-    for i in range(10 ** 9):
+    for i in range(10**9):
       if budget <= 0 and i >= 2:
         return
       n = int(np.clip(rng.lognormal(np.log(median_len), sigma), 8, 32_768))
@@ -103,8 +113,13 @@ def index_corpus(data_dir: str, documents: int, *, languages: int = 1834, shard_
       for _ in range(size):
         writer.write(record)
       writer.close()
-      records.append({"unit": f"{name}-{lang}", "source": "index", "languages": {lang: {"train": {
-          "documents": size, "sequences": size, "tokens": 4 * size, "path": path}}}})
+      records.append(
+        {
+          "unit": f"{name}-{lang}",
+          "source": "index",
+          "languages": {lang: {"train": {"documents": size, "sequences": size, "tokens": 4 * size, "path": path}}},
+        }
+      )
   settings = prepare.Settings(tokenizer="", max_len=8, eval_documents=0)
   stats = prepare.aggregate(records, TOKENIZER_INFO, settings)
   prepare._atomic_write_json(fs.path(data_dir, "data_dir") / "stats.json", stats)
@@ -114,23 +129,23 @@ def index_corpus(data_dir: str, documents: int, *, languages: int = 1834, shard_
 def open_files() -> int:
   """Open file descriptors of this process and its children (grain's workers)."""
   pids = [os.getpid()]
-  for task in os.listdir("/proc/self/task"):    # local-only: /proc of this machine
+  for task in os.listdir("/proc/self/task"):  # local-only: /proc of this machine
     try:
-      with open(f"/proc/self/task/{task}/children") as f:   # local-only: /proc
+      with open(f"/proc/self/task/{task}/children") as f:  # local-only: /proc
         pids += [int(p) for p in f.read().split()]
     except OSError:
       pass
   total = 0
   for pid in pids:
     try:
-      total += len(os.listdir(f"/proc/{pid}/fd"))   # local-only: /proc
+      total += len(os.listdir(f"/proc/{pid}/fd"))  # local-only: /proc
     except OSError:
       pass
   return total
 
 
 def anon_memory() -> int:
-  with open("/proc/self/status") as f:   # local-only: /proc
+  with open("/proc/self/status") as f:  # local-only: /proc
     for line in f:
       if line.startswith("RssAnon:"):
         return int(line.split()[1]) * 1024
@@ -158,20 +173,29 @@ def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, floa
     cpu_times.append(time.process_time() - c)
     real += int((b["segment_ids"] > 0).sum())
     files = max(files, open_files())
-  opened = pipeline.READERS.opened - opened     # counted in this process: with workers 0 only
+  opened = pipeline.READERS.opened - opened  # counted in this process: with workers 0 only
   inflight = pipeline.READERS.max_in_flight
   cpu = time.process_time() - cpu
   it.close()
   times = np.asarray(times)
   slots = len(times) * b["segment_ids"].size
-  return {"startup_s": startup, "p50_ms": 1e3 * np.percentile(times, 50), "p99_ms": 1e3 * np.percentile(times, 99),
-          "max_ms": 1e3 * times.max(), "tokens_per_s": slots / times.sum(), "packing": real / slots,
-          "files": files, "batches": len(times), "rows": b["segment_ids"].shape[0],
-          "in_flight": inflight if not cfg.num_workers else float("nan"),
-          "opens_per_batch": opened / len(times) if not cfg.num_workers else float("nan"),
-          "tokens_per_cpu_s": slots / cpu if not cfg.num_workers else float("nan"),
-          "cpu_p99_p50": (np.percentile(cpu_times, 99) / np.percentile(cpu_times, 50) if not cfg.num_workers
-                          else float("nan"))}
+  return {
+    "startup_s": startup,
+    "p50_ms": 1e3 * np.percentile(times, 50),
+    "p99_ms": 1e3 * np.percentile(times, 99),
+    "max_ms": 1e3 * times.max(),
+    "tokens_per_s": slots / times.sum(),
+    "packing": real / slots,
+    "files": files,
+    "batches": len(times),
+    "rows": b["segment_ids"].shape[0],
+    "in_flight": inflight if not cfg.num_workers else float("nan"),
+    "opens_per_batch": opened / len(times) if not cfg.num_workers else float("nan"),
+    "tokens_per_cpu_s": slots / cpu if not cfg.num_workers else float("nan"),
+    "cpu_p99_p50": (
+      np.percentile(cpu_times, 99) / np.percentile(cpu_times, 50) if not cfg.num_workers else float("nan")
+    ),
+  }
 
 
 def index_memory(documents: int, languages: int, hosts: int, batches: int) -> None:
@@ -180,8 +204,10 @@ def index_memory(documents: int, languages: int, hosts: int, batches: int) -> No
     stats = index_corpus(tmp, documents, languages=languages)
     shards = sum(len(v["train"]["shards"]) for v in stats["languages"].values())
     docs = stats["totals"]["train"]["documents"]
-    print(f"index corpus: {len(stats['languages'])} languages, {docs:,} documents in {shards} shards "
-          f"({time.perf_counter() - t0:.0f} s to write)")
+    print(
+      f"index corpus: {len(stats['languages'])} languages, {docs:,} documents in {shards} shards "
+      f"({time.perf_counter() - t0:.0f} s to write)"
+    )
     cfg = pipeline.PipelineConfig(data_dir=tmp, **dict(SETTINGS["decay"], seq_len=1024), prefetch=0)
     base = anon_memory()
     t0 = time.perf_counter()
@@ -194,20 +220,24 @@ def index_memory(documents: int, languages: int, hosts: int, batches: int) -> No
       next(it)
       files = max(files, open_files())
     used = anon_memory() - base
-    print(f"after {batches + 1} batches: iterator built in {plan_s:.1f} s, first batch {first_s:.1f} s (4-token "
-          f"documents: {pipeline.READERS.opened:,} shard opens in all), {files} open files, anonymous memory "
-          f"+{used / 2**20:.0f} MiB = {used / docs:.2f} bytes/document")
+    print(
+      f"after {batches + 1} batches: iterator built in {plan_s:.1f} s, first batch {first_s:.1f} s (4-token "
+      f"documents: {pipeline.READERS.opened:,} shard opens in all), {files} open files, anonymous memory "
+      f"+{used / 2**20:.0f} MiB = {used / docs:.2f} bytes/document"
+    )
     # The worst case for the index: the open readers all hold the largest shards.
     largest = sorted(((n, p) for p, n in (s for v in it._plan.shards for s in v)), reverse=True)
     pipeline.READERS.close_all()
     base = anon_memory()
-    held = largest[:pipeline.READERS.capacity]
+    held = largest[: pipeline.READERS.capacity]
     for n, path in held:
       pipeline.READERS.read(path, n, n - 1)
     used = anon_memory() - base
-    print(f"{len(held)} largest shards open ({sum(n for n, _ in held):,} documents): +{used / 2**20:.0f} MiB = "
-          f"{used / sum(n for n, _ in held):.2f} bytes per document they hold, {used / docs:.2f} per document "
-          "of the corpus")
+    print(
+      f"{len(held)} largest shards open ({sum(n for n, _ in held):,} documents): +{used / 2**20:.0f} MiB = "
+      f"{used / sum(n for n, _ in held):.2f} bytes per document they hold, {used / docs:.2f} per document "
+      "of the corpus"
+    )
     it.close()
 
 
@@ -239,25 +269,38 @@ def main(argv: Sequence[str] | None = None) -> None:
       t0 = time.perf_counter()
       stats = synthetic_corpus(tmp, languages=args.num_languages, tokens=args.corpus_tokens)
       t = stats["totals"]["train"]
-      print(f"synthetic corpus: {len(stats['languages'])} languages, {t['documents']:,} documents, "
-            f"{t['tokens']:,} tokens ({time.perf_counter() - t0:.1f} s to write)")
-    print(f"{'setting':>9} {'seq':>5} {'rows':>5} {'workers':>7} {'startup':>8} {'p50':>8} {'p99':>8} {'p99/p50':>7} "
-          f"{'cpu':>5} {'max':>8} {'tokens/s':>9} {'/cpu-s':>7} {'packing':>7} {'files':>5} {'opens':>6} "
-          f"{'batches':>7} {'threads':>7} {'latency':>8} {'inflight':>8}")
+      print(
+        f"synthetic corpus: {len(stats['languages'])} languages, {t['documents']:,} documents, "
+        f"{t['tokens']:,} tokens ({time.perf_counter() - t0:.1f} s to write)"
+      )
+    print(
+      f"{'setting':>9} {'seq':>5} {'rows':>5} {'workers':>7} {'startup':>8} {'p50':>8} {'p99':>8} {'p99/p50':>7} "
+      f"{'cpu':>5} {'max':>8} {'tokens/s':>9} {'/cpu-s':>7} {'packing':>7} {'files':>5} {'opens':>6} "
+      f"{'batches':>7} {'threads':>7} {'latency':>8} {'inflight':>8}"
+    )
     for name in args.settings.split(","):
       for workers in map(int, args.workers.split(",")):
         for threads in map(int, args.read_threads.split(",")):
           cfg = pipeline.PipelineConfig(
-              data_dir=data_dir, languages=args.languages, packing=args.packing, packing_bins=args.packing_bins,
-              num_workers=workers, prefetch=0, read_threads=threads, read_latency_ms=args.read_latency_ms,
-              **SETTINGS[name])
+            data_dir=data_dir,
+            languages=args.languages,
+            packing=args.packing,
+            packing_bins=args.packing_bins,
+            num_workers=workers,
+            prefetch=0,
+            read_threads=threads,
+            read_latency_ms=args.read_latency_ms,
+            **SETTINGS[name],
+          )
           r = run(cfg, args.hosts, args.cycles)
-          print(f"{name:>9} {cfg.seq_len:>5} {r['rows']:>5} {workers:>7} {r['startup_s']:>7.1f}s "
-                f"{r['p50_ms']:>6.1f}ms {r['p99_ms']:>6.1f}ms {r['p99_ms'] / r['p50_ms']:>7.2f} "
-                f"{r['cpu_p99_p50']:>5.2f} {r['max_ms']:>6.1f}ms {r['tokens_per_s'] / 1e6:>8.2f}M "
-                f"{r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} {r['files']:>5} "
-                f"{r['opens_per_batch']:>6.1f} {r['batches']:>7} {threads:>7} {args.read_latency_ms:>6.1f}ms "
-                f"{r['in_flight']:>8}")
+          print(
+            f"{name:>9} {cfg.seq_len:>5} {r['rows']:>5} {workers:>7} {r['startup_s']:>7.1f}s "
+            f"{r['p50_ms']:>6.1f}ms {r['p99_ms']:>6.1f}ms {r['p99_ms'] / r['p50_ms']:>7.2f} "
+            f"{r['cpu_p99_p50']:>5.2f} {r['max_ms']:>6.1f}ms {r['tokens_per_s'] / 1e6:>8.2f}M "
+            f"{r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} {r['files']:>5} "
+            f"{r['opens_per_batch']:>6.1f} {r['batches']:>7} {threads:>7} {args.read_latency_ms:>6.1f}ms "
+            f"{r['in_flight']:>8}"
+          )
     print(f"one host of {args.hosts}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
 

@@ -10,6 +10,7 @@ So a run saved on 8 hosts resumes on 4 (or 16) with the same global batch sequen
 With a single process, `ocp.args.JsonSave(it.get_state())` / `JsonRestore()` + `it.set_state` is equivalent, and
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` work too (same process count only).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,10 @@ def load_state(directory: str | os.PathLike) -> dict[str, Any]:
   """Reads and merges every `process_*-of-*.json` in `directory` (local or gs://). No state, or the states of
   only some processes, is an error: a resumed run must not silently start its data over."""
   directory = fs.path(directory, "data iterator checkpoint")
-  files = sorted((f for f in directory.glob("process_*-of-*.json") if _FILE_RE.fullmatch(f.name)),
-                 key=lambda f: int(_FILE_RE.fullmatch(f.name).group(1)))
+  files = sorted(
+    (f for f in directory.glob("process_*-of-*.json") if _FILE_RE.fullmatch(f.name)),
+    key=lambda f: int(_FILE_RE.fullmatch(f.name).group(1)),
+  )
   if not files:
     raise FileNotFoundError(f"no process_*-of-*.json iterator states in {directory}")
   found = {(int(m.group(1)), int(m.group(2))) for m in (_FILE_RE.fullmatch(f.name) for f in files)}

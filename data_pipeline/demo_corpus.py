@@ -15,6 +15,7 @@ real web data and the temperature of a mixture matters:
 
   python -m data_pipeline.demo_corpus --data_dir /tmp/mmbert_demo           # text → tokenizer → shards
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ import functools
 import os
 import sys
 import zlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from babel import Locale, UnknownLocaleError, dates, lists, localedata, numbers, units
@@ -36,24 +37,35 @@ from data_pipeline import tokenizer as tokenizer_lib
 PRETRAIN, MID_ADDED = mixture.DEMO_PRETRAIN, mixture.DEMO_MID_ADDED
 LANGUAGE_SETS = mixture.DEMO_LANGUAGE_SETS
 TIER_DOCUMENTS = (1000, 250, 50)  # documents per language at scale 1: pretrain tier, mid tier, the rest
-_UNITS = ("length-kilometer", "length-meter", "mass-kilogram", "duration-hour", "duration-day",
-          "temperature-celsius", "volume-liter", "speed-kilometer-per-hour")
+_UNITS = (
+  "length-kilometer",
+  "length-meter",
+  "mass-kilogram",
+  "duration-hour",
+  "duration-day",
+  "temperature-celsius",
+  "volume-liter",
+  "speed-kilometer-per-hour",
+)
 _CURRENCIES = ("EUR", "USD", "JPY", "INR", "BRL", "GBP", "CNY", "ZAR", "DKK", "ERN")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vocabulary(lang: str) -> dict[str, tuple[str, ...]]:
   """The localized names CLDR has for `lang`, by category."""
   loc = Locale.parse(lang)
   cats = {
-      "languages": loc.languages.values(), "territories": loc.territories.values(),
-      "scripts": loc.scripts.values(), "currencies": loc.currencies.values(),
-      "months": loc.months["format"]["wide"].values(), "days": loc.days["format"]["wide"].values(),
+    "languages": loc.languages.values(),
+    "territories": loc.territories.values(),
+    "scripts": loc.scripts.values(),
+    "currencies": loc.currencies.values(),
+    "months": loc.months["format"]["wide"].values(),
+    "days": loc.days["format"]["wide"].values(),
   }
   return {k: tuple(sorted(set(v))) for k, v in cats.items() if len(set(v)) >= 2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def available_languages() -> tuple[str, ...]:
   """Base CLDR locales (no region) with real localized month names, i.e. more than the root fallbacks."""
   out = []
@@ -118,13 +130,15 @@ def resolve(languages: Sequence[str] | str | None) -> tuple[str, ...]:
     return avail
   unknown = [l for l in languages if l not in avail]
   if unknown:
-    raise ValueError(f"no CLDR data for demo languages {', '.join(unknown)} (babel has {len(avail)}, e.g. "
-                     f"{', '.join(avail[:12])}, …)")
+    raise ValueError(
+      f"no CLDR data for demo languages {', '.join(unknown)} (babel has {len(avail)}, e.g. {', '.join(avail[:12])}, …)"
+    )
   return tuple(languages)
 
 
-def write_corpus(raw_dir: str | os.PathLike, languages: Sequence[str] | str | None = None, scale: float = 1.0,
-                 seed: int = 0) -> dict[str, str]:
+def write_corpus(
+  raw_dir: str | os.PathLike, languages: Sequence[str] | str | None = None, scale: float = 1.0, seed: int = 0
+) -> dict[str, str]:
   """Writes `<raw_dir>/<lang>.txt` (a document per line; local or gs://) and returns {lang: path}; existing files
   are kept."""
   raw = fs.path(raw_dir, "data_dir")
@@ -138,9 +152,19 @@ def write_corpus(raw_dir: str | os.PathLike, languages: Sequence[str] | str | No
   return paths
 
 
-def prepare_demo(data_dir: str, *, languages: Sequence[str] | str | None = None, scale: float = 1.0,
-                 vocab_size: int = 2000, max_len: int = 1024, eval_documents: int = 20, num_workers: int = 0,
-                 character_coverage: float = 0.99, seed: int = 0, progress: bool = True) -> dict:
+def prepare_demo(
+  data_dir: str,
+  *,
+  languages: Sequence[str] | str | None = None,
+  scale: float = 1.0,
+  vocab_size: int = 2000,
+  max_len: int = 1024,
+  eval_documents: int = 20,
+  num_workers: int = 0,
+  character_coverage: float = 0.99,
+  seed: int = 0,
+  progress: bool = True,
+) -> dict:
   """End to end into `data_dir` (local or gs://): corpus text (in `_raw/`), a SentencePiece tokenizer, shards and
   stats.json."""
   out = fs.path(data_dir, "data_dir")
@@ -152,19 +176,26 @@ def prepare_demo(data_dir: str, *, languages: Sequence[str] | str | None = None,
     for path in paths.values():
       with fs.path(path).open("r", encoding="utf-8") as f:
         sample += [line.rstrip("\n") for _, line in zip(range(200), f)]
-    tokenizer_lib.train_sentencepiece(os.fspath(out / "tokenizer"), vocab_size=vocab_size,
-                                      sentences=sample, seed=seed, character_coverage=character_coverage)
+    tokenizer_lib.train_sentencepiece(
+      os.fspath(out / "tokenizer"),
+      vocab_size=vocab_size,
+      sentences=sample,
+      seed=seed,
+      character_coverage=character_coverage,
+    )
   source = prepare_lib.Source(format="text", path=os.fspath(out / "_raw"))
   settings = prepare_lib.Settings(os.fspath(tok_path), max_len=max_len, eval_documents=eval_documents)
   return prepare_lib.prepare(source, out, settings, num_workers=num_workers, progress=progress)
 
 
-def prepare_for_run(workdir: str, *, languages: Sequence[str] | str | None, scale: float, vocab_size: int,
-                    seq_len: int) -> str:
+def prepare_for_run(
+  workdir: str, *, languages: Sequence[str] | str | None, scale: float, vocab_size: int, seq_len: int
+) -> str:
   """The demo run's data in `<workdir>/data`, built on the first call and reused after; returns that directory."""
   data_dir = os.fspath(fs.path(workdir, "workdir") / "data")
-  prepare_demo(data_dir, languages=languages, scale=scale, vocab_size=vocab_size, max_len=max(seq_len, 256),
-               progress=False)
+  prepare_demo(
+    data_dir, languages=languages, scale=scale, vocab_size=vocab_size, max_len=max(seq_len, 256), progress=False
+  )
   return data_dir
 
 
@@ -179,13 +210,18 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   langs = args.languages if args.languages in LANGUAGE_SETS else args.languages.split(",")
   try:
-    stats = prepare_demo(args.data_dir, languages=langs, scale=args.scale, vocab_size=args.vocab_size,
-                         max_len=args.max_len, num_workers=args.num_workers)
+    stats = prepare_demo(
+      args.data_dir,
+      languages=langs,
+      scale=args.scale,
+      vocab_size=args.vocab_size,
+      max_len=args.max_len,
+      num_workers=args.num_workers,
+    )
   except ValueError as e:
     sys.exit(f"error: {e}")
   t = stats["totals"]["train"]
-  print(f"{len(stats['languages'])} languages, {t['documents']:,} documents, {t['tokens']:,} tokens → "
-        f"{args.data_dir}")
+  print(f"{len(stats['languages'])} languages, {t['documents']:,} documents, {t['tokens']:,} tokens → {args.data_dir}")
 
 
 if __name__ == "__main__":

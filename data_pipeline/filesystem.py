@@ -14,6 +14,7 @@ bucket cannot do, this module does another way:
 `path(value, key)` is where a user-supplied string becomes a Path: an unsupported scheme, a malformed `gs:/x` or a
 `gs://` path without the GCS packages is one line naming the config key, never a local folder called `gs:`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import fsspec
 from etils import epath
@@ -110,7 +111,7 @@ def copy_tree(src: epath.Path, dest: epath.Path) -> None:
   root = os.fspath(src).removeprefix("gs://").rstrip("/")
   for folder, _, files in src.walk():
     # epath's walk of a bucket yields its folders without the gs:// prefix: only the relative part is used.
-    relative = os.fspath(folder).removeprefix("gs://")[len(root):].strip("/")
+    relative = os.fspath(folder).removeprefix("gs://")[len(root) :].strip("/")
     for name in sorted(files):
       source = src / relative / name if relative else src / name
       target = dest / relative / name if relative else dest / name
@@ -141,7 +142,7 @@ def local_copy(p: epath.Path, cache: epath.Path | None = None) -> str:
     return os.fspath(p)
   stat = p.stat()
   key = hashlib.sha1(f"{p}|{stat.length}|{stat.mtime}".encode()).hexdigest()[:16]
-  target = (cache or cache_root()) / "gs" / os.fspath(p)[len("gs://"):]
+  target = (cache or cache_root()) / "gs" / os.fspath(p)[len("gs://") :]
   target = target.parent / f"{target.name}.{key}"
   if not target.exists():
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -10,14 +10,15 @@ subset) and leaves the others unmasked, so inputs and labels always agree.
 
 Randomness comes from one numpy Generator per row, so a row's mask depends only on the row's own seed.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1   # the remaining 0.1 keeps the original token
+MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # the remaining 0.1 keeps the original token
 
 
 def default_max_masked(seq_len: int, rate: float) -> int:
@@ -31,8 +32,17 @@ def row_rng(*keys: int) -> np.random.Generator:
   return np.random.default_rng([int(k) for k in keys])
 
 
-def mask_rows(tokens: np.ndarray, segment_ids: np.ndarray, rngs: Sequence[np.random.Generator], *, rate: float,
-              max_masked: int, mask_id: int, random_low: int, random_high: int) -> dict[str, np.ndarray]:
+def mask_rows(
+  tokens: np.ndarray,
+  segment_ids: np.ndarray,
+  rngs: Sequence[np.random.Generator],
+  *,
+  rate: float,
+  max_masked: int,
+  mask_id: int,
+  random_low: int,
+  random_high: int,
+) -> dict[str, np.ndarray]:
   """Masks rows `tokens [b, S]`; random replacements are drawn uniformly from [random_low, random_high).
 
   Returns input_ids [b, S] int32, masked_positions [b, K] int32, masked_labels [b, K] int32 (original ids, 0 in
@@ -67,5 +77,9 @@ def mask_rows(tokens: np.ndarray, segment_ids: np.ndarray, rngs: Sequence[np.ran
   used = np.arange(k)[None, :] < np.minimum(selected.sum(1), k)[:, None]
   positions = np.where(used, order, 0).astype(np.int32)
   labels = np.where(used, np.take_along_axis(tokens, positions, axis=1), 0).astype(np.int32)
-  return {"input_ids": input_ids, "masked_positions": positions, "masked_labels": labels,
-          "masked_weights": used.astype(np.float32)}
+  return {
+    "input_ids": input_ids,
+    "masked_positions": positions,
+    "masked_labels": labels,
+    "masked_weights": used.astype(np.float32),
+  }

@@ -19,6 +19,7 @@ stored sequence length: sampling documents with those weights yields tokens in t
   python -m data_pipeline.mixture --data_dir data/ --languages demo-mid --tau 0.5
   python -m data_pipeline.mixture --counts_csv language_counts.csv --column ext --tau 0.3 --languages mmbert-mid
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,39 +30,65 @@ import json
 import os
 import re
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from data_pipeline import filesystem as fs
 
-_CODE_SCRIPT = re.compile(r"^([a-z]{2,3})_([A-Z][a-z]{3})$")   # FineWeb2's <ISO 639-3>_<ISO 15924>
+_CODE_SCRIPT = re.compile(r"^([a-z]{2,3})_([A-Z][a-z]{3})$")  # FineWeb2's <ISO 639-3>_<ISO 15924>
 
 # mmBERT's language sets (ISO 639-3; docs/RECIPE.md §6.2). `resolve_languages` maps a bare code to
 # the data's `<code>_<Script>` name when the data holds exactly one script of it (FineWeb2 naming; other names
 # such as `fao_Latn_removed` never match a bare code).
 MMBERT_PRETRAIN = tuple(
-    "afr arb azj ben bul ces cmn dan deu ekk ell eng fas fil fin fra gle glg guj heb hin hrv hun ind ita jpn kat "
-    "kaz khk khm kor lit lvs mal mar mkd mya nld nob npi pbt pol por ron rus sin slk slv spa swe swh tam tel tha "
-    "tur ukr urd vie xho zsm".split())
+  "afr arb azj ben bul ces cmn dan deu ekk ell eng fas fil fin fra gle glg guj heb hin hrv hun ind ita jpn kat "
+  "kaz khk khm kor lit lvs mal mar mkd mya nld nob npi pbt pol por ron rus sin slk slv spa swe swh tam tel tha "
+  "tur ukr urd vie xho zsm".split()
+)
 MMBERT_MID_ADDED = tuple(
-    "als amh anp ars ary arz bel bew bod bos cat ceb ckb cym epo eus fry gla gmh gsw hat hif hye isl jav kan kir "
-    "kmr lao lat ltz mlt mri mww nap nno nrm ory pan pcm plt rmy snd som srp tat tgk uzn yue".split())
+  "als amh anp ars ary arz bel bew bod bos cat ceb ckb cym epo eus fry gla gmh gsw hat hif hye isl jav kan kir "
+  "kmr lao lat ltz mlt mri mww nap nno nrm ory pan pcm plt rmy snd som srp tat tgk uzn yue".split()
+)
 
 LANGUAGE_SETS: dict[str, tuple[str, ...] | None] = {
-    "mmbert-pretrain": MMBERT_PRETRAIN,
-    "mmbert-mid": MMBERT_PRETRAIN + MMBERT_MID_ADDED,
-    "all": None,
+  "mmbert-pretrain": MMBERT_PRETRAIN,
+  "mmbert-mid": MMBERT_PRETRAIN + MMBERT_MID_ADDED,
+  "all": None,
 }
 
 # The embedded demo corpus's sets (CLDR codes; `demo_corpus` writes their text).
 DEMO_PRETRAIN = ("en", "de", "fr", "es", "it", "pt", "ru", "zh", "ja", "ar", "hi", "ko")
-DEMO_MID_ADDED = ("nl", "pl", "tr", "vi", "id", "sv", "cs", "fa", "uk", "el", "he", "ro", "hu", "da", "fi", "th",
-                  "bn", "ta", "sw", "nb", "bg", "hr", "sk", "lt")
+DEMO_MID_ADDED = (
+  "nl",
+  "pl",
+  "tr",
+  "vi",
+  "id",
+  "sv",
+  "cs",
+  "fa",
+  "uk",
+  "el",
+  "he",
+  "ro",
+  "hu",
+  "da",
+  "fi",
+  "th",
+  "bn",
+  "ta",
+  "sw",
+  "nb",
+  "bg",
+  "hr",
+  "sk",
+  "lt",
+)
 DEMO_LANGUAGE_SETS: dict[str, tuple[str, ...] | None] = {
-    "demo-pretrain": DEMO_PRETRAIN,
-    "demo-mid": DEMO_PRETRAIN + DEMO_MID_ADDED,
-    "demo-decay": None,          # all languages in the data
+  "demo-pretrain": DEMO_PRETRAIN,
+  "demo-mid": DEMO_PRETRAIN + DEMO_MID_ADDED,
+  "demo-decay": None,  # all languages in the data
 }
 
 
@@ -74,10 +101,14 @@ def language_set(name: str) -> tuple[str, ...] | None:
   return sets[name]
 
 
-def resolve_languages(requested: Sequence[str] | str | None, available: Sequence[str], what: str = "phase languages",
-                      where: str = "the data") -> tuple[str, ...]:
+def resolve_languages(
+  requested: Sequence[str] | str | None,
+  available: Sequence[str],
+  what: str = "phase languages",
+  where: str = "the data",
+) -> tuple[str, ...]:
   """Maps the phase's languages onto the data's names, keeping the phase's order (sorted for None)."""
-  if isinstance(requested, str):   # a set name, else comma-separated names
+  if isinstance(requested, str):  # a set name, else comma-separated names
     is_set = requested in LANGUAGE_SETS or requested.startswith("demo-")
     requested = language_set(requested) if is_set else requested.split(",")
   if requested is None:
@@ -95,14 +126,17 @@ def resolve_languages(requested: Sequence[str] | str | None, available: Sequence
     elif len(by_code.get(lang, ())) == 1:
       out.append(by_code[lang][0])
     elif len(by_code.get(lang, ())) > 1:
-      raise ValueError(f"language {lang!r} is ambiguous in the data ({', '.join(sorted(by_code[lang]))}); "
-                       "name the script variant")
+      raise ValueError(
+        f"language {lang!r} is ambiguous in the data ({', '.join(sorted(by_code[lang]))}); name the script variant"
+      )
     else:
       missing.append(lang)
   if missing:
-    raise ValueError(f"{what} not in {where}: {', '.join(missing)} (the data has "
-                     f"{len(available)} languages: {', '.join(sorted(available)[:20])}"
-                     f"{', …' if len(available) > 20 else ''})")
+    raise ValueError(
+      f"{what} not in {where}: {', '.join(missing)} (the data has "
+      f"{len(available)} languages: {', '.join(sorted(available)[:20])}"
+      f"{', …' if len(available) > 20 else ''})"
+    )
   if len(set(out)) != len(out):
     raise ValueError(f"phase lists a language twice: {out}")
   return tuple(out)
@@ -111,6 +145,7 @@ def resolve_languages(requested: Sequence[str] | str | None, available: Sequence
 @dataclasses.dataclass(frozen=True)
 class PhaseSpec:
   """Which languages a phase trains on and how they are weighted (see the module docstring)."""
+
   languages: tuple[str, ...] | str | None = None
   tau: float = 0.7
   budgets: Mapping[str, float] = dataclasses.field(default_factory=dict)
@@ -125,8 +160,9 @@ class PhaseSpec:
     if sum(self.budgets.values()) > 1.0 + 1e-9:
       raise ValueError(f"budgets add up to {sum(self.budgets.values()):.3f} > 1: {dict(self.budgets)}")
     if self.max_passes is not None and not self.total_tokens:
-      raise ValueError("max_passes needs total_tokens (the phase length in tokens) to know how often a language "
-                       "would be repeated")
+      raise ValueError(
+        "max_passes needs total_tokens (the phase length in tokens) to know how often a language would be repeated"
+      )
     if self.max_passes is not None and self.max_passes <= 0:
       raise ValueError(f"max_passes must be positive, got {self.max_passes}")
 
@@ -136,18 +172,19 @@ def temperature_weights(counts: Sequence[float], tau: float) -> np.ndarray:
   n = np.asarray(counts, np.float64)
   if np.any(n <= 0):
     raise ValueError(f"every language needs a positive token count, got {n.tolist()}")
-  w = np.exp(tau * (np.log(n) - np.log(n).max()))   # in log space: 1e12^0.7 is fine, but stay safe for any tau
+  w = np.exp(tau * (np.log(n) - np.log(n).max()))  # in log space: 1e12^0.7 is fine, but stay safe for any tau
   return w / w.sum()
 
 
 @dataclasses.dataclass(frozen=True)
 class Mixture:
   """A phase's weights per language, in `languages` order."""
+
   languages: tuple[str, ...]
-  tokens: np.ndarray          # n_l: training tokens available
-  sequences: np.ndarray       # stored sequences (documents after splitting at the prepare max length)
-  weights: np.ndarray         # p_l: token share of the phase
-  budgeted: tuple[str, ...]   # languages with a fixed share
+  tokens: np.ndarray  # n_l: training tokens available
+  sequences: np.ndarray  # stored sequences (documents after splitting at the prepare max length)
+  weights: np.ndarray  # p_l: token share of the phase
+  budgeted: tuple[str, ...]  # languages with a fixed share
   total_tokens: float | None = None
 
   @property
@@ -167,14 +204,18 @@ class Mixture:
     head += f"{'passes':>9}" if self.total_tokens else ""
     lines = [head, "-" * len(head)]
     for i in np.argsort(-self.weights, kind="stable"):
-      line = (f"{self.languages[i] + ('*' if self.languages[i] in self.budgeted else ''):<14}"
-              f"{int(self.tokens[i]):>16,}{share[i]:>12.5f}{self.weights[i]:>12.5f}{self.weights[i] / share[i]:>9.2f}")
+      line = (
+        f"{self.languages[i] + ('*' if self.languages[i] in self.budgeted else ''):<14}"
+        f"{int(self.tokens[i]):>16,}{share[i]:>12.5f}{self.weights[i]:>12.5f}{self.weights[i] / share[i]:>9.2f}"
+      )
       if self.total_tokens:
         line += f"{self.passes[i]:>9.2f}"
       lines.append(line)
-    lines.append(f"{len(self.languages)} languages, {int(self.tokens.sum()):,} tokens"
-                 + (f"; * = fixed budget" if self.budgeted else "")
-                 + (f"; phase length {self.total_tokens:,.0f} tokens" if self.total_tokens else ""))
+    lines.append(
+      f"{len(self.languages)} languages, {int(self.tokens.sum()):,} tokens"
+      + ("; * = fixed budget" if self.budgeted else "")
+      + (f"; phase length {self.total_tokens:,.0f} tokens" if self.total_tokens else "")
+    )
     return "\n".join(lines)
 
 
@@ -183,7 +224,7 @@ def compute_mixture(counts: Mapping[str, tuple[float, float] | float], spec: Pha
   langs = list(resolve_languages(spec.languages, list(counts)))
   budgeted = resolve_languages(list(spec.budgets), list(counts)) if spec.budgets else ()
   budget_of = dict(zip(budgeted, spec.budgets.values()))
-  langs += [b for b in budgeted if b not in langs]   # a budgeted source is part of the phase
+  langs += [b for b in budgeted if b not in langs]  # a budgeted source is part of the phase
   if not langs:
     raise ValueError("the phase has no languages")
   pairs = [counts[l] if isinstance(counts[l], (tuple, list)) else (counts[l], 1.0) for l in langs]
@@ -202,8 +243,10 @@ def compute_mixture(counts: Mapping[str, tuple[float, float] | float], spec: Pha
   over_budget = fixed & (p > cap * (1 + 1e-9))
   if over_budget.any():
     i = int(np.argmax(over_budget))
-    raise ValueError(f"budget {p[i]} for {langs[i]} reads its data {p[i] * spec.total_tokens / tokens[i]:.2f} times, "
-                     f"more than max_passes={spec.max_passes}")
+    raise ValueError(
+      f"budget {p[i]} for {langs[i]} reads its data {p[i] * spec.total_tokens / tokens[i]:.2f} times, "
+      f"more than max_passes={spec.max_passes}"
+    )
   # Water-filling: tau-mix the free mass over uncapped languages; pin those above their cap; repeat.
   capped = fixed.copy()
   while (~capped).any():
@@ -216,8 +259,10 @@ def compute_mixture(counts: Mapping[str, tuple[float, float] | float], spec: Pha
     p[over] = cap[over]
     capped |= over
   if abs(p.sum() - 1.0) > 1e-6:
-    raise ValueError(f"max_passes={spec.max_passes} allows only {p.sum() * spec.total_tokens:,.0f} of the phase's "
-                     f"{spec.total_tokens:,.0f} tokens from these languages; raise max_passes or add data")
+    raise ValueError(
+      f"max_passes={spec.max_passes} allows only {p.sum() * spec.total_tokens:,.0f} of the phase's "
+      f"{spec.total_tokens:,.0f} tokens from these languages; raise max_passes or add data"
+    )
   return Mixture(tuple(langs), tokens, sequences, p, tuple(budgeted), spec.total_tokens)
 
 
@@ -237,8 +282,9 @@ def components(stats: dict, budget_names: Sequence[str] = (), split: str = "trai
 
 def counts_of(components: Mapping[str, Sequence[dict]]) -> dict[str, tuple[int, int]]:
   """{component: (tokens, sequences)} for components with tokens."""
-  counts = {name: (sum(s["tokens"] for s in shards), sum(s["sequences"] for s in shards))
-            for name, shards in components.items()}
+  counts = {
+    name: (sum(s["tokens"] for s in shards), sum(s["sequences"] for s in shards)) for name, shards in components.items()
+  }
   return {name: c for name, c in counts.items() if c[0] > 0}
 
 
@@ -246,8 +292,10 @@ def load_stats(data_dir: str | os.PathLike) -> dict:
   """The stats.json of a prepared data directory (local or gs://)."""
   path = fs.path(data_dir, "data_dir") / "stats.json"
   if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: run `python -m data_pipeline.prepare --output_dir {data_dir} "
-                            "...` first (a prepare run that did not finish writes no stats.json)")
+    raise FileNotFoundError(
+      f"{path} does not exist: run `python -m data_pipeline.prepare --output_dir {data_dir} "
+      "...` first (a prepare run that did not finish writes no stats.json)"
+    )
   return json.loads(path.read_text())
 
 
@@ -257,7 +305,7 @@ def counts_from_stats(stats: dict, budget_names: Sequence[str] = ()) -> dict[str
 
 
 def counts_from_csv(path: str, column: str) -> dict[str, int]:
-  """{language: tokens} from a CSV of token counts per language (mmBERT's published statistics) (rows with 0 dropped)."""
+  """{language: tokens} from a CSV of token counts per language (mmBERT's published statistics), rows with 0 dropped."""
   rows = list(csv.DictReader(io.StringIO(fs.path(path, "--counts_csv").read_text(), newline="")))
   if not rows or column not in rows[0]:
     raise ValueError(f"{path} has no column {column!r}; columns: {list(rows[0]) if rows else []}")
@@ -282,8 +330,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for item in args.budget:
       name, _, share = item.partition("=")
       budgets[name] = float(share)
-    counts = (counts_from_stats(load_stats(args.data_dir), list(budgets)) if args.data_dir
-              else counts_from_csv(args.counts_csv, args.column))
+    counts = (
+      counts_from_stats(load_stats(args.data_dir), list(budgets))
+      if args.data_dir
+      else counts_from_csv(args.counts_csv, args.column)
+    )
     spec = PhaseSpec(args.languages, args.tau, budgets, args.max_passes, args.total_tokens)
     print(compute_mixture(counts, spec).table())
   except (ValueError, FileNotFoundError) as e:

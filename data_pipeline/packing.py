@@ -7,6 +7,7 @@ a document fits in none; each row carries `segment_ids` (1, 2, … per document,
 (restarting at 0 in every document), so attention can stay inside documents. The language of each document
 travels as a non-sequence meta feature and is spread over its tokens by `to_row`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -15,15 +16,15 @@ import grain
 import numpy as np
 
 PACKERS = {
-    "first_fit": grain.experimental.FirstFitPackIterDataset,
-    "best_fit": grain.experimental.BestFitPackIterDataset,
+  "first_fit": grain.experimental.FirstFitPackIterDataset,
+  "best_fit": grain.experimental.BestFitPackIterDataset,
 }
 
 
 class SplitLong(grain.experimental.FlatMapTransform):
   """Cuts a document into pieces of at most `seq_len` tokens, all with the document's language."""
 
-  max_fan_out = 1 << 20   # only bounds the MapDataset form of FlatMap; this one runs on an IterDataset
+  max_fan_out = 1 << 20  # only bounds the MapDataset form of FlatMap; this one runs on an IterDataset
 
   def __init__(self, seq_len: int):
     self.seq_len = seq_len
@@ -32,26 +33,46 @@ class SplitLong(grain.experimental.FlatMapTransform):
     tokens = element["tokens"]
     if len(tokens) <= self.seq_len:
       return [element]
-    return [{"tokens": tokens[i:i + self.seq_len], "lang": element["lang"]}
-            for i in range(0, len(tokens), self.seq_len)]
+    return [
+      {"tokens": tokens[i : i + self.seq_len], "lang": element["lang"]} for i in range(0, len(tokens), self.seq_len)
+    ]
 
 
-def pack(ds: grain.IterDataset, seq_len: int, *, packing: str = "first_fit", num_bins: int = 16, seed: int = 0,
-         shuffle_bins: bool = True, pad_id: int = 0) -> grain.IterDataset:
+def pack(
+  ds: grain.IterDataset,
+  seq_len: int,
+  *,
+  packing: str = "first_fit",
+  num_bins: int = 16,
+  seed: int = 0,
+  shuffle_bins: bool = True,
+  pad_id: int = 0,
+) -> grain.IterDataset:
   """Documents → packed rows `{"tokens", "tokens_segment_ids", "tokens_positions": int32[seq_len], "lang": [..]}`."""
   if packing not in PACKERS:
     raise ValueError(f"packing must be one of {', '.join(PACKERS)}, got {packing!r}")
   ds = grain.experimental.FlatMapIterDataset(ds, SplitLong(seq_len))
-  return PACKERS[packing](ds, length_struct={"tokens": seq_len}, num_packing_bins=num_bins, seed=seed,
-                          shuffle_bins=shuffle_bins, meta_features=("lang",), padding_struct={"tokens": pad_id})
+  return PACKERS[packing](
+    ds,
+    length_struct={"tokens": seq_len},
+    num_packing_bins=num_bins,
+    seed=seed,
+    shuffle_bins=shuffle_bins,
+    meta_features=("lang",),
+    padding_struct={"tokens": pad_id},
+  )
 
 
 def to_row(packed: dict) -> dict[str, np.ndarray]:
   """A packed element → tokens, segment_ids, positions and lang_ids (the document's language, -1 on padding)."""
   segment_ids = packed["tokens_segment_ids"]
-  langs = np.asarray([-1] + list(packed["lang"]), np.int32)   # segment j (1-based) is the j-th document
-  return {"tokens": packed["tokens"], "segment_ids": segment_ids, "positions": packed["tokens_positions"],
-          "lang_ids": langs[segment_ids]}
+  langs = np.asarray([-1] + list(packed["lang"]), np.int32)  # segment j (1-based) is the j-th document
+  return {
+    "tokens": packed["tokens"],
+    "segment_ids": segment_ids,
+    "positions": packed["tokens_positions"],
+    "lang_ids": langs[segment_ids],
+  }
 
 
 def empty_row(seq_len: int) -> dict[str, np.ndarray]:
@@ -74,19 +95,20 @@ class StreamingPacker:
   the next document and piece, and the pieces of the rows held, which a restore reads again).
   """
 
-  def __init__(self, documents, seq_len: int, *, num_bins: int = 16, packing: str = "best_fit", pad_id: int = 0,
-               fill: float = 0.9):
+  def __init__(
+    self, documents, seq_len: int, *, num_bins: int = 16, packing: str = "best_fit", pad_id: int = 0, fill: float = 0.9
+  ):
     if packing not in PACKERS:
       raise ValueError(f"packing must be one of {', '.join(PACKERS)}, got {packing!r}")
     self._documents, self._seq_len, self._num_bins = documents, seq_len, num_bins
     self._best_fit, self._pad_id = packing == "best_fit", pad_id
     self._target = fill * num_bins * seq_len
-    self._next = [0, 0]                                  # document index, token offset of its next piece
-    self._doc: dict | None = None                        # the document self._next points into
-    self._open: list[list[tuple]] = []                   # open rows: pieces (doc, start, stop, tokens, lang)
+    self._next = [0, 0]  # document index, token offset of its next piece
+    self._doc: dict | None = None  # the document self._next points into
+    self._open: list[list[tuple]] = []  # open rows: pieces (doc, start, stop, tokens, lang)
     self._used: list[int] = []
-    self._closed: collections.deque = collections.deque()   # closed rows, given out first
-    self._held = 0                                       # tokens in open and closed rows
+    self._closed: collections.deque = collections.deque()  # closed rows, given out first
+    self._held = 0  # tokens in open and closed rows
 
   def _piece(self) -> tuple[int, int, int, np.ndarray, int]:
     k, start = self._next
@@ -103,7 +125,7 @@ class StreamingPacker:
 
   def _place(self, piece) -> None:
     m = piece[2] - piece[1]
-    if m == 0:               # an empty document
+    if m == 0:  # an empty document
       return
     self._held += m
     fits = [i for i, used in enumerate(self._used) if used + m <= self._seq_len]
@@ -118,7 +140,7 @@ class StreamingPacker:
     self._used.append(m)
 
   def _close_fullest(self) -> None:
-    i = max(range(len(self._used)), key=lambda i: self._used[i])   # the first of the fullest
+    i = max(range(len(self._used)), key=lambda i: self._used[i])  # the first of the fullest
     self._closed.append(self._open.pop(i))
     del self._used[i]
 
@@ -131,8 +153,8 @@ class StreamingPacker:
     at = 0
     for j, (_, start, stop, piece, lang) in enumerate(pieces, 1):
       m = stop - start
-      tokens[at:at + m], segment_ids[at:at + m], lang_ids[at:at + m] = piece, j, lang
-      positions[at:at + m] = np.arange(m)
+      tokens[at : at + m], segment_ids[at : at + m], lang_ids[at : at + m] = piece, j, lang
+      positions[at : at + m] = np.arange(m)
       at += m
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "lang_ids": lang_ids}
 
@@ -158,6 +180,7 @@ class StreamingPacker:
 
   def set_state(self, state) -> None:
     cache: dict[int, dict] = {}
+
     def pieces(row):
       out = []
       for k, a, b in row:
@@ -165,6 +188,7 @@ class StreamingPacker:
           cache[k] = self._documents(k)
         out.append((k, a, b, cache[k]["tokens"][a:b], int(cache[k]["lang"])))
       return out
+
     self._next, self._doc = list(state["next"]), None
     self._open = [pieces(row) for row in state["open"]]
     self._used = [sum(b - a for _, a, b in row) for row in state["open"]]

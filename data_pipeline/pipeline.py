@@ -44,6 +44,7 @@ Batches (numpy, per process; b = batch_size / process_count, K = max_masked):
                                           batch_size=64, mask_rate=0.3))
   batch = next(it); state = it.get_state(); it.set_state(state)
 """
+
 from __future__ import annotations
 
 import bisect
@@ -52,12 +53,12 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import os
 import resource
 import threading
 import time
 import zlib
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -67,42 +68,50 @@ from data_pipeline import filesystem as fs
 from data_pipeline import masking, mixture, packing, sampling
 
 STATE_VERSION = 2
-BATCH_KEYS = ("input_ids", "segment_ids", "positions", "masked_positions", "masked_labels", "masked_weights",
-              "lang_ids")
-_TRAIN, _EVAL = 0, 1     # mask RNG tags
+BATCH_KEYS = (
+  "input_ids",
+  "segment_ids",
+  "positions",
+  "masked_positions",
+  "masked_labels",
+  "masked_weights",
+  "lang_ids",
+)
+_TRAIN, _EVAL = 0, 1  # mask RNG tags
 _SEED_LANG, _SEED_MIX, _SEED_BINS = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """Everything that determines the batch sequence (and a few knobs that do not: num_workers, prefetch)."""
+
   data_dir: str
-  languages: tuple[str, ...] | str | None = None   # names, a named set ("demo-mid", "mmbert-pretrain") or None: all
+  languages: tuple[str, ...] | str | None = None  # names, a named set ("demo-mid", "mmbert-pretrain") or None: all
   tau: float = 0.7
-  budgets: Mapping[str, float] = dataclasses.field(default_factory=dict)   # fixed token shares
-  max_passes: float | None = None                  # cap on passes over a language (needs total_tokens)
-  total_tokens: float | None = None                # phase length in tokens
+  budgets: Mapping[str, float] = dataclasses.field(default_factory=dict)  # fixed token shares
+  max_passes: float | None = None  # cap on passes over a language (needs total_tokens)
+  total_tokens: float | None = None  # phase length in tokens
   seq_len: int = 1024
-  batch_size: int = 8                              # global rows per batch
+  batch_size: int = 8  # global rows per batch
   mask_rate: float = 0.3
-  max_masked: int | None = None                    # K; None: masking.default_max_masked(seq_len, mask_rate)
+  max_masked: int | None = None  # K; None: masking.default_max_masked(seq_len, mask_rate)
   seed: int = 0
-  num_streams: int | None = None                   # independent row streams; None: batch_size. Fix it for a run:
-                                                   # it must divide every batch_size and be a multiple of every
-                                                   # process count the run may use
-  packing: str = "first_fit"                       # first_fit | best_fit
-  packing_bins: int = 16                           # rows a packer keeps open (more: less padding, more memory)
-  mix_block: int = 4096                            # documents per mixing block (exact proportions per block)
-  vocab_size: int | None = None                    # random replacements < vocab_size; None: the tokenizer's size
+  num_streams: int | None = None  # independent row streams; None: batch_size. Fix it for a run:
+  # it must divide every batch_size and be a multiple of every
+  # process count the run may use
+  packing: str = "first_fit"  # first_fit | best_fit
+  packing_bins: int = 16  # rows a packer keeps open (more: less padding, more memory)
+  mix_block: int = 4096  # documents per mixing block (exact proportions per block)
+  vocab_size: int | None = None  # random replacements < vocab_size; None: the tokenizer's size
   mask_id: int = 4
   pad_id: int = 0
-  num_workers: int = 0                             # grain mp_prefetch worker processes per process (0: in-process)
-  worker_buffer: int = 2                           # batches each worker prepares ahead
-  prefetch: int = 2                                # batches prepared ahead by a thread when num_workers == 0
-  max_open_files: int = 128                        # open shard readers per process, its workers together
-  read_threads: int = 16                           # threads reading documents per (worker) process; 0: serial
-  read_ahead: int = 32                             # documents each stream keeps in flight (with read_threads)
-  read_latency_ms: float = 0.0                     # sleep per record read (benchmarks and tests of the overlap)
+  num_workers: int = 0  # grain mp_prefetch worker processes per process (0: in-process)
+  worker_buffer: int = 2  # batches each worker prepares ahead
+  prefetch: int = 2  # batches prepared ahead by a thread when num_workers == 0
+  max_open_files: int = 128  # open shard readers per process, its workers together
+  read_threads: int = 16  # threads reading documents per (worker) process; 0: serial
+  read_ahead: int = 32  # documents each stream keeps in flight (with read_threads)
+  read_latency_ms: float = 0.0  # sleep per record read (benchmarks and tests of the overlap)
 
   def __post_init__(self):
     if self.seq_len < 2 or self.batch_size < 1:
@@ -118,8 +127,10 @@ class PipelineConfig:
     if self.max_open_files < 1:
       raise ValueError(f"max_open_files must be positive, got {self.max_open_files}")
     if self.read_threads < 0 or self.read_ahead < 0 or self.read_latency_ms < 0:
-      raise ValueError(f"read_threads, read_ahead and read_latency_ms must be non-negative, got {self.read_threads}, "
-                       f"{self.read_ahead} and {self.read_latency_ms}")
+      raise ValueError(
+        f"read_threads, read_ahead and read_latency_ms must be non-negative, got {self.read_threads}, "
+        f"{self.read_ahead} and {self.read_latency_ms}"
+      )
     if self.max_masked is not None and not 0 < self.max_masked <= self.seq_len:
       raise ValueError(f"max_masked must be in [1, seq_len={self.seq_len}], got {self.max_masked}")
 
@@ -147,13 +158,14 @@ def _lang_key(lang: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What a (worker) process needs to build streams: picklable, no open files."""
+
   cfg: PipelineConfig
   languages: tuple[str, ...]
-  shards: tuple[tuple[tuple[str, int], ...], ...]   # train shards per language: (path, records)
+  shards: tuple[tuple[tuple[str, int], ...], ...]  # train shards per language: (path, records)
   doc_weights: tuple[float, ...]
-  random_low: int                         # random replacement ids: [random_low, random_high)
+  random_low: int  # random replacement ids: [random_low, random_high)
   random_high: int
-  signature: Mapping[str, Any]            # identifies the batch sequence; stored in the iterator state
+  signature: Mapping[str, Any]  # identifies the batch sequence; stored in the iterator state
 
   @property
   def rows_per_stream(self) -> int:
@@ -163,14 +175,16 @@ class Plan:
 def _shards(data_dir: fs.Path, shards: Sequence[dict], threads: int = 16) -> tuple[tuple[str, int], ...]:
   """(local filename, records) of shards listed in stats.json. Only their existence is checked here; shards in a
   bucket are copied to this host's cache first (in parallel, once per host)."""
+
   def local(shard):
     path = data_dir / shard["path"]
     try:
-      if not fs.is_remote(path) and not path.exists():   # (in a bucket, the copy's stat call finds out)
+      if not fs.is_remote(path) and not path.exists():  # (in a bucket, the copy's stat call finds out)
         raise FileNotFoundError(path)
       return fs.local_copy(path)
     except FileNotFoundError:
       raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)") from None
+
   if not fs.is_remote(data_dir):
     paths = [local(shard) for shard in shards]
   else:
@@ -188,28 +202,39 @@ def make_plan(cfg: PipelineConfig) -> tuple[Plan, mixture.Mixture, dict]:
   tok = stats["tokenizer"]
   ids = tok["special_ids"]
   if ids.get("mask") != cfg.mask_id or ids.get("pad") != cfg.pad_id:
-    raise ValueError(f"{cfg.data_dir} was tokenized with mask id {ids.get('mask')} and pad id {ids.get('pad')}, "
-                     f"the pipeline config says mask_id {cfg.mask_id}, pad_id {cfg.pad_id}")
+    raise ValueError(
+      f"{cfg.data_dir} was tokenized with mask id {ids.get('mask')} and pad id {ids.get('pad')}, "
+      f"the pipeline config says mask_id {cfg.mask_id}, pad_id {cfg.pad_id}"
+    )
   vocab = cfg.vocab_size or tok["vocab_size"]
   if vocab < tok["vocab_size"]:
     raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer's {tok['vocab_size']} ({tok['path']})")
   shards = tuple(_shards(data_dir, components[l], cfg.read_threads) for l in mix.languages)
   data = {l: [[s["path"], s["sequences"], s["tokens"]] for s in components[l]] for l in mix.languages}
   signature = {
-      "seed": cfg.seed, "languages": list(mix.languages), "doc_weights": [round(float(w), 12) for w in mix.doc_weights],
-      "seq_len": cfg.seq_len, "num_streams": cfg.streams, "packing": cfg.packing,
-      "packing_bins": cfg.packing_bins, "mix_block": cfg.mix_block, "mask_rate": cfg.mask_rate,
-      "max_masked": cfg.masked_per_row, "random_ids": [max(ids.values()) + 1, vocab],
-      "data": hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
+    "seed": cfg.seed,
+    "languages": list(mix.languages),
+    "doc_weights": [round(float(w), 12) for w in mix.doc_weights],
+    "seq_len": cfg.seq_len,
+    "num_streams": cfg.streams,
+    "packing": cfg.packing,
+    "packing_bins": cfg.packing_bins,
+    "mix_block": cfg.mix_block,
+    "mask_rate": cfg.mask_rate,
+    "max_masked": cfg.masked_per_row,
+    "random_ids": [max(ids.values()) + 1, vocab],
+    "data": hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
   }
-  plan = Plan(cfg, mix.languages, shards, tuple(float(w) for w in mix.doc_weights), max(ids.values()) + 1, vocab,
-               signature)
+  plan = Plan(
+    cfg, mix.languages, shards, tuple(float(w) for w in mix.doc_weights), max(ids.values()) + 1, vocab, signature
+  )
   return plan, mix, stats
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading shards with a bounded number of open files
 # ----------------------------------------------------------------------------------------------------------------
+
 
 class _ReaderCache:
   """The open ArrayRecord readers of this process, at most `capacity`, the least recently used closed first.
@@ -222,13 +247,13 @@ class _ReaderCache:
     self.capacity = capacity
     self.latency_s = 0.0
     self._readers: collections.OrderedDict[str, ArrayRecordReader] = collections.OrderedDict()
-    self._users: collections.Counter = collections.Counter()     # reads in progress per reader (by id)
-    self._retired: dict[int, ArrayRecordReader] = {}               # evicted while in use: closed after the read
+    self._users: collections.Counter = collections.Counter()  # reads in progress per reader (by id)
+    self._retired: dict[int, ArrayRecordReader] = {}  # evicted while in use: closed after the read
     self._lock = threading.Lock()
-    self.opened = 0                       # readers opened so far (a measure of cache misses)
-    self.reads = 0                        # records read so far
-    self.in_flight = 0                    # record reads in progress now
-    self.max_in_flight = 0                # the most seen at once
+    self.opened = 0  # readers opened so far (a measure of cache misses)
+    self.reads = 0  # records read so far
+    self.in_flight = 0  # record reads in progress now
+    self.max_in_flight = 0  # the most seen at once
 
   def read(self, path: str, records: int, index: int) -> bytes:
     with self._lock:
@@ -249,8 +274,10 @@ class _ReaderCache:
         time.sleep(self.latency_s)
       return reader.read([index])[0]
     except (RuntimeError, OSError, ValueError) as e:
-      raise ValueError(f"{path} record {index}: cannot read it ({str(e).splitlines()[0]}); delete the shard "
-                       "and its _units record, then re-run prepare") from None
+      raise ValueError(
+        f"{path} record {index}: cannot read it ({str(e).splitlines()[0]}); delete the shard "
+        "and its _units record, then re-run prepare"
+      ) from None
     finally:
       with self._lock:
         self.in_flight -= 1
@@ -277,8 +304,10 @@ class _ReaderCache:
     self.opened += 1
     if n != records:
       _close(reader)
-      raise ValueError(f"shard {path} is corrupt or truncated: stats.json lists {records} records, the file holds "
-                       f"{n} (delete it and its _units record, then re-run prepare)")
+      raise ValueError(
+        f"shard {path} is corrupt or truncated: stats.json lists {records} records, the file holds "
+        f"{n} (delete it and its _units record, then re-run prepare)"
+      )
     return reader
 
   def close_all(self) -> None:
@@ -290,11 +319,11 @@ class _ReaderCache:
 def _close(reader: ArrayRecordReader) -> None:
   try:
     reader.close()
-  except RuntimeError:   # raised by a reader of a damaged file; the descriptor is released all the same
+  except RuntimeError:  # raised by a reader of a damaged file; the descriptor is released all the same
     pass
 
 
-READERS = _ReaderCache()   # one per process: every language and stream of the process shares it
+READERS = _ReaderCache()  # one per process: every language and stream of the process shares it
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -345,6 +374,7 @@ class ShardAddresses(ShardSource):
 # Row streams
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _decode(record: bytes, lang: int) -> dict:
   return {"tokens": np.frombuffer(record, np.int32), "lang": lang}
 
@@ -357,9 +387,12 @@ def _read(address: tuple[int, tuple[str, int, int]]) -> dict:
 def language_datasets(plan: Plan) -> list[grain.MapDataset]:
   """Each language's training record addresses, repeated forever in a new order every pass (shared by all
   streams)."""
-  return [sampling.shuffled_forever(grain.MapDataset.source(ShardAddresses(shards)),
-                                    seed=_seed32(plan.cfg.seed, _SEED_LANG, _lang_key(lang)))
-          for lang, shards in zip(plan.languages, plan.shards)]
+  return [
+    sampling.shuffled_forever(
+      grain.MapDataset.source(ShardAddresses(shards)), seed=_seed32(plan.cfg.seed, _SEED_LANG, _lang_key(lang))
+    )
+    for lang, shards in zip(plan.languages, plan.shards)
+  ]
 
 
 class StreamDocuments(grain.MapDataset):
@@ -371,8 +404,9 @@ class StreamDocuments(grain.MapDataset):
   languages × hundreds of streams made start-up take seconds).
   """
 
-  def __init__(self, languages: Sequence[grain.MapDataset], selection: sampling.BlockMixSelection, stream: int,
-               num_streams: int):
+  def __init__(
+    self, languages: Sequence[grain.MapDataset], selection: sampling.BlockMixSelection, stream: int, num_streams: int
+  ):
     super().__init__()
     self._languages, self._selection = languages, selection
     self._stream, self._num_streams = stream, num_streams
@@ -404,12 +438,12 @@ class _ReadAhead:
   def __init__(self, docs: StreamDocuments, pool: concurrent.futures.Executor | None, depth: int):
     self._docs, self._pool, self._depth = docs, pool, depth if pool is not None else 0
     self._pending: dict[int, concurrent.futures.Future] = {}
-    self.ahead = True                   # False while a restore reads the documents of the rows it held
+    self.ahead = True  # False while a restore reads the documents of the rows it held
 
   def __call__(self, k: int) -> dict:
     future = self._pending.pop(k, None)
     if self.ahead and self._depth:
-      for i in [i for i in self._pending if i < k]:       # left behind by a restore
+      for i in [i for i in self._pending if i < k]:  # left behind by a restore
         self._pending.pop(i).cancel()
       for i in range(k + 1, k + 1 + self._depth):
         if i not in self._pending:
@@ -436,15 +470,22 @@ class _Stream:
   """One row stream: its documents, packed row by row (`packing.StreamingPacker`, so every batch does about the
   same reading and packing); counts the rows it has given."""
 
-  def __init__(self, plan: Plan, stream: int, languages: Sequence[grain.MapDataset],
-               pool: concurrent.futures.Executor | None = None):
+  def __init__(
+    self,
+    plan: Plan,
+    stream: int,
+    languages: Sequence[grain.MapDataset],
+    pool: concurrent.futures.Executor | None = None,
+  ):
     cfg = plan.cfg
-    selection = sampling.BlockMixSelection(plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream),
-                                           block=cfg.mix_block)
+    selection = sampling.BlockMixSelection(
+      plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream), block=cfg.mix_block
+    )
     docs = StreamDocuments(languages, selection, stream, cfg.streams)
     self._reads = _ReadAhead(docs, pool, cfg.read_ahead)
-    self._packer = packing.StreamingPacker(self._reads, cfg.seq_len, num_bins=cfg.packing_bins,
-                                           packing=cfg.packing, pad_id=cfg.pad_id)
+    self._packer = packing.StreamingPacker(
+      self._reads, cfg.seq_len, num_bins=cfg.packing_bins, packing=cfg.packing, pad_id=cfg.pad_id
+    )
     self.rows = 0
 
   def take(self, k: int) -> list[dict]:
@@ -478,12 +519,25 @@ def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
 
 def _mask(plan: Plan, rows: dict, rngs) -> dict[str, np.ndarray]:
   cfg = plan.cfg
-  masked = masking.mask_rows(rows["tokens"], rows["segment_ids"], rngs, rate=cfg.mask_rate,
-                             max_masked=cfg.masked_per_row, mask_id=cfg.mask_id, random_low=plan.random_low,
-                             random_high=plan.random_high)
-  return {"input_ids": masked["input_ids"], "segment_ids": rows["segment_ids"], "positions": rows["positions"],
-          "masked_positions": masked["masked_positions"], "masked_labels": masked["masked_labels"],
-          "masked_weights": masked["masked_weights"], "lang_ids": rows["lang_ids"]}
+  masked = masking.mask_rows(
+    rows["tokens"],
+    rows["segment_ids"],
+    rngs,
+    rate=cfg.mask_rate,
+    max_masked=cfg.masked_per_row,
+    mask_id=cfg.mask_id,
+    random_low=plan.random_low,
+    random_high=plan.random_high,
+  )
+  return {
+    "input_ids": masked["input_ids"],
+    "segment_ids": rows["segment_ids"],
+    "positions": rows["positions"],
+    "masked_positions": masked["masked_positions"],
+    "masked_labels": masked["masked_labels"],
+    "masked_weights": masked["masked_weights"],
+    "lang_ids": rows["lang_ids"],
+  }
 
 
 class _RowStreamsIterator(grain.DatasetIterator):
@@ -494,8 +548,11 @@ class _RowStreamsIterator(grain.DatasetIterator):
     self._plan = plan
     languages = language_datasets(plan)
     cfg = plan.cfg
-    self._pool = (concurrent.futures.ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read")
-                  if cfg.read_threads and cfg.read_ahead else None)
+    self._pool = (
+      concurrent.futures.ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read")
+      if cfg.read_threads and cfg.read_ahead
+      else None
+    )
     self._streams = {s: _Stream(plan, s, languages, self._pool) for s in stream_ids}
     if start is not None:
       self.set_state(start)
@@ -522,7 +579,7 @@ class _RowStreamsIterator(grain.DatasetIterator):
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     for s, stream in self._streams.items():
-      if state["streams"][str(s)] is not None:     # None: the stream has not started
+      if state["streams"][str(s)] is not None:  # None: the stream has not started
         stream.set_state(state["streams"][str(s)], state["rows"])
 
   def close(self) -> None:
@@ -554,9 +611,11 @@ class _RowStreams(grain.IterDataset):
 # The training iterator
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # only for the defaults
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -574,8 +633,10 @@ class TrainIterator(grain.DatasetIterator):
     if cfg.batch_size % process_count:
       raise ValueError(f"batch_size {cfg.batch_size} is not divisible by process_count {process_count}")
     if cfg.streams % process_count:
-      raise ValueError(f"num_streams {cfg.streams} is not divisible by process_count {process_count}; choose "
-                       "num_streams as a multiple of every process count the run may use")
+      raise ValueError(
+        f"num_streams {cfg.streams} is not divisible by process_count {process_count}; choose "
+        "num_streams as a multiple of every process count the run may use"
+      )
     self.config, self.mixture = cfg, mix
     self.languages: tuple[str, ...] = plan.languages
     self.process_index, self.process_count = process_index, process_count
@@ -598,6 +659,7 @@ class TrainIterator(grain.DatasetIterator):
     ds = _RowStreams(self._plan, self.stream_ids, self._state, open_files=max(1, cfg.max_open_files // max(workers, 1)))
     if workers > 0:
       from absl import flags  # grain's worker processes read absl flags; parse them when no app did
+
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
       # Batches come back pickled, not in shared memory: every array in flight would hold a descriptor.
@@ -605,7 +667,7 @@ class TrainIterator(grain.DatasetIterator):
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=cfg.worker_buffer))
     elif cfg.prefetch > 0:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
-    self._parts = max(workers, 1)      # mp_prefetch interleaves workers round-robin: one part per worker per step
+    self._parts = max(workers, 1)  # mp_prefetch interleaves workers round-robin: one part per worker per step
     self._inner = ds.__iter__()
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -629,38 +691,49 @@ class TrainIterator(grain.DatasetIterator):
     return self._state["rows"] // self._plan.rows_per_stream
 
   def get_state(self) -> dict[str, Any]:
-    return {"version": STATE_VERSION, "pipeline": dict(self._plan.signature), "step": self.step,
-            "rows": self._state["rows"],
-            "streams": {s: self._state["streams"][s] for s in sorted(self._state["streams"], key=int)}}
+    return {
+      "version": STATE_VERSION,
+      "pipeline": dict(self._plan.signature),
+      "step": self.step,
+      "rows": self._state["rows"],
+      "streams": {s: self._state["streams"][s] for s in sorted(self._state["streams"], key=int)},
+    }
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Restores a state saved by any process count and batch size (it must hold this process's streams)."""
     if state.get("version") != STATE_VERSION:
-      raise ValueError(f"iterator state version {state.get('version')} is not {STATE_VERSION} (saved by an older "
-                       "data_pipeline; a new phase starts with a fresh iterator)")
+      raise ValueError(
+        f"iterator state version {state.get('version')} is not {STATE_VERSION} (saved by an older "
+        "data_pipeline; a new phase starts with a fresh iterator)"
+      )
     saved, now = state["pipeline"], self._plan.signature
     diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
     if diff:
-      raise ValueError("iterator state belongs to another pipeline (" + "; ".join(diff)[:500] + "); a new phase "
-                       "starts with a fresh iterator")
+      raise ValueError(
+        "iterator state belongs to another pipeline (" + "; ".join(diff)[:500] + "); a new phase "
+        "starts with a fresh iterator"
+      )
     missing = [s for s in self.stream_ids if str(s) not in state["streams"]]
     if missing:
-      raise ValueError(f"iterator state lacks streams {missing[:8]}{'…' if len(missing) > 8 else ''} of process "
-                       f"{self.process_index}/{self.process_count}: it holds one process's share; merge the "
-                       "states of all processes (data_pipeline.checkpoint does)")
+      raise ValueError(
+        f"iterator state lacks streams {missing[:8]}{'…' if len(missing) > 8 else ''} of process "
+        f"{self.process_index}/{self.process_count}: it holds one process's share; merge the "
+        "states of all processes (data_pipeline.checkpoint does)"
+      )
     self._start(state)
 
   def close(self) -> None:
     if self._inner is not None:
       self._inner.close()
       self._inner = None
-    if READERS is not None:     # None while the interpreter shuts down
+    if READERS is not None:  # None while the interpreter shuts down
       READERS.close_all()
     super().close()
 
 
-def make_train_iterator(cfg: PipelineConfig, process_index: int | None = None,
-                        process_count: int | None = None) -> TrainIterator:
+def make_train_iterator(
+  cfg: PipelineConfig, process_index: int | None = None, process_count: int | None = None
+) -> TrainIterator:
   """This process's training batches (defaults: jax.process_index() / jax.process_count())."""
   process_index, process_count = _process_defaults(process_index, process_count)
   plan, mix, _ = make_plan(cfg)
@@ -671,9 +744,15 @@ def make_train_iterator(cfg: PipelineConfig, process_index: int | None = None,
 # Held-out evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
-def eval_batches(cfg: PipelineConfig, process_index: int | None = None, process_count: int | None = None, *,
-                 languages: Sequence[str] | None = None, max_batches: int | None = None
-                 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+
+def eval_batches(
+  cfg: PipelineConfig,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  *,
+  languages: Sequence[str] | None = None,
+  max_batches: int | None = None,
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
   """Yields (language, batch) over each language's held-out documents, the same batches on every call.
 
   Documents are packed in order (no shuffling) into global batches of batch_size rows (the last padded with empty
@@ -686,7 +765,7 @@ def eval_batches(cfg: PipelineConfig, process_index: int | None = None, process_
   plan, _, stats = make_plan(cfg)
   eval_shards = mixture.components(stats, list(cfg.budgets), split="eval")
   b = cfg.batch_size // process_count
-  for lang in (languages or plan.languages):
+  for lang in languages or plan.languages:
     if lang not in plan.languages:
       raise ValueError(f"eval language {lang!r} is not in the pipeline's languages {plan.languages}")
     shards = [s for s in eval_shards.get(lang, ()) if s["sequences"]]
@@ -696,10 +775,12 @@ def eval_batches(cfg: PipelineConfig, process_index: int | None = None, process_
     ds = grain.MapDataset.source(ShardSource(_shards(fs.path(cfg.data_dir, "data_dir"), shards, cfg.read_threads)))
     ds = ds.map(lambda r, li=li: _decode(r, li))
     # Grain's read threads read ahead in order (the same documents, overlapped).
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                              prefetch_buffer_size=cfg.read_ahead if cfg.read_threads else 0))
-    rows = packing.pack(ds, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins, shuffle_bins=False,
-                        pad_id=cfg.pad_id).__iter__()
+    ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_ahead if cfg.read_threads else 0)
+    )
+    rows = packing.pack(
+      ds, cfg.seq_len, packing=cfg.packing, num_bins=cfg.packing_bins, shuffle_bins=False, pad_id=cfg.pad_id
+    ).__iter__()
     batch_index = 0
     while max_batches is None or batch_index < max_batches:
       batch_rows = [packing.to_row(r) for _, r in zip(range(cfg.batch_size), rows)]

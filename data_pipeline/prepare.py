@@ -38,6 +38,7 @@ nothing left to do) to rebuild stats.json after they have all finished.
   python -m data_pipeline.prepare --tokenizer spm.model --output_dir data/ --source starcoder \\
       --parquet_dir starcoder/ --text_key content --lang code --max_len 8192
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,15 @@ import os
 import re
 import sys
 import zlib
-from typing import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipeline import filesystem as fs
-from data_pipeline import mixture, tokenizer as tokenizer_lib
+from data_pipeline import mixture
+from data_pipeline import tokenizer as tokenizer_lib
 
 FORMAT_VERSION = 2
 TOKEN_DTYPE = np.dtype("<i4")
@@ -75,18 +77,19 @@ _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 @dataclasses.dataclass(frozen=True)
 class Source:
   """Where the raw text is and how to read it (see the module docstring for the four formats)."""
-  format: str                               # parquet | jsonl | text | tfds
-  path: str = ""                            # parquet root, text dir or TFDS dataset name
-  id: str = ""                              # names this input in unit names and stats.json ("": the format)
-  files: tuple[str, ...] = ()               # jsonl files
-  text_split: str = "line"                  # text: a document per line | paragraph (blank-line separated) | file
-  text_key: str = "text"                    # parquet / jsonl / tfds text field
+
+  format: str  # parquet | jsonl | text | tfds
+  path: str = ""  # parquet root, text dir or TFDS dataset name
+  id: str = ""  # names this input in unit names and stats.json ("": the format)
+  files: tuple[str, ...] = ()  # jsonl files
+  text_split: str = "line"  # text: a document per line | paragraph (blank-line separated) | file
+  text_key: str = "text"  # parquet / jsonl / tfds text field
   lang_key: str = "lang"
-  lang: str | None = None                   # one fixed language for every document (parquet, jsonl, tfds)
-  include_removed: bool = False             # parquet: also FineWeb2's <lang>_<Script>_removed subsets
+  lang: str | None = None  # one fixed language for every document (parquet, jsonl, tfds)
+  include_removed: bool = False  # parquet: also FineWeb2's <lang>_<Script>_removed subsets
   tfds_data_dir: str | None = None
   tfds_split: str = "train"
-  tfds_unit_size: int = 100_000             # records per unit of work
+  tfds_unit_size: int = 100_000  # records per unit of work
 
   def __post_init__(self):
     if self.format not in ("parquet", "jsonl", "text", "tfds"):
@@ -105,19 +108,24 @@ class Source:
   def describe(self) -> dict:
     """What the source id stands for (recorded in _sources/<id>.json)."""
     path = os.fspath(fs.path(self.path, f"--{self.format}")) if self.path and self.format != "tfds" else self.path
-    return {"format": self.format, "path": path,
-            "files": [os.fspath(fs.path(f, "--jsonl")) for f in self.files], "lang": self.lang,
-            "text_key": self.text_key}
+    return {
+      "format": self.format,
+      "path": path,
+      "files": [os.fspath(fs.path(f, "--jsonl")) for f in self.files],
+      "lang": self.lang,
+      "text_key": self.text_key,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What shapes the output; recorded in prepare.json and compared on re-runs."""
+
   tokenizer: str
-  max_len: int = 8192                       # longest stored sequence, <bos> and <eos> included
-  min_tokens: int = 1                       # drop sequences with fewer text tokens
-  eval_documents: int = 1000                # held-out documents per language …
-  eval_every: int = 10                      # … taken as every eval_every-th document, so at most 1/eval_every
+  max_len: int = 8192  # longest stored sequence, <bos> and <eos> included
+  min_tokens: int = 1  # drop sequences with fewer text tokens
+  eval_documents: int = 1000  # held-out documents per language …
+  eval_every: int = 10  # … taken as every eval_every-th document, so at most 1/eval_every
 
   def __post_init__(self):
     if self.max_len < 3:
@@ -129,12 +137,13 @@ class Settings:
 @dataclasses.dataclass(frozen=True)
 class Unit:
   """One input file (or TFDS record range), tokenized by one worker into its own shards."""
+
   name: str
   path: str
-  lang: str | None                          # None: each record names its language
+  lang: str | None  # None: each record names its language
   start: int = 0
   stop: int = 0
-  eval_quota: int = 0                       # eval documents per language this unit contributes
+  eval_quota: int = 0  # eval documents per language this unit contributes
 
 
 def check_language_name(lang: str, where: str) -> str:
@@ -153,17 +162,19 @@ def _safe_name(relpath: str) -> str:
 # Listing and reading inputs
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _glob(root: str, *patterns: str) -> list[str]:
   """Sorted files under `root` (local or gs://) matching any of `patterns` (`**` only as a whole component)."""
   if fs.is_remote(root):
     base, found = fs.path(root, "input"), set()
     for pattern in patterns:
-      if pattern.startswith("**/"):      # epath refuses `**` in a bucket: walk it
-        plain = os.fspath(base)[len("gs://"):]
-        for folder, _, names in base.walk():   # folders come as bucket/path, without the scheme
-          below = os.fspath(folder).removeprefix("gs://")[len(plain):].strip("/")
-          found |= {os.fspath(base / below / name if below else base / name)
-                    for name in fnmatch.filter(names, pattern[3:])}
+      if pattern.startswith("**/"):  # epath refuses `**` in a bucket: walk it
+        plain = os.fspath(base)[len("gs://") :]
+        for folder, _, names in base.walk():  # folders come as bucket/path, without the scheme
+          below = os.fspath(folder).removeprefix("gs://")[len(plain) :].strip("/")
+          found |= {
+            os.fspath(base / below / name if below else base / name) for name in fnmatch.filter(names, pattern[3:])
+          }
       else:
         found |= {os.fspath(p) for p in base.glob(pattern)}
     return sorted(found)
@@ -173,7 +184,7 @@ def _glob(root: str, *patterns: str) -> list[str]:
 
 def _relpath(f: str, root: str) -> str:
   if fs.is_remote(root):
-    return f[len(root.rstrip("/")) + 1:]
+    return f[len(root.rstrip("/")) + 1 :]
   return os.path.relpath(f, root)  # local-only: both are local paths here
 
 
@@ -181,7 +192,7 @@ def list_units(source: Source, settings: Settings, languages: Sequence[str] | No
   """The units of work of `source`, sorted, restricted to `languages` where files carry one language."""
   prefix = source.name + "-"
   if source.format in ("parquet", "text"):
-    fs.path(source.path, f"--{source.format}_dir")     # an unusable scheme is an error naming the flag
+    fs.path(source.path, f"--{source.format}_dir")  # an unusable scheme is an error naming the flag
   if source.format == "parquet":
     if source.lang:
       files = _glob(source.path, "**/*.parquet")
@@ -189,11 +200,12 @@ def list_units(source: Source, settings: Settings, languages: Sequence[str] | No
     else:
       files = _glob(source.path, "*/train/*.parquet")
       per_file = [(_relpath(f, source.path).split("/")[0], f) for f in files]
-      if not source.include_removed:   # FineWeb2's filtered-out documents of each language
+      if not source.include_removed:  # FineWeb2's filtered-out documents of each language
         per_file = [(lang, f) for lang, f in per_file if not lang.endswith("_removed")]
     if not per_file:
-      raise FileNotFoundError(f"no {'*.parquet' if source.lang else '<lang>_<Script>/train/*.parquet'} files "
-                              f"under {source.path}")
+      raise FileNotFoundError(
+        f"no {'*.parquet' if source.lang else '<lang>_<Script>/train/*.parquet'} files under {source.path}"
+      )
   elif source.format == "text":
     files = _glob(source.path, "*.txt", "*.txt.gz", "*/*.txt", "*/*.txt.gz")
     if not files:
@@ -211,16 +223,27 @@ def list_units(source: Source, settings: Settings, languages: Sequence[str] | No
       raise FileNotFoundError(f"jsonl input files do not exist: {', '.join(missing)}")
     files = sorted(source.files)
     quota = math.ceil(settings.eval_documents / len(files))
-    return [Unit(f"{prefix}{i:05d}-{_safe_name(f.rsplit('/', 1)[-1])}", f, source.lang, eval_quota=quota)
-            for i, f in enumerate(files)]
+    return [
+      Unit(f"{prefix}{i:05d}-{_safe_name(f.rsplit('/', 1)[-1])}", f, source.lang, eval_quota=quota)
+      for i, f in enumerate(files)
+    ]
   else:  # tfds
     n = len(_tfds_source(source))
     if n == 0:
       raise ValueError(f"TFDS dataset {source.path} split {source.tfds_split} has no records")
     starts = range(0, n, source.tfds_unit_size)
     quota = math.ceil(settings.eval_documents / len(starts))
-    return [Unit(f"{prefix}{_safe_name(source.tfds_split)}-{s:012d}", source.path, source.lang, s,
-                 min(s + source.tfds_unit_size, n), eval_quota=quota) for s in starts]
+    return [
+      Unit(
+        f"{prefix}{_safe_name(source.tfds_split)}-{s:012d}",
+        source.path,
+        source.lang,
+        s,
+        min(s + source.tfds_unit_size, n),
+        eval_quota=quota,
+      )
+      for s in starts
+    ]
 
   for lang, f in per_file:
     check_language_name(lang, f)
@@ -232,8 +255,15 @@ def list_units(source: Source, settings: Settings, languages: Sequence[str] | No
   files_per_lang: dict[str, int] = {}
   for lang, _ in per_file:
     files_per_lang[lang] = files_per_lang.get(lang, 0) + 1
-  return [Unit(prefix + _safe_name(_relpath(f, source.path)), f, lang,
-               eval_quota=math.ceil(settings.eval_documents / files_per_lang[lang])) for lang, f in per_file]
+  return [
+    Unit(
+      prefix + _safe_name(_relpath(f, source.path)),
+      f,
+      lang,
+      eval_quota=math.ceil(settings.eval_documents / files_per_lang[lang]),
+    )
+    for lang, f in per_file
+  ]
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
@@ -241,8 +271,10 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
   line. Lines are decoded one by one (not in blocks) so that the line number is exact."""
   lineno = 0
   try:
-    with fs.path(path, "input").open("rb") as raw_file, \
-        (gzip.GzipFile(fileobj=raw_file) if path.endswith(".gz") else raw_file) as f:
+    with (
+      fs.path(path, "input").open("rb") as raw_file,
+      gzip.GzipFile(fileobj=raw_file) if path.endswith(".gz") else raw_file as f,
+    ):
       for lineno, raw in enumerate(f, 1):
         line = raw.decode("utf-8")
         yield lineno, line[:-2] + "\n" if line.endswith("\r\n") else line
@@ -254,11 +286,14 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
 
 def _tfds_source(source: Source):
   import tensorflow_datasets as tfds  # slow import: only for this format
+
   try:
     return tfds.data_source(source.path, data_dir=source.tfds_data_dir, split=source.tfds_split)
   except Exception as e:  # tfds raises several types for a dataset that is not there
-    raise ValueError(f"cannot open TFDS dataset {source.path!r} (data_dir={source.tfds_data_dir}, "
-                     f"split={source.tfds_split}): {e}".splitlines()[0]) from None
+    raise ValueError(
+      f"cannot open TFDS dataset {source.path!r} (data_dir={source.tfds_data_dir}, "
+      f"split={source.tfds_split}): {e}".splitlines()[0]
+    ) from None
 
 
 def _as_str(value) -> str:
@@ -273,14 +308,16 @@ def _read_parquet(unit: Unit, source: Source, batch: int) -> Iterator[list[tuple
 def _read_parquet_file(raw, unit: Unit, source: Source, batch: int) -> Iterator[list[tuple[str, str]]]:
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   try:
     f = pq.ParquetFile(raw)
   except (pa.ArrowException, OSError) as e:
     raise ValueError(f"{unit.path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
   names = f.schema_arrow.names
   if source.text_key not in names:
-    raise ValueError(f"{unit.path}: no `{source.text_key}` column (columns: {', '.join(names)}); choose one "
-                     "with --text_key")
+    raise ValueError(
+      f"{unit.path}: no `{source.text_key}` column (columns: {', '.join(names)}); choose one with --text_key"
+    )
   kind = f.schema_arrow.field(source.text_key).type
   if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
     raise ValueError(f"{unit.path}: column `{source.text_key}` holds {kind}, not text")
@@ -303,6 +340,7 @@ def read_unit(unit: Unit, source: Source, batch: int = 256) -> Iterator[list[tup
     yield from _read_parquet(unit, source, batch)
     return
   out: list[tuple[str, str]] = []
+
   def emit(lang, text):
     out.append((lang, text))
     return len(out) >= batch
@@ -317,8 +355,10 @@ def read_unit(unit: Unit, source: Source, batch: int = 256) -> Iterator[list[tup
         raise ValueError(f"{unit.path}:{lineno}: not valid JSON ({e})") from None
       keys = (source.text_key,) + (() if unit.lang else (source.lang_key,))
       if not isinstance(record, dict) or any(k not in record for k in keys):
-        raise ValueError(f"{unit.path}:{lineno}: expected an object with {' and '.join(map(repr, keys))} key"
-                         f"{'s' if len(keys) > 1 else ''}")
+        raise ValueError(
+          f"{unit.path}:{lineno}: expected an object with {' and '.join(map(repr, keys))} key"
+          f"{'s' if len(keys) > 1 else ''}"
+        )
       lang = unit.lang or check_language_name(record[source.lang_key], f"{unit.path}:{lineno}")
       if not isinstance(record[source.text_key], str):
         raise ValueError(f"{unit.path}:{lineno}: {source.text_key!r} is not a string")
@@ -352,15 +392,17 @@ def read_unit(unit: Unit, source: Source, batch: int = 256) -> Iterator[list[tup
       records = ds.__getitems__(idx)
       for i, record in zip(idx, records):
         if source.text_key not in record:
-          raise ValueError(f"TFDS {source.path} record {i}: no {source.text_key!r} feature "
-                           f"(features: {', '.join(record)})")
+          raise ValueError(
+            f"TFDS {source.path} record {i}: no {source.text_key!r} feature (features: {', '.join(record)})"
+          )
         if unit.lang is not None:
           lang = unit.lang
         elif source.lang_key in record:
           lang = check_language_name(_as_str(record[source.lang_key]), f"TFDS {source.path} record {i}")
         else:
-          raise ValueError(f"TFDS {source.path} record {i}: no {source.lang_key!r} feature; pass --lang "
-                           "for a single-language dataset")
+          raise ValueError(
+            f"TFDS {source.path} record {i}: no {source.lang_key!r} feature; pass --lang for a single-language dataset"
+          )
         try:
           out.append((lang, _as_str(record[source.text_key])))
         except UnicodeDecodeError as e:
@@ -375,13 +417,14 @@ def read_unit(unit: Unit, source: Source, batch: int = 256) -> Iterator[list[tup
 # Tokenizing one unit
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def split_document(ids: Sequence[int], max_len: int, bos: int, eos: int, min_tokens: int = 1) -> list[np.ndarray]:
   """`<bos> ids <eos>`, cut into sequences of at most max_len tokens, each with its own <bos> and <eos>."""
   body = max_len - 2
   ids = np.asarray(ids, TOKEN_DTYPE)
   out = []
   for start in range(0, len(ids), body):
-    piece = ids[start:start + body]
+    piece = ids[start : start + body]
     if len(piece) >= min_tokens:
       out.append(np.concatenate([[bos], piece, [eos]]).astype(TOKEN_DTYPE))
   return out
@@ -473,8 +516,15 @@ class _UnitWriter:
     return record
 
 
-def _write_unit(unit: Unit, settings: Settings, output_dir: str | os.PathLike, bos: int, eos: int, source: str,
-                documents: Iterable[tuple[str, Sequence[int]]]) -> dict:
+def _write_unit(
+  unit: Unit,
+  settings: Settings,
+  output_dir: str | os.PathLike,
+  bos: int,
+  eos: int,
+  source: str,
+  documents: Iterable[tuple[str, Sequence[int]]],
+) -> dict:
   """Writes a unit's shards (for a bucket: into a local folder, uploaded when complete), then its record."""
   out = fs.path(output_dir, "--output_dir")
   with fs.staged_dir(out) as stage:
@@ -487,18 +537,20 @@ def _write_unit(unit: Unit, settings: Settings, output_dir: str | os.PathLike, b
   return record
 
 
-def process_unit(unit: Unit, source: Source, settings: Settings, output_dir: str,
-                 languages: Sequence[str] | None = None) -> dict:
+def process_unit(
+  unit: Unit, source: Source, settings: Settings, output_dir: str, languages: Sequence[str] | None = None
+) -> dict:
   """Tokenizes one unit into `<lang>/{train,eval}/<unit>.array_record` and records its counts."""
   tok = _tokenizer(settings.tokenizer)
   ids = tok.special_ids()
-  want = set(languages) if languages and unit.lang is None else None   # files of one language: chosen already
+  want = set(languages) if languages and unit.lang is None else None  # files of one language: chosen already
 
   def documents():
     for batch in read_unit(unit, source):
       batch = [(lang, text) for lang, text in batch if text and text.strip() and (want is None or lang in want)]
       if batch:
         yield from zip((lang for lang, _ in batch), tok.encode([text for _, text in batch]))
+
   return _write_unit(unit, settings, output_dir, ids["bos"], ids["eos"], source.name, documents())
 
 
@@ -510,17 +562,22 @@ def _process_task(task) -> dict:
 # The whole run
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _check_settings(output_dir: fs.Path, settings: Settings, tok: tokenizer_lib.Tokenizer) -> None:
   path = output_dir / "prepare.json"
-  current = {"format": FORMAT_VERSION, "tokenizer_sha256": tok.sha256,
-             "max_len": settings.max_len, "min_tokens": settings.min_tokens,
-             "eval_documents": settings.eval_documents, "eval_every": settings.eval_every}
+  current = {
+    "format": FORMAT_VERSION,
+    "tokenizer_sha256": tok.sha256,
+    "max_len": settings.max_len,
+    "min_tokens": settings.min_tokens,
+    "eval_documents": settings.eval_documents,
+    "eval_every": settings.eval_every,
+  }
   if path.exists():
     before = _read_json(path)
     diff = [f"{k} {before.get(k)!r} → {v!r}" for k, v in current.items() if before.get(k) != v]
     if diff:
-      raise ValueError(f"{output_dir} was prepared with other settings ({'; '.join(diff)}); use a new "
-                       "--output_dir")
+      raise ValueError(f"{output_dir} was prepared with other settings ({'; '.join(diff)}); use a new --output_dir")
   else:
     _atomic_write_json(path, current)
 
@@ -531,9 +588,11 @@ def _check_source(output_dir: fs.Path, source: Source) -> None:
   if path.exists():
     before = _read_json(path)
     if before != source.describe():
-      raise ValueError(f"source id {source.name!r} already names another input in {output_dir} "
-                       f"({before['format']} {before['path'] or ', '.join(before['files'])}); give this input "
-                       "its own --source id")
+      raise ValueError(
+        f"source id {source.name!r} already names another input in {output_dir} "
+        f"({before['format']} {before['path'] or ', '.join(before['files'])}); give this input "
+        "its own --source id"
+      )
   else:
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(path, source.describe())
@@ -560,36 +619,53 @@ def aggregate(records: Sequence[dict], tokenizer_info: dict, settings: Settings)
     src["units"] += 1
     for lang, splits in record["languages"].items():
       src["languages"].add(lang)
-      entry = langs.setdefault(lang, {s: {"documents": 0, "sequences": 0, "tokens": 0, "shards": []}
-                                      for s in ("train", "eval")})
+      entry = langs.setdefault(
+        lang, {s: {"documents": 0, "sequences": 0, "tokens": 0, "shards": []} for s in ("train", "eval")}
+      )
       for split, counts in splits.items():
         e = entry[split]
         for k in ("documents", "sequences", "tokens"):
           e[k] += counts[k]
-        e["shards"].append({"path": counts["path"], "sequences": counts["sequences"], "tokens": counts["tokens"],
-                            "source": source})
+        e["shards"].append(
+          {"path": counts["path"], "sequences": counts["sequences"], "tokens": counts["tokens"], "source": source}
+        )
         if split == "train":
           src["documents"] += counts["documents"]
           src["tokens"] += counts["tokens"]
   clash = sorted(set(sources) & set(langs))
   if clash:
-    raise ValueError(f"source ids that are also language names: {', '.join(clash)}; a budget could not tell "
-                     "them apart (prepare them again under another --source id)")
+    raise ValueError(
+      f"source ids that are also language names: {', '.join(clash)}; a budget could not tell "
+      "them apart (prepare them again under another --source id)"
+    )
   for entry in langs.values():
     for e in entry.values():
       e["shards"].sort(key=lambda s: s["path"])
   return {
-      "format": FORMAT_VERSION, "token_dtype": TOKEN_DTYPE.str, "tokenizer": tokenizer_info,
-      "settings": dataclasses.asdict(settings),
-      "languages": dict(sorted(langs.items())),
-      "sources": {k: dict(v, languages=sorted(v["languages"])) for k, v in sorted(sources.items())},
-      "totals": {s: {k: sum(v[s][k] for v in langs.values()) for k in ("documents", "sequences", "tokens")}
-                 for s in ("train", "eval")},
+    "format": FORMAT_VERSION,
+    "token_dtype": TOKEN_DTYPE.str,
+    "tokenizer": tokenizer_info,
+    "settings": dataclasses.asdict(settings),
+    "languages": dict(sorted(langs.items())),
+    "sources": {k: dict(v, languages=sorted(v["languages"])) for k, v in sorted(sources.items())},
+    "totals": {
+      s: {k: sum(v[s][k] for v in langs.values()) for k in ("documents", "sequences", "tokens")}
+      for s in ("train", "eval")
+    },
   }
 
 
-def prepare(source: Source, output_dir: str, settings: Settings, *, languages: Sequence[str] | None = None,
-            num_workers: int = 0, shard_index: int = 0, num_shards: int = 1, progress: bool = True) -> dict:
+def prepare(
+  source: Source,
+  output_dir: str,
+  settings: Settings,
+  *,
+  languages: Sequence[str] | None = None,
+  num_workers: int = 0,
+  shard_index: int = 0,
+  num_shards: int = 1,
+  progress: bool = True,
+) -> dict:
   """Runs (or resumes) a prepare run (this run's share: every num_shards-th unit from shard_index on), then
   rebuilds stats.json from every finished unit in output_dir and returns it. num_workers 0 = in this process."""
   if not 0 <= shard_index < num_shards:
@@ -606,22 +682,30 @@ def prepare(source: Source, output_dir: str, settings: Settings, *, languages: S
   _check_source(out, source)
 
   records, todo = {}, []
-  done_names = set(_unit_names(out))          # one listing, not a request per unit
+  done_names = set(_unit_names(out))  # one listing, not a request per unit
   for unit in units:
     if unit.name + ".json" in done_names:
       records[unit.name] = _read_json(_unit_record_path(out, unit))
     else:
       todo.append(unit)
   tasks = [(u, source, settings, os.fspath(out), languages) for u in todo]
-  bar = tqdm.tqdm(total=len(units), initial=len(units) - len(todo), unit="file", desc="prepare",
-                  disable=not progress, dynamic_ncols=True)
+  bar = tqdm.tqdm(
+    total=len(units),
+    initial=len(units) - len(todo),
+    unit="file",
+    desc="prepare",
+    disable=not progress,
+    dynamic_ncols=True,
+  )
   tokens = 0
+
   def done(record):
     nonlocal tokens
     records[record["unit"]] = record
     tokens += sum(c["tokens"] for s in record["languages"].values() for c in s.values())
     bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
     bar.update(1)
+
   if num_workers > 1 and len(tasks) > 1:
     # spawn: workers start clean (no forked tokenizer or file handles) and import only this module.
     with multiprocessing.get_context("spawn").Pool(min(num_workers, len(tasks))) as pool:
@@ -632,12 +716,14 @@ def prepare(source: Source, output_dir: str, settings: Settings, *, languages: S
       done(_process_task(task))
   bar.close()
 
-  if num_shards == 1:   # a share of a sharded run may hold no documents of some language, or none at all
+  if num_shards == 1:  # a share of a sharded run may hold no documents of some language, or none at all
     mine = aggregate([records[u.name] for u in units], tok.describe(), settings)
     if not mine["languages"] or mine["totals"]["train"]["sequences"] + mine["totals"]["eval"]["sequences"] == 0:
-      raise ValueError(f"no documents found in the input ({source.format} "
-                       f"{source.path or ', '.join(source.files)}"
-                       f"{'; languages ' + ','.join(languages) if languages else ''})")
+      raise ValueError(
+        f"no documents found in the input ({source.format} "
+        f"{source.path or ', '.join(source.files)}"
+        f"{'; languages ' + ','.join(languages) if languages else ''})"
+      )
     if languages:
       # Files of one language were chosen by list_units (bare codes resolved); else records name theirs.
       wanted = {u.lang for u in units} if all(u.lang for u in units) else set(languages)
@@ -654,8 +740,9 @@ def prepare(source: Source, output_dir: str, settings: Settings, *, languages: S
       return stats
 
 
-def write_pretokenized(output_dir: str, documents: Mapping[str, Iterable[Sequence[int]]], tokenizer_info: dict,
-                       settings: Settings) -> dict:
+def write_pretokenized(
+  output_dir: str, documents: Mapping[str, Iterable[Sequence[int]]], tokenizer_info: dict, settings: Settings
+) -> dict:
   """Writes already tokenized documents ({language: token id lists}, no <bos>/<eos>) in the same layout as
   `prepare`, for synthetic corpora (benchmarks, tests). `tokenizer_info` stands in for `Tokenizer.describe()`:
   at least vocab_size and special_ids."""
@@ -667,30 +754,40 @@ def write_pretokenized(output_dir: str, documents: Mapping[str, Iterable[Sequenc
   for lang, docs in sorted(documents.items()):
     check_language_name(lang, "write_pretokenized")
     unit = Unit(f"pretokenized-{lang}", "", lang, eval_quota=settings.eval_documents)
-    records.append(_write_unit(unit, settings, out, ids["bos"], ids["eos"], "pretokenized",
-                               ((lang, doc) for doc in docs)))
+    records.append(
+      _write_unit(unit, settings, out, ids["bos"], ids["eos"], "pretokenized", ((lang, doc) for doc in docs))
+    )
   stats = aggregate(records, tokenizer_info, settings)
   _atomic_write_json(out / "stats.json", stats)
   return stats
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m data_pipeline.prepare",
+    description=__doc__.split("\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--parquet_dir", help="FineWeb2-style tree <lang>_<Script>/train/*.parquet (with --lang: any "
-                                          "tree of *.parquet)")
+  src.add_argument(
+    "--parquet_dir", help="FineWeb2-style tree <lang>_<Script>/train/*.parquet (with --lang: any tree of *.parquet)"
+  )
   src.add_argument("--jsonl", nargs="+", help="JSON-lines files with text and lang")
   src.add_argument("--text_dir", help="<lang>.txt or <lang>/*.txt files")
   src.add_argument("--tfds", help="name of a locally prepared TFDS dataset")
   parser.add_argument("--tokenizer", required=True, help="SentencePiece .model or tokenizer.json")
   parser.add_argument("--output_dir", required=True)
-  parser.add_argument("--source", default="", help="id of this input, part of every unit name (default: the "
-                      "format); one per input when several runs fill one --output_dir")
+  parser.add_argument(
+    "--source",
+    default="",
+    help="id of this input, part of every unit name (default: the "
+    "format); one per input when several runs fill one --output_dir",
+  )
   parser.add_argument("--lang", default=None, help="one language for every document (single-language inputs)")
   parser.add_argument("--include_removed", action="store_true", help="parquet: also FineWeb2's *_removed subsets")
-  parser.add_argument("--shard_index", type=int, default=0, help="this run takes units shard_index, "
-                      "shard_index + num_shards, …")
+  parser.add_argument(
+    "--shard_index", type=int, default=0, help="this run takes units shard_index, shard_index + num_shards, …"
+  )
   parser.add_argument("--num_shards", type=int, default=1)
   parser.add_argument("--languages", default=None, help="comma-separated languages to keep (default: all)")
   parser.add_argument("--max_len", type=int, default=8192, help="longest stored sequence incl. <bos>/<eos>")
@@ -708,21 +805,38 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   fmt = next(f for f in ("parquet_dir", "jsonl", "text_dir", "tfds") if getattr(args, f))
   try:
-    source = Source(format=fmt.replace("_dir", ""), path=(getattr(args, fmt) if fmt != "jsonl" else ""),
-                    id=args.source, files=tuple(args.jsonl or ()), text_split=args.text_split,
-                    text_key=args.text_key, lang_key=args.lang_key, lang=args.lang,
-                    include_removed=args.include_removed, tfds_data_dir=args.tfds_data_dir,
-                    tfds_split=args.tfds_split, tfds_unit_size=args.tfds_unit_size)
+    source = Source(
+      format=fmt.replace("_dir", ""),
+      path=(getattr(args, fmt) if fmt != "jsonl" else ""),
+      id=args.source,
+      files=tuple(args.jsonl or ()),
+      text_split=args.text_split,
+      text_key=args.text_key,
+      lang_key=args.lang_key,
+      lang=args.lang,
+      include_removed=args.include_removed,
+      tfds_data_dir=args.tfds_data_dir,
+      tfds_split=args.tfds_split,
+      tfds_unit_size=args.tfds_unit_size,
+    )
     settings = Settings(args.tokenizer, args.max_len, args.min_tokens, args.eval_documents, args.eval_every)
-    stats = prepare(source, args.output_dir, settings, num_workers=args.num_workers,
-                    languages=args.languages.split(",") if args.languages else None,
-                    shard_index=args.shard_index, num_shards=args.num_shards)
-  except (ValueError, OSError) as e:   # OSError: unreadable input, read-only or full disk, …
+    stats = prepare(
+      source,
+      args.output_dir,
+      settings,
+      num_workers=args.num_workers,
+      languages=args.languages.split(",") if args.languages else None,
+      shard_index=args.shard_index,
+      num_shards=args.num_shards,
+    )
+  except (ValueError, OSError) as e:  # OSError: unreadable input, read-only or full disk, …
     sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
   t = stats["totals"]
-  print(f"{len(stats['languages'])} languages; train {t['train']['documents']:,} documents, "
-        f"{t['train']['tokens']:,} tokens; eval {t['eval']['documents']:,} documents → "
-        f"{fs.path(args.output_dir, '--output_dir') / 'stats.json'}")
+  print(
+    f"{len(stats['languages'])} languages; train {t['train']['documents']:,} documents, "
+    f"{t['train']['tokens']:,} tokens; eval {t['eval']['documents']:,} documents → "
+    f"{fs.path(args.output_dir, '--output_dir') / 'stats.json'}"
+  )
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ checkpoint as a single index, and both cost O(1) per element:
                       Grain's `MapDataset.mix` walks all datasets per element (slow with hundreds of languages)
                       and interleaves in the same fixed pattern for every seed.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -66,7 +67,7 @@ def shuffled_forever(ds: grain.MapDataset, seed: int, max_cached: int = 2048) ->
   """`ds` repeated forever with a new order every pass (seed < 2**32)."""
   if len(ds) <= max_cached:
     return EpochShuffle(ds, seed)
-  return ds.shuffle(seed=seed).repeat()   # index_shuffle is fast for large datasets; reshuffles every epoch
+  return ds.shuffle(seed=seed).repeat()  # index_shuffle is fast for large datasets; reshuffles every epoch
 
 
 class BlockMixSelection(grain.transforms.DatasetSelectionMap):
@@ -76,7 +77,7 @@ class BlockMixSelection(grain.transforms.DatasetSelectionMap):
     w = np.asarray(weights, np.float64)
     if w.ndim != 1 or len(w) == 0 or np.any(w < 0) or w.sum() <= 0:
       raise ValueError(f"mixing weights must be non-negative with a positive sum, got {list(weights)}")
-    self._rate = w / w.sum() * block               # expected elements of each dataset per block
+    self._rate = w / w.sum() * block  # expected elements of each dataset per block
     self._phase = np.random.default_rng([seed, 0]).random(len(w))
     self._base = np.floor(self._phase)
     self._block, self._seed = block, seed
@@ -113,7 +114,7 @@ class BlockMixSelection(grain.transforms.DatasetSelectionMap):
     return table
 
   def __getitem__(self, index: int) -> tuple[int, int]:
-    b = index // self._block                       # block b starts within ±len(weights) of b·block
+    b = index // self._block  # block b starts within ±len(weights) of b·block
     start, which, where = self._block_table(b)
     while index < start:
       b -= 1

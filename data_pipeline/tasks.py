@@ -20,6 +20,7 @@ the demo corpus (`data_pipeline.demo_corpus`):
 Both are fixed (no seed): held-out entries are chosen by a hash of the entry itself, so no held-out retrieval target
 or language-ID text is seen in training, and every run and every checkpoint scores the same test set.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,7 +29,8 @@ import gzip
 import io
 import json
 import zlib
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from babel import Locale, lists
@@ -44,27 +46,28 @@ EMBEDDED = ("cldr_langid", "cldr_retrieval")
 class Split:
   texts: list[str]
   langs: list[str]
-  labels: np.ndarray | None = None     # class ids (classification) or candidate indices (retrieval test)
-  pairs: list[str] | None = None       # second texts: sentence pairs (classification), positives (retrieval train)
+  labels: np.ndarray | None = None  # class ids (classification) or candidate indices (retrieval test)
+  pairs: list[str] | None = None  # second texts: sentence pairs (classification), positives (retrieval train)
 
   def __len__(self) -> int:
     return len(self.texts)
 
-  def select(self, keep: np.ndarray) -> "Split":
+  def select(self, keep: np.ndarray) -> Split:
     idx = np.flatnonzero(keep)
     pick = lambda xs: None if xs is None else [xs[i] for i in idx]
-    return Split(pick(self.texts), pick(self.langs), None if self.labels is None else self.labels[idx],
-                 pick(self.pairs))
+    return Split(
+      pick(self.texts), pick(self.langs), None if self.labels is None else self.labels[idx], pick(self.pairs)
+    )
 
 
 @dataclasses.dataclass
 class Task:
   name: str
-  kind: str                            # classification | retrieval
+  kind: str  # classification | retrieval
   train: Split
   test: Split
-  label_names: tuple[str, ...] = ()    # classification
-  candidates: tuple[str, ...] = ()     # retrieval: every test query's answer is one of these
+  label_names: tuple[str, ...] = ()  # classification
+  candidates: tuple[str, ...] = ()  # retrieval: every test query's answer is one of these
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -74,14 +77,16 @@ class Task:
   def languages(self) -> tuple[str, ...]:
     return tuple(sorted(set(self.test.langs)))
 
-  def train_on(self, languages: Sequence[str]) -> "Task":
+  def train_on(self, languages: Sequence[str]) -> Task:
     """Cross-lingual transfer: keep only these languages' training examples (the test set is unchanged)."""
     if not languages:
       return self
     keep = np.isin(np.array(self.train.langs, dtype=object), list(languages))
     if not keep.any():
-      raise ValueError(f"task {self.name}: no training examples in languages {', '.join(languages)} (have: "
-                       f"{', '.join(sorted(set(self.train.langs)))})")
+      raise ValueError(
+        f"task {self.name}: no training examples in languages {', '.join(languages)} (have: "
+        f"{', '.join(sorted(set(self.train.langs)))})"
+      )
     return dataclasses.replace(self, train=self.train.select(keep))
 
 
@@ -89,19 +94,21 @@ class Task:
 # Local files and TFDS
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Columns:
   text: str = "text"
-  pair: str = ""             # second text: NLI hypothesis, or the positive of a retrieval pair
+  pair: str = ""  # second text: NLI hypothesis, or the positive of a retrieval pair
   label: str = "label"
-  lang: str = ""             # per-language reporting; "" = every row in `default_lang`
+  lang: str = ""  # per-language reporting; "" = every row in `default_lang`
   default_lang: str = "und"
 
 
 def _open_text(p: fs.Path, raw, newline: str | None = None):
   """A text stream over the bytes of `raw` (an open file of `p`), gunzipped for a .gz name."""
-  return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if p.name.endswith(".gz") else raw, encoding="utf-8",
-                          newline=newline)
+  return io.TextIOWrapper(
+    gzip.GzipFile(fileobj=raw) if p.name.endswith(".gz") else raw, encoding="utf-8", newline=newline
+  )
 
 
 def read_records(path: str, tfds_data_dir: str | None = None) -> list[dict[str, Any]]:
@@ -123,23 +130,25 @@ def read_records(path: str, tfds_data_dir: str | None = None) -> list[dict[str, 
       return rows
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq
+
     with p.open("rb") as raw:
       return pq.read_table(raw).to_pylist()
   if path.endswith((".tsv", ".tsv.gz")):
     with p.open("rb") as raw, _open_text(p, raw, newline="") as f:
       return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-  raise ValueError(f"task file {path}: unknown format (expected .jsonl[.gz], .parquet, .tsv[.gz] or "
-                   "tfds:NAME[:SPLIT])")
+  raise ValueError(f"task file {path}: unknown format (expected .jsonl[.gz], .parquet, .tsv[.gz] or tfds:NAME[:SPLIT])")
 
 
 def _tfds_records(spec: str, data_dir: str | None) -> list[dict[str, Any]]:
   import tensorflow_datasets as tfds  # slow import: only for this source
-  name, _, split = spec[len("tfds:"):].partition(":")
+
+  name, _, split = spec[len("tfds:") :].partition(":")
   try:
     source = tfds.data_source(name, data_dir=data_dir, split=split or "train", download=False)
   except Exception as e:  # tfds raises several types for a dataset that is not there
-    raise ValueError(f"cannot open TFDS dataset {name!r} (data_dir={data_dir}, split={split or 'train'}): "
-                     f"{e}".splitlines()[0]) from None
+    raise ValueError(
+      f"cannot open TFDS dataset {name!r} (data_dir={data_dir}, split={split or 'train'}): {e}".splitlines()[0]
+    ) from None
   return [source[i] for i in range(len(source))]
 
 
@@ -166,8 +175,9 @@ def _label_order(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(values))
 
 
-def from_files(kind: str, train: str, test: str, columns: Columns = Columns(), *, name: str = "",
-               tfds_data_dir: str | None = None) -> Task:
+def from_files(
+  kind: str, train: str, test: str, columns: Columns = Columns(), *, name: str = "", tfds_data_dir: str | None = None
+) -> Task:
   """A task from two files (or TFDS splits): classification rows (text[, pair], label[, lang]) or retrieval
   pairs (text = query, pair = its positive[, lang]); test candidates are the distinct test positives."""
   if kind not in KINDS:
@@ -196,8 +206,13 @@ def from_files(kind: str, train: str, test: str, columns: Columns = Columns(), *
   texts, langs, positives, _ = splits["test"]
   candidates = tuple(dict.fromkeys(positives))
   where = {c: i for i, c in enumerate(candidates)}
-  return Task(name, kind, Split(*splits["train"][:2], pairs=splits["train"][2]),
-              Split(texts, langs, np.array([where[p] for p in positives], np.int32)), candidates=candidates)
+  return Task(
+    name,
+    kind,
+    Split(*splits["train"][:2], pairs=splits["train"][2]),
+    Split(texts, langs, np.array([where[p] for p in positives], np.int32)),
+    candidates=candidates,
+  )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -205,8 +220,32 @@ def from_files(kind: str, train: str, test: str, columns: Columns = Columns(), *
 # --------------------------------------------------------------------------------------------------------------
 
 # Low-resource languages of the demo's decay phase (mmBERT's Faroese and Tigrinya among them).
-LOW_RESOURCE = ("af", "am", "cy", "eu", "fo", "ga", "gl", "ha", "hy", "ig", "is", "ka", "km", "lb", "lo", "mn",
-                "mt", "my", "ne", "si", "ti", "ur", "uz", "zu")
+LOW_RESOURCE = (
+  "af",
+  "am",
+  "cy",
+  "eu",
+  "fo",
+  "ga",
+  "gl",
+  "ha",
+  "hy",
+  "ig",
+  "is",
+  "ka",
+  "km",
+  "lb",
+  "lo",
+  "mn",
+  "mt",
+  "my",
+  "ne",
+  "si",
+  "ti",
+  "ur",
+  "uz",
+  "zu",
+)
 
 
 def cldr_languages() -> tuple[str, ...]:
@@ -274,15 +313,14 @@ def _cldr_names(lang: str) -> dict[str, str]:
   return names
 
 
-def cldr_retrieval(train_per_language: int = 16, test_per_language: int = 8,
-                   test_fraction: float = 0.2) -> Task:
+def cldr_retrieval(train_per_language: int = 16, test_per_language: int = 8, test_fraction: float = 0.2) -> Task:
   """Query: an entry's name in one language; answer: the entry's English name among all held-out English names.
   Names spelled exactly as in English are left out (they would be found by string identity)."""
   english = _cldr_names("en")
   counts: dict[str, int] = {}
   for name in english.values():
     counts[name] = counts.get(name, 0) + 1
-  english = {k: v for k, v in english.items() if counts[v] == 1}   # one answer per query
+  english = {k: v for k, v in english.items() if counts[v] == 1}  # one answer per query
   test_keys = sorted(k for k in english if _held_out(k, test_fraction))
   candidates = tuple(english[k] for k in test_keys)
   answer = {k: i for i, k in enumerate(test_keys)}

@@ -1,4 +1,5 @@
 """mmbert_jax: pretraining mmBERT-style multilingual encoders in JAX."""
+
 import importlib.util
 import os
 
@@ -16,8 +17,11 @@ def _skip_absent_tpu() -> None:
   if importlib.util.find_spec("libtpu") is None:
     return
   try:
-    accelerators = (hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-                    or hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(1) > 0)
+    accelerators = (
+      hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+      or hardware_utils.has_visible_nvidia_gpu()
+      or hardware_utils.num_available_amd_gpus(1) > 0
+    )
   except OSError:  # an unreadable bus: leave jax's choice alone
     return
   if not accelerators:

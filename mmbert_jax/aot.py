@@ -19,6 +19,7 @@ The same holds inside the step: with the chunked MLM loss (`model.loss_impl`) or
 Compare the switches by compiling once each, e.g. with `--config.model.loss_impl=dense` and
 `--config.model.scan_layers=True`: the report names both and prints per-chip temporaries and compile seconds.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,12 +39,11 @@ from ml_collections import config_flags
 
 from data_pipeline import pipeline as data_lib
 from mmbert_jax import attention as attention_lib
-from mmbert_jax import cli
+from mmbert_jax import cli, sharding, train
 from mmbert_jax import flops as flops_lib
-from mmbert_jax import sharding, train
 
-GiB = 2 ** 30
-MiB = 2 ** 20
+GiB = 2**30
+MiB = 2**20
 
 # Per-language metric sums are sized by the number of languages; the real count lives in the data pipeline. Any
 # bound ≥ mmBERT's widest phase (1833 languages) compiles the same step up to a few KiB.
@@ -54,27 +54,45 @@ LANGUAGE_SLOTS = 2048
 # Slices
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Slice:
   """A Cloud TPU slice as libtpu's topology description needs it."""
-  name: str                   # accelerator type, e.g. "v5p-64"
-  topology: str               # libtpu topology name, e.g. "v5p:2x4x4"
+
+  name: str  # accelerator type, e.g. "v5p-64"
+  topology: str  # libtpu topology name, e.g. "v5p:2x4x4"
   chips: int
-  hbm_bytes: int              # per chip, nominal
-  usable_bytes: int           # per chip, what the TPU compiler lets a program use
-  chip_config: str            # "megacore": the two TensorCores of a v4/v5p chip form one device
+  hbm_bytes: int  # per chip, nominal
+  usable_bytes: int  # per chip, what the TPU compiler lets a program use
+  chip_config: str  # "megacore": the two TensorCores of a v4/v5p chip form one device
   wrap: tuple[bool, bool, bool]
 
 
 # generation: (HBM GiB per chip: nominal, usable as libtpu's compiler reports it; TensorCores per chip counted
 # in the name; chip grids of the slice shapes)
 _GENERATIONS = {
-    "v5e": (16, 15.75, 1, ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
-    "v6e": (32, 31.24, 1, ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
-    "v4": (32, 30.75, 2, ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16",
-                          "8x16x16")),
-    "v5p": (95, 95.73, 2, ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16",
-                           "8x16x16", "16x16x16", "16x16x24")),
+  "v5e": (16, 15.75, 1, ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
+  "v6e": (32, 31.24, 1, ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
+  "v4": (32, 30.75, 2, ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16")),
+  "v5p": (
+    95,
+    95.73,
+    2,
+    (
+      "2x2x1",
+      "2x2x2",
+      "2x2x4",
+      "2x4x4",
+      "4x4x4",
+      "4x4x8",
+      "4x8x8",
+      "8x8x8",
+      "8x8x16",
+      "8x16x16",
+      "16x16x16",
+      "16x16x24",
+    ),
+  ),
 }
 
 
@@ -84,9 +102,9 @@ def _slices() -> dict[str, Slice]:
     for grid in grids:
       dims = [int(d) for d in grid.split("x")]
       chips = math.prod(dims)
-      if len(dims) == 2:   # v5e/v6e: wraparound links only along full 16-chip sides
+      if len(dims) == 2:  # v5e/v6e: wraparound links only along full 16-chip sides
         wrap, chip_config = (dims[0] == 16, dims[1] == 16, False), "default"
-      else:                # v4/v5p: a torus once the slice spans whole 4×4×4 cubes
+      else:  # v4/v5p: a torus once the slice spans whole 4×4×4 cubes
         wrap, chip_config = (min(dims) >= 4,) * 3, "megacore"
       name = f"{gen}-{chips * cores}"
       out[name] = Slice(name, f"{gen}:{grid}", chips, hbm * GiB, int(usable * GiB), chip_config, wrap)
@@ -107,17 +125,21 @@ def topology_devices(s: Slice) -> list[jax.Device]:
   """Compile-only devices of the slice (libtpu's topology description; no TPU needs to be attached)."""
   if importlib.util.find_spec("libtpu") is None:
     raise ImportError("ahead-of-time TPU compilation needs libtpu: pip install libtpu (the `tpu` extra)")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip is opened, nothing to guard
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip is opened, nothing to guard
   # A slice smaller than one host (4 chips) is its own host: some libtpu versions reject it otherwise.
   dims = tuple(int(d) for d in s.topology.split(":")[1].split("x"))
   bounds = {"chips_per_host_bounds": (dims + (1, 1))[:3]} if math.prod(dims) < 4 else {}
-  return list(topologies.get_topology_desc(topology_name=s.topology, platform="tpu",
-                                           chip_config_name=s.chip_config, wrap=s.wrap, **bounds).devices)
+  return list(
+    topologies.get_topology_desc(
+      topology_name=s.topology, platform="tpu", chip_config_name=s.chip_config, wrap=s.wrap, **bounds
+    ).devices
+  )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The step's inputs
 # --------------------------------------------------------------------------------------------------------------
+
 
 def max_masked(config: ml_collections.ConfigDict) -> int:
   """Masked slots per row of the sparse MLM head: `data.max_masked`, or mask_rate·seq_len with 25% headroom."""
@@ -135,13 +157,20 @@ def num_languages(config: ml_collections.ConfigDict) -> int:
 
 def abstract_batch(mesh, microbatches: int, rows: int, seq_len: int, masked: int) -> dict[str, jax.ShapeDtypeStruct]:
   """The train step's batch: [micro-batches, rows, ...] arrays with rows split over (data, fsdp)."""
-  shapes = {"input_ids": (seq_len, jnp.int32), "segment_ids": (seq_len, jnp.int32),
-            "positions": (seq_len, jnp.int32), "masked_positions": (masked, jnp.int32),
-            "masked_labels": (masked, jnp.int32), "masked_weights": (masked, jnp.float32),
-            "lang_ids": (seq_len, jnp.int32)}
+  shapes = {
+    "input_ids": (seq_len, jnp.int32),
+    "segment_ids": (seq_len, jnp.int32),
+    "positions": (seq_len, jnp.int32),
+    "masked_positions": (masked, jnp.int32),
+    "masked_labels": (masked, jnp.int32),
+    "masked_weights": (masked, jnp.float32),
+    "lang_ids": (seq_len, jnp.int32),
+  }
   assert set(shapes) == set(data_lib.BATCH_KEYS), "abstract_batch is out of date with the pipeline's BATCH_KEYS"
-  return {k: jax.ShapeDtypeStruct((microbatches, rows, n), dtype, sharding=sharding.batch_sharding(mesh, 3, 1))
-          for k, (n, dtype) in shapes.items()}
+  return {
+    k: jax.ShapeDtypeStruct((microbatches, rows, n), dtype, sharding=sharding.batch_sharding(mesh, 3, 1))
+    for k, (n, dtype) in shapes.items()
+  }
 
 
 def abstract_optimizer_state(tx: optax.GradientTransformation, abstract_params, mesh):
@@ -150,9 +179,13 @@ def abstract_optimizer_state(tx: optax.GradientTransformation, abstract_params, 
   (`jax.jit(tx.init)` left to itself replicates the moments: `zeros_like` does not inherit a sharding.)
   """
   abstract = jax.eval_shape(tx.init, abstract_params)
-  shardings = optax.tree_map_params(tx, lambda _, sh: sh, abstract,
-                                    jax.tree.map(lambda x: x.sharding, abstract_params),
-                                    transform_non_params=lambda _: sharding.replicated(mesh))
+  shardings = optax.tree_map_params(
+    tx,
+    lambda _, sh: sh,
+    abstract,
+    jax.tree.map(lambda x: x.sharding, abstract_params),
+    transform_non_params=lambda _: sharding.replicated(mesh),
+  )
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
 
 
@@ -174,33 +207,35 @@ def attention_impl(cfg, mesh) -> str:
 # Compile and report
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Report:
   """Per-chip memory and FLOPs of one compiled train step (memory and compiled FLOPs are None when the TPU
   compiler rejected the step for want of HBM; `compiler_error` then says how much it wanted)."""
+
   tpu: Slice
   device_kind: str
   mesh_shape: dict[str, int]
   model: str
   phase: str
   microbatches: int
-  rows: int                   # per micro-batch
+  rows: int  # per micro-batch
   seq_len: int
-  masked: int                 # masked slots per row
+  masked: int  # masked slots per row
   dtype: str
   attention: str
   remat: str
-  loss: str                   # MLM loss: "dense" or "chunked/<vocabulary rows per chunk>"
+  loss: str  # MLM loss: "dense" or "chunked/<vocabulary rows per chunk>"
   scan_layers: bool
-  analytic_flops: float       # whole slice, one micro-batch of full-length documents
+  analytic_flops: float  # whole slice, one micro-batch of full-length documents
   compile_seconds: float
   argument_bytes: int | None = None
   output_bytes: int | None = None
-  alias_bytes: int | None = None   # outputs written in place of donated arguments (parameters, optimizer state)
+  alias_bytes: int | None = None  # outputs written in place of donated arguments (parameters, optimizer state)
   temp_bytes: int | None = None
   code_bytes: int | None = None
   compiled_flops: float | None = None  # per chip, one micro-batch
-  kernel_calls: int | None = None      # Pallas kernel (tpu_custom_call) call sites in the compiled step
+  kernel_calls: int | None = None  # Pallas kernel (tpu_custom_call) call sites in the compiled step
   compiler_error: str | None = None
 
   @property
@@ -218,11 +253,11 @@ class Report:
     size = _size
     mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
     lines = [
-        f"{self.model} · {self.phase} on {s.name} ({s.topology}, {s.chips} chips of {self.device_kind}, "
-        f"{s.hbm_bytes / GiB:.0f} GiB HBM each, {s.usable_bytes / GiB:.2f} GiB usable)",
-        f"mesh {mesh} · {self.microbatches} micro-batch(es) × {self.rows} rows × {self.seq_len} tokens, "
-        f"{self.masked} masked slots/row · {self.dtype} · attention {self.attention} · remat {self.remat}",
-        f"MLM loss {self.loss} · layers {'scanned' if self.scan_layers else 'unrolled'}",
+      f"{self.model} · {self.phase} on {s.name} ({s.topology}, {s.chips} chips of {self.device_kind}, "
+      f"{s.hbm_bytes / GiB:.0f} GiB HBM each, {s.usable_bytes / GiB:.2f} GiB usable)",
+      f"mesh {mesh} · {self.microbatches} micro-batch(es) × {self.rows} rows × {self.seq_len} tokens, "
+      f"{self.masked} masked slots/row · {self.dtype} · attention {self.attention} · remat {self.remat}",
+      f"MLM loss {self.loss} · layers {'scanned' if self.scan_layers else 'unrolled'}",
     ]
     if self.kernel_calls:
       lines += [f"Pallas kernel call sites in the compiled step: {self.kernel_calls}"]
@@ -230,25 +265,32 @@ class Report:
       lines += [f"per-chip memory: DOES NOT FIT; the TPU compiler says: {self.compiler_error}"]
     else:
       lines += [
-          "per-chip memory:",
-          f"  arguments      {size(self.argument_bytes)}",
-          f"  outputs        {size(self.output_bytes)}  ({size(self.alias_bytes).strip()} of them in place of "
-          "donated arguments)",
-          f"  temporaries    {size(self.temp_bytes)}",
-          f"  generated code {size(self.code_bytes)}",
-          f"  total          {size(self.total_bytes)}  = {100 * self.total_bytes / s.usable_bytes:.0f}% of "
-          f"{s.usable_bytes / GiB:.2f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}",
+        "per-chip memory:",
+        f"  arguments      {size(self.argument_bytes)}",
+        f"  outputs        {size(self.output_bytes)}  ({size(self.alias_bytes).strip()} of them in place of "
+        "donated arguments)",
+        f"  temporaries    {size(self.temp_bytes)}",
+        f"  generated code {size(self.code_bytes)}",
+        f"  total          {size(self.total_bytes)}  = {100 * self.total_bytes / s.usable_bytes:.0f}% of "
+        f"{s.usable_bytes / GiB:.2f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}",
       ]
     lines += ["FLOPs per micro-batch (the scan body counts once):"]
     inner_scans = self.scan_layers or self.loss != "dense"
     if self.compiled_flops is not None:
       compiled_total = self.compiled_flops * s.chips
-      lines += [f"  compiled (cost_analysis) {compiled_total:.4g}  ({self.compiled_flops:.4g} per chip)"
-                + ("  (undercounted: XLA counts each inner scan body once)" if inner_scans else "")]
-    ratio = "" if self.compiled_flops is None or inner_scans else \
-        f"  compiled/analytic {self.compiled_flops * s.chips / self.analytic_flops:.2f}"
-    lines += [f"  analytic (flops.py)      {self.analytic_flops:.4g}{ratio}",
-              f"compiled in {self.compile_seconds:.1f} s"]
+      lines += [
+        f"  compiled (cost_analysis) {compiled_total:.4g}  ({self.compiled_flops:.4g} per chip)"
+        + ("  (undercounted: XLA counts each inner scan body once)" if inner_scans else "")
+      ]
+    ratio = (
+      ""
+      if self.compiled_flops is None or inner_scans
+      else f"  compiled/analytic {self.compiled_flops * s.chips / self.analytic_flops:.2f}"
+    )
+    lines += [
+      f"  analytic (flops.py)      {self.analytic_flops:.4g}{ratio}",
+      f"compiled in {self.compile_seconds:.1f} s",
+    ]
     return "\n".join(lines)
 
 
@@ -272,16 +314,30 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Repo
   m = train.num_microbatches(config)
   rows = config.batch_size // m
   if rows % sharding.batch_divisor(mesh):
-    raise ValueError(f"micro-batch of {rows} rows is not divisible by data×fsdp = {sharding.batch_divisor(mesh)} "
-                     f"chips of {s.name}; change --config.micro_batch_size or --config.mesh")
+    raise ValueError(
+      f"micro-batch of {rows} rows is not divisible by data×fsdp = {sharding.batch_divisor(mesh)} "
+      f"chips of {s.name}; change --config.micro_batch_size or --config.mesh"
+    )
   cfg = train.model_config(config)
   cfg = cfg.replace(attention_impl=attention_impl(cfg, mesh))
   seq_len, masked = config.data.seq_len, max_masked(config)
-  info = dict(tpu=s, device_kind=devices[0].device_kind, mesh_shape=dict(mesh.shape), model=config.model_preset,
-              phase=config.phase, microbatches=m, rows=rows, seq_len=seq_len, masked=masked, dtype=cfg.dtype,
-              attention=cfg.attention_impl, remat=cfg.remat, scan_layers=cfg.scan_layers,
-              loss=cfg.loss_impl if cfg.loss_impl == "dense" else f"{cfg.loss_impl}/{cfg.loss_chunk_size}",
-              analytic_flops=flops_lib.flops_per_token(cfg, seq_len, config.data.mask_rate).total * rows * seq_len)
+  info = dict(
+    tpu=s,
+    device_kind=devices[0].device_kind,
+    mesh_shape=dict(mesh.shape),
+    model=config.model_preset,
+    phase=config.phase,
+    microbatches=m,
+    rows=rows,
+    seq_len=seq_len,
+    masked=masked,
+    dtype=cfg.dtype,
+    attention=cfg.attention_impl,
+    remat=cfg.remat,
+    scan_layers=cfg.scan_layers,
+    loss=cfg.loss_impl if cfg.loss_impl == "dense" else f"{cfg.loss_impl}/{cfg.loss_chunk_size}",
+    analytic_flops=flops_lib.flops_per_token(cfg, seq_len, config.data.mask_rate).total * rows * seq_len,
+  )
 
   start = time.perf_counter()
   model = train.model_graph(cfg, mesh, config.seed)
@@ -290,10 +346,22 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Repo
   abstract_opt = abstract_optimizer_state(tx, model.abstract_params, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt)
   with jax.set_mesh(mesh):
-    step = train.make_train_step(model, tx, mesh, num_languages=num_languages(config), seed=config.seed,
-                                 param_shardings=param_shardings, opt_shardings=opt_shardings)
-    lowered = step.lower(model.abstract_params, abstract_opt, abstract_batch(mesh, m, rows, seq_len, masked),
-                         jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+    step = train.make_train_step(
+      model,
+      tx,
+      mesh,
+      num_languages=num_languages(config),
+      seed=config.seed,
+      param_shardings=param_shardings,
+      opt_shardings=opt_shardings,
+    )
+    lowered = step.lower(
+      model.abstract_params,
+      abstract_opt,
+      abstract_batch(mesh, m, rows, seq_len, masked),
+      jax.ShapeDtypeStruct((), jnp.float32),
+      jax.ShapeDtypeStruct((), jnp.int32),
+    )
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -305,11 +373,17 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Repo
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return Report(**info, compile_seconds=seconds,
-                argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-                alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-                code_bytes=mem.generated_code_size_in_bytes, compiled_flops=float(cost["flops"]),
-                kernel_calls=compiled.as_text().count("custom_call_target=\"tpu_custom_call\""))
+  return Report(
+    **info,
+    compile_seconds=seconds,
+    argument_bytes=mem.argument_size_in_bytes,
+    output_bytes=mem.output_size_in_bytes,
+    alias_bytes=mem.alias_size_in_bytes,
+    temp_bytes=mem.temp_size_in_bytes,
+    code_bytes=mem.generated_code_size_in_bytes,
+    compiled_flops=float(cost["flops"]),
+    kernel_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+  )
 
 
 # The memory/compile-time switches of ModelConfig compared by `--compare`: MLM loss × layer stack.
@@ -344,12 +418,17 @@ def comparison_table(reports: list[Report]) -> str:
 # Command line
 # --------------------------------------------------------------------------------------------------------------
 
+
 def define_flags():
   """Flags of the command line (defined on demand, so that importing this module defines none)."""
   config_flags.DEFINE_config_file("config", None, "Run config file (ml_collections).", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-8, v5p-64, v6e-256.")
-  flags.DEFINE_bool("compare", False, "Also compile the step for every MLM loss (dense, chunked) × layer stack "
-                    "(unrolled, scanned) and print their per-chip temporaries and compile seconds.")
+  flags.DEFINE_bool(
+    "compare",
+    False,
+    "Also compile the step for every MLM loss (dense, chunked) × layer stack "
+    "(unrolled, scanned) and print their per-chip temporaries and compile seconds.",
+  )
   flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -359,8 +438,11 @@ def main(argv):
   try:
     if flags.FLAGS.compare:
       reports = compare_switches(config, topology)
-      report = next(r for r in reports if r.loss.split("/")[0] == config.model.loss_impl
-                    and r.scan_layers == config.model.scan_layers)
+      report = next(
+        r
+        for r in reports
+        if r.loss.split("/")[0] == config.model.loss_impl and r.scan_layers == config.model.scan_layers
+      )
     else:
       report = compile_train_step(config, topology)
   except (ValueError, ImportError) as e:
@@ -371,13 +453,16 @@ def main(argv):
     print("\nper chip, by model switch (--config.model.loss_impl, --config.model.scan_layers):")
     print(comparison_table(reports))
   if not report.fits:
-    print(f"error: the train step does not fit in the {report.tpu.usable_bytes / GiB:.2f} GiB of a "
-          f"{report.tpu.name} chip; lower --config.micro_batch_size, set --config.model.remat=full, or use a "
-          "larger slice", file=sys.stderr)
+    print(
+      f"error: the train step does not fit in the {report.tpu.usable_bytes / GiB:.2f} GiB of a "
+      f"{report.tpu.name} chip; lower --config.micro_batch_size, set --config.model.remat=full, or use a "
+      "larger slice",
+      file=sys.stderr,
+    )
     sys.exit(1)
 
 
 if __name__ == "__main__":
-  if "JAX_PLATFORMS" not in os.environ:   # trace on the host CPU; never claim an attached accelerator
+  if "JAX_PLATFORMS" not in os.environ:  # trace on the host CPU; never claim an attached accelerator
     jax.config.update("jax_platforms", "cpu")
   cli.run(main, define_flags)

@@ -16,6 +16,7 @@ the model's remat policies can keep them (see `model.REMAT_POLICIES`). The kerne
 give padding (segment 0) a segment of its own, so padding rows hold finite values that differ from the XLA path's;
 real rows agree. Under a mesh the kernels run in `jax.shard_map`: batch over ("data", "fsdp"), heads over "tensor".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,35 +24,41 @@ import functools
 import math
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmbert_jax import sharding
-from mmbert_jax.kernels import flash_gpu
-from mmbert_jax.kernels import splash
+from mmbert_jax.kernels import flash_gpu, splash
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "pallas_gpu")
 BATCH_AXES = sharding.BATCH_AXES
 HEAD_AXIS = "tensor"
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
-CHECKPOINT_NAME = "attention_residuals"   # the kernels' saved output and log-sum-exp
+CHECKPOINT_NAME = "attention_residuals"  # the kernels' saved output and log-sum-exp
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
   """How a kernel runs one layer. Splash uses `block_q`, `block_kv`, `interpret` and `checkpoint_name` only."""
+
   block_q: int = 128
   block_kv: int = 128
-  block_q_bwd: int | None = None     # pallas_gpu backward tiles; None: the forward ones
+  block_q_bwd: int | None = None  # pallas_gpu backward tiles; None: the forward ones
   block_kv_bwd: int | None = None
-  num_warps: int | None = None       # pallas_gpu; None: the kernel's default for the head dim
+  num_warps: int | None = None  # pallas_gpu; None: the kernel's default for the head dim
   num_stages: int = 2
   interpret: bool = False
   checkpoint_name: str | None = None
 
   def flash_block_sizes(self) -> flash_gpu.BlockSizes:
-    return flash_gpu.BlockSizes(self.block_q, self.block_kv, block_q_dkv=self.block_q_bwd,
-                                block_kv_dkv=self.block_kv_bwd, block_q_dq=self.block_q_bwd,
-                                block_kv_dq=self.block_kv_bwd)
+    return flash_gpu.BlockSizes(
+      self.block_q,
+      self.block_kv,
+      block_q_dkv=self.block_q_bwd,
+      block_kv_dkv=self.block_kv_bwd,
+      block_q_dq=self.block_q_bwd,
+      block_kv_dq=self.block_kv_bwd,
+    )
 
 
 def kernel_options(cfg, impl: str, window: int | None) -> KernelOptions:
@@ -61,10 +68,15 @@ def kernel_options(cfg, impl: str, window: int | None) -> KernelOptions:
   """
   local = window is not None and impl == "pallas_gpu"
   return KernelOptions(
-      block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv_local if local else cfg.attention_block_kv,
-      block_q_bwd=cfg.attention_block_q_bwd, block_kv_bwd=cfg.attention_block_kv_bwd,
-      num_warps=cfg.attention_num_warps, num_stages=cfg.attention_num_stages,
-      interpret=cfg.attention_interpret, checkpoint_name=CHECKPOINT_NAME)
+    block_q=cfg.attention_block_q,
+    block_kv=cfg.attention_block_kv_local if local else cfg.attention_block_kv,
+    block_q_bwd=cfg.attention_block_q_bwd,
+    block_kv_bwd=cfg.attention_block_kv_bwd,
+    num_warps=cfg.attention_num_warps,
+    num_stages=cfg.attention_num_stages,
+    interpret=cfg.attention_interpret,
+    checkpoint_name=CHECKPOINT_NAME,
+  )
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -79,14 +91,19 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 
 def xla_attention(q, k, v, segment_ids, window: int | None):
   return jax.nn.dot_product_attention(
-      q, k, v, mask=segment_mask(segment_ids),
-      local_window_size=None if window is None else (window, window),
-      implementation="xla")
+    q,
+    k,
+    v,
+    mask=segment_mask(segment_ids),
+    local_window_size=None if window is None else (window, window),
+    implementation="xla",
+  )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Choosing an implementation (at build time)
 # --------------------------------------------------------------------------------------------------------------
+
 
 def target_platform() -> str:
   """Platform the computation is built for: the current mesh's devices (AOT topologies included), else the
@@ -112,30 +129,42 @@ def resolve_impl(cfg, *, seq_len: int | None = None, platform: str | None = None
     impl = "splash" if platform == "tpu" else "pallas_gpu" if platform in _GPU_PLATFORMS else "xla"
   needs = {"splash": ("tpu",), "pallas_gpu": _GPU_PLATFORMS}.get(impl)
   if needs and platform not in needs and not interpret:
-    raise ValueError(f"attention_impl={impl!r} needs a {needs[0].upper()} but this build targets {platform!r}; "
-                     f"use 'auto' or 'xla', or set attention_interpret=True to run the kernel in interpret mode")
+    raise ValueError(
+      f"attention_impl={impl!r} needs a {needs[0].upper()} but this build targets {platform!r}; "
+      f"use 'auto' or 'xla', or set attention_interpret=True to run the kernel in interpret mode"
+    )
   if impl == "xla":
     return impl
   bq, bkv = cfg.attention_block_q, cfg.attention_block_kv
   if impl == "splash" and (bq % splash.LANES or bkv % splash.LANES):
-    raise ValueError(f"splash attention needs attention_block_q and attention_block_kv to be multiples of "
-                     f"{splash.LANES}; got {bq} and {bkv}")
+    raise ValueError(
+      f"splash attention needs attention_block_q and attention_block_kv to be multiples of "
+      f"{splash.LANES}; got {bq} and {bkv}"
+    )
   if impl == "pallas_gpu" and cfg.head_dim & (cfg.head_dim - 1):
     raise ValueError(f"attention_impl='pallas_gpu' needs a power-of-two head_dim; got {cfg.head_dim}")
   if impl == "pallas_gpu" and not interpret:
-    for name in ("attention_block_q", "attention_block_kv", "attention_block_kv_local", "attention_block_q_bwd",
-                 "attention_block_kv_bwd"):
+    for name in (
+      "attention_block_q",
+      "attention_block_kv",
+      "attention_block_kv_local",
+      "attention_block_q_bwd",
+      "attention_block_kv_bwd",
+    ):
       flash_gpu.check_triton_block(name, getattr(cfg, name))
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
     used = [a for a in (*BATCH_AXES, HEAD_AXIS) if a in mesh.axis_names]
     explicit = [a for a in used if mesh.axis_types[mesh.axis_names.index(a)] != AxisType.Auto]
     if explicit:
-      raise ValueError(f"attention_impl={impl!r} runs in shard_map, which needs Auto mesh axes; axes {explicit} "
-                       f"are {mesh.axis_types}: build the mesh with axis_types=(AxisType.Auto, ...)")
+      raise ValueError(
+        f"attention_impl={impl!r} runs in shard_map, which needs Auto mesh axes; axes {explicit} "
+        f"are {mesh.axis_types}: build the mesh with axis_types=(AxisType.Auto, ...)"
+      )
     if HEAD_AXIS in mesh.axis_names and cfg.num_heads % mesh.shape[HEAD_AXIS]:
-      raise ValueError(f"num_heads {cfg.num_heads} is not divisible by the mesh's {HEAD_AXIS!r} axis "
-                       f"({mesh.shape[HEAD_AXIS]})")
+      raise ValueError(
+        f"num_heads {cfg.num_heads} is not divisible by the mesh's {HEAD_AXIS!r} axis ({mesh.shape[HEAD_AXIS]})"
+      )
   if seq_len is not None:
     for window in (None, cfg.window):
       check_seq_len(impl, seq_len, kernel_options(cfg, impl, window))
@@ -154,6 +183,7 @@ def check_seq_len(impl: str, seq_len: int, options: KernelOptions) -> None:
 # Running the kernels, sharded when a mesh is set
 # --------------------------------------------------------------------------------------------------------------
 
+
 def _shard(local_fn, q, k, v, segment_ids, *extra, extra_specs=()):
   """Runs `local_fn(*extra, q, k, v, segment_ids)` per device: batch over data/fsdp, heads over tensor.
 
@@ -168,8 +198,9 @@ def _shard(local_fn, q, k, v, segment_ids, *extra, extra_specs=()):
   if q.shape[0] % shards:
     raise ValueError(f"batch {q.shape[0]} is not divisible by the mesh's batch axes {batch} ({shards} shards)")
   x = P(batch, None, heads, None)
-  return jax.shard_map(local_fn, mesh=mesh, in_specs=(*extra_specs, x, x, x, P(batch, None)), out_specs=x,
-                       check_vma=False)(*extra, q, k, v, segment_ids)
+  return jax.shard_map(
+    local_fn, mesh=mesh, in_specs=(*extra_specs, x, x, x, P(batch, None)), out_specs=x, check_vma=False
+  )(*extra, q, k, v, segment_ids)
 
 
 def _splash(q, k, v, segment_ids, window, o: KernelOptions):
@@ -185,14 +216,29 @@ def _splash(q, k, v, segment_ids, window, o: KernelOptions):
 
 
 def _pallas_gpu(q, k, v, segment_ids, window, o: KernelOptions):
-  fn = functools.partial(flash_gpu.flash_attention, window=window, block_sizes=o.flash_block_sizes(),
-                         num_warps=o.num_warps, num_stages=o.num_stages, interpret=o.interpret,
-                         residual_checkpoint_name=o.checkpoint_name)
+  fn = functools.partial(
+    flash_gpu.flash_attention,
+    window=window,
+    block_sizes=o.flash_block_sizes(),
+    num_warps=o.num_warps,
+    num_stages=o.num_stages,
+    interpret=o.interpret,
+    residual_checkpoint_name=o.checkpoint_name,
+  )
   return _shard(fn, q, k, v, segment_ids)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, window: int | None,
-              *, impl: str = "xla", options: KernelOptions | None = None, **overrides) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array,
+  window: int | None,
+  *,
+  impl: str = "xla",
+  options: KernelOptions | None = None,
+  **overrides,
+) -> jax.Array:
   """Bidirectional attention within documents; `window` is the one-sided local window (None = global).
 
   `impl` is a resolved name (see `resolve_impl`); `options` (default `KernelOptions()`), with any of its fields
@@ -201,8 +247,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
   if impl == "xla":
     return xla_attention(q, k, v, segment_ids, window)
   if impl not in ("splash", "pallas_gpu"):
-    raise ValueError(f"attention impl {impl!r} is not one of ('xla', 'splash', 'pallas_gpu'); "
-                     f"resolve 'auto' with resolve_impl first")
+    raise ValueError(
+      f"attention impl {impl!r} is not one of ('xla', 'splash', 'pallas_gpu'); resolve 'auto' with resolve_impl first"
+    )
   options = dataclasses.replace(options or KernelOptions(), **overrides)
   check_seq_len(impl, q.shape[1], options)
   run = _splash if impl == "splash" else _pallas_gpu

@@ -7,6 +7,7 @@ when complete (in a bucket, which has no folder rename, it marks a complete step
 killed half-way is never taken for a checkpoint. Paths are local or `gs://` (`data_pipeline.filesystem`); Orbax
 writes buckets itself.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,9 @@ class _Manager(ocp.CheckpointManager):
 
 
 def _manager(directory: epath.Path, *, data_iter: bool = False, **options) -> ocp.CheckpointManager:
-  handlers = dict(params=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(),
-                  meta=ocp.JsonCheckpointHandler())
+  handlers = dict(
+    params=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()
+  )
   if data_iter:
     # Each process writes its own streams; restore merges them, so the process count may change (elastic).
     handlers["data_iter"] = data_ckpt.PipelineCheckpointHandler()
@@ -66,8 +68,9 @@ class Checkpointer:
   def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
     try:
-      self.manager = _manager(self.directory, data_iter=True, max_to_keep=max_to_keep, create=True,
-                              enable_async_checkpointing=async_save)
+      self.manager = _manager(
+        self.directory, data_iter=True, max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+      )
     except OSError as e:
       raise storage.write_error("creating the checkpoint directory", str(self.directory), e) from e
 
@@ -88,12 +91,17 @@ class Checkpointer:
     """Starts saving `step`; `meta` is copied first, so the caller may keep changing it."""
     self.check()
     try:
-      self.manager.save(step, args=ocp.args.Composite(
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
           params=ocp.args.StandardSave(params),
           opt_state=ocp.args.StandardSave(opt_state),
           data_iter=data_ckpt.PipelineSave(data_iter),
-          meta=ocp.args.JsonSave(copy.deepcopy(meta))), force=True)
-    except Exception as e:   # tensorstore reports a full disk as ValueError, Python as OSError
+          meta=ocp.args.JsonSave(copy.deepcopy(meta)),
+        ),
+        force=True,
+      )
+    except Exception as e:  # tensorstore reports a full disk as ValueError, Python as OSError
       if storage.is_storage_error(e):
         raise storage.write_error(f"saving checkpoint {step}", str(self.directory), e) from e
       raise
@@ -102,15 +110,20 @@ class Checkpointer:
     """Everything of `step`, onto the shardings carried by the abstract (ShapeDtypeStruct) trees; the data
     iterator `data_iter` is moved to the saved position in place."""
     check_params_fit(self.manager, step, abstract_params, self.directory)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),
         opt_state=ocp.args.StandardRestore(abstract_opt_state),
         data_iter=data_ckpt.PipelineRestore(data_iter),
-        meta=ocp.args.JsonRestore()))
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
     return dict(restored)
 
-  def restore_latest(self, *, abstract_params, abstract_opt_state, data_iter, warn,
-                     check_meta=lambda meta: None) -> dict[str, Any] | None:
+  def restore_latest(
+    self, *, abstract_params, abstract_opt_state, data_iter, warn, check_meta=lambda meta: None
+  ) -> dict[str, Any] | None:
     """Everything of the newest step that restores (see `restore`), or None when there is no checkpoint.
 
     Newer steps that do not restore (damaged files) are moved aside to `corrupt-<step>` (never deleted), each
@@ -128,24 +141,29 @@ class Checkpointer:
         continue
       check_meta(meta)
       try:
-        restored = self.restore(step, abstract_params=abstract_params, abstract_opt_state=abstract_opt_state,
-                                data_iter=data_iter)
+        restored = self.restore(
+          step, abstract_params=abstract_params, abstract_opt_state=abstract_opt_state, data_iter=data_iter
+        )
       except Exception as e:  # whatever damaged files raise (tensorstore, zstd, JSON, KeyError) or a shape error
         failed.append((step, e))
         continue
       for bad, error in failed:
         where = self._move_aside(bad)
-        warn(f"checkpoint {self.directory}/{bad} does not restore ({storage.reason(error)}); moved to {where}, "
-             f"resuming from step {step}")
+        warn(
+          f"checkpoint {self.directory}/{bad} does not restore ({storage.reason(error)}); moved to {where}, "
+          f"resuming from step {step}"
+        )
       return restored
     if not failed:
       return None
     newest, error = failed[0]
     if all(isinstance(e, ParamsMismatchError) for _, e in failed):  # a config change, not damage
       raise error
-    raise CheckpointError(f"no checkpoint in {self.directory} restores (newest, step {newest}: "
-                          f"{storage.reason(error)}); nothing was moved. Move the damaged steps away or use "
-                          "another --workdir")
+    raise CheckpointError(
+      f"no checkpoint in {self.directory} restores (newest, step {newest}: "
+      f"{storage.reason(error)}); nothing was moved. Move the damaged steps away or use "
+      "another --workdir"
+    )
 
   def _move_aside(self, step: int) -> str:
     target = self.directory / f"corrupt-{step}"
@@ -172,29 +190,34 @@ class Checkpointer:
 
 
 def _flat(tree) -> dict[str, Any]:
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def check_params_fit(manager: ocp.CheckpointManager, step: int, abstract_params, where: str | epath.Path) -> None:
   """One clear error naming the first parameter whose stored shape differs from the model's."""
   try:
     stored = manager.item_metadata(step)["params"]
-  except (KeyError, OSError, ValueError) as e:   # unreadable metadata: a damaged checkpoint
-    raise CheckpointError(f"{where}/{step}: the parameters' metadata does not read ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+  except (KeyError, OSError, ValueError) as e:  # unreadable metadata: a damaged checkpoint
+    raise CheckpointError(
+      f"{where}/{step}: the parameters' metadata does not read ({type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''})"
+    ) from e
   if stored is None:
     raise CheckpointError(f"{where}/{step}: no 'params' item in this checkpoint")
   have, want = _flat(stored), _flat(abstract_params)
   for name in sorted(set(have) | set(want)):
     if name not in have:
-      raise ParamsMismatchError(f"{where}/{step}: parameter {name!r} is not in the checkpoint (model config "
-                                "differs?)")
+      raise ParamsMismatchError(f"{where}/{step}: parameter {name!r} is not in the checkpoint (model config differs?)")
     if name not in want:
       raise ParamsMismatchError(f"{where}/{step}: checkpoint parameter {name!r} does not exist in the model")
     if tuple(have[name].shape) != tuple(want[name].shape):
-      raise ParamsMismatchError(f"{where}/{step}: parameter {name!r} has shape {tuple(have[name].shape)} in the "
-                            f"checkpoint but {tuple(want[name].shape)} in the model")
+      raise ParamsMismatchError(
+        f"{where}/{step}: parameter {name!r} has shape {tuple(have[name].shape)} in the "
+        f"checkpoint but {tuple(want[name].shape)} in the model"
+      )
 
 
 def steps(directory: str | epath.Path) -> list[int]:
@@ -208,7 +231,7 @@ def resolve(path: str | epath.Path, key: str = "checkpoint") -> tuple[epath.Path
   or config key in the error for a path that is not local or gs://."""
   try:
     path = fs.path(path, key)
-  except ValueError as e:   # a scheme other than gs://, or a malformed gs:// path
+  except ValueError as e:  # a scheme other than gs://, or a malformed gs:// path
     raise CheckpointError(str(e)) from None
   if not path.exists():
     raise CheckpointError(f"checkpoint path {path} does not exist")
@@ -219,8 +242,10 @@ def resolve(path: str | epath.Path, key: str = "checkpoint") -> tuple[epath.Path
       found = steps(directory)
       if found:
         return directory, found[-1]
-  raise CheckpointError(f"no complete checkpoint under {path} (expected a workdir, its checkpoints/ "
-                        "directory or a checkpoints/<step> directory)")
+  raise CheckpointError(
+    f"no complete checkpoint under {path} (expected a workdir, its checkpoints/ "
+    "directory or a checkpoints/<step> directory)"
+  )
 
 
 def names_a_step(path: str | epath.Path) -> bool:
@@ -234,8 +259,14 @@ def read_meta(directory: str | epath.Path, step: int) -> dict[str, Any]:
     return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
-def restore_for_handoff(path: str | epath.Path, abstract_params, abstract_opt_state=None, *,
-                        require_complete: bool = False, key: str = "init_from") -> dict[str, Any]:
+def restore_for_handoff(
+  path: str | epath.Path,
+  abstract_params,
+  abstract_opt_state=None,
+  *,
+  require_complete: bool = False,
+  key: str = "init_from",
+) -> dict[str, Any]:
   """Params (and, if `abstract_opt_state` is given, optimizer state) of another run's checkpoint, restored into
   this run's shapes and shardings, plus that checkpoint's metadata. With `require_complete`, a workdir (or its
   checkpoints/) whose latest checkpoint is not its run's final one is refused: only an explicit
@@ -244,10 +275,12 @@ def restore_for_handoff(path: str | epath.Path, abstract_params, abstract_opt_st
   with _manager(directory, read_only=True) as manager:
     if require_complete and not names_a_step(path):
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      if not meta.get("complete", True):   # params-only checkpoints (merges, imports) carry complete=True
-        raise CheckpointError(f"init_from {path}: that run is not finished (its latest checkpoint, "
-                              f"{directory}/{step}, is not final); finish it, or start from that step explicitly: "
-                              f"--config.init_from={directory}/{step}")
+      if not meta.get("complete", True):  # params-only checkpoints (merges, imports) carry complete=True
+        raise CheckpointError(
+          f"init_from {path}: that run is not finished (its latest checkpoint, "
+          f"{directory}/{step}, is not final); finish it, or start from that step explicitly: "
+          f"--config.init_from={directory}/{step}"
+        )
     check_params_fit(manager, step, abstract_params, directory)
     items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
     if abstract_opt_state is not None:
@@ -273,8 +306,10 @@ def load_params(path: str | epath.Path) -> tuple[Any, dict[str, Any], str]:
   # Shapes only: the attention kernel the run used (e.g. splash on TPU) need not run on this host.
   cfg = model_config_of(meta).replace(attention_impl="xla")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param)))
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+    nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param)),
+  )
   restored = restore_for_handoff(f"{directory}/{step}", abstract)
   return restored["params"], meta, restored["source"]
 
@@ -285,8 +320,7 @@ def save_params(workdir: str | epath.Path, step: int, params, meta: dict[str, An
   if directory.exists() and ocp.utils.checkpoint_steps(directory):
     raise CheckpointError(f"{directory} already holds checkpoints; choose a new output directory")
   with _manager(directory, create=True, enable_async_checkpointing=False) as manager:
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                               meta=ocp.args.JsonSave(meta)))
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
   return f"{directory}/{step}"
 
 

@@ -4,11 +4,13 @@ quiet library logs, bad input reported as one line (`error: <what, and what to r
 Exit codes: 0 complete, 1 failed (a write failed, non-finite steps, a bug), 2 bad input (config, flags, files),
 75 preempted (SIGTERM: a checkpoint was saved; run the same command again to resume).
 """
+
 from __future__ import annotations
 
 import re
 import sys
-from typing import Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from absl import app, flags, logging
 
@@ -64,8 +66,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def flag_error(error: Exception, argv: Sequence[str]) -> str:
   """One line for a flag parsing error; an unknown config key names the flag (and the closest key, if known)."""
   if isinstance(error, flags.UnrecognizedFlagError) and error.flagname.startswith("config."):
-    return (f"--{error.flagname}: the config has no value {error.flagname.rsplit('.', 1)[1]!r} to set (a section "
-            "is set key by key)")
+    return (
+      f"--{error.flagname}: the config has no value {error.flagname.rsplit('.', 1)[1]!r} to set (a section "
+      "is set key by key)"
+    )
   while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(message))
     error = error.args[0]
   text = str(error.args[0]) if error.args else str(error)
@@ -74,8 +78,10 @@ def flag_error(error: Exception, argv: Sequence[str]) -> str:
     return f"{lines[0]} {lines[-1]}"
   if isinstance(error, (AttributeError, KeyError)) and lines:
     key = lines[0].strip("'\"")
-    flag = next((a.split("=", 1)[0] for a in argv[1:]
-                 if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")), f"--config.…{key}")
+    flag = next(
+      (a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")),
+      f"--config.…{key}",
+    )
     hint = next((line for line in lines[1:] if line.startswith("Did you mean")), "")
     hint = hint.strip("'\"").replace("Did you mean", "did you mean").replace('"', "")
     return f"{flag}: the config has no key {key!r}" + (f" ({hint})" if hint else "")

@@ -5,10 +5,12 @@
 
 Every checkpoint sees the same batches (same documents, same masks), so the columns compare directly.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from absl import app, flags
@@ -40,8 +42,10 @@ def format_eval_table(results: dict[str, dict[str, dict[str, float]]], metric: s
   languages = sorted({lang for r in results.values() for lang in r if lang != "all"})
   languages.append("all")
   width = max([len(c) for c in columns] + [8])
-  lines = [f"held-out MLM {metric} per language".center(10 + (width + 2) * len(columns)),
-           "language  " + "  ".join(c.rjust(width) for c in columns)]
+  lines = [
+    f"held-out MLM {metric} per language".center(10 + (width + 2) * len(columns)),
+    "language  " + "  ".join(c.rjust(width) for c in columns),
+  ]
   for lang in languages:
     cells = [f"{results[c][lang][metric]:.3f}" if lang in results[c] else "—" for c in columns]
     lines.append(f"{lang:<10}" + "  ".join(cell.rjust(width) for cell in cells))
@@ -60,8 +64,12 @@ def evaluate_params(params, cfg: ModelConfig, pipeline_config, max_batches: int 
   eval_step = _eval_step(cfg)
   params = jax.device_put(params, sharding.replicated(mesh))
   with jax.set_mesh(mesh):
-    return train.eval_per_language(eval_step, params, data_lib.eval_batches(pipeline_config, max_batches=max_batches),
-                          train.make_put(mesh, leading=0))
+    return train.eval_per_language(
+      eval_step,
+      params,
+      data_lib.eval_batches(pipeline_config, max_batches=max_batches),
+      train.make_put(mesh, leading=0),
+    )
 
 
 def column_names(paths: Sequence[str]) -> list[str]:
@@ -91,8 +99,13 @@ def main(argv):
     raise app.UsageError("--checkpoint and --data are required")
   try:
     pipeline_config = data_lib.PipelineConfig(
-        data_dir=str(fs.path(FLAGS.data, "--data")), languages=tuple(FLAGS.languages) or None, seq_len=FLAGS.seq_len,
-        batch_size=FLAGS.batch_size, mask_rate=FLAGS.mask_rate, seed=FLAGS.seed)
+      data_dir=str(fs.path(FLAGS.data, "--data")),
+      languages=tuple(FLAGS.languages) or None,
+      seq_len=FLAGS.seq_len,
+      batch_size=FLAGS.batch_size,
+      mask_rate=FLAGS.mask_rate,
+      seed=FLAGS.seed,
+    )
     results = evaluate_checkpoints(FLAGS.checkpoint, pipeline_config, FLAGS.max_batches or None)
   except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f"evaluate: {e}") from None

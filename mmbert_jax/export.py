@@ -8,6 +8,7 @@ fast tokenizer (same ids, `<bos> text <eos>` as in training) so `AutoTokenizer` 
 directory directly. An output directory that already holds any of these files is refused. Checkpoint, tokenizer and
 output may be local or `gs://` (a bucket output is written locally and uploaded when complete).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,22 @@ FLAGS = flags.FLAGS
 
 TOKENIZER_FILE = "tokenizer.model"
 # Files a finished export holds: an output directory with any of them is refused rather than overwritten.
-OUTPUT_FILES = (hf.CONFIG_FILE, hf.WEIGHTS_FILE, hf.WEIGHTS_INDEX_FILE, TOKENIZER_FILE, "tokenizer.json",
-                "tokenizer_config.json")
+OUTPUT_FILES = (
+  hf.CONFIG_FILE,
+  hf.WEIGHTS_FILE,
+  hf.WEIGHTS_INDEX_FILE,
+  TOKENIZER_FILE,
+  "tokenizer.json",
+  "tokenizer_config.json",
+)
 
 
 def define_flags() -> None:
   flags.DEFINE_string("checkpoint", None, "A workdir, its checkpoints/ dir or one checkpoints/<step> dir.")
   flags.DEFINE_string("out", None, "Output directory (must not hold a model yet).")
-  flags.DEFINE_string("tokenizer", None,
-                      "SentencePiece model to ship (default: <data_dir>/tokenizer.model of the run).")
+  flags.DEFINE_string(
+    "tokenizer", None, "SentencePiece model to ship (default: <data_dir>/tokenizer.model of the run)."
+  )
 
 
 def check_new_output(out: str | epath.Path, key: str = "--out") -> None:
@@ -65,17 +73,24 @@ def fast_tokenizer(spm_path: str, cfg):
     return None
   tokenizer_lib.load_tokenizer(spm_path, tokenizer_lib.SpecialIds.from_model_config(cfg))  # ids as the model's
   extractor = SentencePieceExtractor(spm_path)
-  pieces = extractor.extract(None)   # None: the model type (BPE or unigram) recorded in the file
+  pieces = extractor.extract(None)  # None: the model type (BPE or unigram) recorded in the file
   backend = SpmConverter.build_tokenizer_from_spm_proto(extractor.proto, pieces["vocab"], pieces.get("merges"))
   names = [p.piece for p in extractor.proto.pieces]
   bos, eos = names[cfg.bos_id], names[cfg.eos_id]
   backend.post_processor = processors.TemplateProcessing(
-      single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
-      special_tokens=[(bos, cfg.bos_id), (eos, cfg.eos_id)])
+    single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}", special_tokens=[(bos, cfg.bos_id), (eos, cfg.eos_id)]
+  )
   return PreTrainedTokenizerFast(
-      tokenizer_object=backend, pad_token=names[cfg.pad_id], eos_token=eos, bos_token=bos,
-      unk_token=names[cfg.unk_id], mask_token=names[cfg.mask_id], cls_token=bos, sep_token=eos,
-      model_max_length=cfg.max_position_embeddings)
+    tokenizer_object=backend,
+    pad_token=names[cfg.pad_id],
+    eos_token=eos,
+    bos_token=bos,
+    unk_token=names[cfg.unk_id],
+    mask_token=names[cfg.mask_id],
+    cls_token=bos,
+    sep_token=eos,
+    model_max_length=cfg.max_position_embeddings,
+  )
 
 
 def export(checkpoint: str, out: str, tokenizer: str | None = None) -> str:
@@ -89,7 +104,7 @@ def export(checkpoint: str, out: str, tokenizer: str | None = None) -> str:
   spm_path = fs.local_copy(fs.path(spm, "--tokenizer")) if spm else None
   # Converted before anything is written: a tokenizer that cannot be converted leaves no half-written directory.
   fast = fast_tokenizer(spm_path, model.config) if spm_path else None
-  with fs.staged_dir(out) as local:   # a bucket gets the files once all are written
+  with fs.staged_dir(out) as local:  # a bucket gets the files once all are written
     hf.write_local(model, local)
     if spm_path:
       epath.Path(spm_path).copy(epath.Path(local) / TOKENIZER_FILE, overwrite=True)
@@ -104,7 +119,7 @@ def main(argv):
     raise app.UsageError("--checkpoint and --out are required")
   try:
     source = export(FLAGS.checkpoint, FLAGS.out, FLAGS.tokenizer)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:   # bad input: one line, no traceback
+  except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: one line, no traceback
     raise SystemExit(f"export: {e}") from None
   print(f"exported {source} → {FLAGS.out}")
 

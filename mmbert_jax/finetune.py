@@ -26,6 +26,7 @@ head initialisation, example order and dropout masks (all from `seed`), so rows 
 Results are reported over the whole test set and per language (train on one language with `--train_languages`
 to measure cross-lingual transfer).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,8 @@ import json
 import math
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,23 +60,24 @@ POOLING = ("mean", "cls")
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Fine-tuning hyperparameters, shared by every checkpoint scored."""
+
   epochs: int = 3
-  batch_size: int = 32                # training rows (pairs for retrieval) per step
+  batch_size: int = 32  # training rows (pairs for retrieval) per step
   eval_batch_size: int = 64
-  max_len: int = 64                   # tokens per text, <bos> and <eos> included
-  peak_lr: float = 5e-5               # base-size encoders; tiny demo models take ~3e-3
-  warmup_fraction: float = 0.1        # of all steps; then linear decay to 0
-  optimizer: str = "adamw"            # any of mmbert_jax.optim.OPTIMIZERS
-  weight_decay: float = 0.0           # decay per step at peak LR (mmbert_jax.optim's meaning)
-  pooling: str = "mean"               # mean | cls (the <bos> position)
-  dropout: float = 0.1                # before the classification layer
-  temperature: float = 0.05           # InfoNCE
+  max_len: int = 64  # tokens per text, <bos> and <eos> included
+  peak_lr: float = 5e-5  # base-size encoders; tiny demo models take ~3e-3
+  warmup_fraction: float = 0.1  # of all steps; then linear decay to 0
+  optimizer: str = "adamw"  # any of mmbert_jax.optim.OPTIMIZERS
+  weight_decay: float = 0.0  # decay per step at peak LR (mmbert_jax.optim's meaning)
+  pooling: str = "mean"  # mean | cls (the <bos> position)
+  dropout: float = 0.1  # before the classification layer
+  temperature: float = 0.05  # InfoNCE
   seed: int = 0
   mesh: tuple[tuple[str, int], ...] = (("data", 1), ("fsdp", -1), ("tensor", 1))
-  num_devices: int = 0                # use only the first N devices (0 = all)
+  num_devices: int = 0  # use only the first N devices (0 = all)
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict | dict, ignore: Sequence[str] = ()) -> "Settings":
+  def from_config(cls, config: ml_collections.ConfigDict | dict, ignore: Sequence[str] = ()) -> Settings:
     """From a config section holding any of these fields (and the keys named in `ignore`)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - fields - set(ignore))
@@ -86,16 +89,16 @@ class Settings:
     return cls(**values)
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # Encoders: any checkpoint this project writes, or a transformers directory
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Encoder:
   cfg: ModelConfig
-  params: Any                # MaskedLM parameters as a pure dict
-  tokenizer: str | None      # path of its tokenizer, if one was found
+  params: Any  # MaskedLM parameters as a pure dict
+  tokenizer: str | None  # path of its tokenizer, if one was found
   source: str
 
   def model(self) -> MaskedLM:
@@ -107,7 +110,7 @@ class Encoder:
 def load_encoder(path: str, tokenizer: str | None = None) -> Encoder:
   """A workdir, checkpoints/ or checkpoints/<step> directory, or a transformers ModernBERT directory (local or
   gs://)."""
-  fs.path(path, "--checkpoint")   # a scheme other than gs:// is one line naming the flag
+  fs.path(path, "--checkpoint")  # a scheme other than gs:// is one line naming the flag
   if hf.is_model_dir(path):
     model = hf.load(path, attention_impl="auto")
     params, cfg, source = nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config, str(fs.path(path))
@@ -124,6 +127,7 @@ def load_encoder(path: str, tokenizer: str | None = None) -> Encoder:
 # Heads and losses
 # --------------------------------------------------------------------------------------------------------------
 
+
 def pool(hidden: jax.Array, segment_ids: jax.Array, how: str) -> jax.Array:
   """[B, S, H] → float32 [B, H]: the first (<bos>) position, or the mean over the non-padding positions."""
   hidden = hidden.astype(jnp.float32)
@@ -136,14 +140,16 @@ def pool(hidden: jax.Array, segment_ids: jax.Array, how: str) -> jax.Array:
 class Classifier(nnx.Module):
   """Sequence classification: encoder → pool → dropout → dense → float32 logits [B, num_classes]."""
 
-  def __init__(self, cfg: ModelConfig, num_classes: int, *, pooling: str = "mean", dropout: float = 0.1,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, cfg: ModelConfig, num_classes: int, *, pooling: str = "mean", dropout: float = 0.1, rngs: nnx.Rngs
+  ):
     self.encoder = MaskedLM(cfg, rngs=rngs)
     self.pooling = pooling
     self.dropout = nnx.Dropout(dropout)
     eager = not jax.sharding.get_abstract_mesh().empty
-    kernel = cfg.initializer_range * jax.random.truncated_normal(rngs.params(), -2.0, 2.0,
-                                                                 (cfg.hidden_size, num_classes), jnp.float32)
+    kernel = cfg.initializer_range * jax.random.truncated_normal(
+      rngs.params(), -2.0, 2.0, (cfg.hidden_size, num_classes), jnp.float32
+    )
     self.kernel = nnx.Param(kernel, out_sharding=("embed", None), eager_sharding=eager)
     self.bias = nnx.Param(jnp.zeros((num_classes,), jnp.float32), out_sharding=(None,), eager_sharding=eager)
 
@@ -177,12 +183,13 @@ def info_nce(queries: jax.Array, documents: jax.Array, temperature: float) -> ja
   negative; the mean of the query→document and document→query cross-entropies."""
   logits = (queries @ documents.T) / temperature
   labels = jnp.arange(logits.shape[0])
-  return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+  return 0.5 * (
+    optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  )
 
 
-def contrastive_loss(model: Embedder, batch: dict[str, jax.Array], temperature: float,
-                     rngs: nnx.Rngs | None = None):
+def contrastive_loss(model: Embedder, batch: dict[str, jax.Array], temperature: float, rngs: nnx.Rngs | None = None):
   queries = model(batch["input_ids"], batch["segment_ids"], rngs=rngs)
   documents = model(batch["pair_input_ids"], batch["pair_segment_ids"], rngs=rngs)
   return info_nce(queries, documents, temperature)
@@ -191,6 +198,7 @@ def contrastive_loss(model: Embedder, batch: dict[str, jax.Array], temperature: 
 # --------------------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------------------
+
 
 def classification_metrics(predicted: np.ndarray, gold: np.ndarray) -> dict[str, float]:
   """Accuracy, and macro-F1 over every class that occurs in the gold labels or the predictions."""
@@ -212,8 +220,11 @@ def ranks(scores: np.ndarray, answers: np.ndarray) -> np.ndarray:
 
 def retrieval_metrics(rank: np.ndarray, k: int = 10) -> dict[str, float]:
   rank = np.asarray(rank)
-  return {"recall@1": float(np.mean(rank == 1)), f"mrr@{k}": float(np.mean(np.where(rank <= k, 1.0 / rank, 0.0))),
-          "examples": len(rank)}
+  return {
+    "recall@1": float(np.mean(rank == 1)),
+    f"mrr@{k}": float(np.mean(np.where(rank <= k, 1.0 / rank, 0.0))),
+    "examples": len(rank),
+  }
 
 
 def _per_language(langs: Sequence[str], fn: Callable[[np.ndarray], dict]) -> tuple[dict, dict]:
@@ -226,17 +237,19 @@ def _per_language(langs: Sequence[str], fn: Callable[[np.ndarray], dict]) -> tup
 # Tokenized data
 # --------------------------------------------------------------------------------------------------------------
 
-def tokenize(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, max_len: int,
-             cfg: ModelConfig) -> list[list[int]]:
+
+def tokenize(
+  tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, max_len: int, cfg: ModelConfig
+) -> list[list[int]]:
   """`<bos> text <eos>`, or `<bos> text <eos> pair <eos>` with both halves cut to fit `max_len`."""
   first = tokenizer.encode(texts)
   if pairs is None:
-    return [[cfg.bos_id] + ids[:max_len - 2] + [cfg.eos_id] for ids in first]
+    return [[cfg.bos_id] + ids[: max_len - 2] + [cfg.eos_id] for ids in first]
   out = []
   for a, b in zip(first, tokenizer.encode(pairs)):
     budget = max_len - 3
     keep_b = min(len(b), max(budget // 2, budget - len(a)))
-    a = a[:budget - keep_b]
+    a = a[: budget - keep_b]
     out.append([cfg.bos_id] + a + [cfg.eos_id] + b[:keep_b] + [cfg.eos_id])
   return out
 
@@ -245,25 +258,30 @@ def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> dict[st
   ids = np.full((len(rows), length), pad_id, np.int32)
   segments = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
-    ids[i, :len(row)] = row
-    segments[i, :len(row)] = 1
+    ids[i, : len(row)] = row
+    segments[i, : len(row)] = 1
   return {"input_ids": ids, "segment_ids": segments}
 
 
 def _task_arrays(task: tasks_lib.Task, tokenizer, max_len: int, cfg: ModelConfig) -> dict[str, dict]:
   """Every text of the task as padded rows of one length: the longest text, rounded up to 8 (one compiled
   shape per task)."""
-  groups = {"train": tokenize(tokenizer, task.train.texts, task.train.pairs if task.kind == "classification"
-                              else None, max_len, cfg),
-            "test": tokenize(tokenizer, task.test.texts, task.test.pairs, max_len, cfg)}
+  groups = {
+    "train": tokenize(
+      tokenizer, task.train.texts, task.train.pairs if task.kind == "classification" else None, max_len, cfg
+    ),
+    "test": tokenize(tokenizer, task.test.texts, task.test.pairs, max_len, cfg),
+  }
   if task.kind == "retrieval":
     groups["train_pairs"] = tokenize(tokenizer, task.train.pairs, None, max_len, cfg)
     groups["candidates"] = tokenize(tokenizer, list(task.candidates), None, max_len, cfg)
   longest = max(len(r) for rows in groups.values() for r in rows)
   too_big = max(max(r) for rows in groups.values() for r in rows)
   if too_big >= cfg.vocab_size:
-    raise ValueError(f"the tokenizer produces id {too_big}, but the model's vocabulary has {cfg.vocab_size} "
-                     "entries: pass the tokenizer the checkpoint was trained with (--tokenizer)")
+    raise ValueError(
+      f"the tokenizer produces id {too_big}, but the model's vocabulary has {cfg.vocab_size} "
+      "entries: pass the tokenizer the checkpoint was trained with (--tokenizer)"
+    )
   length = min(max_len, 8 * math.ceil(longest / 8))
   return {name: pad_rows(rows, length, cfg.pad_id) for name, rows in groups.items()}
 
@@ -272,20 +290,21 @@ def _task_arrays(task: tasks_lib.Task, tokenizer, max_len: int, cfg: ModelConfig
 # Compiled programs, one per (model config, task shape, settings), shared by every checkpoint of that model
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Program:
   mesh: Any
-  init: Callable        # encoder params → full params (head initialised from the seed), sharded
+  init: Callable  # encoder params → full params (head initialised from the seed), sharded
   init_opt: Callable
   train_step: Callable  # (params, opt_state, batch, lr, step) → (params, opt_state, loss)
-  apply: Callable       # (params, input_ids, segment_ids) → logits or embeddings, replicated
-  put: Callable         # host batch → global arrays sharded over (data, fsdp)
+  apply: Callable  # (params, input_ids, segment_ids) → logits or embeddings, replicated
+  put: Callable  # host batch → global arrays sharded over (data, fsdp)
   rows_divisor: int
 
 
 @functools.lru_cache(maxsize=8)
 def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) -> Program:
-  devices = jax.devices()[:settings.num_devices] if settings.num_devices else jax.devices()
+  devices = jax.devices()[: settings.num_devices] if settings.num_devices else jax.devices()
   mesh = sharding.make_mesh(dict(settings.mesh), devices)
   if settings.pooling not in POOLING:
     raise ValueError(f"pooling {settings.pooling!r} is not one of {POOLING}")
@@ -299,8 +318,9 @@ def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     graph, abstract = nnx.split(nnx.eval_shape(make))
     param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract, mesh))
-  abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                 nnx.to_pure_dict(abstract), param_shardings)
+  abstract_params = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract), param_shardings
+  )
   head_shardings = {k: v for k, v in param_shardings.items() if k != "encoder"}
 
   def head_params():  # the encoder's random initialisation is not an output: XLA drops it
@@ -315,10 +335,9 @@ def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
       return fresh_head() | {"encoder": encoder}
 
-  tx = optim.build(settings.optimizer, learning_rate=0.0, peak_lr=settings.peak_lr,
-                   weight_decay=settings.weight_decay)
+  tx = optim.build(settings.optimizer, learning_rate=0.0, peak_lr=settings.peak_lr, weight_decay=settings.weight_decay)
   with jax.set_mesh(mesh):
-    init_opt = jax.jit(tx.init).lower(abstract_params).compile()   # moments follow the parameter shardings
+    init_opt = jax.jit(tx.init).lower(abstract_params).compile()  # moments follow the parameter shardings
   opt_shardings = init_opt.output_shardings
 
   def loss_fn(params, batch, key):
@@ -334,11 +353,17 @@ def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) 
     updates, opt_state = tx.update(grads, optim.with_learning_rate(opt_state, lr), params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  train_step = jax.jit(step, in_shardings=(param_shardings, opt_shardings, None, None, None),
-                       out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0, 1))
-  apply = jax.jit(lambda params, ids, segments: nnx.merge(graph, params, copy=True)(ids, segments),
-                  in_shardings=(param_shardings, None, None), out_shardings=sharding.replicated(mesh))
+  train_step = jax.jit(
+    step,
+    in_shardings=(param_shardings, opt_shardings, None, None, None),
+    out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0, 1),
+  )
+  apply = jax.jit(
+    lambda params, ids, segments: nnx.merge(graph, params, copy=True)(ids, segments),
+    in_shardings=(param_shardings, None, None),
+    out_shardings=sharding.replicated(mesh),
+  )
 
   def put(batch):  # every process holds the whole task, so the whole batch
     return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
@@ -353,7 +378,7 @@ def _apply_all(program: Program, params, rows: dict[str, np.ndarray], batch_size
   out = []
   with jax.set_mesh(program.mesh):
     for start in range(0, n, batch_size):
-      chunk = {k: v[start:start + batch_size] for k, v in rows.items()}
+      chunk = {k: v[start : start + batch_size] for k, v in rows.items()}
       pad = batch_size - len(chunk["input_ids"])
       chunk = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in chunk.items()}
       batch = program.put(chunk)
@@ -365,29 +390,35 @@ def _apply_all(program: Program, params, rows: dict[str, np.ndarray], batch_size
 # Fine-tune and score
 # --------------------------------------------------------------------------------------------------------------
 
+
 def lr_schedule(settings: Settings, total_steps: int):
   """Learning rate of step s (0-based), evaluated at s + 1: linear warmup to the peak, then linear decay
   that reaches 0 one step after the last."""
   warmup = min(total_steps - 1, math.ceil(settings.warmup_fraction * total_steps))
-  return schedules.wsd_schedule(settings.peak_lr, warmup_tokens=warmup, decay_start_tokens=warmup,
-                                decay_tokens=total_steps - warmup + 1, final_fraction=0.0, decay_shape="linear")
+  return schedules.wsd_schedule(
+    settings.peak_lr,
+    warmup_tokens=warmup,
+    decay_start_tokens=warmup,
+    decay_tokens=total_steps - warmup + 1,
+    final_fraction=0.0,
+    decay_shape="linear",
+  )
 
 
-def finetune(encoder: Encoder, task: tasks_lib.Task, settings: Settings = Settings(),
-             arrays: dict[str, dict] | None = None) -> dict[str, Any]:
+def finetune(
+  encoder: Encoder, task: tasks_lib.Task, settings: Settings = Settings(), arrays: dict[str, dict] | None = None
+) -> dict[str, Any]:
   """Fine-tune a fresh head (and the encoder) on `task.train`, score `task.test`:
   {"kind", "metrics": {...}, "per_language": {lang: {...}}, "train_loss": [per step], "steps", "seconds"}."""
   t0 = time.time()
   if arrays is None:
     if not encoder.tokenizer:
       raise ValueError(f"{encoder.source}: no tokenizer found with this checkpoint; pass one (--tokenizer)")
-    tokenizer = tokenizer_lib.load_tokenizer(encoder.tokenizer,
-                                             tokenizer_lib.SpecialIds.from_model_config(encoder.cfg))
+    tokenizer = tokenizer_lib.load_tokenizer(encoder.tokenizer, tokenizer_lib.SpecialIds.from_model_config(encoder.cfg))
     arrays = _task_arrays(task, tokenizer, settings.max_len, encoder.cfg)
   program = _program(encoder.cfg, task.kind, len(task.label_names), settings)
   if settings.batch_size % program.rows_divisor:
-    raise ValueError(f"batch_size {settings.batch_size} is not divisible by data×fsdp = {program.rows_divisor} "
-                     "devices")
+    raise ValueError(f"batch_size {settings.batch_size} is not divisible by data×fsdp = {program.rows_divisor} devices")
   n = len(task.train)
   steps_per_epoch = n // settings.batch_size
   if steps_per_epoch == 0:
@@ -410,14 +441,16 @@ def finetune(encoder: Encoder, task: tasks_lib.Task, settings: Settings = Settin
       perm = order.permutation(n)
       for i in range(steps_per_epoch):
         step = epoch * steps_per_epoch + i
-        idx = perm[i * settings.batch_size:(i + 1) * settings.batch_size]
+        idx = perm[i * settings.batch_size : (i + 1) * settings.batch_size]
         batch = program.put({k: v[idx] for k, v in train.items()})
         params, opt_state, loss = program.train_step(params, opt_state, batch, lrs[step], np.int32(step))
         losses.append(loss)
   losses = [float(x) for x in jax.device_get(losses)]
   if not np.isfinite(losses).all():
-    raise FloatingPointError(f"task {task.name}, {encoder.source}: non-finite fine-tuning loss "
-                             f"(first at step {int(np.argmin(np.isfinite(losses)))}); lower the learning rate")
+    raise FloatingPointError(
+      f"task {task.name}, {encoder.source}: non-finite fine-tuning loss "
+      f"(first at step {int(np.argmin(np.isfinite(losses)))}); lower the learning rate"
+    )
 
   if task.kind == "classification":
     predicted = _apply_all(program, params, arrays["test"], settings.eval_batch_size).argmax(-1)
@@ -428,13 +461,24 @@ def finetune(encoder: Encoder, task: tasks_lib.Task, settings: Settings = Settin
     candidates = _apply_all(program, params, arrays["candidates"], settings.eval_batch_size)
     rank = ranks(queries.astype(np.float64) @ candidates.astype(np.float64).T, np.asarray(task.test.labels))
     overall, per_lang = _per_language(task.test.langs, lambda m: retrieval_metrics(rank[m]))
-  return {"kind": task.kind, "metrics": overall, "per_language": per_lang, "train_loss": losses, "steps": total,
-          "seconds": time.time() - t0}
+  return {
+    "kind": task.kind,
+    "metrics": overall,
+    "per_language": per_lang,
+    "train_loss": losses,
+    "steps": total,
+    "seconds": time.time() - t0,
+  }
 
 
-def score(checkpoints: Sequence[str], tasks: Sequence[tasks_lib.Task], settings: Settings = Settings(),
-          tokenizer: str | None = None, names: Sequence[str] | None = None,
-          log: Callable[[str], None] | None = None) -> dict[str, dict[str, dict]]:
+def score(
+  checkpoints: Sequence[str],
+  tasks: Sequence[tasks_lib.Task],
+  settings: Settings = Settings(),
+  tokenizer: str | None = None,
+  names: Sequence[str] | None = None,
+  log: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, dict]]:
   """{task: {checkpoint name (default: the path as given): finetune(...)}}, the same settings and seeds for every
   checkpoint."""
   names = list(names) if names else list(checkpoints)
@@ -445,14 +489,18 @@ def score(checkpoints: Sequence[str], tasks: Sequence[tasks_lib.Task], settings:
       results[task.name][name] = finetune(encoder, task, settings)
       if log:
         m = results[task.name][name]["metrics"]
-        log(f"{task.name} {name}: " + ", ".join(f"{k} {m[k]:.3f}" for k in METRICS[task.kind])
-            + f" ({results[task.name][name]['seconds']:.1f}s)")
+        log(
+          f"{task.name} {name}: "
+          + ", ".join(f"{k} {m[k]:.3f}" for k in METRICS[task.kind])
+          + f" ({results[task.name][name]['seconds']:.1f}s)"
+        )
   return results
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------------------
+
 
 def format_table(results: dict[str, dict[str, dict]]) -> str:
   """Rows: checkpoints; columns: each task's metrics."""
@@ -462,8 +510,10 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
   headers = [f"{task} {metric}" for task, metric in columns]
   first = max([len(r) for r in rows] + [len("checkpoint")])
   widths = [max(len(h), 6) for h in headers]
-  lines = ["downstream (fine-tuned per checkpoint; held-out test sets)".center(first + sum(w + 2 for w in widths)),
-           "checkpoint".ljust(first) + "".join(h.rjust(w + 2) for h, w in zip(headers, widths))]
+  lines = [
+    "downstream (fine-tuned per checkpoint; held-out test sets)".center(first + sum(w + 2 for w in widths)),
+    "checkpoint".ljust(first) + "".join(h.rjust(w + 2) for h, w in zip(headers, widths)),
+  ]
   for row in rows:
     cells = [f"{results[t][row]['metrics'][m]:.3f}" if row in results[t] else "—" for t, m in columns]
     lines.append(row.ljust(first) + "".join(c.rjust(w + 2) for c, w in zip(cells, widths)))
@@ -475,28 +525,35 @@ def format_language_table(task_results: dict[str, dict], metric: str) -> str:
   columns = list(task_results)
   languages = sorted({lang for r in task_results.values() for lang in r["per_language"]})
   width = max([len(c) for c in columns] + [8])
-  lines = [f"{metric} per test language".center(10 + (width + 2) * len(columns)),
-           "language  " + "  ".join(c.rjust(width) for c in columns)]
+  lines = [
+    f"{metric} per test language".center(10 + (width + 2) * len(columns)),
+    "language  " + "  ".join(c.rjust(width) for c in columns),
+  ]
   for lang in languages:
-    cells = [f"{task_results[c]['per_language'][lang][metric]:.3f}" if lang in task_results[c]["per_language"]
-             else "—" for c in columns]
+    cells = [
+      f"{task_results[c]['per_language'][lang][metric]:.3f}" if lang in task_results[c]["per_language"] else "—"
+      for c in columns
+    ]
     lines.append(f"{lang:<10}" + "  ".join(cell.rjust(width) for cell in cells))
   return "\n".join(lines)
 
 
 def _progress(line: str) -> None:
-  print(line, file=sys.stderr, flush=True)   # stdout holds only the tables
+  print(line, file=sys.stderr, flush=True)  # stdout holds only the tables
 
 
 def write_json(path: str, results: dict, settings: Settings, sources: dict[str, str] | None = None) -> None:
   """The results file (local or gs://), replaced whole."""
-  fs.write_text(fs.path(path, "--out"), json.dumps(
-      {"settings": dataclasses.asdict(settings), "checkpoints": sources or {}, "tasks": results}, indent=1))
+  fs.write_text(
+    fs.path(path, "--out"),
+    json.dumps({"settings": dataclasses.asdict(settings), "checkpoints": sources or {}, "tasks": results}, indent=1),
+  )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The demo curriculum's last step
 # --------------------------------------------------------------------------------------------------------------
+
 
 def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, dict]]:
   """`config.downstream`: fine-tune every phase's final checkpoint and the merge on the embedded tasks, print the
@@ -511,8 +568,14 @@ def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     settings = dataclasses.replace(Settings.from_config(d, ignore=("tasks",)), num_devices=config.num_devices)
     t0 = time.time()
     tokenizer = str(fs.path(config.data.data_dir, "config.data.data_dir") / "tokenizer.model")
-    results = score([str(root / n) for n in names], [tasks_lib.embedded(t) for t in d.tasks], settings,
-                    tokenizer=tokenizer, names=names, log=_progress)
+    results = score(
+      [str(root / n) for n in names],
+      [tasks_lib.embedded(t) for t in d.tasks],
+      settings,
+      tokenizer=tokenizer,
+      names=names,
+      log=_progress,
+    )
     _progress(f"downstream: {len(names)} checkpoints × {len(d.tasks)} tasks in {time.time() - t0:.0f}s")
     write_json(str(out), results, settings, {n: str(root / n) for n in names})
   print(format_table(results), flush=True)
@@ -531,8 +594,9 @@ def define_flags() -> None:
   flags.DEFINE_string("task", None, f"{' | '.join(tasks_lib.EMBEDDED)} | classification | retrieval")
   flags.DEFINE_list("checkpoint", [], "Workdirs, checkpoints/ or checkpoints/<step> dirs, or transformers dirs.")
   flags.DEFINE_string("out", None, "JSON file for the results (must not exist).")
-  flags.DEFINE_string("train", None, "classification/retrieval: training file (.jsonl, .parquet, .tsv or "
-                      "tfds:NAME:SPLIT).")
+  flags.DEFINE_string(
+    "train", None, "classification/retrieval: training file (.jsonl, .parquet, .tsv or tfds:NAME:SPLIT)."
+  )
   flags.DEFINE_string("test", None, "classification/retrieval: test file, same formats.")
   flags.DEFINE_string("text_key", "text", "Column of the text (retrieval: the query).")
   flags.DEFINE_string("pair_key", "", "Column of the second text (classification) or of the positive (retrieval).")
@@ -554,7 +618,6 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", Settings.seed, "Seed of the head, the example order and dropout.")
 
 
-
 def _task_from_flags() -> tasks_lib.Task:
   if FLAGS.task in tasks_lib.EMBEDDED:
     return tasks_lib.embedded(FLAGS.task)
@@ -562,8 +625,9 @@ def _task_from_flags() -> tasks_lib.Task:
     raise app.UsageError(f"--task must be one of {', '.join(tasks_lib.EMBEDDED + tasks_lib.KINDS)}")
   if not FLAGS.train or not FLAGS.test:
     raise app.UsageError(f"--task={FLAGS.task} needs --train and --test")
-  columns = tasks_lib.Columns(text=FLAGS.text_key, pair=FLAGS.pair_key, label=FLAGS.label_key,
-                              lang=FLAGS.lang_key, default_lang=FLAGS.lang)
+  columns = tasks_lib.Columns(
+    text=FLAGS.text_key, pair=FLAGS.pair_key, label=FLAGS.label_key, lang=FLAGS.lang_key, default_lang=FLAGS.lang
+  )
   return tasks_lib.from_files(FLAGS.task, FLAGS.train, FLAGS.test, columns, tfds_data_dir=FLAGS.tfds_data_dir)
 
 
@@ -577,9 +641,18 @@ def main(argv):
     raise cli.ConfigError(str(e)) from None
   if out.exists():
     raise cli.ConfigError(f"--out={FLAGS.out} exists; choose a new --out")
-  settings = Settings(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, max_len=FLAGS.max_len, peak_lr=FLAGS.lr,
-                      weight_decay=FLAGS.weight_decay, optimizer=FLAGS.optimizer, pooling=FLAGS.pooling,
-                      dropout=FLAGS.dropout, temperature=FLAGS.temperature, seed=FLAGS.seed)
+  settings = Settings(
+    epochs=FLAGS.epochs,
+    batch_size=FLAGS.batch_size,
+    max_len=FLAGS.max_len,
+    peak_lr=FLAGS.lr,
+    weight_decay=FLAGS.weight_decay,
+    optimizer=FLAGS.optimizer,
+    pooling=FLAGS.pooling,
+    dropout=FLAGS.dropout,
+    temperature=FLAGS.temperature,
+    seed=FLAGS.seed,
+  )
   try:
     task = _task_from_flags().train_on(FLAGS.train_languages)
     results = score(FLAGS.checkpoint, [task], settings, FLAGS.tokenizer, log=_progress)

@@ -11,6 +11,7 @@ P_ℓ sums over documents: L_d² on global layers; L_d(2w+1) − w(w+1) on local
 L_d ≤ w+1). `6 · N_params · T` is wrong for a sparse-MLM encoder: it charges the 256k-vocab decoder on every token
 and ignores attention. Document lengths come from the batch's `segment_ids` on the host (numpy), so they are exact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,27 +20,27 @@ import numpy as np
 
 from mmbert_jax.model import ModelConfig
 
-
 # Dense bf16 peak FLOP/s per chip, keyed by `jax.Device.device_kind`.
 PEAK_BF16_FLOPS: dict[str, float] = {
-    "NVIDIA H100 80GB HBM3": 989.4e12,      # H100 SXM
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H200": 989.4e12,                # H200 SXM; the H200 NVL (lower clocks) reports the same name
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,                  # v5e
-    "TPU v5": 459e12,                       # v5p
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,                  # v6e (Trillium)
+  "NVIDIA H100 80GB HBM3": 989.4e12,  # H100 SXM
+  "NVIDIA H100 PCIe": 756e12,
+  "NVIDIA H200": 989.4e12,  # H200 SXM; the H200 NVL (lower clocks) reports the same name
+  "NVIDIA A100-SXM4-40GB": 312e12,
+  "NVIDIA A100-SXM4-80GB": 312e12,
+  "NVIDIA A100-PCIE-40GB": 312e12,
+  "NVIDIA A100 80GB PCIe": 312e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,  # v5e
+  "TPU v5": 459e12,  # v5p
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,  # v6e (Trillium)
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class StepFlops:
   """Training FLOPs of one step, by part; `tokens` is the number of real (non-padding) tokens T."""
+
   linears: float
   attention: float
   head: float
@@ -95,12 +96,13 @@ def training_flops(cfg: ModelConfig, segment_ids: np.ndarray, num_masked: float 
   m = t if num_masked is None else num_masked
   if not 0 <= m <= t:
     raise ValueError(f"num_masked must be in [0, {t}] (the real tokens of the batch), got {num_masked}")
-  pairs = sum(attention_pairs(lengths, None if cfg.is_global(layer) else cfg.window)
-              for layer in range(cfg.num_layers))
-  return StepFlops(linears=6.0 * t * cfg.num_layers * (4 * h * h + 3 * h * i),
-                   attention=12.0 * h * pairs,
-                   head=6.0 * m * (h * h + h * v),
-                   tokens=t)
+  pairs = sum(attention_pairs(lengths, None if cfg.is_global(layer) else cfg.window) for layer in range(cfg.num_layers))
+  return StepFlops(
+    linears=6.0 * t * cfg.num_layers * (4 * h * h + 3 * h * i),
+    attention=12.0 * h * pairs,
+    head=6.0 * m * (h * h + h * v),
+    tokens=t,
+  )
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float | None) -> StepFlops:

@@ -4,11 +4,13 @@ Every torch Linear stores `W[out, in]`; our kernels are `W.T`, with the fused pr
 the GLU halves are explicit axes (docs/ARCHITECTURE.md §3). `decoder.weight` is tied to the embedding and not written.
 Directories may be local or `gs://` (safetensors reads and writes local files: `data_pipeline.filesystem` copies).
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +47,9 @@ def _rope_theta(hf: dict[str, Any], kind: str, legacy_key: str, default: float) 
   params = (hf.get("rope_parameters") or {}).get(kind) or {}
   rope_type = params.get("rope_type", "default")
   if rope_type != "default":
-    raise HFConfigError(f"config.json: rope_parameters.{kind}.rope_type={rope_type!r} is not supported "
-                        "(only 'default' RoPE)")
+    raise HFConfigError(
+      f"config.json: rope_parameters.{kind}.rope_type={rope_type!r} is not supported (only 'default' RoPE)"
+    )
   return float(params.get("rope_theta", hf.get(legacy_key, default)))
 
 
@@ -54,8 +57,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   """ModelConfig from a ModernBERT config.json dict (transformers 5.x or legacy spellings)."""
   if hf.get("model_type") != "modernbert":
     raise HFConfigError(f"config.json: model_type={hf.get('model_type')!r}, expected 'modernbert'")
-  unsupported = {"norm_bias": False, "attention_bias": False, "mlp_bias": False, "decoder_bias": True,
-                 "tie_word_embeddings": True}
+  unsupported = {
+    "norm_bias": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "decoder_bias": True,
+    "tie_word_embeddings": True,
+  }
   for key, want in unsupported.items():
     if key in hf and bool(hf[key]) != want:
       raise HFConfigError(f"config.json: {key}={hf[key]!r} is not supported (expected {want})")
@@ -74,22 +82,22 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   eps = hf.get("norm_eps", hf.get("layer_norm_eps", 1e-5))
   try:
     return ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        num_layers=num_layers,
-        num_heads=int(hf["num_attention_heads"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        local_window=int(hf.get("local_attention", 128)),
-        global_every_n=every_n,
-        global_rope_theta=_rope_theta(hf, "full_attention", "global_rope_theta", 160_000.0),
-        local_rope_theta=_rope_theta(hf, "sliding_attention", "local_rope_theta", 10_000.0),
-        norm_eps=float(eps),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-        pad_id=int(hf.get("pad_token_id", 0)),
-        eos_id=int(hf.get("eos_token_id", hf.get("sep_token_id", 1))),
-        bos_id=int(hf.get("bos_token_id", 2)),
-        mask_id=int(hf.get("mask_token_id", 4)),
+      vocab_size=int(hf["vocab_size"]),
+      hidden_size=int(hf["hidden_size"]),
+      num_layers=num_layers,
+      num_heads=int(hf["num_attention_heads"]),
+      intermediate_size=int(hf["intermediate_size"]),
+      local_window=int(hf.get("local_attention", 128)),
+      global_every_n=every_n,
+      global_rope_theta=_rope_theta(hf, "full_attention", "global_rope_theta", 160_000.0),
+      local_rope_theta=_rope_theta(hf, "sliding_attention", "local_rope_theta", 10_000.0),
+      norm_eps=float(eps),
+      initializer_range=float(hf.get("initializer_range", 0.02)),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+      pad_id=int(hf.get("pad_token_id", 0)),
+      eos_id=int(hf.get("eos_token_id", hf.get("sep_token_id", 1))),
+      bos_id=int(hf.get("bos_token_id", 2)),
+      mask_id=int(hf.get("mask_token_id", 4)),
     )
   except KeyError as e:
     raise HFConfigError(f"config.json: required field {e.args[0]!r} is missing") from None
@@ -100,43 +108,43 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """config.json for transformers' ModernBertForMaskedLM (5.x fields plus the legacy ones older versions read)."""
   return {
-      "architectures": ["ModernBertForMaskedLM"],
-      "model_type": "modernbert",
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "hidden_activation": "gelu",
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "initializer_range": cfg.initializer_range,
-      "initializer_cutoff_factor": 2.0,
-      "norm_eps": cfg.norm_eps,
-      "norm_bias": False,
-      "attention_bias": False,
-      "mlp_bias": False,
-      "decoder_bias": True,
-      "tie_word_embeddings": True,
-      "local_attention": cfg.local_window,
-      "global_attn_every_n_layers": cfg.global_every_n,
-      "layer_types": ["full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.num_layers)],
-      "rope_parameters": {
-          "full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
-          "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta},
-      },
-      "global_rope_theta": cfg.global_rope_theta,
-      "local_rope_theta": cfg.local_rope_theta,
-      "pad_token_id": cfg.pad_id,
-      "eos_token_id": cfg.eos_id,
-      "bos_token_id": cfg.bos_id,
-      "cls_token_id": cfg.eos_id,
-      "sep_token_id": cfg.eos_id,
-      "mask_token_id": cfg.mask_id,
-      "classifier_pooling": "mean",
-      "position_embedding_type": "sans_pos",
-      "attention_dropout": 0.0,
-      "embedding_dropout": 0.0,
-      "mlp_dropout": 0.0,
+    "architectures": ["ModernBertForMaskedLM"],
+    "model_type": "modernbert",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.hidden_size,
+    "intermediate_size": cfg.intermediate_size,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "hidden_activation": "gelu",
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "initializer_range": cfg.initializer_range,
+    "initializer_cutoff_factor": 2.0,
+    "norm_eps": cfg.norm_eps,
+    "norm_bias": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "decoder_bias": True,
+    "tie_word_embeddings": True,
+    "local_attention": cfg.local_window,
+    "global_attn_every_n_layers": cfg.global_every_n,
+    "layer_types": ["full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.num_layers)],
+    "rope_parameters": {
+      "full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
+      "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta},
+    },
+    "global_rope_theta": cfg.global_rope_theta,
+    "local_rope_theta": cfg.local_rope_theta,
+    "pad_token_id": cfg.pad_id,
+    "eos_token_id": cfg.eos_id,
+    "bos_token_id": cfg.bos_id,
+    "cls_token_id": cfg.eos_id,
+    "sep_token_id": cfg.eos_id,
+    "mask_token_id": cfg.mask_id,
+    "classifier_pooling": "mean",
+    "position_embedding_type": "sans_pos",
+    "attention_dropout": 0.0,
+    "embedding_dropout": 0.0,
+    "mlp_dropout": 0.0,
   }
 
 
@@ -152,26 +160,38 @@ def weight_map(cfg: ModelConfig) -> list[Mapping]:
   same = lambda w: w
   transpose = lambda w: w.T
   rows: list[Mapping] = [
-      (("embedding",), "model.embeddings.tok_embeddings.weight", same, same),
-      (("emb_norm", "scale"), "model.embeddings.norm.weight", same, same),
-      (("final_norm", "scale"), "model.final_norm.weight", same, same),
-      (("head_dense",), "head.dense.weight", transpose, transpose),
-      (("head_norm", "scale"), "head.norm.weight", same, same),
-      (("decoder_bias",), "decoder.bias", same, same),
+    (("embedding",), "model.embeddings.tok_embeddings.weight", same, same),
+    (("emb_norm", "scale"), "model.embeddings.norm.weight", same, same),
+    (("final_norm", "scale"), "model.final_norm.weight", same, same),
+    (("head_dense",), "head.dense.weight", transpose, transpose),
+    (("head_norm", "scale"), "head.norm.weight", same, same),
+    (("decoder_bias",), "decoder.bias", same, same),
   ]
   for layer in range(cfg.num_layers):
     p = f"model.layers.{layer}"
     if layer > 0:
       rows.append((("layers", layer, "attn_norm", "scale"), f"{p}.attn_norm.weight", same, same))
     rows += [
-        (("layers", layer, "attn", "wqkv"), f"{p}.attn.Wqkv.weight",
-         lambda w: w.T.reshape(h, 3, n, d), lambda w: w.reshape(h, 3 * h).T),
-        (("layers", layer, "attn", "wo"), f"{p}.attn.Wo.weight",
-         lambda w: w.T.reshape(n, d, h), lambda w: w.reshape(h, h).T),
-        (("layers", layer, "mlp_norm", "scale"), f"{p}.mlp_norm.weight", same, same),
-        (("layers", layer, "mlp", "wi"), f"{p}.mlp.Wi.weight",
-         lambda w: w.T.reshape(h, 2, i_), lambda w: w.reshape(h, 2 * i_).T),
-        (("layers", layer, "mlp", "wo"), f"{p}.mlp.Wo.weight", transpose, transpose),
+      (
+        ("layers", layer, "attn", "wqkv"),
+        f"{p}.attn.Wqkv.weight",
+        lambda w: w.T.reshape(h, 3, n, d),
+        lambda w: w.reshape(h, 3 * h).T,
+      ),
+      (
+        ("layers", layer, "attn", "wo"),
+        f"{p}.attn.Wo.weight",
+        lambda w: w.T.reshape(n, d, h),
+        lambda w: w.reshape(h, h).T,
+      ),
+      (("layers", layer, "mlp_norm", "scale"), f"{p}.mlp_norm.weight", same, same),
+      (
+        ("layers", layer, "mlp", "wi"),
+        f"{p}.mlp.Wi.weight",
+        lambda w: w.T.reshape(h, 2, i_),
+        lambda w: w.reshape(h, 2 * i_).T,
+      ),
+      (("layers", layer, "mlp", "wo"), f"{p}.mlp.Wo.weight", transpose, transpose),
     ]
   return rows
 
@@ -222,8 +242,7 @@ def load(path: str | epath.Path, **overrides: Any) -> MaskedLM:
       raise KeyError(f"{path}: weight {key!r} is missing (is this a ModernBertForMaskedLM checkpoint?)")
     want = jax.eval_shape(to_hf, _get(params, ours)).shape
     if tuple(weights[key].shape) != want:
-      raise ValueError(f"{path}: weight {key!r} has shape {tuple(weights[key].shape)}, but config.json "
-                       f"implies {want}")
+      raise ValueError(f"{path}: weight {key!r} has shape {tuple(weights[key].shape)}, but config.json implies {want}")
     _set(params, ours, from_hf(jnp.asarray(weights[key], jnp.float32)))
   nnx.replace_by_pure_dict(abstract, params)
   return nnx.merge(graphdef, abstract)
@@ -244,8 +263,13 @@ def write_local(model: MaskedLM, directory: str) -> None:
   """`save` into an existing local directory (what `save` uploads; `export` adds the tokenizer before that)."""
   cfg = model.config
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  tensors = {key: np.ascontiguousarray(np.asarray(to_hf(_get(params, ours)), np.float32))
-             for ours, key, _, to_hf in weight_map(cfg)}
-  safetensors_flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()},
-                             os.fspath(epath.Path(directory) / WEIGHTS_FILE), metadata={"format": "pt"})
+  tensors = {
+    key: np.ascontiguousarray(np.asarray(to_hf(_get(params, ours)), np.float32))
+    for ours, key, _, to_hf in weight_map(cfg)
+  }
+  safetensors_flax.save_file(
+    {k: jnp.asarray(v) for k, v in tensors.items()},
+    os.fspath(epath.Path(directory) / WEIGHTS_FILE),
+    metadata={"format": "pt"},
+  )
   (epath.Path(directory) / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2, sort_keys=True))

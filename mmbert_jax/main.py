@@ -5,6 +5,7 @@ Kept short on purpose: the loop lives in `mmbert_jax.train.train_and_evaluate` a
 checks, multi-host initialisation, the persistent compilation cache, the embedded demo corpus and the plots at
 the end.
 """
+
 import os
 import sys
 
@@ -49,8 +50,9 @@ def prepare_demo_data(config: ml_collections.ConfigDict, workdir: str) -> None:
   if "demo_corpus" not in config or config.data.data_dir:
     return
   d = config.demo_corpus
-  data_dir = demo_corpus.prepare_for_run(workdir, languages=d.languages, scale=d.scale, vocab_size=d.vocab_size,
-                                         seq_len=config.data.seq_len)
+  data_dir = demo_corpus.prepare_for_run(
+    workdir, languages=d.languages, scale=d.scale, vocab_size=d.vocab_size, seq_len=config.data.seq_len
+  )
   with config.unlocked():
     config.data.data_dir = data_dir
 
@@ -59,7 +61,7 @@ def load_config() -> ml_collections.ConfigDict:
   """--config, or exit 2 naming the config file that does not load."""
   try:
     config = FLAGS.config
-    config.keys()   # config_flags defers a missing or unreadable file's error to the first access
+    config.keys()  # config_flags defers a missing or unreadable file's error to the first access
     return config
   except OSError as e:
     reasons = [line.strip() for line in str(e).splitlines() if "Errno" in line or "Error" in line]
@@ -72,7 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     use_compilation_cache(config, workdir)
     prepare_demo_data(config, workdir)
     result = phases.run(config, workdir)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:   # config, checkpoint and data errors
+  except (ValueError, FileNotFoundError, FileExistsError) as e:  # config, checkpoint and data errors
     cli.report(e)
     return cli.EXIT_BAD_INPUT
   except (storage.WriteError, train.NonFiniteLossError) as e:
@@ -95,8 +97,10 @@ def main(argv):
   # Multi-host: every process runs this same command; TPU pods, SLURM and Open MPI are detected by jax itself.
   if os.environ.get("MMBERT_DISTRIBUTED", "0") == "1":
     jax.distributed.initialize()
-  print(f"JAX: {jax.process_count()} process(es), {jax.device_count()} device(s): {jax.devices()[0].device_kind}",
-        flush=True)
+  print(
+    f"JAX: {jax.process_count()} process(es), {jax.device_count()} device(s): {jax.devices()[0].device_kind}",
+    flush=True,
+  )
   code = run(config, workdir)
   if code == cli.EXIT_COMPLETE and jax.process_index() == 0:
     for path in report.write_plots(workdir):

@@ -10,9 +10,11 @@ Each input is a workdir (its latest checkpoint), its checkpoints/ directory or o
 local or gs://. The output is a params-only Orbax checkpoint: `init_from` of a further phase, or input of export
 and evaluate.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -27,8 +29,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   flags.DEFINE_enum("method", "ties", METHODS, "Merge method.")
-  flags.DEFINE_string("base", None, "ties: checkpoint the task vectors are taken against (e.g. the mid-training "
-                      "end).")
+  flags.DEFINE_string("base", None, "ties: checkpoint the task vectors are taken against (e.g. the mid-training end).")
   flags.DEFINE_list("models", [], "ties/average: checkpoints to merge.")
   flags.DEFINE_string("run", None, "ema: a workdir whose checkpoints (oldest → newest) are averaged.")
   flags.DEFINE_float("density", 0.5, "ties: fraction of each task vector's entries kept per tensor.")
@@ -46,8 +47,9 @@ def _check_same_model(metas: Sequence[dict], names: Sequence[str]) -> None:
     diff = sorted(k for k in set(first) | set(other) if k not in RUNTIME_FIELDS and first.get(k) != other.get(k))
     if diff:
       values = ", ".join(f"{k}={other.get(k)!r} vs {first.get(k)!r}" for k in diff)
-      raise ckpt_lib.CheckpointError(f"{name}: model config differs from {names[0]} ({values}); only checkpoints "
-                                     "of the same model can be merged")
+      raise ckpt_lib.CheckpointError(
+        f"{name}: model config differs from {names[0]} ({values}); only checkpoints of the same model can be merged"
+      )
 
 
 def _load_all(paths: Sequence[str]):
@@ -65,9 +67,17 @@ def _load_all(paths: Sequence[str]):
   return params, metas, sources
 
 
-def merge_checkpoints(method: str, *, base: str | None = None, models: Sequence[str] = (), run: str | None = None,
-          density: float = 0.5, weights: Sequence[float] | None = None, lam: float = 1.0,
-          decay: float = 0.5) -> tuple[Any, dict[str, Any]]:
+def merge_checkpoints(
+  method: str,
+  *,
+  base: str | None = None,
+  models: Sequence[str] = (),
+  run: str | None = None,
+  density: float = 0.5,
+  weights: Sequence[float] | None = None,
+  lam: float = 1.0,
+  decay: float = 0.5,
+) -> tuple[Any, dict[str, Any]]:
   """Merged params and the metadata to save with them."""
   weights = [float(w) for w in weights] if weights else None
   if method == "ties":
@@ -75,8 +85,14 @@ def merge_checkpoints(method: str, *, base: str | None = None, models: Sequence[
       raise ValueError("--method=ties needs --base and --models")
     params, metas, sources = _load_all([base, *models])
     merged = merging.ties(params[0], params[1:], density=density, weights=weights, lam=lam)
-    recipe = {"method": "ties", "base": sources[0], "models": sources[1:], "density": density,
-              "weights": weights, "lam": lam}
+    recipe = {
+      "method": "ties",
+      "base": sources[0],
+      "models": sources[1:],
+      "density": density,
+      "weights": weights,
+      "lam": lam,
+    }
   elif method == "average":
     if not models:
       raise ValueError("--method=average needs --models")
@@ -90,8 +106,12 @@ def merge_checkpoints(method: str, *, base: str | None = None, models: Sequence[
     steps = ckpt_lib.steps(directory)
     params, metas, sources = _load_all([f"{directory}/{s}" for s in steps])
     merged = merging.ema(params, decay)
-    recipe = {"method": "ema", "models": sources, "decay": decay,
-              "weights": merging.ema_weights(len(params), decay).tolist()}
+    recipe = {
+      "method": "ema",
+      "models": sources,
+      "decay": decay,
+      "weights": merging.ema_weights(len(params), decay).tolist(),
+    }
   else:
     raise ValueError(f"unknown merge method {method!r}; expected one of {METHODS}")
   meta = dict(metas[-1])
@@ -110,8 +130,16 @@ def main(argv):
       raise FileExistsError(f"{directory} already holds checkpoints; choose a new --out")
     if FLAGS.hf_out:
       export.check_new_output(FLAGS.hf_out, "--hf_out")
-    merged, meta = merge_checkpoints(FLAGS.method, base=FLAGS.base, models=FLAGS.models, run=FLAGS.run,
-                         density=FLAGS.density, weights=FLAGS.weights, lam=FLAGS.lam, decay=FLAGS.decay)
+    merged, meta = merge_checkpoints(
+      FLAGS.method,
+      base=FLAGS.base,
+      models=FLAGS.models,
+      run=FLAGS.run,
+      density=FLAGS.density,
+      weights=FLAGS.weights,
+      lam=FLAGS.lam,
+      decay=FLAGS.decay,
+    )
     where = ckpt_lib.save_params(FLAGS.out, int(meta.get("step", 0)), merged, meta)
     print(f"merged checkpoint: {where}")
     if FLAGS.hf_out:

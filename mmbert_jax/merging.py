@@ -7,11 +7,12 @@ Everything here works on plain parameter pytrees (nested dicts of arrays, or `nn
 same structure and dtypes; arithmetic is done in float32. Trees must match exactly: same structure, and per
 parameter the same shape and dtype; a mismatch raises a one-line error naming the parameter path.
 """
+
 from __future__ import annotations
 
-from collections.abc import Sequence
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ PyTree = Any
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Checks.
+
 
 def _path_str(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
@@ -49,19 +51,23 @@ def _check_compatible(trees: Sequence[PyTree], names: Sequence[str]) -> list[lis
         raise ValueError(f"{name} has parameter '{extra[0]}' that {names[0]} lacks; merged trees must match")
       raise ValueError(f"{name} orders its parameters differently from {names[0]}; merged trees must match")
     if jax.tree.structure(tree) != ref_def:
-      raise ValueError(f"{name} has the same parameter paths as {names[0]} but different container types "
-                       f"({jax.tree.structure(tree)} vs {ref_def})")
+      raise ValueError(
+        f"{name} has the same parameter paths as {names[0]} but different container types "
+        f"({jax.tree.structure(tree)} vs {ref_def})"
+      )
     for path, a, b in zip(paths, ref_leaves, tree_leaves):
       if np.shape(a) != np.shape(b):
         raise ValueError(f"parameter '{path}': {name} has shape {np.shape(b)} but {names[0]} has {np.shape(a)}")
       if jnp.result_type(a) != jnp.result_type(b):
-        raise ValueError(f"parameter '{path}': {name} has dtype {jnp.result_type(b)} but {names[0]} has "
-                         f"{jnp.result_type(a)}")
+        raise ValueError(
+          f"parameter '{path}': {name} has dtype {jnp.result_type(b)} but {names[0]} has {jnp.result_type(a)}"
+        )
     leaves.append(tree_leaves)
   for path, a in zip(ref_paths, ref_leaves):
     if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
-      raise ValueError(f"parameter '{path}' has dtype {jnp.result_type(a)}; only floating-point parameters can be "
-                       "merged")
+      raise ValueError(
+        f"parameter '{path}' has dtype {jnp.result_type(a)}; only floating-point parameters can be merged"
+      )
   return leaves
 
 
@@ -79,6 +85,7 @@ def _check_weights(weights, n: int, what: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Averages.
+
 
 def average(trees: Sequence[PyTree], weights: Sequence[float] | None = None) -> PyTree:
   """Weighted mean Σ_i w_i θ_i / Σ_i w_i of parameter trees (uniform when `weights` is None)."""
@@ -125,6 +132,7 @@ def ema(trees: Sequence[PyTree], decay: float) -> PyTree:
 # ---------------------------------------------------------------------------------------------------------------------
 # TIES-merging.
 
+
 def num_kept(size: int, density: float) -> int:
   """How many entries of a tensor with `size` entries TIES keeps: density·size rounded half-up, at least 1."""
   return max(1, min(size, math.floor(density * size + 0.5)))
@@ -134,7 +142,7 @@ def num_kept(size: int, density: float) -> int:
 def _ties_tensor(base, models, weights, lam, *, k):
   """TIES on one tensor. models [M, *shape], weights [M], k = entries kept per task vector."""
   base32 = base.astype(jnp.float32)
-  tau = models.astype(jnp.float32) - base32                         # task vectors
+  tau = models.astype(jnp.float32) - base32  # task vectors
   mag = jnp.abs(tau).reshape(len(tau), -1)
   if k < mag.shape[1]:
     # Keep every entry at least as large as the k-th largest magnitude: equal magnitudes at the threshold are all
@@ -142,16 +150,17 @@ def _ties_tensor(base, models, weights, lam, *, k):
     kth = jnp.sort(mag, axis=1)[:, mag.shape[1] - k]
     tau = jnp.where((mag >= kth[:, None]).reshape(tau.shape), tau, 0.0)
   w = weights.reshape((-1,) + (1,) * base.ndim)
-  elected = jnp.sign(jnp.sum(w * tau, axis=0))                     # sign of the total (weighted) mass
-  agree = (jnp.sign(tau) == elected) & (tau != 0)                  # a zero mass elects 0: nobody agrees
+  elected = jnp.sign(jnp.sum(w * tau, axis=0))  # sign of the total (weighted) mass
+  agree = (jnp.sign(tau) == elected) & (tau != 0)  # a zero mass elects 0: nobody agrees
   num = jnp.sum(jnp.where(agree, w * tau, 0.0), axis=0)
   den = jnp.sum(jnp.where(agree, w, 0.0), axis=0)
   merged_tau = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
   return (base32 + lam * merged_tau).astype(base.dtype)
 
 
-def ties(base: PyTree, models: Sequence[PyTree], *, density: float, weights: Sequence[float] | None = None,
-         lam: float = 1.0) -> PyTree:
+def ties(
+  base: PyTree, models: Sequence[PyTree], *, density: float, weights: Sequence[float] | None = None, lam: float = 1.0
+) -> PyTree:
   """TIES-merging (Yadav et al. 2023, arXiv:2306.01708) of `models` relative to `base`.
 
   For every parameter tensor, with task vectors τ_i = θ_i − θ_base:
@@ -186,6 +195,7 @@ def ties(base: PyTree, models: Sequence[PyTree], *, density: float, weights: Seq
   merged = []
   for base_leaf, *model_leaves in zip(*leaves):
     stacked = jnp.stack([jnp.asarray(x) for x in model_leaves])
-    merged.append(_ties_tensor(jnp.asarray(base_leaf), stacked, w, jnp.float32(lam),
-                               k=num_kept(int(np.size(base_leaf)), density)))
+    merged.append(
+      _ties_tensor(jnp.asarray(base_leaf), stacked, w, jnp.float32(lam), k=num_kept(int(np.size(base_leaf)), density))
+    )
   return jax.tree.unflatten(jax.tree.structure(base), merged)

@@ -10,6 +10,7 @@ A `gs://` workdir has no append: `metrics.jsonl` and the TensorBoard event file 
 and uploaded whole at flush points (a log step at most every `UPLOAD_EVERY_S`, every checkpoint save, the end);
 `config.json`, `mixture.json` and `eval.jsonl` are replaced whole when they change.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,8 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,7 +32,7 @@ from etils import epath
 from data_pipeline import filesystem as fs
 from mmbert_jax import storage
 
-UPLOAD_EVERY_S = 30.0   # a remote workdir's metrics.jsonl and events lag the run by at most this (and a log step)
+UPLOAD_EVERY_S = 30.0  # a remote workdir's metrics.jsonl and events lag the run by at most this (and a log step)
 
 
 def _scalar(v: Any) -> float | int:
@@ -46,19 +48,21 @@ class LanguageTags:
   tokens n_l. Every language also counts in its resource group: the thirds of the languages ranked by n_l
   (`high`, `mid`, `low`), whose loss is the token-weighted mean over the group.
   """
+
   shown: tuple[str, ...]
   groups: Mapping[str, tuple[str, ...]]
 
   @classmethod
   def from_tokens(cls, tokens: Mapping[str, float], n: int) -> LanguageTags:
     order = sorted(tokens, key=lambda lang: (-tokens[lang], lang))
-    shown = order if len(order) <= 2 * n else order[:n] + order[len(order) - n:]
+    shown = order if len(order) <= 2 * n else order[:n] + order[len(order) - n :]
     thirds = np.array_split(np.array(order, dtype=object), 3)
     groups = {name: tuple(part) for name, part in zip(("high", "mid", "low"), thirds) if len(part)}
     return cls(tuple(shown), groups)
 
-  def losses(self, loss_sum: Mapping[str, float], count: Mapping[str, float], *, prefix: str,
-             group_prefix: str) -> dict[str, float]:
+  def losses(
+    self, loss_sum: Mapping[str, float], count: Mapping[str, float], *, prefix: str, group_prefix: str
+  ) -> dict[str, float]:
     """{f"{prefix}/{lang}/loss"} for the shown languages and {f"{group_prefix}/{group}/loss"} per group, from
     summed losses and masked-token counts per language."""
     out = {f"{prefix}/{lang}/loss": loss_sum[lang] / count[lang] for lang in self.shown if count.get(lang, 0) > 0}
@@ -86,17 +90,36 @@ def flat_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, bool | 
 class WandbWriter:
   """Weights & Biases, when `config.wandb.project` is set: one W&B run per workdir (re-running resumes it)."""
 
-  def __init__(self, workdir: str | epath.Path, *, project: str, entity: str = "", name: str = "", group: str = "",
-               mode: str = "", config: Mapping[str, Any] | None = None, local_dir: str | None = None):
+  def __init__(
+    self,
+    workdir: str | epath.Path,
+    *,
+    project: str,
+    entity: str = "",
+    name: str = "",
+    group: str = "",
+    mode: str = "",
+    config: Mapping[str, Any] | None = None,
+    local_dir: str | None = None,
+  ):
     try:
       import wandb
     except ImportError:
-      raise ImportError("config.wandb.project is set but wandb is not installed: `pip install wandb`, or drop "
-                        "--config.wandb.project") from None
+      raise ImportError(
+        "config.wandb.project is set but wandb is not installed: `pip install wandb`, or drop --config.wandb.project"
+      ) from None
     run_id = hashlib.sha1(os.fspath(fs.path(workdir, "workdir")).encode()).hexdigest()[:16]
-    self._run = wandb.init(project=project, entity=entity or None, name=name or None, group=group or None,
-                           mode=mode or None, dir=local_dir or os.fspath(workdir), id=run_id, resume="allow",
-                           config=dict(config) if config else None)
+    self._run = wandb.init(
+      project=project,
+      entity=entity or None,
+      name=name or None,
+      group=group or None,
+      mode=mode or None,
+      dir=local_dir or os.fspath(workdir),
+      id=run_id,
+      resume="allow",
+      config=dict(config) if config else None,
+    )
 
   def log(self, step: int, values: Mapping[str, float]) -> None:
     self._run.log(dict(values), step=step)
@@ -118,7 +141,7 @@ def save_config(workdir: str | epath.Path, config) -> str:
       n = 1
       while (workdir / f"config.{n}.json").exists():
         n += 1
-      fs.write_text(workdir / f"config.{n}.json", old)   # kept before config.json is replaced
+      fs.write_text(workdir / f"config.{n}.json", old)  # kept before config.json is replaced
   fs.write_text(path, text)
   return text
 
@@ -150,9 +173,15 @@ class MetricWriter:
 
   CONSOLE_KEYS = ("train/loss", "train/accuracy", "train/lr", "train/tokens_per_s", "train/mfu", "eval/loss")
 
-  def __init__(self, workdir: str | epath.Path, *, enabled: bool | None = None,
-               console: bool | Callable[[str], None] = True, console_keys: tuple[str, ...] | None = None,
-               wandb: Mapping[str, Any] | None = None):
+  def __init__(
+    self,
+    workdir: str | epath.Path,
+    *,
+    enabled: bool | None = None,
+    console: bool | Callable[[str], None] = True,
+    console_keys: tuple[str, ...] | None = None,
+    wandb: Mapping[str, Any] | None = None,
+  ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = fs.path(workdir, "workdir")
     self.remote = fs.is_remote(self.workdir)
@@ -164,25 +193,27 @@ class MetricWriter:
     self._jsonl = None
     self._wandb = None
     self._wandb_settings = dict(wandb) if wandb and wandb.get("project") else None
-    self._stage: str | None = None       # the local folder of a remote workdir's appended files
+    self._stage: str | None = None  # the local folder of a remote workdir's appended files
     self._uploaded_at = 0.0
     self._dirty = False
     if self.enabled:
       # tensorboardX imports torch when installed: only the writing process pays.
-      from tensorboardX.event_file_writer import EventsWriter   # TensorBoard event files without TensorFlow
+      from tensorboardX.event_file_writer import EventsWriter  # TensorBoard event files without TensorFlow
+
       with self._writes("opening the metric files", self.workdir):
         local = self.workdir
         if self.remote:
           self._stage = tempfile.mkdtemp(prefix="mmbert_jax-metrics-")
           local = epath.Path(self._stage)
-          if self.jsonl_path.exists():   # a restart appends to the run's records, as on local disk
+          if self.jsonl_path.exists():  # a restart appends to the run's records, as on local disk
             self.jsonl_path.copy(local / "metrics.jsonl")
         (local / "tb").mkdir(parents=True, exist_ok=True)
         self._local_jsonl = local / "metrics.jsonl"
         # The name holds the time in seconds and the host: a restart within the same second would reuse it and,
         # in a bucket, replace the earlier file. Process id and writer count keep each writer's file its own.
-        self._tb = EventsWriter(os.fspath(local / "tb" / "events"),
-                                filename_suffix=f".{os.getpid()}.{next(_WRITER_COUNT)}")
+        self._tb = EventsWriter(
+          os.fspath(local / "tb" / "events"), filename_suffix=f".{os.getpid()}.{next(_WRITER_COUNT)}"
+        )
         self._jsonl = self._local_jsonl.open("a")
     self._start = time.time()
 
@@ -221,7 +252,7 @@ class MetricWriter:
       return
     self._tb.flush()
     self._jsonl.flush()
-    events = sorted((epath.Path(self._stage) / "tb").iterdir())   # this process's one event file
+    events = sorted((epath.Path(self._stage) / "tb").iterdir())  # this process's one event file
     for local, dest in [(self._local_jsonl, self.jsonl_path)] + [(e, self.tb_dir / e.name) for e in events]:
       with self._writes("uploading metrics", dest):
         fs.upload(local, dest)
@@ -230,6 +261,7 @@ class MetricWriter:
 
   def _event(self, step: int, summary) -> None:
     from tensorboardX.proto import event_pb2
+
     try:
       self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
       self._tb.flush()
@@ -247,6 +279,7 @@ class MetricWriter:
     if not self.enabled:
       return
     from tensorboardX import summary as tb_summary
+
     values = {k: _scalar(v) for k, v in metrics.items() if v is not None}
     for k, v in values.items():
       self._event(step, tb_summary.scalar(k, v))
@@ -266,6 +299,7 @@ class MetricWriter:
   def text(self, tag: str, text: str, step: int = 0) -> None:
     if self.enabled:
       from tensorboardX import summary as tb_summary
+
       self._event(step, tb_summary.text(tag, text))
       self._print(text)
 
@@ -275,6 +309,7 @@ class MetricWriter:
     if not self.enabled:
       return
     from tensorboardX import summary as tb_summary
+
     with self._writes("writing config.json", self.workdir / "config.json"):
       text = save_config(self.workdir, config)
     self._event(0, tb_summary.text("config", "    " + text.replace("\n", "\n    ")))  # markdown code block

@@ -11,6 +11,7 @@ embedding `[V, H]` plus a float32 bias `[V]`, with float32 logits. Two implement
 At mmBERT's 256k vocabulary one float32 copy of the dense logits of 6k masked slots is 6.4 GB, and the training
 step holds several (logits, softmax, their gradient): that, not compute, bounds the rows per chip.
 """
+
 from __future__ import annotations
 
 import jax
@@ -19,8 +20,15 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("dense", "chunked")
 
 
-def token_loss(features: jax.Array, embedding: jax.Array, bias: jax.Array, labels: jax.Array, *,
-               impl: str = "dense", chunk_size: int = 8192) -> tuple[jax.Array, jax.Array]:
+def token_loss(
+  features: jax.Array,
+  embedding: jax.Array,
+  bias: jax.Array,
+  labels: jax.Array,
+  *,
+  impl: str = "dense",
+  chunk_size: int = 8192,
+) -> tuple[jax.Array, jax.Array]:
   """Per-slot negative log-likelihood of `labels` and whether the argmax hits it (both float32, shape of
   `labels`). Unweighted: padding slots are weighted by the caller."""
   if impl not in IMPLEMENTATIONS:
@@ -72,7 +80,7 @@ def _chunked_fwd(x, w, b, labels):
   def body(carry, xs):
     run_max, run_sum, label_logit, best, best_idx = carry
     w_c, b_c, c = xs
-    logits = _chunk_logits(x, w_c, b_c)                                   # [N, C] float32
+    logits = _chunk_logits(x, w_c, b_c)  # [N, C] float32
     cols = c * chunk + jnp.arange(chunk, dtype=labels.dtype)
     chunk_max = logits.max(-1)
     new_max = jnp.maximum(run_max, chunk_max)
@@ -85,7 +93,8 @@ def _chunked_fwd(x, w, b, labels):
 
   init = (neg_inf, zeros, zeros, neg_inf, jnp.zeros_like(labels))
   (run_max, run_sum, label_logit, _, best_idx), _ = jax.lax.scan(
-      body, init, (w, b, jnp.arange(w.shape[0], dtype=labels.dtype)))
+    body, init, (w, b, jnp.arange(w.shape[0], dtype=labels.dtype))
+  )
   lse = run_max + jnp.log(run_sum)
   out = (lse - label_logit, (best_idx == labels).astype(jnp.float32))
   return out, (x, w, b, labels, lse)
@@ -93,7 +102,7 @@ def _chunked_fwd(x, w, b, labels):
 
 def _chunked_bwd(residuals, cotangents):
   x, w, b, labels, lse = residuals
-  g = cotangents[0]                                                       # the hit indicator has no gradient
+  g = cotangents[0]  # the hit indicator has no gradient
   chunk = w.shape[1]
 
   def body(dx, xs):
@@ -106,8 +115,7 @@ def _chunked_bwd(residuals, cotangents):
     dw_c = jnp.einsum("nc,nh->ch", d.astype(x.dtype), x, preferred_element_type=jnp.float32)
     return dx, (dw_c.astype(w.dtype), d.sum(0))
 
-  dx, (dw, db) = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32),
-                              (w, b, jnp.arange(w.shape[0], dtype=labels.dtype)))
+  dx, (dw, db) = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (w, b, jnp.arange(w.shape[0], dtype=labels.dtype)))
   return dx.astype(x.dtype), dw, db.astype(b.dtype), None
 
 

@@ -8,6 +8,7 @@ Inputs are packed rows: `input_ids [B, S]`, `segment_ids [B, S]` (document index
 `positions [B, S]` restarting at 0 in every document. Parameters are float32; `ModelConfig.dtype` sets the compute
 dtype. Every parameter carries logical axis names; `mmbert_jax.sharding` maps them to mesh axes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,20 +20,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmbert_jax import attention as attention_lib
-from mmbert_jax import mlm_loss
-from mmbert_jax import sharding
-
+from mmbert_jax import mlm_loss, sharding
 
 _SAVE_ATTENTION = jax.checkpoint_policies.save_only_these_names(attention_lib.CHECKPOINT_NAME)
 # What a rematerialised layer keeps for the backward pass. "attention" and "dots" keep the Pallas kernels' output
 # and log-sum-exp (named attention_lib.CHECKPOINT_NAME), so the forward kernel runs once; "full" keeps nothing and
 # runs it again. On the XLA path "attention" recomputes as much as "full".
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "attention": _SAVE_ATTENTION,
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_ATTENTION),
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "attention": _SAVE_ATTENTION,
+  "dots": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_ATTENTION
+  ),
 }
 
 
@@ -57,39 +57,40 @@ class ModelConfig:
   - 2 pipeline stages: double-buffered bf16 tiles take 2 × 2 × 16 KiB (forward k, v) or 2 × 2 × 8 KiB
     (backward), far below shared memory; more stages mostly help larger head dims.
   """
+
   vocab_size: int = 256_000
   hidden_size: int = 768
   num_layers: int = 22
   num_heads: int = 12
-  intermediate_size: int = 1152      # GLU half-width: Wi produces 2× this
-  local_window: int = 128            # total window: local layers attend |i − j| ≤ local_window // 2
-  global_every_n: int = 3            # layer i is global iff i % global_every_n == 0
+  intermediate_size: int = 1152  # GLU half-width: Wi produces 2× this
+  local_window: int = 128  # total window: local layers attend |i − j| ≤ local_window // 2
+  global_every_n: int = 3  # layer i is global iff i % global_every_n == 0
   global_rope_theta: float = 160_000.0
   local_rope_theta: float = 160_000.0
   norm_eps: float = 1e-5
-  attn_out_dropout: float = 0.0      # dropout after the attention output projection (0.1 in pre-training)
+  attn_out_dropout: float = 0.0  # dropout after the attention output projection (0.1 in pre-training)
   initializer_range: float = 0.02
   max_position_embeddings: int = 8192
   pad_id: int = 0
-  eos_id: int = 1                    # also cls and sep
+  eos_id: int = 1  # also cls and sep
   bos_id: int = 2
   unk_id: int = 3
   mask_id: int = 4
-  dtype: str = "float32"             # compute dtype; parameters stay float32
-  attention_impl: str = "xla"        # auto | xla | splash | pallas_gpu (see mmbert_jax.attention)
-  attention_block_q: int = 128       # kernel tiling (Pallas implementations; see the docstring)
+  dtype: str = "float32"  # compute dtype; parameters stay float32
+  attention_impl: str = "xla"  # auto | xla | splash | pallas_gpu (see mmbert_jax.attention)
+  attention_block_q: int = 128  # kernel tiling (Pallas implementations; see the docstring)
   attention_block_kv: int = 128
   attention_block_kv_local: int = 64  # pallas_gpu: forward kv tile of local layers
-  attention_block_q_bwd: int = 64    # pallas_gpu: backward tiles (dq and dk/dv kernels)
+  attention_block_q_bwd: int = 64  # pallas_gpu: backward tiles (dq and dk/dv kernels)
   attention_block_kv_bwd: int = 64
-  attention_num_warps: int = 4       # pallas_gpu: Triton warps per program (all three kernels)
-  attention_num_stages: int = 2      # pallas_gpu: Triton software-pipelining stages
+  attention_num_warps: int = 4  # pallas_gpu: Triton warps per program (all three kernels)
+  attention_num_stages: int = 2  # pallas_gpu: Triton software-pipelining stages
   attention_interpret: bool = False  # run the Pallas kernels in interpret mode (CPU tests)
   attention_platform: str | None = None  # build for this platform ("cuda", "tpu") instead of the current one
-  remat: str = "none"                # none | full | attention | dots (see REMAT_POLICIES)
-  scan_layers: bool = False          # run the layers as a scan over groups of global_every_n (one compiled body)
-  loss_impl: str = "dense"           # MLM cross-entropy: dense | chunked (no [masked, vocab] logits; mlm_loss.py)
-  loss_chunk_size: int = 8192        # vocabulary rows per chunk of the chunked loss
+  remat: str = "none"  # none | full | attention | dots (see REMAT_POLICIES)
+  scan_layers: bool = False  # run the layers as a scan over groups of global_every_n (one compiled body)
+  loss_impl: str = "dense"  # MLM cross-entropy: dense | chunked (no [masked, vocab] logits; mlm_loss.py)
+  loss_chunk_size: int = 8192  # vocabulary rows per chunk of the chunked loss
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -102,8 +103,16 @@ class ModelConfig:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {attention_lib.IMPLEMENTATIONS}")
     if self.loss_impl not in mlm_loss.IMPLEMENTATIONS:
       raise ValueError(f"loss_impl {self.loss_impl!r} is not one of {mlm_loss.IMPLEMENTATIONS}")
-    for name in ("attention_block_q", "attention_block_kv", "attention_block_kv_local", "attention_block_q_bwd",
-                 "attention_block_kv_bwd", "attention_num_warps", "attention_num_stages", "loss_chunk_size"):
+    for name in (
+      "attention_block_q",
+      "attention_block_kv",
+      "attention_block_kv_local",
+      "attention_block_q_bwd",
+      "attention_block_kv_bwd",
+      "attention_num_warps",
+      "attention_num_stages",
+      "loss_chunk_size",
+    ):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
 
@@ -119,15 +128,22 @@ class ModelConfig:
   def is_global(self, layer: int) -> bool:
     return layer % self.global_every_n == 0
 
-  def replace(self, **kw) -> "ModelConfig":
+  def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(vocab_size=1024, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=96,
-                        local_window=16, max_position_embeddings=1024),
-    "mmbert-small": ModelConfig(hidden_size=384, num_heads=6),
-    "mmbert-base": ModelConfig(hidden_size=768, num_heads=12),
+  "tiny": ModelConfig(
+    vocab_size=1024,
+    hidden_size=64,
+    num_layers=4,
+    num_heads=4,
+    intermediate_size=96,
+    local_window=16,
+    max_position_embeddings=1024,
+  ),
+  "mmbert-small": ModelConfig(hidden_size=384, num_heads=6),
+  "mmbert-base": ModelConfig(hidden_size=768, num_heads=12),
 }
 
 
@@ -140,6 +156,7 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------------------
+
 
 def _param(rngs: nnx.Rngs, std: float | None, shape: tuple[int, ...], names: tuple[str | None, ...]) -> nnx.Param:
   """A float32 parameter: truncated normal ±2σ (σ = std), or ones for std=None (norm scales), or zeros for 0."""
@@ -176,18 +193,17 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotate-half RoPE over the full head dim. x [B, S, N, D], positions [B, S]."""
   d = x.shape[-1]
   inv_freq = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq            # [B, S, D/2]
-  emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]              # [B, S, 1, D]
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
+  emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]  # [B, S, 1, D]
   # cos/sin rounded to the activation dtype first, the rotation itself in float32 (as HF and the original).
   cos = jnp.cos(emb).astype(x.dtype).astype(jnp.float32)
   sin = jnp.sin(emb).astype(x.dtype).astype(jnp.float32)
   x32 = x.astype(jnp.float32)
-  rotated = jnp.concatenate([-x32[..., d // 2:], x32[..., :d // 2]], -1)
+  rotated = jnp.concatenate([-x32[..., d // 2 :], x32[..., : d // 2]], -1)
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     h, n, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     out_std = cfg.initializer_range / math.sqrt(2 * cfg.num_layers)
@@ -197,7 +213,7 @@ class Attention(nnx.Module):
     self.is_global = cfg.is_global(layer)
     self.theta = cfg.global_rope_theta if self.is_global else cfg.local_rope_theta
     self.window = None if self.is_global else cfg.window
-    self.impl = attention_lib.resolve_impl(cfg)   # an impossible impl/platform/mesh combination fails here
+    self.impl = attention_lib.resolve_impl(cfg)  # an impossible impl/platform/mesh combination fails here
     self.kernel_options = attention_lib.kernel_options(cfg, self.impl, self.window)
     self.dtype = jnp.dtype(cfg.dtype)
 
@@ -213,7 +229,6 @@ class Attention(nnx.Module):
 
 
 class GeGLU(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     h, i = cfg.hidden_size, cfg.intermediate_size
     self.wi = _param(rngs, cfg.initializer_range, (h, 2, i), ("embed", None, "mlp"))
@@ -226,7 +241,6 @@ class GeGLU(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     # Layer 0 reads the embedding norm's output directly: no attention pre-norm.
     self.attn_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, rngs) if layer > 0 else None
@@ -244,12 +258,12 @@ class EncoderLayer(nnx.Module):
 # The model
 # --------------------------------------------------------------------------------------------------------------
 
+
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   """Per-document positions: 0 at each document's first token, counting up inside it."""
   s = segment_ids.shape[-1]
   idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
@@ -309,7 +323,7 @@ class MaskedLM(nnx.Module):
     key = lambda i: None if keys is None else keys[i]
     x = _apply_layer(cfg, self.layers[0], x, segment_ids, positions, key(0))
     if groups:
-      index = 1 + period * jnp.arange(groups)[:, None] + jnp.arange(period)          # [group, position]
+      index = 1 + period * jnp.arange(groups)[:, None] + jnp.arange(period)  # [group, position]
       graphdefs, stacked = [], []
       for j in range(period):
         splits = [nnx.split(self.layers[1 + g * period + j]) for g in range(groups)]
@@ -334,23 +348,35 @@ class MaskedLM(nnx.Module):
 
   def head(self, x: jax.Array) -> jax.Array:
     """MLM head on hidden states [..., H] → float32 logits [..., V]."""
-    logits = jnp.einsum("...h,vh->...v", self.head_features(x), self.embedding[...].astype(self.config.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      "...h,vh->...v",
+      self.head_features(x),
+      self.embedding[...].astype(self.config.dtype),
+      preferred_element_type=jnp.float32,
+    )
     return logits + self.decoder_bias[...]
 
-  def masked_lm_loss(self, input_ids, segment_ids, positions, masked_positions, masked_labels, *,
-                     rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+  def masked_lm_loss(
+    self, input_ids, segment_ids, positions, masked_positions, masked_labels, *, rngs: nnx.Rngs | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     """Per-slot negative log-likelihood of `masked_labels [B, K]` and argmax hits at `masked_positions`, by
     `ModelConfig.loss_impl` (see mmbert_jax.mlm_loss): the training loss, without necessarily any logits."""
     cfg = self.config
     x = self.encode(input_ids, segment_ids, positions, rngs=rngs)
     x = sharding.constrain(jnp.take_along_axis(x, masked_positions[..., None], axis=1), ACTIVATIONS)
     x = self.head_features(x)
-    return mlm_loss.token_loss(x, self.embedding[...].astype(cfg.dtype), self.decoder_bias[...], masked_labels,
-                               impl=cfg.loss_impl, chunk_size=cfg.loss_chunk_size)
+    return mlm_loss.token_loss(
+      x,
+      self.embedding[...].astype(cfg.dtype),
+      self.decoder_bias[...],
+      masked_labels,
+      impl=cfg.loss_impl,
+      chunk_size=cfg.loss_chunk_size,
+    )
 
-  def __call__(self, input_ids, segment_ids=None, positions=None, masked_positions=None, *,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids, segment_ids=None, positions=None, masked_positions=None, *, rngs: nnx.Rngs | None = None
+  ) -> jax.Array:
     """Dense logits [B, S, V]; with `masked_positions [B, K]`, sparse logits [B, K, V] at those indices only.
     Dropout (attention output) is active only when `rngs` is given."""
     x = self.encode(input_ids, segment_ids, positions, rngs=rngs)
@@ -361,8 +387,10 @@ class MaskedLM(nnx.Module):
 
 # ModelConfig fields that say how the model runs, not what it computes (every attention_* field picks or tunes a
 # kernel): checkpoints of one model may differ in them, and a run may change them when it resumes.
-RUNTIME_FIELDS = frozenset({"dtype", "remat", "attn_out_dropout", "scan_layers", "loss_impl", "loss_chunk_size"} | {
-    f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("attention_")})
+RUNTIME_FIELDS = frozenset(
+  {"dtype", "remat", "attn_out_dropout", "scan_layers", "loss_impl", "loss_chunk_size"}
+  | {f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("attention_")}
+)
 
 
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> MaskedLM:

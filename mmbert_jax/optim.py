@@ -18,15 +18,16 @@ before each update::
   updates, opt_state = tx.update(grads, opt_state, params)
   metrics = {"lr": optim.learning_rate(opt_state), "clipped": optim.clipped_fraction(opt_state)}
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-
 
 OPTIMIZERS = ("stable_adamw", "adamw")
 
@@ -37,21 +38,21 @@ def decay_mask(params: Any) -> Any:
 
 
 class ScaleByStableAdamState(NamedTuple):
-  count: jax.Array             # int32 step counter t
-  mu: optax.Updates            # debiased first moment m
-  nu: optax.Updates            # debiased second moment v
+  count: jax.Array  # int32 step counter t
+  mu: optax.Updates  # debiased first moment m
+  nu: optax.Updates  # debiased second moment v
   clipped_fraction: jax.Array  # fraction of tensors whose update was clipped (rms > 1) in the last step
 
 
 def _debiased_beta(beta, t):
   """(β^t − β) / (β^t − 1): the EMA weight that makes m and v unbiased directly (0 at t = 1)."""
-  beta_t = beta ** t
+  beta_t = beta**t
   return (beta_t - beta) / (beta_t - 1)
 
 
-def scale_by_stable_adam(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                         weight_decay: float = 0.0,
-                         weight_decay_mask: Any = decay_mask) -> optax.GradientTransformation:
+def scale_by_stable_adam(
+  b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0, weight_decay_mask: Any = decay_mask
+) -> optax.GradientTransformation:
   """StableAdamW direction `(m / (√v + eps) + weight_decay · p) / max(1, rms)` per tensor; scale by −lr after.
 
   `weight_decay` here is relative to the learning rate (wd / peak_lr for the fully decoupled form), so that the
@@ -62,8 +63,12 @@ def scale_by_stable_adam(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
   decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
 
   def init_fn(params):
-    return ScaleByStableAdamState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
-                                  nu=optax.tree.zeros_like(params), clipped_fraction=jnp.zeros([], jnp.float32))
+    return ScaleByStableAdamState(
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params),
+      nu=optax.tree.zeros_like(params),
+      clipped_fraction=jnp.zeros([], jnp.float32),
+    )
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -80,36 +85,55 @@ def scale_by_stable_adam(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
     direction = jax.tree.map(lambda d, r: d / jnp.maximum(1.0, r), direction, rms)
     rms_leaves = jax.tree.leaves(rms)
     clipped = jnp.mean(jnp.stack([r > 1.0 for r in rms_leaves]).astype(jnp.float32)) if rms_leaves else 0.0
-    return direction, ScaleByStableAdamState(count=count, mu=mu, nu=nu,
-                                             clipped_fraction=jnp.asarray(clipped, jnp.float32))
+    return direction, ScaleByStableAdamState(
+      count=count, mu=mu, nu=nu, clipped_fraction=jnp.asarray(clipped, jnp.float32)
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def stable_adamw(learning_rate: optax.ScalarOrSchedule, peak_lr: float, weight_decay: float,
-                 b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                 weight_decay_mask: Any = decay_mask) -> optax.GradientTransformation:
+def stable_adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  peak_lr: float,
+  weight_decay: float,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay_mask: Any = decay_mask,
+) -> optax.GradientTransformation:
   """StableAdamW with fully decoupled weight decay `weight_decay` (per step at peak LR)."""
   return optax.chain(
-      scale_by_stable_adam(b1, b2, eps, weight_decay / peak_lr, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate))
+    scale_by_stable_adam(b1, b2, eps, weight_decay / peak_lr, weight_decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
+  )
 
 
-def adamw(learning_rate: optax.ScalarOrSchedule, peak_lr: float, weight_decay: float,
-          b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-          weight_decay_mask: Any = decay_mask) -> optax.GradientTransformation:
+def adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  peak_lr: float,
+  weight_decay: float,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay_mask: Any = decay_mask,
+) -> optax.GradientTransformation:
   """optax.adamw with the same fully decoupled meaning of `weight_decay` (optax multiplies its decay by lr)."""
-  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay / peak_lr,
-                     mask=weight_decay_mask)
+  return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay / peak_lr, mask=weight_decay_mask)
 
 
-_FACTORIES: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "stable_adamw": stable_adamw, "adamw": adamw}
+_FACTORIES: dict[str, Callable[..., optax.GradientTransformation]] = {"stable_adamw": stable_adamw, "adamw": adamw}
 
 
-def build(name: str, learning_rate: optax.ScalarOrSchedule, peak_lr: float, weight_decay: float,
-          b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-          weight_decay_mask: Any = decay_mask) -> optax.GradientTransformationExtraArgs:
+def build(
+  name: str,
+  learning_rate: optax.ScalarOrSchedule,
+  peak_lr: float,
+  weight_decay: float,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay_mask: Any = decay_mask,
+) -> optax.GradientTransformationExtraArgs:
   """The named optimizer with every numeric hyperparameter injected into its state.
 
   `learning_rate` is the initial value; set it per step with `with_learning_rate` (the token-driven path).
@@ -126,13 +150,21 @@ def build(name: str, learning_rate: optax.ScalarOrSchedule, peak_lr: float, weig
     if not 0 <= beta < 1:
       raise ValueError(f"{key} must be in [0, 1), got {beta}")
   factory = optax.inject_hyperparams(_FACTORIES[name], static_args=("weight_decay_mask",))
-  return factory(learning_rate=learning_rate, peak_lr=peak_lr, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
-                 weight_decay_mask=weight_decay_mask)
+  return factory(
+    learning_rate=learning_rate,
+    peak_lr=peak_lr,
+    weight_decay=weight_decay,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay_mask=weight_decay_mask,
+  )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Reading and writing the optimizer state
 # --------------------------------------------------------------------------------------------------------------
+
 
 def _unwrap(x):
   return x[...] if isinstance(x, nnx.Variable) else x
@@ -144,14 +176,15 @@ def with_learning_rate(opt_state: Any, lr: Any) -> Any:
   Works on a plain optax state and on `nnx.Optimizer.opt_state` (assign the result back to it).
   """
   if "learning_rate" in (optax.tree.get(opt_state, "hyperparams_states", None) or {}):
-    raise ValueError("this optimizer's learning_rate is a step-count schedule; build it with a float "
-                     "learning_rate to inject a token-driven value")
+    raise ValueError(
+      "this optimizer's learning_rate is a step-count schedule; build it with a float "
+      "learning_rate to inject a token-driven value"
+    )
   current = optax.tree.get(opt_state, "learning_rate", None)
   if current is None:
     raise ValueError("opt_state has no injected learning_rate; build the optimizer with optim.build(...)")
   value = jnp.asarray(lr, jnp.result_type(_unwrap(current)))
-  return optax.tree.set(opt_state, learning_rate=current.replace(value) if isinstance(current, nnx.Variable)
-                        else value)
+  return optax.tree.set(opt_state, learning_rate=current.replace(value) if isinstance(current, nnx.Variable) else value)
 
 
 def learning_rate(opt_state: Any) -> jax.Array | None:

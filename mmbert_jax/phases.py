@@ -7,6 +7,7 @@ phase named by its `init_from_phase`. A finished phase is not trained again (its
 the loop exits at once), so re-running the same command resumes the curriculum where it stopped. With
 `config.merge`, the listed phases' final checkpoints are merged and the merge is evaluated like a phase.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,10 @@ def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) ->
   """The curriculum config with `phase_overrides[phase]` applied: keys must exist in the shared config; a
   section's keys merge, and a value replaces the shared one (a dict value replaces the whole dict)."""
   if phase not in config.phase_overrides:
-    raise ValueError(f"config.phases names {phase!r}, but config.phase_overrides has no such entry "
-                     f"(have: {', '.join(config.phase_overrides)})")
+    raise ValueError(
+      f"config.phases names {phase!r}, but config.phase_overrides has no such entry "
+      f"(have: {', '.join(config.phase_overrides)})"
+    )
   overrides = config.phase_overrides[phase]
   flat = {}
   for key, value in overrides.items():
@@ -40,7 +43,7 @@ def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) ->
   try:
     out.update_from_flattened_dict(flat)
   except (AttributeError, KeyError) as e:
-    detail = " ".join(str(e.args[0] if e.args else e).split())   # ml_collections adds a "Did you mean" line
+    detail = " ".join(str(e.args[0] if e.args else e).split())  # ml_collections adds a "Did you mean" line
     raise ValueError(f"config.phase_overrides.{phase}: {detail}") from None
   with out.unlocked():
     out.phase = phase
@@ -64,15 +67,22 @@ def merge_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   m = config.merge
   out = _inside(workdir, "merged")
   if not ckpt_lib.checkpoint_dir(out).exists():
-    params, meta = merge.merge_checkpoints(m.method, base=_inside(workdir, m.base),
-                                           models=[_inside(workdir, p) for p in m.models], density=m.density,
-                                           lam=m.lam)
+    params, meta = merge.merge_checkpoints(
+      m.method,
+      base=_inside(workdir, m.base),
+      models=[_inside(workdir, p) for p in m.models],
+      density=m.density,
+      lam=m.lam,
+    )
     ckpt_lib.save_params(out, int(meta.get("step", 0)), params, meta)
   params, meta, _ = ckpt_lib.load_params(out)
   last = phase_config(config, m.models[-1], workdir)
-  return evaluate.evaluate_params(params, ckpt_lib.model_config_of(meta),
-                                  train.pipeline_config(last, last.eval_batch_size, eval=True),
-                                  last.eval_max_batches)
+  return evaluate.evaluate_params(
+    params,
+    ckpt_lib.model_config_of(meta),
+    train.pipeline_config(last, last.eval_batch_size, eval=True),
+    last.eval_max_batches,
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -88,8 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results: dict[str, Any] = {}
   budgets = [phase_config(config, phase, workdir).train_tokens for phase in config.phases]
   for i, phase in enumerate(config.phases):
-    result = train.train_and_evaluate(phase_config(config, phase, workdir), _inside(workdir, phase),
-                                      later_tokens=sum(budgets[i + 1:]))
+    result = train.train_and_evaluate(
+      phase_config(config, phase, workdir), _inside(workdir, phase), later_tokens=sum(budgets[i + 1 :])
+    )
     results[phase] = result
     if result["status"] != "complete":
       return result

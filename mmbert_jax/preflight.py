@@ -7,6 +7,7 @@ seconds with one line naming the key or file and what to run or set, and leaves 
 
 Each failure is a `cli.ConfigError`: the entry point prints it as `error: …` and exits with status 2.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,8 +39,10 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     check_phase(config, workdir)
     return
   if _latest_checkpoint(workdir) is not None:
-    raise ConfigError(f"--workdir={workdir} holds a single phase's checkpoints, but {config.phases[0]}… is a "
-                      "curriculum (it runs each phase in <workdir>/<phase>): choose another --workdir")
+    raise ConfigError(
+      f"--workdir={workdir} holds a single phase's checkpoints, but {config.phases[0]}… is a "
+      "curriculum (it runs each phase in <workdir>/<phase>): choose another --workdir"
+    )
   for phase in config.phases:
     try:
       phase_cfg = phases.phase_config(config, phase, workdir)
@@ -63,8 +66,9 @@ def check_phase(config: ml_collections.ConfigDict, workdir: str, *, init_from_in
   _model_shape(config)  # an unknown model field or preset fails here, not after the mesh is built
   _check_mixture(config)
   if config.get("wandb") and config.wandb.get("project") and importlib.util.find_spec("wandb") is None:
-    raise ConfigError(f"config.wandb.project={config.wandb.project} needs wandb: `pip install wandb`, or drop "
-                      "--config.wandb.project")
+    raise ConfigError(
+      f"config.wandb.project={config.wandb.project} needs wandb: `pip install wandb`, or drop --config.wandb.project"
+    )
 
 
 def _path(value: str, key: str):
@@ -81,14 +85,18 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     return  # the demo builds its corpus in <workdir>/data
   prepare = f"`python -m data_pipeline.prepare --output_dir {data_dir or 'DIR'} ...`"
   if not data_dir:
-    raise ConfigError(f"config.data.data_dir is empty: set --config.data.data_dir=DIR to a directory prepared by "
-                      f"{prepare} (or `python -m data_pipeline.demo_corpus --data_dir DIR` for a small one)")
+    raise ConfigError(
+      f"config.data.data_dir is empty: set --config.data.data_dir=DIR to a directory prepared by "
+      f"{prepare} (or `python -m data_pipeline.demo_corpus --data_dir DIR` for a small one)"
+    )
   path = _path(data_dir, "config.data.data_dir")
   if not path.is_dir():
     raise ConfigError(f"config.data.data_dir={data_dir} does not exist: prepare it with {prepare}")
   if not (path / "stats.json").exists():
-    raise ConfigError(f"config.data.data_dir={data_dir} has no stats.json: run {prepare} to completion (an "
-                      "unfinished prepare writes none)")
+    raise ConfigError(
+      f"config.data.data_dir={data_dir} has no stats.json: run {prepare} to completion (an "
+      "unfinished prepare writes none)"
+    )
 
 
 def _check_mixture(config: ml_collections.ConfigDict) -> None:
@@ -97,20 +105,26 @@ def _check_mixture(config: ml_collections.ConfigDict) -> None:
     return
   try:  # the phase's mixture over this data: languages, budgets and pass caps that do not fit fail here
     stats = mixture.load_stats(data_dir)
-    mixture.compute_mixture(mixture.counts_from_stats(stats, list(config.data.budgets)),
-                            train.pipeline_config(config, config.batch_size).phase)
+    mixture.compute_mixture(
+      mixture.counts_from_stats(stats, list(config.data.budgets)),
+      train.pipeline_config(config, config.batch_size).phase,
+    )
     if config.data.eval_languages:
       mixture.resolve_languages(config.data.eval_languages, list(stats["languages"]))
   except ValueError as e:
-    raise ConfigError(f"config.data (languages={config.data.languages}, eval_languages="
-                      f"{config.data.eval_languages or '='}, budgets={dict(config.data.budgets)}) does not fit "
-                      f"{data_dir}: {e}") from None
+    raise ConfigError(
+      f"config.data (languages={config.data.languages}, eval_languages="
+      f"{config.data.eval_languages or '='}, budgets={dict(config.data.budgets)}) does not fit "
+      f"{data_dir}: {e}"
+    ) from None
   tokenizer = stats.get("tokenizer", {}).get("vocab_size", 0)
   vocab = _model_shape(config)["vocab_size"]
   if tokenizer > vocab:  # ids past the embedding table would be clamped silently, not rejected
-    raise ConfigError(f"{data_dir} was tokenized with {tokenizer} pieces but the model has vocab_size={vocab} "
-                      f"(config.model_preset={config.model_preset}): set --config.model.vocab_size={tokenizer} where "
-                      "the config has that key, or prepare the data with a tokenizer that fits")
+    raise ConfigError(
+      f"{data_dir} was tokenized with {tokenizer} pieces but the model has vocab_size={vocab} "
+      f"(config.model_preset={config.model_preset}): set --config.model.vocab_size={tokenizer} where "
+      "the config has that key, or prepare the data with a tokenizer that fits"
+    )
 
 
 def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:
@@ -118,9 +132,11 @@ def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:
   previous = next((prev for name, prev in CONTINUES_FROM.items() if phase.startswith(name)), None)
   if not config.init_from:
     if previous and not config.get("allow_random_init", False):
-      raise ConfigError(f"config.init_from is empty, but phase {phase} continues from the {previous} checkpoint: "
-                        f"set --config.init_from=<the {previous} workdir> (or --config.allow_random_init=True to "
-                        "train it from random weights)")
+      raise ConfigError(
+        f"config.init_from is empty, but phase {phase} continues from the {previous} checkpoint: "
+        f"set --config.init_from=<the {previous} workdir> (or --config.allow_random_init=True to "
+        "train it from random weights)"
+      )
     return
   if inside:
     return
@@ -135,8 +151,9 @@ def _model_shape(config: ml_collections.ConfigDict) -> dict[str, Any]:
   overrides = {k: v for k, v in config.model.items() if k != "dtype" and v is not None}
   unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
   if unknown:
-    raise ConfigError(f"config.model.{unknown[0]} is not a model field (fields: "
-                      f"{', '.join(sorted(ModelConfig.__dataclass_fields__))})")
+    raise ConfigError(
+      f"config.model.{unknown[0]} is not a model field (fields: {', '.join(sorted(ModelConfig.__dataclass_fields__))})"
+    )
   try:
     cfg = get_config(config.model_preset, **overrides)
   except ValueError as e:
@@ -162,13 +179,17 @@ def _latest_checkpoint(workdir: str) -> tuple[int, dict[str, Any]] | None:
 def _check_own_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int, meta: dict) -> None:
   saved_phase = meta.get("phase")
   if saved_phase is not None and saved_phase != config.phase:
-    raise ConfigError(f"--workdir={workdir} holds checkpoints of phase {saved_phase} (step {step}), not "
-                      f"{config.phase}: choose a new --workdir (and --config.init_from={workdir} to start from them)")
+    raise ConfigError(
+      f"--workdir={workdir} holds checkpoints of phase {saved_phase} (step {step}), not "
+      f"{config.phase}: choose a new --workdir (and --config.init_from={workdir} to start from them)"
+    )
   saved = meta.get("model_config") or {}
   now = _model_shape(config)
   differ = [k for k in SHAPE_FIELDS if k in saved and saved[k] != now[k]]
   if differ:
     have = ", ".join(f"{k}={saved[k]}" for k in differ)
     want = ", ".join(f"{k}={now[k]}" for k in differ)
-    raise ConfigError(f"--workdir={workdir} holds checkpoints of another model size ({have}; "
-                      f"config.model_preset={config.model_preset} gives {want}): choose a new --workdir")
+    raise ConfigError(
+      f"--workdir={workdir} holds checkpoints of another model size ({have}; "
+      f"config.model_preset={config.model_preset} gives {want}): choose a new --workdir"
+    )

@@ -4,6 +4,7 @@ Every log step the console shows the phase, tokens done / budget, tokens/s, MFU,
 whole curriculum, and the time per step split into waiting for data, waiting for the device and host work. On a
 terminal it is a progress bar that redraws in place; elsewhere (CI, log files) one plain line per log step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,8 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import jax
 from tqdm import tqdm
@@ -85,8 +87,15 @@ class Progress:
   (until a second report exists, the rate since construction stands in).
   """
 
-  def __init__(self, phase: str, budget: int, *, tokens: int = 0, later_tokens: int = 0,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    phase: str,
+    budget: int,
+    *,
+    tokens: int = 0,
+    later_tokens: int = 0,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     self.phase, self.budget, self.later_tokens = phase, budget, later_tokens
     self._clock = clock
     self._last = self._first = (clock(), tokens)
@@ -106,16 +115,26 @@ class Progress:
     self._last = (now, tokens)
     remaining = max(self.budget - tokens, 0)
     eta = remaining / rate if rate else None
-    return {"phase": self.phase, "step": step, "tokens": tokens, "budget": self.budget,
-            "fraction": tokens / self.budget if self.budget else 1.0, "tokens_per_s": interval,
-            "eta_phase_s": eta, "eta_total_s": (remaining + self.later_tokens) / rate if rate else None, **extra}
+    return {
+      "phase": self.phase,
+      "step": step,
+      "tokens": tokens,
+      "budget": self.budget,
+      "fraction": tokens / self.budget if self.budget else 1.0,
+      "tokens_per_s": interval,
+      "eta_phase_s": eta,
+      "eta_total_s": (remaining + self.later_tokens) / rate if rate else None,
+      **extra,
+    }
 
 
 def format_progress(f: dict[str, Any]) -> str:
   """One line: 'pretrain step 120 | 1.23M/4.00M tok (30.8%) | 812.00k tok/s | MFU 41.2% | ETA 3m25s, curriculum
   1h02m | 0.630 s/step: data 0.010 device 0.600 host 0.020 | loss 3.210 acc 0.412 lr 8.0e-04'."""
-  parts = [f"{f['phase']} step {f['step']}",
-           f"{format_count(f['tokens'])}/{format_count(f['budget'])} tok ({100 * f['fraction']:.1f}%)"]
+  parts = [
+    f"{f['phase']} step {f['step']}",
+    f"{format_count(f['tokens'])}/{format_count(f['budget'])} tok ({100 * f['fraction']:.1f}%)",
+  ]
   if f.get("tokens_per_s") is not None:
     parts.append(f"{format_count(f['tokens_per_s'])} tok/s")
   if f.get("mfu") is not None:
@@ -125,10 +144,12 @@ def format_progress(f: dict[str, Any]) -> str:
     eta += f", curriculum {format_duration(f['eta_total_s'])}"
   parts.append(eta)
   if "step_s" in f:
-    parts.append(f"{f['step_s']:.3f} s/step: data {f['data_s']:.3f} device {f['device_s']:.3f} "
-                 f"host {f['host_s']:.3f}")
-  shown = [f"{name} {f[key]:{fmt}}" for key, name, fmt in (("loss", "loss", ".3f"), ("accuracy", "acc", ".3f"),
-                                                            ("lr", "lr", ".1e")) if f.get(key) is not None]
+    parts.append(f"{f['step_s']:.3f} s/step: data {f['data_s']:.3f} device {f['device_s']:.3f} host {f['host_s']:.3f}")
+  shown = [
+    f"{name} {f[key]:{fmt}}"
+    for key, name, fmt in (("loss", "loss", ".3f"), ("accuracy", "acc", ".3f"), ("lr", "lr", ".1e"))
+    if f.get(key) is not None
+  ]
   if shown:
     parts.append(" ".join(shown))
   return " | ".join(parts)
@@ -151,8 +172,7 @@ class Console:
       return
     total = max(int(fields["budget"]), 1)
     if self._tqdm is None:
-      self._tqdm = tqdm(total=total, file=self.stream, dynamic_ncols=True, bar_format="{bar:24}| {desc}",
-                        leave=True)
+      self._tqdm = tqdm(total=total, file=self.stream, dynamic_ncols=True, bar_format="{bar:24}| {desc}", leave=True)
     self._tqdm.n = min(int(fields["tokens"]), total)
     self._tqdm.set_description_str(format_progress(fields), refresh=True)
 
@@ -182,10 +202,11 @@ def _isatty(stream) -> bool:
 class Profiler:
   """A `jax.profiler` trace of steps [start_step, start_step + num_steps) into `<workdir>/profile`, on one
   process by default (TensorBoard's profile plugin and XProf read it: `tensorboard --logdir <workdir>`)."""
+
   workdir: str
   start_step: int
   num_steps: int
-  process: int = 0            # the process that traces; -1: every process
+  process: int = 0  # the process that traces; -1: every process
   process_index: int = 0
   _active: bool = False
 

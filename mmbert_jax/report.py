@@ -8,11 +8,13 @@ records (written by the training loop: `metrics.jsonl`, `eval.jsonl`, `mixture.j
                 highlighted
   mixture.png   the sampling weight p_l of each language per phase (log scale) above the data's tokens n_l
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from absl import app, flags
@@ -28,6 +30,7 @@ PLOTS = ("loss", "eval", "mixture")
 @dataclasses.dataclass
 class Phase:
   """One phase's records (or a merged model's: evaluations only)."""
+
   name: str
   directory: str
   metrics: list[dict[str, Any]]
@@ -47,8 +50,14 @@ def _read_json(path: epath.Path) -> dict[str, Any] | None:
 
 
 def _phase(directory: epath.Path, name: str) -> Phase:
-  return Phase(name, str(directory), _read_jsonl(directory / "metrics.jsonl"), _read_jsonl(directory / "eval.jsonl"),
-               _read_json(directory / "mixture.json"), _read_json(directory / "config.json"))
+  return Phase(
+    name,
+    str(directory),
+    _read_jsonl(directory / "metrics.jsonl"),
+    _read_jsonl(directory / "eval.jsonl"),
+    _read_json(directory / "mixture.json"),
+    _read_json(directory / "config.json"),
+  )
 
 
 def _start(phase: Phase) -> float:
@@ -67,11 +76,11 @@ def load_run(workdir: str | epath.Path) -> list[Phase]:
     return [_phase(workdir, config.get("phase") or workdir.name)]
   root = _read_json(workdir / "config.json") or {}
   children = sorted(workdir.iterdir()) if workdir.is_dir() else []
-  names = [p.name for p in children if p.is_dir()
-           and any((p / f).exists() for f in ("metrics.jsonl", "eval.jsonl"))]
+  names = [p.name for p in children if p.is_dir() and any((p / f).exists() for f in ("metrics.jsonl", "eval.jsonl"))]
   if not names:
-    raise FileNotFoundError(f"{workdir} holds no run records (metrics.jsonl or eval.jsonl, in it or in its phase "
-                            "sub-directories)")
+    raise FileNotFoundError(
+      f"{workdir} holds no run records (metrics.jsonl or eval.jsonl, in it or in its phase sub-directories)"
+    )
   phases = {n: _phase(workdir / n, n) for n in names}
   listed = [p for p in root.get("phases", []) if p in phases]
   rest = sorted((n for n in names if n not in listed), key=lambda n: (_start(phases[n]), n))
@@ -81,6 +90,7 @@ def load_run(workdir: str | epath.Path) -> list[Phase]:
 # ---------------------------------------------------------------------------------------------------------------
 # The data each plot shows
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def loss_curves(phases: Sequence[Phase]) -> dict[str, dict[str, np.ndarray]]:
   """{phase: {"tokens", "loss", "lr", "start"}}: x is the curriculum's total tokens (train/total_tokens;
@@ -92,16 +102,20 @@ def loss_curves(phases: Sequence[Phase]) -> dict[str, dict[str, np.ndarray]]:
       continue
     total = np.array([m.get("train/total_tokens", m.get("train/tokens", 0)) for m in rows], np.float64)
     phase_tokens = np.array([m.get("train/tokens", 0) for m in rows], np.float64)
-    out[p.name] = {"tokens": total, "loss": np.array([m["train/loss"] for m in rows], np.float64),
-                   "lr": np.array([m.get("train/lr", np.nan) for m in rows], np.float64),
-                   "start": float(total[0] - phase_tokens[0])}
+    out[p.name] = {
+      "tokens": total,
+      "loss": np.array([m["train/loss"] for m in rows], np.float64),
+      "lr": np.array([m.get("train/lr", np.nan) for m in rows], np.float64),
+      "start": float(total[0] - phase_tokens[0]),
+    }
   return out
 
 
 def final_eval(phases: Sequence[Phase]) -> dict[str, dict[str, float]]:
   """{phase: {language: held-out loss}} from each phase's last evaluation ("all" left out)."""
-  return {p.name: {lang: r["loss"] for lang, r in p.evals[-1]["results"].items() if lang != "all"}
-          for p in phases if p.evals}
+  return {
+    p.name: {lang: r["loss"] for lang, r in p.evals[-1]["results"].items() if lang != "all"} for p in phases if p.evals
+  }
 
 
 def entry_phase(phases: Sequence[Phase]) -> dict[str, str]:
@@ -127,8 +141,10 @@ def mixtures(phases: Sequence[Phase]) -> tuple[dict[str, dict[str, float]], dict
 # Plots
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _figure(**kwargs):
   from matplotlib.figure import Figure  # the object API: no global state, no display; imported when drawing
+
   return Figure(layout="constrained", **kwargs)
 
 
@@ -138,7 +154,7 @@ def plot_loss(phases: Sequence[Phase]):
   ax, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
   for name, c in curves.items():
     marker = "o" if len(c["tokens"]) <= 50 else None  # a short phase may have logged a single point
-    line, = ax.plot(c["tokens"], c["loss"], label=name, linewidth=1.2, marker=marker, markersize=3)
+    (line,) = ax.plot(c["tokens"], c["loss"], label=name, linewidth=1.2, marker=marker, markersize=3)
     ax_lr.plot(c["tokens"], c["lr"], color=line.get_color(), linewidth=1.2, marker=marker, markersize=3)
   starts: dict[float, list[str]] = {}
   for name, c in curves.items():
@@ -146,8 +162,16 @@ def plot_loss(phases: Sequence[Phase]):
   for start, names in sorted(starts.items()):
     for a in (ax, ax_lr):
       a.axvline(start, color="0.6", linestyle="--", linewidth=0.8)
-    ax.annotate(" / ".join(names), (start, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top",
-                ha="right", fontsize=8, color="0.35")
+    ax.annotate(
+      " / ".join(names),
+      (start, 1.0),
+      xycoords=("data", "axes fraction"),
+      rotation=90,
+      va="top",
+      ha="right",
+      fontsize=8,
+      color="0.35",
+    )
   ax.set_ylabel("training MLM loss")
   ax.set_title("training loss over the curriculum")
   ax.legend(fontsize=8)
@@ -161,8 +185,10 @@ def plot_eval(phases: Sequence[Phase]):
   entry = entry_phase(phases)
   first = next((p.name for p in phases if p.mixture), None)
   order = [p.name for p in phases]
-  languages = sorted({lang for r in evals.values() for lang in r},
-                     key=lambda lang: (order.index(entry[lang]) if lang in entry else len(order), lang))
+  languages = sorted(
+    {lang for r in evals.values() for lang in r},
+    key=lambda lang: (order.index(entry[lang]) if lang in entry else len(order), lang),
+  )
   late = [lang for lang in languages if entry.get(lang) != first]
   fig = _figure(figsize=(min(max(9, 3 + 0.45 * len(languages)), 40), 5))
   ax = fig.subplots()
@@ -172,8 +198,9 @@ def plot_eval(phases: Sequence[Phase]):
   for i, lang in enumerate(languages):
     if lang in late:
       ax.axvspan(i - 0.5, i + 0.5, color="tab:orange", alpha=0.12, linewidth=0)
-  ax.set_xticks(x, [f"{lang}\n({entry.get(lang, 'eval only')})" if lang in late else lang for lang in languages],
-                fontsize=7)
+  ax.set_xticks(
+    x, [f"{lang}\n({entry.get(lang, 'eval only')})" if lang in late else lang for lang in languages], fontsize=7
+  )
   for label, lang in zip(ax.get_xticklabels(), languages):
     if lang in late:
       label.set_color("tab:orange")
@@ -210,13 +237,16 @@ def write_plots(workdir: str, out_dir: str | None = None) -> list[str]:
   phases = load_run(workdir)
   out_dir = fs.path(out_dir, "--out") if out_dir else fs.path(workdir, "--workdir") / "plots"
   out_dir.mkdir(parents=True, exist_ok=True)
-  available = {"loss": bool(loss_curves(phases)), "eval": bool(final_eval(phases)),
-               "mixture": bool(mixtures(phases)[1])}
+  available = {
+    "loss": bool(loss_curves(phases)),
+    "eval": bool(final_eval(phases)),
+    "mixture": bool(mixtures(phases)[1]),
+  }
   paths = []
   for name, plot in (("loss", plot_loss), ("eval", plot_eval), ("mixture", plot_mixture)):
     if available[name]:
       path = out_dir / f"{name}.png"
-      with path.open("wb") as f:   # a bucket object is written whole when the file closes
+      with path.open("wb") as f:  # a bucket object is written whole when the file closes
         plot(phases).savefig(f, format="png", dpi=110)
       paths.append(str(path))
   return paths
@@ -235,7 +265,7 @@ def main(argv):
     paths = write_plots(FLAGS.workdir, FLAGS.out or None)
   except FileNotFoundError as e:
     raise cli.ConfigError(f"--workdir={FLAGS.workdir}: {e}") from None
-  except ValueError as e:   # not a local or gs:// path (the message names the flag)
+  except ValueError as e:  # not a local or gs:// path (the message names the flag)
     raise cli.ConfigError(str(e)) from None
   for path in paths:
     print(path)

@@ -14,16 +14,16 @@ phase started*:
 same schedule in numpy float64: the training loop computes each step's learning rate on the host, where a jnp
 schedule would queue behind the running step and reading its value would wait for that step.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 
 DECAY_SHAPES = ("1-sqrt", "inverse_sqrt", "linear", "cosine")
 
@@ -40,8 +40,9 @@ def _checked_decay(decay_tokens: float, final_fraction: float, shape: str) -> fl
   return float(decay_tokens)
 
 
-def _checked_wsd(peak_lr, warmup_tokens, decay_start_tokens, decay_tokens, final_fraction, decay_shape,
-                 phase_start_tokens) -> tuple[float, float | None, float, float]:
+def _checked_wsd(
+  peak_lr, warmup_tokens, decay_start_tokens, decay_tokens, final_fraction, decay_shape, phase_start_tokens
+) -> tuple[float, float | None, float, float]:
   """wsd_schedule's arguments as floats (token counts reach 1e12: as Python ints they would enter jnp as int32 and
   overflow), or a ValueError naming the one that cannot be used."""
   if not peak_lr > 0:
@@ -52,14 +53,15 @@ def _checked_wsd(peak_lr, warmup_tokens, decay_start_tokens, decay_tokens, final
     raise ValueError(f"warmup_tokens ({warmup_tokens}) and phase_start_tokens ({phase_start_tokens}) must be >= 0")
   if decay_start_tokens is not None:
     if decay_start_tokens < warmup_tokens:
-      raise ValueError(f"decay_start_tokens ({decay_start_tokens}) must be >= warmup_tokens ({warmup_tokens}): "
-                       "decay starts after warmup")
+      raise ValueError(
+        f"decay_start_tokens ({decay_start_tokens}) must be >= warmup_tokens ({warmup_tokens}): "
+        "decay starts after warmup"
+      )
     _checked_decay(decay_tokens, final_fraction, decay_shape)
   return warmup_tokens, decay_start_tokens, decay_tokens, phase_start_tokens
 
 
-def decay_schedule(peak_lr: float, decay_tokens: float, final_fraction: float,
-                   shape: str = "1-sqrt") -> optax.Schedule:
+def decay_schedule(peak_lr: float, decay_tokens: float, final_fraction: float, shape: str = "1-sqrt") -> optax.Schedule:
   """Decay from `peak_lr` at t = 0 to `final_fraction · peak_lr` at t = decay_tokens, held there after.
 
   With α = final_fraction and s = min(t / decay_tokens, 1):
@@ -77,12 +79,19 @@ def decay_schedule(peak_lr: float, decay_tokens: float, final_fraction: float,
   progress = lambda t: jnp.clip(t / decay_tokens, 0.0, 1.0)
   if shape == "1-sqrt":
     return lambda t: end + (peak_lr - end) * (1.0 - jnp.sqrt(progress(t)))
-  return lambda t: peak_lr * jax.lax.rsqrt(1.0 + progress(t) * (final_fraction ** -2 - 1.0))
+  return lambda t: peak_lr * jax.lax.rsqrt(1.0 + progress(t) * (final_fraction**-2 - 1.0))
 
 
-def wsd_schedule(peak_lr: float, *, warmup_tokens: float = 0, decay_start_tokens: float | None = None,
-                 decay_tokens: float = 0, final_fraction: float = 0.0, decay_shape: str = "1-sqrt",
-                 phase_start_tokens: float = 0) -> Callable[[jax.typing.ArrayLike], jax.Array]:
+def wsd_schedule(
+  peak_lr: float,
+  *,
+  warmup_tokens: float = 0,
+  decay_start_tokens: float | None = None,
+  decay_tokens: float = 0,
+  final_fraction: float = 0.0,
+  decay_shape: str = "1-sqrt",
+  phase_start_tokens: float = 0,
+) -> Callable[[jax.typing.ArrayLike], jax.Array]:
   """Warmup-stable-decay learning rate as a function of tokens.
 
   Position t = tokens − phase_start_tokens (negative counts as 0). Linear warmup from 0 to `peak_lr` over
@@ -90,7 +99,8 @@ def wsd_schedule(peak_lr: float, *, warmup_tokens: float = 0, decay_start_tokens
   over `decay_tokens`, ending at `final_fraction · peak_lr` and held there.
   """
   warmup_tokens, decay_start_tokens, decay_tokens, phase_start_tokens = _checked_wsd(
-      peak_lr, warmup_tokens, decay_start_tokens, decay_tokens, final_fraction, decay_shape, phase_start_tokens)
+    peak_lr, warmup_tokens, decay_start_tokens, decay_tokens, final_fraction, decay_shape, phase_start_tokens
+  )
   pieces, boundaries = [], []
   if warmup_tokens > 0:
     pieces.append(optax.linear_schedule(0.0, peak_lr, warmup_tokens))
@@ -101,7 +111,7 @@ def wsd_schedule(peak_lr: float, *, warmup_tokens: float = 0, decay_start_tokens
   if decay_start_tokens is not None:
     pieces.append(decay_schedule(peak_lr, decay_tokens, final_fraction, decay_shape))
   # join_schedules hands each piece the tokens since its own boundary.
-  joined = optax.join_schedules(pieces, boundaries[:len(pieces) - 1])
+  joined = optax.join_schedules(pieces, boundaries[: len(pieces) - 1])
 
   def schedule(tokens):
     t = jnp.maximum(jnp.asarray(tokens, jnp.float32) - phase_start_tokens, 0.0)
@@ -110,20 +120,28 @@ def wsd_schedule(peak_lr: float, *, warmup_tokens: float = 0, decay_start_tokens
   return schedule
 
 
-def host_wsd_schedule(peak_lr: float, *, warmup_tokens: float = 0, decay_start_tokens: float | None = None,
-                      decay_tokens: float = 0, final_fraction: float = 0.0, decay_shape: str = "1-sqrt",
-                      phase_start_tokens: float = 0) -> Callable[[np.typing.ArrayLike], np.ndarray]:
+def host_wsd_schedule(
+  peak_lr: float,
+  *,
+  warmup_tokens: float = 0,
+  decay_start_tokens: float | None = None,
+  decay_tokens: float = 0,
+  final_fraction: float = 0.0,
+  decay_shape: str = "1-sqrt",
+  phase_start_tokens: float = 0,
+) -> Callable[[np.typing.ArrayLike], np.ndarray]:
   """`wsd_schedule` in numpy float64, for the host: same arguments, same errors, same values (to float32
   precision); a token count gives a numpy float64 scalar, an array of them an array."""
   warmup_tokens, decay_start_tokens, decay_tokens, phase_start_tokens = _checked_wsd(
-      peak_lr, warmup_tokens, decay_start_tokens, decay_tokens, final_fraction, decay_shape, phase_start_tokens)
+    peak_lr, warmup_tokens, decay_start_tokens, decay_tokens, final_fraction, decay_shape, phase_start_tokens
+  )
   end = peak_lr * final_fraction
 
   def decay(s):  # s = decay progress in [0, 1]; the formulas of decay_schedule
     if decay_shape == "1-sqrt":
       return end + (peak_lr - end) * (1.0 - np.sqrt(s))
     if decay_shape == "inverse_sqrt":
-      return peak_lr / np.sqrt(1.0 + s * (final_fraction ** -2 - 1.0))
+      return peak_lr / np.sqrt(1.0 + s * (final_fraction**-2 - 1.0))
     if decay_shape == "linear":
       return end + (peak_lr - end) * (1.0 - s)
     return end + (peak_lr - end) * 0.5 * (1.0 + np.cos(np.pi * s))
@@ -140,8 +158,14 @@ def host_wsd_schedule(peak_lr: float, *, warmup_tokens: float = 0, decay_start_t
   return schedule
 
 
-def batch_warmup(tokens: float, *, num_microbatches: int, warmup_tokens: float, start_fraction: float = 1 / 12,
-                 level_duration: str = "steps") -> int:
+def batch_warmup(
+  tokens: float,
+  *,
+  num_microbatches: int,
+  warmup_tokens: float,
+  start_fraction: float = 1 / 12,
+  level_duration: str = "steps",
+) -> int:
   """Number of micro-batches (1..num_microbatches) to accumulate into the next optimizer step.
 
   The full batch is `num_microbatches` fixed-size micro-batches; warmup starts at ⌈start_fraction · n⌉ of them
@@ -160,7 +184,7 @@ def batch_warmup(tokens: float, *, num_microbatches: int, warmup_tokens: float, 
   start = min(n, max(1, math.ceil(start_fraction * n - 1e-9)))
   if warmup_tokens <= 0 or start == n or tokens >= warmup_tokens:
     return n
-  levels = np.arange(start, n, dtype=np.float64)                       # the sizes used during warmup
-  span = levels if level_duration == "steps" else np.ones_like(levels)   # tokens each level lasts, relative
+  levels = np.arange(start, n, dtype=np.float64)  # the sizes used during warmup
+  span = levels if level_duration == "steps" else np.ones_like(levels)  # tokens each level lasts, relative
   level_ends = warmup_tokens * np.cumsum(span) / span.sum()
   return int(start + np.searchsorted(level_ends, tokens, side="right"))

@@ -3,27 +3,30 @@
 Mesh axes: `data` (pure data parallel: replicas), `fsdp` (data parallel with parameters and optimizer state
 sharded), `tensor` (heads, MLP and vocabulary split across devices). Batches are split over (data, fsdp).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")    # batch rows are split over these (also inside the kernels' shard_map)
+BATCH_AXES = ("data", "fsdp")  # batch rows are split over these (also inside the kernels' shard_map)
 
 # Logical parameter axes (named in mmbert_jax.model) → mesh axes. The only place sharding is decided.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
+  ("batch", BATCH_AXES),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("norm", None),
 )
 
 
@@ -95,6 +98,8 @@ def check_process_feeds(mesh: Mesh) -> None:
       continue
     if (owner != np.take(owner, [0], axis=i)).any():
       local = len(mesh.local_devices)
-      raise ValueError(f"mesh: the {axis!r} axis ({mesh.shape[axis]} devices) spans processes, which feed "
-                       f"different rows; each process has {local} device(s). Use --config.mesh.{axis} of at most "
-                       f"{local} (a divisor of it), or one process per host")
+      raise ValueError(
+        f"mesh: the {axis!r} axis ({mesh.shape[axis]} devices) spans processes, which feed "
+        f"different rows; each process has {local} device(s). Use --config.mesh.{axis} of at most "
+        f"{local} (a divisor of it), or one process per host"
+      )

@@ -3,15 +3,25 @@
 Writers (metrics, checkpoints) raise `WriteError` in the training loop's thread, so a failed write stops the run
 with a clear message instead of a dead background thread that the loop waits on forever.
 """
+
 from __future__ import annotations
 
 import errno
 
-_REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-            errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+_REASONS = {
+  errno.ENOSPC: "disk full",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.EROFS: "read-only file system",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "permission denied",
+}
 # Messages of libraries that do not keep the OSError (tensorstore reports the C library's text).
-_TEXTS = {"No space left on device": "disk full", "Disk quota exceeded": "disk quota exceeded",
-          "Read-only file system": "read-only file system", "Permission denied": "permission denied"}
+_TEXTS = {
+  "No space left on device": "disk full",
+  "Disk quota exceeded": "disk quota exceeded",
+  "Read-only file system": "read-only file system",
+  "Permission denied": "permission denied",
+}
 
 
 class WriteError(RuntimeError):
@@ -28,12 +38,13 @@ def _chain(error: BaseException):
 
 def is_storage_error(error: BaseException) -> bool:
   """Whether `error` (or one it was raised from) is a failed write of the kinds above."""
-  return any((isinstance(e, OSError) and e.errno in _REASONS) or any(t in str(e) for t in _TEXTS)
-             for e in _chain(error))
+  return any(
+    (isinstance(e, OSError) and e.errno in _REASONS) or any(t in str(e) for t in _TEXTS) for e in _chain(error)
+  )
 
 
 def reason(error: BaseException) -> str:
-  """"disk full", "read-only file system", ... for an error or any error it was raised from."""
+  """ "disk full", "read-only file system", ... for an error or any error it was raised from."""
   for e in _chain(error):
     if isinstance(e, OSError) and e.errno in _REASONS:
       return _REASONS[e.errno]

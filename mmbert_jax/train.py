@@ -9,6 +9,7 @@ preemption.
 The schedule's clock is *slot tokens* (rows × seq_len), known on every host without a device sync; real
 (non-padding) tokens are counted per language for metrics and carried across phases.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,8 @@ import json
 import math
 import signal
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +29,12 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from data_pipeline import mixture as mixture_lib
 from data_pipeline import pipeline as data_lib
 from mmbert_jax import attention as attention_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
-from data_pipeline import mixture as mixture_lib
 from mmbert_jax import optim, progress, schedules, sharding
 from mmbert_jax.model import RUNTIME_FIELDS, MaskedLM, ModelConfig, abstract_model, get_config
 
@@ -47,25 +49,53 @@ class ConfigChangeError(ValueError):
 
 # Keys a resumed run may change freely: how it runs and reports, not what it computes. Every other key (model,
 # optimizer, schedule, data mixture, batch, seed) must match the checkpoint's unless allow_config_change is set.
-BOOKKEEPING_KEYS = frozenset({
-    "phase", "workdir", "train_tokens", "mesh", "num_devices", "jax_cache_dir", "peak_flops_per_device",
-    "log_every_steps", "eval_every_steps", "eval_batch_size", "eval_max_batches", "checkpoint_every_tokens",
-    "keep_checkpoints", "skip_nonfinite", "max_consecutive_skips", "allow_config_change", "init_from",
-    "init_optimizer_state", "data.data_dir", "data.num_workers", "data.read_threads", "data.read_ahead",
-    "data.eval_languages", "data.eval_mask_rate",
-} | {f"model.{name}" for name in RUNTIME_FIELDS - {"attn_out_dropout"}})
+BOOKKEEPING_KEYS = frozenset(
+  {
+    "phase",
+    "workdir",
+    "train_tokens",
+    "mesh",
+    "num_devices",
+    "jax_cache_dir",
+    "peak_flops_per_device",
+    "log_every_steps",
+    "eval_every_steps",
+    "eval_batch_size",
+    "eval_max_batches",
+    "checkpoint_every_tokens",
+    "keep_checkpoints",
+    "skip_nonfinite",
+    "max_consecutive_skips",
+    "allow_config_change",
+    "init_from",
+    "init_optimizer_state",
+    "data.data_dir",
+    "data.num_workers",
+    "data.read_threads",
+    "data.read_ahead",
+    "data.eval_languages",
+    "data.eval_mask_rate",
+  }
+  | {f"model.{name}" for name in RUNTIME_FIELDS - {"attn_out_dropout"}}
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Config → components
 # --------------------------------------------------------------------------------------------------------------
 
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """One-line errors for values the loop cannot run with (before anything is built or written)."""
-  positive = {"batch_size": config.batch_size, "log_every_steps": config.log_every_steps,
-              "checkpoint_every_tokens": config.checkpoint_every_tokens, "keep_checkpoints": config.keep_checkpoints,
-              "eval_batch_size": config.eval_batch_size, "max_consecutive_skips": config.max_consecutive_skips,
-              "data.seq_len": config.data.seq_len}
+  positive = {
+    "batch_size": config.batch_size,
+    "log_every_steps": config.log_every_steps,
+    "checkpoint_every_tokens": config.checkpoint_every_tokens,
+    "keep_checkpoints": config.keep_checkpoints,
+    "eval_batch_size": config.eval_batch_size,
+    "max_consecutive_skips": config.max_consecutive_skips,
+    "data.seq_len": config.data.seq_len,
+  }
   for key, value in positive.items():
     if not value > 0:
       raise ValueError(f"config.{key} must be positive; got {value}")
@@ -100,12 +130,15 @@ def changed_keys(saved_json: str, config: ml_collections.ConfigDict) -> dict[str
   A key absent on one side counts as None (unset)."""
   saved, now = _flat(json.loads(saved_json)), _flat(json.loads(config.to_json()))
   bookkeeping = lambda key: any(key == k or key.startswith(f"{k}.") for k in BOOKKEEPING_KEYS)
-  return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-          if not bookkeeping(k) and saved.get(k) != now.get(k)}
+  return {
+    k: (saved.get(k), now.get(k))
+    for k in sorted(set(saved) | set(now))
+    if not bookkeeping(k) and saved.get(k) != now.get(k)
+  }
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  overrides = {k: v for k, v in config.model.items() if v is not None}   # None: the preset's value
+  overrides = {k: v for k, v in config.model.items() if v is not None}  # None: the preset's value
   if overrides.get("dtype") == "auto":
     overrides["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   return get_config(config.model_preset, **overrides)
@@ -115,15 +148,20 @@ def lr_schedule(config: ml_collections.ConfigDict):
   """The phase's learning rate as a numpy function of its tokens, computed on the host: no device sync."""
   s = config.schedule
   return schedules.host_wsd_schedule(
-      config.optim.peak_lr, warmup_tokens=s.warmup_tokens,
-      decay_start_tokens=None if s.decay_start_tokens < 0 else s.decay_start_tokens,
-      decay_tokens=s.decay_tokens, final_fraction=s.final_fraction, decay_shape=s.decay_shape)
+    config.optim.peak_lr,
+    warmup_tokens=s.warmup_tokens,
+    decay_start_tokens=None if s.decay_start_tokens < 0 else s.decay_start_tokens,
+    decay_tokens=s.decay_tokens,
+    final_fraction=s.final_fraction,
+    decay_shape=s.decay_shape,
+  )
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   o = config.optim
-  return optim.build(o.name, learning_rate=0.0, peak_lr=o.peak_lr, weight_decay=o.weight_decay,
-                     b1=o.b1, b2=o.b2, eps=o.eps)
+  return optim.build(
+    o.name, learning_rate=0.0, peak_lr=o.peak_lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps
+  )
 
 
 def pipeline_config(config: ml_collections.ConfigDict, batch_size: int, *, eval: bool = False):
@@ -131,21 +169,38 @@ def pipeline_config(config: ml_collections.ConfigDict, batch_size: int, *, eval:
   d = config.data
   if eval:  # every eval language counts alone: no mixture, and the configured eval mask rate
     return data_lib.PipelineConfig(
-        data_dir=d.data_dir, languages=d.eval_languages or d.languages, seq_len=d.seq_len, batch_size=batch_size,
-        mask_rate=d.eval_mask_rate or d.mask_rate, seed=config.seed, packing=d.packing)
+      data_dir=d.data_dir,
+      languages=d.eval_languages or d.languages,
+      seq_len=d.seq_len,
+      batch_size=batch_size,
+      mask_rate=d.eval_mask_rate or d.mask_rate,
+      seed=config.seed,
+      packing=d.packing,
+    )
   return data_lib.PipelineConfig(
-      data_dir=d.data_dir, languages=d.languages, tau=d.tau, budgets=dict(d.budgets),
-      max_passes=d.max_passes or None, total_tokens=float(config.train_tokens) if d.max_passes else None,
-      seq_len=d.seq_len, batch_size=batch_size, mask_rate=d.mask_rate, max_masked=d.max_masked or None,
-      seed=config.seed, packing=d.packing, num_workers=d.num_workers, num_streams=d.num_streams or None,
-      read_threads=d.read_threads, read_ahead=d.read_ahead)
+    data_dir=d.data_dir,
+    languages=d.languages,
+    tau=d.tau,
+    budgets=dict(d.budgets),
+    max_passes=d.max_passes or None,
+    total_tokens=float(config.train_tokens) if d.max_passes else None,
+    seq_len=d.seq_len,
+    batch_size=batch_size,
+    mask_rate=d.mask_rate,
+    max_masked=d.max_masked or None,
+    seed=config.seed,
+    packing=d.packing,
+    num_workers=d.num_workers,
+    num_streams=d.num_streams or None,
+    read_threads=d.read_threads,
+    read_ahead=d.read_ahead,
+  )
 
 
 def num_microbatches(config: ml_collections.ConfigDict) -> int:
   micro = config.micro_batch_size or config.batch_size
   if config.batch_size % micro:
-    raise ValueError(f"config.batch_size={config.batch_size} is not a multiple of "
-                     f"config.micro_batch_size={micro}")
+    raise ValueError(f"config.batch_size={config.batch_size} is not a multiple of config.micro_batch_size={micro}")
   return config.batch_size // micro
 
 
@@ -153,11 +208,13 @@ def num_microbatches(config: ml_collections.ConfigDict) -> int:
 # Model state
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class ModelGraph:
   """A model as jitted functions take it: its config, its NNX graph (the structure without arrays) and the
   abstract parameters (ShapeDtypeStructs with their shardings; None where only the graph is needed).
   `bind(params)` joins the graph with a pure dict of parameters into a MaskedLM."""
+
   cfg: ModelConfig
   graph: Any
   abstract_params: Any
@@ -171,8 +228,9 @@ def model_graph(cfg: ModelConfig, mesh, seed: int = 0) -> ModelGraph:
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
     graph, state = nnx.split(abstract_model(cfg, seed))
     shardings = nnx.to_pure_dict(nnx.get_named_sharding(state, mesh))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(state), shardings)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state), shardings
+  )
   return ModelGraph(cfg, graph, abstract)
 
 
@@ -192,6 +250,7 @@ def abstract_like(tree):
 # Loss and steps
 # --------------------------------------------------------------------------------------------------------------
 
+
 def mlm_stats(token_loss, batch, num_languages: int) -> dict[str, jax.Array]:
   """Sums (not means) over the masked slots, so micro-batches and devices add up exactly. `token_loss` is the
   per-slot (negative log-likelihood, argmax hit) pair of `MaskedLM.masked_lm_loss`."""
@@ -202,18 +261,27 @@ def mlm_stats(token_loss, batch, num_languages: int) -> dict[str, jax.Array]:
   lang_masked = jnp.maximum(jnp.take_along_axis(batch["lang_ids"], batch["masked_positions"], axis=1), 0)
   lang_tok = batch["lang_ids"]
   return {
-      "loss_sum": ce.sum(), "correct": correct.sum(), "count": w.sum(),
-      "lang_loss_sum": jax.ops.segment_sum(ce.ravel(), lang_masked.ravel(), num_languages),
-      "lang_correct": jax.ops.segment_sum(correct.ravel(), lang_masked.ravel(), num_languages),
-      "lang_count": jax.ops.segment_sum(w.ravel(), lang_masked.ravel(), num_languages),
-      "lang_tokens": jax.ops.segment_sum((lang_tok >= 0).ravel().astype(jnp.float32),
-                                         jnp.maximum(lang_tok, 0).ravel(), num_languages),
+    "loss_sum": ce.sum(),
+    "correct": correct.sum(),
+    "count": w.sum(),
+    "lang_loss_sum": jax.ops.segment_sum(ce.ravel(), lang_masked.ravel(), num_languages),
+    "lang_correct": jax.ops.segment_sum(correct.ravel(), lang_masked.ravel(), num_languages),
+    "lang_count": jax.ops.segment_sum(w.ravel(), lang_masked.ravel(), num_languages),
+    "lang_tokens": jax.ops.segment_sum(
+      (lang_tok >= 0).ravel().astype(jnp.float32), jnp.maximum(lang_tok, 0).ravel(), num_languages
+    ),
   }
 
 
 def _forward(model: MaskedLM, batch, rngs=None):
-  return model.masked_lm_loss(batch["input_ids"], batch["segment_ids"], batch["positions"],
-                              batch["masked_positions"], batch["masked_labels"], rngs=rngs)
+  return model.masked_lm_loss(
+    batch["input_ids"],
+    batch["segment_ids"],
+    batch["positions"],
+    batch["masked_positions"],
+    batch["masked_labels"],
+    rngs=rngs,
+  )
 
 
 def make_train_step(model: ModelGraph, tx, mesh, *, num_languages: int, seed: int, param_shardings, opt_shardings):
@@ -237,39 +305,53 @@ def make_train_step(model: ModelGraph, tx, mesh, *, num_languages: int, seed: in
     init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats))
     (grads, totals), _ = jax.lax.scan(micro, init, (batches, jnp.arange(n_micro)))
     count = jnp.maximum(totals["count"], 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)            # mean over every masked token of the step
+    grads = jax.tree.map(lambda g: g / count, grads)  # mean over every masked token of the step
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, optim.with_learning_rate(opt_state, lr), params)
     new_params = optax.apply_updates(params, updates)
     # A step is kept only if its loss, gradients and new parameters are finite; otherwise it changes nothing and
     # the host stops (or skips, if configured).
-    finite = (jnp.isfinite(totals["loss_sum"]) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(new_params)))
+    finite = jnp.isfinite(totals["loss_sum"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
     if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     metrics = {
-        "loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count, "grad_norm": grad_norm,
-        "lr": optim.learning_rate(new_opt), "clipped_fraction": optim.clipped_fraction(new_opt),
-        "finite": finite, "masked_tokens": totals["count"],
-        "lang_loss_sum": totals["lang_loss_sum"], "lang_count": totals["lang_count"],
-        "lang_tokens": totals["lang_tokens"],
+      "loss": totals["loss_sum"] / count,
+      "accuracy": totals["correct"] / count,
+      "grad_norm": grad_norm,
+      "lr": optim.learning_rate(new_opt),
+      "clipped_fraction": optim.clipped_fraction(new_opt),
+      "finite": finite,
+      "masked_tokens": totals["count"],
+      "lang_loss_sum": totals["lang_loss_sum"],
+      "lang_count": totals["lang_count"],
+      "lang_tokens": totals["lang_tokens"],
     }
     return if_finite(new_params, params), if_finite(new_opt, opt_state), metrics
 
-  return jax.jit(step, in_shardings=(param_shardings, opt_shardings, None, None, None),
-                 out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0, 1))
+  return jax.jit(
+    step,
+    in_shardings=(param_shardings, opt_shardings, None, None, None),
+    out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0, 1),
+  )
 
 
-def fresh_train_state(cfg: ModelConfig, config: ml_collections.ConfigDict, mesh, *, seed: int = 0,
-                      num_languages: int = 1):
+def fresh_train_state(
+  cfg: ModelConfig, config: ml_collections.ConfigDict, mesh, *, seed: int = 0, num_languages: int = 1
+):
   """A newly initialised (params, opt_state) and the jitted step for them: benchmarks and tests."""
   model, params = init_model(cfg, mesh, seed)
   tx = optimizer(config)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init)(params)
-  step = make_train_step(model, tx, mesh, num_languages=num_languages, seed=seed,
-                         param_shardings=jax.tree.map(lambda x: x.sharding, params),
-                         opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state))
+  step = make_train_step(
+    model,
+    tx,
+    mesh,
+    num_languages=num_languages,
+    seed=seed,
+    param_shardings=jax.tree.map(lambda x: x.sharding, params),
+    opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
+  )
   return params, opt_state, step
 
 
@@ -277,6 +359,7 @@ def make_eval_step(model: ModelGraph):
   @jax.jit
   def eval_step(params, batch):
     return mlm_stats(_forward(model.bind(params), batch), batch, num_languages=1)
+
   return eval_step
 
 
@@ -290,20 +373,25 @@ def eval_per_language(eval_step, params, batches: Iterable[tuple[str, dict]], pu
   if not sums:
     return {}
   sums["all"] = sum(sums.values())
-  return {lang: {"loss": float(s[0] / max(s[2], 1.0)), "accuracy": float(s[1] / max(s[2], 1.0)),
-                 "masked_tokens": float(s[2])}
-          for lang, s in sums.items()}
+  return {
+    lang: {"loss": float(s[0] / max(s[2], 1.0)), "accuracy": float(s[1] / max(s[2], 1.0)), "masked_tokens": float(s[2])}
+    for lang, s in sums.items()
+  }
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Host-side batches → global arrays
 # --------------------------------------------------------------------------------------------------------------
 
+
 def make_put(mesh, leading: int):
   def put(batch: dict[str, np.ndarray]):
-    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v), leading),
-                                                      np.asarray(v))
-            for k, v in batch.items() if k in data_lib.BATCH_KEYS}
+    return {
+      k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v), leading), np.asarray(v))
+      for k, v in batch.items()
+      if k in data_lib.BATCH_KEYS
+    }
+
   return put
 
 
@@ -314,6 +402,7 @@ def stack_microbatches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.nda
 # --------------------------------------------------------------------------------------------------------------
 # Preemption
 # --------------------------------------------------------------------------------------------------------------
+
 
 class Preemption:
   """A SIGTERM (preemption notice, `kill`) to any one process stops every process after the same step.
@@ -327,7 +416,7 @@ class Preemption:
   the same loop. (With jax_enable_preemption_service off, the flags are all-gathered every step instead.)
   """
 
-  calls = 0   # per process, across phases: the sync manager compares it with the point agreed on
+  calls = 0  # per process, across phases: the sync manager compares it with the point agreed on
 
   def __init__(self):
     self.requested = False
@@ -362,9 +451,11 @@ def _has_preemption_service() -> bool:
 # The loop
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class DispatchedStep:
   """A step sent to the devices whose metrics the host has not read yet (reading them waits for the step)."""
+
   metrics: dict[str, jax.Array]
   step: int
   tokens: int
@@ -385,7 +476,7 @@ class PhaseRun:
     try:
       self._setup(config, workdir)
     except BaseException:
-      self.close(wait=False)   # what was opened before the error (files, checkpoint manager, data workers)
+      self.close(wait=False)  # what was opened before the error (files, checkpoint manager, data workers)
       raise
 
   def _setup(self, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -394,7 +485,7 @@ class PhaseRun:
     if config.num_devices:
       if jax.process_count() > 1:
         raise ValueError("config.num_devices works only in a single-process run")
-      devices = devices[:config.num_devices]
+      devices = devices[: config.num_devices]
     self.mesh = mesh = sharding.make_mesh(dict(config.mesh), devices)
     sharding.check_process_feeds(mesh)
     with jax.set_mesh(mesh):
@@ -402,11 +493,13 @@ class PhaseRun:
     self.n_micro = num_microbatches(config)
     self.micro_rows = config.batch_size // self.n_micro
     if self.micro_rows % sharding.batch_divisor(mesh):
-      raise ValueError(f"micro-batch of {self.micro_rows} rows is not divisible by data×fsdp = "
-                       f"{sharding.batch_divisor(mesh)} devices")
+      raise ValueError(
+        f"micro-batch of {self.micro_rows} rows is not divisible by data×fsdp = {sharding.batch_divisor(mesh)} devices"
+      )
     self.console = progress.Console(enabled=jax.process_index() == 0)
-    self.writer = metrics_lib.MetricWriter(workdir, console=self.console.print,
-                                           console_keys=("eval/loss", "eval/accuracy"), wandb=config.get("wandb"))
+    self.writer = metrics_lib.MetricWriter(
+      workdir, console=self.console.print, console_keys=("eval/loss", "eval/accuracy"), wandb=config.get("wandb")
+    )
     self.writer.write_config(config)
     model = model_graph(cfg, mesh, config.seed)
     tx = optimizer(config)
@@ -414,54 +507,83 @@ class PhaseRun:
     with jax.set_mesh(mesh):
       init_opt = jax.jit(tx.init).lower(model.abstract_params).compile()  # moments follow the param shardings
     opt_shardings = init_opt.output_shardings
-    abstract_opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(tx.init, model.abstract_params), opt_shardings)
+    abstract_opt = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(tx.init, model.abstract_params),
+      opt_shardings,
+    )
     self.schedule = lr_schedule(config)
 
     self.train_data = data_lib.make_train_iterator(pipeline_config(config, self.micro_rows))
     self.languages = list(self.train_data.languages)
     self.eval_config = pipeline_config(config, config.eval_batch_size, eval=True)
     mix = self.train_data.mixture
-    self.writer.write_json("mixture", {"phase": config.phase, "languages": list(mix.languages),
-                                       "tokens": mix.tokens.tolist(), "weights": mix.weights.tolist(),
-                                       "budgeted": list(mix.budgeted), "tau": config.data.tau})
-    self.train_tags = metrics_lib.LanguageTags.from_tokens(dict(zip(mix.languages, mix.tokens)),
-                                                           config.log_languages)
-    self.data_tokens = {lang: n for lang, (n, _) in
-                        mixture_lib.counts_from_stats(mixture_lib.load_stats(config.data.data_dir)).items()}
+    self.writer.write_json(
+      "mixture",
+      {
+        "phase": config.phase,
+        "languages": list(mix.languages),
+        "tokens": mix.tokens.tolist(),
+        "weights": mix.weights.tolist(),
+        "budgeted": list(mix.budgeted),
+        "tau": config.data.tau,
+      },
+    )
+    self.train_tags = metrics_lib.LanguageTags.from_tokens(dict(zip(mix.languages, mix.tokens)), config.log_languages)
+    self.data_tokens = {
+      lang: n for lang, (n, _) in mixture_lib.counts_from_stats(mixture_lib.load_stats(config.data.data_dir)).items()
+    }
 
     # Resume this run, or start from the previous phase, or initialise.
     self.checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     self.step, self.tokens = 0, 0
-    self.meta: dict[str, Any] = {"phase": config.phase, "total_tokens_before": 0, "tokens_per_language": {},
-                                 "history": []}
-    restored = self.checkpointer.restore_latest(abstract_params=model.abstract_params,
-                                                abstract_opt_state=abstract_opt, data_iter=self.train_data,
-                                                warn=lambda line: self.writer.text("run", f"warning: {line}"),
-                                                check_meta=self._check_config_change)
+    self.meta: dict[str, Any] = {
+      "phase": config.phase,
+      "total_tokens_before": 0,
+      "tokens_per_language": {},
+      "history": [],
+    }
+    restored = self.checkpointer.restore_latest(
+      abstract_params=model.abstract_params,
+      abstract_opt_state=abstract_opt,
+      data_iter=self.train_data,
+      warn=lambda line: self.writer.text("run", f"warning: {line}"),
+      check_meta=self._check_config_change,
+    )
     if restored is not None:
       self.params, self.opt_state, self.meta = restored["params"], restored["opt_state"], restored["meta"]
       self.step, self.tokens = self.meta["step"], self.meta["tokens"]
       self.writer.forget_after(self.step)
       self.writer.text("run", f"resumed {workdir} at step {self.step} ({self.tokens:,} tokens)")
     elif config.init_from:
-      handoff = ckpt_lib.restore_for_handoff(config.init_from, model.abstract_params,
-                                             abstract_opt if config.init_optimizer_state else None,
-                                             require_complete=True)
+      handoff = ckpt_lib.restore_for_handoff(
+        config.init_from,
+        model.abstract_params,
+        abstract_opt if config.init_optimizer_state else None,
+        require_complete=True,
+      )
       self.params = handoff["params"]
       self.opt_state = handoff["opt_state"] if config.init_optimizer_state else init_opt(self.params)
       prev = handoff["meta"]
       self.meta["total_tokens_before"] = prev.get("total_tokens_before", 0) + prev.get("tokens", 0)
       self.meta["tokens_per_language"] = dict(prev.get("tokens_per_language", {}))
-      self.meta["history"] = prev.get("history", []) + [{"phase": prev.get("phase"), "source": handoff["source"],
-                                                         "tokens": prev.get("tokens", 0)}]
+      self.meta["history"] = prev.get("history", []) + [
+        {"phase": prev.get("phase"), "source": handoff["source"], "tokens": prev.get("tokens", 0)}
+      ]
       self.writer.text("run", f"phase {config.phase}: starting from {handoff['source']} (phase {prev.get('phase')})")
     else:
       _, self.params = init_model(cfg, mesh, config.seed)
       self.opt_state = init_opt(self.params)
 
-    self.train_step = make_train_step(model, tx, mesh, num_languages=len(self.languages), seed=config.seed,
-                                      param_shardings=param_shardings, opt_shardings=opt_shardings)
+    self.train_step = make_train_step(
+      model,
+      tx,
+      mesh,
+      num_languages=len(self.languages),
+      seed=config.seed,
+      param_shardings=param_shardings,
+      opt_shardings=opt_shardings,
+    )
     self.eval_step = make_eval_step(model)
     self.put_train, self.put_eval = make_put(mesh, leading=1), make_put(mesh, leading=0)
     self.device_kind = jax.devices()[0].device_kind
@@ -469,11 +591,13 @@ class PhaseRun:
     self.consecutive_skips = 0
     self.preemption = Preemption()
     self.timer = progress.StepTimer()
-    self.progress = progress.Progress(config.phase, config.train_tokens, tokens=self.tokens,
-                                      later_tokens=self.later_tokens)
+    self.progress = progress.Progress(
+      config.phase, config.train_tokens, tokens=self.tokens, later_tokens=self.later_tokens
+    )
     self.last_logged_step = self.step
-    self.profiler = progress.Profiler(workdir, config.profile_start_step, config.profile_steps,
-                                      config.profile_process, jax.process_index())
+    self.profiler = progress.Profiler(
+      workdir, config.profile_start_step, config.profile_steps, config.profile_process, jax.process_index()
+    )
 
   def _check_config_change(self, meta: dict[str, Any]) -> None:
     changes = changed_keys(meta.get("config", "{}"), self.config)
@@ -481,43 +605,66 @@ class PhaseRun:
       return
     listed = ", ".join(f"{k} ({old!r} → {new!r})" for k, (old, new) in changes.items())
     if not self.config.allow_config_change:
-      raise ConfigChangeError(f"{self.checkpointer.directory} was trained with another config: {listed}; re-run "
-                              "with the checkpoint's values, or pass --config.allow_config_change=True to resume "
-                              "with the new ones")
+      raise ConfigChangeError(
+        f"{self.checkpointer.directory} was trained with another config: {listed}; re-run "
+        "with the checkpoint's values, or pass --config.allow_config_change=True to resume "
+        "with the new ones"
+      )
     self.writer.text("run", f"resuming with a changed config (allow_config_change): {listed}")
 
   # ---- actions ----------------------------------------------------------------------------------------------------
 
   def save(self, final: bool = False) -> None:
-    self.meta.update(step=self.step, tokens=self.tokens, model_config=dataclasses.asdict(self.cfg),
-                     phase=self.config.phase, languages=self.languages, complete=final,
-                     config=self.config.to_json())
-    self.checkpointer.save(self.step, params=self.params, opt_state=self.opt_state, data_iter=self.train_data,
-                           meta=self.meta)
-    self.writer.flush()   # a gs:// workdir's metrics reach the bucket with every checkpoint
+    self.meta.update(
+      step=self.step,
+      tokens=self.tokens,
+      model_config=dataclasses.asdict(self.cfg),
+      phase=self.config.phase,
+      languages=self.languages,
+      complete=final,
+      config=self.config.to_json(),
+    )
+    self.checkpointer.save(
+      self.step, params=self.params, opt_state=self.opt_state, data_iter=self.train_data, meta=self.meta
+    )
+    self.writer.flush()  # a gs:// workdir's metrics reach the bucket with every checkpoint
 
   def evaluate(self) -> dict[str, dict[str, float]]:
     config = self.config
     eval_data = data_lib.eval_batches(self.eval_config, max_batches=config.eval_max_batches)
     result = eval_per_language(self.eval_step, self.params, eval_data, self.put_eval)
     per_lang = {lang: r for lang, r in result.items() if lang != "all"}
-    tags = metrics_lib.LanguageTags.from_tokens({lang: self.data_tokens.get(lang, 0) for lang in per_lang},
-                                                config.log_languages)
-    self.writer.write(self.step, tags.losses({lang: r["loss"] * r["masked_tokens"] for lang, r in per_lang.items()},
-                                             {lang: r["masked_tokens"] for lang, r in per_lang.items()},
-                                             prefix="eval", group_prefix="eval_group")
-                      | {"eval/loss": result.get("all", {}).get("loss"),
-                         "eval/accuracy": result.get("all", {}).get("accuracy")})
-    self.writer.write_eval(self.step, result, phase=config.phase, tokens=self.tokens,
-                           total_tokens=self.meta["total_tokens_before"] + self.tokens)
+    tags = metrics_lib.LanguageTags.from_tokens(
+      {lang: self.data_tokens.get(lang, 0) for lang in per_lang}, config.log_languages
+    )
+    self.writer.write(
+      self.step,
+      tags.losses(
+        {lang: r["loss"] * r["masked_tokens"] for lang, r in per_lang.items()},
+        {lang: r["masked_tokens"] for lang, r in per_lang.items()},
+        prefix="eval",
+        group_prefix="eval_group",
+      )
+      | {"eval/loss": result.get("all", {}).get("loss"), "eval/accuracy": result.get("all", {}).get("accuracy")},
+    )
+    self.writer.write_eval(
+      self.step,
+      result,
+      phase=config.phase,
+      tokens=self.tokens,
+      total_tokens=self.meta["total_tokens_before"] + self.tokens,
+    )
     return result
 
   def dispatch_step(self) -> DispatchedStep:
     """Draws this step's micro-batches and starts the train step on the devices (without waiting for it)."""
     config = self.config
-    n_micro = schedules.batch_warmup(self.tokens, num_microbatches=self.n_micro,
-                                     warmup_tokens=config.batch_warmup_tokens,
-                                     start_fraction=config.batch_warmup_start_fraction)
+    n_micro = schedules.batch_warmup(
+      self.tokens,
+      num_microbatches=self.n_micro,
+      warmup_tokens=config.batch_warmup_tokens,
+      start_fraction=config.batch_warmup_start_fraction,
+    )
     with self.timer("data"):
       micro = [next(self.train_data) for _ in range(n_micro)]
       batch = stack_microbatches(micro)
@@ -527,13 +674,15 @@ class PhaseRun:
     self.profiler.before_step(self.step)
     batch = self.put_train(batch)
     with self.timer("device"):  # dispatch; a backend without asynchronous dispatch runs the step right here
-      self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, batch, lr,
-                                                             np.int32(self.step))
+      self.params, self.opt_state, metrics = self.train_step(
+        self.params, self.opt_state, batch, lr, np.int32(self.step)
+      )
     self.step += 1
     self.tokens += slot_tokens
     self.profiler.after_step(self.step, wait=functools.partial(jax.block_until_ready, metrics))
-    return DispatchedStep(metrics, self.step, self.tokens, slot_tokens, n_micro,
-                          np.concatenate([b["segment_ids"] for b in micro]))
+    return DispatchedStep(
+      metrics, self.step, self.tokens, slot_tokens, n_micro, np.concatenate([b["segment_ids"] for b in micro])
+    )
 
   def record(self, done: DispatchedStep) -> None:
     """Reads a dispatched step's metrics: stops (or skips) on a non-finite step, counts tokens per language,
@@ -543,22 +692,28 @@ class PhaseRun:
     with self.timer("device"):  # waits for the step; only what every step needs comes to the host between logs
       host = jax.device_get(done.metrics if logging else {k: done.metrics[k] for k in ("finite", "lang_tokens")})
     if not bool(host["finite"]):
-      what = (f"step {done.step}: loss, gradients or updated parameters are not finite "
-              f"(loss={float(done.metrics['loss'])}, grad_norm={float(done.metrics['grad_norm'])}); the parameters "
-              "were not updated")
+      what = (
+        f"step {done.step}: loss, gradients or updated parameters are not finite "
+        f"(loss={float(done.metrics['loss'])}, grad_norm={float(done.metrics['grad_norm'])}); the parameters "
+        "were not updated"
+      )
       if not config.skip_nonfinite:
-        raise NonFiniteLossError(f"{what}. {self._checkpoint_status()} Set --config.skip_nonfinite=True to skip "
-                                 "such steps.")
+        raise NonFiniteLossError(
+          f"{what}. {self._checkpoint_status()} Set --config.skip_nonfinite=True to skip such steps."
+        )
       self.consecutive_skips += 1
       if self.consecutive_skips >= config.max_consecutive_skips:
-        raise NonFiniteLossError(f"{what}; {self.consecutive_skips} non-finite steps in a row "
-                                 f"(max_consecutive_skips), stopping. {self._checkpoint_status()}")
+        raise NonFiniteLossError(
+          f"{what}; {self.consecutive_skips} non-finite steps in a row "
+          f"(max_consecutive_skips), stopping. {self._checkpoint_status()}"
+        )
       self.writer.text("run", f"{what}: step skipped")
     else:
       self.consecutive_skips = 0
     for i, lang in enumerate(self.languages):
-      self.meta["tokens_per_language"][lang] = (self.meta["tokens_per_language"].get(lang, 0)
-                                                + int(host["lang_tokens"][i]))
+      self.meta["tokens_per_language"][lang] = self.meta["tokens_per_language"].get(lang, 0) + int(
+        host["lang_tokens"][i]
+      )
     if logging:
       self._log(done, host)
 
@@ -576,25 +731,47 @@ class PhaseRun:
     flops = flops_lib.training_flops(self.cfg, done.segment_ids, float(host["masked_tokens"]) / jax.process_count())
     flops_total = flops.total * jax.process_count()
     real_tokens = float(host["lang_tokens"].sum())
-    lang_loss = self.train_tags.losses(dict(zip(self.languages, host["lang_loss_sum"].tolist())),
-                                       dict(zip(self.languages, host["lang_count"].tolist())),
-                                       prefix="train_lang", group_prefix="train_group")
-    mfu = (flops_lib.mfu(flops_total, seconds, mesh.size, self.device_kind)
-           or (flops_total / (seconds * mesh.size * config.peak_flops_per_device)
-               if config.peak_flops_per_device else None))
+    lang_loss = self.train_tags.losses(
+      dict(zip(self.languages, host["lang_loss_sum"].tolist())),
+      dict(zip(self.languages, host["lang_count"].tolist())),
+      prefix="train_lang",
+      group_prefix="train_group",
+    )
+    mfu = flops_lib.mfu(flops_total, seconds, mesh.size, self.device_kind) or (
+      flops_total / (seconds * mesh.size * config.peak_flops_per_device) if config.peak_flops_per_device else None
+    )
     split = self.timer.split(done.step - self.last_logged_step)
     self.last_logged_step = done.step
-    self.console.progress(self.progress.update(
-        done.step, done.tokens, mfu=mfu, loss=float(host["loss"]), accuracy=float(host["accuracy"]),
-        lr=float(host["lr"]), **{f"{k}_s": v for k, v in split.items()}))
-    self.writer.write(done.step, {
-        "train/loss": host["loss"], "train/accuracy": host["accuracy"], "train/grad_norm": host["grad_norm"],
-        "train/lr": host["lr"], "train/clipped_fraction": host["clipped_fraction"],
-        "train/tokens": done.tokens, "train/total_tokens": self.meta["total_tokens_before"] + done.tokens,
+    self.console.progress(
+      self.progress.update(
+        done.step,
+        done.tokens,
+        mfu=mfu,
+        loss=float(host["loss"]),
+        accuracy=float(host["accuracy"]),
+        lr=float(host["lr"]),
+        **{f"{k}_s": v for k, v in split.items()},
+      )
+    )
+    self.writer.write(
+      done.step,
+      {
+        "train/loss": host["loss"],
+        "train/accuracy": host["accuracy"],
+        "train/grad_norm": host["grad_norm"],
+        "train/lr": host["lr"],
+        "train/clipped_fraction": host["clipped_fraction"],
+        "train/tokens": done.tokens,
+        "train/total_tokens": self.meta["total_tokens_before"] + done.tokens,
         "train/real_tokens_per_s": real_tokens / seconds,
-        "train/tokens_per_s": done.slot_tokens / seconds, "train/model_flops_per_s": flops_total / seconds,
-        "train/mfu": mfu, "train/microbatches": done.microbatches}
-        | {f"time/{k}_s": v for k, v in split.items()} | lang_loss)
+        "train/tokens_per_s": done.slot_tokens / seconds,
+        "train/model_flops_per_s": flops_total / seconds,
+        "train/mfu": mfu,
+        "train/microbatches": done.microbatches,
+      }
+      | {f"time/{k}_s": v for k, v in split.items()}
+      | lang_loss,
+    )
 
   # ---- the loop ---------------------------------------------------------------------------------------------------
 
@@ -610,7 +787,7 @@ class PhaseRun:
     self.t_last_log = time.time()
     with jax.set_mesh(self.mesh):
       while self.tokens < config.train_tokens:
-        self.checkpointer.check()   # a failed background save stops the run at the next step
+        self.checkpointer.check()  # a failed background save stops the run at the next step
         done = self.dispatch_step()
         if unread is not None:
           self.record(unread)
@@ -631,8 +808,10 @@ class PhaseRun:
           if self.checkpointer.latest_step() != self.step:
             self.save()
           status = "preempted"
-          self.writer.text("run", f"SIGTERM: saved step {self.step} to {self.checkpointer.directory}; re-run "
-                           "the same command to resume")
+          self.writer.text(
+            "run",
+            f"SIGTERM: saved step {self.step} to {self.checkpointer.directory}; re-run the same command to resume",
+          )
           break
       if unread is not None:
         self.record(unread)
@@ -650,7 +829,7 @@ class PhaseRun:
       if wait and checkpointer is not None:
         checkpointer.wait()
       if wait and getattr(self, "writer", None) is not None:
-        self.writer.flush()   # the last records of a gs:// workdir; a failed upload fails the run
+        self.writer.flush()  # the last records of a gs:// workdir; a failed upload fails the run
     finally:
       for part in ("console", "checkpointer", "preemption", "writer", "train_data"):
         close = getattr(getattr(self, part, None), "close", None)
@@ -667,5 +846,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, later
     final_eval = run.evaluate() if status == "complete" else {}
   finally:
     run.close()
-  return {"status": status, "step": run.step, "tokens": run.tokens, "eval": final_eval, "languages": run.languages,
-          "workdir": workdir}
+  return {
+    "status": status,
+    "step": run.step,
+    "tokens": run.tokens,
+    "eval": final_eval,
+    "languages": run.languages,
+    "workdir": workdir,
+  }

@@ -1,4 +1,5 @@
 """Every test runs on CPU; 8 host devices make sharding tests possible in the same process."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -30,9 +31,9 @@ def load_config(name: str, arg: str | None = None):
 def demo_data(tmp_path_factory):
   """A prepared data directory (tokenizer, shards, stats.json) built from the embedded CLDR corpus."""
   from data_pipeline import demo_corpus
+
   data_dir = str(tmp_path_factory.mktemp("demo_data"))
-  demo_corpus.prepare_demo(data_dir, languages=TEST_LANGUAGES, scale=0.3, vocab_size=1000, max_len=256,
-                           progress=False)
+  demo_corpus.prepare_demo(data_dir, languages=TEST_LANGUAGES, scale=0.3, vocab_size=1000, max_len=256, progress=False)
   return data_dir
 
 
@@ -44,13 +45,24 @@ def gcs_bucket():
   inherit them. Tests write under their own prefix of the returned `gs://bucket`."""
   import time
   import urllib.request
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   bucket = "mmbert-test"
-  proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--host=127.0.0.1",
-                           f"--port={port}", "--no-store-on-disk", f"--default-bucket={bucket}"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      str(ROOT / "tests" / "gcs_emulator.py"),
+      "start",
+      "--host=127.0.0.1",
+      f"--port={port}",
+      "--no-store-on-disk",
+      f"--default-bucket={bucket}",
+    ],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   url = f"http://127.0.0.1:{port}"
   for _ in range(100):
     try:
@@ -77,20 +89,35 @@ def gcs_bucket():
 def tiny_config(data_dir: str, **overrides):
   """A tiny single-phase run on the demo data: 4-layer model, 8 rows of 64 tokens per step, 4 devices."""
   c = load_config("base")
-  c.update_from_flattened_dict({
-      "model_preset": "tiny", "model.vocab_size": 1000, "model.attn_out_dropout": 0.1, "model.attention_impl": "xla",
-      "data.data_dir": data_dir, "data.languages": "en,de,fr,ru,zh,sw", "data.seq_len": 64,
-      "batch_size": 8, "micro_batch_size": 4, "eval_batch_size": 8, "eval_max_batches": 1,
-      "optim.peak_lr": 3e-3, "schedule.warmup_tokens": 2048, "train_tokens": 512 * 12, "log_every_steps": 1,
-      "checkpoint_every_tokens": 512 * 4, "keep_checkpoints": 2,
-      "num_devices": 4,                   # fsdp over 4 of the 8 host devices
-  })
+  c.update_from_flattened_dict(
+    {
+      "model_preset": "tiny",
+      "model.vocab_size": 1000,
+      "model.attn_out_dropout": 0.1,
+      "model.attention_impl": "xla",
+      "data.data_dir": data_dir,
+      "data.languages": "en,de,fr,ru,zh,sw",
+      "data.seq_len": 64,
+      "batch_size": 8,
+      "micro_batch_size": 4,
+      "eval_batch_size": 8,
+      "eval_max_batches": 1,
+      "optim.peak_lr": 3e-3,
+      "schedule.warmup_tokens": 2048,
+      "train_tokens": 512 * 12,
+      "log_every_steps": 1,
+      "checkpoint_every_tokens": 512 * 4,
+      "keep_checkpoints": 2,
+      "num_devices": 4,  # fsdp over 4 of the 8 host devices
+    }
+  )
   c.update_from_flattened_dict(overrides)
   return c
 
 
 def read_metrics(workdir: str) -> list[dict]:
   import json
+
   with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
     return [json.loads(line) for line in f]
 
@@ -107,10 +134,17 @@ def run_two_processes(worker: str, timeout: int = 600, during=None, **fields) ->
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # each worker sets its own device count
-  procs = [subprocess.Popen([sys.executable, "-c", worker.format(root=str(ROOT), tests=str(ROOT / "tests"),
-                                                                port=port, pid=i, **fields)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each worker sets its own device count
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", worker.format(root=str(ROOT), tests=str(ROOT / "tests"), port=port, pid=i, **fields)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for i in range(2)
+  ]
   try:
     if during is not None:
       during(procs)

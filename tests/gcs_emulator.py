@@ -2,6 +2,7 @@
 emulator leaves out: `x-goog-generation` on object downloads. Tensorstore (Orbax's array writer) reads it to update
 an OCDBT manifest in place; without it a checkpoint whose arrays are committed in more than one batch fails with
 "Malformed StorageGeneration"."""
+
 import sys
 
 from gcp_storage_emulator.exceptions import NotFound
@@ -16,11 +17,11 @@ def download(request, response, storage, *args, **kwargs):
     response["x-goog-generation"] = str(obj["generation"])
     response["x-goog-metageneration"] = str(obj.get("metageneration", 1))
   except NotFound:
-    pass   # the handler answers 404
+    pass  # the handler answers 404
   return _download(request, response, storage, *args, **kwargs)
 
 
-objects.download = download   # before the server module builds its routing table from it
+objects.download = download  # before the server module builds its routing table from it
 
 from gcp_storage_emulator.__main__ import main  # noqa: E402
 

@@ -1,4 +1,5 @@
 """Ahead-of-time TPU compile of the real train step (mmbert_jax.aot): needs libtpu, not a TPU."""
+
 import importlib.util
 import math
 import os
@@ -9,8 +10,10 @@ import sys
 import pytest
 
 if importlib.util.find_spec("libtpu") is None:
-  pytest.skip("libtpu is not installed (pip install libtpu, the `tpu` extra): no TPU topology to compile for",
-              allow_module_level=True)
+  pytest.skip(
+    "libtpu is not installed (pip install libtpu, the `tpu` extra): no TPU topology to compile for",
+    allow_module_level=True,
+  )
 
 from mmbert_jax import aot  # noqa: E402
 
@@ -34,14 +37,18 @@ def _dense_xla_flops(v, h, layers, i, rows, seq, masked):
   """Matmul FLOPs XLA must spend on one micro-batch: 3 × forward, every layer's attention over all S×S pairs
   (the XLA path masks a dense score matrix), the head over every masked slot."""
   tokens = rows * seq
-  return (6 * tokens * layers * (4 * h * h + 3 * h * i) + 12 * h * rows * seq * seq * layers
-          + 6 * rows * masked * (h * h + h * v))
+  return (
+    6 * tokens * layers * (4 * h * h + 3 * h * i)
+    + 12 * h * rows * seq * seq * layers
+    + 6 * rows * masked * (h * h + h * v)
+  )
 
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, "-m", "mmbert_jax.aot", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "mmbert_jax.aot", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
 
 
 def test_slice_names_follow_cloud_tpu_accelerator_types():
@@ -60,8 +67,8 @@ def test_slice_names_follow_cloud_tpu_accelerator_types():
 def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
   c = _config("pretrain", "base")
   c.model_preset = "tiny"
-  c.model.attention_impl = "xla"   # the FLOP check below counts the XLA path's dense attention
-  c.model.loss_impl = "dense"      # ... and the head's logits once (cost analysis counts a scan body once)
+  c.model.attention_impl = "xla"  # the FLOP check below counts the XLA path's dense attention
+  c.model.loss_impl = "dense"  # ... and the head's logits once (cost analysis counts a scan body once)
   c.data.seq_len = 128
   c.batch_size, c.micro_batch_size = 32, 16
   r = aot.compile_train_step(c, "v5e-4")
@@ -69,12 +76,12 @@ def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
   assert r.device_kind == "TPU v5 lite" and r.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
   assert (r.microbatches, r.rows, r.dtype, r.attention) == (2, 16, "bfloat16", "xla")
 
-  v, h, layers, i = 1024, 64, 4, 96            # the tiny preset
+  v, h, layers, i = 1024, 64, 4, 96  # the tiny preset
   masked = math.ceil(0.3 * 128 * 1.25) + 8
-  state = 3 * 4 * _params(v, h, layers, i)     # float32 parameters, first and second moments
+  state = 3 * 4 * _params(v, h, layers, i)  # float32 parameters, first and second moments
   batch = 2 * 16 * (4 * 128 + 3 * masked) * 4  # 4 int32 [S] and 3 [K] arrays per row
   assert r.argument_bytes >= (state + batch) / 4
-  assert r.alias_bytes >= state / 4            # parameters and optimizer state are updated in place
+  assert r.alias_bytes >= state / 4  # parameters and optimizer state are updated in place
   assert 0 < r.total_bytes < r.tpu.usable_bytes
   # Per micro-batch: the scan body counts once.
   ratio = r.compiled_flops * 4 / _dense_xla_flops(v, h, layers, i, rows=16, seq=128, masked=masked)
@@ -87,7 +94,7 @@ def test_mmbert_base_pretrain_compiles_for_v5p_with_sharded_state():
   # The pretrain config with a 4-row batch (one row per chip of a v5p-8) keeps the compile short on a CPU.
   c = _config("pretrain", "base")
   c.batch_size, c.micro_batch_size = 4, 4
-  c.model.attention_impl = "xla"   # the FLOP check below counts the XLA path's dense attention
+  c.model.attention_impl = "xla"  # the FLOP check below counts the XLA path's dense attention
   c.model.loss_impl = "dense"
   r = aot.compile_train_step(c, "v5p-8")
   assert r.compiler_error is None and r.fits
@@ -96,7 +103,7 @@ def test_mmbert_base_pretrain_compiles_for_v5p_with_sharded_state():
   v, h, layers, i = 256_000, 768, 22, 1152
   state = 3 * 4 * _params(v, h, layers, i)
   assert r.alias_bytes >= state / 4
-  assert r.argument_bytes < state / 2          # FSDP: replicated moments alone would take 2/3 of `state`
+  assert r.argument_bytes < state / 2  # FSDP: replicated moments alone would take 2/3 of `state`
   masked = math.ceil(0.3 * 1024 * 1.25) + 8
   ratio = r.compiled_flops * 4 / _dense_xla_flops(v, h, layers, i, rows=4, seq=1024, masked=masked)
   assert 1.0 <= ratio <= 1.3, ratio
@@ -110,9 +117,14 @@ def test_unknown_topology_lists_the_known_ones():
 
 
 def test_step_that_cannot_fit_exits_nonzero():
-  r = _cli("--config=configs/pretrain.py:base", "--topology=v5e-1", "--config.model_preset=tiny",
-           "--config.model.attention_impl=xla",
-           "--config.batch_size=4096", "--config.micro_batch_size=0")
+  r = _cli(
+    "--config=configs/pretrain.py:base",
+    "--topology=v5e-1",
+    "--config.model_preset=tiny",
+    "--config.model.attention_impl=xla",
+    "--config.batch_size=4096",
+    "--config.micro_batch_size=0",
+  )
   assert r.returncode == 1, r.stderr[-2000:]
   assert "DOES NOT FIT" in r.stdout and "RESOURCE_EXHAUSTED" in r.stdout
   assert "does not fit in the 15.75 GiB of a v5e-1 chip" in r.stderr
@@ -124,10 +136,10 @@ def test_splash_train_step_compiles_and_needs_less_memory_than_xla():
   reports = {}
   for impl in ("auto", "xla"):
     c = _config("pretrain", "base")
-    c.model_preset = "tiny"                   # 4 layers, 4 heads
+    c.model_preset = "tiny"  # 4 layers, 4 heads
     c.model.attention_impl = impl
     c.data.seq_len = 1024
-    c.batch_size, c.micro_batch_size = 8, 8   # 2 rows per chip
+    c.batch_size, c.micro_batch_size = 8, 8  # 2 rows per chip
     reports[impl] = aot.compile_train_step(c, "v5e-4")
   splash, xla = reports["auto"], reports["xla"]
   assert (splash.attention, xla.attention) == ("splash", "xla")
@@ -140,14 +152,29 @@ def test_splash_train_step_compiles_and_needs_less_memory_than_xla():
 def test_compare_prints_every_switch_and_the_chunked_head_needs_less():
   """`--compare` compiles the step once per MLM loss × layer stack; on a step whose head dominates (1k-row
   vocabulary chunks of a 32k vocabulary, 512 masked slots per chip) the chunked loss needs fewer temporaries."""
-  r = _cli("--config=configs/pretrain.py:base", "--topology=v5e-1", "--config.model_preset=tiny",
-           "--config.model.vocab_size=32768", "--config.model.loss_chunk_size=1024", "--config.data.seq_len=256",
-           "--config.batch_size=8", "--config.micro_batch_size=8", "--compare")
+  r = _cli(
+    "--config=configs/pretrain.py:base",
+    "--topology=v5e-1",
+    "--config.model_preset=tiny",
+    "--config.model.vocab_size=32768",
+    "--config.model.loss_chunk_size=1024",
+    "--config.data.seq_len=256",
+    "--config.batch_size=8",
+    "--config.micro_batch_size=8",
+    "--compare",
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   table = r.stdout.split("by model switch")[1].splitlines()[2:]
-  rows = {(line.split()[0], line.split()[1]): float(line.split()[2]) * (1024 if line.split()[3] == "GiB" else 1)
-          for line in table if line.strip()}
-  assert set(rows) == {("dense", "unrolled"), ("chunked/1024", "unrolled"), ("dense", "scanned"),
-                       ("chunked/1024", "scanned")}, r.stdout
+  rows = {
+    (line.split()[0], line.split()[1]): float(line.split()[2]) * (1024 if line.split()[3] == "GiB" else 1)
+    for line in table
+    if line.strip()
+  }
+  assert set(rows) == {
+    ("dense", "unrolled"),
+    ("chunked/1024", "unrolled"),
+    ("dense", "scanned"),
+    ("chunked/1024", "scanned"),
+  }, r.stdout
   assert rows[("chunked/1024", "unrolled")] < rows[("dense", "unrolled")], r.stdout
-  assert r.stdout.count("compiled in") == 1            # the configured variant's full report, compiled once
+  assert r.stdout.count("compiled in") == 1  # the configured variant's full report, compiled once

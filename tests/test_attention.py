@@ -1,10 +1,12 @@
 """The Pallas kernels (splash, pallas_gpu) in interpret mode against the XLA reference, and implementation choice."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmbert_jax import attention
 from mmbert_jax import model as model_lib
@@ -19,9 +21,9 @@ def packed_segments(batch: int, seq: int) -> np.ndarray:
   cuts = [0, 3 * seq // 10, 6 * seq // 10, 9 * seq // 10]
   for doc, (a, b) in enumerate(zip(cuts, cuts[1:]), start=1):
     seg[0, a:b] = doc
-  seg[0, cuts[-1]:] = 0
+  seg[0, cuts[-1] :] = 0
   if batch > 1:
-    seg[1, seq - seq // 8:] = 0
+    seg[1, seq - seq // 8 :] = 0
   return seg
 
 
@@ -56,10 +58,10 @@ def assert_matches_reference(impl, q, k, v, segment_ids, window, ct, **kw):
 
 # Global and local layers; 256 is a multiple of the window 64 but not of 48 or 100; 6 and 12 heads (the presets).
 CASES = [
-    (256, 6, None),
-    (256, 12, 64),
-    (256, 6, 48),
-    (128, 12, 100),
+  (256, 6, None),
+  (256, 12, 64),
+  (256, 6, 48),
+  (128, 12, 100),
 ]
 
 
@@ -73,8 +75,7 @@ def test_kernel_matches_xla(impl, seq, heads, window):
 def test_gpu_kernel_small_blocks_window_spanning_blocks():
   """S = 160 (not a multiple of the window), blocks of 32: each q block sees a range of several kv blocks."""
   q, k, v, ct = qkv(2, 160, 6, seed=1)
-  assert_matches_reference("pallas_gpu", q, k, v, jnp.asarray(packed_segments(2, 160)), 40, ct,
-                           block_q=32, block_kv=32)
+  assert_matches_reference("pallas_gpu", q, k, v, jnp.asarray(packed_segments(2, 160)), 40, ct, block_q=32, block_kv=32)
 
 
 @pytest.mark.parametrize("impl", KERNELS)
@@ -89,8 +90,7 @@ def test_kernel_under_mesh_shard_map(impl):
     args = [jax.device_put(a, x) for a in (q, k, v)]
     seg_sharded = jax.device_put(seg, NamedSharding(mesh, P(("data", "fsdp"))))
     out, grads = attention_and_grads(impl, *args, seg_sharded, 48, jax.device_put(ct, x), interpret=True)
-    hlo = jax.jit(lambda *a: attention.attention(*a, seg_sharded, 48, impl=impl, interpret=True)).lower(
-        *args).as_text()
+    hlo = jax.jit(lambda *a: attention.attention(*a, seg_sharded, 48, impl=impl, interpret=True)).lower(*args).as_text()
   assert "shard_map" in hlo or "manual" in hlo.lower()
   assert out.sharding.spec == x.spec
   real = np.asarray(seg != 0)[:, :, None, None]
@@ -103,8 +103,12 @@ def rms_errors(impl, q, k, v, segment_ids, window, ct, reference, **kw):
   """Root-mean-square error of the output and of dq, dk, dv on real rows against float32 `reference` results."""
   out, grads = attention_and_grads(impl, q, k, v, segment_ids, window, ct, **kw)
   real = np.asarray(segment_ids != 0)[:, :, None, None]
-  return np.array([np.sqrt(np.mean(np.square(np.where(real, np.asarray(x, np.float32) - r, 0))))
-                   for x, r in zip((out, *grads), reference)])
+  return np.array(
+    [
+      np.sqrt(np.mean(np.square(np.where(real, np.asarray(x, np.float32) - r, 0))))
+      for x, r in zip((out, *grads), reference)
+    ]
+  )
 
 
 @pytest.mark.parametrize("impl", KERNELS)
@@ -119,13 +123,13 @@ def test_bfloat16_forward_and_gradients_within_xla_error(impl):
   seq, window = 512, 64
   seg = jnp.asarray(packed_segments(2, seq))
   q, k, v, ct = (x.astype(jnp.bfloat16) for x in qkv(2, seq, 2, seed=4))
-  ref_out, ref_grads = attention_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)), seg, window,
-                                           ct.astype(jnp.float32))
+  ref_out, ref_grads = attention_and_grads(
+    "xla", *(x.astype(jnp.float32) for x in (q, k, v)), seg, window, ct.astype(jnp.float32)
+  )
   reference = [np.asarray(x) for x in (ref_out, *ref_grads)]
   xla = rms_errors("xla", q, k, v, seg, window, ct, reference)
   cfg = small_config(local_window=2 * window, attention_impl=impl, attention_interpret=True)
-  kernel = rms_errors(impl, q, k, v, seg, window, ct, reference,
-                      options=attention.kernel_options(cfg, impl, window))
+  kernel = rms_errors(impl, q, k, v, seg, window, ct, reference, options=attention.kernel_options(cfg, impl, window))
   assert np.all(xla > 0)
   for name, err, err_xla in zip(("out", "dq", "dk", "dv"), kernel, xla):
     assert err <= 1.5 * err_xla, f"{impl} bf16 {name} error {err:.3g} > 1.5 × XLA's {err_xla:.3g}"
@@ -135,14 +139,23 @@ def test_bfloat16_forward_and_gradients_within_xla_error(impl):
 # Implementation choice and build-time errors
 # --------------------------------------------------------------------------------------------------------------
 
+
 def small_config(**kw):
-  base = dict(vocab_size=1024, hidden_size=128, num_layers=3, num_heads=2, intermediate_size=128,
-              local_window=64, max_position_embeddings=512)
+  base = dict(
+    vocab_size=1024,
+    hidden_size=128,
+    num_layers=3,
+    num_heads=2,
+    intermediate_size=128,
+    local_window=64,
+    max_position_embeddings=512,
+  )
   return model_lib.ModelConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("platform,expected", [("tpu", "splash"), ("gpu", "pallas_gpu"), ("cuda", "pallas_gpu"),
-                                               ("cpu", "xla")])
+@pytest.mark.parametrize(
+  "platform,expected", [("tpu", "splash"), ("gpu", "pallas_gpu"), ("cuda", "pallas_gpu"), ("cpu", "xla")]
+)
 def test_auto_picks_the_platform_kernel(platform, expected):
   assert attention.resolve_impl(small_config(attention_impl="auto"), platform=platform) == expected
 
@@ -151,19 +164,26 @@ def test_forced_kernels_resolve_where_they_run():
   assert attention.resolve_impl(small_config(attention_impl="splash"), platform="tpu") == "splash"
   assert attention.resolve_impl(small_config(attention_impl="pallas_gpu"), platform="gpu") == "pallas_gpu"
   assert attention.resolve_impl(small_config(attention_impl="xla"), platform="tpu") == "xla"
-  assert attention.resolve_impl(small_config(attention_impl="splash", attention_interpret=True),
-                                platform="cpu") == "splash"
+  assert (
+    attention.resolve_impl(small_config(attention_impl="splash", attention_interpret=True), platform="cpu") == "splash"
+  )
 
 
-@pytest.mark.parametrize("kw,platform,message", [
+@pytest.mark.parametrize(
+  "kw,platform,message",
+  [
     (dict(attention_impl="splash"), "gpu", "needs a TPU"),
     (dict(attention_impl="pallas_gpu"), "tpu", "needs a GPU"),
     (dict(attention_impl="splash", attention_block_kv=64), "tpu", "multiples of 128"),
     (dict(attention_impl="pallas_gpu", hidden_size=96, num_heads=2), "gpu", "power-of-two head_dim"),
-    (dict(attention_impl="pallas_gpu", attention_block_kv_bwd=48), "gpu",
-     "attention_block_kv_bwd=48 must be a power of two >= 16 for Triton"),
+    (
+      dict(attention_impl="pallas_gpu", attention_block_kv_bwd=48),
+      "gpu",
+      "attention_block_kv_bwd=48 must be a power of two >= 16 for Triton",
+    ),
     (dict(attention_impl="auto", attention_block_kv_local=8), "cuda", "attention_block_kv_local=8 must be"),
-])
+  ],
+)
 def test_impossible_combinations_fail_at_resolve(kw, platform, message):
   with pytest.raises(ValueError, match=message):
     attention.resolve_impl(small_config(**kw), platform=platform)
@@ -171,18 +191,23 @@ def test_impossible_combinations_fail_at_resolve(kw, platform, message):
 
 def test_block_sizes_must_divide_seq_len():
   with pytest.raises(ValueError, match="does not divide the sequence length 384"):
-    attention.resolve_impl(small_config(attention_impl="splash", attention_block_q=256), platform="tpu",
-                           seq_len=384)
+    attention.resolve_impl(small_config(attention_impl="splash", attention_block_q=256), platform="tpu", seq_len=384)
   with pytest.raises(ValueError, match="does not divide the sequence length 200"):
-    attention.resolve_impl(small_config(attention_impl="pallas_gpu", attention_block_kv=64), platform="gpu",
-                           seq_len=200)
+    attention.resolve_impl(
+      small_config(attention_impl="pallas_gpu", attention_block_kv=64), platform="gpu", seq_len=200
+    )
   fits = small_config(attention_impl="pallas_gpu", attention_block_q=64, attention_block_kv=64)
   assert attention.resolve_impl(fits, platform="gpu", seq_len=192) == "pallas_gpu"
   # 128-row tiles capped at S = 96 divide it, but Triton cannot lower them; interpret mode can run them.
   with pytest.raises(ValueError, match="block_q=96 \\(sequence length 96\\) must be a power of two"):
     attention.resolve_impl(small_config(attention_impl="pallas_gpu"), platform="gpu", seq_len=96)
-  interpreted = small_config(attention_impl="pallas_gpu", attention_interpret=True, attention_block_kv_local=48,
-                             attention_block_q_bwd=48, attention_block_kv_bwd=48)
+  interpreted = small_config(
+    attention_impl="pallas_gpu",
+    attention_interpret=True,
+    attention_block_kv_local=48,
+    attention_block_q_bwd=48,
+    attention_block_kv_bwd=48,
+  )
   assert attention.resolve_impl(interpreted, platform="cpu", seq_len=96) == "pallas_gpu"
 
 
@@ -207,6 +232,7 @@ def test_explicit_mesh_and_indivisible_heads_are_rejected():
 # Whole model
 # --------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("impl", KERNELS)
 def test_masked_lm_logits_match_xla(impl):
   """3 layers (one global, two ±32 local), packed rows with padding: same logits on every real token."""
@@ -216,9 +242,10 @@ def test_masked_lm_logits_match_xla(impl):
   ref_model = model_lib.MaskedLM(small_config(), rngs=nnx.Rngs(0))
   kernel_model = model_lib.MaskedLM(small_config(attention_impl=impl, attention_interpret=True), rngs=nnx.Rngs(0))
   assert {layer.attn.impl for layer in kernel_model.layers} == {impl}
-  for a, b in zip(jax.tree.leaves(nnx.state(ref_model, nnx.Param)), jax.tree.leaves(nnx.state(kernel_model,
-                                                                                              nnx.Param))):
-    np.testing.assert_array_equal(a, b)   # same seed, same parameters: only attention differs
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(ref_model, nnx.Param)), jax.tree.leaves(nnx.state(kernel_model, nnx.Param))
+  ):
+    np.testing.assert_array_equal(a, b)  # same seed, same parameters: only attention differs
   logits = nnx.jit(lambda m: m(ids, seg))(kernel_model)
   ref_logits = nnx.jit(lambda m: m(ids, seg))(ref_model)
   real = np.asarray(seg != 0)[..., None]
@@ -245,14 +272,19 @@ def test_hardware_benchmark_mode_runs_and_counts_visited_pairs(capsys):
   """The hardware mode of benchmarks/attention runs end to end here (kernel in interpret mode, no cuDNN on CPU);
   its visited-pair counts lie between the in-window pairs (brute force) and all S×S pairs."""
   from mmbert_jax.benchmarks import attention as bench
+
   bench.hardware([128], tokens=128, heads=1, window=32, repeats=1)
   rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["128"]]
-  assert [(r[2], r[3]) for r in rows] == [("global", "xla"), ("global", "kernel"), ("local", "xla"),
-                                          ("local", "kernel")]
+  assert [(r[2], r[3]) for r in rows] == [
+    ("global", "xla"),
+    ("global", "kernel"),
+    ("local", "xla"),
+    ("local", "kernel"),
+  ]
   assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
   seq, window = 8192, 64
   i = np.arange(seq)
-  in_window = int(np.sum(np.minimum(i + window, seq - 1) - np.maximum(i - window, 0) + 1))   # |i − j| ≤ w
+  in_window = int(np.sum(np.minimum(i + window, seq - 1) - np.maximum(i - window, 0) + 1))  # |i − j| ≤ w
   cfg = model_lib.ModelConfig()
   for impl in KERNELS:
     fwd, bwd = bench.visited_pairs(impl, seq, window, attention.kernel_options(cfg, impl, window))

@@ -1,6 +1,6 @@
 """The benchmark's synthetic corpora and figures."""
+
 import numpy as np
-import pytest
 
 from data_pipeline import benchmark, pipeline
 
@@ -10,11 +10,12 @@ def test_synthetic_corpus_and_figures(tmp_path):
   train = {l: v["train"] for l, v in stats["languages"].items()}
   assert len(train) == 40 and all(t["documents"] >= 2 for t in train.values())
   tokens = np.array([t["tokens"] for t in train.values()])
-  assert 300_000 <= tokens.sum() < 450_000 and tokens.max() / tokens.min() > 20     # skewed sizes
-  cfg = pipeline.PipelineConfig(data_dir=str(tmp_path), seq_len=256, batch_size=8, num_streams=4, mask_rate=0.3,
-                                prefetch=0, packing_bins=8)
+  assert 300_000 <= tokens.sum() < 450_000 and tokens.max() / tokens.min() > 20  # skewed sizes
+  cfg = pipeline.PipelineConfig(
+    data_dir=str(tmp_path), seq_len=256, batch_size=8, num_streams=4, mask_rate=0.3, prefetch=0, packing_bins=8
+  )
   r = benchmark.run(cfg, hosts=2, cycles=3)
-  assert r["batches"] == 3 * 4 and r["rows"] == 4               # a refill cycle: 8 bins / 2 rows per stream
+  assert r["batches"] == 3 * 4 and r["rows"] == 4  # a refill cycle: 8 bins / 2 rows per stream
   assert 0.8 < r["packing"] <= 1.0 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
   assert r["tokens_per_s"] > 0 and 0 < r["files"] < 256
 
@@ -24,15 +25,17 @@ def test_index_corpus(tmp_path):
   assert abs(stats["totals"]["train"]["documents"] - 5000) <= 30
   shards = [s for v in stats["languages"].values() for s in v["train"]["shards"]]
   assert max(s["sequences"] for s in shards) == 400 and len(shards) > 30
-  it = pipeline.make_train_iterator(pipeline.PipelineConfig(data_dir=str(tmp_path), seq_len=64, batch_size=4,
-                                                            mask_rate=0.3, prefetch=0), 0, 1)
+  it = pipeline.make_train_iterator(
+    pipeline.PipelineConfig(data_dir=str(tmp_path), seq_len=64, batch_size=4, mask_rate=0.3, prefetch=0), 0, 1
+  )
   assert next(it)["input_ids"].shape == (4, 64)
   it.close()
 
 
 def test_command(capsys):
-  benchmark.main(["--corpus_tokens", "200000", "--num_languages", "20", "--settings", "decay", "--workers", "0",
-                  "--cycles", "1"])
+  benchmark.main(
+    ["--corpus_tokens", "200000", "--num_languages", "20", "--settings", "decay", "--workers", "0", "--cycles", "1"]
+  )
   lines = capsys.readouterr().out.splitlines()
   rows = [l.split() for l in lines if l.split() and l.split()[0] == "decay"]
   assert [(r[1], r[2], r[3]) for r in rows] == [("8192", "4", "0")]
@@ -41,8 +44,23 @@ def test_command(capsys):
 
 def test_injected_read_latency(capsys):
   """--read_latency_ms: serial reads are one at a time and slow; read threads overlap them."""
-  benchmark.main(["--corpus_tokens", "200000", "--num_languages", "20", "--settings", "pretrain", "--workers", "0",
-                  "--cycles", "1", "--read_latency_ms=3", "--read_threads", "0,8"])
+  benchmark.main(
+    [
+      "--corpus_tokens",
+      "200000",
+      "--num_languages",
+      "20",
+      "--settings",
+      "pretrain",
+      "--workers",
+      "0",
+      "--cycles",
+      "1",
+      "--read_latency_ms=3",
+      "--read_threads",
+      "0,8",
+    ]
+  )
   lines = capsys.readouterr().out.splitlines()
   rows = [l.split() for l in lines if l.split() and l.split()[0] == "pretrain"]
   assert [(r[16], r[17], r[18]) for r in rows] == [("0", "3.0ms", "1"), ("8", "3.0ms", rows[1][18])]

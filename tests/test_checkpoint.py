@@ -1,4 +1,5 @@
 """Checkpoints: exact resume after SIGTERM or kill -9, resume on fewer devices, phase handoff, shape errors."""
+
 import os
 import random
 import signal
@@ -8,12 +9,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT, tiny_config, train_losses
+
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import train
 
-STEPS = 12                       # 512 tokens per step; checkpoints every 4 steps
+STEPS = 12  # 512 tokens per step; checkpoints every 4 steps
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def _sigterm_at(monkeypatch, step):
 def test_sigterm_then_rerun_reproduces_the_uninterrupted_losses(demo_data, reference, tmp_path, monkeypatch):
   ref_dir, ref = reference
   workdir = str(tmp_path / "run")
-  stop_at = random.Random(STEPS).randint(2, STEPS - 3)   # seeded: the same step on every run
-  assert stop_at % 4                                     # not a checkpoint step: the stop must save one itself
+  stop_at = random.Random(STEPS).randint(2, STEPS - 3)  # seeded: the same step on every run
+  assert stop_at % 4  # not a checkpoint step: the stop must save one itself
   _sigterm_at(monkeypatch, stop_at)
   first = train.train_and_evaluate(tiny_config(demo_data), workdir)
   monkeypatch.undo()
@@ -51,7 +52,7 @@ def test_sigterm_then_rerun_reproduces_the_uninterrupted_losses(demo_data, refer
   assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir))[-1] == first["step"]
   second = train.train_and_evaluate(tiny_config(demo_data), workdir)
   assert second["status"] == "complete" and second["step"] == STEPS
-  losses = train_losses(workdir)      # both runs append to the same metrics file
+  losses = train_losses(workdir)  # both runs append to the same metrics file
   assert losses == ref, f"stopped at step {first['step']}"
   assert second["eval"] == train.train_and_evaluate(tiny_config(demo_data), ref_dir)["eval"]
 
@@ -80,7 +81,7 @@ def test_kill_9_during_async_save_resumes_from_last_complete_checkpoint(demo_dat
   workdir = str(tmp_path / "killed")
   script = _KILL_DURING_SAVE.format(root=str(ROOT), tests=str(ROOT / "tests"), data=demo_data, workdir=workdir)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]   # killed while step 8's temporary dir existed
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]  # killed while step 8's temporary dir existed
   assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir)) == [4]  # the half-written 8 is not taken for one
   result = train.train_and_evaluate(tiny_config(demo_data), workdir)
   assert result["step"] == STEPS
@@ -99,8 +100,8 @@ def _assert_losses_match(result, workdir, ref, first_step):
 def test_resume_on_fewer_devices_continues_the_same_global_batches(demo_data, reference, tmp_path):
   _, ref = reference
   workdir = str(tmp_path / "elastic")
-  train.train_and_evaluate(tiny_config(demo_data, train_tokens=512 * 4), workdir)          # 4 devices
-  result = train.train_and_evaluate(tiny_config(demo_data, num_devices=2), workdir)       # 2 devices
+  train.train_and_evaluate(tiny_config(demo_data, train_tokens=512 * 4), workdir)  # 4 devices
+  result = train.train_and_evaluate(tiny_config(demo_data, num_devices=2), workdir)  # 2 devices
   _assert_losses_match(result, workdir, ref, first_step=5)
 
 
@@ -115,9 +116,20 @@ def test_scanned_layers_save_the_same_checkpoints(demo_data, reference, tmp_path
 
 def test_handoff_changes_seq_len_and_theta_and_keeps_params(demo_data, reference, tmp_path):
   ref_dir, _ = reference
-  midtrain = tiny_config(demo_data, init_from=ref_dir, train_tokens=1024 * 2, **{
-      "data.seq_len": 128, "data.mask_rate": 0.15, "data.tau": 0.5, "data.languages": "en,de,fr,ru,zh,sw,nl,pl",
-      "model.global_rope_theta": 160_000.0, "model.local_rope_theta": 160_000.0, "schedule.warmup_tokens": 0})
+  midtrain = tiny_config(
+    demo_data,
+    init_from=ref_dir,
+    train_tokens=1024 * 2,
+    **{
+      "data.seq_len": 128,
+      "data.mask_rate": 0.15,
+      "data.tau": 0.5,
+      "data.languages": "en,de,fr,ru,zh,sw,nl,pl",
+      "model.global_rope_theta": 160_000.0,
+      "model.local_rope_theta": 160_000.0,
+      "schedule.warmup_tokens": 0,
+    },
+  )
   midtrain.phase = "midtrain"
   # A vanishing learning rate and no decay: the parameters must stay those of the pre-training checkpoint.
   midtrain.optim.peak_lr = 1e-30
@@ -139,10 +151,17 @@ def test_decay_variants_start_from_the_same_checkpoint(demo_data, reference, tmp
   ref_dir, _ = reference
   sources = []
   for variant, languages in (("decay_eng", "en,de,fr"), ("decay_all", "en,de,fr,fo,ti")):
-    c = tiny_config(demo_data, init_from=ref_dir, train_tokens=512, **{"data.languages": languages,
-                                                                      "schedule.warmup_tokens": 0,
-                                                                      "schedule.decay_start_tokens": 0,
-                                                                      "schedule.decay_tokens": 512})
+    c = tiny_config(
+      demo_data,
+      init_from=ref_dir,
+      train_tokens=512,
+      **{
+        "data.languages": languages,
+        "schedule.warmup_tokens": 0,
+        "schedule.decay_start_tokens": 0,
+        "schedule.decay_tokens": 512,
+      },
+    )
     c.phase = variant
     train.train_and_evaluate(c, str(tmp_path / variant))
     _, meta, _ = ckpt_lib.load_params(str(tmp_path / variant))
@@ -164,7 +183,7 @@ def _objects(directory):
   root = str(directory)
   out = {}
   for folder, _, files in directory.walk():
-    relative = str(folder).removeprefix("gs://")[len(root.removeprefix("gs://")):].strip("/")
+    relative = str(folder).removeprefix("gs://")[len(root.removeprefix("gs://")) :].strip("/")
     for name in files:
       out[f"{relative}/{name}".lstrip("/")] = (directory / relative / name).read_bytes()
   return out
@@ -174,30 +193,37 @@ def test_a_damaged_step_in_a_bucket_is_copied_aside_then_deleted(gcs_bucket, mon
   """A bucket has no folder rename: the step's objects are copied to corrupt-<step> first, and only a complete copy
   lets the originals go."""
   import uuid
+
   import orbax.checkpoint as ocp
+
   from data_pipeline import filesystem as fs
+
   workdir = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/run")
   with ckpt_lib._manager(ckpt_lib.checkpoint_dir(workdir), create=True, enable_async_checkpointing=False) as m:
     for step in (4, 8):
-      m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave({"w": np.full(3, step, np.float32)}),
-                                           meta=ocp.args.JsonSave({"step": step})))
+      m.save(
+        step,
+        args=ocp.args.Composite(
+          params=ocp.args.StandardSave({"w": np.full(3, step, np.float32)}), meta=ocp.args.JsonSave({"step": step})
+        ),
+      )
   checkpointer = ckpt_lib.Checkpointer(str(workdir), async_save=False)
   assert checkpointer.all_steps() == [4, 8]
   step_dir = ckpt_lib.checkpoint_dir(workdir) / "8"
   before = _objects(step_dir)
   assert "params/_METADATA" in before
 
-  def copy_then_fail(src, dest):   # the connection drops half-way through the copy
+  def copy_then_fail(src, dest):  # the connection drops half-way through the copy
     (dest / "partial").write_text("x")
     raise OSError("connection reset")
 
   monkeypatch.setattr(ckpt_lib.fs, "copy_tree", copy_then_fail)
   with pytest.raises(OSError, match="connection reset"):
     checkpointer._move_aside(8)
-  assert _objects(step_dir) == before               # nothing deleted before the copy is complete
+  assert _objects(step_dir) == before  # nothing deleted before the copy is complete
   monkeypatch.undo()
   where = checkpointer._move_aside(8)
-  assert where == f"{ckpt_lib.checkpoint_dir(workdir)}/corrupt-8.2"   # corrupt-8 holds the failed attempt
+  assert where == f"{ckpt_lib.checkpoint_dir(workdir)}/corrupt-8.2"  # corrupt-8 holds the failed attempt
   assert not step_dir.exists() and _objects(fs.path(where)) == before
   assert checkpointer.all_steps() == [4] and ckpt_lib.read_meta(ckpt_lib.checkpoint_dir(workdir), 4)["step"] == 4
   checkpointer.close()

@@ -1,11 +1,13 @@
 """The CLDR demo corpus: languages, scripts, determinism, and the end-to-end preparation."""
+
 import os
 import unicodedata
 
 import numpy as np
 import pytest
 
-from data_pipeline import demo_corpus, mixture, pipeline, tokenizer as tokenizer_lib
+from data_pipeline import demo_corpus, mixture, pipeline
+from data_pipeline import tokenizer as tokenizer_lib
 
 
 def _script_share(text, name):
@@ -24,8 +26,10 @@ def test_languages_and_sets():
     demo_corpus.resolve(["fo", "xx"])
 
 
-@pytest.mark.parametrize("lang,script", [("ti", "ETHIOPIC"), ("ru", "CYRILLIC"), ("el", "GREEK"),
-                                         ("hi", "DEVANAGARI"), ("ko", "HANGUL"), ("fo", "LATIN")])
+@pytest.mark.parametrize(
+  "lang,script",
+  [("ti", "ETHIOPIC"), ("ru", "CYRILLIC"), ("el", "GREEK"), ("hi", "DEVANAGARI"), ("ko", "HANGUL"), ("fo", "LATIN")],
+)
 def test_documents_are_in_the_languages_script(lang, script):
   docs = list(demo_corpus.documents(lang, 20, seed=0))
   assert len(docs) == 20 and all(5 < len(d) for d in docs)
@@ -41,16 +45,18 @@ def test_faroese_text_uses_faroese_names():
 
 def test_prepare_demo_end_to_end(tmp_path):
   langs = ["en", "fo", "ti", "ja", "ru"]
-  stats = demo_corpus.prepare_demo(str(tmp_path), languages=langs, scale=0.1, vocab_size=600, max_len=256,
-                                   eval_documents=2, progress=False)
+  stats = demo_corpus.prepare_demo(
+    str(tmp_path), languages=langs, scale=0.1, vocab_size=600, max_len=256, eval_documents=2, progress=False
+  )
   assert sorted(stats["languages"]) == sorted(langs)
   assert stats["languages"]["en"]["train"]["tokens"] > stats["languages"]["fo"]["train"]["tokens"]
   tok = tokenizer_lib.load_tokenizer(str(tmp_path / "tokenizer.model"))
   assert tok.vocab_size == 600
   lines = {l: (tmp_path / "_raw" / f"{l}.txt").read_text(encoding="utf-8") for l in langs}
   # Batches decode back to corpus text of the language their lang_ids name.
-  cfg = pipeline.PipelineConfig(data_dir=str(tmp_path), languages=("fo", "ti", "ja"), tau=0.3, seq_len=128,
-                                batch_size=4, mask_rate=0.15, prefetch=0)
+  cfg = pipeline.PipelineConfig(
+    data_dir=str(tmp_path), languages=("fo", "ti", "ja"), tau=0.3, seq_len=128, batch_size=4, mask_rate=0.15, prefetch=0
+  )
   it = pipeline.make_train_iterator(cfg, 0, 1)
   checked = 0
   for _ in range(8):
@@ -71,8 +77,12 @@ def test_prepare_demo_end_to_end(tmp_path):
   assert checked >= 20
   # Running again reuses the text, tokenizer and shards.
   mtime = os.path.getmtime(tmp_path / "tokenizer.model")
-  assert demo_corpus.prepare_demo(str(tmp_path), languages=langs, scale=0.1, vocab_size=600, max_len=256,
-                                  eval_documents=2, progress=False) == stats
+  assert (
+    demo_corpus.prepare_demo(
+      str(tmp_path), languages=langs, scale=0.1, vocab_size=600, max_len=256, eval_documents=2, progress=False
+    )
+    == stats
+  )
   assert os.path.getmtime(tmp_path / "tokenizer.model") == mtime
 
 
@@ -80,7 +90,9 @@ def test_prepare_demo_into_a_bucket(tmp_path, gcs_bucket):
   """The demo's text, tokenizer, shards and stats.json in a bucket: the same corpus as on local disk."""
   import json
   import uuid
+
   from data_pipeline import filesystem as fs
+
   remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/data")
   kw = dict(languages=["fo", "ti"], scale=0.1, vocab_size=600, max_len=128, eval_documents=2, progress=False)
   got = demo_corpus.prepare_demo(os.fspath(remote), **kw)

@@ -1,5 +1,6 @@
 """Faults a long run meets: damaged checkpoints, full disks, non-finite steps, changed configs, meshes that span
 processes, bad values, preemption. Each must end in one clear line and an exit code, and lose nothing complete."""
+
 import errno
 import glob
 import json
@@ -13,13 +14,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from tensorboardX.event_file_writer import EventsWriter
-
 from conftest import ROOT, load_config, read_metrics, run_two_processes, tiny_config
+from tensorboardX.event_file_writer import EventsWriter
+from tiny_run import MODEL, STEPS, step_dir, trained_run
+
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, main, metrics, sharding, storage, train
 from mmbert_jax.model import ModelConfig, get_config
-from tiny_run import MODEL, STEPS, step_dir, trained_run
 
 
 def _config(data_dir, **overrides):
@@ -51,6 +52,7 @@ def _same(a, b):
 # Damaged checkpoints: the newest one that restores is used, the damaged ones are moved aside, never deleted.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _files(step, pattern):
   return [f for f in glob.glob(os.path.join(step, pattern), recursive=True) if os.path.isfile(f)]
 
@@ -75,14 +77,14 @@ def _write(path, text):
 
 
 CORRUPTIONS = {
-    "truncated params data": _truncate_params_data,
-    "scrambled params data": _scramble_params_data,
-    "garbage params metadata": lambda s: _write(os.path.join(s, "params", "_METADATA"), "{not json"),
-    "params deleted": lambda s: shutil.rmtree(os.path.join(s, "params")),
-    "opt_state manifests deleted": lambda s: [os.remove(f) for f in _files(s, "opt_state/**/manifest.ocdbt")],
-    "garbage meta": lambda s: _write(os.path.join(s, "meta", "metadata"), "\x00garbage"),
-    "data iterator state deleted": lambda s: [os.remove(f) for f in _files(s, "data_iter/*.json")],
-    "every file emptied": lambda s: [_write(f, "") for f in _files(s, "**/*")],
+  "truncated params data": _truncate_params_data,
+  "scrambled params data": _scramble_params_data,
+  "garbage params metadata": lambda s: _write(os.path.join(s, "params", "_METADATA"), "{not json"),
+  "params deleted": lambda s: shutil.rmtree(os.path.join(s, "params")),
+  "opt_state manifests deleted": lambda s: [os.remove(f) for f in _files(s, "opt_state/**/manifest.ocdbt")],
+  "garbage meta": lambda s: _write(os.path.join(s, "meta", "metadata"), "\x00garbage"),
+  "data iterator state deleted": lambda s: [os.remove(f) for f in _files(s, "data_iter/*.json")],
+  "every file emptied": lambda s: [_write(f, "") for f in _files(s, "**/*")],
 }
 
 
@@ -121,8 +123,10 @@ def test_a_model_that_fits_no_checkpoint_is_a_config_error_not_damage(run_copy, 
   # Refused as a config change first; allowed, the checkpoint's parameters do not fit: neither is damage.
   with pytest.raises(train.ConfigChangeError, match=r"model.num_layers \(3 → 2\)"):
     train.PhaseRun(_config(demo_data, **{"model.num_layers": 2}), run_copy)
-  with pytest.raises(ckpt_lib.ParamsMismatchError, match="parameter 'layers/2/.*' is not in the checkpoint|"
-                                                         "checkpoint parameter 'layers/2"):
+  with pytest.raises(
+    ckpt_lib.ParamsMismatchError,
+    match="parameter 'layers/2/.*' is not in the checkpoint|checkpoint parameter 'layers/2",
+  ):
     train.PhaseRun(_config(demo_data, **{"model.num_layers": 2, "allow_config_change": True}), run_copy)
   assert _listing(run_copy) == ["12", "4", "8"]
 
@@ -130,6 +134,7 @@ def test_a_model_that_fits_no_checkpoint_is_a_config_error_not_damage(run_copy, 
 # ---------------------------------------------------------------------------------------------------------------
 # Config drift on resume, and init_from an unfinished run.
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_resume_with_a_changed_optimizer_or_seed_is_refused_listing_the_keys(run_copy, demo_data):
   changed = _config(demo_data, **{"optim.peak_lr": 1e-3, "seed": 5, "log_every_steps": 3})
@@ -139,8 +144,10 @@ def test_resume_with_a_changed_optimizer_or_seed_is_refused_listing_the_keys(run
   assert "optim.peak_lr (0.003 → 0.001)" in message and "seed (21 → 5)" in message
   assert "log_every_steps" not in message and "allow_config_change=True" in message
   # Bookkeeping keys change freely; allow_config_change lets the math change through, saying so.
-  for overrides in ({"log_every_steps": 3, "eval_max_batches": 2, "keep_checkpoints": 5},
-                    {"optim.peak_lr": 1e-3, "allow_config_change": True}):
+  for overrides in (
+    {"log_every_steps": 3, "eval_max_batches": 2, "keep_checkpoints": 5},
+    {"optim.peak_lr": 1e-3, "allow_config_change": True},
+  ):
     run = train.PhaseRun(_config(demo_data, **overrides), run_copy)
     run.close()
     assert run.step == 12
@@ -151,12 +158,15 @@ def test_changed_keys_are_the_math_keys_only():
   saved = base.to_json()
   base.log_every_steps, base.mesh.tensor, base.data.data_dir = 7, 4, "/elsewhere"
   base.data.tau, base.model.num_layers, base.batch_size = 0.3, 6, 32
-  assert train.changed_keys(saved, base) == {"data.tau": (0.7, 0.3), "model.num_layers": (None, 6),
-                                             "batch_size": (4608, 32)}
+  assert train.changed_keys(saved, base) == {
+    "data.tau": (0.7, 0.3),
+    "model.num_layers": (None, 6),
+    "batch_size": (4608, 32),
+  }
 
 
 def test_init_from_an_unfinished_run_needs_an_explicit_step(run_copy, demo_data, tmp_path):
-  shutil.rmtree(step_dir(run_copy, 12))          # the final checkpoint is gone: the latest, 8, is not final
+  shutil.rmtree(step_dir(run_copy, 12))  # the final checkpoint is gone: the latest, 8, is not final
   with pytest.raises(ckpt_lib.CheckpointError, match=r"not finished .*--config\.init_from=.*/checkpoints/8"):
     train.PhaseRun(_config(demo_data, init_from=run_copy), str(tmp_path / "next"))
   run = train.PhaseRun(_config(demo_data, init_from=step_dir(run_copy, 8)), str(tmp_path / "explicit"))
@@ -167,6 +177,7 @@ def test_init_from_an_unfinished_run_needs_an_explicit_step(run_copy, demo_data,
 # ---------------------------------------------------------------------------------------------------------------
 # Non-finite steps, and values that cannot train.
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def test_a_nonfinite_update_is_not_kept_and_the_stop_message_is_true(demo_data, tmp_path, capsys):
   # peak_lr 1e30: step 1's loss and gradients are finite, its updated parameters are not.
@@ -181,10 +192,14 @@ def test_a_nonfinite_update_is_not_kept_and_the_stop_message_is_true(demo_data, 
 
 def test_a_nonfinite_step_after_checkpoints_names_the_intact_one(run_copy, demo_data):
   want, _, _ = ckpt_lib.load_params(run_copy)
-  config = _config(demo_data, train_tokens=512 * 16, allow_config_change=True,
-                   **{"optim.peak_lr": 1e30, "schedule.warmup_tokens": 0})
-  with pytest.raises(train.NonFiniteLossError, match=r"^step 13: .*The last checkpoint, .*/checkpoints/12, is "
-                                                      "intact"):
+  config = _config(
+    demo_data, train_tokens=512 * 16, allow_config_change=True, **{"optim.peak_lr": 1e30, "schedule.warmup_tokens": 0}
+  )
+  with pytest.raises(
+    train.NonFiniteLossError,
+    match=r"^step 13: .*The last checkpoint, .*/checkpoints/12, is "
+    "intact",
+  ):
     train.train_and_evaluate(config, run_copy)
   got, _, _ = ckpt_lib.load_params(run_copy)
   assert _listing(run_copy) == ["12", "4", "8"] and _same(got, want)
@@ -192,19 +207,27 @@ def test_a_nonfinite_step_after_checkpoints_names_the_intact_one(run_copy, demo_
 
 def test_skip_mode_stops_after_max_consecutive_skips_and_saves_only_finite_values(demo_data, tmp_path, capsys):
   workdir = str(tmp_path / "skip")
-  config = tiny_config(demo_data, skip_nonfinite=True, max_consecutive_skips=3, checkpoint_every_tokens=512,
-                       **{"optim.peak_lr": 1e30, "schedule.warmup_tokens": 0})
+  config = tiny_config(
+    demo_data,
+    skip_nonfinite=True,
+    max_consecutive_skips=3,
+    checkpoint_every_tokens=512,
+    **{"optim.peak_lr": 1e30, "schedule.warmup_tokens": 0},
+  )
   with pytest.raises(train.NonFiniteLossError, match="step 3: .*3 non-finite steps in a row"):
     train.train_and_evaluate(config, workdir)
   captured = capsys.readouterr()
   assert (captured.out + captured.err).count("step skipped") == 2
   saved = [ckpt_lib.load_params(step_dir(workdir, s))[0] for s in (1, 2)]
-  initial = train.init_model(train.model_config(config), sharding.make_mesh({"fsdp": -1}, jax.devices()[:1]),
-                             config.seed)[1]
-  assert all(_finite(p) and _same(p, initial) for p in saved)   # skipped steps changed nothing
+  initial = train.init_model(
+    train.model_config(config), sharding.make_mesh({"fsdp": -1}, jax.devices()[:1]), config.seed
+  )[1]
+  assert all(_finite(p) and _same(p, initial) for p in saved)  # skipped steps changed nothing
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("optim.peak_lr", 1e39, "peak_lr must be a positive number finite in float32"),
     ("optim.peak_lr", float("nan"), "peak_lr"),
     ("optim.peak_lr", 0.0, "peak_lr"),
@@ -216,9 +239,11 @@ def test_skip_mode_stops_after_max_consecutive_skips_and_saves_only_finite_value
     ("log_every_steps", -2, "log_every_steps must be positive; got -2"),
     ("eval_every_steps", -1, "eval_every_steps must be ≥ 0"),
     ("max_consecutive_skips", 0, "max_consecutive_skips must be positive"),
-])
-def test_values_that_cannot_train_are_refused_before_anything_is_written(demo_data, tmp_path, capsys, key, value,
-                                                                         message):
+  ],
+)
+def test_values_that_cannot_train_are_refused_before_anything_is_written(
+  demo_data, tmp_path, capsys, key, value, message
+):
   workdir = str(tmp_path / "bad")
   assert main.run(tiny_config(demo_data, **{key: value}), workdir) == cli.EXIT_BAD_INPUT
   error = capsys.readouterr().err.strip().splitlines()
@@ -232,7 +257,7 @@ def test_every_model_config_field_can_be_set_from_the_config():
   c.model_preset = "tiny"
   set_fields = {k: v for k, v in c.model.items() if v is not None}
   assert train.model_config(c) == get_config("tiny", **{**set_fields, "dtype": "float32"})
-  c.model.hidden_size, c.model.attention_block_q = 96, 256       # not in the config file before: now set
+  c.model.hidden_size, c.model.attention_block_q = 96, 256  # not in the config file before: now set
   cfg = train.model_config(c)
   assert (cfg.hidden_size, cfg.attention_block_q, cfg.num_layers) == (96, 256, get_config("tiny").num_layers)
 
@@ -241,13 +266,13 @@ def test_every_model_config_field_can_be_set_from_the_config():
 # Writers: a failed write stops the run at once with the path, and complete checkpoints stay intact.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_a_full_disk_under_tensorboard_stops_the_run_naming_the_path(demo_data, tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / "full")
   write_event = EventsWriter.write_event
-  calls = {"n": 0}
 
   def fail_after_checkpoint(self, event):
-    if event.step >= 6:     # the writer thread used to die here and leave the loop blocked forever
+    if event.step >= 6:  # the writer thread used to die here and leave the loop blocked forever
       raise OSError(errno.ENOSPC, "No space left on device")
     return write_event(self, event)
 
@@ -265,6 +290,7 @@ def test_a_full_disk_under_tensorboard_stops_the_run_naming_the_path(demo_data, 
 def test_a_failed_checkpoint_save_stops_the_run_within_a_step(demo_data, tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / "save")
   from data_pipeline import checkpoint as data_ckpt
+
   save = data_ckpt.PipelineCheckpointHandler.save
 
   def fail_at_step_8(self, directory, item=None, args=None):
@@ -277,7 +303,7 @@ def test_a_failed_checkpoint_save_stops_the_run_within_a_step(demo_data, tmp_pat
   error = capsys.readouterr().err.strip().splitlines()[-1]
   assert error == f"error: saving checkpoint 8 failed: disk full at {workdir}/checkpoints"
   steps_logged = [m["step"] for m in read_metrics(workdir) if "train/loss" in m]
-  assert max(steps_logged) <= 9                       # stopped within a step of the failed save
+  assert max(steps_logged) <= 9  # stopped within a step of the failed save
   assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir)) == [4]
   assert ckpt_lib.load_params(workdir)[1]["step"] == 4
 
@@ -294,7 +320,7 @@ def test_a_real_full_disk_stops_the_run_and_keeps_the_complete_checkpoint(demo_d
   if not _mount_tmpfs(disk, "3m"):
     pytest.skip("cannot mount a tmpfs here")
   try:
-    workdir = os.path.join(disk, "run")   # a checkpoint of the tiny model takes about 2.1 MB: the second does not fit
+    workdir = os.path.join(disk, "run")  # a checkpoint of the tiny model takes about 2.1 MB: the second does not fit
     assert main.run(_config(demo_data), workdir) == cli.EXIT_FAILED
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: ") and f"failed: disk full at {workdir}" in error
@@ -323,25 +349,28 @@ def test_write_errors_name_the_reason():
 # Bookkeeping: meta is copied before the asynchronous save; metrics.jsonl holds each step once after a resume.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def test_meta_is_copied_before_the_asynchronous_save(run_copy, demo_data, monkeypatch):
   handed = []
   json_save = ckpt_lib.ocp.args.JsonSave
   monkeypatch.setattr(ckpt_lib.ocp.args, "JsonSave", lambda item: handed.append(item) or json_save(item))
   run = train.PhaseRun(_config(demo_data, keep_checkpoints=4), run_copy)
   try:
-    run.step += 1         # a new step number, same state
+    run.step += 1  # a new step number, same state
     run.save()
     saved_view = json.loads(json.dumps(run.meta))
-    run.meta["tokens_per_language"]["en"] += 10 ** 6          # the loop goes on counting while the save runs
+    run.meta["tokens_per_language"]["en"] += 10**6  # the loop goes on counting while the save runs
   finally:
     run.close()
   assert handed and handed[0] is not run.meta
-  assert ckpt_lib.read_meta(ckpt_lib.checkpoint_dir(run_copy), 13)["tokens_per_language"] == \
-      saved_view["tokens_per_language"]
+  assert (
+    ckpt_lib.read_meta(ckpt_lib.checkpoint_dir(run_copy), 13)["tokens_per_language"]
+    == saved_view["tokens_per_language"]
+  )
 
 
 def test_a_resumed_run_logs_each_step_once(run_copy, demo_data):
-  shutil.rmtree(step_dir(run_copy, 12))          # resume at 8: steps 9..12 run again
+  shutil.rmtree(step_dir(run_copy, 12))  # resume at 8: steps 9..12 run again
   before = {m["step"]: m["train/loss"] for m in read_metrics(run_copy) if "train/loss" in m}
   result = train.train_and_evaluate(_config(demo_data), run_copy)
   assert result["step"] == 12
@@ -355,6 +384,7 @@ def test_a_resumed_run_logs_each_step_once(run_copy, demo_data):
 # Gradient accumulation: micro-batches with unequal masked counts give the full batch's step.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _batch(rng, rows, seq, masked_per_row, vocab=1000):
   k = max(masked_per_row)
   weights = np.zeros((rows, k), np.float32)
@@ -362,24 +392,30 @@ def _batch(rng, rows, seq, masked_per_row, vocab=1000):
     weights[r, :n] = 1
   ids = rng.integers(5, vocab, (rows, seq)).astype(np.int32)
   positions = np.stack([rng.choice(seq, k, replace=False) for _ in range(rows)]).astype(np.int32)
-  return dict(input_ids=ids, segment_ids=np.ones((rows, seq), np.int32),
-              positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)), masked_positions=positions,
-              masked_labels=rng.integers(5, vocab, (rows, k)).astype(np.int32), masked_weights=weights,
-              lang_ids=np.zeros((rows, seq), np.int32))
+  return dict(
+    input_ids=ids,
+    segment_ids=np.ones((rows, seq), np.int32),
+    positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
+    masked_positions=positions,
+    masked_labels=rng.integers(5, vocab, (rows, k)).astype(np.int32),
+    masked_weights=weights,
+    lang_ids=np.zeros((rows, seq), np.int32),
+  )
 
 
 def test_accumulated_micro_batches_equal_the_full_batch_with_unequal_masked_counts():
   cfg = get_config("tiny", vocab_size=1000)
   config = tiny_config("unused")
   mesh = sharding.make_mesh({"fsdp": 4}, jax.devices()[:4])
-  full = _batch(np.random.default_rng(0), 8, 32, [12, 12, 12, 12, 2, 1, 3, 2])   # 48 vs 8 masked tokens
+  full = _batch(np.random.default_rng(0), 8, 32, [12, 12, 12, 12, 2, 1, 3, 2])  # 48 vs 8 masked tokens
   halves = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]
   results = []
   for micro in ([full], halves):
     params, opt, step = train.fresh_train_state(cfg, config, mesh)
     with jax.set_mesh(mesh):
-      new, _, m = step(params, opt, train.make_put(mesh, leading=1)(train.stack_microbatches(micro)),
-                       np.float32(1e-3), np.int32(0))
+      new, _, m = step(
+        params, opt, train.make_put(mesh, leading=1)(train.stack_microbatches(micro)), np.float32(1e-3), np.int32(0)
+      )
     results.append((jax.device_get(new), jax.device_get(m)))
   (p1, m1), (p2, m2) = results
   assert m1["masked_tokens"] == m2["masked_tokens"] == 56
@@ -395,25 +431,40 @@ def test_accumulated_micro_batches_equal_the_full_batch_with_unequal_masked_coun
 # Processes: exit codes of the command, and a mesh whose model axis spans processes.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _main_process(*args, env_extra=None):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **(env_extra or {}))
-  return subprocess.Popen([sys.executable, "-m", "mmbert_jax.main", *args], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", "mmbert_jax.main", *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _config_file(tmp_path, data_dir, **overrides):
   path = tmp_path / "tiny_config.py"
-  path.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom conftest import tiny_config\n\n"
-                  f"def get_config():\n  return tiny_config({data_dir!r}, **{overrides!r})\n")
+  path.write_text(
+    f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom conftest import tiny_config\n\n"
+    f"def get_config():\n  return tiny_config({data_dir!r}, **{overrides!r})\n"
+  )
   return str(path)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config=configs/demo.py", "--config.train_tokenz=5"], "--config.train_tokenz: the config has no key 'train_tokenz' (did you mean"),
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    (
+      ["--config=configs/demo.py", "--config.train_tokenz=5"],
+      "--config.train_tokenz: the config has no key 'train_tokenz' (did you mean",
+    ),
     (["--config=configs/demo.py", "--config.batch_size=many"], "--config.batch_size=many"),
     (["--config=configs/nothere.py"], "--config=configs/nothere.py: [Errno 2] No such file"),
     (["--config=configs/decay.py:hot"], "variant 'hot' is not one of"),
-])
+  ],
+)
 def test_command_line_errors_are_one_line_and_exit_2(tmp_path, args, message):
   proc = _main_process(*args, f"--workdir={tmp_path}")
   out, err = proc.communicate(timeout=300)
@@ -459,27 +510,30 @@ def test_a_tensor_axis_across_processes_is_refused_at_start(demo_data, tmp_path)
   for returncode, _, err in run_two_processes(_SPANNING, timeout=300, data=demo_data, workdir=workdir):
     assert returncode == cli.EXIT_BAD_INPUT, err[-3000:]
     assert err.strip().splitlines()[-1] == (
-        "error: mesh: the 'tensor' axis (2 devices) spans processes, which feed different rows; each process has 1 "
-        "device(s). Use --config.mesh.tensor of at most 1 (a divisor of it), or one process per host")
+      "error: mesh: the 'tensor' axis (2 devices) spans processes, which feed different rows; each process has 1 "
+      "device(s). Use --config.mesh.tensor of at most 1 (a divisor of it), or one process per host"
+    )
   assert not os.path.exists(ckpt_lib.checkpoint_dir(workdir))
 
 
 def test_process_feeds_allow_model_axes_inside_a_process():
-  sharding.check_process_feeds(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))   # one process: fine
+  sharding.check_process_feeds(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))  # one process: fine
 
 
 def test_metric_writer_writes_events_and_jsonl_in_the_callers_thread(tmp_path):
   """No background thread: what `write` returns from is on disk, readable as TensorBoard records."""
   import struct
+
   from tensorboardX.proto import event_pb2
+
   writer = metrics.MetricWriter(str(tmp_path), enabled=True)
   writer.write(3, {"train/loss": 2.5, "train/lr": np.float32(1e-3)})
   [events] = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
   data, values = open(events, "rb").read(), {}
   while data:
     (n,) = struct.unpack("<Q", data[:8])
-    event = event_pb2.Event.FromString(data[12:12 + n])
-    data = data[16 + n:]
+    event = event_pb2.Event.FromString(data[12 : 12 + n])
+    data = data[16 + n :]
     for v in event.summary.value:
       values[v.tag] = (event.step, v.simple_value)
   assert values == {"train/loss": (3, 2.5), "train/lr": (3, pytest.approx(1e-3))}

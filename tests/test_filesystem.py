@@ -1,4 +1,5 @@
 """The filesystem layer on local disk and on a GCS emulator (tests/conftest.py `gcs_bucket`)."""
+
 import os
 import uuid
 
@@ -12,18 +13,21 @@ def remote(gcs_bucket):
   return fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
 
 
-@pytest.mark.parametrize("value, words", [
+@pytest.mark.parametrize(
+  "value, words",
+  [
     ("s3://b/x", "config.workdir=s3://b/x: the scheme s3:// is not supported"),
     ("gs:/b/x", "config.workdir=gs:/b/x is not a valid gs:// path"),
     ("gs://Bucket/x", "is not a valid gs:// path"),
     ("", "config.workdir is empty"),
-])
+  ],
+)
 def test_unusable_paths_name_the_key(value, words, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match=words.replace("/", "/").replace(".", r"\.")) as e:
     fs.path(value, "config.workdir")
   assert "\n" not in str(e.value)
-  assert not any(tmp_path.iterdir())          # no local folder named "gs:" or "s3:"
+  assert not any(tmp_path.iterdir())  # no local folder named "gs:" or "s3:"
 
 
 def test_local_paths_are_absolute(tmp_path, monkeypatch):
@@ -39,16 +43,17 @@ def test_write_text_replaces_whole_file(tmp_path, remote):
     fs.write_text(p, "old")
     fs.write_text(p, "new")
     assert p.read_text() == "new"
-    assert sorted(x.name for x in base.iterdir()) == ["a.json"]      # no temporary file left behind
+    assert sorted(x.name for x in base.iterdir()) == ["a.json"]  # no temporary file left behind
 
 
 def test_listing_sees_objects_written_by_another_client(remote):
   from google.cloud import storage
+
   (remote / "a").write_text("1")
   assert [p.name for p in remote.iterdir()] == ["a"]
-  bucket, prefix = os.fspath(remote)[len("gs://"):].split("/", 1)
+  bucket, prefix = os.fspath(remote)[len("gs://") :].split("/", 1)
   storage.Client().bucket(bucket).blob(f"{prefix}/b").upload_from_string(b"2")
-  assert sorted(p.name for p in remote.iterdir()) == ["a", "b"]     # no stale cached listing
+  assert sorted(p.name for p in remote.iterdir()) == ["a", "b"]  # no stale cached listing
 
 
 def test_local_copy_is_made_once_and_refreshed(remote, tmp_path):
@@ -58,7 +63,7 @@ def test_local_copy_is_made_once_and_refreshed(remote, tmp_path):
   first = fs.local_copy(src, cache=fs.path(str(tmp_path)))
   assert open(first, "rb").read() == b"abc"
   assert fs.local_copy(src, cache=fs.path(str(tmp_path))) == first
-  src.write_bytes(b"abcd")                    # a new object: another size
+  src.write_bytes(b"abcd")  # a new object: another size
   second = fs.local_copy(src, cache=fs.path(str(tmp_path)))
   assert second != first and open(second, "rb").read() == b"abcd"
   assert fs.local_copy(fs.path(str(tmp_path / "x")), cache=None) == str(tmp_path / "x")
@@ -77,14 +82,14 @@ def test_staged_dir_uploads_on_success_only(remote):
 
 
 def test_copy_tree_between_buckets_and_disk(remote, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)                                  # where a bucket path taken for a local one would land
+  monkeypatch.chdir(tmp_path)  # where a bucket path taken for a local one would land
   local = fs.path(str(tmp_path / "src"))
   (local / "a" / "b").mkdir(parents=True)
   (local / "top.txt").write_text("1")
   (local / "a" / "b" / "deep.txt").write_text("2")
-  fs.copy_tree(local, remote / "up")                           # disk → bucket
-  fs.copy_tree(remote / "up", remote / "across")               # bucket → bucket (a folder "rename")
-  fs.copy_tree(remote / "across", fs.path(str(tmp_path / "down")))   # bucket → disk
+  fs.copy_tree(local, remote / "up")  # disk → bucket
+  fs.copy_tree(remote / "up", remote / "across")  # bucket → bucket (a folder "rename")
+  fs.copy_tree(remote / "across", fs.path(str(tmp_path / "down")))  # bucket → disk
   down = tmp_path / "down"
   assert sorted(str(p.relative_to(down)) for p in down.rglob("*") if p.is_file()) == ["a/b/deep.txt", "top.txt"]
   assert (down / "a" / "b" / "deep.txt").read_text() == "2" and (remote / "up" / "top.txt").read_text() == "1"

@@ -1,5 +1,6 @@
 """Downstream fine-tuning: heads and losses against numpy, metrics against hand-computed rankings, tiny fine-tunes
 that must learn, checkpoint loading paths, task files and the embedded CLDR tasks."""
+
 import dataclasses
 import json
 import os
@@ -9,7 +10,9 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT
 from flax import nnx
+from tiny_run import run_module
 
 from data_pipeline import tasks
 from data_pipeline import tokenizer as tokenizer_lib
@@ -17,11 +20,10 @@ from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import finetune as ft
 from mmbert_jax import hf
 from mmbert_jax.model import MaskedLM, get_config
-from conftest import ROOT
-from tiny_run import run_module
 
-CFG = get_config("tiny", vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
-                 local_window=8)
+CFG = get_config(
+  "tiny", vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, local_window=8
+)
 SETTINGS = ft.Settings(epochs=3, batch_size=32, peak_lr=3e-3, num_devices=4)
 
 
@@ -52,10 +54,11 @@ def _np_pool(hidden, segments, how):
 
 # ---- heads and losses vs numpy ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_classification_loss_matches_numpy(pooling):
   model = ft.Classifier(CFG, 5, pooling=pooling, dropout=0.5, rngs=nnx.Rngs(1))
-  model.bias[...] = jnp.arange(5, dtype=jnp.float32) * 0.1   # a non-zero bias must be added
+  model.bias[...] = jnp.arange(5, dtype=jnp.float32) * 0.1  # a non-zero bias must be added
   batch = _batch() | {"labels": np.array([0, 4, 2, 2, 1, 3], np.int32)}
   got = float(ft.classification_loss(model, batch))
   hidden = np.asarray(model.encoder.encode(batch["input_ids"], batch["segment_ids"]), np.float64)
@@ -71,7 +74,7 @@ def test_mean_pooling_ignores_padding():
   model = ft.Embedder(CFG, pooling="mean", rngs=nnx.Rngs(0))
   batch = _batch(n=3, length=16)
   longer = {k: np.pad(v, ((0, 0), (0, 8))) for k, v in batch.items()}
-  longer["input_ids"][:, 16:] = 7   # other tokens in padding positions: segment 0 keeps them out
+  longer["input_ids"][:, 16:] = 7  # other tokens in padding positions: segment 0 keeps them out
   np.testing.assert_allclose(np.asarray(model(**longer)), np.asarray(model(**batch)), atol=1e-5)
 
 
@@ -83,28 +86,34 @@ def test_contrastive_loss_is_numpy_info_nce():
   got = float(ft.contrastive_loss(model, batch, temperature))
 
   def embed(b):
-    h = _np_pool(np.asarray(model.encoder.encode(b["input_ids"], b["segment_ids"]), np.float64),
-                 b["segment_ids"], "mean")
+    h = _np_pool(
+      np.asarray(model.encoder.encode(b["input_ids"], b["segment_ids"]), np.float64), b["segment_ids"], "mean"
+    )
     return h / np.linalg.norm(h, axis=1, keepdims=True)
 
   eq, ed = embed(q), embed(d)
   terms = []
-  for i in range(5):   # query i against every document, document i against every query
+  for i in range(5):  # query i against every document, document i against every query
     sims_q = np.array([eq[i] @ ed[j] for j in range(5)]) / temperature
     sims_d = np.array([ed[i] @ eq[j] for j in range(5)]) / temperature
     terms.append((-np.log(np.exp(sims_q[i]) / np.exp(sims_q).sum()), -np.log(np.exp(sims_d[i]) / np.exp(sims_d).sum())))
   terms = np.array(terms)
   np.testing.assert_allclose(got, terms.mean(), rtol=1e-5)
-  assert abs(terms[:, 0].mean() - terms[:, 1].mean()) > 1e-3   # both directions count, and they differ here
+  assert abs(terms[:, 0].mean() - terms[:, 1].mean()) > 1e-3  # both directions count, and they differ here
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------
 
+
 def test_retrieval_metrics_hand_computed():
-  scores = np.array([[0.9, 0.1, 0.3, 0.2],      # answer 0: rank 1
-                     [0.5, 0.4, 0.6, 0.1],      # answer 1: below 0 and 2 → rank 3
-                     [0.2, 0.7, 0.7, 0.0],      # answer 2, tied with 1: the tie counts against it → rank 2
-                     [0.8, 0.9, 0.95, 0.1]])    # answer 3: last → rank 4
+  scores = np.array(
+    [
+      [0.9, 0.1, 0.3, 0.2],  # answer 0: rank 1
+      [0.5, 0.4, 0.6, 0.1],  # answer 1: below 0 and 2 → rank 3
+      [0.2, 0.7, 0.7, 0.0],  # answer 2, tied with 1: the tie counts against it → rank 2
+      [0.8, 0.9, 0.95, 0.1],
+    ]
+  )  # answer 3: last → rank 4
   rank = ft.ranks(scores, np.array([0, 1, 2, 3]))
   np.testing.assert_array_equal(rank, [1, 3, 2, 4])
   m = ft.retrieval_metrics(rank)
@@ -128,13 +137,16 @@ def test_classification_metrics_hand_computed():
 
 # ---- tiny fine-tunes ---------------------------------------------------------------------------------------------
 
+
 def _synthetic_classification(rng, n_train=256, n_test=96):
   """Three classes, each written with its own token range: separable, but only after training the head."""
+
   def split(n):
     labels = rng.integers(0, 3, n)
     rows = [_rows(rng, 1, 10 + 40 * c, 50 + 40 * c)[0] for c in labels]
     langs = ["xx" if i % 2 else "yy" for i in range(n)]
     return rows, tasks.Split(["-"] * n, langs, labels.astype(np.int32))
+
   (train_rows, train), (test_rows, test) = split(n_train), split(n_test)
   task = tasks.Task("synthetic", "classification", train, test, label_names=("a", "b", "c"))
   return task, {"train": ft.pad_rows(train_rows, 16, 0), "test": ft.pad_rows(test_rows, 16, 0)}
@@ -165,10 +177,19 @@ def test_tiny_contrastive_finetune_learns_pairs():
     return ([[2, *k, 1] for k in keys], [[2, *(k + 200), 1] for k in keys])
 
   (q, d), (tq, td) = pairs(256), pairs(64)
-  task = tasks.Task("pairs", "retrieval", tasks.Split(["-"] * 256, ["xx"] * 256, pairs=["-"] * 256),
-                    tasks.Split(["-"] * 64, ["xx"] * 64, np.arange(64, dtype=np.int32)), candidates=("-",) * 64)
-  arrays = {"train": ft.pad_rows(q, 8, 0), "train_pairs": ft.pad_rows(d, 8, 0), "test": ft.pad_rows(tq, 8, 0),
-            "candidates": ft.pad_rows(td, 8, 0)}
+  task = tasks.Task(
+    "pairs",
+    "retrieval",
+    tasks.Split(["-"] * 256, ["xx"] * 256, pairs=["-"] * 256),
+    tasks.Split(["-"] * 64, ["xx"] * 64, np.arange(64, dtype=np.int32)),
+    candidates=("-",) * 64,
+  )
+  arrays = {
+    "train": ft.pad_rows(q, 8, 0),
+    "train_pairs": ft.pad_rows(d, 8, 0),
+    "test": ft.pad_rows(tq, 8, 0),
+    "candidates": ft.pad_rows(td, 8, 0),
+  }
   result = ft.finetune(ft.Encoder(CFG, _params(), None, "random init"), task, SETTINGS, arrays)
   assert result["metrics"]["recall@1"] > 0.9, result["metrics"]
   assert result["metrics"]["mrr@10"] >= result["metrics"]["recall@1"]
@@ -183,10 +204,12 @@ def test_lr_schedule_warms_up_and_decays_linearly():
 
 # ---- loading checkpoints ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory):
   """A small SentencePiece model with the model's special ids, trained on CLDR text of three languages."""
   from data_pipeline import demo_corpus
+
   prefix = str(tmp_path_factory.mktemp("spm") / "tokenizer")
   sentences = [s for lang in ("en", "de", "fr") for s in demo_corpus.documents(lang, 40)]
   tokenizer_lib.train_sentencepiece(prefix, vocab_size=400, sentences=sentences, num_threads=1)
@@ -201,13 +224,20 @@ def saved(tmp_path_factory, spm):
   data_dir.mkdir()
   (data_dir / "tokenizer.model").write_bytes(open(spm, "rb").read())
   model = MaskedLM(CFG, rngs=nnx.Rngs(5))
-  meta = {"model_config": dataclasses.asdict(CFG), "step": 3,
-          "config": json.dumps({"data": {"data_dir": str(data_dir)}})}
+  meta = {
+    "model_config": dataclasses.asdict(CFG),
+    "step": 3,
+    "config": json.dumps({"data": {"data_dir": str(data_dir)}}),
+  }
   ckpt_lib.save_params(str(root / "run"), 3, nnx.to_pure_dict(nnx.state(model, nnx.Param)), meta)
   hf.save(model, str(root / "hf"))
   (root / "hf" / "tokenizer.model").write_bytes(open(spm, "rb").read())
-  return {"run": str(root / "run"), "step": str(root / "run" / "checkpoints" / "3"), "hf": str(root / "hf"),
-          "data_tokenizer": str(data_dir / "tokenizer.model")}
+  return {
+    "run": str(root / "run"),
+    "step": str(root / "run" / "checkpoints" / "3"),
+    "hf": str(root / "hf"),
+    "data_tokenizer": str(data_dir / "tokenizer.model"),
+  }
 
 
 def test_workdir_step_dir_and_hf_dir_give_identical_encodings(saved):
@@ -235,8 +265,12 @@ def test_tokenize_frames_texts_and_pairs(spm):
 
 # ---- task files ----------------------------------------------------------------------------------------------------
 
-ROWS = [{"text": "good day", "label": "pos", "lang": "en"}, {"text": "bad day", "label": "neg", "lang": "en"},
-        {"text": "guter Tag", "label": "pos", "lang": "de"}, {"text": "schlechter\tTag", "label": "neg", "lang": "de"}]
+ROWS = [
+  {"text": "good day", "label": "pos", "lang": "en"},
+  {"text": "bad day", "label": "neg", "lang": "en"},
+  {"text": "guter Tag", "label": "pos", "lang": "de"},
+  {"text": "schlechter\tTag", "label": "neg", "lang": "de"},
+]
 
 
 def _write(path, rows):
@@ -246,8 +280,9 @@ def _write(path, rows):
   elif path.endswith(".parquet"):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.Table.from_pylist(rows), path)
-  else:   # TSV cannot hold a tab inside a field
+  else:  # TSV cannot hold a tab inside a field
     lines = ["\t".join(rows[0])] + ["\t".join(str(v).replace("\t", " ") for v in r.values()) for r in rows]
     open(path, "w", encoding="utf-8").write("\n".join(lines) + "\n")
 
@@ -278,23 +313,24 @@ def test_retrieval_task_from_files_and_tfds(tmp_path):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {k: tfds.features.Text() for k in rows[0]}))
+      return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in rows[0]})
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples(rows), "test": self._generate_examples(rows[:4])}
 
     def _generate_examples(self, items):
-      for i, r in enumerate(items):
-        yield i, r
+      yield from enumerate(items)
 
   TinyPairs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
   _write(str(tmp_path / "train.jsonl"), rows)
   _write(str(tmp_path / "test.jsonl"), rows[:4])
   columns = tasks.Columns(text="query", pair="positive", lang="lang")
   from_json = tasks.from_files("retrieval", str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"), columns)
-  from_tfds = tasks.from_files("retrieval", "tfds:tiny_pairs:train", "tfds:tiny_pairs:test", columns,
-                               tfds_data_dir=str(tmp_path / "tfds"))
+  from_tfds = tasks.from_files(
+    "retrieval", "tfds:tiny_pairs:train", "tfds:tiny_pairs:test", columns, tfds_data_dir=str(tmp_path / "tfds")
+  )
   for task in (from_json, from_tfds):
     assert sorted(task.candidates) == ["d0", "d1", "d2"]
     answers = [task.candidates[i] for i in task.test.labels]
@@ -305,6 +341,7 @@ def test_retrieval_task_from_files_and_tfds(tmp_path):
 
 
 # ---- embedded CLDR tasks ------------------------------------------------------------------------------------------
+
 
 def test_embedded_tasks_are_deterministic_and_cover_50_languages():
   for name in tasks.EMBEDDED:
@@ -321,19 +358,20 @@ def test_embedded_tasks_are_deterministic_and_cover_50_languages():
   assert len(langid.label_names) >= 50
   assert not set(langid.train.texts) & set(langid.test.texts)
   counts = {lang: langid.train.langs.count(lang) for lang in langid.label_names}
-  assert counts["fo"] < counts["de"] and counts["ti"] < counts["en"]   # low-resource languages get less
+  assert counts["fo"] < counts["de"] and counts["ti"] < counts["en"]  # low-resource languages get less
   # Labels name the language the text was generated in.
   assert all(langid.label_names[y] == lang for y, lang in zip(langid.test.labels, langid.test.langs))
 
   retrieval = tasks.embedded("cldr_retrieval")
   assert "en" not in retrieval.languages
-  assert not set(retrieval.train.pairs) & set(retrieval.candidates)   # no held-out answer is seen in training
+  assert not set(retrieval.train.pairs) & set(retrieval.candidates)  # no held-out answer is seen in training
   assert len(set(retrieval.candidates)) == len(retrieval.candidates)
   from babel import Locale
+
   months = dict(Locale.parse("de").months["format"]["wide"])
   english = dict(Locale.parse("en").months["format"]["wide"])
   for text, lang, answer in zip(retrieval.test.texts, retrieval.test.langs, retrieval.test.labels):
-    if lang == "de" and text in months.values():   # a German month name → its English name
+    if lang == "de" and text in months.values():  # a German month name → its English name
       month = next(k for k, v in months.items() if v == text)
       assert retrieval.candidates[answer] == english[month]
 
@@ -346,12 +384,16 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 def test_embedded_tasks_do_not_depend_on_what_ran_before():
   """babel's date and number formats change with the locales a process loaded before (the demo corpus loads them
   all); the embedded tasks must come out the same in a fresh process and after the whole demo corpus."""
-  digest = ("import hashlib\nfrom data_pipeline import tasks\n"
-            "t = [tasks.embedded(n) for n in tasks.EMBEDDED]\n"
-            "print(hashlib.sha1(repr([(x.train.texts, x.train.pairs, x.test.texts, x.candidates) for x in t])"
-            ".encode()).hexdigest())")
-  after_corpus = ("from data_pipeline import demo_corpus\n"
-                  "[list(demo_corpus.documents(lang, 2)) for lang in demo_corpus.available_languages()]\n")
+  digest = (
+    "import hashlib\nfrom data_pipeline import tasks\n"
+    "t = [tasks.embedded(n) for n in tasks.EMBEDDED]\n"
+    "print(hashlib.sha1(repr([(x.train.texts, x.train.pairs, x.test.texts, x.candidates) for x in t])"
+    ".encode()).hexdigest())"
+  )
+  after_corpus = (
+    "from data_pipeline import demo_corpus\n"
+    "[list(demo_corpus.documents(lang, 2)) for lang in demo_corpus.available_languages()]\n"
+  )
   fresh, warm = _run_python(digest), _run_python(after_corpus + digest)
   assert fresh.returncode == 0 and warm.returncode == 0, fresh.stderr[-2000:] + warm.stderr[-2000:]
   assert fresh.stdout == warm.stdout
@@ -359,16 +401,29 @@ def test_embedded_tasks_do_not_depend_on_what_ran_before():
 
 # ---- command line -------------------------------------------------------------------------------------------------
 
+
 def test_command_line_scores_checkpoints_into_one_table(saved, spm, tmp_path):
   from data_pipeline import demo_corpus
-  rows = [{"text": s, "label": lang, "lang": lang} for lang in ("en", "de", "fr")
-          for s in list(demo_corpus.documents(lang, 24, seed=7))]
+
+  rows = [
+    {"text": s, "label": lang, "lang": lang}
+    for lang in ("en", "de", "fr")
+    for s in list(demo_corpus.documents(lang, 24, seed=7))
+  ]
   _write(str(tmp_path / "train.jsonl"), rows[::2])
   _write(str(tmp_path / "test.jsonl"), rows[1::2])
   out = str(tmp_path / "scores.json")
-  args = ["--task=classification", f"--train={tmp_path / 'train.jsonl'}", f"--test={tmp_path / 'test.jsonl'}",
-          "--lang_key=lang", f"--checkpoint={saved['run']},{saved['hf']}", f"--out={out}", "--epochs=2",
-          "--batch_size=8", "--max_len=32"]
+  args = [
+    "--task=classification",
+    f"--train={tmp_path / 'train.jsonl'}",
+    f"--test={tmp_path / 'test.jsonl'}",
+    "--lang_key=lang",
+    f"--checkpoint={saved['run']},{saved['hf']}",
+    f"--out={out}",
+    "--epochs=2",
+    "--batch_size=8",
+    "--max_len=32",
+  ]
   proc = run_module("mmbert_jax.finetune", *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out) as f:
@@ -383,7 +438,8 @@ def test_command_line_scores_checkpoints_into_one_table(saved, spm, tmp_path):
 
 
 def test_settings_from_config_rejects_unknown_keys():
-  assert ft.Settings.from_config({"epochs": 2, "mesh": {"fsdp": -1}, "tasks": ()}, ignore=("tasks",)) == \
-      ft.Settings(epochs=2, mesh=(("fsdp", -1),))
+  assert ft.Settings.from_config({"epochs": 2, "mesh": {"fsdp": -1}, "tasks": ()}, ignore=("tasks",)) == ft.Settings(
+    epochs=2, mesh=(("fsdp", -1),)
+  )
   with pytest.raises(ValueError, match="unknown key.*epoch\\b"):
     ft.Settings.from_config({"epoch": 2})

@@ -1,4 +1,5 @@
 """Analytic FLOPs against docs/ARCHITECTURE.md §8, brute-force pair counts and the model's own parameter shapes."""
+
 import jax
 import numpy as np
 import pytest
@@ -22,12 +23,12 @@ def expected_per_token(cfg, seq, mask_rate):
 
 # docs/ARCHITECTURE.md §8 per-token table, millions: (total, linears, attention, sparse head, dense head).
 PUBLISHED = [
-    ("mmbert-base", {}, 1024, 0.30, (1108, 662, 92, 355, 1183)),
-    ("mmbert-base", {}, 8192, 0.15, (1460, 662, 621, 178, 1183)),
-    ("mmbert-small", {}, 1024, 0.30, (476, 253, 46, 177, 591)),
-    ("mmbert-small", {}, 8192, 0.15, (652, 253, 310, 89, 591)),
-    ("mmbert-base", {"vocab_size": 50368}, 1024, 0.30, (824, 662, 92, 71, 236)),      # ModernBERT-base
-    ("mmbert-base", {"vocab_size": 50368}, 8192, 0.30, (1353, 662, 621, 71, 236)),
+  ("mmbert-base", {}, 1024, 0.30, (1108, 662, 92, 355, 1183)),
+  ("mmbert-base", {}, 8192, 0.15, (1460, 662, 621, 178, 1183)),
+  ("mmbert-small", {}, 1024, 0.30, (476, 253, 46, 177, 591)),
+  ("mmbert-small", {}, 8192, 0.15, (652, 253, 310, 89, 591)),
+  ("mmbert-base", {"vocab_size": 50368}, 1024, 0.30, (824, 662, 92, 71, 236)),  # ModernBERT-base
+  ("mmbert-base", {"vocab_size": 50368}, 8192, 0.30, (1353, 662, 621, 71, 236)),
 ]
 
 
@@ -68,9 +69,9 @@ def test_local_pairs_against_brute_force(window):
 
 
 def test_packed_batch_pairs_and_lengths():
-  seg = np.array([[1, 1, 1, 2, 2, 0, 0, 0, 0, 0, 0, 0],
-                  [1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 0],
-                  [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+  seg = np.array(
+    [[1, 1, 1, 2, 2, 0, 0, 0, 0, 0, 0, 0], [1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
+  )
   lengths = flops.document_lengths(seg)
   np.testing.assert_array_equal(lengths, [3, 2, 1, 9, 1, 12])
   for window in [None, 0, 2, 4]:
@@ -85,12 +86,14 @@ def test_training_flops_on_a_packed_batch():
     pos, doc = 0, 1
     while pos < 56:
       n = int(rng.integers(1, 30))
-      row[pos:pos + n] = doc
+      row[pos : pos + n] = doc
       pos, doc = pos + n, doc + 1
   t = int((seg != 0).sum())
   h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-  pairs = sum(brute_pairs(seg, None if layer % cfg.global_every_n == 0 else cfg.local_window // 2)
-              for layer in range(cfg.num_layers))
+  pairs = sum(
+    brute_pairs(seg, None if layer % cfg.global_every_n == 0 else cfg.local_window // 2)
+    for layer in range(cfg.num_layers)
+  )
   got = flops.training_flops(cfg, seg, num_masked=17)
   assert got.tokens == t
   assert got.linears == 6 * t * cfg.num_layers * (4 * h * h + 3 * h * i)
@@ -107,7 +110,7 @@ def test_linear_terms_match_the_model_parameters():
   sizes = {jax.tree_util.keystr(p): x.size for p, x in jax.tree.leaves_with_path(nnx.state(model, nnx.Param))}
   layer_matmuls = sum(s for k, s in sizes.items() if "layers" in k and "norm" not in k)
   head_matmuls = sizes["['head_dense'].value"] + sizes["['embedding'].value"]
-  per_token = flops.flops_per_token(cfg, 1, 1.0)         # one token: no attention beyond itself
+  per_token = flops.flops_per_token(cfg, 1, 1.0)  # one token: no attention beyond itself
   assert per_token.linears == 6 * layer_matmuls
   assert per_token.head == 6 * head_matmuls
 
@@ -117,7 +120,7 @@ def test_mfu_and_peaks():
   assert flops.peak_flops("TPU v6 lite") == 918e12
   assert flops.mfu(989.4e12 * 8 * 0.4 * 2.0, 2.0, 8, "NVIDIA H100 80GB HBM3") == pytest.approx(0.4)
   assert flops.mfu(1e12, 1.0, 1, "cpu") is None
-  assert flops.mfu(1e12, 1.0, 1, jax.devices()[0].device_kind) is None     # the CPU test backend
+  assert flops.mfu(1e12, 1.0, 1, jax.devices()[0].device_kind) is None  # the CPU test backend
   assert flops.mfu(1e12, 0.0, 1, "TPU v4") is None
 
 

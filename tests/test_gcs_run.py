@@ -2,6 +2,7 @@
 SIGTERM, resumes to the same per-step losses as the shared local run (tests/tiny_run.py), hands off to a second
 phase, and merge, export and evaluate read and write the bucket. Nothing may land in a local folder named `gs:`;
 paths with another scheme, or a malformed gs:// path, are one line naming the flag or key."""
+
 import json
 import os
 import signal
@@ -13,29 +14,32 @@ import uuid
 import jax
 import numpy as np
 import pytest
-from etils import epath
-
 from conftest import ROOT, tiny_config, train_losses
+from etils import epath
+from tiny_run import MODEL, STEPS, trained_run
+
 from data_pipeline import filesystem as fs
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, hf, train
-from tiny_run import MODEL, STEPS, trained_run
 
 
 def _config_file(tmp_path, data_dir, **overrides) -> str:
   """The shared tiny run's config (so the bucket run's losses can be compared with it) as a config file."""
   overrides = {"keep_checkpoints": len(STEPS), "num_devices": 2, **MODEL, **overrides}
   path = tmp_path / "tiny_config.py"
-  path.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom conftest import tiny_config\n\n"
-                  f"def get_config():\n  return tiny_config({data_dir!r}, **{overrides!r})\n")
+  path.write_text(
+    f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom conftest import tiny_config\n\n"
+    f"def get_config():\n  return tiny_config({data_dir!r}, **{overrides!r})\n"
+  )
   return str(path)
 
 
 def _start(module: str, *args: str, cwd) -> subprocess.Popen:
   """`python -m module args` in `cwd` (not the repository: a stray relative `gs:` folder would land there)."""
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
 
 
 def _run(module: str, *args: str, cwd, timeout: int = 600) -> tuple[str, str]:
@@ -60,9 +64,10 @@ def _no_local_scheme_folders(*folders):
     assert not any(epath.Path(folder).glob("gs:*")) and not any(epath.Path(folder).glob("s3:*")), folder
 
 
-def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(demo_data, gcs_bucket, tmp_path,
-                                                                             tmp_path_factory, monkeypatch):
-  reference = trained_run(demo_data, tmp_path_factory)   # uninterrupted, on local disk
+def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(
+  demo_data, gcs_bucket, tmp_path, tmp_path_factory, monkeypatch
+):
+  reference = trained_run(demo_data, tmp_path_factory)  # uninterrupted, on local disk
   root = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
   run = root / "run"
   cwd = tmp_path / "cwd"
@@ -82,7 +87,7 @@ def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(demo
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == cli.EXIT_PREEMPTED, err[-3000:]
-  assert f"SIGTERM: saved step" in out + err and str(run / "checkpoints") in out + err
+  assert "SIGTERM: saved step" in out + err and str(run / "checkpoints") in out + err
   stopped = ckpt_lib.steps(run / "checkpoints")[-1]
   assert 0 < stopped < STEPS[-1]
   # What the bucket holds at the stop: the saved step's records (uploaded with its checkpoint) and the event file.
@@ -91,23 +96,25 @@ def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(demo
   out, err = _run("mmbert_jax.main", f"--config={config}", f"--workdir={run}", cwd=cwd)
   records = _records(run / "metrics.jsonl")
   losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-  assert losses == train_losses(reference)   # the same numbers as the local run, every step once
+  assert losses == train_losses(reference)  # the same numbers as the local run, every step once
   assert len([r for r in records if "train/loss" in r]) == STEPS[-1]
   assert ckpt_lib.steps(run / "checkpoints") == list(STEPS)
-  assert len(list((run / "tb").iterdir())) == 2   # one event file per process
+  assert len(list((run / "tb").iterdir())) == 2  # one event file per process
   assert json.loads((run / "config.json").read_text())["phase"] == "pretrain"
   assert set(json.loads((run / "mixture.json").read_text())) >= {"languages", "weights"}
   assert [r["step"] for r in _records(run / "eval.jsonl")] == [STEPS[-1]]
   plots = [line.split("plot: ", 1)[1] for line in out.splitlines() if line.startswith("plot: ")]
   assert plots and all(p.startswith(str(run / "plots")) and epath.Path(p).stat().length > 10_000 for p in plots)
-  assert any((root / "jax_cache").iterdir())   # jax writes its compilation cache to the bucket itself
+  assert any((root / "jax_cache").iterdir())  # jax writes its compilation cache to the bucket itself
   copied = [p for p in cache.rglob("*") if p.is_file()]
-  assert copied and all("/data/" in str(p) for p in copied)   # shards came from the bucket
+  assert copied and all("/data/" in str(p) for p in copied)  # shards came from the bucket
 
   # A second phase starts from the bucket run's final checkpoint.
   second = root / "second"
-  result = train.train_and_evaluate(tiny_config(demo_data, keep_checkpoints=1, num_devices=2, **MODEL,
-                                                train_tokens=512 * 2, init_from=str(run)), str(second))
+  result = train.train_and_evaluate(
+    tiny_config(demo_data, keep_checkpoints=1, num_devices=2, **MODEL, train_tokens=512 * 2, init_from=str(run)),
+    str(second),
+  )
   assert result["status"] == "complete"
   meta = ckpt_lib.read_meta(second / "checkpoints", 2)
   assert meta["history"][-1]["source"] == f"{run}/checkpoints/{STEPS[-1]}"
@@ -115,12 +122,15 @@ def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(demo
 
   # merge → export → evaluate, every input and output in the bucket.
   merged = root / "merged"
-  out, _ = _run("mmbert_jax.merge", "--method=average", f"--models={run}/checkpoints/{STEPS[1]},{run}",
-                f"--out={merged}", cwd=cwd)
+  out, _ = _run(
+    "mmbert_jax.merge", "--method=average", f"--models={run}/checkpoints/{STEPS[1]},{run}", f"--out={merged}", cwd=cwd
+  )
   assert f"merged checkpoint: {merged}/checkpoints/{STEPS[-1]}" in out
-  want = jax.tree.map(lambda a, b: (np.asarray(a, np.float64) + np.asarray(b, np.float64)) / 2,
-                      ckpt_lib.load_params(f"{reference}/checkpoints/{STEPS[1]}")[0],
-                      ckpt_lib.load_params(reference)[0])
+  want = jax.tree.map(
+    lambda a, b: (np.asarray(a, np.float64) + np.asarray(b, np.float64)) / 2,
+    ckpt_lib.load_params(f"{reference}/checkpoints/{STEPS[1]}")[0],
+    ckpt_lib.load_params(reference)[0],
+  )
   got = ckpt_lib.load_params(merged)[0]
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-6)
@@ -128,24 +138,35 @@ def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(demo
   _run("mmbert_jax.export", f"--checkpoint={merged}", f"--out={exported}", cwd=cwd)
   assert {p.name for p in exported.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model"}
   from flax import nnx
+
   _assert_same(nnx.to_pure_dict(nnx.state(hf.load(exported), nnx.Param)), got)
-  out, _ = _run("mmbert_jax.evaluate", f"--checkpoint={run},{reference}", f"--data={demo_data}", "--seq_len=64",
-                "--batch_size=8", "--max_batches=1", cwd=cwd)
+  out, _ = _run(
+    "mmbert_jax.evaluate",
+    f"--checkpoint={run},{reference}",
+    f"--data={demo_data}",
+    "--seq_len=64",
+    "--batch_size=8",
+    "--max_batches=1",
+    cwd=cwd,
+  )
   table = out.split("held-out MLM accuracy")[0].strip().splitlines()
   assert table[1].split() == ["language", "run", os.path.basename(reference)]
   rows = [line.split()[1:] for line in table[2:]]
-  assert rows and all(bucket == local for bucket, local in rows)   # the bucket's checkpoint is the local one
+  assert rows and all(bucket == local for bucket, local in rows)  # the bucket's checkpoint is the local one
 
   _no_local_scheme_folders(cwd, ROOT, os.getcwd())
 
 
-@pytest.mark.parametrize("flag, words", [
+@pytest.mark.parametrize(
+  "flag, words",
+  [
     ("--workdir=s3://x/y", "error: --workdir=s3://x/y: the scheme s3:// is not supported"),
     ("--config.workdir=s3://x/y", "error: config.workdir=s3://x/y: the scheme s3:// is not supported"),
     ("--config.init_from=gs:/bad", "error: config.init_from=gs:/bad is not a valid gs:// path"),
     ("--config.data.data_dir=gs:/bad", "error: config.data.data_dir=gs:/bad is not a valid gs:// path"),
     ("--config.jax_cache_dir=s3://x/c", "error: config.jax_cache_dir=s3://x/c: the scheme s3:// is not supported"),
-])
+  ],
+)
 def test_a_path_of_another_scheme_is_one_line_naming_the_key(demo_data, tmp_path, flag, words):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -156,6 +177,6 @@ def test_a_path_of_another_scheme_is_one_line_naming_the_key(demo_data, tmp_path
   assert proc.returncode == cli.EXIT_BAD_INPUT, err[-3000:]
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(words), err
-  assert "JAX:" not in out   # refused before any device work
+  assert "JAX:" not in out  # refused before any device work
   assert not any(cwd.iterdir()) and not (tmp_path / "run").exists()
   _no_local_scheme_folders(cwd, ROOT)

@@ -1,4 +1,5 @@
 """Parity with transformers' ModernBertForMaskedLM: load, save, round trip."""
+
 import json
 import os
 
@@ -13,16 +14,28 @@ transformers = pytest.importorskip("transformers")
 
 from mmbert_jax import hf  # noqa: E402
 
-WINDOW_TOTAL = 16   # ±8: documents below are longer, so local layers really differ from global ones
+WINDOW_TOTAL = 16  # ±8: documents below are longer, so local layers really differ from global ones
 
 
 def _hf_model(seed=0):
   torch.manual_seed(seed)
   cfg = transformers.ModernBertConfig(
-      vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
-      local_attention=WINDOW_TOTAL, global_attn_every_n_layers=3, global_rope_theta=160_000.0,
-      local_rope_theta=10_000.0, pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=1, sep_token_id=1,
-      attn_implementation="sdpa")
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    local_attention=WINDOW_TOTAL,
+    global_attn_every_n_layers=3,
+    global_rope_theta=160_000.0,
+    local_rope_theta=10_000.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+    cls_token_id=1,
+    sep_token_id=1,
+    attn_implementation="sdpa",
+  )
   model = transformers.ModernBertForMaskedLM(cfg).eval()
   # Random norm scales and decoder bias, so a swapped or dropped mapping cannot hide behind ones and zeros.
   with torch.no_grad():
@@ -41,8 +54,10 @@ def hf_dir(tmp_path_factory):
 
 def _hf_logits(model, ids, attention_mask=None):
   with torch.no_grad():
-    out = model(input_ids=torch.tensor(np.asarray(ids)),
-                attention_mask=None if attention_mask is None else torch.tensor(np.asarray(attention_mask)))
+    out = model(
+      input_ids=torch.tensor(np.asarray(ids)),
+      attention_mask=None if attention_mask is None else torch.tensor(np.asarray(attention_mask)),
+    )
   return out.logits.numpy()
 
 
@@ -76,7 +91,7 @@ def test_packed_row_equals_each_document_alone(hf_dir):
   start = 0
   for doc in docs:
     want = _hf_logits(reference, doc[None])[0]
-    np.testing.assert_allclose(got[start:start + len(doc)], want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got[start : start + len(doc)], want, atol=1e-5, rtol=0)
     start += len(doc)
 
 
@@ -97,6 +112,7 @@ def test_save_round_trip(hf_dir, tmp_path, scan_layers):
   assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
   # The exported directory holds exactly the keys transformers writes itself (decoder.weight stays tied).
   from safetensors.numpy import load_file
+
   theirs = set(load_file(os.path.join(hf_dir, "model.safetensors")))
   assert set(load_file(os.path.join(out, "model.safetensors"))) == theirs
   with pytest.raises(FileExistsError, match="exists"):
@@ -105,6 +121,7 @@ def test_save_round_trip(hf_dir, tmp_path, scan_layers):
 
 def test_save_of_fresh_model_loads_in_transformers(tmp_path):
   from mmbert_jax import MaskedLM, get_config
+
   model = MaskedLM(get_config("tiny", global_rope_theta=10_000.0, local_rope_theta=10_000.0), rngs=nnx.Rngs(3))
   hf.save(model, str(tmp_path))
   theirs = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path)).eval()
@@ -115,13 +132,16 @@ def test_save_of_fresh_model_loads_in_transformers(tmp_path):
   np.testing.assert_allclose(_hf_logits(theirs, ids), ours, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("field,value,pattern", [
+@pytest.mark.parametrize(
+  "field,value,pattern",
+  [
     ("hidden_activation", "silu", "hidden_activation"),
     ("norm_bias", True, "norm_bias"),
     ("model_type", "bert", "model_type"),
     ("num_attention_heads", 5, "num_heads"),
     ("vocab_size", None, "vocab_size"),
-])
+  ],
+)
 def test_bad_config_names_the_field(hf_dir, tmp_path, field, value, pattern):
   with open(os.path.join(hf_dir, "config.json")) as f:
     config = json.load(f)

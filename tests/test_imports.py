@@ -1,39 +1,39 @@
 """The import graph of `mmbert_jax` and `data_pipeline`, read from the source: it has no cycle, modules import
 at the top (a function imports only a heavy optional dependency), and the layers point one way."""
+
 import ast
 import graphlib
 import pathlib
 
 import pytest
-
 from conftest import ROOT
 
 PACKAGES = ("mmbert_jax", "data_pipeline")
 # (module, imported top-level package) pairs allowed inside a function, and why.
 LAZY_ALLOWED = {
-    ("mmbert_jax.export", "tokenizers"): "optional: the fast tokenizer needs the `test` extra",
-    ("mmbert_jax.export", "transformers"): "optional: the fast tokenizer needs the `test` extra",
-    ("data_pipeline.prepare", "tensorflow_datasets"): "heavy: only for the TFDS source format",
-    ("data_pipeline.prepare", "pyarrow"): "only for the parquet source format",
-    ("data_pipeline.tokenizer", "tokenizers"): "only for tokenizer.json files",
-    ("data_pipeline.pipeline", "jax"): "the data package runs without jax; only process defaults ask it",
-    ("data_pipeline.pipeline", "absl"): "grain's worker processes read absl flags",
-    ("mmbert_jax.metrics", "wandb"): "optional: W&B only when config.wandb.project is set",
-    ("mmbert_jax.metrics", "tensorboardX"): "heavy: imports torch when installed; only the writing process needs it",
-    ("mmbert_jax.report", "matplotlib"): "heavy: only when plots are drawn, not for every entry-point start",
-    ("data_pipeline.tasks", "pyarrow"): "only for parquet task files",
-    ("data_pipeline.tasks", "tensorflow_datasets"): "heavy: only for TFDS task data",
+  ("mmbert_jax.export", "tokenizers"): "optional: the fast tokenizer needs the `test` extra",
+  ("mmbert_jax.export", "transformers"): "optional: the fast tokenizer needs the `test` extra",
+  ("data_pipeline.prepare", "tensorflow_datasets"): "heavy: only for the TFDS source format",
+  ("data_pipeline.prepare", "pyarrow"): "only for the parquet source format",
+  ("data_pipeline.tokenizer", "tokenizers"): "only for tokenizer.json files",
+  ("data_pipeline.pipeline", "jax"): "the data package runs without jax; only process defaults ask it",
+  ("data_pipeline.pipeline", "absl"): "grain's worker processes read absl flags",
+  ("mmbert_jax.metrics", "wandb"): "optional: W&B only when config.wandb.project is set",
+  ("mmbert_jax.metrics", "tensorboardX"): "heavy: imports torch when installed; only the writing process needs it",
+  ("mmbert_jax.report", "matplotlib"): "heavy: only when plots are drawn, not for every entry-point start",
+  ("data_pipeline.tasks", "pyarrow"): "only for parquet task files",
+  ("data_pipeline.tasks", "tensorflow_datasets"): "heavy: only for TFDS task data",
 }
 # Lower layers never import higher ones (modules not listed may sit anywhere the graph allows).
 LAYERS = (
-    ("mmbert_jax.sharding", "mmbert_jax.kernels.splash", "mmbert_jax.kernels.flash_gpu"),
-    ("mmbert_jax.attention",),
-    ("mmbert_jax.model",),
-    ("mmbert_jax.checkpoint", "mmbert_jax.hf", "mmbert_jax.flops", "mmbert_jax.optim"),
-    ("mmbert_jax.train",),
-    ("mmbert_jax.evaluate", "mmbert_jax.merge", "mmbert_jax.export", "mmbert_jax.aot", "mmbert_jax.finetune"),
-    ("mmbert_jax.phases",),
-    ("mmbert_jax.main",),
+  ("mmbert_jax.sharding", "mmbert_jax.kernels.splash", "mmbert_jax.kernels.flash_gpu"),
+  ("mmbert_jax.attention",),
+  ("mmbert_jax.model",),
+  ("mmbert_jax.checkpoint", "mmbert_jax.hf", "mmbert_jax.flops", "mmbert_jax.optim"),
+  ("mmbert_jax.train",),
+  ("mmbert_jax.evaluate", "mmbert_jax.merge", "mmbert_jax.export", "mmbert_jax.aot", "mmbert_jax.finetune"),
+  ("mmbert_jax.phases",),
+  ("mmbert_jax.main",),
 )
 
 
@@ -58,7 +58,7 @@ def _imports(path: pathlib.Path, module: str, modules=()):
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:  # relative import
-        base = ".".join(module.split(".")[:-node.level] + ([base] if base else []))
+        base = ".".join(module.split(".")[: -node.level] + ([base] if base else []))
       names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
     else:
       continue
@@ -88,7 +88,7 @@ def test_import_graph_has_no_cycle():
 
 def test_cycle_detection_sees_a_cycle():
   graph = _graph()
-  graph["mmbert_jax.model"].add("mmbert_jax.train")   # what `from mmbert_jax import train` in model.py would add
+  graph["mmbert_jax.model"].add("mmbert_jax.train")  # what `from mmbert_jax import train` in model.py would add
   with pytest.raises(graphlib.CycleError):
     list(graphlib.TopologicalSorter(graph).static_order())
 
@@ -97,8 +97,13 @@ def test_layers_import_downwards_only():
   graph = _graph()
   layer = {m: i for i, names in enumerate(LAYERS) for m in names}
   assert set(layer) <= set(graph), sorted(set(layer) - set(graph))
-  upward = [f"{m} (layer {layer[m]}) imports {d} (layer {layer[d]})"
-            for m, deps in graph.items() if m in layer for d in deps if d in layer and layer[d] > layer[m]]
+  upward = [
+    f"{m} (layer {layer[m]}) imports {d} (layer {layer[d]})"
+    for m, deps in graph.items()
+    if m in layer
+    for d in deps
+    if d in layer and layer[d] > layer[m]
+  ]
   assert not upward, upward
 
 

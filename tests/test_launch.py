@@ -1,4 +1,5 @@
 """Tests for the launch scripts: TPU pod dry runs, SLURM task layout with stub commands, Colab notebook structure."""
+
 import json
 import os
 import pathlib
@@ -34,8 +35,7 @@ def guarded_env(tmp_path):
 
 
 def _pod(env, *args, **extra_env):
-  return subprocess.run(["bash", str(POD), *args], env={**env, **extra_env}, capture_output=True, text=True,
-                        timeout=60)
+  return subprocess.run(["bash", str(POD), *args], env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
 
 
 def test_scripts_pass_bash_syntax_check():
@@ -58,9 +58,20 @@ def _worker_script(dry_run_stdout: str) -> str:
 
 def test_pod_dry_run_prints_create_install_and_detached_start_on_all_workers(guarded_env):
   env, calls = guarded_env
-  r = _pod(env, "--dry-run", "--", "--config.train_tokens=100", WORKDIR="gs://bucket/run1",
-           CONFIG="configs/pretrain.py:base", TPU_NAME="pod-a", ZONE="us-east5-b", PROJECT="proj",
-           ACCELERATOR_TYPE="v6e-64", RUNTIME_VERSION="v2-alpha-tpuv6e", CAPACITY="spot")
+  r = _pod(
+    env,
+    "--dry-run",
+    "--",
+    "--config.train_tokens=100",
+    WORKDIR="gs://bucket/run1",
+    CONFIG="configs/pretrain.py:base",
+    TPU_NAME="pod-a",
+    ZONE="us-east5-b",
+    PROJECT="proj",
+    ACCELERATOR_TYPE="v6e-64",
+    RUNTIME_VERSION="v2-alpha-tpuv6e",
+    CAPACITY="spot",
+  )
   assert r.returncode == 0, r.stderr
   out = r.stdout
   assert not calls.exists(), "a dry run called gcloud"
@@ -68,8 +79,15 @@ def test_pod_dry_run_prints_create_install_and_detached_start_on_all_workers(gua
 
   create = [l for l in lines if "queued-resources create" in l]
   assert len(create) == 1
-  for flag in ("gcloud compute tpus queued-resources create pod-a-qr", "--node-id=pod-a", "--zone=us-east5-b",
-               "--project=proj", "--accelerator-type=v6e-64", "--runtime-version=v2-alpha-tpuv6e", "--spot"):
+  for flag in (
+    "gcloud compute tpus queued-resources create pod-a-qr",
+    "--node-id=pod-a",
+    "--zone=us-east5-b",
+    "--project=proj",
+    "--accelerator-type=v6e-64",
+    "--runtime-version=v2-alpha-tpuv6e",
+    "--spot",
+  ):
     assert flag in create[0]
   assert any(l.startswith("gcloud compute tpus queued-resources describe pod-a-qr") for l in lines)
 
@@ -85,20 +103,27 @@ def test_pod_dry_run_prints_create_install_and_detached_start_on_all_workers(gua
   assert "worker.sh state" in watch
   # The worker script holds the command, started detached (new session, no hangup, no terminal).
   script = _worker_script(out)
-  assert "ARGS=(-m mmbert_jax.main --config=configs/pretrain.py:base --workdir=gs://bucket/run1 " \
-         "--config.train_tokens=100 )" in script
+  assert (
+    "ARGS=(-m mmbert_jax.main --config=configs/pretrain.py:base --workdir=gs://bucket/run1 "
+    "--config.train_tokens=100 )" in script
+  )
   assert "ENVS=(MMBERT_DISTRIBUTED=1 JAX_COORDINATOR_PORT=8476 )" in script
   assert 'setsid nohup bash "$0" _supervise >> "$LOG" 2>&1 < /dev/null &' in script
-  assert "GCSFUSE_FLAGS=()" in script and "DATA_BUCKET=''" in script          # no DATA_BUCKET: no mount
+  assert "GCSFUSE_FLAGS=()" in script and "DATA_BUCKET=''" in script  # no DATA_BUCKET: no mount
   # Order: the slice exists before anything is copied, the code before it starts, and it starts before the watch.
-  assert out.index("queued-resources create") < out.index("tpu-vm scp") < out.index("worker.sh start'") \
-      < out.index("worker.sh state")
+  assert (
+    out.index("queued-resources create")
+    < out.index("tpu-vm scp")
+    < out.index("worker.sh start'")
+    < out.index("worker.sh state")
+  )
 
 
 def test_pod_dry_run_mounts_data_bucket_with_gcsfuse(guarded_env):
   env, _ = guarded_env
-  r = _pod(env, "--dry-run", WORKDIR="gs://bucket/run1", DATA_BUCKET="gs://data-bkt/prepared/v1",
-           GCSFUSE_CACHE_MB="1000")
+  r = _pod(
+    env, "--dry-run", WORKDIR="gs://bucket/run1", DATA_BUCKET="gs://data-bkt/prepared/v1", GCSFUSE_CACHE_MB="1000"
+  )
   assert r.returncode == 0, r.stderr
   script = _worker_script(r.stdout)
   assert "DATA_BUCKET=data-bkt" in script and "DATA_MOUNT=/mnt/mmbert-data" in script
@@ -108,9 +133,10 @@ def test_pod_dry_run_mounts_data_bucket_with_gcsfuse(guarded_env):
   assert "--metadata-cache-ttl-secs=-1" in flags and "--stat-cache-max-size-mb=-1" in flags
   assert "--cache-dir=/tmp/gcsfuse-cache" in flags and "--file-cache-max-size-mb=1000" in flags
   assert 'gcsfuse "${GCSFUSE_FLAGS[@]}" "$DATA_BUCKET" "$DATA_MOUNT"' in script
-  assert script.index("mount_data >>") < script.index("setsid nohup")     # mounted before the run starts
-  no_cache = _worker_script(_pod(env, "--dry-run", WORKDIR="gs://b/r", DATA_BUCKET="data-bkt",
-                                 GCSFUSE_CACHE_MB="0").stdout)
+  assert script.index("mount_data >>") < script.index("setsid nohup")  # mounted before the run starts
+  no_cache = _worker_script(
+    _pod(env, "--dry-run", WORKDIR="gs://b/r", DATA_BUCKET="data-bkt", GCSFUSE_CACHE_MB="0").stdout
+  )
   assert "--cache-dir" not in no_cache and "--config.data.data_dir=/mnt/mmbert-data " in no_cache
   both = _pod(env, "--dry-run", "--", "--config.data.data_dir=gs://x/y", WORKDIR="gs://b/r", DATA_BUCKET="gs://d")
   assert both.returncode == 2 and "do not pass --config.data.data_dir=gs://x/y" in both.stderr
@@ -126,8 +152,10 @@ def test_pod_dry_run_status_logs_stop(guarded_env):
   logs = _pod(env, "logs", "-f", "3", "--dry-run", TPU_NAME="pod-a")
   assert logs.returncode == 0, logs.stderr
   assert "--worker=3 '--command=bash ~/mmbert_run/worker.sh logs -f 100'" in logs.stdout
-  assert "--worker=0 '--command=bash ~/mmbert_run/worker.sh logs 20'" in _pod(env, "logs", "--dry-run",
-                                                                              LOG_LINES="20").stdout
+  assert (
+    "--worker=0 '--command=bash ~/mmbert_run/worker.sh logs 20'"
+    in _pod(env, "logs", "--dry-run", LOG_LINES="20").stdout
+  )
   stop = _pod(env, "stop", "--dry-run", TPU_NAME="pod-a", STOP_WAIT_SECONDS="60")
   assert stop.returncode == 0, stop.stderr
   line = next(l for l in stop.stdout.splitlines() if "tpu-vm ssh pod-a" in l)
@@ -138,14 +166,24 @@ def test_pod_dry_run_status_logs_stop(guarded_env):
 
 def test_pod_dry_run_restarts_after_preemption(guarded_env):
   env, calls = guarded_env
-  r = _pod(env, "--dry-run", WORKDIR="gs://bucket/run2",
-           DRY_RUN_STATES="MISSING ACTIVE SUSPENDED SUSPENDED MISSING ACTIVE", DRY_RUN_EXIT_CODES="255 0")
+  r = _pod(
+    env,
+    "--dry-run",
+    WORKDIR="gs://bucket/run2",
+    DRY_RUN_STATES="MISSING ACTIVE SUSPENDED SUSPENDED MISSING ACTIVE",
+    DRY_RUN_EXIT_CODES="255 0",
+  )
   assert r.returncode == 0, r.stderr
   assert not calls.exists()
   out = r.stdout
   steps = [m.group(0) for m in re.finditer(r"queued-resources (create|delete)|worker\.sh start'", out)]
-  assert steps == ["queued-resources create", "worker.sh start'", "queued-resources delete",
-                   "queued-resources create", "worker.sh start'"]
+  assert steps == [
+    "queued-resources create",
+    "worker.sh start'",
+    "queued-resources delete",
+    "queued-resources create",
+    "worker.sh start'",
+  ]
   assert "--force" in next(l for l in out.splitlines() if "queued-resources delete" in l)
   assert "preempted" in r.stderr and "resuming from gs://bucket/run2" in r.stderr
   # The worker script (the command) is written once: the relaunch resumes the same run from the workdir.
@@ -156,13 +194,19 @@ def test_pod_restarts_only_a_preempted_run(guarded_env):
   """Exit 75 (preempted: SIGTERM, checkpoint saved) restarts even on a healthy slice; a failure (1) or bad input
   (2) on a healthy slice is not retried and becomes the script's status."""
   env, _ = guarded_env
-  r = _pod(env, "--dry-run", WORKDIR="gs://bucket/run3",
-           DRY_RUN_STATES="MISSING ACTIVE ACTIVE ACTIVE ACTIVE ACTIVE", DRY_RUN_EXIT_CODES="75 1")
+  r = _pod(
+    env,
+    "--dry-run",
+    WORKDIR="gs://bucket/run3",
+    DRY_RUN_STATES="MISSING ACTIVE ACTIVE ACTIVE ACTIVE ACTIVE",
+    DRY_RUN_EXIT_CODES="75 1",
+  )
   assert r.returncode == 1, r.stderr
   assert r.stdout.count("worker.sh start'") == 2 and r.stdout.count("queued-resources create") == 1
   assert "preempted (exit status 75" in r.stderr and "not restarting" in r.stderr
-  bad = _pod(env, "--dry-run", WORKDIR="gs://bucket/run3", DRY_RUN_STATES="MISSING ACTIVE ACTIVE",
-             DRY_RUN_EXIT_CODES="2")
+  bad = _pod(
+    env, "--dry-run", WORKDIR="gs://bucket/run3", DRY_RUN_STATES="MISSING ACTIVE ACTIVE", DRY_RUN_EXIT_CODES="2"
+  )
   assert bad.returncode == 2 and bad.stdout.count("worker.sh start'") == 1 and "not restarting" in bad.stderr
   once = _pod(env, "--dry-run", "--once", WORKDIR="gs://bucket/run3", DRY_RUN_EXIT_CODES="7")
   assert once.returncode == 7 and once.stdout.count("worker.sh start'") == 1
@@ -170,17 +214,26 @@ def test_pod_restarts_only_a_preempted_run(guarded_env):
 
 def test_pod_git_install_and_on_demand(guarded_env):
   env, _ = guarded_env
-  r = _pod(env, "--dry-run", WORKDIR="gs://bucket/run4", INSTALL="git", GIT_URL="https://example.com/mmbert_jax.git",
-           GIT_REF="v1.0", CAPACITY="on-demand")
+  r = _pod(
+    env,
+    "--dry-run",
+    WORKDIR="gs://bucket/run4",
+    INSTALL="git",
+    GIT_URL="https://example.com/mmbert_jax.git",
+    GIT_REF="v1.0",
+    CAPACITY="on-demand",
+  )
   assert r.returncode == 0, r.stderr
   scp = next(l for l in r.stdout.splitlines() if "tpu-vm scp" in l)
-  assert "bundle" not in scp and "/tmp/mmbert_worker.sh" in scp                  # only the worker script
+  assert "bundle" not in scp and "/tmp/mmbert_worker.sh" in scp  # only the worker script
   assert "git clone -q https://example.com/mmbert_jax.git" in r.stdout and "checkout -q v1.0" in r.stdout
   create = next(l for l in r.stdout.splitlines() if "queued-resources create" in l)
   assert "--spot" not in create and "--reserved" not in create
 
 
-@pytest.mark.parametrize("args,extra,message", [
+@pytest.mark.parametrize(
+  "args,extra,message",
+  [
     ((), {}, "set WORKDIR"),
     ((), {"WORKDIR": "/local/dir"}, "WORKDIR must be a gs:// path"),
     (("--bogus",), {"WORKDIR": "gs://b/r"}, "unknown argument '--bogus'"),
@@ -190,7 +243,8 @@ def test_pod_git_install_and_on_demand(guarded_env):
     ((), {"WORKDIR": "gs://b/r", "DATA_BUCKET": "gs://Bad_Bucket"}, "DATA_BUCKET must be gs://BUCKET"),
     ((), {"WORKDIR": "gs://b/r", "DATA_BUCKET": "d", "DATA_MOUNT": "data"}, "DATA_MOUNT must be an absolute path"),
     (("logs", "--once"), {}, "--once only goes with start"),
-])
+  ],
+)
 def test_pod_bad_settings_fail_with_clear_error(guarded_env, args, extra, message):
   env, calls = guarded_env
   r = _pod(env, *args, **extra)
@@ -203,8 +257,20 @@ def test_pod_help_documents_variables(guarded_env):
   env, _ = guarded_env
   r = _pod(env, "--help")
   assert r.returncode == 0
-  for var in ("TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "CONFIG", "WORKDIR",
-              "DATA_BUCKET", "--dry-run", "status", "logs [-f] [WORKER]", "stop"):
+  for var in (
+    "TPU_NAME",
+    "ZONE",
+    "ACCELERATOR_TYPE",
+    "RUNTIME_VERSION",
+    "PROJECT",
+    "CONFIG",
+    "WORKDIR",
+    "DATA_BUCKET",
+    "--dry-run",
+    "status",
+    "logs [-f] [WORKER]",
+    "stop",
+  ):
     assert var in r.stdout
 
 
@@ -212,17 +278,30 @@ def _slurm(tmp_path, tasks_per_node, gpus, nodes=2, **extra_env):
   """Runs the sbatch script as SLURM would, with `srun` and the interpreter replaced by recorders."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
-  _stub(bin_dir, "srun", 'echo "SRUN $*"; echo "ENV MMBERT_DISTRIBUTED=$MMBERT_DISTRIBUTED '
-        'JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-unset} JAX_COORDINATOR_PORT=${JAX_COORDINATOR_PORT:-unset}"\n'
-        'exit ${SRUN_EXIT:-0}\n')
+  _stub(
+    bin_dir,
+    "srun",
+    'echo "SRUN $*"; echo "ENV MMBERT_DISTRIBUTED=$MMBERT_DISTRIBUTED '
+    'JAX_LOCAL_DEVICE_IDS=${JAX_LOCAL_DEVICE_IDS:-unset} JAX_COORDINATOR_PORT=${JAX_COORDINATOR_PORT:-unset}"\n'
+    "exit ${SRUN_EXIT:-0}\n",
+  )
   env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "WORKDIR", "GPUS_PER_NODE"))}
-  env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="1234", SLURM_JOB_NUM_NODES=str(nodes),
-             SLURM_NTASKS=str(nodes * tasks_per_node), SLURM_NTASKS_PER_NODE=str(tasks_per_node),
-             SLURM_GPUS_ON_NODE=str(gpus), SLURM_SUBMIT_DIR=str(ROOT), WORKDIR="/shared/run",
-             CONFIG="launch/gpu_slurm.sbatch", PYTHON="/venv/bin/python")
+  env.update(
+    PATH=f"{bin_dir}:{env['PATH']}",
+    SLURM_JOB_ID="1234",
+    SLURM_JOB_NUM_NODES=str(nodes),
+    SLURM_NTASKS=str(nodes * tasks_per_node),
+    SLURM_NTASKS_PER_NODE=str(tasks_per_node),
+    SLURM_GPUS_ON_NODE=str(gpus),
+    SLURM_SUBMIT_DIR=str(ROOT),
+    WORKDIR="/shared/run",
+    CONFIG="launch/gpu_slurm.sbatch",
+    PYTHON="/venv/bin/python",
+  )
   env.update(extra_env)
-  return subprocess.run(["bash", str(SLURM), "--config.train_tokens=5"], env=env, capture_output=True, text=True,
-                        timeout=60)
+  return subprocess.run(
+    ["bash", str(SLURM), "--config.train_tokens=5"], env=env, capture_output=True, text=True, timeout=60
+  )
 
 
 def test_slurm_one_process_per_gpu(tmp_path):
@@ -231,8 +310,9 @@ def test_slurm_one_process_per_gpu(tmp_path):
   assert r.returncode == 0, r.stderr
   srun = next(l for l in r.stdout.splitlines() if l.startswith("SRUN"))
   assert "--kill-on-bad-exit=1" in srun
-  assert srun.endswith("/venv/bin/python -m mmbert_jax.main --config=launch/gpu_slurm.sbatch --workdir=/shared/run "
-                       "--config.train_tokens=5")
+  assert srun.endswith(
+    "/venv/bin/python -m mmbert_jax.main --config=launch/gpu_slurm.sbatch --workdir=/shared/run --config.train_tokens=5"
+  )
   assert "MMBERT_DISTRIBUTED=1 JAX_LOCAL_DEVICE_IDS=unset JAX_COORDINATOR_PORT=unset" in r.stdout
 
 
@@ -289,7 +369,7 @@ def test_colab_notebook_is_valid_nbformat4():
       python = "\n".join(l for l in _source(cell).splitlines() if not l.lstrip().startswith(("!", "%")))
       compile(python, f"<cell {cell.get('id')}>", "exec")
   code = "\n".join(_source(c) for c in cells if c["cell_type"] == "code")
-  assert 'jax[tpu]=={JAX_VERSION}' in code and 'JAX_VERSION = "0.10.2"' in code
+  assert "jax[tpu]=={JAX_VERSION}" in code and 'JAX_VERSION = "0.10.2"' in code
   assert "jax.devices()" in code
   assert "python -m mmbert_jax.main --config={CONFIG} --workdir={WORKDIR}" in code
   assert 'CONFIG = "configs/demo.py"' in code and 'WORKDIR = "/content/mmbert_demo"' in code
@@ -297,7 +377,7 @@ def test_colab_notebook_is_valid_nbformat4():
 
 def _remote_command(dry_run_stdout: str, marker: str) -> str:
   line = next(l for l in dry_run_stdout.splitlines() if "tpu-vm ssh" in l and marker in l)
-  return next(a for a in shlex.split(line) if a.startswith("--command="))[len("--command="):]
+  return next(a for a in shlex.split(line) if a.startswith("--command="))[len("--command=") :]
 
 
 def _worker_state(out: str) -> str:
@@ -310,9 +390,19 @@ def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_e
   stand-ins that record their calls."""
   env, _ = guarded_env
   mount, cache, uploads = tmp_path / "mnt", tmp_path / "cache", tmp_path / "uploads"
-  r = _pod(env, "--dry-run", "--", "--config.wandb.name=two words", WORKDIR="gs://bucket/run5",
-           CONFIG="configs/demo.py", LIBTPU_INIT_ARGS="--xla_a=1 --xla_b=2", DATA_BUCKET="gs://data-bkt/prepared",
-           DATA_MOUNT=str(mount), GCSFUSE_CACHE_DIR=str(cache), LOG_UPLOAD_SECONDS="1")
+  r = _pod(
+    env,
+    "--dry-run",
+    "--",
+    "--config.wandb.name=two words",
+    WORKDIR="gs://bucket/run5",
+    CONFIG="configs/demo.py",
+    LIBTPU_INIT_ARGS="--xla_a=1 --xla_b=2",
+    DATA_BUCKET="gs://data-bkt/prepared",
+    DATA_MOUNT=str(mount),
+    GCSFUSE_CACHE_DIR=str(cache),
+    LOG_UPLOAD_SECONDS="1",
+  )
   assert r.returncode == 0, r.stderr
   install = _remote_command(r.stdout, "pip install")
   for command in (install, _remote_command(r.stdout, "worker.sh start"), _remote_command(r.stdout, "worker.sh state")):
@@ -325,32 +415,36 @@ def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_e
   (home / "mmbert_run").mkdir()
   script = home / "mmbert_run" / "worker.sh"
   script.write_text(_worker_script(r.stdout))
-  _stub(home / "mmbert_venv" / "bin", "python",
-        'echo "CWD $PWD"; printf "ARG %s\\n" "$@"; echo "ENV $MMBERT_DISTRIBUTED $JAX_COORDINATOR_PORT $LIBTPU_INIT_ARGS"\n'
-        '[ -n "${FAKE_EXIT:-}" ] && exit "$FAKE_EXIT"\n'
-        'trap \'echo "SIGTERM: checkpoint saved"; exit 75\' TERM\n'
-        'while :; do sleep 0.1; done\n')
+  _stub(
+    home / "mmbert_venv" / "bin",
+    "python",
+    'echo "CWD $PWD"; printf "ARG %s\\n" "$@"; echo "ENV $MMBERT_DISTRIBUTED $JAX_COORDINATOR_PORT $LIBTPU_INIT_ARGS"\n'
+    '[ -n "${FAKE_EXIT:-}" ] && exit "$FAKE_EXIT"\n'
+    "trap 'echo \"SIGTERM: checkpoint saved\"; exit 75' TERM\n"
+    "while :; do sleep 0.1; done\n",
+  )
   bin_dir = tmp_path / "worker_bin"
   bin_dir.mkdir()
-  _stub(bin_dir, "curl", "echo 3\n")                                            # agent-worker-number
+  _stub(bin_dir, "curl", "echo 3\n")  # agent-worker-number
   _stub(bin_dir, "gcloud", f'echo "$@" >> {tmp_path}/worker_gcloud; mkdir -p {uploads}; cp "$3" {uploads}/\n')
   _stub(bin_dir, "sudo", 'exec "$@"\n')
-  _stub(bin_dir, "mountpoint", f'[ -e {tmp_path}/mounted ]\n')
+  _stub(bin_dir, "mountpoint", f"[ -e {tmp_path}/mounted ]\n")
   _stub(bin_dir, "gcsfuse", f'echo "$@" >> {tmp_path}/gcsfuse_calls; touch {tmp_path}/mounted\n')
   wenv = {**env, "HOME": str(home), "PATH": f"{bin_dir}:{env['PATH']}"}
 
   def worker(*args, **extra):
-    return subprocess.run(["bash", str(script), *args], env={**wenv, **extra}, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+      ["bash", str(script), *args], env={**wenv, **extra}, capture_output=True, text=True, timeout=60
+    )
 
   pid_file, log = home / "mmbert_run" / "pid", home / "mmbert_run" / "logs" / "worker-3.log"
   assert "state=none" in _worker_state(worker("state").stdout)
   try:
-    started = worker("start")                # returns at once although training goes on: it is detached
+    started = worker("start")  # returns at once although training goes on: it is detached
     assert started.returncode == 0, started.stderr
     pid = int(pid_file.read_text())
     assert f"worker 3: started pid {pid}" in started.stdout
-    assert os.getsid(pid) != os.getsid(0)                                     # its own session: no hangup
+    assert os.getsid(pid) != os.getsid(0)  # its own session: no hangup
     assert _worker_state(worker("state").stdout) == f"MMBERT_STATE worker=3 state=running code=- pid={pid}"
     again = worker("start")
     assert f"already running (pid {pid}); not starting another" in again.stdout and int(pid_file.read_text()) == pid
@@ -365,16 +459,21 @@ def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_e
   finally:
     if pid_file.exists():
       try:
-        os.killpg(os.getsid(int(pid_file.read_text())), 9)                   # the detached session, if still up
+        os.killpg(os.getsid(int(pid_file.read_text())), 9)  # the detached session, if still up
       except ProcessLookupError:
         pass
   text = log.read_text()
   assert f"CWD {home / 'mmbert_jax'}" in text and "ENV 1 8476 --xla_a=1 --xla_b=2" in text
   assert [l[4:] for l in text.splitlines() if l.startswith("ARG ")] == [
-      "-m", "mmbert_jax.main", "--config=configs/demo.py", "--workdir=gs://bucket/run5",
-      f"--config.data.data_dir={mount}/prepared", "--config.wandb.name=two words"]
+    "-m",
+    "mmbert_jax.main",
+    "--config=configs/demo.py",
+    "--workdir=gs://bucket/run5",
+    f"--config.data.data_dir={mount}/prepared",
+    "--config.wandb.name=two words",
+  ]
   assert "SIGTERM: checkpoint saved" in text and "worker 3: exit status 75" in text
-  assert text.count("worker 3: " + str(home)) == 1                              # one training process only
+  assert text.count("worker 3: " + str(home)) == 1  # one training process only
   # The log went up to the workdir when the run ended (and while it ran).
   assert f"storage cp {log} gs://bucket/run5/logs/worker-3.log" in (tmp_path / "worker_gcloud").read_text()
   assert (uploads / "worker-3.log").read_text() == text
@@ -388,7 +487,7 @@ def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_e
     if "state=running" not in state:
       break
   assert "state=exited code=1 " in state
-  assert len((tmp_path / "gcsfuse_calls").read_text().splitlines()) == 1       # still mounted: not mounted again
+  assert len((tmp_path / "gcsfuse_calls").read_text().splitlines()) == 1  # still mounted: not mounted again
 
 
 def test_slurm_sigterm_reaches_the_training_tasks_300s_before_the_limit():
@@ -408,15 +507,18 @@ def _config_keys():
   """Every dotted key path of the phase configs (base, pretrain, midtrain, decay, demo) with their defaults."""
   import importlib
   import sys
+
   sys.path.insert(0, str(ROOT))
   try:
     keys = set()
     for name in ("base", "pretrain", "midtrain", "decay", "demo"):
+
       def walk(node, prefix):
         for k in node.keys():
           keys.add(prefix + k)
           if hasattr(node[k], "keys"):
             walk(node[k], prefix + k + ".")
+
       walk(importlib.import_module(f"configs.{name}").get_config(), "")
     return keys
   finally:
@@ -426,13 +528,13 @@ def _config_keys():
 def test_config_flag_examples_name_real_config_keys():
   keys = _config_keys()
   assert "train_tokens" in keys and "data.data_dir" in keys and "model.hidden_size" in keys
-  assert "train.steps" not in keys and "some.flag" not in keys          # what earlier examples wrongly used
+  assert "train.steps" not in keys and "some.flag" not in keys  # what earlier examples wrongly used
   files = [ROOT / "README.md", *sorted((ROOT / "launch").iterdir())]
   found = {}
   for path in files:
     for m in CONFIG_FLAG.finditer(path.read_text()):
       found.setdefault(m.group(1), set()).add(path.name)
-  assert {"train_tokens", "data.data_dir", "init_from"} <= found.keys()   # the regex finds the examples
+  assert {"train_tokens", "data.data_dir", "init_from"} <= found.keys()  # the regex finds the examples
   unknown = {k: sorted(v) for k, v in found.items() if k not in keys}
   assert not unknown, f"--config.KEY examples naming no config key: {unknown}"
 
@@ -445,31 +547,44 @@ def one_worker_pod(tmp_path):
   home, bin_dir = tmp_path / "worker_home", tmp_path / "bin"
   (home / "mmbert_venv" / "bin").mkdir(parents=True)
   bin_dir.mkdir()
-  _stub(bin_dir, "gcloud", f'''echo "$*" >> {tmp_path}/gcloud_calls
+  _stub(
+    bin_dir,
+    "gcloud",
+    f"""echo "$*" >> {tmp_path}/gcloud_calls
 case "$*" in
   *"queued-resources describe"*) echo ACTIVE ;;
   *"tpu-vm scp"*) for a in "$@"; do if [ -f "$a" ]; then cp "$a" {home}/; fi; done ;;
   *"tpu-vm ssh"*) for a in "$@"; do case "$a" in --command=*) cmd=${{a#--command=}} ;; esac; done
                   cd {home} && HOME={home} bash -c "$cmd" ;;
 esac
-''')
+""",
+  )
   _stub(bin_dir, "curl", "echo 0\n")
   _stub(home / "mmbert_venv" / "bin", "pip", "true\n")
-  _stub(home / "mmbert_venv" / "bin", "python", '''[ "$1" = -c ] && { echo "worker jax 0.10.2"; exit 0; }
+  _stub(
+    home / "mmbert_venv" / "bin",
+    "python",
+    """[ "$1" = -c ] && { echo "worker jax 0.10.2"; exit 0; }
 echo "training $*"
 code=$(head -n 1 ~/codes 2>/dev/null); sed -i 1d ~/codes 2>/dev/null
 trap 'echo "SIGTERM: checkpoint saved"; exit 75' TERM
 if [ -n "$code" ]; then sleep 1; exit "$code"; fi
 while :; do sleep 0.1; done
-''')
+""",
+  )
   env = {k: v for k, v in os.environ.items() if not k.startswith(("DRY_RUN", "TPU_", "ZONE", "PROJECT", "WORKDIR"))}
-  env.update(PATH=f"{bin_dir}:{env['PATH']}", WORKDIR="gs://bucket/live", PYTHON="python3", POLL_SECONDS="1",
-             LOG_UPLOAD_SECONDS="1")
+  env.update(
+    PATH=f"{bin_dir}:{env['PATH']}",
+    WORKDIR="gs://bucket/live",
+    PYTHON="python3",
+    POLL_SECONDS="1",
+    LOG_UPLOAD_SECONDS="1",
+  )
   yield env, home, tmp_path / "gcloud_calls"
   pid_file = home / "mmbert_run" / "pid"
   if pid_file.exists():
     try:
-      os.killpg(os.getsid(int(pid_file.read_text())), 9)      # the detached training session, if still up
+      os.killpg(os.getsid(int(pid_file.read_text())), 9)  # the detached training session, if still up
     except ProcessLookupError:
       pass
 
@@ -486,7 +601,7 @@ def test_pod_watches_the_detached_run_and_relaunches_only_after_75(one_worker_po
   assert log.count("training -m mmbert_jax.main --config=configs/pretrain.py --workdir=gs://bucket/live") == 2
   assert "exit status 75" in log and "exit status 0" in log
 
-  (home / "codes").write_text("1\n")                                       # a failure is not relaunched
+  (home / "codes").write_text("1\n")  # a failure is not relaunched
   r = subprocess.run(["bash", str(POD)], env=env, capture_output=True, text=True, timeout=120)
   assert r.returncode == 1 and "not restarting" in r.stderr
   assert calls.read_text().count("worker.sh start") == 3
@@ -494,8 +609,9 @@ def test_pod_watches_the_detached_run_and_relaunches_only_after_75(one_worker_po
 
 def test_pod_run_outlives_the_launcher_which_reattaches_and_stop_ends_it(one_worker_pod):
   env, home, calls = one_worker_pod
-  launcher = subprocess.Popen(["bash", str(POD)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              start_new_session=True)
+  launcher = subprocess.Popen(
+    ["bash", str(POD)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+  )
   pid_file = home / "mmbert_run" / "pid"
   try:
     for _ in range(300):
@@ -504,10 +620,10 @@ def test_pod_run_outlives_the_launcher_which_reattaches_and_stop_ends_it(one_wor
       threading.Event().wait(0.1)
     pid = int(pid_file.read_text())
   finally:
-    os.killpg(launcher.pid, 9)                                  # the laptop goes away mid-run
+    os.killpg(launcher.pid, 9)  # the laptop goes away mid-run
     launcher.wait()
   threading.Event().wait(1.5)
-  os.kill(pid, 0)                                               # training goes on
+  os.kill(pid, 0)  # training goes on
   status = subprocess.run(["bash", str(POD), "status"], env=env, capture_output=True, text=True, timeout=60)
   assert f"MMBERT_STATE worker=0 state=running code=- pid={pid}" in status.stdout
   assert "[worker 0] training -m mmbert_jax.main" in status.stdout
@@ -535,9 +651,13 @@ def test_pod_failed_data_mount_stops_the_launch(one_worker_pod, tmp_path):
   env, home, calls = one_worker_pod
   _stub(tmp_path / "bin", "sudo", 'exec "$@"\n')
   _stub(tmp_path / "bin", "gcsfuse", 'echo "gcsfuse: bucket not found" >&2; exit 1\n')
-  r = subprocess.run(["bash", str(POD)], env={**env, "DATA_BUCKET": "gs://no-such-bucket",
-                                              "DATA_MOUNT": str(tmp_path / "mnt")},
-                     capture_output=True, text=True, timeout=120)
+  r = subprocess.run(
+    ["bash", str(POD)],
+    env={**env, "DATA_BUCKET": "gs://no-such-bucket", "DATA_MOUNT": str(tmp_path / "mnt")},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert r.returncode == 1 and "did not start on every worker" in r.stderr
   assert "worker 0: mounting gs://no-such-bucket failed" in r.stdout
   log = (home / "mmbert_run" / "logs" / "worker-0.log").read_text()

@@ -1,4 +1,5 @@
 """The entry point: the demo curriculum end to end (shortened), and clear errors for bad command lines."""
+
 import dataclasses
 import importlib.util
 import os
@@ -8,12 +9,18 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
-SHORT_DEMO = [f"--config.phase_overrides.{phase}.train_tokens={tokens}" for phase, tokens in (
-    ("pretrain", 16_384), ("midtrain", 8192), ("decay_eng", 4096), ("decay_cont", 4096), ("decay_all", 4096))] + [
-    "--config.downstream.epochs=1", "--config.log_every_steps=2"]
+SHORT_DEMO = [
+  f"--config.phase_overrides.{phase}.train_tokens={tokens}"
+  for phase, tokens in (
+    ("pretrain", 16_384),
+    ("midtrain", 8192),
+    ("decay_eng", 4096),
+    ("decay_cont", 4096),
+    ("decay_all", 4096),
+  )
+] + ["--config.downstream.epochs=1", "--config.log_every_steps=2"]
 
 
 def _main(*args, workdir=None, timeout=900, platforms="cpu"):
@@ -50,16 +57,25 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
   assert "midtrain step" in proc.stderr and ", curriculum " in proc.stderr
   # Last, every checkpoint is fine-tuned and scored on both embedded tasks.
   lines = downstream.strip().splitlines()[2:]
-  assert [line.split()[0] for line in lines] == ["pretrain", "midtrain", "decay_eng", "decay_cont", "decay_all",
-                                                 "merged"]
+  assert [line.split()[0] for line in lines] == [
+    "pretrain",
+    "midtrain",
+    "decay_eng",
+    "decay_cont",
+    "decay_all",
+    "merged",
+  ]
   assert all(len(line.split()) == 5 and all(0 <= float(x) <= 1 for x in line.split()[1:]) for line in lines)
   assert os.path.exists(os.path.join(workdir, "downstream.json"))
 
 
-@pytest.mark.parametrize("flag,message", [
+@pytest.mark.parametrize(
+  "flag,message",
+  [
     ("--config.train_tokenz=5", "train_tokenz"),
     ("--config.batch_size=many", "batch_size"),
-])
+  ],
+)
 def test_bad_overrides_fail_clearly(tmp_path, flag, message):
   proc = _main("--config=configs/demo.py", flag, workdir=str(tmp_path))
   assert proc.returncode != 0 and message in proc.stderr
@@ -78,38 +94,58 @@ def _assert_no_libtpu_trace(stderr: str):
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 def test_no_libtpu_trace_on_a_machine_without_tpu():
   from jax._src import hardware_utils
+
   if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
     pytest.skip("this machine has TPU chips")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   env["PYTHONPATH"] = str(ROOT)
   # Whether jax tried to start its TPU backend (the source of the trace; it may also fail quietly, e.g. while
   # another process holds libtpu's lock file).
-  probe = ("import jax; jax.devices(); from jax._src import xla_bridge as xb; "
-           "print('tpu' in xb.backends() or 'tpu' in xb._backend_errors)")
-  proc = subprocess.run([sys.executable, "-c", "import mmbert_jax; " + probe], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+  probe = (
+    "import jax; jax.devices(); from jax._src import xla_bridge as xb; "
+    "print('tpu' in xb.backends() or 'tpu' in xb._backend_errors)"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", "import mmbert_jax; " + probe],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.split() == ["False"]
   _assert_no_libtpu_trace(proc.stderr)
-  bare = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=120)
-  assert bare.stdout.split() == ["True"]                    # without the package jax does try
+  bare = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert bare.stdout.split() == ["True"]  # without the package jax does try
 
 
 def _tree(path):
   """Every file and directory under path with its modification time (None: path does not exist)."""
   if not os.path.exists(path):
     return None
-  return sorted((os.path.join(root, name), os.stat(os.path.join(root, name)).st_mtime_ns)
-                for root, dirs, files in os.walk(path) for name in dirs + files)
+  return sorted(
+    (os.path.join(root, name), os.stat(os.path.join(root, name)).st_mtime_ns)
+    for root, dirs, files in os.walk(path)
+    for name in dirs + files
+  )
 
 
 def _pretrain_checkpoint(workdir, **model):
   from mmbert_jax import checkpoint as ckpt_lib
   from mmbert_jax.model import get_config
-  ckpt_lib.save_params(workdir, 8, {"w": np.zeros(2, np.float32)},
-                       {"phase": "pretrain", "step": 8, "tokens": 4096,
-                        "model_config": dataclasses.asdict(get_config("mmbert-base", **model))})
+
+  ckpt_lib.save_params(
+    workdir,
+    8,
+    {"w": np.zeros(2, np.float32)},
+    {
+      "phase": "pretrain",
+      "step": 8,
+      "tokens": 4096,
+      "model_config": dataclasses.asdict(get_config("mmbert-base", **model)),
+    },
+  )
 
 
 def test_bad_starts_fail_fast_with_one_line(demo_data, tmp_path):
@@ -121,18 +157,30 @@ def test_bad_starts_fail_fast_with_one_line(demo_data, tmp_path):
   _pretrain_checkpoint(previous)
   decay = ["--config=configs/decay.py"]
   cases = [
-      (decay, "new", "config.data.data_dir is empty"),
-      (decay + [f"--config.data.data_dir={tmp_path / 'nowhere'}"], "new", "does not exist"),
-      (decay + [f"--config.data.data_dir={empty}"], "new", "has no stats.json"),
-      (decay + [f"--config.data.data_dir={demo_data}"], "new", "config.init_from is empty"),
-      (["--config=configs/midtrain.py", f"--config.data.data_dir={demo_data}"], "new",
-       "continues from the pretrain checkpoint"),
-      (decay + [f"--config.data.data_dir={demo_data}", f"--config.init_from={previous}"], "pretrain_run",
-       "holds checkpoints of phase pretrain"),
-      (["--config=configs/pretrain.py:small", f"--config.data.data_dir={demo_data}"], "pretrain_run",
-       "another model size"),
-      (["--config=configs/demo.py", "--config.phase_overrides.pretrain.train_tokenz=5"], "new",
-       "--config.phase_overrides.pretrain.train_tokenz: the config has no key 'train_tokenz'"),
+    (decay, "new", "config.data.data_dir is empty"),
+    (decay + [f"--config.data.data_dir={tmp_path / 'nowhere'}"], "new", "does not exist"),
+    (decay + [f"--config.data.data_dir={empty}"], "new", "has no stats.json"),
+    (decay + [f"--config.data.data_dir={demo_data}"], "new", "config.init_from is empty"),
+    (
+      ["--config=configs/midtrain.py", f"--config.data.data_dir={demo_data}"],
+      "new",
+      "continues from the pretrain checkpoint",
+    ),
+    (
+      decay + [f"--config.data.data_dir={demo_data}", f"--config.init_from={previous}"],
+      "pretrain_run",
+      "holds checkpoints of phase pretrain",
+    ),
+    (
+      ["--config=configs/pretrain.py:small", f"--config.data.data_dir={demo_data}"],
+      "pretrain_run",
+      "another model size",
+    ),
+    (
+      ["--config=configs/demo.py", "--config.phase_overrides.pretrain.train_tokenz=5"],
+      "new",
+      "--config.phase_overrides.pretrain.train_tokenz: the config has no key 'train_tokenz'",
+    ),
   ]
   for args, workdir, message in cases:
     workdir = str(tmp_path / workdir)
@@ -143,6 +191,6 @@ def test_bad_starts_fail_fast_with_one_line(demo_data, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, (args, proc.stderr[-3000:])
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, proc.stderr)
-    assert "JAX:" not in proc.stdout                          # stopped before the devices were even listed
+    assert "JAX:" not in proc.stdout  # stopped before the devices were even listed
     assert seconds < 15, (args, seconds)
     assert _tree(workdir) == before, args

@@ -1,4 +1,5 @@
 """MLM masking: Bernoulli selection, 80/10/10, never padding, K cap, determinism."""
+
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ def _rows(b, s, seed=0):
   tokens = rng.integers(LOW, HIGH, (b, s)).astype(np.int32)
   seg = np.zeros((b, s), np.int32)
   for i in range(b):
-    n = rng.integers(s // 4, s + 1)            # real tokens, then padding
+    n = rng.integers(s // 4, s + 1)  # real tokens, then padding
     seg[i, :n] = 1 + (np.arange(n) * 3 // n)
   tokens[seg == 0] = 0
   return tokens, seg
@@ -22,8 +23,7 @@ def _rows(b, s, seed=0):
 
 def _mask(tokens, seg, rate, k, seed=0):
   rngs = [masking.row_rng(seed, 0, i) for i in range(len(tokens))]
-  return masking.mask_rows(tokens, seg, rngs, rate=rate, max_masked=k, mask_id=MASK, random_low=LOW,
-                           random_high=HIGH)
+  return masking.mask_rows(tokens, seg, rngs, rate=rate, max_masked=k, mask_id=MASK, random_low=LOW, random_high=HIGH)
 
 
 def _selected(out, shape):
@@ -61,7 +61,7 @@ def test_padding_is_never_touched_and_labels_are_the_originals():
   out = _mask(tokens, seg, 0.5, 128)
   sel = _selected(out, tokens.shape)
   assert not (sel & (seg == 0)).any()
-  np.testing.assert_array_equal(out["input_ids"][~sel], tokens[~sel])     # unselected tokens unchanged
+  np.testing.assert_array_equal(out["input_ids"][~sel], tokens[~sel])  # unselected tokens unchanged
   w = out["masked_weights"] > 0
   rows = np.broadcast_to(np.arange(64)[:, None], w.shape)
   np.testing.assert_array_equal(out["masked_labels"][w], tokens[rows[w], out["masked_positions"][w]])
@@ -76,12 +76,12 @@ def test_padding_is_never_touched_and_labels_are_the_originals():
 def test_overflow_keeps_k_and_restores_the_rest():
   tokens, seg = _rows(32, 128, seed=2)
   seg[:] = 1
-  k = 20                                       # far below 0.5 * 128
+  k = 20  # far below 0.5 * 128
   out = _mask(tokens, seg, 0.5, k)
   assert np.all(out["masked_weights"].sum(1) == k)
   sel = _selected(out, tokens.shape)
   changed = out["input_ids"] != tokens
-  assert not (changed & ~sel).any()            # every change is at a listed position
+  assert not (changed & ~sel).any()  # every change is at a listed position
   # The kept selections are the k smallest selection draws of the row (a random subset of the selected).
   for i in range(32):
     u = masking.row_rng(0, 0, i).random(128)

@@ -1,6 +1,7 @@
 """`python -m mmbert_jax.merge` on the checkpoints of a real tiny run: TIES, averages and EMA give checkpoints that
 load, continue training (init_from) and export; merging a model with itself is the identity; checkpoints of
 different models and existing outputs are refused with one-line errors."""
+
 import functools
 import math
 import os
@@ -9,13 +10,13 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
-from flax import nnx
-
 from conftest import tiny_config
+from flax import nnx
+from tiny_run import MODEL, STEPS, run_module, step_dir, trained_run
+
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import merge, train
 from mmbert_jax.model import MaskedLM
-from tiny_run import MODEL, STEPS, run_module, step_dir, trained_run
 
 DENSITY, WEIGHTS = 0.3, (1.0, 3.0)
 
@@ -30,14 +31,21 @@ def ties_cli(run, tmp_path_factory):
   """TIES of the step-8 and step-12 checkpoints against step 4, through the command line, with --hf_out."""
   out = str(tmp_path_factory.mktemp("merged_ties"))
   hf_out = os.path.join(out, "hf")
-  proc = run_module("mmbert_jax.merge", "--method=ties", f"--base={step_dir(run, 4)}",
-                    f"--models={step_dir(run, 8)},{run}", f"--density={DENSITY}",
-                    f"--weights={','.join(map(str, WEIGHTS))}", f"--out={out}", f"--hf_out={hf_out}")
+  proc = run_module(
+    "mmbert_jax.merge",
+    "--method=ties",
+    f"--base={step_dir(run, 4)}",
+    f"--models={step_dir(run, 8)},{run}",
+    f"--density={DENSITY}",
+    f"--weights={','.join(map(str, WEIGHTS))}",
+    f"--out={out}",
+    f"--hf_out={hf_out}",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return out, hf_out, proc.stdout
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(path):
   return ckpt_lib.load_params(path)[0]
 
@@ -51,8 +59,9 @@ def _assert_same(got, want, atol=0.0):
 def _ties_numpy(base, models, density, weights):
   """TIES per tensor in numpy (Yadav et al. 2023): keep each task vector's k largest magnitudes, elect the sign of
   the weighted mass, weighted mean over the entries that agree with it."""
+
   def one(b, *thetas):
-    taus = [np.asarray(t, np.float32) - np.asarray(b, np.float32) for t in thetas]   # the stored float32 differences
+    taus = [np.asarray(t, np.float32) - np.asarray(b, np.float32) for t in thetas]  # the stored float32 differences
     k = max(1, min(b.size, math.floor(density * b.size + 0.5)))
     trimmed = []
     for tau in taus:
@@ -63,12 +72,13 @@ def _ties_numpy(base, models, density, weights):
     num = sum(np.where(a, w * t, 0.0) for w, t, a in zip(weights, trimmed, agree))
     den = sum(np.where(a, w, 0.0) for w, a in zip(weights, agree))
     return np.asarray(b, np.float64) + np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
   return jax.tree.map(one, base, *models)
 
 
 def _merge_main(*args):
   """merge.main as the command line calls it, in this process (for its checks that run before any merging)."""
-  if "out" not in flags.FLAGS:   # importing merge defines no flags; its command line defines them
+  if "out" not in flags.FLAGS:  # importing merge defines no flags; its command line defines them
     merge.define_flags()
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["merge", *args])
@@ -105,10 +115,10 @@ def test_ties_cli_writes_the_ties_merge_and_a_transformers_directory(run, ties_c
   # --hf_out: the merged parameters, as transformers reads them.
   transformers = pytest.importorskip("transformers")
   reference = transformers.AutoModelForMaskedLM.from_pretrained(hf_out)
-  np.testing.assert_array_equal(reference.model.embeddings.tok_embeddings.weight.detach().numpy(),
-                                merged["embedding"])
-  np.testing.assert_array_equal(reference.model.layers[1].mlp.Wo.weight.detach().numpy(),
-                                merged["layers"][1]["mlp"]["wo"].T)
+  np.testing.assert_array_equal(reference.model.embeddings.tok_embeddings.weight.detach().numpy(), merged["embedding"])
+  np.testing.assert_array_equal(
+    reference.model.layers[1].mlp.Wo.weight.detach().numpy(), merged["layers"][1]["mlp"]["wo"].T
+  )
   assert os.path.exists(os.path.join(hf_out, "tokenizer.json"))
 
 
@@ -123,7 +133,7 @@ def test_ema_and_average_give_loadable_checkpoints(run, tmp_path):
   decay = 0.5
   merged, meta = merge.merge_checkpoints("ema", run=run, decay=decay)
   w = decay ** np.arange(len(STEPS) - 1, -1, -1.0)
-  w /= w.sum()                                         # oldest → newest: 1/7, 2/7, 4/7
+  w /= w.sum()  # oldest → newest: 1/7, 2/7, 4/7
   steps = [_params(step_dir(run, s)) for s in STEPS]
   _assert_same(merged, jax.tree.map(lambda *xs: sum(wi * np.float64(x) for wi, x in zip(w, xs)), *steps), atol=1e-6)
   assert meta["merge"]["models"] == [step_dir(run, s) for s in STEPS]
@@ -133,8 +143,9 @@ def test_ema_and_average_give_loadable_checkpoints(run, tmp_path):
   _assert_same(nnx.to_pure_dict(nnx.state(model, nnx.Param)), merged)
 
   average, _ = merge.merge_checkpoints("average", models=[step_dir(run, 8), run], weights=[1, 3])
-  _assert_same(average, jax.tree.map(lambda a, b: 0.25 * np.float64(a) + 0.75 * np.float64(b),
-                                     steps[1], steps[2]), atol=1e-6)
+  _assert_same(
+    average, jax.tree.map(lambda a, b: 0.25 * np.float64(a) + 0.75 * np.float64(b), steps[1], steps[2]), atol=1e-6
+  )
 
 
 def test_different_models_are_refused_naming_the_field(run, tmp_path):
@@ -180,8 +191,14 @@ def test_merged_checkpoint_starts_a_further_phase(demo_data, ties_cli, tmp_path)
   out, _, _ = ties_cli
   merged, merged_meta, source = ckpt_lib.load_params(out)
   # A vanishing learning rate: the further phase must hold exactly the merged parameters after its step.
-  config = tiny_config(demo_data, init_from=out, train_tokens=512, num_devices=1, **MODEL,
-                       **{"optim.peak_lr": 1e-30, "optim.weight_decay": 0.0, "schedule.warmup_tokens": 0})
+  config = tiny_config(
+    demo_data,
+    init_from=out,
+    train_tokens=512,
+    num_devices=1,
+    **MODEL,
+    **{"optim.peak_lr": 1e-30, "optim.weight_decay": 0.0, "schedule.warmup_tokens": 0},
+  )
   config.phase = "after_merge"
   workdir = str(tmp_path / "after_merge")
   result = train.train_and_evaluate(config, workdir)

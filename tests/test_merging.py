@@ -1,4 +1,5 @@
 """Tests for mmbert_jax.merging against step-by-step numpy references."""
+
 import math
 
 import jax
@@ -11,12 +12,14 @@ from mmbert_jax import merging
 
 def _tree(rng, scale=1.0):
   return {
-      "embed": {"embedding": (scale * rng.normal(size=(6, 4))).astype(np.float32)},
-      "layers": [
-          {"attn": {"qkv": {"kernel": (scale * rng.normal(size=(4, 12))).astype(np.float32)}},
-           "norm": {"scale": (scale * rng.normal(size=(4,))).astype(np.float32)}},
-          {"mlp": {"kernel": (scale * rng.normal(size=(4, 3, 2))).astype(np.float32)}},
-      ],
+    "embed": {"embedding": (scale * rng.normal(size=(6, 4))).astype(np.float32)},
+    "layers": [
+      {
+        "attn": {"qkv": {"kernel": (scale * rng.normal(size=(4, 12))).astype(np.float32)}},
+        "norm": {"scale": (scale * rng.normal(size=(4,))).astype(np.float32)},
+      },
+      {"mlp": {"kernel": (scale * rng.normal(size=(4, 3, 2))).astype(np.float32)}},
+    ],
   }
 
 
@@ -50,8 +53,10 @@ def _leaves(tree):
   return jax.tree.leaves(tree)
 
 
-@pytest.mark.parametrize("density,weights,lam", [(0.3, None, 1.0), (0.5, [0.2, 1.0, 3.0], 0.7), (1.0, None, 1.0),
-                                                 (1.0, [1.0, 2.0, 0.5], 1.3), (0.01, None, 1.0)])
+@pytest.mark.parametrize(
+  "density,weights,lam",
+  [(0.3, None, 1.0), (0.5, [0.2, 1.0, 3.0], 0.7), (1.0, None, 1.0), (1.0, [1.0, 2.0, 0.5], 1.3), (0.01, None, 1.0)],
+)
 def test_ties_matches_per_entry_reference(density, weights, lam):
   rng = np.random.default_rng(0)
   base = _tree(rng)
@@ -66,10 +71,14 @@ def test_ties_matches_per_entry_reference(density, weights, lam):
 def test_ties_hand_built_vectors():
   # One 1-D tensor, 3 models, density 0.5 (k = 3 of 6); every step checked by hand.
   base = {"w": np.zeros(6, np.float32)}
-  taus = np.array([[ 3.0, -1.0,  0.5,  2.0, -4.0,  0.1],    # keeps 3, 2, -4
-                   [-1.0,  2.0, -0.2, -3.0,  1.0,  0.3],    # keeps -1, 2, -3 (and 1: ties with |-1| at the k-th)
-                   [ 2.0,  2.0,  0.1, -1.0,  5.0,  0.0]],   # keeps 2, 2, 5
-                  np.float32)
+  taus = np.array(
+    [
+      [3.0, -1.0, 0.5, 2.0, -4.0, 0.1],  # keeps 3, 2, -4
+      [-1.0, 2.0, -0.2, -3.0, 1.0, 0.3],  # keeps -1, 2, -3 (and 1: ties with |-1| at the k-th)
+      [2.0, 2.0, 0.1, -1.0, 5.0, 0.0],
+    ],  # keeps 2, 2, 5
+    np.float32,
+  )
   # Trimmed: [3, 0, 0, 2, -4, 0], [-1, 2, 0, -3, 1, 0], [2, 2, 0, 0, 5, 0].
   # Masses: 4, 4, 0, -1, 2, 0 → signs +, +, 0, -, +, 0.
   # Entry 0: agree {3, 2} → 2.5. Entry 1: {2, 2} → 2. Entry 2: nothing. Entry 3: {-3} → -3.
@@ -150,9 +159,9 @@ def test_average_and_ema_against_numpy():
 
   decay = 0.6
   ew = merging.ema_weights(4, decay)
-  expected_w = np.array([decay ** 3, decay ** 2, decay, 1.0])
+  expected_w = np.array([decay**3, decay**2, decay, 1.0])
   np.testing.assert_allclose(ew, expected_w / expected_w.sum())
-  assert np.all(np.diff(ew) > 0)                                  # newest weighs most
+  assert np.all(np.diff(ew) > 0)  # newest weighs most
   np.testing.assert_allclose(merging.ema_weights(5, 1.0), np.full(5, 0.2))
   got_ema = merging.ema(trees, decay)
   for g, *xs in zip(_leaves(got_ema), *map(_leaves, trees)):
@@ -163,8 +172,12 @@ def test_average_and_ema_against_numpy():
 def test_average_of_identical_trees_is_identity():
   rng = np.random.default_rng(5)
   t = _tree(rng)
-  for got in (merging.average([t, t]), merging.average([t] * 3, [1, 2, 3]), merging.ema([t, t, t], 0.5),
-              merging.average([t])):
+  for got in (
+    merging.average([t, t]),
+    merging.average([t] * 3, [1, 2, 3]),
+    merging.ema([t, t, t], 0.5),
+    merging.average([t]),
+  ):
     for g, x in zip(_leaves(got), _leaves(t)):
       np.testing.assert_allclose(g, x, rtol=1e-6, atol=1e-7)
 
@@ -213,15 +226,24 @@ def test_mismatches_fail_with_clear_errors():
 
 def test_works_on_nnx_state():
   from flax import nnx
+
   from mmbert_jax import model as model_lib
-  cfg = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
-                              local_window=8, max_position_embeddings=64)
+
+  cfg = model_lib.ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=48,
+    local_window=8,
+    max_position_embeddings=64,
+  )
   states = [nnx.state(model_lib.MaskedLM(cfg, rngs=nnx.Rngs(s)), nnx.Param) for s in range(3)]
   merged = merging.ties(states[0], states[1:], density=0.2)
   avg = merging.average(states)
   assert jax.tree.structure(merged) == jax.tree.structure(states[0])
   for m, a, b, *xs in zip(_leaves(merged), _leaves(avg), _leaves(states[0]), *(_leaves(s) for s in states[1:])):
-    np.testing.assert_allclose(m, _ties_reference(np.asarray(b), [np.asarray(x) for x in xs], 0.2, None, 1.0),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(a, np.mean([np.asarray(b)] + [np.asarray(x) for x in xs], axis=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      m, _ties_reference(np.asarray(b), [np.asarray(x) for x in xs], 0.2, None, 1.0), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(a, np.mean([np.asarray(b)] + [np.asarray(x) for x in xs], axis=0), rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 """The run's record: config.json, TensorBoard text/hparams, bounded per-language tags, eval.jsonl, W&B."""
+
 import json
 import os
 import struct
@@ -7,14 +8,15 @@ import types
 
 import numpy as np
 import pytest
-
 from conftest import load_config
+
 from mmbert_jax import metrics
 
 
 def _events(workdir):
   """Every Event proto of the TensorBoard files in <workdir>/tb (TFRecord framing: length, crc, data, crc)."""
   from tensorboardX.proto import event_pb2
+
   out = []
   tb = os.path.join(workdir, "tb")
   for name in sorted(os.listdir(tb)):
@@ -22,9 +24,9 @@ def _events(workdir):
       data = f.read()
     i = 0
     while i < len(data):
-      (n,) = struct.unpack("<Q", data[i:i + 8])
+      (n,) = struct.unpack("<Q", data[i : i + 8])
       event = event_pb2.Event()
-      event.ParseFromString(data[i + 12:i + 12 + n])
+      event.ParseFromString(data[i + 12 : i + 12 + n])
       out.append(event)
       i += 12 + n + 4
   return out
@@ -45,6 +47,7 @@ def test_config_json_tensorboard_text_and_hparams(tmp_path):
   hparams = [v for v in values if v.metadata.plugin_data.plugin_name == "hparams"]
   assert {v.tag for v in hparams} >= {"_hparams_/experiment", "_hparams_/session_start_info"}
   from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
   start = HParamsPluginData()
   start.ParseFromString(next(v for v in hparams if "session_start" in v.tag).metadata.plugin_data.content)
   assert start.session_start_info.hparams["optim.peak_lr"].number_value == pytest.approx(3e-3)
@@ -60,7 +63,7 @@ def test_a_changed_config_keeps_the_previous_record(tmp_path):
     writer.close()
   assert json.load(open(tmp_path / "config.json"))["optim"]["peak_lr"] == 2e-3
   assert json.load(open(tmp_path / "config.1.json"))["optim"]["peak_lr"] == 1e-3
-  assert not (tmp_path / "config.2.json").exists()          # the same config twice is recorded once
+  assert not (tmp_path / "config.2.json").exists()  # the same config twice is recorded once
 
 
 def test_language_tags_are_bounded_with_group_aggregates():
@@ -74,7 +77,7 @@ def test_language_tags_are_bounded_with_group_aggregates():
   assert set(tags.groups["high"]) == set(by_size[:600]) and set(tags.groups["low"]) == set(by_size[1200:])
   loss_sum = {lang: float(rng.uniform(1, 5)) * 10 for lang in langs}
   count = {lang: 10.0 for lang in langs}
-  count[by_size[0]] = 0.0                                     # no masked token of it this step
+  count[by_size[0]] = 0.0  # no masked token of it this step
   out = tags.losses(loss_sum, count, prefix="train_lang", group_prefix="train_group")
   assert len(out) == 9 + 3
   assert f"train_lang/{by_size[0]}/loss" not in out
@@ -124,8 +127,9 @@ def test_wandb_writer_when_a_project_is_set(tmp_path, monkeypatch):
   fake.init = lambda **kw: calls.append(("init", kw)) or Run()
   monkeypatch.setitem(sys.modules, "wandb", fake)
   config = load_config("demo")
-  writer = metrics.MetricWriter(str(tmp_path), enabled=True, console=False,
-                                wandb=dict(config.wandb, project="mmbert", entity="team"))
+  writer = metrics.MetricWriter(
+    str(tmp_path), enabled=True, console=False, wandb=dict(config.wandb, project="mmbert", entity="team")
+  )
   writer.write_config(config)
   writer.write(5, {"train/loss": np.float32(2.5)})
   writer.close()
@@ -136,15 +140,15 @@ def test_wandb_writer_when_a_project_is_set(tmp_path, monkeypatch):
   again = metrics.MetricWriter(str(tmp_path), enabled=True, wandb={"project": "mmbert"})
   again.write_config(config)
   again.close()
-  assert calls[3][1]["id"] == init["id"]                      # the same workdir resumes the same W&B run
+  assert calls[3][1]["id"] == init["id"]  # the same workdir resumes the same W&B run
   off = metrics.MetricWriter(str(tmp_path / "off"), enabled=True, wandb=dict(config.wandb))
   off.write_config(config)
   off.close()
-  assert len([c for c in calls if c[0] == "init"]) == 2       # off by default: no project, no W&B
+  assert len([c for c in calls if c[0] == "init"]) == 2  # off by default: no project, no W&B
 
 
 def test_missing_wandb_is_one_actionable_error(tmp_path, monkeypatch):
-  monkeypatch.setitem(sys.modules, "wandb", None)             # import wandb raises ImportError
+  monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
   writer = metrics.MetricWriter(str(tmp_path), enabled=True, wandb={"project": "mmbert"})
   with pytest.raises(ImportError, match="pip install wandb"):
     writer.write_config(load_config("demo"))
@@ -156,30 +160,32 @@ def test_missing_wandb_is_one_actionable_error(tmp_path, monkeypatch):
 # locally and uploaded whole at flush points.
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _remote_steps(path):
   return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
 def test_a_bucket_workdir_gets_whole_files_at_flush_points(gcs_bucket, tmp_path, monkeypatch):
   import uuid
+
   from data_pipeline import filesystem as fs
+
   workdir = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/run")
   writer = metrics.MetricWriter(str(workdir), enabled=True, console=False)
   writer.write_config(load_config("demo"))
-  writer.write(1, {"train/loss": 3.0})            # the first log step is uploaded at once
-  writer.write(2, {"train/loss": 2.5})            # within UPLOAD_EVERY_S of it: staged only
+  writer.write(1, {"train/loss": 3.0})  # the first log step is uploaded at once
+  writer.write(2, {"train/loss": 2.5})  # within UPLOAD_EVERY_S of it: staged only
   assert _remote_steps(workdir / "metrics.jsonl") == [1]
   monkeypatch.setattr(metrics, "UPLOAD_EVERY_S", 0.0)
   writer.write(3, {"train/loss": 2.0})
   assert _remote_steps(workdir / "metrics.jsonl") == [1, 2, 3]
   writer.write_eval(3, {"all": {"loss": 2.0}})
-  writer.write_eval(5, {"all": {"loss": 1.5}})    # replaced whole with both lines: no append in a bucket
+  writer.write_eval(5, {"all": {"loss": 1.5}})  # replaced whole with both lines: no append in a bucket
   writer.close()
   assert _remote_steps(workdir / "eval.jsonl") == [3, 5]
   assert json.loads((workdir / "config.json").read_text())["phase"] == load_config("demo").phase
   fs.copy_tree(workdir / "tb", fs.path(str(tmp_path / "tb")))
-  scalars = [(e.step, v.simple_value) for e in _events(str(tmp_path)) for v in e.summary.value
-             if v.tag == "train/loss"]
+  scalars = [(e.step, v.simple_value) for e in _events(str(tmp_path)) for v in e.summary.value if v.tag == "train/loss"]
   assert scalars == [(1, 3.0), (2, 2.5), (3, 2.0)]
   assert not list(tmp_path.glob("gs:*"))
   # A restart (resume at step 2) downloads the records, drops the later steps and continues them.
@@ -189,7 +195,7 @@ def test_a_bucket_workdir_gets_whole_files_at_flush_points(gcs_bucket, tmp_path,
   again.close()
   assert _remote_steps(workdir / "metrics.jsonl") == [1, 2, 3]
   assert json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["train/loss"] == 1.9
-  assert len(list((workdir / "tb").iterdir())) == 2   # one event file per process, as on local disk
+  assert len(list((workdir / "tb").iterdir())) == 2  # one event file per process, as on local disk
 
 
 def test_a_failed_upload_is_one_line_naming_the_bucket_object(gcs_bucket):
@@ -198,4 +204,4 @@ def test_a_failed_upload_is_one_line_naming_the_bucket_object(gcs_bucket):
     writer.write(1, {"train/loss": 3.0})
   assert str(e.value).startswith("uploading metrics failed: ")
   assert str(e.value).endswith(" at gs://no-such-bucket/run/metrics.jsonl") and "\n" not in str(e.value)
-  writer.close()                                   # the run has already failed: warns, does not raise again
+  writer.close()  # the run has already failed: warns, does not raise again

@@ -1,21 +1,44 @@
 """Phase mixtures: p_l ∝ n_l^tau, budgets, pass caps, language resolution."""
+
 import dataclasses
 
 import numpy as np
 import pytest
-
 from conftest import load_config
+
 from data_pipeline import mixture
 from mmbert_jax import train
 
 # Token counts from mmBERT's published token counts per language (JHU-CLSP/mmBERT statistics): phase 1
 # ("pretrain", tau 0.7) and phase 2 ("ext", tau 0.5) budgets of languages present in both.
-PRETRAIN = {"rus": 115435806777, "deu": 87337285702, "spa": 89770162637, "jpn": 58625517493, "pol": 36514762641,
-            "tur": 24911024070, "hin": 9995437569, "tel": 2085498015, "mya": 1836717720, "swh": 1278170699,
-            "gle": 979857982, "xho": 189777311}
-EXT = {"rus": 30190326374, "deu": 24675202916, "spa": 25154848362, "jpn": 18619210075, "pol": 13208941209,
-       "tur": 10099775897, "hin": 5277666299, "tel": 1723380623, "mya": 1557739067, "swh": 1222882772,
-       "gle": 1018631715, "xho": 375091632}
+PRETRAIN = {
+  "rus": 115435806777,
+  "deu": 87337285702,
+  "spa": 89770162637,
+  "jpn": 58625517493,
+  "pol": 36514762641,
+  "tur": 24911024070,
+  "hin": 9995437569,
+  "tel": 2085498015,
+  "mya": 1836717720,
+  "swh": 1278170699,
+  "gle": 979857982,
+  "xho": 189777311,
+}
+EXT = {
+  "rus": 30190326374,
+  "deu": 24675202916,
+  "spa": 25154848362,
+  "jpn": 18619210075,
+  "pol": 13208941209,
+  "tur": 10099775897,
+  "hin": 5277666299,
+  "tel": 1723380623,
+  "mya": 1557739067,
+  "swh": 1222882772,
+  "gle": 1018631715,
+  "xho": 375091632,
+}
 LANGS = sorted(PRETRAIN)
 
 
@@ -26,7 +49,7 @@ def _slope(x, y):
 def test_formula_matches_numpy():
   n = np.array([1e3, 5e4, 2e6, 7e9])
   for tau in (0.0, 0.3, 0.5, 0.7, 1.0):
-    expected = n ** tau / np.sum(n ** tau)
+    expected = n**tau / np.sum(n**tau)
     np.testing.assert_allclose(mixture.temperature_weights(n, tau), expected, rtol=1e-12)
   m = mixture.compute_mixture({"a": 1e3, "b": 5e4, "c": 2e6}, mixture.PhaseSpec(None, tau=0.3))
   np.testing.assert_allclose(m.weights, np.array([1e3, 5e4, 2e6]) ** 0.3 / np.sum(np.array([1e3, 5e4, 2e6]) ** 0.3))
@@ -55,8 +78,9 @@ def test_reproduces_the_real_phase_1_mix_from_phase_2_counts():
 
 def test_budgets_are_fixed_and_the_rest_is_tau_mixed():
   counts = {"eng": 1e12, "code": 1e11, "deu": 4e10, "fao": 3e8, "tir": 1e8}
-  m = mixture.compute_mixture(counts, mixture.PhaseSpec(("deu", "fao", "tir"), tau=0.5,
-                                                        budgets={"eng": 0.3, "code": 0.05}))
+  m = mixture.compute_mixture(
+    counts, mixture.PhaseSpec(("deu", "fao", "tir"), tau=0.5, budgets={"eng": 0.3, "code": 0.05})
+  )
   w = dict(zip(m.languages, m.weights))
   assert set(m.languages) == set(counts) and w["eng"] == pytest.approx(0.3) and w["code"] == pytest.approx(0.05)
   rest = np.array([counts[l] for l in ("deu", "fao", "tir")]) ** 0.5
@@ -83,8 +107,9 @@ def test_pass_cap_water_filling():
 
 def test_pass_cap_that_cannot_be_met_is_an_error():
   with pytest.raises(ValueError, match="max_passes=1.0 allows only"):
-    mixture.compute_mixture({"a": 10.0, "b": 20.0}, mixture.PhaseSpec(None, tau=0.5, max_passes=1.0,
-                                                                       total_tokens=100.0))
+    mixture.compute_mixture(
+      {"a": 10.0, "b": 20.0}, mixture.PhaseSpec(None, tau=0.5, max_passes=1.0, total_tokens=100.0)
+    )
   with pytest.raises(ValueError, match="needs total_tokens"):
     mixture.PhaseSpec(None, tau=0.5, max_passes=2.0)
 
@@ -92,7 +117,7 @@ def test_pass_cap_that_cannot_be_met_is_an_error():
 def test_doc_weights_give_the_token_shares():
   m = mixture.compute_mixture({"a": (1000, 100), "b": (1000, 10), "c": (500, 50)}, mixture.PhaseSpec(None, 0.7))
   mean_len = m.tokens / m.sequences
-  tokens_drawn = m.doc_weights * mean_len          # expected tokens per document drawn
+  tokens_drawn = m.doc_weights * mean_len  # expected tokens per document drawn
   np.testing.assert_allclose(tokens_drawn / tokens_drawn.sum(), m.weights)
 
 
@@ -141,7 +166,7 @@ def _csv_sized(seed=0):
 def test_decay_configs_cap_passes_on_csv_sized_inputs(variant):
   c = load_config("decay", f"{variant},base")
   counts = _csv_sized()
-  if variant == "cont":    # the 110-language variant over the mid-training set: name 108 of the languages so
+  if variant == "cont":  # the 110-language variant over the mid-training set: name 108 of the languages so
     counts = dict(list(counts.items())[:108]) | {"eng_Latn": 1.5e12, "code": 3e11}
   cfg = train.pipeline_config(c, 32)
   assert cfg.max_passes == 5.0 and cfg.total_tokens == 100e9 and cfg.num_streams == 32
@@ -170,15 +195,29 @@ def test_english_by_source_and_code_budgets(phase):
   c = load_config(phase, "base")
   codes = mixture.language_set(c.data.languages)
   rng = np.random.default_rng(1)
+
   def entry(shards):
-    train = {"documents": 0, "sequences": sum(s["sequences"] for s in shards),
-             "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    train = {
+      "documents": 0,
+      "sequences": sum(s["sequences"] for s in shards),
+      "tokens": sum(s["tokens"] for s in shards),
+      "shards": shards,
+    }
     return {"train": train, "eval": {"documents": 0, "sequences": 0, "tokens": 0, "shards": []}}
+
   def shard(lang, source, tokens):
-    return {"path": f"{lang}/train/{source}-0.array_record", "sequences": int(tokens // 900), "tokens": int(tokens),
-            "source": source}
-  languages = {f"{l}_Latn": entry([shard(f"{l}_Latn", "fineweb2", t)])
-               for l, t in zip(codes, np.exp(rng.uniform(np.log(3e9), np.log(4e11), len(codes)))) if l != "eng"}
+    return {
+      "path": f"{lang}/train/{source}-0.array_record",
+      "sequences": int(tokens // 900),
+      "tokens": int(tokens),
+      "source": source,
+    }
+
+  languages = {
+    f"{l}_Latn": entry([shard(f"{l}_Latn", "fineweb2", t)])
+    for l, t in zip(codes, np.exp(rng.uniform(np.log(3e9), np.log(4e11), len(codes))))
+    if l != "eng"
+  }
   languages["eng"] = entry([shard("eng", "dclm", 4e12), shard("eng", "arxiv", 3e11), shard("eng", "books", 2e11)])
   languages["code"] = entry([shard("code", "starcoder", 2.5e11)])
   stats = {"languages": languages, "sources": {s: {} for s in ("fineweb2", "dclm", "arxiv", "books", "starcoder")}}
@@ -187,7 +226,7 @@ def test_english_by_source_and_code_budgets(phase):
   assert {s["source"] for s in comps["dclm"]} == {"dclm"} and {s["source"] for s in comps["eng"]} == {"arxiv", "books"}
   m = mixture.compute_mixture(mixture.counts_of(comps), cfg.phase)
   w = dict(zip(m.languages, m.weights))
-  english, code = {"pretrain": (0.3451, 0.0513), "midtrain": (0.1214, 0.0333)}[phase]   # mmBERT's token counts
+  english, code = {"pretrain": (0.3451, 0.0513), "midtrain": (0.1214, 0.0333)}[phase]  # mmBERT's token counts
   assert w["dclm"] + w["eng"] == pytest.approx(english, abs=1e-4) and w["code"] == pytest.approx(code)
   assert w["dclm"] == pytest.approx({"pretrain": 600.0 / 1989.0, "midtrain": 40.0 / 600.8}[phase], abs=1e-4)
   assert len(m.languages) == len(codes) + 2 and m.passes.max() <= 5.0 * (1 + 1e-9)

@@ -1,4 +1,5 @@
 """The chunked MLM cross-entropy equals the dense one (loss, hits, gradients) and holds less memory."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,9 +20,9 @@ def _batch(seed=0, rows=3, seq=40, k=12):
   seg[2, 25:] = 0
   mp = np.stack([rng.choice(seq, k, replace=False) for _ in range(rows)]).astype(np.int32)
   labels = np.take_along_axis(ids, mp, 1)
-  labels[0, :3] = [0, 1, VOCAB - 1]          # the first and the last vocabulary chunk
+  labels[0, :3] = [0, 1, VOCAB - 1]  # the first and the last vocabulary chunk
   weights = (np.take_along_axis(seg, mp, 1) > 0).astype(np.float32)
-  weights[1, -2:] = 0.0                      # padding slots: their labels must not count
+  weights[1, -2:] = 0.0  # padding slots: their labels must not count
   labels[1, -2:] = VOCAB - 2
   return ids, seg, mp, labels, weights
 
@@ -33,21 +34,23 @@ def _loss_and_grads(cfg, batch):
 
   def loss_fn(m):
     nll, hit = m.masked_lm_loss(ids, seg, None, mp, labels)
-    return (nll * weights).sum() / weights.sum(), (nll, hit)     # the train step's mean over masked slots
+    return (nll * weights).sum() / weights.sum(), (nll, hit)  # the train step's mean over masked slots
 
   (loss, (nll, hit)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   logits = model(ids, seg, masked_positions=mp)
   return float(loss), np.asarray(nll), np.asarray(hit), nnx.to_pure_dict(grads), np.asarray(logits, np.float64)
 
 
-@pytest.mark.parametrize("chunk", [128, 333, VOCAB])   # 8 chunks (last one padded), uneven, a single chunk
+@pytest.mark.parametrize("chunk", [128, 333, VOCAB])  # 8 chunks (last one padded), uneven, a single chunk
 def test_chunked_equals_dense_in_float32(chunk):
   batch = _batch()
   weights, labels = batch[4], batch[3]
-  loss_d, nll_d, hit_d, grads_d, logits = _loss_and_grads(get_config("tiny", vocab_size=VOCAB, loss_impl="dense"),
-                                                          batch)
+  loss_d, nll_d, hit_d, grads_d, logits = _loss_and_grads(
+    get_config("tiny", vocab_size=VOCAB, loss_impl="dense"), batch
+  )
   loss_c, nll_c, hit_c, grads_c, _ = _loss_and_grads(
-      get_config("tiny", vocab_size=VOCAB, loss_impl="chunked", loss_chunk_size=chunk), batch)
+    get_config("tiny", vocab_size=VOCAB, loss_impl="chunked", loss_chunk_size=chunk), batch
+  )
   # Independent reference: float64 log-softmax of the model's logits.
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   want = lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
@@ -62,8 +65,10 @@ def test_chunked_equals_dense_in_float32(chunk):
 
 def test_chunked_equals_dense_in_bfloat16():
   batch = _batch(1)
-  out = [_loss_and_grads(get_config("tiny", vocab_size=VOCAB, dtype="bfloat16", loss_impl=impl,
-                                    loss_chunk_size=256), batch) for impl in ("dense", "chunked")]
+  out = [
+    _loss_and_grads(get_config("tiny", vocab_size=VOCAB, dtype="bfloat16", loss_impl=impl, loss_chunk_size=256), batch)
+    for impl in ("dense", "chunked")
+  ]
   (loss_d, nll_d, hit_d, grads_d, _), (loss_c, nll_c, hit_c, grads_c, _) = out
   np.testing.assert_allclose(loss_c, loss_d, rtol=1e-2)
   np.testing.assert_allclose(nll_c, nll_d, rtol=2e-2, atol=2e-2)
@@ -95,26 +100,38 @@ def test_bad_loss_config_errors():
 
 def _train_step_temporaries(loss_impl: str) -> int:
   cfg = get_config("tiny", vocab_size=4096, loss_impl=loss_impl, loss_chunk_size=512)
-  config = ml_collections.ConfigDict(dict(optim=dict(name="stable_adamw", peak_lr=1e-3, weight_decay=0.0,
-                                                     b1=0.9, b2=0.95, eps=1e-8)))
+  config = ml_collections.ConfigDict(
+    dict(optim=dict(name="stable_adamw", peak_lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8))
+  )
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   model = train.model_graph(cfg, mesh)
   tx = train.optimizer(config)
   shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
   opt = jax.eval_shape(tx.init, model.abstract_params)
-  step = train.make_train_step(model, tx, mesh, num_languages=2, seed=0, param_shardings=shardings,
-                               opt_shardings=jax.tree.map(lambda _: sharding.replicated(mesh), opt))
+  step = train.make_train_step(
+    model,
+    tx,
+    mesh,
+    num_languages=2,
+    seed=0,
+    param_shardings=shardings,
+    opt_shardings=jax.tree.map(lambda _: sharding.replicated(mesh), opt),
+  )
   rows, seq, k = 8, 64, 32
-  batch = {key: jax.ShapeDtypeStruct((1, rows, k if key.startswith("masked") else seq),
-                                     jnp.float32 if key == "masked_weights" else jnp.int32)
-           for key in data_lib.BATCH_KEYS}
+  batch = {
+    key: jax.ShapeDtypeStruct(
+      (1, rows, k if key.startswith("masked") else seq), jnp.float32 if key == "masked_weights" else jnp.int32
+    )
+    for key in data_lib.BATCH_KEYS
+  }
   with jax.set_mesh(mesh):
-    compiled = step.lower(model.abstract_params, opt, batch, jax.ShapeDtypeStruct((), jnp.float32),
-                          jax.ShapeDtypeStruct((), jnp.int32)).compile()
+    compiled = step.lower(
+      model.abstract_params, opt, batch, jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
+    ).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_chunked_train_step_needs_fewer_temporaries():
   dense, chunked = _train_step_temporaries("dense"), _train_step_temporaries("chunked")
-  logits_bytes = 8 * 32 * 4096 * 4     # one float32 copy of the dense logits
+  logits_bytes = 8 * 32 * 4096 * 4  # one float32 copy of the dense logits
   assert chunked < dense - logits_bytes, (dense, chunked)

@@ -1,4 +1,5 @@
 """The NNX encoder: shapes, parameter counts, sparse head, padding safety, init statistics."""
+
 import math
 
 import jax
@@ -124,7 +125,7 @@ def test_scanned_layers_equal_unrolled(remat):
     outputs.append((logits, nnx.to_pure_dict(grads)))
   (logits_u, grads_u), (logits_s, grads_s) = outputs
   np.testing.assert_allclose(logits_s, logits_u, atol=1e-6)
-  assert grads_s.keys() == grads_u.keys() and len(grads_s["layers"]) == 8   # the per-layer layout is unchanged
+  assert grads_s.keys() == grads_u.keys() and len(grads_s["layers"]) == 8  # the per-layer layout is unchanged
   for a, b in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads_s)):
     np.testing.assert_allclose(b, a, atol=1e-6)
 

@@ -1,4 +1,5 @@
 """StableAdamW and AdamW against a float64 NumPy transcription of docs/RECIPE.md §3.4."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +11,9 @@ from mmbert_jax import optim, schedules
 from mmbert_jax.model import MaskedLM, get_config
 
 PEAK_LR, WD, B1, B2, EPS = 1e-3, 0.05, 0.9, 0.95, 1e-8
-SPIKE_STEP = 5                                 # 1-based step whose gradient is 10× larger
+SPIKE_STEP = 5  # 1-based step whose gradient is 10× larger
 WARMUP_TOKENS = 1000.0
-TOKENS_PER_STEP = [100, 200, 300, 400, 400, 400, 400]   # grows as under batch-size warmup
+TOKENS_PER_STEP = [100, 200, 300, 400, 400, 400, 400]  # grows as under batch-size warmup
 DECAYED = {"dense": {"kernel": True}, "norm": {"scale": False}, "head": {"bias": False}}
 
 
@@ -23,15 +24,15 @@ def reference(params, grads, lrs, *, clip=True):
   v = {k: {n: np.zeros_like(x) for n, x in d.items()} for k, d in p.items()}
   history, clipped, rms_all = [], [], []
   for t, (g_t, lr) in enumerate(zip(grads, lrs), start=1):
-    b1h = (B1 ** t - B1) / (B1 ** t - 1)
-    b2h = (B2 ** t - B2) / (B2 ** t - 1)
+    b1h = (B1**t - B1) / (B1**t - 1)
+    b2h = (B2**t - B2) / (B2**t - 1)
     n_clipped, rms_t = 0, []
     for k in p:
       for n in p[k]:
         g = np.asarray(g_t[k][n], np.float64)
-        m[k][n] = m[k][n] + (1 - b1h) * (g - m[k][n])           # lerp(m, g, 1 − b1h)
+        m[k][n] = m[k][n] + (1 - b1h) * (g - m[k][n])  # lerp(m, g, 1 − b1h)
         v[k][n] = b2h * v[k][n] + (1 - b2h) * g * g
-        rms = np.sqrt(np.mean(g * g / np.maximum(v[k][n], EPS ** 2)))
+        rms = np.sqrt(np.mean(g * g / np.maximum(v[k][n], EPS**2)))
         lr_eff = lr / max(1.0, rms) if clip else lr
         if DECAYED[k][n]:
           p[k][n] *= 1 - (lr_eff / PEAK_LR) * WD
@@ -46,16 +47,21 @@ def reference(params, grads, lrs, *, clip=True):
 
 def make_problem():
   rng = np.random.default_rng(0)
-  params = {"dense": {"kernel": rng.normal(size=(6, 5))},
-            "norm": {"scale": 1 + 0.1 * rng.normal(size=(5,))},
-            "head": {"bias": 0.1 * rng.normal(size=(5,))}}
+  params = {
+    "dense": {"kernel": rng.normal(size=(6, 5))},
+    "norm": {"scale": 1 + 0.1 * rng.normal(size=(5,))},
+    "head": {"bias": 0.1 * rng.normal(size=(5,))},
+  }
   # Shrinking gradients keep rms clearly below 1 except at the 10× spike; the bias gradient is so small that
   # v stays under eps², which exercises the max(v, eps²) floor.
-  base = {"dense": {"kernel": rng.normal(size=(6, 5))}, "norm": {"scale": rng.normal(size=(5,))},
-          "head": {"bias": 1e-10 * rng.normal(size=(5,))}}
+  base = {
+    "dense": {"kernel": rng.normal(size=(6, 5))},
+    "norm": {"scale": rng.normal(size=(5,))},
+    "head": {"bias": 1e-10 * rng.normal(size=(5,))},
+  }
   grads = []
   for t in range(1, len(TOKENS_PER_STEP) + 1):
-    scale = 0.8 ** t * (10.0 if t == SPIKE_STEP else 1.0)
+    scale = 0.8**t * (10.0 if t == SPIKE_STEP else 1.0)
     grads.append(jax.tree.map(lambda b: b * scale * (1 + 0.05 * rng.normal(size=b.shape)), base))
   return params, grads
 
@@ -141,8 +147,7 @@ def test_decay_only_on_matrices(name):
   state = optim.with_learning_rate(tx.init(params), lr)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   new = optax.apply_updates(params, updates)
-  np.testing.assert_allclose(new["dense"]["kernel"], params["dense"]["kernel"] * (1 - lr / PEAK_LR * WD),
-                             rtol=1e-6)
+  np.testing.assert_allclose(new["dense"]["kernel"], params["dense"]["kernel"] * (1 - lr / PEAK_LR * WD), rtol=1e-6)
   np.testing.assert_array_equal(new["norm"]["scale"], params["norm"]["scale"])
   np.testing.assert_array_equal(new["head"]["bias"], params["head"]["bias"])
 

@@ -1,4 +1,5 @@
 """Packing: whole documents per segment, positions restart, no document lost or duplicated, language ids."""
+
 import json
 
 import grain
@@ -14,7 +15,7 @@ def _docs(n=300, seed=0):
   rng = np.random.default_rng(seed)
   docs = []
   for d in range(n):
-    length = int(rng.integers(1, 3 * S))       # some longer than a row
+    length = int(rng.integers(1, 3 * S))  # some longer than a row
     # Token = 1000·(document + 1) + offset: identifies the document and the position in it.
     docs.append({"tokens": (1000 * (d + 1) + np.arange(length)).astype(np.int32), "lang": d % 5})
   return docs
@@ -29,6 +30,7 @@ def _streaming(docs, kind, bins):
     if k >= len(docs):
       raise _End
     return docs[k]
+
   packer = packing.StreamingPacker(document, S, num_bins=bins, packing=kind)
   rows = []
   try:
@@ -99,7 +101,7 @@ def test_streaming_packer_state_round_trip(kind):
   docs = _docs(400, seed=5)
   packer = packing.StreamingPacker(docs.__getitem__, S, num_bins=8, packing=kind)
   [next(packer) for _ in range(20)]
-  while not packer.get_state()["closed"]:     # a state with closed rows waiting as well as open ones
+  while not packer.get_state()["closed"]:  # a state with closed rows waiting as well as open ones
     next(packer)
   state = json.loads(json.dumps(packer.get_state()))
   expected = [next(packer) for _ in range(40)]

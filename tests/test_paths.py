@@ -3,12 +3,11 @@ works wherever a local one does: read from the source, no module but that one ca
 (`os.path.*`, builtin `open`, `os.makedirs`, `glob`, `shutil`, ...). A call that must stay local (a library that only
 opens local files, a local temporary folder) says why in a `# local-only: <reason>` comment on its line or the line
 above."""
+
 import ast
-import pathlib
 import re
 
 import pytest
-
 from conftest import ROOT
 
 PACKAGES = ("mmbert_jax", "data_pipeline")
@@ -19,7 +18,7 @@ MARKER = re.compile(r"#\s*local-only:\s*\S")
 
 
 def _dotted(node: ast.AST) -> str | None:
-  """"os.path.join" for the expression os.path.join; None for anything but a chain of names."""
+  """ "os.path.join" for the expression os.path.join; None for anything but a chain of names."""
   parts = []
   while isinstance(node, ast.Attribute):
     parts.append(node.attr)
@@ -62,26 +61,29 @@ def _sources():
       yield path.relative_to(ROOT).as_posix(), path
 
 
-@pytest.mark.parametrize("source, expected", [
+@pytest.mark.parametrize(
+  "source, expected",
+  [
     ("import os\nos.path.join('a', 'b')\n", [(2, "os.path")]),
     ("from os.path import join\n", [(1, "from os.path import")]),
     ("f = open('x')\n", [(1, "open(")]),
     ("import os\nos.makedirs('d')\nos.replace('a', 'b')\n", [(2, "os.makedirs"), (3, "os.replace")]),
     ("import glob, shutil\nglob.glob('*')\nshutil.copy('a', 'b')\n", [(2, "glob.glob"), (3, "shutil.copy")]),
     ("import pathlib\npathlib.Path('x')\n", [(2, "pathlib.Path")]),
-    ("p.open('w')\nos.fspath(p)\nos.environ.get('X')\n", []),                   # epath's open, not the builtin
+    ("p.open('w')\nos.fspath(p)\nos.environ.get('X')\n", []),  # epath's open, not the builtin
     ("open('x')  # local-only: sentencepiece reads local files\n", []),
     ("# local-only: a local temporary folder\nshutil.rmtree(d)\n", []),
-    ("open('x')  # local-only:\n", [(1, "open(")]),                             # a marker must give its reason
-])
+    ("open('x')  # local-only:\n", [(1, "open(")]),  # a marker must give its reason
+  ],
+)
 def test_the_check_finds_local_file_calls(source, expected):
   assert violations(source) == expected
 
 
 def test_every_path_goes_through_the_filesystem_layer():
-  found = {name: violations(path.read_text()) for name, path in _sources()
-           if name != LAYER}
+  found = {name: violations(path.read_text()) for name, path in _sources() if name != LAYER}
   found = {name: v for name, v in found.items() if v}
-  assert not found, "local-only file calls outside data_pipeline/filesystem.py (use `fs`/epath, or mark them " \
-      "`# local-only: <reason>`): " + "; ".join(f"{n}:{line} {what}" for n, v in found.items() for line, what in v)
-
+  assert not found, (
+    "local-only file calls outside data_pipeline/filesystem.py (use `fs`/epath, or mark them "
+    "`# local-only: <reason>`): " + "; ".join(f"{n}:{line} {what}" for n, v in found.items() for line, what in v)
+  )

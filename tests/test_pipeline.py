@@ -1,4 +1,5 @@
 """The training iterator: batch format, mixture, packing, masking, state, process-count independence, eval."""
+
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import pytest
 from data_pipeline import checkpoint, masking, pipeline, prepare
 
 LANGS = ("aaa_Latn", "bbb_Latn", "ccc_Cyrl")
-DOCS = {"aaa_Latn": (240, 30), "bbb_Latn": (90, 70), "ccc_Cyrl": (40, 12)}   # documents, tokens each
+DOCS = {"aaa_Latn": (240, 30), "bbb_Latn": (90, 70), "ccc_Cyrl": (40, 12)}  # documents, tokens each
 SPECIAL = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
 VOCAB = 4_000_000
 
@@ -33,8 +34,18 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, **kw):
-  return pipeline.PipelineConfig(**{"data_dir": data_dir, "seq_len": 64, "batch_size": 8, "mask_rate": 0.3,
-                                    "tau": 0.5, "prefetch": 0, "mix_block": 256, **kw})
+  return pipeline.PipelineConfig(
+    **{
+      "data_dir": data_dir,
+      "seq_len": 64,
+      "batch_size": 8,
+      "mask_rate": 0.3,
+      "tau": 0.5,
+      "prefetch": 0,
+      "mix_block": 256,
+      **kw,
+    }
+  )
 
 
 def _take(it, n):
@@ -73,15 +84,15 @@ def test_batch_format_and_contents(data_dir):
     seg, pos, lang = batch["segment_ids"], batch["positions"], batch["lang_ids"]
     orig = _originals(batch)
     w = batch["masked_weights"] > 0
-    assert np.all(np.take_along_axis(seg, batch["masked_positions"], 1)[w] > 0)      # never padding
+    assert np.all(np.take_along_axis(seg, batch["masked_positions"], 1)[w] > 0)  # never padding
     assert np.all((lang == -1) == (seg == 0)) and np.all(orig[seg == 0] == 0)
     for r in range(8):
       for j in range(1, seg[r].max() + 1):
         t, p, l = orig[r][seg[r] == j], pos[r][seg[r] == j], lang[r][seg[r] == j]
-        assert np.array_equal(p, np.arange(len(t)))                                   # positions restart
+        assert np.array_equal(p, np.arange(len(t)))  # positions restart
         text = t[t > 4]
-        assert len({_decode(x) for x in text}) == 1                                  # one document per segment
-        assert np.all(l == _decode(text[0])[0])                                       # its language
+        assert len({_decode(x) for x in text}) == 1  # one document per segment
+        assert np.all(l == _decode(text[0])[0])  # its language
   it.close()
 
 
@@ -97,9 +108,9 @@ def test_empirical_mixture_matches_the_weights(data_dir):
     for row in stream._packer.held_rows():
       held += np.bincount(row["lang_ids"][row["lang_ids"] >= 0], minlength=3)
   it.close()
-  n = np.array([c * (t + 2) for c, t in (DOCS[l] for l in LANGS)], float)   # train tokens incl. <bos>/<eos>
-  n -= [6 * (t + 2) for _, t in (DOCS[l] for l in LANGS)]                      # 6 eval documents each
-  p = n ** 0.3 / np.sum(n ** 0.3)
+  n = np.array([c * (t + 2) for c, t in (DOCS[l] for l in LANGS)], float)  # train tokens incl. <bos>/<eos>
+  n -= [6 * (t + 2) for _, t in (DOCS[l] for l in LANGS)]  # 6 eval documents each
+  p = n**0.3 / np.sum(n**0.3)
   np.testing.assert_allclose(it.mixture.weights, p, rtol=1e-9)
   read = counts + held
   np.testing.assert_allclose(read / read.sum(), p, atol=0.015)
@@ -118,7 +129,7 @@ def test_save_restore_mid_stream(data_dir, prefetch):
   fresh = pipeline.make_train_iterator(cfg, 0, 1)
   fresh.set_state(state)
   _same(_take(fresh, 4), expected)
-  fresh.set_state(state)                      # again, on a running iterator
+  fresh.set_state(state)  # again, on a running iterator
   _same(_take(fresh, 4), expected)
   fresh.close()
 
@@ -175,7 +186,7 @@ def test_batch_size_change_keeps_the_global_row_order(data_dir):
   got = [{k: np.concatenate([h[j][k] for h in halves]) for k in expected[0]} for j in range(4)]
   for t in range(2):
     for k in expected[0]:
-      pair = np.stack([got[2 * t][k], got[2 * t + 1][k]], axis=1)        # [stream, j, ...]
+      pair = np.stack([got[2 * t][k], got[2 * t + 1][k]], axis=1)  # [stream, j, ...]
       np.testing.assert_array_equal(pair.reshape(expected[t][k].shape), expected[t][k], err_msg=k)
   # Back to 8 rows from the 4-row iterators' merged state (rows 10 of each stream given).
   merged = checkpoint.merge_states([it.get_state() for it in small])
@@ -195,7 +206,7 @@ def test_worker_processes_do_not_change_the_batches(data_dir):
     state = it.get_state()
     got += _take(it, 3)
     _same(got, expected)
-    it.set_state(state)                        # restore under workers: restarts them from the state
+    it.set_state(state)  # restore under workers: restarts them from the state
     _same(_take(it, 3), expected[3:])
   finally:
     it.close()
@@ -265,13 +276,19 @@ def test_bad_inputs(data_dir, tmp_path):
   shard = os.path.join(bad, "bbb_Latn", "train", "pretokenized-bbb_Latn.array_record")
   # Shards are opened when first read (not at start-up): a shard of another length, then a truncated one.
   shutil.copy(os.path.join(bad, "ccc_Cyrl", "train", "pretokenized-ccc_Cyrl.array_record"), shard)
-  with pytest.raises(ValueError, match=r"shard .*bbb_Latn.array_record is corrupt or truncated: stats.json lists "
-                                       r"84 records, the file holds 34"):
+  with pytest.raises(
+    ValueError,
+    match=r"shard .*bbb_Latn.array_record is corrupt or truncated: stats.json lists "
+    r"84 records, the file holds 34",
+  ):
     _take(pipeline.make_train_iterator(_cfg(bad), 0, 1), 3)
   with open(shard, "r+b") as f:
     f.truncate(os.path.getsize(shard) // 2)
-  with pytest.raises(ValueError, match=r"bbb_Latn.array_record (is corrupt or truncated: stats.json lists 84 records, "
-                                       r"the file holds 0|: cannot open the shard)"):
+  with pytest.raises(
+    ValueError,
+    match=r"bbb_Latn.array_record (is corrupt or truncated: stats.json lists 84 records, "
+    r"the file holds 0|: cannot open the shard)",
+  ):
     _take(pipeline.make_train_iterator(_cfg(bad), 0, 1), 3)
   os.remove(shard)
   with pytest.raises(FileNotFoundError, match="listed in stats.json is missing"):
@@ -301,7 +318,7 @@ def test_every_batch_reads_and_packs_about_the_same(web_dir, streams):
   rows' worth on the eighth): p99 ≤ 3 × median over 6 × 8 batches."""
   cfg = _cfg(web_dir, seq_len=256, batch_size=streams, num_streams=streams, packing_bins=8)
   it = pipeline.make_train_iterator(cfg, 0, 1)
-  _take(it, 8)                                   # start-up: every open row filled
+  _take(it, 8)  # start-up: every open row filled
   read = []
   for _ in range(6 * 8):
     reads = pipeline.READERS.reads
@@ -332,16 +349,30 @@ def test_1834_languages_under_ulimit_1024(tmp_path):
   open at once, yet the process and its workers hold at most 256 descriptors, under `ulimit -n 1024`."""
   import subprocess
   import sys
+
   rng = np.random.default_rng(0)
-  docs = {f"l{i:04d}_Latn": [rng.integers(5, 1000, rng.integers(4, 12)).tolist() for _ in range(3)]
-          for i in range(1834)}
+  docs = {
+    f"l{i:04d}_Latn": [rng.integers(5, 1000, rng.integers(4, 12)).tolist() for _ in range(3)] for i in range(1834)
+  }
   info = {"path": "synthetic", "vocab_size": 1000, "special_ids": SPECIAL}
   prepare.write_pretokenized(str(tmp_path), docs, info, prepare.Settings("", max_len=64, eval_documents=0))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for workers in (0, 2):
-    out = subprocess.run(["bash", "-c", 'ulimit -n 1024 && exec "$0" -c "$1" "$2" "$3"', sys.executable,
-                          _FILES_SCRIPT, str(tmp_path), str(workers)], cwd=root, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+      [
+        "bash",
+        "-c",
+        'ulimit -n 1024 && exec "$0" -c "$1" "$2" "$3"',
+        sys.executable,
+        _FILES_SCRIPT,
+        str(tmp_path),
+        str(workers),
+      ],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.splitlines()[-1])
     assert got["limit"] == 1024 and got["languages"] > 600 and got["files"] <= 256, got
@@ -349,15 +380,16 @@ def test_1834_languages_under_ulimit_1024(tmp_path):
 
 def test_reader_cache_keeps_the_most_recent_files_open(data_dir):
   stats = json.load(open(os.path.join(data_dir, "stats.json")))
-  shards = [(os.path.join(data_dir, s["path"]), s["sequences"]) for l in LANGS
-            for s in stats["languages"][l]["train"]["shards"]]
+  shards = [
+    (os.path.join(data_dir, s["path"]), s["sequences"]) for l in LANGS for s in stats["languages"][l]["train"]["shards"]
+  ]
   cache = pipeline._ReaderCache(capacity=2)
   fds = lambda: len(os.listdir("/proc/self/fd"))
   before = fds()
   for path, n in shards + shards[:1]:
     record = np.frombuffer(cache.read(path, n, n - 1), np.int32)
-    assert record[0] == 2 and record[-1] == 1                      # <bos> … <eos>
-  assert cache.opened == 4 and fds() == before + 2                 # the first was closed, then opened again
+    assert record[0] == 2 and record[-1] == 1  # <bos> … <eos>
+  assert cache.opened == 4 and fds() == before + 2  # the first was closed, then opened again
   cache.read(*shards[0], 0)
   assert cache.opened == 4
   cache.close_all()
@@ -368,11 +400,14 @@ def test_reader_cache_keeps_the_most_recent_files_open(data_dir):
 # Data in a bucket, and reads that overlap
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def test_data_dir_in_a_bucket_gives_the_same_batches(data_dir, gcs_bucket, tmp_path, monkeypatch):
   """The same corpus in a bucket: the same training and eval batches, read from local copies of only the phase's
   languages, made before the first batch."""
   import uuid
+
   from data_pipeline import filesystem as fs
+
   remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/data")
   fs.copy_tree(fs.path(data_dir), remote)
   monkeypatch.setenv("MMBERT_JAX_CACHE", str(tmp_path / "cache"))
@@ -380,8 +415,11 @@ def test_data_dir_in_a_bucket_gives_the_same_batches(data_dir, gcs_bucket, tmp_p
   local_cfg = _cfg(data_dir, languages=langs)
   remote_cfg = _cfg(os.fspath(remote), languages=langs)
   it = pipeline.make_train_iterator(remote_cfg, 0, 1)
-  copied = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "cache") for d, _, files in
-                  os.walk(tmp_path / "cache") for f in files)
+  copied = sorted(
+    os.path.relpath(os.path.join(d, f), tmp_path / "cache")
+    for d, _, files in os.walk(tmp_path / "cache")
+    for f in files
+  )
   stats = json.load(open(os.path.join(data_dir, "stats.json")))
   shards = sorted(s["path"] for l in langs for s in stats["languages"][l]["train"]["shards"])
   # <cache>/gs/<bucket>/<prefix>/<shard path>.<version key>: every train shard of the two languages, nothing else
@@ -405,10 +443,12 @@ def test_data_dir_in_a_bucket_gives_the_same_batches(data_dir, gcs_bucket, tmp_p
 class _SlowReader:
   """An ArrayRecordReader that sleeps in every read and counts the reads in progress at once (independently of
   the pipeline's own counters)."""
+
   lock, now, most, delay = None, 0, 0, 0.02
 
   def __init__(self, *args, **kwargs):
     from array_record.python.array_record_module import ArrayRecordReader
+
     self._reader = ArrayRecordReader(*args, **kwargs)
 
   def read(self, indices):
@@ -418,6 +458,7 @@ class _SlowReader:
       cls.most = max(cls.most, cls.now)
     try:
       import time
+
       time.sleep(cls.delay)
       return self._reader.read(indices)
     finally:
@@ -436,6 +477,7 @@ def test_reads_overlap_and_change_no_batch(data_dir, monkeypatch, threads):
   """Slow reads (20 ms each): with read threads, several are in progress at once (serial reads never overlap,
   however loaded the machine), and the batches, also after a restore, are those of plain serial reads."""
   import threading
+
   expected = _take(pipeline.make_train_iterator(_cfg(data_dir, read_threads=0), 0, 1), 6)
   monkeypatch.setattr(_SlowReader, "lock", threading.Lock())
   monkeypatch.setattr(_SlowReader, "most", 0)
@@ -471,9 +513,11 @@ def test_reader_evicted_while_another_thread_reads_it(data_dir):
   """A cache of one reader shared by threads reading different shards: a reader in use is closed only when its
   read ends, so every record comes back whole."""
   import concurrent.futures
+
   stats = json.load(open(os.path.join(data_dir, "stats.json")))
-  shards = [(os.path.join(data_dir, s["path"]), s["sequences"]) for l in LANGS
-            for s in stats["languages"][l]["train"]["shards"]]
+  shards = [
+    (os.path.join(data_dir, s["path"]), s["sequences"]) for l in LANGS for s in stats["languages"][l]["train"]["shards"]
+  ]
   cache = pipeline._ReaderCache(capacity=1)
   cache.latency_s = 0.005
   jobs = [(path, n, i) for path, n in shards for i in range(n)] * 2
@@ -482,6 +526,6 @@ def test_reader_evicted_while_another_thread_reads_it(data_dir):
   serial = pipeline._ReaderCache(capacity=8)
   for job, record in zip(jobs, records):
     np.testing.assert_array_equal(record, np.frombuffer(serial.read(*job), np.int32), err_msg=str(job))
-  assert cache.max_in_flight > 1 and cache.opened > len(shards)       # readers were closed and opened again
+  assert cache.max_in_flight > 1 and cache.opened > len(shards)  # readers were closed and opened again
   serial.close_all()
   cache.close_all()

@@ -1,12 +1,13 @@
 """Pre-flight checks: each bad start is one ConfigError line naming the key and the fix, and touches nothing."""
+
 import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
-
 from conftest import load_config, tiny_config
+
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, preflight
 from mmbert_jax.model import get_config
@@ -17,6 +18,7 @@ def data_dir(tmp_path):
   """A stats.json (the part the mixture reads) with FineWeb2-style names for mmBERT's mid-training languages and
   the tiny test config's languages: the recipe configs' language sets and budgets fit it."""
   from data_pipeline import mixture
+
   names = [f"{code}_Latn" for code in mixture.MMBERT_PRETRAIN + mixture.MMBERT_MID_ADDED]
   names += ["en", "de", "fr", "ru", "zh", "sw", "code"]
   d = tmp_path / "data"
@@ -28,9 +30,13 @@ def data_dir(tmp_path):
   # Recipe-sized counts (the configs cap passes at 5 over 100B+ tokens); English also has a DCLM source.
   shards = {name: [shard(name, "fineweb2", 10**12 * (i + 1))] for i, name in enumerate(names)}
   shards["eng_Latn"].append(shard("eng_Latn", "dclm", 10**13))
-  stats = {"languages": {name: {"train": {"tokens": sum(s["tokens"] for s in parts), "sequences": 10 * len(parts),
-                                          "shards": parts}} for name, parts in shards.items()},
-           "sources": {"fineweb2": {"languages": names}, "dclm": {"languages": ["eng_Latn"]}}}
+  stats = {
+    "languages": {
+      name: {"train": {"tokens": sum(s["tokens"] for s in parts), "sequences": 10 * len(parts), "shards": parts}}
+      for name, parts in shards.items()
+    },
+    "sources": {"fineweb2": {"languages": names}, "dclm": {"languages": ["eng_Latn"]}},
+  }
   (d / "stats.json").write_text(json.dumps(stats))
   return str(d)
 
@@ -53,14 +59,23 @@ def _fails(config, workdir, *needles):
 
 def _checkpoint(workdir, phase, preset="tiny", **model):
   cfg = get_config(preset, **model)
-  ckpt_lib.save_params(workdir, 4, {"w": np.zeros(3, np.float32)},
-                       {"phase": phase, "step": 4, "tokens": 1, "model_config": dataclasses.asdict(cfg)})
+  ckpt_lib.save_params(
+    workdir,
+    4,
+    {"w": np.zeros(3, np.float32)},
+    {"phase": phase, "step": 4, "tokens": 1, "model_config": dataclasses.asdict(cfg)},
+  )
 
 
 def test_data_dir_missing_empty_or_unprepared(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  _fails(tiny_config(""), workdir, "config.data.data_dir is empty", "--config.data.data_dir=",
-         "python -m data_pipeline.prepare")
+  _fails(
+    tiny_config(""),
+    workdir,
+    "config.data.data_dir is empty",
+    "--config.data.data_dir=",
+    "python -m data_pipeline.prepare",
+  )
   _fails(tiny_config(str(tmp_path / "nowhere")), workdir, f"config.data.data_dir={tmp_path / 'nowhere'} does not exist")
   empty = tmp_path / "half_prepared"
   empty.mkdir()
@@ -71,15 +86,22 @@ def test_data_dir_missing_empty_or_unprepared(tmp_path, data_dir):
 
 def test_languages_that_do_not_fit_the_data(tmp_path, demo_data):
   workdir = str(tmp_path / "run")
-  _fails(tiny_config(demo_data, **{"data.languages": "en,xx"}), workdir, "config.data (languages=en,xx",
-         "phase languages not in the data: xx")
+  _fails(
+    tiny_config(demo_data, **{"data.languages": "en,xx"}),
+    workdir,
+    "config.data (languages=en,xx",
+    "phase languages not in the data: xx",
+  )
   _fails(tiny_config(demo_data, **{"data.eval_languages": "en,qq"}), workdir, "eval_languages=en,qq", "qq")
-  c = load_config("decay", "all,small")        # budgets for "eng" and "code": the demo data has "en" and no code
+  c = load_config("decay", "all,small")  # budgets for "eng" and "code": the demo data has "en" and no code
   c.data.data_dir, c.init_from = demo_data, ""
   c.allow_random_init = True
   _fails(c, workdir, f"budgets={dict(c.data.budgets)}", "not in the data: code, eng")
-  _fails(tiny_config(demo_data, **{"model.vocab_size": 512}), workdir,     # the demo tokenizer has 1000 pieces
-         "tokenized with 1000 pieces but the model has vocab_size=512")
+  _fails(
+    tiny_config(demo_data, **{"model.vocab_size": 512}),
+    workdir,  # the demo tokenizer has 1000 pieces
+    "tokenized with 1000 pieces but the model has vocab_size=512",
+  )
 
 
 @pytest.mark.parametrize("config", ["midtrain", "decay"])
@@ -88,8 +110,14 @@ def test_later_phases_need_init_from(tmp_path, data_dir, config):
   c.data.data_dir = data_dir
   previous = {"midtrain": "pretrain", "decay": "midtrain"}[config]
   workdir = str(tmp_path / "run")
-  _fails(c, workdir, "config.init_from is empty", f"continues from the {previous} checkpoint",
-         "--config.init_from=", "--config.allow_random_init=True")
+  _fails(
+    c,
+    workdir,
+    "config.init_from is empty",
+    f"continues from the {previous} checkpoint",
+    "--config.init_from=",
+    "--config.allow_random_init=True",
+  )
   c.allow_random_init = True
   preflight.check(c, workdir)
   c.allow_random_init = False
@@ -100,17 +128,21 @@ def test_later_phases_need_init_from(tmp_path, data_dir, config):
   preflight.check(c, workdir)
   pretrain = load_config("pretrain")
   pretrain.data.data_dir = data_dir
-  preflight.check(pretrain, workdir)                          # the first phase starts from random weights
+  preflight.check(pretrain, workdir)  # the first phase starts from random weights
 
 
 def test_workdir_of_another_phase_or_model_size(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   _checkpoint(workdir, "pretrain", vocab_size=1000)
   c = tiny_config(data_dir)
-  preflight.check(c, workdir)                                 # resuming the same phase and model is fine
-  c.phase = "midtrain"                                        # resuming needs no init_from
-  _fails(c, workdir, f"--workdir={workdir} holds checkpoints of phase pretrain (step 4), not midtrain",
-         f"--config.init_from={workdir}")
+  preflight.check(c, workdir)  # resuming the same phase and model is fine
+  c.phase = "midtrain"  # resuming needs no init_from
+  _fails(
+    c,
+    workdir,
+    f"--workdir={workdir} holds checkpoints of phase pretrain (step 4), not midtrain",
+    f"--config.init_from={workdir}",
+  )
   c = tiny_config(data_dir, **{"model.num_layers": 6})
   _fails(c, workdir, "another model size", "num_layers=4", "num_layers=6", "--workdir")
   c = load_config("pretrain", "small")
@@ -120,7 +152,7 @@ def test_workdir_of_another_phase_or_model_size(tmp_path, data_dir):
 
 def test_curricula_are_checked_phase_by_phase(tmp_path, data_dir):
   demo = load_config("demo")
-  preflight.check(demo, str(tmp_path / "fresh"))              # builds its own data; init_from are its own phases
+  preflight.check(demo, str(tmp_path / "fresh"))  # builds its own data; init_from are its own phases
   _checkpoint(str(tmp_path / "demo" / "midtrain"), "pretrain")
   _fails(demo, str(tmp_path / "demo"), "holds checkpoints of phase pretrain", "not midtrain")
   _checkpoint(str(tmp_path / "single"), "pretrain")

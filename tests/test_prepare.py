@@ -1,4 +1,5 @@
 """prepare: each input format into shards + stats.json, eval split, resumability, errors."""
+
 import gzip
 import json
 import os
@@ -10,18 +11,21 @@ import pytest
 import sentencepiece as spm
 from array_record.python.array_record_module import ArrayRecordReader
 
-from data_pipeline import prepare, tokenizer as tokenizer_lib
+from data_pipeline import prepare
+from data_pipeline import tokenizer as tokenizer_lib
 
 MAX_LEN = 24
-WORDS = {"deu_Latn": "Haus Baum Straße Wasser Licht über grün".split(),
-         "fao_Latn": "hús træ gøta vatn ljós yvir grønt".split(),
-         "tir_Ethi": "ቤት ኦም ጎደና ማይ ብርሃን ልዕሊ ቀጠልያ".split()}
+WORDS = {
+  "deu_Latn": "Haus Baum Straße Wasser Licht über grün".split(),
+  "fao_Latn": "hús træ gøta vatn ljós yvir grønt".split(),
+  "tir_Ethi": "ቤት ኦም ጎደና ማይ ብርሃን ልዕሊ ቀጠልያ".split(),
+}
 
 
 def _texts(lang, n, seed):
   rng = np.random.default_rng(seed)
   out = [" ".join(rng.choice(WORDS[lang], int(rng.integers(1, 12)))) for _ in range(n)]
-  out[3] = " ".join(rng.choice(WORDS[lang], 60))        # longer than MAX_LEN tokens: split
+  out[3] = " ".join(rng.choice(WORDS[lang], 60))  # longer than MAX_LEN tokens: split
   return out
 
 
@@ -47,7 +51,7 @@ def _expected(tok, units, settings):
       ids = sp.encode(text)
       if not text.strip() or not ids:
         continue
-      seqs = [[2] + ids[i:i + body] + [1] for i in range(0, len(ids), body)]
+      seqs = [[2] + ids[i : i + body] + [1] for i in range(0, len(ids), body)]
       i = seen[lang] = seen.get(lang, -1) + 1
       split = "train"
       if i % settings.eval_every == settings.eval_every - 1 and held.get(lang, 0) < quota:
@@ -88,16 +92,20 @@ def _write_parquet(root, lang, name, texts):
 
 def test_parquet_tree(tmp_path, tok):
   root = tmp_path / "fineweb2"
-  files = {("deu_Latn", "000_00000.parquet"): _texts("deu_Latn", 30, 1),
-           ("deu_Latn", "000_00001.parquet"): _texts("deu_Latn", 20, 2),
-           ("fao_Latn", "000_00000.parquet"): _texts("fao_Latn", 15, 3)}
+  files = {
+    ("deu_Latn", "000_00000.parquet"): _texts("deu_Latn", 30, 1),
+    ("deu_Latn", "000_00001.parquet"): _texts("deu_Latn", 20, 2),
+    ("fao_Latn", "000_00000.parquet"): _texts("fao_Latn", 15, 3),
+  }
   for (lang, name), texts in files.items():
     _write_parquet(root, lang, name, texts)
   settings = _settings(tok)
   stats = prepare.prepare(prepare.Source("parquet", str(root)), str(tmp_path / "out"), settings, progress=False)
-  units = [([("deu_Latn", t) for t in files["deu_Latn", "000_00000.parquet"]], 2),   # quota ceil(4 / 2 files)
-           ([("deu_Latn", t) for t in files["deu_Latn", "000_00001.parquet"]], 2),
-           ([("fao_Latn", t) for t in files["fao_Latn", "000_00000.parquet"]], 4)]
+  units = [
+    ([("deu_Latn", t) for t in files["deu_Latn", "000_00000.parquet"]], 2),  # quota ceil(4 / 2 files)
+    ([("deu_Latn", t) for t in files["deu_Latn", "000_00001.parquet"]], 2),
+    ([("fao_Latn", t) for t in files["fao_Latn", "000_00000.parquet"]], 4),
+  ]
   _check(stats, str(tmp_path / "out"), _expected(tok, units, settings))
   assert stats["languages"]["deu_Latn"]["eval"]["documents"] == 4
 
@@ -111,8 +119,13 @@ def test_jsonl_with_language_filter(tmp_path, tok):
   with gzip.open(b, "wt") as f:
     f.writelines(json.dumps({"text": t, "lang": l}) + "\n" for l, t in docs_b)
   settings = _settings(tok)
-  stats = prepare.prepare(prepare.Source("jsonl", files=(str(b), str(a))), str(tmp_path / "out"), settings,
-                          languages=["deu_Latn", "tir_Ethi"], progress=False)
+  stats = prepare.prepare(
+    prepare.Source("jsonl", files=(str(b), str(a))),
+    str(tmp_path / "out"),
+    settings,
+    languages=["deu_Latn", "tir_Ethi"],
+    progress=False,
+  )
   keep = lambda docs: [(l, t) for l, t in docs if l != "fao_Latn"]
   _check(stats, str(tmp_path / "out"), _expected(tok, [(keep(docs_a), 2), (keep(docs_b), 2)], settings))
 
@@ -126,14 +139,22 @@ def test_text_files_by_line_and_paragraph(tmp_path, tok):
   (root / "tir_Ethi" / "b.txt").write_text("\n".join(tir2), encoding="utf-8")
   settings = _settings(tok)
   stats = prepare.prepare(prepare.Source("text", str(root)), str(tmp_path / "lines"), settings, progress=False)
-  units = [([("fao_Latn", t) for t in fao], 4), ([("tir_Ethi", t) for t in tir1], 2),
-           ([("tir_Ethi", t) for t in tir2], 2)]
+  units = [
+    ([("fao_Latn", t) for t in fao], 4),
+    ([("tir_Ethi", t) for t in tir1], 2),
+    ([("tir_Ethi", t) for t in tir2], 2),
+  ]
   _check(stats, str(tmp_path / "lines"), _expected(tok, units, settings))
 
   # Paragraphs: blank-line separated blocks, lines inside joined by "\n".
   (root / "fao_Latn.txt").write_text("\n\n".join(f"{x}\n{y}" for x, y in zip(fao[::2], fao[1::2])), encoding="utf-8")
-  stats = prepare.prepare(prepare.Source("text", str(root), text_split="paragraph"), str(tmp_path / "para"),
-                          settings, languages=["fao_Latn"], progress=False)
+  stats = prepare.prepare(
+    prepare.Source("text", str(root), text_split="paragraph"),
+    str(tmp_path / "para"),
+    settings,
+    languages=["fao_Latn"],
+    progress=False,
+  )
   paras = [("fao_Latn", f"{x}\n{y}") for x, y in zip(fao[::2], fao[1::2])]
   _check(stats, str(tmp_path / "para"), _expected(tok, [(paras, 4)], settings))
 
@@ -146,8 +167,9 @@ def test_tfds_dataset(tmp_path, tok):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {"text": tfds.features.Text(), "lang": tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "lang": tfds.features.Text()})
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -162,7 +184,7 @@ def test_tfds_dataset(tmp_path, tok):
   stats = prepare.prepare(source, str(tmp_path / "out"), settings, progress=False)
   ds = tfds.data_source("tiny_corpus", data_dir=str(tmp_path / "tfds"), split="train")
   records = [(ds[i]["lang"].decode(), ds[i]["text"].decode()) for i in range(len(ds))]
-  units = [(records[s:s + 7], 2) for s in range(0, len(records), 7)]                  # 3 units, quota ceil(4/3)
+  units = [(records[s : s + 7], 2) for s in range(0, len(records), 7)]  # 3 units, quota ceil(4/3)
   _check(stats, str(tmp_path / "out"), _expected(tok, units, settings))
   assert sorted(records) == sorted(docs)
 
@@ -177,8 +199,12 @@ def _text_corpus(root):
 def test_rerun_skips_finished_units(tmp_path, tok, monkeypatch):
   source, out = _text_corpus(tmp_path / "txt"), str(tmp_path / "out")
   first = prepare.prepare(source, out, _settings(tok), progress=False)
-  mtimes = {s["path"]: os.path.getmtime(os.path.join(out, s["path"]))
-            for l in first["languages"].values() for sp in l.values() for s in sp["shards"]}
+  mtimes = {
+    s["path"]: os.path.getmtime(os.path.join(out, s["path"]))
+    for l in first["languages"].values()
+    for sp in l.values()
+    for s in sp["shards"]
+  }
   calls = []
   monkeypatch.setattr(prepare, "process_unit", lambda *a, **k: calls.append(a))
   again = prepare.prepare(source, out, _settings(tok), progress=False)
@@ -191,26 +217,29 @@ def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, tok, monkeyp
   clean = prepare.prepare(source, str(tmp_path / "clean"), _settings(tok), progress=False)
   out = str(tmp_path / "out")
   real_add, n = prepare._UnitWriter.add, [0]
+
   def crash_in_second_unit(self, lang, ids):
     if lang == "fao_Latn":
       n[0] += 1
       if n[0] == 10:
         raise KeyboardInterrupt
     return real_add(self, lang, ids)
+
   monkeypatch.setattr(prepare._UnitWriter, "add", crash_in_second_unit)
   with pytest.raises(KeyboardInterrupt):
     prepare.prepare(source, out, _settings(tok), progress=False)
   assert not os.path.exists(os.path.join(out, "stats.json"))
   assert os.listdir(os.path.join(out, "_units")) == ["text-deu_Latn.txt.json"]
   written = [f for _, _, fs in os.walk(os.path.join(out, "fao_Latn")) for f in fs]
-  assert written and all(".tmp-" in f for f in written)        # only temporary names
+  assert written and all(".tmp-" in f for f in written)  # only temporary names
   monkeypatch.setattr(prepare._UnitWriter, "add", real_add)
   resumed = prepare.prepare(source, out, _settings(tok), progress=False)
   assert resumed == clean | {"settings": resumed["settings"]}
   assert not [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
   for lang in clean["languages"]:
-    assert _read_split(out, resumed["languages"][lang]["train"]) == \
-        _read_split(str(tmp_path / "clean"), clean["languages"][lang]["train"])
+    assert _read_split(out, resumed["languages"][lang]["train"]) == _read_split(
+      str(tmp_path / "clean"), clean["languages"][lang]["train"]
+    )
 
 
 def test_parallel_workers_give_the_same_shards(tmp_path, tok):
@@ -220,8 +249,9 @@ def test_parallel_workers_give_the_same_shards(tmp_path, tok):
   assert parallel == serial
   for lang, splits in serial["languages"].items():
     for split in splits:
-      assert _read_split(str(tmp_path / "parallel"), splits[split]) == _read_split(str(tmp_path / "serial"),
-                                                                                   splits[split])
+      assert _read_split(str(tmp_path / "parallel"), splits[split]) == _read_split(
+        str(tmp_path / "serial"), splits[split]
+      )
 
 
 def test_bad_inputs(tmp_path, tok):
@@ -233,8 +263,11 @@ def test_bad_inputs(tmp_path, tok):
   with pytest.raises(FileNotFoundError, match="no <lang>.txt"):
     prepare.prepare(prepare.Source("text", str(tmp_path / "nothing")), str(tmp_path / "o2"), _settings(tok))
   source = _text_corpus(tmp_path / "txt")
-  with pytest.raises(ValueError, match=r"languages not in .*txt: xho_Latn \(the data has 3 languages: deu_Latn, "
-                                       r"fao_Latn, tir_Ethi\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"languages not in .*txt: xho_Latn \(the data has 3 languages: deu_Latn, "
+    r"fao_Latn, tir_Ethi\)",
+  ):
     prepare.prepare(source, str(tmp_path / "o3"), _settings(tok), languages=["xho_Latn"])
   with pytest.raises(FileNotFoundError, match="tokenizer file .*missing.model does not exist"):
     prepare.prepare(source, str(tmp_path / "o4"), _settings(str(tmp_path / "missing.model")))
@@ -256,34 +289,64 @@ def test_bad_inputs(tmp_path, tok):
 
 def test_command_line(tmp_path, tok, capsys):
   _text_corpus(tmp_path / "txt")
-  prepare.main(["--text_dir", str(tmp_path / "txt"), "--tokenizer", tok, "--output_dir", str(tmp_path / "out"),
-                "--max_len", str(MAX_LEN), "--num_workers", "0", "--eval_documents", "2"])
+  prepare.main(
+    [
+      "--text_dir",
+      str(tmp_path / "txt"),
+      "--tokenizer",
+      tok,
+      "--output_dir",
+      str(tmp_path / "out"),
+      "--max_len",
+      str(MAX_LEN),
+      "--num_workers",
+      "0",
+      "--eval_documents",
+      "2",
+    ]
+  )
   stats = json.loads((tmp_path / "out" / "stats.json").read_text())
   assert f"{stats['totals']['train']['tokens']:,} tokens" in capsys.readouterr().out
   assert all(v["eval"]["documents"] == 2 for v in stats["languages"].values())
   with pytest.raises(SystemExit, match="error: languages not in"):
-    prepare.main(["--text_dir", str(tmp_path / "txt"), "--tokenizer", tok, "--output_dir", str(tmp_path / "o2"),
-                  "--languages", "eng_Latn"])
+    prepare.main(
+      [
+        "--text_dir",
+        str(tmp_path / "txt"),
+        "--tokenizer",
+        tok,
+        "--output_dir",
+        str(tmp_path / "o2"),
+        "--languages",
+        "eng_Latn",
+      ]
+    )
 
 
 def _shard_bytes(out_dir, stats):
-  return {s["path"]: open(os.path.join(out_dir, s["path"]), "rb").read()
-          for l in stats["languages"].values() for sp in l.values() for s in sp["shards"]}
+  return {
+    s["path"]: open(os.path.join(out_dir, s["path"]), "rb").read()
+    for l in stats["languages"].values()
+    for sp in l.values()
+    for s in sp["shards"]
+  }
 
 
 def test_two_sources_into_one_data_dir_and_budgets_by_source(tmp_path, tok):
   from data_pipeline import mixture, pipeline
+
   root = tmp_path / "fineweb2"
   _write_parquet(root, "deu_Latn", "a.parquet", _texts("deu_Latn", 30, 1))
   _write_parquet(root, "fao_Latn", "a.parquet", _texts("fao_Latn", 15, 2))
   _write_parquet(root, "fao_Latn_removed", "a.parquet", _texts("fao_Latn", 40, 3))
-  web = tmp_path / "web.jsonl"        # a second source of German, single-language: no lang field
+  web = tmp_path / "web.jsonl"  # a second source of German, single-language: no lang field
   web.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts("deu_Latn", 25, 4)))
   out, settings = str(tmp_path / "out"), _settings(tok)
   first = prepare.prepare(prepare.Source("parquet", str(root), id="fw2"), out, settings, progress=False)
-  assert sorted(first["languages"]) == ["deu_Latn", "fao_Latn"]        # *_removed skipped
-  both = prepare.prepare(prepare.Source("jsonl", files=(str(web),), id="web", lang="deu_Latn"), out, settings,
-                         progress=False)
+  assert sorted(first["languages"]) == ["deu_Latn", "fao_Latn"]  # *_removed skipped
+  both = prepare.prepare(
+    prepare.Source("jsonl", files=(str(web),), id="web", lang="deu_Latn"), out, settings, progress=False
+  )
   # stats.json describes both runs: the parquet languages kept, German from two sources.
   assert sorted(both["languages"]) == ["deu_Latn", "fao_Latn"] and sorted(both["sources"]) == ["fw2", "web"]
   assert both["languages"]["fao_Latn"] == first["languages"]["fao_Latn"]
@@ -294,8 +357,9 @@ def test_two_sources_into_one_data_dir_and_budgets_by_source(tmp_path, tok):
   web_shards = [s for s in deu["shards"] if s["source"] == "web"]
   # A budget that names a source takes its shards out of their language.
   spec = mixture.PhaseSpec(None, tau=0.5, budgets={"web": 0.25})
-  cfg = pipeline.PipelineConfig(data_dir=out, tau=0.5, budgets={"web": 0.25}, seq_len=32, batch_size=2,
-                                mask_id=4, pad_id=0)
+  cfg = pipeline.PipelineConfig(
+    data_dir=out, tau=0.5, budgets={"web": 0.25}, seq_len=32, batch_size=2, mask_id=4, pad_id=0
+  )
   plan, mix, _ = pipeline.make_plan(cfg)
   assert set(mix.languages) == {"deu_Latn", "fao_Latn", "web"}
   w = dict(zip(mix.languages, mix.weights))
@@ -307,8 +371,9 @@ def test_two_sources_into_one_data_dir_and_budgets_by_source(tmp_path, tok):
   shards = dict(zip(plan.languages, plan.shards))
   assert [p for p, _ in shards["web"]] == [os.path.join(out, s["path"]) for s in web_shards]
   assert not {p for p, _ in shards["deu_Latn"]} & {p for p, _ in shards["web"]}
-  assert mixture.compute_mixture(mixture.counts_from_stats(both, ["web"]), spec).weights.tolist() == \
-      mix.weights.tolist()
+  assert (
+    mixture.compute_mixture(mixture.counts_from_stats(both, ["web"]), spec).weights.tolist() == mix.weights.tolist()
+  )
   # A source id names one input: another input under it is refused and stats.json stays as it was.
   before = open(os.path.join(out, "stats.json")).read()
   with pytest.raises(ValueError, match="source id 'web' already names another input"):
@@ -326,7 +391,7 @@ def test_removed_subsets_and_exact_script_names(tmp_path, tok):
   assert [u.lang for u in units] == ["fao_Latn"]
   src = prepare.Source("parquet", str(root), include_removed=True)
   assert [u.lang for u in prepare.list_units(src, settings)] == ["deu_Latn", "fao_Latn", "fao_Latn_removed"]
-  assert [u.lang for u in prepare.list_units(src, settings, ["fao"])] == ["fao_Latn"]     # not ambiguous
+  assert [u.lang for u in prepare.list_units(src, settings, ["fao"])] == ["fao_Latn"]  # not ambiguous
   stats = prepare.prepare(src, str(tmp_path / "out"), settings, languages=["fao_Latn_removed"], progress=False)
   assert list(stats["languages"]) == ["fao_Latn_removed"]
 
@@ -351,13 +416,19 @@ def test_unit_names_do_not_collide_and_text_key(tmp_path, tok):
   os.makedirs(plain)
   for i, texts in enumerate((a, b, b[:4], a[:3])):
     pq.write_table(pa.table({"text": texts}), plain / f"{i}.parquet")
-  ref = prepare.prepare(prepare.Source("parquet", str(plain), lang="code"), str(tmp_path / "ref"), settings,
-                        progress=False)
-  got, want = _read_split(str(tmp_path / "out"), train), _read_split(str(tmp_path / "ref"),
-                                                                     ref["languages"]["code"]["train"])
+  ref = prepare.prepare(
+    prepare.Source("parquet", str(plain), lang="code"), str(tmp_path / "ref"), settings, progress=False
+  )
+  got, want = (
+    _read_split(str(tmp_path / "out"), train),
+    _read_split(str(tmp_path / "ref"), ref["languages"]["code"]["train"]),
+  )
   assert sorted(got) == sorted(want) and len(got) == ref["languages"]["code"]["train"]["sequences"]
-  with pytest.raises(ValueError, match=r"part 1.parquet: no `text` column \(columns: content\); choose one with "
-                                       "--text_key"):
+  with pytest.raises(
+    ValueError,
+    match=r"part 1.parquet: no `text` column \(columns: content\); choose one with "
+    "--text_key",
+  ):
     prepare.prepare(prepare.Source("parquet", str(root), lang="code"), str(tmp_path / "o2"), settings)
 
 
@@ -370,8 +441,9 @@ def test_sharded_prepare_over_two_invocations_equals_one(tmp_path, tok):
   one = prepare.prepare(src, str(tmp_path / "one"), settings, progress=False)
   half = prepare.prepare(src, str(tmp_path / "two"), settings, shard_index=1, num_shards=2, progress=False)
   assert 0 < half["totals"]["train"]["documents"] < one["totals"]["train"]["documents"]
-  two = prepare.prepare(src, str(tmp_path / "two"), settings, shard_index=0, num_shards=2, num_workers=2,
-                        progress=False)
+  two = prepare.prepare(
+    src, str(tmp_path / "two"), settings, shard_index=0, num_shards=2, num_workers=2, progress=False
+  )
   assert two == one
   assert _shard_bytes(str(tmp_path / "two"), two) == _shard_bytes(str(tmp_path / "one"), one)
   with pytest.raises(ValueError, match=r"shard_index 2 is not in \[0, num_shards=2\)"):
@@ -387,7 +459,7 @@ def test_errors_name_the_file_and_line(tmp_path, tok, capsys):
     prepare.prepare(prepare.Source("parquet", str(root)), str(tmp_path / "o1"), settings)
   txt = tmp_path / "txt"
   txt.mkdir()
-  (txt / "deu_Latn.txt").write_bytes("Haus\nBaum\n".encode() + b"Stra\xdfe\n" + b"Licht\n")
+  (txt / "deu_Latn.txt").write_bytes(b"Haus\nBaum\n" + b"Stra\xdfe\n" + b"Licht\n")
   with pytest.raises(ValueError, match=r"deu_Latn.txt:3: not valid UTF-8"):
     prepare.prepare(prepare.Source("text", str(txt)), str(tmp_path / "o2"), settings)
   bad = tmp_path / "bad.jsonl"
@@ -406,7 +478,9 @@ def test_output_dir_inputs_and_tokenizer_in_a_bucket(tmp_path, tok, gcs_bucket, 
   local disk; a unit's record is written only when its shards are in the bucket, and stats.json last, when every
   shard it lists is there; the command prints where it wrote."""
   import uuid
+
   from data_pipeline import filesystem as fs
+
   remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
   _text_corpus(tmp_path / "txt")
   for lang, seed in (("deu_Latn", 1), ("fao_Latn", 3)):
@@ -417,6 +491,7 @@ def test_output_dir_inputs_and_tokenizer_in_a_bucket(tmp_path, tok, gcs_bucket, 
 
   out = remote / "out"
   writes, real_write = [], fs.write_text
+
   def checked_write(p, text):
     if p.parent.name == "_units" or p.name == "stats.json":
       obj = json.loads(text)
@@ -426,14 +501,29 @@ def test_output_dir_inputs_and_tokenizer_in_a_bucket(tmp_path, tok, gcs_bucket, 
         paths = [c["path"] for l in obj["languages"].values() for c in l.values()]
       writes.append((p.name, [x for x in paths if not (out / x).exists()]))
     real_write(p, text)
+
   monkeypatch.setattr(fs, "write_text", checked_write)
   monkeypatch.chdir(tmp_path)
-  args = ["--tokenizer", os.fspath(remote / "spm.model"), "--max_len", str(MAX_LEN), "--num_workers", "0",
-          "--eval_documents", "4", "--eval_every", "3"]
+  args = [
+    "--tokenizer",
+    os.fspath(remote / "spm.model"),
+    "--max_len",
+    str(MAX_LEN),
+    "--num_workers",
+    "0",
+    "--eval_documents",
+    "4",
+    "--eval_every",
+    "3",
+  ]
   prepare.main(["--text_dir", os.fspath(remote / "txt"), "--output_dir", os.fspath(out)] + args)
   assert f"→ {out}/stats.json" in capsys.readouterr().out
-  assert [w[0] for w in writes] == ["text-deu_Latn.txt.json", "text-fao_Latn.txt.json", "text-tir_Ethi.txt.json",
-                                    "stats.json"]
+  assert [w[0] for w in writes] == [
+    "text-deu_Latn.txt.json",
+    "text-fao_Latn.txt.json",
+    "text-tir_Ethi.txt.json",
+    "stats.json",
+  ]
   assert all(missing == [] for _, missing in writes), writes
   prepare.main(["--parquet_dir", os.fspath(remote / "pq"), "--source", "web", "--output_dir", os.fspath(out)] + args)
   assert not os.path.exists(tmp_path / "gs:")
@@ -441,8 +531,9 @@ def test_output_dir_inputs_and_tokenizer_in_a_bucket(tmp_path, tok, gcs_bucket, 
 
   local = str(tmp_path / "local")
   prepare.main(["--text_dir", str(tmp_path / "txt"), "--output_dir", local] + args[:1] + [tok] + args[2:])
-  prepare.main(["--parquet_dir", str(tmp_path / "pq"), "--source", "web", "--output_dir", local] + args[:1] + [tok]
-               + args[2:])
+  prepare.main(
+    ["--parquet_dir", str(tmp_path / "pq"), "--source", "web", "--output_dir", local] + args[:1] + [tok] + args[2:]
+  )
   got, want = json.loads((out / "stats.json").read_text()), json.load(open(os.path.join(local, "stats.json")))
   assert got["tokenizer"].pop("path") == os.fspath(remote / "spm.model") and want["tokenizer"].pop("path") == tok
   for stats in (got, want):
@@ -459,15 +550,22 @@ def test_output_dir_inputs_and_tokenizer_in_a_bucket(tmp_path, tok, gcs_bucket, 
 def test_parquet_files_of_one_language_in_a_bucket(tmp_path, tok, gcs_bucket):
   """--lang with a bucket: every *.parquet at any depth (a bucket is walked; epath refuses `**` there)."""
   import uuid
+
   from data_pipeline import filesystem as fs
+
   remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}")
   _write_parquet(tmp_path / "pq", "a", "x.parquet", _texts("deu_Latn", 12, 1))
   _write_parquet(tmp_path / "pq" / "b", "c", "y.parquet", _texts("deu_Latn", 9, 2))
   pq.write_table(pa.table({"text": _texts("deu_Latn", 7, 3)}), tmp_path / "pq" / "top.parquet")
   fs.copy_tree(fs.path(str(tmp_path / "pq")), remote / "pq")
   settings = _settings(tok)
-  got = prepare.prepare(prepare.Source("parquet", os.fspath(remote / "pq"), lang="deu_Latn"), os.fspath(remote / "o"),
-                        settings, progress=False)
-  want = prepare.prepare(prepare.Source("parquet", str(tmp_path / "pq"), lang="deu_Latn"), str(tmp_path / "o"),
-                         settings, progress=False)
+  got = prepare.prepare(
+    prepare.Source("parquet", os.fspath(remote / "pq"), lang="deu_Latn"),
+    os.fspath(remote / "o"),
+    settings,
+    progress=False,
+  )
+  want = prepare.prepare(
+    prepare.Source("parquet", str(tmp_path / "pq"), lang="deu_Latn"), str(tmp_path / "o"), settings, progress=False
+  )
   assert got == want and got["sources"]["parquet"]["units"] == 3

@@ -1,19 +1,22 @@
 """`python -m mmbert_jax.report`: PNGs whose plotted data are the run's records."""
+
 import json
 import os
 
 import numpy as np
 import pytest
-
 from conftest import load_config
-from mmbert_jax import metrics, report
 from tiny_run import run_module
 
+from mmbert_jax import metrics, report
+
 # A curriculum in miniature: (phase, phase it starts from, tokens per step, steps, languages).
-PHASES = [("pretrain", None, 1000, 6, ("en", "de", "ru")),
-          ("midtrain", "pretrain", 2000, 4, ("en", "de", "ru", "sw")),
-          ("decay_eng", "midtrain", 2000, 3, ("en", "de", "ru", "sw")),
-          ("decay_all", "midtrain", 2000, 3, ("en", "de", "ru", "sw", "fo"))]
+PHASES = [
+  ("pretrain", None, 1000, 6, ("en", "de", "ru")),
+  ("midtrain", "pretrain", 2000, 4, ("en", "de", "ru", "sw")),
+  ("decay_eng", "midtrain", 2000, 3, ("en", "de", "ru", "sw")),
+  ("decay_all", "midtrain", 2000, 3, ("en", "de", "ru", "sw", "fo")),
+]
 N_L = {"en": 9e6, "de": 4e6, "ru": 3e6, "sw": 2e5, "fo": 3e4}
 EVAL_LANGUAGES = ("en", "de", "ru", "sw", "fo", "ti")
 
@@ -29,13 +32,21 @@ def _write_curriculum(root):
     before = ends.get(parent, 0)
     writer = metrics.MetricWriter(str(root / phase), enabled=True, console=False)
     w = np.array([N_L[l] ** 0.5 for l in langs])
-    writer.write_json("mixture", {"phase": phase, "languages": list(langs), "tokens": [N_L[l] for l in langs],
-                                  "weights": list(w / w.sum())})
+    writer.write_json(
+      "mixture",
+      {"phase": phase, "languages": list(langs), "tokens": [N_L[l] for l in langs], "weights": list(w / w.sum())},
+    )
     for step in range(1, steps + 1):
-      writer.write(step, {"train/loss": float(rng.uniform(2, 6)), "train/lr": float(rng.uniform(1e-4, 1e-3)),
-                          "train/tokens": step * per_step, "train/total_tokens": before + step * per_step})
-    results = {l: {"loss": float(rng.uniform(2, 8)), "accuracy": 0.3, "masked_tokens": 50.0}
-               for l in EVAL_LANGUAGES}
+      writer.write(
+        step,
+        {
+          "train/loss": float(rng.uniform(2, 6)),
+          "train/lr": float(rng.uniform(1e-4, 1e-3)),
+          "train/tokens": step * per_step,
+          "train/total_tokens": before + step * per_step,
+        },
+      )
+    results = {l: {"loss": float(rng.uniform(2, 8)), "accuracy": 0.3, "masked_tokens": 50.0} for l in EVAL_LANGUAGES}
     writer.write_eval(steps, {**results, "all": {"loss": 4.0}}, phase=phase, total_tokens=before + steps * per_step)
     writer.close()
     ends[phase] = before + steps * per_step
@@ -73,7 +84,7 @@ def test_loss_plot_is_the_metrics_over_total_tokens(curriculum):
 
 def test_eval_plot_is_each_phase_final_eval_with_late_languages_marked(curriculum):
   fig = report.plot_eval(report.load_run(str(curriculum)))
-  ax, = fig.axes
+  (ax,) = fig.axes
   languages = [t.get_text().split("\n")[0] for t in ax.get_xticklabels()]
   # Ordered by the phase that first trains on them; ti is evaluated but never trained on.
   assert languages == ["de", "en", "ru", "sw", "fo", "ti"]
@@ -91,7 +102,7 @@ def test_mixture_plot_is_p_l_per_phase_beside_n_l(curriculum):
   fig = report.plot_mixture(report.load_run(str(curriculum)))
   ax, ax_n = fig.axes
   languages = [t.get_text() for t in ax_n.get_xticklabels()]
-  assert languages == ["en", "de", "ru", "sw", "fo"]                      # by n_l, largest first
+  assert languages == ["en", "de", "ru", "sw", "fo"]  # by n_l, largest first
   assert ax.get_yscale() == "log" and ax_n.get_yscale() == "log"
   np.testing.assert_array_equal([b.get_height() for b in ax_n.patches], [N_L[l] for l in languages])
   for line in ax.get_lines():
@@ -110,7 +121,7 @@ def test_report_command_writes_pngs_for_a_curriculum_and_a_phase(curriculum, tmp
     with open(path, "rb") as f:
       data = f.read()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
-  os.remove(curriculum / "config.json")                     # phases run one by one: ordered by their start
+  os.remove(curriculum / "config.json")  # phases run one by one: ordered by their start
   assert [p.name for p in report.load_run(str(curriculum))] == ["pretrain", "midtrain", "decay_all", "decay_eng"]
   one = report.write_plots(str(curriculum / "midtrain"), str(tmp_path / "one"))
   assert [os.path.basename(p) for p in one] == ["loss.png", "eval.png", "mixture.png"]

@@ -1,4 +1,5 @@
 """Per-pass shuffles and the block-randomized weighted mix."""
+
 import collections
 import pickle
 
@@ -16,7 +17,7 @@ def test_epoch_shuffle_reads_every_element_once_per_pass(n):
   for p in passes:
     assert sorted(p) == list(range(n))
   if n > 2:
-    assert len({tuple(p) for p in passes}) == 4        # a new order every pass
+    assert len({tuple(p) for p in passes}) == 4  # a new order every pass
   again = sampling.shuffled_forever(grain.MapDataset.range(n), seed=3)
   assert [again[i] for i in range(2 * n)] == passes[0] + passes[1]
   other = sampling.shuffled_forever(grain.MapDataset.range(n), seed=4)
@@ -57,7 +58,7 @@ def test_block_mix_is_random_but_deterministic():
   first = [a[k][0] for k in range(192)]
   assert first == [b[k][0] for k in range(192)]
   assert first != [c[k][0] for k in range(192)]
-  assert first[:3] != [0, 1, 2] or first[3:6] != [0, 1, 2]            # not a fixed round robin
+  assert first[:3] != [0, 1, 2] or first[3:6] != [0, 1, 2]  # not a fixed round robin
   # Random access agrees with sequential access, also after pickling.
   d = pickle.loads(pickle.dumps(a))
   assert [d[k] for k in (150, 3, 77)] == [a[150], a[3], a[77]]

@@ -1,4 +1,5 @@
 """Token-counted learning-rate and batch-size schedules against their closed forms."""
+
 import collections
 import math
 
@@ -22,7 +23,7 @@ def closed_form_decay(shape, s, alpha):
   if shape == "1-sqrt":
     return PEAK * (alpha + (1 - alpha) * (1 - math.sqrt(s)))
   if shape == "inverse_sqrt":
-    return PEAK / math.sqrt(1 + s * (alpha ** -2 - 1))
+    return PEAK / math.sqrt(1 + s * (alpha**-2 - 1))
   if shape == "linear":
     return PEAK * (alpha + (1 - alpha) * (1 - s))
   if shape == "cosine":
@@ -32,8 +33,7 @@ def closed_form_decay(shape, s, alpha):
 
 def test_pretrain_phase_warmup_then_constant(wsd):
   schedule = wsd(PEAK, warmup_tokens=3e9)
-  for tokens, want in [(0, 0.0), (0.75e9, PEAK / 4), (1.5e9, PEAK / 2), (3e9, PEAK), (3.1e9, PEAK),
-                       (2.3e12, PEAK)]:
+  for tokens, want in [(0, 0.0), (0.75e9, PEAK / 4), (1.5e9, PEAK / 2), (3e9, PEAK), (3.1e9, PEAK), (2.3e12, PEAK)]:
     assert float(schedule(tokens)) == pytest.approx(want, rel=1e-6, abs=1e-12), tokens
 
 
@@ -50,15 +50,21 @@ def test_decay_phase_shapes(wsd, shape):
   for s in [0.0, 0.01, 0.25, 0.5, 0.9, 0.99, 1.0, 1.5]:
     want = closed_form_decay(shape, s, alpha)
     assert float(schedule(s * total)) == pytest.approx(want, rel=2e-6), s
-  assert float(schedule(total)) == pytest.approx(1.6e-5, rel=1e-5)   # RECIPE: 0.02 · 8e-4
+  assert float(schedule(total)) == pytest.approx(1.6e-5, rel=1e-5)  # RECIPE: 0.02 · 8e-4
 
 
 def test_full_warmup_stable_decay_and_phase_offset(wsd):
   warmup, start, length, alpha = 10.0, 90.0, 10.0, 0.0
   local = wsd(1e-3, warmup_tokens=warmup, decay_start_tokens=start, decay_tokens=length, final_fraction=alpha)
   offset = 1e6
-  shifted = wsd(1e-3, warmup_tokens=warmup, decay_start_tokens=start, decay_tokens=length,
-                final_fraction=alpha, phase_start_tokens=offset)
+  shifted = wsd(
+    1e-3,
+    warmup_tokens=warmup,
+    decay_start_tokens=start,
+    decay_tokens=length,
+    final_fraction=alpha,
+    phase_start_tokens=offset,
+  )
   for t in [0, 2.5, 5, 10, 50, 89, 90, 92.5, 95, 99, 100, 120]:
     if t < warmup:
       want = 1e-3 * t / warmup
@@ -68,19 +74,19 @@ def test_full_warmup_stable_decay_and_phase_offset(wsd):
       want = 1e-3 * (1 - math.sqrt(min(1.0, (t - start) / length)))
     assert float(local(t)) == pytest.approx(want, rel=1e-6, abs=1e-12), t
     assert float(shifted(offset + t)) == pytest.approx(want, rel=1e-6, abs=1e-12), t
-  assert float(shifted(0.0)) == 0.0                 # before the phase starts: position 0
+  assert float(shifted(0.0)) == 0.0  # before the phase starts: position 0
 
 
 def test_decay_right_after_warmup(wsd):
-  schedule = wsd(1.0, warmup_tokens=4, decay_start_tokens=4, decay_tokens=4, final_fraction=0.5,
-                 decay_shape="linear")
+  schedule = wsd(1.0, warmup_tokens=4, decay_start_tokens=4, decay_tokens=4, final_fraction=0.5, decay_shape="linear")
   got = [float(schedule(t)) for t in range(10)]
-  np.testing.assert_allclose(got, [0, .25, .5, .75, 1, .875, .75, .625, .5, .5], rtol=1e-6)
+  np.testing.assert_allclose(got, [0, 0.25, 0.5, 0.75, 1, 0.875, 0.75, 0.625, 0.5, 0.5], rtol=1e-6)
 
 
 def test_jit_and_vectorised():
-  schedule = schedules.wsd_schedule(PEAK, warmup_tokens=3e9, decay_start_tokens=5e9, decay_tokens=2e9,
-                                    final_fraction=0.1, decay_shape="cosine")
+  schedule = schedules.wsd_schedule(
+    PEAK, warmup_tokens=3e9, decay_start_tokens=5e9, decay_tokens=2e9, final_fraction=0.1, decay_shape="cosine"
+  )
   tokens = np.linspace(0, 8e9, 33)
   jitted = np.asarray(jax.jit(schedule)(tokens))
   assert jitted.shape == tokens.shape
@@ -94,13 +100,29 @@ def test_host_schedule_equals_the_jnp_schedule(shape):
   """The loop's numpy float64 learning rate is the jit-able float32 one, to float32 precision: on both sides of
   every boundary (phase start, end of warmup, start and end of the decay). Token counts below 2²⁴ are exact in
   float32, so only the arithmetic differs."""
-  phase, warmup, decay_start, decay = 2 ** 20, 2 ** 18, 2 ** 22, 2 ** 21
-  kw = dict(warmup_tokens=warmup, decay_start_tokens=decay_start, decay_tokens=decay, final_fraction=0.02,
-            decay_shape=shape, phase_start_tokens=phase)
+  phase, warmup, decay_start, decay = 2**20, 2**18, 2**22, 2**21
+  kw = dict(
+    warmup_tokens=warmup,
+    decay_start_tokens=decay_start,
+    decay_tokens=decay,
+    final_fraction=0.02,
+    decay_shape=shape,
+    phase_start_tokens=phase,
+  )
   host, jitted = schedules.host_wsd_schedule(PEAK, **kw), jax.jit(schedules.wsd_schedule(PEAK, **kw))
   edges = phase + np.array([0, warmup, decay_start, decay_start + decay])
-  tokens = np.unique(np.concatenate([[0, phase // 2], edges - 1, edges, edges + 1, edges + 4096,
-                                     phase + np.linspace(0, decay_start + 2 * decay, 101).round()]))
+  tokens = np.unique(
+    np.concatenate(
+      [
+        [0, phase // 2],
+        edges - 1,
+        edges,
+        edges + 1,
+        edges + 4096,
+        phase + np.linspace(0, decay_start + 2 * decay, 101).round(),
+      ]
+    )
+  )
   lr = host(tokens)
   assert lr.dtype == np.float64 and isinstance(host(tokens[5]), np.float64)
   np.testing.assert_allclose(lr, np.asarray(jitted(tokens), np.float64), rtol=2e-6, atol=1e-12)
@@ -126,6 +148,7 @@ def test_schedule_errors(wsd):
 # Batch-size warmup
 # --------------------------------------------------------------------------------------------------------------
 
+
 def simulate(n, warmup, micro_tokens, **kw):
   """The trainer's loop: ask how many micro-batches to accumulate, take the step, count its tokens."""
   tokens, sizes, starts = 0, [], []
@@ -144,7 +167,7 @@ def test_recipe_batch_warmup_base():
   n, micro_tokens = full // micro, micro * seq
   sizes, _, warm_tokens = simulate(n, warmup, micro_tokens)
   assert sizes[0] * micro == 384
-  assert sorted(set(sizes)) == list(range(1, 12))            # every level 1..11, then 12 = 4608 sequences
+  assert sorted(set(sizes)) == list(range(1, 12))  # every level 1..11, then 12 = 4608 sequences
   assert sizes == sorted(sizes)
   # Equal steps per level: Σ_{k=1..11} k = 66 micro-batch units per "round" of one step at every level.
   steps = collections.Counter(sizes)
@@ -160,7 +183,7 @@ def test_recipe_batch_warmup_base():
 def test_batch_warmup_level_boundaries(mode):
   """Level k (start ≤ k < n) ends at W·Σ_{j≤k} span_j / Σ span_j with span_j = j (steps) or 1 (tokens)."""
   n, warmup = 24, 1e6
-  start = 2                                                    # ⌈24 / 12⌉
+  start = 2  # ⌈24 / 12⌉
   levels = np.arange(start, n)
   span = levels if mode == "steps" else np.ones(len(levels))
   ends = warmup * np.cumsum(span) / span.sum()
@@ -180,7 +203,7 @@ def test_batch_warmup_level_boundaries(mode):
 def test_batch_warmup_edges():
   assert schedules.batch_warmup(0, num_microbatches=1, warmup_tokens=1e9) == 1
   assert schedules.batch_warmup(0, num_microbatches=12, warmup_tokens=0) == 12
-  assert schedules.batch_warmup(0, num_microbatches=8, warmup_tokens=1e9) == 1     # ⌈8/12⌉ = 1
+  assert schedules.batch_warmup(0, num_microbatches=8, warmup_tokens=1e9) == 1  # ⌈8/12⌉ = 1
   assert schedules.batch_warmup(0, num_microbatches=12, warmup_tokens=1e9, start_fraction=0.5) == 6
   with pytest.raises(ValueError, match="num_microbatches"):
     schedules.batch_warmup(0, num_microbatches=0, warmup_tokens=1)
@@ -192,7 +215,12 @@ def test_batch_warmup_edges():
 
 def test_recipe_scale_token_counts_do_not_overflow(wsd):
   # 100B-token decay and a 2.3T-token phase: Python ints beyond int32 must not reach jnp as integers.
-  lr = wsd(8e-4, warmup_tokens=3_000_000_000, decay_start_tokens=2_200_000_000_000,
-           decay_tokens=100_000_000_000, final_fraction=0.02)
+  lr = wsd(
+    8e-4,
+    warmup_tokens=3_000_000_000,
+    decay_start_tokens=2_200_000_000_000,
+    decay_tokens=100_000_000_000,
+    final_fraction=0.02,
+  )
   assert float(lr(2_250_000_000_000)) == pytest.approx(8e-4 * (0.02 + 0.98 * (1 - math.sqrt(0.5))), rel=1e-5)
   assert float(lr(1_500_000_000)) == pytest.approx(4e-4, rel=1e-5)

@@ -1,4 +1,5 @@
 """Splash attention: block sparsity, tile checks, and an ahead-of-time TPU compile of the whole model."""
+
 import importlib.util
 import os
 
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmbert_jax import attention
 from mmbert_jax import model as model_lib
@@ -25,8 +27,9 @@ def needed_block_count(seq, block_q, block_kv, window):
   return int(needed_blocks(seq, block_q, block_kv, window).sum())
 
 
-@pytest.mark.parametrize("seq,bq,bkv,window", [(1024, 128, 128, 64), (1024, 128, 128, None), (2048, 256, 128, 64),
-                                               (1024, 128, 256, 300)])
+@pytest.mark.parametrize(
+  "seq,bq,bkv,window", [(1024, 128, 128, 64), (1024, 128, 128, None), (2048, 256, 128, 64), (1024, 128, 256, 300)]
+)
 def test_splash_visits_only_blocks_inside_the_window(seq, bq, bkv, window):
   assert splash.visited_kv_blocks(seq, bq, bkv, window) == needed_block_count(seq, bq, bkv, window)
 
@@ -54,7 +57,7 @@ def test_skipped_blocks_are_never_read():
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, ct = (jax.random.normal(key, (1, seq, 2, 64), jnp.float32) for key in keys)
   seg = jnp.asarray(np.repeat([1, 2], seq // 2)[None], jnp.int32)
-  far = (jnp.arange(seq) >= needed[0].sum() * block)[None, :, None, None]   # tiles block 0 does not need
+  far = (jnp.arange(seq) >= needed[0].sum() * block)[None, :, None, None]  # tiles block 0 does not need
   poison = lambda x: jnp.where(far, jnp.nan, x)
   run = lambda q, k, v: splash.apply(kernel, q, k, v, seg)
   ref = lambda q, k, v: attention.xla_attention(q, k, v, seg, window)
@@ -79,18 +82,20 @@ def test_skipped_blocks_are_never_read():
   assert np.isnan(np.asarray(out[:, near])).all()
 
 
-@pytest.mark.parametrize("seq,bq,bkv,message", [
+@pytest.mark.parametrize(
+  "seq,bq,bkv,message",
+  [
     (256, 64, 128, "block_q=64 .* must be a multiple of 128"),
     (384, 256, 128, "block_q=256 does not divide the sequence length 384"),
     (384, 128, 256, "block_kv=256 does not divide the sequence length 384"),
-])
+  ],
+)
 def test_block_sizes_are_checked(seq, bq, bkv, message):
   with pytest.raises(ValueError, match=message):
     splash.block_sizes(seq, bq, bkv)
 
 
-RULES = (("vocab", None), ("embed", "fsdp"), ("heads", "tensor"), ("head_dim", None), ("mlp", "tensor"),
-         ("norm", None))
+RULES = (("vocab", None), ("embed", "fsdp"), ("heads", "tensor"), ("head_dim", None), ("mlp", "tensor"), ("norm", None))
 
 
 def lower_for_tpu(**kw):
@@ -100,11 +105,21 @@ def lower_for_tpu(**kw):
   # Compiling needs no TPU; without this, libtpu's single-process lockfile fails concurrent test runs.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+
   topology = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
-  mesh = Mesh(np.array(topology.devices).reshape(2, 1, 2), ("data", "fsdp", "tensor"),
-              axis_types=(AxisType.Auto,) * 3)
-  cfg = model_lib.ModelConfig(vocab_size=1024, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=256,
-                              local_window=128, global_every_n=2, dtype="bfloat16", attention_impl="auto", **kw)
+  mesh = Mesh(np.array(topology.devices).reshape(2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  cfg = model_lib.ModelConfig(
+    vocab_size=1024,
+    hidden_size=256,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=256,
+    local_window=128,
+    global_every_n=2,
+    dtype="bfloat16",
+    attention_impl="auto",
+    **kw,
+  )
   batch, seq = 4, 512
   with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
     abstract = nnx.eval_shape(lambda: model_lib.MaskedLM(cfg, rngs=nnx.Rngs(0)))

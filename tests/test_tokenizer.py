@@ -1,4 +1,5 @@
 """Tokenizer loading, special-id checks and SentencePiece training."""
+
 import os
 
 import pytest
@@ -27,7 +28,7 @@ def test_trained_model_has_the_model_config_ids(spm_model):
 
 def test_encode_adds_no_specials_and_round_trips(spm_model):
   tok = tokenizer_lib.load_tokenizer(spm_model)
-  text = "hallo wörld 12  Привет  ሰላም ☃"          # double spaces and an unseen character (byte fallback)
+  text = "hallo wörld 12  Привет  ሰላም ☃"  # double spaces and an unseen character (byte fallback)
   ids = tok.encode([text])[0]
   assert min(ids) > 4
   assert tok.decode(ids) == text
@@ -36,6 +37,7 @@ def test_encode_adds_no_specials_and_round_trips(spm_model):
 def test_model_config_ids_are_what_is_checked(spm_model):
   class Cfg:  # the fields mmbert_jax.ModelConfig has
     pad_id, eos_id, bos_id, unk_id, mask_id = 0, 1, 2, 3, 4
+
   tokenizer_lib.load_tokenizer(spm_model, tokenizer_lib.SpecialIds.from_model_config(Cfg))
   Cfg.mask_id = 7
   with pytest.raises(ValueError, match=r"mask id is 4 \(<mask>\), the model config expects mask id 7"):
@@ -44,8 +46,14 @@ def test_model_config_ids_are_what_is_checked(spm_model):
 
 def test_sentencepiece_defaults_are_rejected_with_both_ids(tmp_path):
   # SentencePiece's own defaults: unk 0, bos 1, eos 2, no pad.
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_prefix=str(tmp_path / "d"), vocab_size=300,
-                                 pad_id=3, user_defined_symbols=["<mask>"], minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(TEXTS),
+    model_prefix=str(tmp_path / "d"),
+    vocab_size=300,
+    pad_id=3,
+    user_defined_symbols=["<mask>"],
+    minloglevel=2,
+  )
   with pytest.raises(ValueError) as e:
     tokenizer_lib.load_tokenizer(str(tmp_path / "d.model"))
   msg = str(e.value)
@@ -63,6 +71,7 @@ def test_missing_and_invalid_files(tmp_path):
 
 def _hf_tokenizer(path, specials):
   from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=200, special_tokens=specials))
@@ -84,8 +93,7 @@ def test_hf_tokenizer_json(tmp_path):
 def test_train_command(tmp_path, capsys):
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("\n".join(TEXTS), encoding="utf-8")
-  tokenizer_lib.main(["train", "--input", str(corpus), "--model_prefix", str(tmp_path / "cli"),
-                      "--vocab_size", "300"])
+  tokenizer_lib.main(["train", "--input", str(corpus), "--model_prefix", str(tmp_path / "cli"), "--vocab_size", "300"])
   assert os.path.exists(tmp_path / "cli.model")
   assert "'mask': 4" in capsys.readouterr().out
   tokenizer_lib.main(["check", str(tmp_path / "cli.model"), "--text", "hello"])

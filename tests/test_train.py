@@ -1,4 +1,5 @@
 """The training loop: sharded steps equal single-device steps, real text trains, metrics and errors."""
+
 import json
 import os
 import signal
@@ -8,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import read_metrics, run_two_processes, tiny_config, train_losses
+
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import sharding, train
 from mmbert_jax.model import get_config
@@ -18,16 +19,21 @@ from mmbert_jax.model import get_config
 def _synthetic_batch(rng, rows, seq, k, vocab, languages):
   ids = rng.integers(5, vocab, (rows, seq)).astype(np.int32)
   seg = np.ones((rows, seq), np.int32)
-  seg[:, seq // 2:] = 2
+  seg[:, seq // 2 :] = 2
   seg[0, -5:] = 0
   pos = np.concatenate([np.arange(seq // 2)] * 2)[None].repeat(rows, 0).astype(np.int32)
   mp = np.stack([rng.choice(seq, k, replace=False) for _ in range(rows)]).astype(np.int32)
   inputs = ids.copy()
   np.put_along_axis(inputs, mp, 4, 1)
-  return dict(input_ids=inputs, segment_ids=seg, positions=pos, masked_positions=mp,
-              masked_labels=np.take_along_axis(ids, mp, 1),
-              masked_weights=(np.take_along_axis(seg, mp, 1) > 0).astype(np.float32),
-              lang_ids=np.where(seg > 0, seg % languages, -1).astype(np.int32))
+  return dict(
+    input_ids=inputs,
+    segment_ids=seg,
+    positions=pos,
+    masked_positions=mp,
+    masked_labels=np.take_along_axis(ids, mp, 1),
+    masked_weights=(np.take_along_axis(seg, mp, 1) > 0).astype(np.float32),
+    lang_ids=np.where(seg > 0, seg % languages, -1).astype(np.int32),
+  )
 
 
 def _three_steps(mesh_sizes, devices, **model_overrides):
@@ -49,9 +55,9 @@ def _three_steps(mesh_sizes, devices, **model_overrides):
 @pytest.mark.parametrize("scan_layers,loss_impl", [(False, "chunked"), (True, "dense")])
 def test_sharded_steps_equal_single_device(scan_layers, loss_impl):
   assert jax.device_count() == 8
-  model = dict(scan_layers=scan_layers, loss_impl=loss_impl, loss_chunk_size=256)   # vocabulary split in 4
+  model = dict(scan_layers=scan_layers, loss_impl=loss_impl, loss_chunk_size=256)  # vocabulary split in 4
   single, p1 = _three_steps(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], **model)
-  sharded, p8 = _three_steps(dict(data=2, fsdp=2, tensor=2), jax.devices(), **model)   # every axis in use
+  sharded, p8 = _three_steps(dict(data=2, fsdp=2, tensor=2), jax.devices(), **model)  # every axis in use
   np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -72,7 +78,9 @@ def test_activations_hold_only_each_devices_rows():
   propagation from the fsdp-sharded weights, XLA kept all 16 global rows on each of the 8 devices (and split the
   hidden dimension instead), so per-device memory grew with the slice rather than with the rows per device."""
   import re
+
   from mmbert_jax import aot
+
   cfg = get_config("tiny").replace(vocab_size=1024, attention_impl="xla")
   mesh = sharding.make_mesh({"fsdp": 8}, jax.devices()[:8])
   config = tiny_config("")
@@ -81,12 +89,27 @@ def test_activations_hold_only_each_devices_rows():
   opt = aot.abstract_optimizer_state(tx, model.abstract_params, mesh)
   seq = 128
   with jax.set_mesh(mesh):
-    step = train.make_train_step(model, tx, mesh, num_languages=4, seed=0,
-                                 param_shardings=jax.tree.map(lambda x: x.sharding, model.abstract_params),
-                                 opt_shardings=jax.tree.map(lambda x: x.sharding, opt))
-    hlo = step.lower(model.abstract_params, opt, aot.abstract_batch(mesh, 1, 16, seq, 48),
-                     jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)).compile().as_text()
-  rows = {int(n) for n in re.findall(r"\b(?:f32|bf16)\[(\d+),%d," % seq, hlo)}
+    step = train.make_train_step(
+      model,
+      tx,
+      mesh,
+      num_languages=4,
+      seed=0,
+      param_shardings=jax.tree.map(lambda x: x.sharding, model.abstract_params),
+      opt_shardings=jax.tree.map(lambda x: x.sharding, opt),
+    )
+    hlo = (
+      step.lower(
+        model.abstract_params,
+        opt,
+        aot.abstract_batch(mesh, 1, 16, seq, 48),
+        jax.ShapeDtypeStruct((), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+      )
+      .compile()
+      .as_text()
+    )
+  rows = {int(n) for n in re.findall(rf"\b(?:f32|bf16)\[(\d+),{seq},", hlo)}
   assert rows == {2}, rows
 
 
@@ -100,9 +123,16 @@ def test_mesh_shape_resolves_and_rejects():
 
 def test_loss_decreases_on_real_text_with_metrics_and_tensorboard(demo_data, tmp_path, capfd):
   workdir = str(tmp_path / "run")
-  config = tiny_config(demo_data, train_tokens=512 * 40, batch_warmup_tokens=512 * 8,
-                       peak_flops_per_device=1e10, checkpoint_every_tokens=10 ** 9, profile_steps=3,
-                       profile_start_step=5, log_languages=2)
+  config = tiny_config(
+    demo_data,
+    train_tokens=512 * 40,
+    batch_warmup_tokens=512 * 8,
+    peak_flops_per_device=1e10,
+    checkpoint_every_tokens=10**9,
+    profile_steps=3,
+    profile_start_step=5,
+    log_languages=2,
+  )
   result = train.train_and_evaluate(config, workdir, later_tokens=512 * 40)
   assert result["status"] == "complete" and result["step"] > 20
   losses = train_losses(workdir)
@@ -110,9 +140,18 @@ def test_loss_decreases_on_real_text_with_metrics_and_tensorboard(demo_data, tmp
   assert last < first - 0.5, (first, last)
   metrics = read_metrics(workdir)
   logged = set().union(*metrics)
-  for key in ("train/tokens_per_s", "train/mfu", "train/model_flops_per_s", "train/lr", "train/grad_norm",
-              "train/clipped_fraction", "train/accuracy", "train_lang/en/loss",
-              "eval/loss", "eval/en/loss"):
+  for key in (
+    "train/tokens_per_s",
+    "train/mfu",
+    "train/model_flops_per_s",
+    "train/lr",
+    "train/grad_norm",
+    "train/clipped_fraction",
+    "train/accuracy",
+    "train_lang/en/loss",
+    "eval/loss",
+    "eval/en/loss",
+  ):
     assert key in logged, key
   # Batch-size warmup: fewer micro-batches first, the full two after batch_warmup_tokens.
   micro = [m["train/microbatches"] for m in metrics if "train/microbatches" in m]
@@ -151,8 +190,9 @@ def test_bad_batch_configuration_is_named(demo_data, tmp_path):
   with pytest.raises(ValueError, match="micro_batch_size"):
     train.train_and_evaluate(tiny_config(demo_data, micro_batch_size=3), str(tmp_path / "a"))
   with pytest.raises(ValueError, match="not divisible by data×fsdp"):
-    train.train_and_evaluate(tiny_config(demo_data, batch_size=4, micro_batch_size=4, num_devices=8),
-                             str(tmp_path / "b"))
+    train.train_and_evaluate(
+      tiny_config(demo_data, batch_size=4, micro_batch_size=4, num_devices=8), str(tmp_path / "b")
+    )
 
 
 _WORKER = """
@@ -169,7 +209,7 @@ print("RESULT", result["status"], result["step"], jax.device_count())
 """
 
 
-STEPS = 12   # tiny_config's run: 512 tokens a step
+STEPS = 12  # tiny_config's run: 512 tokens a step
 
 
 @pytest.fixture(scope="module")
@@ -222,21 +262,22 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(demo_data, tmp_path,
   def sigterm_process_1_after_step_2(procs):
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p in procs):
-      if os.path.exists(jsonl) and '"step": 2,' in open(jsonl).read():   # process 0 has logged step 2
+      if os.path.exists(jsonl) and '"step": 2,' in open(jsonl).read():  # process 0 has logged step 2
         procs[1].send_signal(signal.SIGTERM)
         return
       time.sleep(0.05)
 
-  first = run_two_processes(_PREEMPTIBLE, timeout=300, during=sigterm_process_1_after_step_2, data=demo_data,
-                            workdir=workdir, slow=True)
+  first = run_two_processes(
+    _PREEMPTIBLE, timeout=300, during=sigterm_process_1_after_step_2, data=demo_data, workdir=workdir, slow=True
+  )
   saved = []
   for returncode, out, err in first:
     assert returncode == 75, (out + err)[-3000:]
     saved.append([int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVED")])
-  [[step], [other]] = saved                           # one save each: the stop's
+  [[step], [other]] = saved  # one save each: the stop's
   assert step == other and 2 < step < STEPS, saved
   assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(workdir)) == [step]
-  assert "SIGTERM caught" in first[1][2] and "SIGTERM caught" not in first[0][2]   # only process 1 got it
+  assert "SIGTERM caught" in first[1][2] and "SIGTERM caught" not in first[0][2]  # only process 1 got it
 
   second = run_two_processes(_PREEMPTIBLE, timeout=300, data=demo_data, workdir=workdir, slow=False)
   for returncode, out, err in second:

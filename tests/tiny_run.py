@@ -1,10 +1,12 @@
 """One trained tiny run shared by the merge, export and evaluate tests: trained once per pytest session, by
 whichever of those modules asks first. Twelve steps with checkpoints kept at steps 4, 8 and 12."""
+
 import os
 import subprocess
 import sys
 
 from conftest import ROOT, tiny_config
+
 from mmbert_jax import train
 
 STEPS = (4, 8, 12)
@@ -34,5 +36,6 @@ def step_dir(workdir: str, step: int) -> str:
 def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
   """`python -m <module> args...` in a fresh interpreter, as a user would run it."""
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+  )

@@ -18,6 +18,7 @@ FLOPs per pair: 4·D forward and 10·D backward (dq, dk, dv, dp and the recomput
 the FlashAttention convention, backward = 2.5 × forward). On CPU the mode runs the kernel in interpret mode, which
 only checks that the mode works.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,8 +44,12 @@ def define_flags() -> None:
   flags.DEFINE_integer("heads", 6, "Heads for timings (head_dim 64).")
   flags.DEFINE_integer("repeats", 3, "Timed calls after the compiling one; the median is printed.")
   flags.DEFINE_list("impls", ["xla", "splash", "pallas_gpu"], "Implementations to time.")
-  flags.DEFINE_enum("mode", "counts", ["counts", "hardware"],
-                    "counts: block counts and float32 timings; hardware: bf16 TFLOP/s of xla/kernel/cuDNN.")
+  flags.DEFINE_enum(
+    "mode",
+    "counts",
+    ["counts", "hardware"],
+    "counts: block counts and float32 timings; hardware: bf16 TFLOP/s of xla/kernel/cuDNN.",
+  )
   flags.DEFINE_list("hw_seq_lens", ["1024", "8192"], "hardware mode: sequence lengths.")
   flags.DEFINE_integer("hw_tokens", 32768, "hardware mode: tokens per call (batch = tokens / S).")
   flags.DEFINE_integer("hw_heads", 12, "hardware mode: heads of 64 (mmBERT-base: 12).")
@@ -73,18 +78,23 @@ def _median_ms(fn, args, repeats):
 
 def timings(seq_lens, impls, batch, heads, block, window, repeats):
   backend = jax.default_backend()
-  print(f"\ntimings on {backend} ({jax.devices()[0].device_kind}), batch {batch}, {heads} heads × 64, float32, "
-        f"block {block}; ms (median of {repeats}; first call incl. compile in brackets)")
+  print(
+    f"\ntimings on {backend} ({jax.devices()[0].device_kind}), batch {batch}, {heads} heads × 64, float32, "
+    f"block {block}; ms (median of {repeats}; first call incl. compile in brackets)"
+  )
   print(f"{'S':>6} {'impl':>22} {'layer':>7} {'fwd':>18} {'fwd+bwd':>18}")
   for s in seq_lens:
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (batch, s, heads, 64), jnp.float32) for key in keys)
-    seg = jnp.asarray(np.repeat(np.arange(1, 5), s // 4)[None].repeat(batch, 0), jnp.int32)   # 4 documents
+    seg = jnp.asarray(np.repeat(np.arange(1, 5), s // 4)[None].repeat(batch, 0), jnp.int32)  # 4 documents
     for impl in impls:
       interpret = {"splash": backend != "tpu", "pallas_gpu": backend != "gpu"}.get(impl, False)
       for layer, w in (("global", None), ("local", window)):
-        fwd = jax.jit(lambda q, k, v, impl=impl, w=w: attention.attention(
-            q, k, v, seg, w, impl=impl, block_q=block, block_kv=block, interpret=interpret))
+        fwd = jax.jit(
+          lambda q, k, v, impl=impl, w=w: attention.attention(
+            q, k, v, seg, w, impl=impl, block_q=block, block_kv=block, interpret=interpret
+          )
+        )
         bwd = jax.jit(jax.grad(lambda q, k, v, f=fwd: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))
         row = []
         for fn in (fwd, bwd):
@@ -98,8 +108,8 @@ def timings(seq_lens, impls, batch, heads, block, window, repeats):
 # Hardware mode
 # --------------------------------------------------------------------------------------------------------------
 
-FWD_FLOPS_PER_PAIR = 4      # × head_dim: q·kᵀ and p·v
-BWD_FLOPS_PER_PAIR = 10     # × head_dim: dv, dp, ds·k (dq), dsᵀ·q (dk) and the recomputed q·kᵀ
+FWD_FLOPS_PER_PAIR = 4  # × head_dim: q·kᵀ and p·v
+BWD_FLOPS_PER_PAIR = 10  # × head_dim: dv, dp, ds·k (dq), dsᵀ·q (dk) and the recomputed q·kᵀ
 
 
 def visited_pairs(impl: str, seq_len: int, window: int | None, options: attention.KernelOptions):
@@ -112,7 +122,7 @@ def visited_pairs(impl: str, seq_len: int, window: int | None, options: attentio
     bq, bk = min(options.block_q, seq_len), min(options.block_kv, seq_len)
     pairs = splash.visited_kv_blocks(seq_len, bq, bk, window) * bq * bk
     return pairs, pairs
-  return seq_len * seq_len, seq_len * seq_len   # xla and cuDNN compute every pair
+  return seq_len * seq_len, seq_len * seq_len  # xla and cuDNN compute every pair
 
 
 def _attention_fn(impl: str, kernel: str, window, seg, options):
@@ -128,12 +138,16 @@ def hardware(seq_lens, tokens: int, heads: int, window: int, repeats: int, head_
   kernel = {"tpu": "splash", "gpu": "pallas_gpu"}.get(backend, "pallas_gpu")
   interpret = backend not in ("tpu", "gpu")
   cfg = model_lib.ModelConfig(local_window=2 * window, attention_interpret=interpret)
-  print(f"\nhardware mode on {backend} ({jax.devices()[0].device_kind}): bfloat16, {heads} heads × {head_dim}, "
-        f"{tokens} tokens per call, one document per row; kernel = {kernel}"
-        f"{' (INTERPRET mode: not kernel speed)' if interpret else ''}; ms median of {repeats}; TFLOP/s over "
-        f"visited tiles / over all S×S pairs")
-  print(f"{'S':>6} {'batch':>5} {'layer':>6} {'impl':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} "
-        f"{'fwd TF/s':>17} {'fwd+bwd TF/s':>17}")
+  print(
+    f"\nhardware mode on {backend} ({jax.devices()[0].device_kind}): bfloat16, {heads} heads × {head_dim}, "
+    f"{tokens} tokens per call, one document per row; kernel = {kernel}"
+    f"{' (INTERPRET mode: not kernel speed)' if interpret else ''}; ms median of {repeats}; TFLOP/s over "
+    f"visited tiles / over all S×S pairs"
+  )
+  print(
+    f"{'S':>6} {'batch':>5} {'layer':>6} {'impl':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+    f"{'fwd TF/s':>17} {'fwd+bwd TF/s':>17}"
+  )
   for s in seq_lens:
     batch = max(1, tokens // s)
     keys = jax.random.split(jax.random.key(0), 4)
@@ -143,7 +157,7 @@ def hardware(seq_lens, tokens: int, heads: int, window: int, repeats: int, head_
       options = attention.kernel_options(cfg, kernel, w)
       for impl in ("xla", "kernel", "cudnn"):
         if impl == "cudnn" and (backend != "gpu" or w is not None):
-          continue   # cuDNN: GPU only, and no two-sided window
+          continue  # cuDNN: GPU only, and no two-sided window
         fn = _attention_fn(impl, kernel, w, seg, options)
         grad = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct), argnums=(0, 1, 2))
         try:
@@ -153,8 +167,10 @@ def hardware(seq_lens, tokens: int, heads: int, window: int, repeats: int, head_
           continue
         fwd_pairs, bwd_pairs = visited_pairs(kernel if impl == "kernel" else impl, s, w, options)
         scale = batch * heads * head_dim
-        visited = (FWD_FLOPS_PER_PAIR * fwd_pairs * scale,
-                   (FWD_FLOPS_PER_PAIR * fwd_pairs + BWD_FLOPS_PER_PAIR * bwd_pairs) * scale)
+        visited = (
+          FWD_FLOPS_PER_PAIR * fwd_pairs * scale,
+          (FWD_FLOPS_PER_PAIR * fwd_pairs + BWD_FLOPS_PER_PAIR * bwd_pairs) * scale,
+        )
         dense = (FWD_FLOPS_PER_PAIR * s * s * scale, (FWD_FLOPS_PER_PAIR + BWD_FLOPS_PER_PAIR) * s * s * scale)
         rate = lambda i: f"{visited[i] / ms[i] / 1e9:7.2f} / {dense[i] / ms[i] / 1e9:7.2f}"
         print(f"{s:>6} {batch:>5} {layer:>6} {impl:>8} {ms[0]:9.2f} {ms[1]:11.2f} {rate(0):>17} {rate(1):>17}")
@@ -166,8 +182,15 @@ def main(argv):
     hardware([int(s) for s in FLAGS.hw_seq_lens], FLAGS.hw_tokens, FLAGS.hw_heads, FLAGS.window, FLAGS.repeats)
     return
   block_counts([int(s) for s in FLAGS.count_seq_lens], FLAGS.block, FLAGS.window)
-  timings([int(s) for s in FLAGS.time_seq_lens], FLAGS.impls, FLAGS.batch, FLAGS.heads, FLAGS.block, FLAGS.window,
-          FLAGS.repeats)
+  timings(
+    [int(s) for s in FLAGS.time_seq_lens],
+    FLAGS.impls,
+    FLAGS.batch,
+    FLAGS.heads,
+    FLAGS.block,
+    FLAGS.window,
+    FLAGS.repeats,
+  )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ same run (what this backend can actually do).
 The step is the real one (`train.make_train_step`: sparse MLM head, StableAdamW, gradient accumulation scan) on
 synthetic packed rows (documents of 64–512 tokens), sharded over all local devices (fsdp).
 """
+
 from __future__ import annotations
 
 import time
@@ -18,9 +19,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from mmbert_jax import cli
+from mmbert_jax import cli, sharding, train
 from mmbert_jax import flops as flops_lib
-from mmbert_jax import sharding, train
 from mmbert_jax.model import get_config
 
 FLAGS = flags.FLAGS
@@ -51,14 +51,19 @@ def synthetic_batch(rng, rows, seq, k, vocab):
     start, doc = 0, 1
     while start < seq:
       n = min(int(rng.integers(64, 513)), seq - start)
-      seg[r, start:start + n], pos[r, start:start + n] = doc, np.arange(n)
+      seg[r, start : start + n], pos[r, start : start + n] = doc, np.arange(n)
       start, doc = start + n, doc + 1
   ids = rng.integers(5, vocab, (rows, seq)).astype(np.int32)
   mp = np.stack([rng.choice(seq, k, replace=False) for _ in range(rows)]).astype(np.int32)
-  return dict(input_ids=ids, segment_ids=seg, positions=pos, masked_positions=mp,
-              masked_labels=np.take_along_axis(ids, mp, 1), masked_weights=np.ones((rows, k), np.float32),
-              lang_ids=np.zeros((rows, seq), np.int32))
-
+  return dict(
+    input_ids=ids,
+    segment_ids=seg,
+    positions=pos,
+    masked_positions=mp,
+    masked_labels=np.take_along_axis(ids, mp, 1),
+    masked_weights=np.ones((rows, k), np.float32),
+    lang_ids=np.zeros((rows, seq), np.int32),
+  )
 
 
 def matmul_flops_per_s(n: int, dtype, steps: int = 5) -> float:
@@ -69,20 +74,29 @@ def matmul_flops_per_s(n: int, dtype, steps: int = 5) -> float:
   for _ in range(steps):
     out = matmul(a)
   jax.block_until_ready(out)
-  return 2 * n ** 3 * steps / (time.perf_counter() - start)
+  return 2 * n**3 * steps / (time.perf_counter() - start)
 
 
 def main(argv):
   cli.start(argv)
   dtype = FLAGS.dtype if FLAGS.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  cfg = get_config(FLAGS.preset, num_layers=FLAGS.layers, vocab_size=FLAGS.vocab, dtype=dtype,
-                   attention_impl=FLAGS.attention_impl, remat=FLAGS.remat, loss_impl=FLAGS.loss_impl,
-                   loss_chunk_size=FLAGS.loss_chunk_size, scan_layers=FLAGS.scan_layers)
+  cfg = get_config(
+    FLAGS.preset,
+    num_layers=FLAGS.layers,
+    vocab_size=FLAGS.vocab,
+    dtype=dtype,
+    attention_impl=FLAGS.attention_impl,
+    remat=FLAGS.remat,
+    loss_impl=FLAGS.loss_impl,
+    loss_chunk_size=FLAGS.loss_chunk_size,
+    scan_layers=FLAGS.scan_layers,
+  )
   mesh = sharding.make_mesh({"fsdp": -1})
   rows = FLAGS.batch
   k = max(1, int(round(FLAGS.mask_rate * FLAGS.seq_len)))
-  optim_config = ml_collections.ConfigDict(dict(optim=dict(name="stable_adamw", peak_lr=8e-4, weight_decay=8e-5,
-                                                          b1=0.9, b2=0.95, eps=1e-8)))
+  optim_config = ml_collections.ConfigDict(
+    dict(optim=dict(name="stable_adamw", peak_lr=8e-4, weight_decay=8e-5, b1=0.9, b2=0.95, eps=1e-8))
+  )
   params, opt, step = train.fresh_train_state(cfg, optim_config, mesh)
   batch = synthetic_batch(np.random.default_rng(0), rows, FLAGS.seq_len, k, cfg.vocab_size)
   put = train.make_put(mesh, leading=1)
@@ -91,8 +105,9 @@ def main(argv):
   state = {"params": params, "opt": opt}
 
   def run():
-    state["params"], state["opt"], metrics = step(state["params"], state["opt"], device_batch, jnp.float32(1e-4),
-                                                  jnp.int32(0))
+    state["params"], state["opt"], metrics = step(
+      state["params"], state["opt"], device_batch, jnp.float32(1e-4), jnp.int32(0)
+    )
     return metrics["loss"]
 
   with jax.set_mesh(mesh):
@@ -112,16 +127,22 @@ def main(argv):
   matmul = matmul_flops_per_s(FLAGS.matmul, jnp.dtype(dtype))
   peak = flops_lib.peak_flops(kind)
   print(f"device: {n} × {kind} ({jax.default_backend()}), compute dtype {dtype}, attention {FLAGS.attention_impl}")
-  print(f"model: {FLAGS.preset} width, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
-        f"{rows} × {FLAGS.seq_len} tokens per step, {k} masked per row; MLM loss {cfg.loss_impl}"
-        f"{f'/{cfg.loss_chunk_size}' if cfg.loss_impl == 'chunked' else ''}, "
-        f"layers {'scanned' if cfg.scan_layers else 'unrolled'}")
+  print(
+    f"model: {FLAGS.preset} width, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
+    f"{rows} × {FLAGS.seq_len} tokens per step, {k} masked per row; MLM loss {cfg.loss_impl}"
+    f"{f'/{cfg.loss_chunk_size}' if cfg.loss_impl == 'chunked' else ''}, "
+    f"layers {'scanned' if cfg.scan_layers else 'unrolled'}"
+  )
   print(f"first step (compile) {compile_s:.1f} s; step {seconds * 1e3:.1f} ms")
   print(f"tokens/s {tokens / seconds:,.0f} ({tokens / seconds / n:,.0f} per device)")
-  print(f"model FLOPs per step {f.total:.3e} (linears {f.linears:.2e}, attention {f.attention:.2e}, "
-        f"head {f.head:.2e}); model FLOP/s {f.total / seconds:.3e} ({f.total / seconds / n:.3e} per device)")
-  print(f"{FLAGS.matmul}³ matmul on one device: {matmul:.3e} FLOP/s → step reaches "
-        f"{100 * f.total / seconds / n / matmul:.1f}% of it")
+  print(
+    f"model FLOPs per step {f.total:.3e} (linears {f.linears:.2e}, attention {f.attention:.2e}, "
+    f"head {f.head:.2e}); model FLOP/s {f.total / seconds:.3e} ({f.total / seconds / n:.3e} per device)"
+  )
+  print(
+    f"{FLAGS.matmul}³ matmul on one device: {matmul:.3e} FLOP/s → step reaches "
+    f"{100 * f.total / seconds / n / matmul:.1f}% of it"
+  )
   if peak:
     print(f"MFU {100 * flops_lib.mfu(f.total, seconds, n, kind):.1f}% of the {peak:.3e} FLOP/s bf16 peak")
   else:

@@ -15,6 +15,7 @@ With `residual_checkpoint_name`, the output and log-sum-exp saved for the backwa
 a remat policy that saves the name (`jax.checkpoint_policies.save_only_these_names`) keeps the forward kernel
 from running a second time in the backward pass.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,21 +44,24 @@ def check_triton_block(name: str, size: int, seq_len: int | None = None) -> None
   """Raises a one-line ValueError unless `size` is a tile Triton can lower: a power of two ≥ 16."""
   if size < MIN_TRITON_BLOCK or size & (size - 1):
     at = "" if seq_len is None else f" (sequence length {seq_len})"
-    raise ValueError(f"flash attention {name}={size}{at} must be a power of two >= {MIN_TRITON_BLOCK} for Triton; "
-                     f"pick power-of-two tiles that divide the sequence length (interpret mode accepts any divisor)")
+    raise ValueError(
+      f"flash attention {name}={size}{at} must be a power of two >= {MIN_TRITON_BLOCK} for Triton; "
+      f"pick power-of-two tiles that divide the sequence length (interpret mode accepts any divisor)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes. The backward sizes default to the forward ones."""
+
   block_q: int = 128
   block_kv: int = 128
-  block_q_dkv: int | None = None    # dk/dv kernel: q blocks iterated by each program
-  block_kv_dkv: int | None = None   # dk/dv kernel: the kv block each program owns
-  block_q_dq: int | None = None     # dq kernel: the q block each program owns
-  block_kv_dq: int | None = None    # dq kernel: kv blocks iterated by each program
+  block_q_dkv: int | None = None  # dk/dv kernel: q blocks iterated by each program
+  block_kv_dkv: int | None = None  # dk/dv kernel: the kv block each program owns
+  block_q_dq: int | None = None  # dq kernel: the q block each program owns
+  block_kv_dq: int | None = None  # dq kernel: kv blocks iterated by each program
 
-  def for_seq_len(self, seq_len: int, *, interpret: bool = False) -> "BlockSizes":
+  def for_seq_len(self, seq_len: int, *, interpret: bool = False) -> BlockSizes:
     """Fills the backward sizes, caps every size at `seq_len`, and checks that each divides it and, unless
     `interpret`, that Triton can lower it."""
     sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -70,8 +74,10 @@ class BlockSizes:
         raise ValueError(f"flash attention {name}={size!r}: expected a positive int")
       size = min(size, seq_len)
       if seq_len % size:
-        raise ValueError(f"flash attention {name}={size} does not divide the sequence length {seq_len}; "
-                         f"pick a block size that divides it")
+        raise ValueError(
+          f"flash attention {name}={size} does not divide the sequence length {seq_len}; "
+          f"pick a block size that divides it"
+        )
       if not interpret:
         check_triton_block(name, size, seq_len)
       sizes[name] = size
@@ -107,6 +113,7 @@ def visited_kv_blocks(seq_len: int, block_q: int, block_kv: int, window: int | N
 @dataclasses.dataclass(frozen=True)
 class _Options:
   """Everything static about one call; hashable, so it can be a custom_vjp non-differentiable argument."""
+
   window: int | None
   sm_scale: float
   blocks: BlockSizes
@@ -120,6 +127,7 @@ class _Options:
 # --------------------------------------------------------------------------------------------------------------
 # Kernels. Refs arrive with batch and head squeezed: q/k/v/o [rows, D], per-row statistics [rows].
 # --------------------------------------------------------------------------------------------------------------
+
 
 def _scores(q, k, q_pos, k_pos, q_seg, k_seg, opts: _Options):
   """Masked base-2 logits [bq, bk] of a q tile against a k tile."""
@@ -145,8 +153,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, opts: _Options, has_segments: bool):
   def body(j, carry):
     acc, m, l = carry
     kv = pl.ds(j * bk, bk)
-    s = _scores(q, k_ref[kv, :], q_pos, j * bk + jnp.arange(bk), q_seg,
-                seg_ref[kv] if has_segments else None, opts)
+    s = _scores(q, k_ref[kv, :], q_pos, j * bk + jnp.arange(bk), q_seg, seg_ref[kv] if has_segments else None, opts)
     m_new = jnp.maximum(m, s.max(axis=-1))
     p = jnp.exp2(s - m_new[:, None])
     alpha = jnp.exp2(m - m_new)
@@ -155,8 +162,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, opts: _Options, has_segments: bool):
     return acc, m_new, alpha * l + p.sum(axis=-1)
 
   lo, hi = block_range(i, bq, bk, k_ref.shape[0] // bk, opts.window)
-  init = (jnp.zeros((bq, q.shape[-1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
+  init = (
+    jnp.zeros((bq, q.shape[-1]), jnp.float32),
+    jnp.full((bq,), -jnp.inf, jnp.float32),
+    jnp.zeros((bq,), jnp.float32),
+  )
   acc, m, l = lax.fori_loop(lo, hi, body, init)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log2(l)
@@ -213,6 +223,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, *refs, opts: _Options, has_segments: bool):
 # pallas_call plumbing. Every grid is (sequence blocks, batch, heads).
 # --------------------------------------------------------------------------------------------------------------
 
+
 def _rows_spec(layout: str, shape, block: int | None) -> pl.BlockSpec:
   """[B, S, N, D] or [B, N, S, D] operand: one block of rows (block) or the whole sequence (None)."""
   d = shape[-1]
@@ -240,15 +251,20 @@ def _segments(segment_ids):
 
 def _dims(q, layout):
   b, x, y, _ = q.shape
-  return (b, x, y) if layout == "bsnd" else (b, y, x)   # batch, seq, heads
+  return (b, x, y) if layout == "bsnd" else (b, y, x)  # batch, seq, heads
 
 
 def _call(kernel, name, grid, in_specs, out_specs, out_shape, opts, has_segments):
   return pl.pallas_call(
-      functools.partial(kernel, opts=opts, has_segments=has_segments),
-      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=opts.num_warps, num_stages=opts.num_stages),
-      interpret=opts.interpret, name=name)
+    functools.partial(kernel, opts=opts, has_segments=has_segments),
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=plgpu.CompilerParams(num_warps=opts.num_warps, num_stages=opts.num_stages),
+    interpret=opts.interpret,
+    name=name,
+  )
 
 
 def _forward(q, k, v, segment_ids, opts: _Options):
@@ -256,12 +272,20 @@ def _forward(q, k, v, segment_ids, opts: _Options):
   bq = opts.blocks.block_q
   seg_args, seg_specs = _segments(segment_ids)
   out, lse = _call(
-      _fwd_kernel, "flash_fwd", (seq_len // bq, batch, heads),
-      [_rows_spec(opts.layout, q.shape, bq), _rows_spec(opts.layout, k.shape, None),
-       _rows_spec(opts.layout, v.shape, None), *seg_specs],
-      [_rows_spec(opts.layout, q.shape, bq), _stats_spec(seq_len, bq)],
-      [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)],
-      opts, segment_ids is not None)(q, k, v, *seg_args)
+    _fwd_kernel,
+    "flash_fwd",
+    (seq_len // bq, batch, heads),
+    [
+      _rows_spec(opts.layout, q.shape, bq),
+      _rows_spec(opts.layout, k.shape, None),
+      _rows_spec(opts.layout, v.shape, None),
+      *seg_specs,
+    ],
+    [_rows_spec(opts.layout, q.shape, bq), _stats_spec(seq_len, bq)],
+    [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq_len), jnp.float32)],
+    opts,
+    segment_ids is not None,
+  )(q, k, v, *seg_args)
   return out, lse
 
 
@@ -276,18 +300,41 @@ def _backward(q, k, v, segment_ids, out, lse, do, opts: _Options):
   spec = functools.partial(_rows_spec, opts.layout)
 
   dq = _call(
-      _dq_kernel, "flash_bwd_dq", (seq_len // b.block_q_dq, batch, heads),
-      [spec(q.shape, b.block_q_dq), spec(k.shape, None), spec(v.shape, None), *seg_specs,
-       spec(do.shape, b.block_q_dq), _stats_spec(seq_len, b.block_q_dq), _stats_spec(seq_len, b.block_q_dq)],
-      spec(q.shape, b.block_q_dq), jax.ShapeDtypeStruct(q.shape, q.dtype),
-      opts, has_segments)(q, k, v, *seg_args, do, lse, delta)
+    _dq_kernel,
+    "flash_bwd_dq",
+    (seq_len // b.block_q_dq, batch, heads),
+    [
+      spec(q.shape, b.block_q_dq),
+      spec(k.shape, None),
+      spec(v.shape, None),
+      *seg_specs,
+      spec(do.shape, b.block_q_dq),
+      _stats_spec(seq_len, b.block_q_dq),
+      _stats_spec(seq_len, b.block_q_dq),
+    ],
+    spec(q.shape, b.block_q_dq),
+    jax.ShapeDtypeStruct(q.shape, q.dtype),
+    opts,
+    has_segments,
+  )(q, k, v, *seg_args, do, lse, delta)
   dk, dv = _call(
-      _dkv_kernel, "flash_bwd_dkv", (seq_len // b.block_kv_dkv, batch, heads),
-      [spec(q.shape, None), spec(k.shape, b.block_kv_dkv), spec(v.shape, b.block_kv_dkv), *seg_specs,
-       spec(do.shape, None), _stats_spec(seq_len, None), _stats_spec(seq_len, None)],
-      [spec(k.shape, b.block_kv_dkv), spec(v.shape, b.block_kv_dkv)],
-      [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      opts, has_segments)(q, k, v, *seg_args, do, lse, delta)
+    _dkv_kernel,
+    "flash_bwd_dkv",
+    (seq_len // b.block_kv_dkv, batch, heads),
+    [
+      spec(q.shape, None),
+      spec(k.shape, b.block_kv_dkv),
+      spec(v.shape, b.block_kv_dkv),
+      *seg_specs,
+      spec(do.shape, None),
+      _stats_spec(seq_len, None),
+      _stats_spec(seq_len, None),
+    ],
+    [spec(k.shape, b.block_kv_dkv), spec(v.shape, b.block_kv_dkv)],
+    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    opts,
+    has_segments,
+  )(q, k, v, *seg_args, do, lse, delta)
   return dq, dk, dv
 
 
@@ -312,11 +359,21 @@ def _flash_bwd(opts: _Options, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
-                    window: int | None = None, sm_scale: float | None = None,
-                    block_sizes: BlockSizes = BlockSizes(), layout: str = "bsnd",
-                    num_warps: int | None = None, num_stages: int = 2, interpret: bool = False,
-                    residual_checkpoint_name: str | None = None) -> jax.Array:
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array | None = None,
+  *,
+  window: int | None = None,
+  sm_scale: float | None = None,
+  block_sizes: BlockSizes = BlockSizes(),
+  layout: str = "bsnd",
+  num_warps: int | None = None,
+  num_stages: int = 2,
+  interpret: bool = False,
+  residual_checkpoint_name: str | None = None,
+) -> jax.Array:
   """Attention within segments and, if `window` is set, within |i − j| ≤ window. Differentiable in q, k, v.
 
   q, k, v: [B, S, N, D] (`layout="bsnd"`) or [B, N, S, D] (`"bnsd"`); segment_ids: int32 [B, S] or None (one
@@ -336,8 +393,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   if window is not None and (not isinstance(window, int) or window < 0):
     raise ValueError(f"flash attention window={window!r}: expected a non-negative int or None")
   opts = _Options(
-      window=window, sm_scale=1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale),
-      blocks=block_sizes.for_seq_len(seq_len, interpret=interpret), layout=layout,
-      num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages, interpret=interpret,
-      residual_checkpoint_name=residual_checkpoint_name)
+    window=window,
+    sm_scale=1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale),
+    blocks=block_sizes.for_seq_len(seq_len, interpret=interpret),
+    layout=layout,
+    num_warps=num_warps or (4 if d <= 64 else 8),
+    num_stages=num_stages,
+    interpret=interpret,
+    residual_checkpoint_name=residual_checkpoint_name,
+  )
   return _flash(q, k, v, segment_ids, opts)
