@@ -40,8 +40,10 @@ setup(
       "transformers==5.23.0",
       "tokenizers>=0.20",
       "sentence-transformers==6.2.0",
-      "gcp-storage-emulator>=2024.1",
-    ],  # the GCS JSON API on localhost (tests/conftest.py)
+      "gcp-storage-emulator>=2024.1",  # the GCS JSON API on localhost (tests/conftest.py)
+      "pytest-xdist>=3.6",  # -n 2: tests that wait on subprocesses overlap
+      "ruff==0.17.6",  # the lint and format contract of pyproject.toml (.ci/run checks it first)
+    ],
     # libtpu matching jax 0.10.2: runs on TPU VMs and compiles for TPU topologies on any machine.
     "tpu": ["jax[tpu]==0.10.2"],
   },

@@ -1,30 +1,12 @@
-"""Every test runs on CPU; 8 host devices make sharding tests possible in the same process."""
+"""Fixtures shared by every test module; plain helpers live in helpers.py."""
 
 import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import importlib.util
-import pathlib
 import socket
 import subprocess
 import sys
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-# A small slice of the embedded demo corpus: the 12 demo pre-training languages, a few mid-training ones and two
-# languages that only the demo's decay phase adds.
-TEST_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "ru", "zh", "ja", "ar", "hi", "ko", "nl", "pl", "sw", "fo", "ti")
-
-
-def load_config(name: str, arg: str | None = None):
-  """A config file of configs/, as `--config=configs/<name>.py[:arg]` would load it."""
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config() if arg is None else module.get_config(arg)
+from helpers import ROOT, TEST_LANGUAGES  # first: sets the CPU platform and device count before JAX loads
 
 
 @pytest.fixture(scope="session")
@@ -84,73 +66,3 @@ def gcs_bucket():
       os.environ[k] = v
   proc.kill()
   proc.wait()
-
-
-def tiny_config(data_dir: str, **overrides):
-  """A tiny single-phase run on the demo data: 4-layer model, 8 rows of 64 tokens per step, 4 devices."""
-  c = load_config("base")
-  c.update_from_flattened_dict(
-    {
-      "model_preset": "tiny",
-      "model.vocab_size": 1000,
-      "model.attn_out_dropout": 0.1,
-      "model.attention_impl": "xla",
-      "data.data_dir": data_dir,
-      "data.languages": "en,de,fr,ru,zh,sw",
-      "data.seq_len": 64,
-      "batch_size": 8,
-      "micro_batch_size": 4,
-      "eval_batch_size": 8,
-      "eval_max_batches": 1,
-      "optim.peak_lr": 3e-3,
-      "schedule.warmup_tokens": 2048,
-      "train_tokens": 512 * 12,
-      "log_every_steps": 1,
-      "checkpoint_every_tokens": 512 * 4,
-      "keep_checkpoints": 2,
-      "num_devices": 4,  # fsdp over 4 of the 8 host devices
-    }
-  )
-  c.update_from_flattened_dict(overrides)
-  return c
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  import json
-
-  with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
-    return [json.loads(line) for line in f]
-
-
-def train_losses(workdir: str) -> dict[int, float]:
-  return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
-
-
-def run_two_processes(worker: str, timeout: int = 600, during=None, **fields) -> list[tuple[int, str, str]]:
-  """Runs `worker` as processes 0 and 1 of a jax.distributed job on localhost: a Python source whose `{root}`,
-  `{tests}`, `{port}`, `{pid}` and `fields` are filled in. `during(processes)`, if given, is called once both have
-  started (e.g. to signal one); their output is read only after it returns, so it must not wait long. Returns
-  (return code, stdout, stderr) of each."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each worker sets its own device count
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", worker.format(root=str(ROOT), tests=str(ROOT / "tests"), port=port, pid=i, **fields)],
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-      env=env,
-    )
-    for i in range(2)
-  ]
-  try:
-    if during is not None:
-      during(procs)
-    outputs = [p.communicate(timeout=timeout) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config, train_losses
+from helpers import ROOT, tiny_config, train_losses
 
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import train
@@ -61,7 +61,7 @@ _KILL_DURING_SAVE = """
 import os, signal, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-from conftest import tiny_config
+from helpers import tiny_config
 from mmbert_jax import checkpoint, train
 save = checkpoint.Checkpointer.save
 def save_then_die(self, step, **kw):

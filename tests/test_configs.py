@@ -1,7 +1,7 @@
 """Every recipe number of docs/RECIPE.md in the phase configs, and the configs' internal consistency."""
 
 import pytest
-from conftest import load_config
+from helpers import load_config
 
 from mmbert_jax import train
 from mmbert_jax.model import get_config

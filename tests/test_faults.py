@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, load_config, read_metrics, run_two_processes, tiny_config
+from helpers import ROOT, load_config, read_metrics, run_two_processes, tiny_config
 from tensorboardX.event_file_writer import EventsWriter
 from tiny_run import MODEL, STEPS, step_dir, trained_run
 
@@ -447,7 +447,7 @@ def _main_process(*args, env_extra=None):
 def _config_file(tmp_path, data_dir, **overrides):
   path = tmp_path / "tiny_config.py"
   path.write_text(
-    f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom conftest import tiny_config\n\n"
+    f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom helpers import tiny_config\n\n"
     f"def get_config():\n  return tiny_config({data_dir!r}, **{overrides!r})\n"
   )
   return str(path)
@@ -497,7 +497,7 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize("localhost:{port}", num_processes=2, process_id={pid})
-from conftest import tiny_config
+from helpers import tiny_config
 from mmbert_jax import main
 sys.exit(main.run(tiny_config({data!r}, num_devices=0, **{{"mesh.fsdp": 1, "mesh.tensor": 2}}), {workdir!r}))
 """

@@ -10,8 +10,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
 from flax import nnx
+from helpers import ROOT
 from tiny_run import run_module
 
 from data_pipeline import tasks

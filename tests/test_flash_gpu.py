@@ -240,7 +240,7 @@ def test_model_forward_backward_lowers_for_cuda(remat, forward_calls):
 def test_real_train_step_lowers_for_cuda_on_four_devices():
   """train.make_train_step (scan over micro-batches, optimizer update) with FSDP × tensor sharding over 4 devices:
   the kernels run in shard_map and lower to Triton, once per layer and pass in the scanned micro-batch body."""
-  from conftest import load_config
+  from helpers import load_config
 
   from mmbert_jax import aot, sharding, train
 

@@ -14,8 +14,8 @@ import uuid
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config, train_losses
 from etils import epath
+from helpers import ROOT, tiny_config, train_losses
 from tiny_run import MODEL, STEPS, trained_run
 
 from data_pipeline import filesystem as fs
@@ -28,7 +28,7 @@ def _config_file(tmp_path, data_dir, **overrides) -> str:
   overrides = {"keep_checkpoints": len(STEPS), "num_devices": 2, **MODEL, **overrides}
   path = tmp_path / "tiny_config.py"
   path.write_text(
-    f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom conftest import tiny_config\n\n"
+    f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom helpers import tiny_config\n\n"
     f"def get_config():\n  return tiny_config({data_dir!r}, **{overrides!r})\n"
   )
   return str(path)

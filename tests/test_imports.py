@@ -6,7 +6,7 @@ import graphlib
 import pathlib
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGES = ("mmbert_jax", "data_pipeline")
 # (module, imported top-level package) pairs allowed inside a function, and why.

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 SHORT_DEMO = [
   f"--config.phase_overrides.{phase}.train_tokens={tokens}"

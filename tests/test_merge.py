@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
-from conftest import tiny_config
 from flax import nnx
+from helpers import tiny_config
 from tiny_run import MODEL, STEPS, run_module, step_dir, trained_run
 
 from mmbert_jax import checkpoint as ckpt_lib

@@ -8,7 +8,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import load_config
+from helpers import load_config
 
 from mmbert_jax import metrics
 

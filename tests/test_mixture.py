@@ -4,7 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import load_config
+from helpers import load_config
 
 from data_pipeline import mixture
 from mmbert_jax import train

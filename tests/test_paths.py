@@ -8,7 +8,7 @@ import ast
 import re
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGES = ("mmbert_jax", "data_pipeline")
 LAYER = "data_pipeline/filesystem.py"

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import load_config, tiny_config
+from helpers import load_config, tiny_config
 
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, preflight

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import load_config
+from helpers import load_config
 from tiny_run import run_module
 
 from mmbert_jax import metrics, report

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import read_metrics, run_two_processes, tiny_config, train_losses
+from helpers import read_metrics, run_two_processes, tiny_config, train_losses
 
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import sharding, train
@@ -202,7 +202,7 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize("localhost:{port}", num_processes=2, process_id={pid})
-from conftest import tiny_config
+from helpers import tiny_config
 from mmbert_jax import train
 result = train.train_and_evaluate(tiny_config({data!r}, num_devices=0), {workdir!r})
 print("RESULT", result["status"], result["step"], jax.device_count())
@@ -239,7 +239,7 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize("localhost:{port}", num_processes=2, process_id={pid})
-from conftest import tiny_config
+from helpers import tiny_config
 from mmbert_jax import main, train
 save, record = train.PhaseRun.save, train.PhaseRun.record
 def save_and_say(self, final=False):

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 
 from mmbert_jax import train
 
