@@ -1,4 +1,6 @@
-"""Tests for the launch scripts: TPU pod dry runs, SLURM task layout with stub commands, Colab notebook structure."""
+"""Tests for the launch scripts: TPU pod dry runs and runs through a fake `gcloud`, the worker control script run
+locally, SLURM task layout and requeues with stub commands, Colab notebook structure. The supervisor's decisions and
+its loop against a stand-in gcloud layer are in tests/test_tpu_pod.py."""
 
 import json
 import os
@@ -11,8 +13,11 @@ import threading
 
 import pytest
 
+pytestmark = pytest.mark.launch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 POD = ROOT / "launch" / "tpu_pod.sh"
+WORKER = ROOT / "launch" / "worker.sh"
 SLURM = ROOT / "launch" / "gpu_slurm.sbatch"
 NOTEBOOK = ROOT / "launch" / "colab_tpu.ipynb"
 
@@ -39,21 +44,26 @@ def _pod(env, *args, **extra_env):
 
 
 def test_scripts_pass_bash_syntax_check():
-  for script in (POD, SLURM):
+  for script in (POD, WORKER, SLURM):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
-def _worker_script(dry_run_stdout: str) -> str:
-  """The worker control script a dry run prints (as comment lines) before the gcloud commands."""
+def _run_env(dry_run_stdout: str) -> str:
+  """The run settings (~/mmbert_run/run.env) a dry run prints (as comment lines) before the gcloud commands."""
   lines = dry_run_stdout.splitlines()
-  start = next(i for i, l in enumerate(lines) if l.startswith("# /tmp/mmbert_worker.sh")) + 1
+  start = next(i for i, l in enumerate(lines) if l.startswith("# /tmp/mmbert_run.env")) + 1
   body = []
   for l in lines[start:]:
     if not l.startswith("#   "):
       break
     body.append(l[4:])
   return "\n".join(body) + "\n"
+
+
+def _env_array(env: str, name: str) -> list[str]:
+  """The words of the bash array NAME=(...) in a run settings file."""
+  return shlex.split(re.search(rf"^{name}=\((.*)\)$", env, re.M).group(1))
 
 
 def test_pod_dry_run_prints_create_install_and_detached_start_on_all_workers(guarded_env):
@@ -93,23 +103,24 @@ def test_pod_dry_run_prints_create_install_and_detached_start_on_all_workers(gua
 
   scp = [l for l in lines if "tpu-vm scp" in l]
   assert len(scp) == 1 and "--worker=all" in scp[0] and "pod-a:" in scp[0]
-  assert "/tmp/mmbert_worker.sh" in scp[0] and "/tmp/mmbert_jax_bundle.tgz" in scp[0]
+  assert f"{WORKER} /tmp/mmbert_run.env /tmp/mmbert_jax_bundle.tgz pod-a:" in scp[0]
   ssh = [l for l in lines if l.startswith("gcloud compute tpus tpu-vm ssh pod-a")]
   assert len(ssh) == 3 and all("--worker=all" in l for l in ssh)
   install, start, watch = ssh
-  assert "jax\\[tpu\\]==0.10.2" in install and "pip install" in install
-  assert "cp ~/mmbert_worker.sh ~/mmbert_run/worker.sh" in install
+  install_cmd = _remote_command(out, "pip install")
+  assert "'jax[tpu]==0.10.2'" in install_cmd and "pip install" in install
+  assert "cp ~/worker.sh ~/mmbert_run/worker.sh && cp ~/mmbert_run.env ~/mmbert_run/run.env" in install
   assert "'--command=bash ~/mmbert_run/worker.sh start'" in start
   assert "worker.sh state" in watch
-  # The worker script holds the command, started detached (new session, no hangup, no terminal).
-  script = _worker_script(out)
+  # The run settings hold the command; the worker script starts it detached (new session, no hangup, no terminal).
+  env = _run_env(out)
   assert (
     "ARGS=(-m mmbert_jax.main --config=configs/pretrain.py:base --workdir=gs://bucket/run1 "
-    "--config.train_tokens=100 )" in script
+    "--config.train_tokens=100)" in env
   )
-  assert "ENVS=(MMBERT_DISTRIBUTED=1 JAX_COORDINATOR_PORT=8476 )" in script
-  assert 'setsid nohup bash "$0" _supervise >> "$LOG" 2>&1 < /dev/null &' in script
-  assert "GCSFUSE_FLAGS=()" in script and "DATA_BUCKET=''" in script  # no DATA_BUCKET: no mount
+  assert "ENVS=(MMBERT_DISTRIBUTED=1 JAX_COORDINATOR_PORT=8476)" in env
+  assert 'setsid nohup bash "$0" _supervise >> "$LOG" 2>&1 < /dev/null &' in WORKER.read_text()
+  assert "GCSFUSE_FLAGS=()" in env and "DATA_BUCKET=''" in env  # no DATA_BUCKET: no mount
   # Order: the slice exists before anything is copied, the code before it starts, and it starts before the watch.
   assert (
     out.index("queued-resources create")
@@ -120,25 +131,25 @@ def test_pod_dry_run_prints_create_install_and_detached_start_on_all_workers(gua
 
 
 def test_pod_dry_run_mounts_data_bucket_with_gcsfuse(guarded_env):
-  env, _ = guarded_env
+  guarded, _ = guarded_env
   r = _pod(
-    env, "--dry-run", WORKDIR="gs://bucket/run1", DATA_BUCKET="gs://data-bkt/prepared/v1", GCSFUSE_CACHE_MB="1000"
+    guarded, "--dry-run", WORKDIR="gs://bucket/run1", DATA_BUCKET="gs://data-bkt/prepared/v1", GCSFUSE_CACHE_MB="1000"
   )
   assert r.returncode == 0, r.stderr
-  script = _worker_script(r.stdout)
-  assert "DATA_BUCKET=data-bkt" in script and "DATA_MOUNT=/mnt/mmbert-data" in script
-  assert "--config.data.data_dir=/mnt/mmbert-data/prepared/v1" in script
-  flags = re.search(r"^GCSFUSE_FLAGS=\((.*)\)$", script, re.M).group(1).split()
+  env, script = _run_env(r.stdout), WORKER.read_text()
+  assert "DATA_BUCKET=data-bkt" in env and "DATA_MOUNT=/mnt/mmbert-data" in env
+  assert "--config.data.data_dir=/mnt/mmbert-data/prepared/v1" in env
+  flags = _env_array(env, "GCSFUSE_FLAGS")
   assert flags[:2] == ["-o", "ro"] and "--implicit-dirs" in flags
   assert "--metadata-cache-ttl-secs=-1" in flags and "--stat-cache-max-size-mb=-1" in flags
   assert "--cache-dir=/tmp/gcsfuse-cache" in flags and "--file-cache-max-size-mb=1000" in flags
   assert 'gcsfuse "${GCSFUSE_FLAGS[@]}" "$DATA_BUCKET" "$DATA_MOUNT"' in script
   assert script.index("mount_data >>") < script.index("setsid nohup")  # mounted before the run starts
-  no_cache = _worker_script(
-    _pod(env, "--dry-run", WORKDIR="gs://b/r", DATA_BUCKET="data-bkt", GCSFUSE_CACHE_MB="0").stdout
+  no_cache = _run_env(
+    _pod(guarded, "--dry-run", WORKDIR="gs://b/r", DATA_BUCKET="data-bkt", GCSFUSE_CACHE_MB="0").stdout
   )
-  assert "--cache-dir" not in no_cache and "--config.data.data_dir=/mnt/mmbert-data " in no_cache
-  both = _pod(env, "--dry-run", "--", "--config.data.data_dir=gs://x/y", WORKDIR="gs://b/r", DATA_BUCKET="gs://d")
+  assert "--cache-dir" not in no_cache and _env_array(no_cache, "ARGS")[-1] == "--config.data.data_dir=/mnt/mmbert-data"
+  both = _pod(guarded, "--dry-run", "--", "--config.data.data_dir=gs://x/y", WORKDIR="gs://b/r", DATA_BUCKET="gs://d")
   assert both.returncode == 2 and "do not pass --config.data.data_dir=gs://x/y" in both.stderr
 
 
@@ -186,8 +197,8 @@ def test_pod_dry_run_restarts_after_preemption(guarded_env):
   ]
   assert "--force" in next(l for l in out.splitlines() if "queued-resources delete" in l)
   assert "preempted" in r.stderr and "resuming from gs://bucket/run2" in r.stderr
-  # The worker script (the command) is written once: the relaunch resumes the same run from the workdir.
-  assert out.count("# /tmp/mmbert_worker.sh") == 1 and out.count("tpu-vm scp") == 2
+  # The run settings (the command) are written once: the relaunch resumes the same run from the workdir.
+  assert out.count("# /tmp/mmbert_run.env") == 1 and out.count("tpu-vm scp") == 2
 
 
 def test_pod_restarts_only_a_preempted_run(guarded_env):
@@ -225,7 +236,7 @@ def test_pod_git_install_and_on_demand(guarded_env):
   )
   assert r.returncode == 0, r.stderr
   scp = next(l for l in r.stdout.splitlines() if "tpu-vm scp" in l)
-  assert "bundle" not in scp and "/tmp/mmbert_worker.sh" in scp  # only the worker script
+  assert "bundle" not in scp and f"{WORKER} /tmp/mmbert_run.env mmbert-pod:" in scp  # only the script and settings
   assert "git clone -q https://example.com/mmbert_jax.git" in r.stdout and "checkout -q v1.0" in r.stdout
   create = next(l for l in r.stdout.splitlines() if "queued-resources create" in l)
   assert "--spot" not in create and "--reserved" not in create
@@ -385,9 +396,9 @@ def _worker_state(out: str) -> str:
 
 
 def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_env, tmp_path):
-  """Runs the worker control script the launcher installs, locally: the fake python trains until SIGTERM, then
-  exits 75 like mmbert_jax.main; curl (the TPU metadata), gcloud (log upload), sudo, mountpoint and gcsfuse are
-  stand-ins that record their calls."""
+  """Runs the worker control script the launcher installs, with the run settings of a dry run, locally: the fake
+  python trains until SIGTERM, then exits 75 like mmbert_jax.main; curl (the TPU metadata), gcloud (log upload),
+  sudo, mountpoint and gcsfuse are stand-ins that record their calls."""
   env, _ = guarded_env
   mount, cache, uploads = tmp_path / "mnt", tmp_path / "cache", tmp_path / "uploads"
   r = _pod(
@@ -414,7 +425,8 @@ def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_e
   (home / "mmbert_venv" / "bin").mkdir(parents=True)
   (home / "mmbert_run").mkdir()
   script = home / "mmbert_run" / "worker.sh"
-  script.write_text(_worker_script(r.stdout))
+  script.write_text(WORKER.read_text())
+  (home / "mmbert_run" / "run.env").write_text(_run_env(r.stdout))
   _stub(
     home / "mmbert_venv" / "bin",
     "python",
@@ -579,6 +591,7 @@ while :; do sleep 0.1; done
     PYTHON="python3",
     POLL_SECONDS="1",
     LOG_UPLOAD_SECONDS="1",
+    BACKOFF_SECONDS="1",  # a restart waits 1 s, not 30
   )
   yield env, home, tmp_path / "gcloud_calls"
   pid_file = home / "mmbert_run" / "pid"
