@@ -1,7 +1,8 @@
-"""Tests for the launch scripts: TPU pod dry runs and runs through a fake `gcloud`, the worker control script run
-locally, SLURM task layout and requeues with stub commands, Colab notebook structure. The supervisor's decisions and
-its loop against a stand-in gcloud layer are in tests/test_tpu_pod.py."""
+"""Tests for the launch scripts: the TPU pod supervisor's decisions as functions and its loop against a stand-in
+for the gcloud layer on a virtual clock, dry runs and runs through a fake `gcloud`, the worker control script run
+locally; SLURM task layout and requeues with stub commands; Colab notebook structure."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import re
 import shlex
 import stat
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -251,6 +253,8 @@ def test_pod_git_install_and_on_demand(guarded_env):
     ((), {"WORKDIR": "gs://b/r", "CAPACITY": "cheap"}, "CAPACITY must be spot, reserved or on-demand"),
     ((), {"WORKDIR": "gs://b/r", "INSTALL": "git"}, "INSTALL=git needs GIT_URL"),
     ((), {"WORKDIR": "gs://b/r", "POLL_SECONDS": "soon"}, "POLL_SECONDS must be a non-negative integer"),
+    ((), {"WORKDIR": "gs://b/r", "BACKOFF_SECONDS": "-5"}, "BACKOFF_SECONDS must be a non-negative integer"),
+    ((), {"WORKDIR": "gs://b/r", "MAX_RESTARTS_PER_HOUR": "x"}, "MAX_RESTARTS_PER_HOUR must be a non-negative"),
     ((), {"WORKDIR": "gs://b/r", "DATA_BUCKET": "gs://Bad_Bucket"}, "DATA_BUCKET must be gs://BUCKET"),
     ((), {"WORKDIR": "gs://b/r", "DATA_BUCKET": "d", "DATA_MOUNT": "data"}, "DATA_MOUNT must be an absolute path"),
     (("logs", "--once"), {}, "--once only goes with start"),
@@ -281,8 +285,301 @@ def test_pod_help_documents_variables(guarded_env):
     "status",
     "logs [-f] [WORKER]",
     "stop",
+    "BACKOFF_SECONDS",
+    "BACKOFF_MAX_SECONDS",
+    "MAX_RESTARTS_PER_HOUR",
+    "MAX_RESTARTS ",
   ):
     assert var in r.stdout
+
+
+# --- The pod supervisor's decisions, and its loop against a stand-in gcloud layer on a virtual clock ---------------
+
+
+def _load_tpu_pod():
+  spec = importlib.util.spec_from_file_location("tpu_pod", ROOT / "launch" / "tpu_pod.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["tpu_pod"] = module  # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+tp = _load_tpu_pod()
+
+
+def _states(*workers):
+  """MMBERT_STATE lines as worker.sh prints them: None running, an int exited with that status, a str that state."""
+  lines = []
+  for i, w in enumerate(workers):
+    if w is None:
+      lines.append(f"MMBERT_STATE worker={i} state=running code=- pid={100 + i}")
+    elif isinstance(w, int):
+      lines.append(f"MMBERT_STATE worker={i} state=exited code={w} pid=-")
+    else:
+      lines.append(f"MMBERT_STATE worker={i} state={w} code=- pid=-")
+  return "\n".join(lines) + "\n"
+
+
+def test_summarize_reads_the_worker_states():
+  w = tp.summarize("ssh: warning\n" + _states(None, 75, 1, "lost", 3, "none"))
+  assert (w.total, w.running, w.exited, w.stopped) == (6, 1, 5, 0)
+  assert w.code == 1 and w.failed_worker == "2"  # the first failure, not 75 and not the later 3
+  w = tp.summarize(_states(0, 75, 0))
+  assert (w.code, w.failed_worker, w.running, w.exited) == (75, None, 0, 3)
+  assert tp.summarize(_states("lost", 0)).code == 75  # a VM that lost its run was preempted
+  assert tp.summarize(_states(0, 0)).code == 0
+  w = tp.summarize("MMBERT_STATE worker=0 state=exited,stopped code=75 pid=7\n" + _states(None)[:-1] + "\n")
+  assert (w.total, w.stopped, w.running, w.code) == (2, 1, 1, 75)
+  assert tp.summarize("") == tp.Workers()
+
+
+def test_slice_action_creates_recreates_or_waits():
+  expected = {
+    "ACTIVE": "ready",
+    "MISSING": "create",
+    "SUSPENDING": "delete",
+    "SUSPENDED": "delete",
+    "FAILED": "delete",
+    "WAITING_FOR_RESOURCES": "wait",
+    "PROVISIONING": "wait",
+    "ACCEPTED": "wait",
+    "CREATING": "wait",
+    "DELETING": "wait",
+  }
+  assert {state: tp.slice_action(state) for state in expected} == expected
+
+
+def test_decide_restarts_only_a_preempted_run_or_a_lost_slice():
+  for state in ("ACTIVE", "SUSPENDED", "MISSING", None):
+    active = state in ("ACTIVE", None)
+    assert tp.decide(0, state, once=False) == "done"
+    assert tp.decide(75, state, once=False) == "restart"
+    assert tp.decide(tp.SLICE_LOST, state, once=False) == "restart"
+    assert tp.decide(2, state, once=False) == "bad_input"  # a wrong command fails the same way on any slice
+    for code in (1, 3, 137):
+      assert tp.decide(code, state, once=False) == ("failed" if active else "restart")
+    for code in (1, 2, 75, tp.SLICE_LOST):
+      assert tp.decide(code, state, once=True) == "once"
+
+
+def test_backoff_doubles_from_base_up_to_the_cap():
+  assert [tp.backoff_seconds(n, 30, 1800) for n in range(9)] == [30, 60, 120, 240, 480, 960, 1800, 1800, 1800]
+  assert [tp.backoff_seconds(n, 5, 17) for n in range(4)] == [5, 10, 17, 17]
+  assert tp.backoff_seconds(3, 0, 1800) == 0
+
+
+def test_restart_budget_counts_restarts_within_the_last_hour():
+  assert tp.restart_refusal([], 0.0, per_hour=2, max_total=100) is None
+  assert tp.restart_refusal([0.0], 10.0, per_hour=2, max_total=100) is None
+  refusal = tp.restart_refusal([0.0, 100.0], 3599.0, per_hour=2, max_total=100)
+  assert "2 restarts within the last hour (MAX_RESTARTS_PER_HOUR=2); giving up" in refusal
+  assert tp.restart_refusal([0.0, 100.0], 3600.0, per_hour=2, max_total=100) is None  # the first one is an hour old
+  assert tp.restarts_in_last_hour([0.0, 100.0, 3000.0], 3650.0) == 2  # 0.0 is 3650 s old
+  assert "MAX_RESTARTS=3" in tp.restart_refusal([0.0, 1e5, 2e5], 3e5, per_hour=6, max_total=3)
+  assert tp.restart_refusal([0.0], 1.0, per_hour=0, max_total=100) is not None  # 0: never restart
+
+
+def test_judge_workers_stops_the_others_at_once_after_a_failure_else_after_hang_seconds():
+  judge = tp.judge_workers
+  assert judge(tp.summarize(_states(None, None)), 2, None, 0.0, 900) == ("wait", None)
+  assert judge(tp.summarize(_states(None)), 2, None, 0.0, 900) == ("wait", None)  # a worker did not answer
+  assert judge(tp.summarize(_states(None, 1)), 2, None, 5.0, 900) == ("stop_others", None)
+  assert judge(tp.summarize(_states(75, 0)), 2, None, 5.0, 900) == ("ended", None)
+  stopped = tp.summarize("MMBERT_STATE worker=0 state=exited,stopped code=75 pid=-\n")
+  assert judge(stopped, 1, None, 5.0, 900) == ("stopped", None)
+  one_done = tp.summarize(_states(None, 75))
+  assert judge(one_done, 2, None, 100.0, 900) == ("wait", 100.0)  # the first exit starts the hang clock
+  assert judge(one_done, 2, 100.0, 1000.0, 900) == ("wait", 100.0)
+  assert judge(one_done, 2, 100.0, 1000.5, 900) == ("stop_others", 100.0)
+
+
+def test_should_attach_to_a_run_still_going():
+  assert tp.should_attach(tp.summarize(_states(75, None)))
+  assert not tp.should_attach(tp.summarize(_states(0, 1)))
+  assert not tp.should_attach(tp.summarize(_states("none", "none")))
+
+
+def test_run_env_survives_the_worker_shell_verbatim(tmp_path):
+  """Values with quotes, $(...), globs and spaces reach the training command unchanged when worker.sh sources
+  the settings file (the old launcher generated bash and had to escape every value by hand)."""
+  flags = ('--config.wandb.name=it\'s "x" $(touch pwned) `id` * ; \\', "--config.seed=1")
+  args = tp.parse_args(["--", *flags])
+  s = tp.load_settings(
+    {
+      "WORKDIR": "gs://b/r x",
+      "INSTALL": "git",
+      "GIT_URL": "u",
+      "LIBTPU_INIT_ARGS": "--a=1 --b='2 3'",
+      "DATA_BUCKET": "gs://data/dir",
+      "DATA_MOUNT": "/mnt/my data",
+      "REMOTE_DIR": "code dir",
+    },
+    args,
+  )
+  (tmp_path / "run.env").write_text(tp.run_env(s, args.main_flags))
+  show = 'printf "%s\\n" "$REMOTE_DIR" "$WORKDIR" "$DATA_MOUNT" "${ENVS[@]}" "${ARGS[@]}"'
+  r = subprocess.run(["bash", "-c", f". ./run.env && {show}"], cwd=tmp_path, capture_output=True, text=True, timeout=10)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.splitlines() == [
+    "code dir",
+    "gs://b/r x",
+    "/mnt/my data",
+    "MMBERT_DISTRIBUTED=1",
+    "JAX_COORDINATOR_PORT=8476",
+    "LIBTPU_INIT_ARGS=--a=1 --b='2 3'",
+    "-m",
+    "mmbert_jax.main",
+    "--config=configs/pretrain.py",
+    "--workdir=gs://b/r x",
+    "--config.data.data_dir=/mnt/my data/dir",
+    *flags,
+  ]
+  assert not (tmp_path / "pwned").exists()
+
+
+class FakeGcloud:
+  """Stands in for tpu_pod.Gcloud: a slice whose queued resource goes through `states` (one per describe, the last
+  one stays) and whose runs go through `runs`: per start, a list of snapshots (one per state query, the last one
+  stays), each a status per worker (None: running). Before the first start the workers report `initial`."""
+
+  def __init__(self, runs, states=("MISSING", "ACTIVE"), initial=("none",)):
+    self.runs, self.states = [list(r) for r in runs], list(states)
+    self.snapshots = [tuple(initial)]
+    self.fresh = ("none",) * len(initial)  # the workers of a new slice
+    self.calls = []
+
+  def state(self):
+    self.calls.append("describe")
+    return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+  def create(self):
+    self.calls.append("create")
+    self.snapshots = [self.fresh]
+
+  def delete(self):
+    self.calls.append("delete")
+    self.snapshots = [self.fresh]
+
+  def scp(self, files):
+    self.calls.append("scp")
+
+  def ssh(self, command, worker="all", capture=False):
+    if "worker.sh start" in command:
+      self.calls.append("start")
+      self.snapshots = self.runs.pop(0)
+    elif "worker.sh state" in command:
+      self.calls.append("query")
+      snapshot = self.snapshots.pop(0) if len(self.snapshots) > 1 else self.snapshots[0]
+      return 0, _states(*snapshot)
+    elif "worker.sh kill" in command:
+      self.calls.append("kill")
+      self.snapshots = [tuple(137 if c is None else c for c in self.snapshots[-1])]  # SIGKILL
+    elif "pip install" in command:
+      self.calls.append("install")
+    return 0, ""
+
+
+def _supervise(gcloud, once=False, **env):
+  """Runs the start loop on a virtual clock; returns (status, the clock, the log lines)."""
+  args = tp.Args(once=once)
+  s = tp.load_settings({"WORKDIR": "gs://b/run", "INSTALL": "git", "GIT_URL": "u", "POLL_SECONDS": "7", **env}, args)
+  clock, lines = tp.VirtualClock(), []
+  launcher = tp.Launcher(s, args, gcloud, clock=clock, sleep=clock.sleep, log=lines.append)
+  return launcher.supervise(["worker.sh", "mmbert_run.env"]), clock, lines
+
+
+def test_always_preempted_run_backs_off_and_stops_at_the_budget():
+  """A worker that always exits 75 is restarted after 30, 60, 120, ... s and, at MAX_RESTARTS_PER_HOUR restarts
+  within the hour, the launch ends with status 1 and one line; no real time passes."""
+  gcloud = FakeGcloud(runs=[[(None,), (75,)]] * 10)
+  rc, clock, lines = _supervise(gcloud)
+  assert rc == 1
+  backoffs = [t for t in clock.slept if t != 7]  # POLL_SECONDS is 7
+  assert backoffs == [min(30 * 2**i, 1800) for i in range(6)]
+  assert gcloud.calls.count("start") == 7 and gcloud.calls.count("create") == 1
+  assert lines[-1] == "restart budget spent: 6 restarts within the last hour (MAX_RESTARTS_PER_HOUR=6); giving up"
+  assert sum("giving up" in l for l in lines) == 1
+  restarts = [l for l in lines if l.startswith("preempted (exit status 75, slice ACTIVE)")]
+  assert [int(re.search(r" in (\d+) s", l).group(1)) for l in restarts] == backoffs
+  assert clock.now < 3600  # all within the hour
+
+
+def test_backoff_and_budget_come_from_the_environment():
+  gcloud = FakeGcloud(runs=[[(75,)]] * 10)
+  rc, clock, lines = _supervise(gcloud, BACKOFF_SECONDS="5", BACKOFF_MAX_SECONDS="17", MAX_RESTARTS_PER_HOUR="4")
+  assert rc == 1 and [t for t in clock.slept if t != 7] == [5, 10, 17, 17]
+  assert "MAX_RESTARTS_PER_HOUR=4" in lines[-1] and gcloud.calls.count("start") == 5
+
+
+def test_preemptions_hours_apart_restart_without_growing_delays():
+  """The budget and the backoff count the last hour only: a run preempted every ~70 minutes goes on."""
+  long_run = [(None,)] * 600 + [(75,)]  # 600 polls of 7 s each, then preempted
+  gcloud = FakeGcloud(runs=[long_run] * 8 + [[(0,)]])
+  rc, clock, lines = _supervise(gcloud, MAX_RESTARTS_PER_HOUR="2")
+  assert rc == 0 and lines[-1] == "training finished; checkpoints in gs://b/run"
+  assert [t for t in clock.slept if t != 7] == [30] * 8 and gcloud.calls.count("start") == 9
+
+
+def test_lost_slice_is_recreated_and_restarted_but_a_failure_on_an_active_slice_is_not():
+  # The slice is preempted while the run trains: the describe during the watch sees SUSPENDED.
+  gcloud = FakeGcloud(
+    runs=[[(None, None)], [(None, None), (0, 0)]],
+    states=["MISSING", "ACTIVE", "ACTIVE", "SUSPENDED", "SUSPENDED", "SUSPENDED", "MISSING", "ACTIVE"],
+  )
+  rc, clock, lines = _supervise(gcloud)
+  assert rc == 0
+  steps = [c for c in gcloud.calls if c in ("create", "delete", "start")]
+  assert steps == ["create", "start", "delete", "create", "start"]
+  assert any(l.startswith("preempted (slice lost, now SUSPENDED)") for l in lines)
+  # A run failing with 1 while its slice goes away (a host lost mid-collective) is a preemption too ...
+  gcloud = FakeGcloud(runs=[[(1,)], [(0,)]], states=["ACTIVE", "ACTIVE", "SUSPENDED", "MISSING", "ACTIVE"])
+  assert _supervise(gcloud)[0] == 0 and gcloud.calls.count("start") == 2
+  # ... on an ACTIVE slice it is a failure: no restart, the launch ends with the run's status.
+  gcloud = FakeGcloud(runs=[[(1,)], [(0,)]], states=["ACTIVE"])
+  rc, _, lines = _supervise(gcloud)
+  assert rc == 1 and gcloud.calls.count("start") == 1 and "not restarting" in lines[-1]
+
+
+def test_a_failing_worker_stops_the_others_and_ends_the_launch_with_one_line():
+  gcloud = FakeGcloud(runs=[[(None,) * 4, (None, None, 3, None)]] * 2, states=["ACTIVE"], initial=("none",) * 4)
+  rc, clock, lines = _supervise(gcloud, HANG_SECONDS="900")
+  assert rc == 3
+  assert gcloud.calls.count("start") == 1 and gcloud.calls.count("kill") == 1
+  assert clock.now < 900  # the others were stopped at once, not after HANG_SECONDS
+  after_start = lines[[i for i, l in enumerate(lines) if l.startswith("this launcher only watches")][-1] + 1 :]
+  assert after_start == [
+    "worker 2 failed with status 3 on an ACTIVE slice; not restarting (see 'launch/tpu_pod.sh logs 2')"
+  ]
+
+
+def test_a_worker_left_running_after_the_others_exited_is_stopped_after_hang_seconds():
+  gcloud = FakeGcloud(runs=[[(None, None), (75, None)], [(0, 0)]], states=["ACTIVE"], initial=("none",) * 2)
+  rc, clock, lines = _supervise(gcloud, HANG_SECONDS="100")
+  assert rc == 0 and gcloud.calls.count("kill") == 1 and gcloud.calls.count("start") == 2
+  assert any("1 of 2 workers exited (status 75) 100 s ago; stopping the others" in l for l in lines)
+  # The hang clock started at the first exit: the kill came on the first poll more than 100 s later (queries: the
+  # attach check, the poll that saw both running, the one that saw the exit, then 15 polls of 7 s to pass 100 s).
+  assert gcloud.calls[: gcloud.calls.index("kill")].count("query") == 1 + 2 + 15
+
+
+def test_a_running_run_is_watched_not_started_again():
+  gcloud = FakeGcloud(runs=[], states=["ACTIVE"], initial=(None, None))
+  gcloud.snapshots = [(None, None), (None, None), (0, 0)]
+  rc, _, lines = _supervise(gcloud)
+  assert rc == 0 and "start" not in gcloud.calls and "scp" not in gcloud.calls and "install" not in gcloud.calls
+  assert "the run is already going on 2 of 2 workers: watching it (not starting another)" in lines
+  # A run that ended (failed or not) is started anew.
+  gcloud = FakeGcloud(runs=[[(0,)]], states=["ACTIVE"], initial=(1,))
+  assert _supervise(gcloud)[0] == 0 and gcloud.calls.count("start") == 1
+
+
+def test_once_and_stop_are_not_restarted():
+  gcloud = FakeGcloud(runs=[[(75,)]] * 2, states=["ACTIVE"])
+  rc, _, lines = _supervise(gcloud, once=True)
+  assert rc == 75 and gcloud.calls.count("start") == 1 and "--once" in lines[-1]
+  gcloud = FakeGcloud(runs=[[(None,), ("exited,stopped",)]] * 2, states=["ACTIVE"])
+  rc, _, lines = _supervise(gcloud)
+  assert rc == 75 and gcloud.calls.count("start") == 1 and "stopped by 'tpu_pod.sh stop'" in lines[-1]
 
 
 def _slurm(tmp_path, tasks_per_node, gpus, nodes=2, **extra_env):
