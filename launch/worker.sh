@@ -1,13 +1,14 @@
 #!/bin/bash
-# mmbert_jax run control on one TPU worker: start | status [LINES] | state | logs [-f] [LINES] | stop [WAIT] | kill [WAIT]
+# mmbert_jax run control on one TPU worker: start | state | status [LINES] | logs [-f] [LINES] | stop|kill [WAIT]
 #
 # launch/tpu_pod.py copies this file to ~/mmbert_run/worker.sh on every worker and the run's settings beside it, to
 # ~/mmbert_run/run.env: shell assignments with every value quoted (REMOTE_DIR, REMOTE_VENV, WORKDIR, ENVS, ARGS,
 # DATA_BUCKET, DATA_MOUNT, GCSFUSE_CACHE_DIR, GCSFUSE_FLAGS, LOG_UPLOAD_SECONDS). This script is the same for every
 # run; the settings file is all that differs.
-#   start          mounts DATA_BUCKET (gcsfuse) and starts `env ENVS... PY ARGS...` detached (own session, no hangup) unless
-#                  the run is already going; the training log is ~/mmbert_run/logs/worker-<i>.log, copied to
-#                  WORKDIR/logs/ every LOG_UPLOAD_SECONDS and at the end; the exit status goes to ~/mmbert_run/exit_code
+#   start          mounts DATA_BUCKET (gcsfuse) and starts `env ENVS... PY ARGS...` detached (own session, no
+#                  hangup) unless the run is already going; the training log is ~/mmbert_run/logs/worker-<i>.log,
+#                  copied to WORKDIR/logs/ every LOG_UPLOAD_SECONDS and at the end; the exit status goes to
+#                  ~/mmbert_run/exit_code
 #   state          one line: MMBERT_STATE worker=<i> state=running|exited|lost|none[,stopped] code=<status>|- pid=<pid>
 #   status [N]     the state line and the last N log lines
 #   logs [-f] [N]  the last N log lines; -f follows the log
@@ -39,12 +40,14 @@ mount_data() {
   mountpoint -q "$DATA_MOUNT" && return 0
   if ! command -v gcsfuse >/dev/null; then
     echo "installing gcsfuse"
-    curl -fsS https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
-    echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main" \
+    local key=/usr/share/keyrings/cloud.google.asc
+    curl -fsS https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee "$key" >/dev/null
+    echo "deb [signed-by=$key] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main" \
       | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
     sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse || return 1
   fi
-  sudo mkdir -p "$DATA_MOUNT" "$GCSFUSE_CACHE_DIR" && sudo chown "$(id -u):$(id -g)" "$DATA_MOUNT" "$GCSFUSE_CACHE_DIR" || return 1
+  sudo mkdir -p "$DATA_MOUNT" "$GCSFUSE_CACHE_DIR" || return 1
+  sudo chown "$(id -u):$(id -g)" "$DATA_MOUNT" "$GCSFUSE_CACHE_DIR" || return 1
   gcsfuse "${GCSFUSE_FLAGS[@]}" "$DATA_BUCKET" "$DATA_MOUNT" || return 1
   echo "mounted gs://$DATA_BUCKET read-only at $DATA_MOUNT"
 }
@@ -81,10 +84,14 @@ state() {
 
 case "${1:-}" in
   start)
-    [ -f "$RUN_ENV" ] || { echo "worker $WORKER: error: no run settings at $RUN_ENV (launch/tpu_pod.py copies them)"; exit 2; }
+    if [ ! -f "$RUN_ENV" ]; then
+      echo "worker $WORKER: error: no run settings at $RUN_ENV (launch/tpu_pod.py copies them)"; exit 2
+    fi
     if running; then echo "worker $WORKER: already running (pid $PID); not starting another"; exit 0; fi
     rm -f "$RUN_DIR/exit_code" "$RUN_DIR/stopped" "$RUN_DIR/pid"
-    mount_data >> "$LOG" 2>&1 || { echo "worker $WORKER: mounting gs://$DATA_BUCKET failed (see $LOG)"; echo 1 > "$RUN_DIR/exit_code"; exit 1; }
+    if ! mount_data >> "$LOG" 2>&1; then
+      echo "worker $WORKER: mounting gs://$DATA_BUCKET failed (see $LOG)"; echo 1 > "$RUN_DIR/exit_code"; exit 1
+    fi
     setsid nohup bash "$0" _supervise >> "$LOG" 2>&1 < /dev/null &
     for _ in $(seq 50); do [ -s "$RUN_DIR/pid" ] && break; sleep 0.2; done
     echo "worker $WORKER: started pid $(cat "$RUN_DIR/pid" 2>/dev/null), log $LOG" ;;

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -605,6 +606,7 @@ def _slurm(tmp_path, tasks_per_node, gpus, nodes=2, **extra_env):
     WORKDIR="/shared/run",
     CONFIG="launch/gpu_slurm.sbatch",
     PYTHON="/venv/bin/python",
+    REQUEUE_LOG=str(tmp_path / "requeues"),  # not beside the job output in SLURM_SUBMIT_DIR (the checkout)
   )
   env.update(extra_env)
   return subprocess.run(
@@ -633,6 +635,49 @@ def test_slurm_requeues_only_a_preempted_run(tmp_path, status, requeued):
   assert r.returncode == status, r.stderr
   log = tmp_path / "scontrol.log"
   assert (log.exists() and log.read_text() == "SCONTROL requeue 1234\n") == requeued
+
+
+def test_slurm_requeue_budget_per_hour_and_in_all(tmp_path):
+  """A run that exits 75 again and again is requeued MAX_REQUEUES_PER_HOUR times within an hour, then the job ends
+  with status 1 and one line; requeues older than an hour do not count, nor does the budget of another job."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _stub(bin_dir, "scontrol", f'echo "SCONTROL $*" >> {tmp_path}/scontrol.log\n')
+  log, scontrol = tmp_path / "requeues", tmp_path / "scontrol.log"
+  now = int(time.time())
+  log.write_text(f"{now - 7200}\n{now - 3700}\n")  # two requeues more than an hour ago
+  codes = [_slurm(tmp_path, 8, 8, SRUN_EXIT="75", MAX_REQUEUES_PER_HOUR="3") for _ in range(4)]
+  assert [r.returncode for r in codes] == [75, 75, 75, 1]
+  assert scontrol.read_text() == "SCONTROL requeue 1234\n" * 3
+  assert [l for l in codes[-1].stderr.splitlines() if l] == [
+    "gpu_slurm.sbatch: preempted, not requeued: requeue budget spent, 3 requeues of job 1234 within the last hour "
+    f"(MAX_REQUEUES_PER_HOUR=3, see {log})"
+  ]
+  assert len(log.read_text().split()) == 2 + 3 and all(now - 5 <= int(t) for t in log.read_text().split()[2:])
+  assert "(3 within the hour)" in codes[2].stdout
+  # In all: SLURM counts the job's requeues.
+  r = _slurm(tmp_path, 8, 8, SRUN_EXIT="75", SLURM_RESTART_COUNT="100", REQUEUE_LOG=str(tmp_path / "other"))
+  assert r.returncode == 1 and "requeued 100 times (MAX_REQUEUES=100)" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and scontrol.read_text().count("requeue") == 3
+  assert (
+    _slurm(tmp_path, 8, 8, SRUN_EXIT="75", SLURM_RESTART_COUNT="99", REQUEUE_LOG=str(tmp_path / "o2")).returncode == 75
+  )
+  # By default the times go beside the job's output file, named after the job.
+  submit = tmp_path / "submit"
+  submit.mkdir()
+  r = _slurm(
+    tmp_path,
+    8,
+    8,
+    SRUN_EXIT="75",
+    REQUEUE_LOG="",
+    SLURM_SUBMIT_DIR=str(submit),
+    REPO_DIR=str(ROOT),
+    SLURM_JOB_NAME="mm",
+  )
+  assert r.returncode == 75 and len((submit / "mm-1234.requeues").read_text().split()) == 1
+  bad = _slurm(tmp_path, 8, 8, MAX_REQUEUES_PER_HOUR="many")
+  assert bad.returncode == 2 and "MAX_REQUEUES_PER_HOUR must be a non-negative integer" in bad.stderr
 
 
 def test_slurm_one_process_per_node_sees_all_gpus(tmp_path):
