@@ -43,9 +43,10 @@ Commands:
 Options:
   --dry-run   print the gcloud commands and the run settings instead of running them (nothing is created; waits
               are logged, not slept). The queued-resource states and run exit codes it pretends to see come from
-              DRY_RUN_STATES (default "MISSING ACTIVE") and DRY_RUN_EXIT_CODES (default "0"; 255: the slice was
-              lost), e.g. DRY_RUN_STATES="MISSING ACTIVE SUSPENDED SUSPENDED MISSING ACTIVE" DRY_RUN_EXIT_CODES="255 0"
-              shows a preemption and the relaunch, DRY_RUN_EXIT_CODES="75 75 75 75 75 75 75" the backoff and budget.
+              DRY_RUN_STATES (default "MISSING ACTIVE") and DRY_RUN_EXIT_CODES (default "0"), e.g.
+              DRY_RUN_STATES="MISSING ACTIVE SUSPENDED SUSPENDED MISSING ACTIVE" DRY_RUN_EXIT_CODES="255 0" shows a
+              run failing as its slice is preempted and the relaunch, DRY_RUN_EXIT_CODES="75 75 75 75 75" the
+              backoff and the budget.
   --once      no restarts: exit with the run's status.
   --help      this text.
   -- FLAGS    passed on to mmbert_jax.main, e.g. -- --config.train_tokens=1000000000 --config.log_every_steps=50
@@ -79,7 +80,7 @@ Variables (environment; default in brackets):
                     SIGKILL): it is blocked in a collective [900]
   BACKOFF_SECONDS   wait before the first restart within an hour; doubled for each further one [30]
   BACKOFF_MAX_SECONDS  longest wait before a restart [1800]
-  MAX_RESTARTS_PER_HOUR  restarts within the last hour before giving up [6]
+  MAX_RESTARTS_PER_HOUR  restarts within the last hour before giving up [4]
   MAX_RESTARTS      restarts in all before giving up [100]
   STOP_WAIT_SECONDS how long `stop` waits for the checkpoint and exit [900]
   STATUS_LINES, LOG_LINES  log lines shown by status and logs [5, 100]
@@ -103,7 +104,7 @@ from collections.abc import Callable, Sequence
 LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
 ACTIVE, MISSING = "ACTIVE", "MISSING"
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 1, 2, 75
-SLICE_LOST = 255  # the status a run gets when its slice leaves ACTIVE while it runs
+SLICE_LOST = 255  # the status of a run whose slice left ACTIVE while it ran (its workers could not tell)
 HOUR = 3600.0
 # On every worker, relative to the ssh user's home: the control script and the run's settings.
 WORKER_SCRIPT = "~/mmbert_run/worker.sh"
@@ -119,7 +120,7 @@ INT_VARS = {
   "HANG_SECONDS": 900,
   "BACKOFF_SECONDS": 30,
   "BACKOFF_MAX_SECONDS": 1800,
-  "MAX_RESTARTS_PER_HOUR": 6,
+  "MAX_RESTARTS_PER_HOUR": 4,
   "MAX_RESTARTS": 100,
   "STOP_WAIT_SECONDS": 900,
   "STATUS_LINES": 5,
@@ -357,7 +358,7 @@ def decide(code: int, slice_state: str | None, once: bool) -> str:
     return "once"
   if code == EXIT_BAD_INPUT:
     return "bad_input"
-  if code in (EXIT_PREEMPTED, SLICE_LOST) or (slice_state is not None and slice_state != ACTIVE):
+  if code == EXIT_PREEMPTED or (slice_state is not None and slice_state != ACTIVE):
     return "restart"
   return "failed"
 
@@ -555,11 +556,13 @@ class VirtualClock:
 
 @dataclasses.dataclass(frozen=True)
 class Ending:
-  """How a watched run ended: its status, whether `stop` ended it, and the worker that failed, if one did."""
+  """How a watched run ended: its status, whether `stop` ended it, the worker that failed, if one did, and the state
+  of the queued resource if it left ACTIVE while the run went on."""
 
   code: int
   stopped: bool = False
   failed_worker: str | None = None
+  lost_state: str | None = None
 
 
 def log(message: str) -> None:
@@ -672,7 +675,9 @@ class Launcher:
       f"started on every worker, detached; logs: ~/mmbert_run/logs/worker-<i>.log on each worker, copied to "
       f"{self.s.WORKDIR}/logs/"
     )
-    self.log("this launcher only watches from here on: 'launch/tpu_pod.sh status|logs|stop' with the same TPU_NAME")
+    self.log(
+      "this launcher only watches from here on: 'launch/tpu_pod.sh status|logs|stop' with the same TPU_NAME and ZONE"
+    )
     return True
 
   def watch(self) -> Ending:
@@ -684,7 +689,7 @@ class Launcher:
         state = self.gc.state()
         if state != ACTIVE:
           self.log(f"queued resource is {state} during the run")
-          return Ending(SLICE_LOST)
+          return Ending(SLICE_LOST, lost_state=state)
       w = summarize(self.query("state"))
       expected = max(expected, w.total)
       verdict, first_exit = judge_workers(w, expected, first_exit, self.clock(), self.s.HANG_SECONDS)
@@ -726,7 +731,7 @@ class Launcher:
       if code not in (0, EXIT_BAD_INPUT) and not once:
         self.pause()  # a slice going away can fail the run before its state shows it
         state = self.gc.state()
-      decision = decide(code, state, once)
+      decision = decide(code, end.lost_state or state, once)
       if decision == "done":
         self.log(f"training finished; checkpoints in {s.WORKDIR}")
         if s.DELETE_WHEN_DONE:
@@ -751,7 +756,7 @@ class Launcher:
         return EXIT_FAILED
       recent = restarts_in_last_hour(self.restart_times, self.clock())
       delay = backoff_seconds(recent, s.BACKOFF_SECONDS, s.BACKOFF_MAX_SECONDS)
-      how = f"slice lost, now {state}" if code == SLICE_LOST else f"exit status {code}, slice {state}"
+      how = f"slice lost, now {state}" if end.lost_state else f"exit status {code}, slice {state}"
       self.log(
         f"preempted ({how}); resuming from {s.WORKDIR} in {delay:g} s (restart "
         f"{len(self.restart_times) + 1}/{s.MAX_RESTARTS}, {recent + 1} within the hour)"

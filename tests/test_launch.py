@@ -355,9 +355,8 @@ def test_decide_restarts_only_a_preempted_run_or_a_lost_slice():
     active = state in ("ACTIVE", None)
     assert tp.decide(0, state, once=False) == "done"
     assert tp.decide(75, state, once=False) == "restart"
-    assert tp.decide(tp.SLICE_LOST, state, once=False) == "restart"
     assert tp.decide(2, state, once=False) == "bad_input"  # a wrong command fails the same way on any slice
-    for code in (1, 3, 137):
+    for code in (1, 3, 137, 255):
       assert tp.decide(code, state, once=False) == ("failed" if active else "restart")
     for code in (1, 2, 75, tp.SLICE_LOST):
       assert tp.decide(code, state, once=True) == "once"
@@ -489,16 +488,18 @@ def _supervise(gcloud, once=False, **env):
   return launcher.supervise(["worker.sh", "mmbert_run.env"]), clock, lines
 
 
-def test_always_preempted_run_backs_off_and_stops_at_the_budget():
-  """A worker that always exits 75 is restarted after 30, 60, 120, ... s and, at MAX_RESTARTS_PER_HOUR restarts
-  within the hour, the launch ends with status 1 and one line; no real time passes."""
-  gcloud = FakeGcloud(runs=[[(None,), (75,)]] * 10)
+@pytest.mark.parametrize("polls", [1, 80])
+def test_always_preempted_run_backs_off_and_stops_at_the_budget(polls):
+  """A worker that always exits 75 (at once, or after 80 polls of 7 s: ~10 minutes a cycle) is restarted after 30,
+  60, 120, ... s and, at MAX_RESTARTS_PER_HOUR restarts within the hour, the launch ends with status 1 and one line;
+  no real time passes."""
+  gcloud = FakeGcloud(runs=[[(None,)] * polls + [(75,)]] * 10)
   rc, clock, lines = _supervise(gcloud)
   assert rc == 1
   backoffs = [t for t in clock.slept if t != 7]  # POLL_SECONDS is 7
-  assert backoffs == [min(30 * 2**i, 1800) for i in range(6)]
-  assert gcloud.calls.count("start") == 7 and gcloud.calls.count("create") == 1
-  assert lines[-1] == "restart budget spent: 6 restarts within the last hour (MAX_RESTARTS_PER_HOUR=6); giving up"
+  assert backoffs == [min(30 * 2**i, 1800) for i in range(4)]
+  assert gcloud.calls.count("start") == 5 and gcloud.calls.count("create") == 1
+  assert lines[-1] == "restart budget spent: 4 restarts within the last hour (MAX_RESTARTS_PER_HOUR=4); giving up"
   assert sum("giving up" in l for l in lines) == 1
   restarts = [l for l in lines if l.startswith("preempted (exit status 75, slice ACTIVE)")]
   assert [int(re.search(r" in (\d+) s", l).group(1)) for l in restarts] == backoffs
@@ -507,9 +508,9 @@ def test_always_preempted_run_backs_off_and_stops_at_the_budget():
 
 def test_backoff_and_budget_come_from_the_environment():
   gcloud = FakeGcloud(runs=[[(75,)]] * 10)
-  rc, clock, lines = _supervise(gcloud, BACKOFF_SECONDS="5", BACKOFF_MAX_SECONDS="17", MAX_RESTARTS_PER_HOUR="4")
-  assert rc == 1 and [t for t in clock.slept if t != 7] == [5, 10, 17, 17]
-  assert "MAX_RESTARTS_PER_HOUR=4" in lines[-1] and gcloud.calls.count("start") == 5
+  rc, clock, lines = _supervise(gcloud, BACKOFF_SECONDS="5", BACKOFF_MAX_SECONDS="17", MAX_RESTARTS_PER_HOUR="3")
+  assert rc == 1 and [t for t in clock.slept if t != 7] == [5, 10, 17]
+  assert "MAX_RESTARTS_PER_HOUR=3" in lines[-1] and gcloud.calls.count("start") == 4
 
 
 def test_preemptions_hours_apart_restart_without_growing_delays():
@@ -532,6 +533,12 @@ def test_lost_slice_is_recreated_and_restarted_but_a_failure_on_an_active_slice_
   steps = [c for c in gcloud.calls if c in ("create", "delete", "start")]
   assert steps == ["create", "start", "delete", "create", "start"]
   assert any(l.startswith("preempted (slice lost, now SUSPENDED)") for l in lines)
+  # A describe that fails once (a network blip reads as MISSING) during the run: the restart finds the run still
+  # going and attaches to it.
+  gcloud = FakeGcloud(runs=[[(None,), (None,), (0,)]], states=["ACTIVE", "ACTIVE", "MISSING", "ACTIVE"])
+  rc, _, lines = _supervise(gcloud)
+  assert rc == 0 and gcloud.calls.count("start") == 1 and "create" not in gcloud.calls
+  assert any(l.startswith("the run is already going on 1 of 1 workers") for l in lines)
   # A run failing with 1 while its slice goes away (a host lost mid-collective) is a preemption too ...
   gcloud = FakeGcloud(runs=[[(1,)], [(0,)]], states=["ACTIVE", "ACTIVE", "SUSPENDED", "MISSING", "ACTIVE"])
   assert _supervise(gcloud)[0] == 0 and gcloud.calls.count("start") == 2
