@@ -775,7 +775,6 @@ def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_e
   (home / "mmbert_run").mkdir()
   script = home / "mmbert_run" / "worker.sh"
   script.write_text(WORKER.read_text())
-  (home / "mmbert_run" / "run.env").write_text(_run_env(r.stdout))
   _stub(
     home / "mmbert_venv" / "bin",
     "python",
@@ -800,6 +799,9 @@ def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_e
 
   pid_file, log = home / "mmbert_run" / "pid", home / "mmbert_run" / "logs" / "worker-3.log"
   assert "state=none" in _worker_state(worker("state").stdout)
+  unset = worker("start")  # no run settings copied yet: nothing to start
+  assert unset.returncode == 2 and "no run settings at" in unset.stdout and not pid_file.exists()
+  (home / "mmbert_run" / "run.env").write_text(_run_env(r.stdout))
   try:
     started = worker("start")  # returns at once although training goes on: it is detached
     assert started.returncode == 0, started.stderr
@@ -940,7 +942,7 @@ while :; do sleep 0.1; done
     PYTHON="python3",
     POLL_SECONDS="1",
     LOG_UPLOAD_SECONDS="1",
-    BACKOFF_SECONDS="1",  # a restart waits 1 s, not 30
+    BACKOFF_SECONDS="0",  # restarts at once, not after 30 s
   )
   yield env, home, tmp_path / "gcloud_calls"
   pid_file = home / "mmbert_run" / "pid"
