@@ -38,7 +38,6 @@ per document, with all shards of the largest languages open (goal ≤ 2 bytes pe
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import tempfile
@@ -48,8 +47,8 @@ from collections.abc import Sequence
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from data_pipeline import cli, pipeline, prepare
 from data_pipeline import filesystem as fs
-from data_pipeline import pipeline, prepare
 
 SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2, "unk": 3, "mask": 4}
 TOKENIZER_INFO = {"path": "synthetic", "kind": "synthetic", "vocab_size": 256_000, "special_ids": SPECIAL_IDS}
@@ -242,7 +241,7 @@ def index_memory(documents: int, languages: int, hosts: int, batches: int) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m data_pipeline.benchmark", description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(prog="python -m data_pipeline.benchmark", description=__doc__.split("\n")[0])
   parser.add_argument("--data_dir", default=None, help="a prepared corpus (default: a synthetic one)")
   parser.add_argument("--languages", default=None, help="phase languages (default: all)")
   parser.add_argument("--num_languages", type=int, default=1834, help="languages of the synthetic corpus")

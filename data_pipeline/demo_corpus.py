@@ -18,19 +18,17 @@ real web data and the temperature of a mixture matters:
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import os
-import sys
 import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from babel import Locale, UnknownLocaleError, dates, lists, localedata, numbers, units
 
+from data_pipeline import cli, mixture
 from data_pipeline import filesystem as fs
-from data_pipeline import mixture
 from data_pipeline import prepare as prepare_lib
 from data_pipeline import tokenizer as tokenizer_lib
 
@@ -200,7 +198,7 @@ def prepare_for_run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m data_pipeline.demo_corpus", description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(prog="python -m data_pipeline.demo_corpus", description=__doc__.split("\n")[0])
   parser.add_argument("--data_dir", required=True)
   parser.add_argument("--languages", default="demo-decay", help="a demo set name or comma-separated codes")
   parser.add_argument("--scale", type=float, default=1.0, help="multiplies the documents per language")
@@ -218,8 +216,10 @@ def main(argv: Sequence[str] | None = None) -> None:
       max_len=args.max_len,
       num_workers=args.num_workers,
     )
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  except (ValueError, FileNotFoundError) as e:
+    cli.fail(cli.error_line(e))
+  except OSError as e:  # a read-only or full disk
+    cli.fail(cli.error_line(e), cli.EXIT_FAILED)
   t = stats["totals"]["train"]
   print(f"{len(stats['languages'])} languages, {t['documents']:,} documents, {t['tokens']:,} tokens → {args.data_dir}")
 

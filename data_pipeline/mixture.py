@@ -22,18 +22,17 @@ stored sequence length: sampling documents with those weights yields tokens in t
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from data_pipeline import cli
 from data_pipeline import filesystem as fs
 
 _CODE_SCRIPT = re.compile(r"^([a-z]{2,3})_([A-Z][a-z]{3})$")  # FineWeb2's <ISO 639-3>_<ISO 15924>
@@ -314,7 +313,7 @@ def counts_from_csv(path: str, column: str) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m data_pipeline.mixture", description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(prog="python -m data_pipeline.mixture", description=__doc__.split("\n")[0])
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--data_dir", help="a prepared data directory (reads stats.json)")
   src.add_argument("--counts_csv", help="a CSV with a language column and token-count columns")
@@ -338,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     spec = PhaseSpec(args.languages, args.tau, budgets, args.max_passes, args.total_tokens)
     print(compute_mixture(counts, spec).table())
   except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+    cli.fail(cli.error_line(e))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ import math
 import multiprocessing
 import os
 import re
-import sys
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -59,8 +58,8 @@ import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from data_pipeline import cli, mixture
 from data_pipeline import filesystem as fs
-from data_pipeline import mixture
 from data_pipeline import tokenizer as tokenizer_lib
 
 FORMAT_VERSION = 2
@@ -763,7 +762,7 @@ def write_pretokenized(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog="python -m data_pipeline.prepare",
     description=__doc__.split("\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -829,8 +828,10 @@ def main(argv: Sequence[str] | None = None) -> None:
       shard_index=args.shard_index,
       num_shards=args.num_shards,
     )
-  except (ValueError, OSError) as e:  # OSError: unreadable input, read-only or full disk, …
-    sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+  except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad input
+    cli.fail(cli.error_line(e))
+  except OSError as e:  # unreadable input, read-only or full disk, …
+    cli.fail(cli.error_line(e), cli.EXIT_FAILED)
   t = stats["totals"]
   print(
     f"{len(stats['languages'])} languages; train {t['train']['documents']:,} documents, "

@@ -15,7 +15,6 @@ Command line:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -25,6 +24,7 @@ from typing import Any
 
 import sentencepiece as spm
 
+from data_pipeline import cli
 from data_pipeline import filesystem as fs
 
 
@@ -215,7 +215,7 @@ def train_sentencepiece(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m data_pipeline.tokenizer", description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(prog="python -m data_pipeline.tokenizer", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   train = sub.add_parser("train", help="train a SentencePiece model with mmBERT's special ids")
   train.add_argument("--input", required=True, help="comma-separated text files, one sentence or document a line")
@@ -229,7 +229,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   check.add_argument("path")
   check.add_argument("--text", default=None, help="also print the pieces of this text")
   args = parser.parse_args(argv)
+  try:
+    _run(args)
+  except (ValueError, FileNotFoundError) as e:  # bad input
+    cli.fail(cli.error_line(e))
+  except OSError as e:  # a read-only or full disk
+    cli.fail(cli.error_line(e), cli.EXIT_FAILED)
 
+
+def _run(args) -> None:
   if args.command == "train":
     path = train_sentencepiece(
       args.model_prefix,

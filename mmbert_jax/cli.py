@@ -1,5 +1,7 @@
-"""What every command line of the project shares: absl flags defined on demand, no stray positional arguments,
-quiet library logs, bad input reported as one line (`error: <what, and what to run or set>`), and the exit codes.
+"""What every absl command line of the project shares: flags defined on demand, no stray positional arguments,
+quiet library logs, bad input reported as one line (`error: <what, and what to run or set>`: an unknown flag, a
+value of the wrong type, a missing required flag, a `ConfigError` or `app.UsageError` from `main`) with exit status
+2, and the exit codes of `data_pipeline.cli` (the argparse commands of the data pipeline behave the same):
 
 Exit codes: 0 complete, 1 failed (a write failed, non-finite steps, a bug), 2 bad input (config, flags, files),
 75 preempted (SIGTERM: a checkpoint was saved; run the same command again to resume).
@@ -14,7 +16,7 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-EXIT_COMPLETE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
+from data_pipeline.cli import EXIT_BAD_INPUT, EXIT_COMPLETE, EXIT_FAILED, EXIT_PREEMPTED  # noqa: F401
 
 
 class ConfigError(ValueError):
@@ -59,6 +61,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   file that rejects its argument) is one `error:` line instead of a traceback."""
   try:
     return flags.FLAGS(list(argv))
+  except SystemExit as e:  # absl's --help prints the usage and exits 1: asking for it is no failure
+    sys.exit(EXIT_COMPLETE if e.code == 1 and set(argv[1:]) & {"--help", "-h", "-?", "--helpshort"} else e.code)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     fail(flag_error(e, argv))
 
@@ -85,18 +89,20 @@ def flag_error(error: Exception, argv: Sequence[str]) -> str:
     hint = next((line for line in lines[1:] if line.startswith("Did you mean")), "")
     hint = hint.strip("'\"").replace("Did you mean", "did you mean").replace('"', "")
     return f"{flag}: the config has no key {key!r}" + (f" ({hint})" if hint else "")
+  if lines and "must have a value other than None" in lines[0]:  # a required flag that is missing
+    return f"{lines[0].split()[1].split('=')[0]} is required"
   return lines[0] if lines else type(error).__name__
 
 
 def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None]) -> None:
   """`python -m module`: defines the module's flags (importing a module defines none) and runs `main`; bad flags
-  and a `ConfigError` from `main` end the command with one `error:` line and exit status 2."""
+  and a `ConfigError` or `app.UsageError` from `main` end the command with one `error:` line and exit status 2."""
   define_flags()
 
   def checked_main(argv):
     try:
       main(argv)
-    except ConfigError as e:
+    except (ConfigError, app.UsageError) as e:  # absl would print the whole usage for a UsageError
       fail(e)
 
   app.run(checked_main, flags_parser=parse_flags)

@@ -108,7 +108,7 @@ def main(argv):
     )
     results = evaluate_checkpoints(FLAGS.checkpoint, pipeline_config, FLAGS.max_batches or None)
   except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"evaluate: {e}") from None
+    cli.fail(e)
   print(format_eval_table(results))
   print(format_eval_table(results, metric="accuracy"))
 

@@ -119,8 +119,8 @@ def main(argv):
     raise app.UsageError("--checkpoint and --out are required")
   try:
     source = export(FLAGS.checkpoint, FLAGS.out, FLAGS.tokenizer)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: one line, no traceback
-    raise SystemExit(f"export: {e}") from None
+  except (ckpt_lib.CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: one line
+    cli.fail(e)
   print(f"exported {source} → {FLAGS.out}")
 
 

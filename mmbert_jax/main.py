@@ -93,7 +93,8 @@ def main(argv):
     workdir = str(fs.path(workdir, "--workdir" if FLAGS.workdir else "config.workdir"))
   except ValueError as e:
     raise cli.ConfigError(str(e)) from None
-  preflight.check(config, workdir)  # reads only; before devices, mesh and compilation
+  # Reads only; before devices, mesh and compilation.
+  preflight.check(config, workdir, config_flags.get_override_values(FLAGS["config"]))
   # Multi-host: every process runs this same command; TPU pods, SLURM and Open MPI are detected by jax itself.
   if os.environ.get("MMBERT_DISTRIBUTED", "0") == "1":
     jax.distributed.initialize()

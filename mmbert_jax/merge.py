@@ -146,7 +146,7 @@ def main(argv):
       export.export(where, FLAGS.hf_out)
       print(f"transformers directory: {FLAGS.hf_out}")
   except (ckpt_lib.CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"merge: {e}") from None
+    cli.fail(e)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Checks that run before anything expensive (devices, mesh, compilation): a run that cannot start fails in
 seconds with one line naming the key or file and what to run or set, and leaves the workdir untouched.
 
-  check(config, workdir)   data_dir and its stats.json, init_from of later phases, the workdir's own
-                           checkpoints (phase, model size), model fields, the phase's languages and budgets
-                           against the data, the tokenizer against the model's vocabulary, W&B
+  check(config, workdir, overrides)
+      the values the loop validates (`train.validate`, for each phase with its `phase_overrides`), data_dir and
+      its stats.json, init_from of later phases, the workdir's own checkpoints (phase, model size), model fields,
+      the phase's languages and budgets against the data, the tokenizer against the model's vocabulary, W&B; and
+      no `--config.` override that every phase of a curriculum replaces by its own value (it would change
+      nothing: `--config.phase_overrides.<phase>.<key>` sets it)
 
 Each failure is a `cli.ConfigError`: the entry point prints it as `error: …` and exits with status 2.
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -29,8 +34,9 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "interme
 CONTINUES_FROM = {"midtrain": "pretrain", "decay": "midtrain"}
 
 
-def check(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Every check of a single-phase config, or of each phase of a curriculum config (in `<workdir>/<phase>`)."""
+def check(config: ml_collections.ConfigDict, workdir: str, overrides: Mapping[str, Any] | None = None) -> None:
+  """Every check of a single-phase config, or of each phase of a curriculum config (in `<workdir>/<phase>`).
+  `overrides`: {key: value} of the command line's `--config.<key>=<value>` flags."""
   workdir = str(_path(workdir, "--workdir"))
   cache = config.get("jax_cache_dir")
   if cache and (fs.is_remote(cache) or cache.startswith(("/", "~"))):  # a relative one is inside the workdir
@@ -43,11 +49,19 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
       f"--workdir={workdir} holds a single phase's checkpoints, but {config.phases[0]}… is a "
       "curriculum (it runs each phase in <workdir>/<phase>): choose another --workdir"
     )
+  _check_overrides(config, overrides or {})
   for phase in config.phases:
     try:
       phase_cfg = phases.phase_config(config, phase, workdir)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    try:
+      train.validate(phase_cfg)
+    except ValueError as e:  # named as the key that set it: the phase's override, if it has one
+      key = re.match(r"config\.([\w.]+)", str(e))
+      if key and key[1] in _phase_keys(config, phase):
+        raise ConfigError(str(e).replace(f"config.{key[1]}", f"config.phase_overrides.{phase}.{key[1]}", 1)) from None
+      raise ConfigError(f"phase {phase}: {e}") from None
     inside = bool(config.phase_overrides[phase].get("init_from_phase"))
     check_phase(phase_cfg, str(fs.path(workdir) / phase), init_from_inside=inside)
 
@@ -55,6 +69,10 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
 def check_phase(config: ml_collections.ConfigDict, workdir: str, *, init_from_inside: bool = False) -> None:
   """One phase in `workdir`. `init_from_inside`: init_from names an earlier phase of the same curriculum (it
   need not exist yet)."""
+  try:
+    train.validate(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.init_from and not init_from_inside:
     _path(config.init_from, "config.init_from")
   _check_data(config)
@@ -69,6 +87,38 @@ def check_phase(config: ml_collections.ConfigDict, workdir: str, *, init_from_in
     raise ConfigError(
       f"config.wandb.project={config.wandb.project} needs wandb: `pip install wandb`, or drop --config.wandb.project"
     )
+
+
+def _phase_keys(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]:
+  """{key: value} that `phase_overrides[phase]` sets (as `phases.phase_config` applies them: a section's keys one
+  by one, a dict value as a whole)."""
+  out = {}
+  for key, value in config.phase_overrides[phase].items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update({f"{key}.{sub}": sub_value for sub, sub_value in value.items()})
+    else:
+      out["init_from" if key == "init_from_phase" else key] = value
+  return out
+
+
+def _check_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+  """A `--config.<key>` that every phase replaces would be silently ignored: refused, naming the phases' values."""
+  for key, value in overrides.items():
+    if key.startswith("phase_overrides."):
+      continue
+    set_by = {}
+    for phase in config.phases:
+      keys = _phase_keys(config, phase)
+      found = next((k for k in keys if key == k or key.startswith(f"{k}.")), None)
+      if found is None:
+        break
+      set_by[phase] = keys[found]
+    else:
+      values = ", ".join(f"{phase}: {v!r}" for phase, v in set_by.items())
+      raise ConfigError(
+        f"--config.{key}={value}: every phase of this curriculum sets {key} itself ({values}), so the flag would "
+        f"change nothing; set --config.phase_overrides.<phase>.{key} for the phases to change"
+      )
 
 
 def _path(value: str, key: str):

@@ -1,7 +1,14 @@
 """Command lines: a bad flag or `--config.` override is one line naming it (tests/test_main.py runs the entry
 point with them: exit status, timing, workdir)."""
 
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 from absl import flags
+from helpers import ROOT
 
 from mmbert_jax import cli
 
@@ -32,3 +39,68 @@ def test_bad_overrides_are_one_line():
     "flag --config=configs/decay.py:hot: Error whilst parsing config file: ValueError: configs/decay.py: variant "
     "'hot' is not one of ['all', 'cont', 'eng']"
   )
+
+
+# Every entry point: (module, [(case, args, what the one line must name)]). A command whose defaults make a whole
+# run (the benchmarks) has no "no flags" case.
+_W = "/nonexistent-workdir"
+ENTRY_POINTS = {
+  "mmbert_jax.main": [("none", [], "--config is required"), ("bad", ["--config=configs/nope.py"], "configs/nope.py")],
+  "mmbert_jax.report": [("none", [], "--workdir is required"), ("bad", ["--workdir=s3://b/x"], "--workdir")],
+  "mmbert_jax.finetune": [
+    ("none", [], "--task, --checkpoint and --out are required"),
+    ("bad", ["--task=nope", "--checkpoint=x", f"--out={_W}/o.json"], "--task must be one of"),
+  ],
+  "mmbert_jax.evaluate": [("none", [], "--checkpoint and --data are required"), ("bad", ["--seq_len=x"], "--seq_len")],
+  "mmbert_jax.export": [
+    ("none", [], "--checkpoint and --out are required"),
+    ("bad", [f"--checkpoint={_W}", f"--out={_W}/hf"], _W),
+  ],
+  "mmbert_jax.merge": [("none", [], "--out is required"), ("bad", ["--method=mean"], "--method")],
+  "mmbert_jax.aot": [("none", [], "is required"), ("bad", ["--compare=perhaps"], "--compare")],
+  "mmbert_jax.benchmarks.attention": [("bad", ["--window=wide"], "--window")],
+  "mmbert_jax.benchmarks.train_step": [("bad", ["--steps=many"], "--steps")],
+  "data_pipeline.prepare": [("none", [], "required"), ("bad", ["--num_shards=x"], "--num_shards")],
+  "data_pipeline.mixture": [("none", [], "required"), ("bad", ["--tau=x"], "--tau")],
+  "data_pipeline.demo_corpus": [("none", [], "--data_dir"), ("bad", ["--data_dir=d", "--scale=big"], "--scale")],
+  "data_pipeline.tokenizer": [("none", [], "required"), ("bad", ["train", "--vocab_size=x"], "--vocab_size")],
+  "data_pipeline.benchmark": [("bad", ["--hosts=x"], "--hosts")],
+}
+
+
+@pytest.fixture(scope="module")
+def entry_point_runs():
+  """Every case of every entry point, run in one process (tests/cli_probe.py forks a child per case)."""
+  cases = [
+    (module, name, args, named)
+    for module, module_cases in ENTRY_POINTS.items()
+    for name, args, named in module_cases + [("unknown", ["--bogus_flag=1"], "bogus_flag"), ("help", ["--help"], "")]
+  ]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "tests" / "cli_probe.py")],
+    input=json.dumps([[module, args] for module, _, args, _ in cases]),
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return {(module, name): (named, *result) for (module, name, _, named), result in zip(cases, json.loads(proc.stdout))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", list(ENTRY_POINTS))
+def test_every_entry_point_refuses_bad_input_in_one_line(entry_point_runs, module):
+  """No flags (where some are required), an unknown flag and a value of the wrong kind: exit status 2 and one
+  `error:` line naming the flag; --help prints the usage and exits 0."""
+  for (mod, case), (named, code, out, err) in entry_point_runs.items():
+    if mod != module:
+      continue
+    if case == "help":
+      assert code == 0 and "--" in out and "error:" not in err, (module, code, out[-500:], err[-500:])
+      continue
+    lines = err.strip().splitlines()
+    assert code == cli.EXIT_BAD_INPUT, (module, case, code, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], (module, case, err[-2000:])

@@ -181,6 +181,16 @@ def test_bad_starts_fail_fast_with_one_line(demo_data, tmp_path):
       "new",
       "--config.phase_overrides.pretrain.train_tokenz: the config has no key 'train_tokenz'",
     ),
+    (
+      ["--config=configs/demo.py", "--config.phase_overrides.pretrain.train_tokens=-5"],
+      "new",
+      "config.phase_overrides.pretrain.train_tokens must be ≥ 0; got -5",
+    ),
+    (
+      ["--config=configs/demo.py", "--config.data.seq_len=0"],
+      "new",
+      "every phase of this curriculum sets data.seq_len",
+    ),
   ]
   for args, workdir, message in cases:
     workdir = str(tmp_path / workdir)

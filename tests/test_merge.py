@@ -148,7 +148,7 @@ def test_ema_and_average_give_loadable_checkpoints(run, tmp_path):
   )
 
 
-def test_different_models_are_refused_naming_the_field(run, tmp_path):
+def test_different_models_are_refused_naming_the_field(run, tmp_path, capsys):
   wider = str(tmp_path / "wider")
   _save_variant(run, wider, fresh=True, intermediate_size=32)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"model config differs .*\(intermediate_size=32 vs 96\)"):
@@ -159,10 +159,12 @@ def test_different_models_are_refused_naming_the_field(run, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match=r"\(global_rope_theta=160000.0 vs 40000.0\)"):
     merge.merge_checkpoints("average", models=[run, theta])
   # The command line says it in one line.
+  capsys.readouterr()
   with pytest.raises(SystemExit) as e:
     _merge_main("--method=average", f"--models={run},{wider}", f"--out={tmp_path / 'never'}")
-  message = str(e.value.code)
-  assert message.startswith("merge: ") and "intermediate_size=32 vs 96" in message and "\n" not in message
+  message = capsys.readouterr().err
+  assert e.value.code == 2 and message.startswith("error: ") and "intermediate_size=32 vs 96" in message
+  assert message.count("\n") == 1
   assert not os.path.exists(tmp_path / "never" / "checkpoints")
   # How a model ran (compute dtype, attention kernel) does not make it another model.
   runtime = str(tmp_path / "runtime")
@@ -170,18 +172,21 @@ def test_different_models_are_refused_naming_the_field(run, tmp_path):
   _assert_same(merge.merge_checkpoints("average", models=[run, runtime])[0], _params(run))
 
 
-def test_existing_outputs_are_not_overwritten(run, ties_cli, tmp_path):
+def test_existing_outputs_are_not_overwritten(run, ties_cli, tmp_path, capsys):
   out, hf_out, _ = ties_cli
   before = _params(out)
   listing = sorted(os.listdir(ckpt_lib.checkpoint_dir(out)))
-  with pytest.raises(SystemExit, match="already holds checkpoints"):
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
     _merge_main("--method=average", f"--models={step_dir(run, 4)},{run}", f"--out={out}")
+  assert e.value.code == 2 and "already holds checkpoints" in capsys.readouterr().err
   _assert_same(ckpt_lib.load_params(out)[0], before)
   assert sorted(os.listdir(ckpt_lib.checkpoint_dir(out))) == listing
   # An existing --hf_out is found before anything is merged or written.
   new = tmp_path / "new"
-  with pytest.raises(SystemExit, match="config.json exists"):
+  with pytest.raises(SystemExit) as e:
     _merge_main("--method=average", f"--models={step_dir(run, 4)},{run}", f"--out={new}", f"--hf_out={hf_out}")
+  assert e.value.code == 2 and "config.json exists" in capsys.readouterr().err
   assert not new.exists()
   with pytest.raises(ckpt_lib.CheckpointError, match="already holds checkpoints"):
     ckpt_lib.save_params(out, 1, before, {"step": 1})

@@ -149,8 +149,10 @@ def test_command_prints_the_table(tmp_path, capsys):
   p = np.sqrt([EXT["rus"], EXT["xho"]])
   p /= p.sum()
   assert f"{p[0]:.5f}" in out and f"{p[1]:.5f}" in out and "2 languages" in out
-  with pytest.raises(SystemExit, match="phase languages not in the data: fao"):
+  with pytest.raises(SystemExit) as e:
     mixture.main(["--counts_csv", str(csv), "--column", "ext", "--tau", "0.5", "--languages", "fao"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith("error: phase languages not in the data: fao") and err.count("\n") == 1
 
 
 def _csv_sized(seed=0):

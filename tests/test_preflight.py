@@ -45,10 +45,10 @@ def _tree(path):
   return sorted((root, tuple(sorted(dirs)), tuple(sorted(files))) for root, dirs, files in os.walk(path))
 
 
-def _fails(config, workdir, *needles):
+def _fails(config, workdir, *needles, overrides=None):
   before = _tree(workdir) if os.path.exists(workdir) else None
   with pytest.raises(cli.ConfigError) as e:
-    preflight.check(config, workdir)
+    preflight.check(config, workdir, overrides)
   message = str(e.value)
   assert "\n" not in message
   for needle in needles:
@@ -169,3 +169,40 @@ def test_unknown_model_field_and_missing_wandb(tmp_path, data_dir, monkeypatch):
   c = tiny_config(data_dir, **{"wandb.project": "mmbert"})
   monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
   _fails(c, str(tmp_path / "run"), "config.wandb.project=mmbert needs wandb", "pip install wandb")
+
+
+def test_phase_overrides_are_validated_like_top_level_values(tmp_path, data_dir):
+  """A value the loop would refuse fails in pre-flight, named as the key that set it."""
+  _fails(tiny_config(data_dir, train_tokens=-5), str(tmp_path / "run"), "config.train_tokens must be ≥ 0; got -5")
+  demo = load_config("demo")
+  demo.phase_overrides.pretrain.train_tokens = -5
+  _fails(demo, str(tmp_path / "a"), "config.phase_overrides.pretrain.train_tokens must be ≥ 0; got -5")
+  demo = load_config("demo")
+  demo.phase_overrides.decay_all.data.seq_len = 0
+  _fails(demo, str(tmp_path / "b"), "config.phase_overrides.decay_all.data.seq_len must be positive; got 0")
+  demo = load_config("demo")
+  demo.batch_size = 0  # no phase overrides it: named as the shared key, with the first phase that fails
+  _fails(demo, str(tmp_path / "c"), "phase pretrain: config.batch_size must be positive; got 0")
+
+
+def test_an_override_every_phase_replaces_is_refused(tmp_path):
+  """`--config.data.seq_len=0` on the demo would change nothing (every phase sets its own); a key only some phases
+  set, or one set through phase_overrides, is applied."""
+  demo = load_config("demo")
+  with demo.unlocked():
+    demo.data.seq_len = 0
+  message = _fails(
+    demo,
+    str(tmp_path / "a"),
+    "--config.data.seq_len=0",
+    "pretrain: 128",
+    "decay_all: 256",
+    "--config.phase_overrides.<phase>.data.seq_len",
+    overrides={"data.seq_len": 0},
+  )
+  assert message.startswith("--config.data.seq_len=0: every phase")
+  _fails(load_config("demo"), str(tmp_path / "b"), "--config.train_tokens=7", overrides={"train_tokens": 7})
+  demo = load_config("demo")
+  del demo.phase_overrides.decay_cont["train_tokens"]  # now one phase takes the shared value
+  preflight.check(demo, str(tmp_path / "c"), {"train_tokens": 7, "phase_overrides.pretrain.train_tokens": 9})
+  preflight.check(load_config("demo"), str(tmp_path / "d"), {"optim.peak_lr": 1e-3})
