@@ -11,6 +11,10 @@ bucket cannot do, this module does another way:
 - Libraries that only open local files (ArrayRecord, SentencePiece, safetensors, matplotlib) get a local copy
   (`local_copy`) or write into a local folder that is uploaded when they are done (`staged_dir`).
 
+Outputs of several files are complete or absent: `staged_dir` writes into a temporary folder and moves the files
+into place only when the block ends without an error; a failed block (a full disk, a bad input) removes its partial
+files. `local_copy` does the same for one file.
+
 `path(value, key)` is where a user-supplied string becomes a Path: an unsupported scheme, a malformed `gs:/x` or a
 `gs://` path without the GCS packages is one line naming the config key, never a local folder called `gs:`.
 """
@@ -25,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import fsspec
@@ -146,23 +151,43 @@ def local_copy(p: epath.Path, cache: epath.Path | None = None) -> str:
   target = target.parent / f"{target.name}.{key}"
   if not target.exists():
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    p.copy(tmp, overwrite=True)
-    os.replace(tmp, target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+      p.copy(tmp, overwrite=True)
+      os.replace(tmp, target)
+    except BaseException:  # a full disk: the partial copy would keep it full
+      tmp.unlink(missing_ok=True)
+      raise
   return os.fspath(target)
 
 
 @contextlib.contextmanager
 def staged_dir(dest: epath.Path) -> Iterator[str]:
-  """A local folder to write `dest`'s files into: `dest` itself when local; for a bucket, a temporary folder whose
-  files are uploaded under `dest` when the block ends without an error (a failed block uploads nothing)."""
-  if not is_remote(dest):
-    dest.mkdir(parents=True, exist_ok=True)
-    yield os.fspath(dest)
-    return
-  tmp = tempfile.mkdtemp(prefix="mmbert_jax-stage-")
+  """A local folder to write `dest`'s files into: a temporary one, whose files are moved (local `dest`: beside it,
+  so a rename) or uploaded (a bucket) under `dest` when the block ends without an error. A failed block, a kill
+  included, leaves `dest` as it was; the temporary folder is removed (after a kill, a hidden `.<name>.tmp-…`
+  folder beside `dest` may remain, which nothing reads)."""
+  if is_remote(dest):
+    tmp = tempfile.mkdtemp(prefix="mmbert_jax-stage-")
+  else:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=os.fspath(dest.parent))
   try:
     yield tmp
-    copy_tree(epath.Path(tmp), dest)
+    if is_remote(dest):
+      copy_tree(epath.Path(tmp), dest)
+    elif not dest.exists():
+      os.rename(tmp, dest)
+    else:
+      _move_files(tmp, os.fspath(dest))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_files(src: str, dest: str) -> None:
+  """Moves every file under local `src` to the same relative path under local `dest` (each a rename)."""
+  for folder, _, files in os.walk(src):
+    target = os.path.join(dest, os.path.relpath(folder, src))
+    os.makedirs(target, exist_ok=True)
+    for name in sorted(files):
+      os.replace(os.path.join(folder, name), os.path.join(target, name))

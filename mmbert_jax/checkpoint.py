@@ -315,11 +315,13 @@ def load_params(path: str | epath.Path) -> tuple[Any, dict[str, Any], str]:
 
 
 def save_params(workdir: str | epath.Path, step: int, params, meta: dict[str, Any]) -> str:
-  """A params-only checkpoint (merges, imports): usable as `init_from` and by export/evaluate."""
+  """A params-only checkpoint (merges, imports): usable as `init_from` and by export/evaluate. The temporary
+  directory of a save that did not complete (killed) is removed first; complete checkpoints are never replaced."""
   directory = checkpoint_dir(workdir)
   if directory.exists() and ocp.utils.checkpoint_steps(directory):
     raise CheckpointError(f"{directory} already holds checkpoints; choose a new output directory")
-  with _manager(directory, create=True, enable_async_checkpointing=False) as manager:
+  options = dict(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True)
+  with _manager(directory, **options) as manager:
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
   return f"{directory}/{step}"
 

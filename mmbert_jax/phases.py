@@ -63,10 +63,11 @@ def _inside(workdir: str, name: str) -> str:
 
 
 def merge_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """`config.merge`: merge the listed phases' final checkpoints into `<workdir>/merged` and evaluate it."""
+  """`config.merge`: merge the listed phases' final checkpoints into `<workdir>/merged` and evaluate it. A merge
+  whose save did not complete (killed; Orbax's temporary step directory is left) is done again."""
   m = config.merge
   out = _inside(workdir, "merged")
-  if not ckpt_lib.checkpoint_dir(out).exists():
+  if not ckpt_lib.steps(ckpt_lib.checkpoint_dir(out)):
     params, meta = merge.merge_checkpoints(
       m.method,
       base=_inside(workdir, m.base),

@@ -94,3 +94,38 @@ def test_copy_tree_between_buckets_and_disk(remote, tmp_path, monkeypatch):
   assert sorted(str(p.relative_to(down)) for p in down.rglob("*") if p.is_file()) == ["a/b/deep.txt", "top.txt"]
   assert (down / "a" / "b" / "deep.txt").read_text() == "2" and (remote / "up" / "top.txt").read_text() == "1"
   assert not (tmp_path / "mmbert-test").exists() and not list(tmp_path.glob("gs:*"))
+
+
+def test_local_staged_dir_moves_complete_outputs_into_place(tmp_path):
+  """Nothing under the destination until the block ends; a failed block leaves the destination as it was and no
+  temporary folder; into an existing folder the files are added beside what it holds."""
+  dest = fs.path(str(tmp_path / "out"))
+  with fs.staged_dir(dest) as d:
+    os.makedirs(os.path.join(d, "sub"))
+    open(os.path.join(d, "sub", "f.txt"), "w").write("x")
+    assert not dest.exists()
+  assert (dest / "sub" / "f.txt").read_text() == "x"
+  with pytest.raises(OSError, match="No space left"):
+    with fs.staged_dir(dest) as d:
+      open(os.path.join(d, "g.txt"), "w").write("partial")
+      raise OSError(28, "No space left on device")
+  assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(dest)) == ["sub"]
+  with fs.staged_dir(dest) as d:
+    open(os.path.join(d, "g.txt"), "w").write("y")
+  assert sorted(os.listdir(dest)) == ["g.txt", "sub"] and (dest / "sub" / "f.txt").read_text() == "x"
+
+
+def test_local_copy_that_fails_leaves_no_partial_file(remote, tmp_path, monkeypatch):
+  """A full disk while a bucket file is copied to the cache: the error propagates and the partial copy is gone."""
+  src = remote / "shard.bin"
+  src.write_bytes(b"abc")
+  copy = type(src).copy
+
+  def full_disk(self, dst, overwrite=False):
+    copy(self, dst, overwrite=overwrite)  # the bytes land, then the disk is full
+    raise OSError(28, "No space left on device", str(dst))
+
+  monkeypatch.setattr(type(src), "copy", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    fs.local_copy(src, cache=fs.path(str(tmp_path / "cache")))
+  assert [f for _, _, files in os.walk(tmp_path / "cache") for f in files] == []

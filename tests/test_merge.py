@@ -5,17 +5,22 @@ different models and existing outputs are refused with one-line errors."""
 import functools
 import math
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from absl import flags
 from flax import nnx
-from helpers import tiny_config
+from helpers import ROOT, tiny_config
 from tiny_run import MODEL, STEPS, run_module, step_dir, trained_run
 
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import merge, train
+from mmbert_jax import merge, phases, train
 from mmbert_jax.model import MaskedLM
 
 DENSITY, WEIGHTS = 0.3, (1.0, 3.0)
@@ -212,3 +217,58 @@ def test_merged_checkpoint_starts_a_further_phase(demo_data, ties_cli, tmp_path)
   _assert_same(after, merged, atol=1e-20)
   assert meta["history"][-1] == {"phase": "merged_ties", "source": source, "tokens": merged_meta["tokens"]}
   assert meta["total_tokens_before"] == merged_meta["tokens"] == 512 * STEPS[-1]
+
+
+_KILL_BEFORE_RENAME = """
+import os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+async def killed(self):  # every file of the step is written; the rename that completes it never happens
+  os.kill(os.getpid(), signal.SIGKILL)
+atomicity.AtomicRenameTemporaryPath.finalize = killed
+from mmbert_jax import cli, merge
+sys.argv = ["merge", *{args!r}]
+cli.run(merge.main, merge.define_flags)
+"""
+
+
+def _curriculum(run, demo_data, workdir):
+  """A two-phase curriculum config whose phases `a` (the run's step 4) and `b` (its step 12) are done: `a`'s and
+  `b`'s checkpoints are links to the run's steps."""
+  for phase, step in (("a", 4), ("b", 12)):
+    os.makedirs(os.path.join(workdir, phase, "checkpoints"))
+    os.symlink(step_dir(run, step), os.path.join(workdir, phase, "checkpoints", str(step)))
+  config = tiny_config(demo_data, **MODEL)
+  with config.unlocked():
+    config.phases = ("a", "b")
+    config.phase_overrides = ml_collections.ConfigDict({"a": {}, "b": {}})
+    config.merge = ml_collections.ConfigDict(dict(method="ties", base="a", models=("b",), density=0.5, lam=1.0))
+  return config
+
+
+@pytest.mark.slow
+def test_merge_killed_while_saving_is_redone_by_a_rerun(run, demo_data, tmp_path, capsys):
+  """kill -9 while the merged checkpoint is written leaves Orbax's temporary step directory; the same command
+  again redoes the merge (exit 0) and gives the parameters of an uninterrupted merge. In a curriculum the same
+  leftover under `<workdir>/merged` is merged again, not taken for a finished merge."""
+  out = str(tmp_path / "merged")
+  args = ["--method=ties", f"--base={step_dir(run, 4)}", f"--models={run}", f"--out={out}"]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  script = _KILL_BEFORE_RENAME.format(args=args)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  left = os.listdir(ckpt_lib.checkpoint_dir(out))
+  assert any(".orbax-checkpoint-tmp" in name for name in left) and ckpt_lib.steps(ckpt_lib.checkpoint_dir(out)) == []
+  killed = tmp_path / "curriculum" / "merged"
+  shutil.copytree(out, killed)  # the leftover, as a curriculum's merge would leave it
+  _merge_main(*args)  # the same command, in this process
+  assert os.listdir(ckpt_lib.checkpoint_dir(out)) == [str(STEPS[-1])]  # the leftover is gone
+  want = merge.merge_checkpoints("ties", base=step_dir(run, 4), models=[run])[0]
+  _assert_same(ckpt_lib.load_params(out)[0], want)
+
+  reference = str(tmp_path / "reference")
+  evals = phases.merge_phases(_curriculum(run, demo_data, reference), reference)
+  again = str(tmp_path / "curriculum")
+  assert phases.merge_phases(_curriculum(run, demo_data, again), again) == evals
+  assert os.listdir(ckpt_lib.checkpoint_dir(killed)) == [str(STEPS[-1])]
+  _assert_same(ckpt_lib.load_params(again + "/merged")[0], ckpt_lib.load_params(reference + "/merged")[0])
+  _assert_same(ckpt_lib.load_params(again + "/merged")[0], want)
