@@ -155,8 +155,10 @@ def local_copy(p: epath.Path, cache: epath.Path | None = None) -> str:
     try:
       p.copy(tmp, overwrite=True)
       os.replace(tmp, target)
-    except BaseException:  # a full disk: the partial copy would keep it full
+    except BaseException as e:  # a full disk: the partial copy would keep it full
       tmp.unlink(missing_ok=True)
+      if isinstance(e, OSError):
+        e.filename = os.fspath(target)  # the cache file, not the temporary name
       raise
   return os.fspath(target)
 
@@ -180,6 +182,10 @@ def staged_dir(dest: epath.Path) -> Iterator[str]:
       os.rename(tmp, dest)
     else:
       _move_files(tmp, os.fspath(dest))
+  except OSError as e:  # named as the output it was for, not the temporary folder that is removed
+    if isinstance(e.filename, str) and e.filename.startswith(tmp):
+      e.filename = os.path.join(os.fspath(dest), os.path.relpath(e.filename, tmp))
+    raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 

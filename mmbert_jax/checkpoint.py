@@ -11,6 +11,7 @@ writes buckets itself.
 from __future__ import annotations
 
 import copy
+import logging as logging_lib
 from typing import Any
 
 import jax
@@ -47,10 +48,26 @@ class _Manager(ocp.CheckpointManager):
     return False
 
 
+class _QuietReadOnly(logging_lib.Filter):
+  """Orbax announces every read-only manager with a warning (the phase hand-off, merge, export, evaluate and
+  fine-tuning read checkpoints that way): nothing a user can act on. Its other warnings pass."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging_lib.getLogger("absl").addFilter(_QuietReadOnly())
+
+
 def _manager(directory: epath.Path, *, data_iter: bool = False, **options) -> ocp.CheckpointManager:
   handlers = dict(
     params=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()
   )
+  if options.get("read_only"):
+    # What Orbax would otherwise change itself, with a warning line each; the data iterator's handler is known so
+    # that reading a step's item metadata does not warn about an item it cannot restore.
+    options.update(save_interval_steps=0, create=False)
+    data_iter = True
   if data_iter:
     # Each process writes its own streams; restore merges them, so the process count may change (elastic).
     handlers["data_iter"] = data_ckpt.PipelineCheckpointHandler()
@@ -254,9 +271,22 @@ def names_a_step(path: str | epath.Path) -> bool:
   return path.name.isdigit() and (path / "params").is_dir()
 
 
+def _unreadable(directory: epath.Path, step: int, error: Exception) -> CheckpointError:
+  """Another run's checkpoint that does not read (damaged files): one line naming it; nothing there is changed
+  (only a run's own latest checkpoint is ever moved aside, by `Checkpointer.restore_latest`)."""
+  return CheckpointError(
+    f"checkpoint {directory}/{step} (step {step}) does not restore ({storage.reason(error)}); it was left as it "
+    "is: repair it or name another step"
+  )
+
+
 def read_meta(directory: str | epath.Path, step: int) -> dict[str, Any]:
-  with _manager(fs.path(directory, "checkpoint directory"), read_only=True) as manager:
-    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  directory = fs.path(directory, "checkpoint directory")
+  with _manager(directory, read_only=True) as manager:
+    try:
+      return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception as e:  # whatever damaged files raise (JSON, tensorstore, a missing item)
+      raise _unreadable(directory, step, e) from e
 
 
 def restore_for_handoff(
@@ -274,7 +304,7 @@ def restore_for_handoff(
   directory, step = resolve(path, key)
   with _manager(directory, read_only=True) as manager:
     if require_complete and not names_a_step(path):
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      meta = read_meta(directory, step)
       if not meta.get("complete", True):  # params-only checkpoints (merges, imports) carry complete=True
         raise CheckpointError(
           f"init_from {path}: that run is not finished (its latest checkpoint, "
@@ -285,7 +315,10 @@ def restore_for_handoff(
     items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
     if abstract_opt_state is not None:
       items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-    restored = dict(manager.restore(step, args=ocp.args.Composite(**items)))
+    try:
+      restored = dict(manager.restore(step, args=ocp.args.Composite(**items)))
+    except Exception as e:  # Orbax wraps tensorstore's error in a bare Exception
+      raise _unreadable(directory, step, e) from e
   restored["source"] = f"{directory}/{step}"
   return restored
 
@@ -321,8 +354,13 @@ def save_params(workdir: str | epath.Path, step: int, params, meta: dict[str, An
   if directory.exists() and ocp.utils.checkpoint_steps(directory):
     raise CheckpointError(f"{directory} already holds checkpoints; choose a new output directory")
   options = dict(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True)
-  with _manager(directory, **options) as manager:
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+  try:
+    with _manager(directory, **options) as manager:
+      manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+  except Exception as e:  # tensorstore reports a full disk as ValueError, Python as OSError
+    if storage.is_storage_error(e):
+      raise storage.write_error(f"saving checkpoint {step}", str(directory), e) from e
+    raise
   return f"{directory}/{step}"
 
 

@@ -10,6 +10,7 @@ Exit codes: 0 complete, 1 failed (a write failed, non-finite steps, a bug), 2 ba
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -17,6 +18,7 @@ from typing import NoReturn
 from absl import app, flags, logging
 
 from data_pipeline.cli import EXIT_BAD_INPUT, EXIT_COMPLETE, EXIT_FAILED, EXIT_PREEMPTED  # noqa: F401
+from mmbert_jax import storage
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,25 @@ def report(error: BaseException | str) -> None:
 def fail(error: BaseException | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
   report(error)
   sys.exit(code)
+
+
+_sigterm = {"received": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+  _sigterm["received"] = True  # only a flag: a write in progress is never interrupted, nor by a second SIGTERM
+
+
+def handle_sigterm() -> None:
+  """From process start, a SIGTERM (preemption notice) is a flag the command reads at safe points (`preempted`):
+  it stops after the write in progress and exits 75; the same command resumes. The training loop installs its own
+  handler for its steps and passes the signal on to this one."""
+  signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def preempted() -> bool:
+  """Whether a SIGTERM arrived since `handle_sigterm`."""
+  return _sigterm["received"]
 
 
 def start(argv: Sequence[str]) -> None:
@@ -96,7 +117,8 @@ def flag_error(error: Exception, argv: Sequence[str]) -> str:
 
 def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None]) -> None:
   """`python -m module`: defines the module's flags (importing a module defines none) and runs `main`; bad flags
-  and a `ConfigError` or `app.UsageError` from `main` end the command with one `error:` line and exit status 2."""
+  and a `ConfigError` or `app.UsageError` from `main` end the command with one `error:` line and exit status 2, a
+  failed write (a full disk, a read-only one) with one line naming the path and exit status 1."""
   define_flags()
 
   def checked_main(argv):
@@ -104,5 +126,11 @@ def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None])
       main(argv)
     except (ConfigError, app.UsageError) as e:  # absl would print the whole usage for a UsageError
       fail(e)
+    except storage.WriteError as e:
+      fail(e, EXIT_FAILED)
+    except Exception as e:  # OSError, or a library's error that carries the C library's text
+      if not storage.is_storage_error(e):
+        raise
+      fail(storage.failed_write(e), EXIT_FAILED)
 
   app.run(checked_main, flags_parser=parse_flags)

@@ -19,7 +19,7 @@ from etils import epath
 from data_pipeline import filesystem as fs
 from data_pipeline import tokenizer as tokenizer_lib
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import cli, hf
+from mmbert_jax import cli, hf, storage
 
 FLAGS = flags.FLAGS
 
@@ -104,12 +104,17 @@ def export(checkpoint: str, out: str, tokenizer: str | None = None) -> str:
   spm_path = fs.local_copy(fs.path(spm, "--tokenizer")) if spm else None
   # Converted before anything is written: a tokenizer that cannot be converted leaves no half-written directory.
   fast = fast_tokenizer(spm_path, model.config) if spm_path else None
-  with fs.staged_dir(out) as local:  # a bucket gets the files once all are written
-    hf.write_local(model, local)
-    if spm_path:
-      epath.Path(spm_path).copy(epath.Path(local) / TOKENIZER_FILE, overwrite=True)
-    if fast is not None:
-      fast.save_pretrained(local)
+  try:
+    with fs.staged_dir(out) as local:  # the files appear once all are written; a failure removes them
+      hf.write_local(model, local)
+      if spm_path:
+        epath.Path(spm_path).copy(epath.Path(local) / TOKENIZER_FILE, overwrite=True)
+      if fast is not None:
+        fast.save_pretrained(local)
+  except Exception as e:  # safetensors reports a full disk in its own error type
+    if storage.is_storage_error(e):
+      raise storage.write_error("writing the export", str(out), e) from e
+    raise
   return source
 
 

@@ -80,6 +80,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
   except (storage.WriteError, train.NonFiniteLossError) as e:
     cli.report(e)
     return cli.EXIT_FAILED
+  except OSError as e:  # a full disk outside the loop's own writers (the local cache of a bucket's shards)
+    if not storage.is_storage_error(e):
+      raise
+    cli.report(storage.failed_write(e))
+    return cli.EXIT_FAILED
   return cli.EXIT_PREEMPTED if result.get("status") == "preempted" else cli.EXIT_COMPLETE
 
 
@@ -106,8 +111,11 @@ def main(argv):
   if code == cli.EXIT_COMPLETE and jax.process_index() == 0:
     for path in report.write_plots(workdir):
       print(f"plot: {path}", flush=True)
+  if code == cli.EXIT_COMPLETE and cli.preempted():  # a SIGTERM after the last boundary, during the plots
+    code = cli.EXIT_PREEMPTED
   sys.exit(code)
 
 
 if __name__ == "__main__":
+  cli.handle_sigterm()  # before flags, config and devices: a preemption at start-up is exit 75 too
   cli.run(main, define_flags)

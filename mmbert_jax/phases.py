@@ -6,6 +6,11 @@ config (`configs/demo.py`) lists `phases`; each runs in `<workdir>/<phase>` with
 phase named by its `init_from_phase`. A finished phase is not trained again (its final checkpoint is found and
 the loop exits at once), so re-running the same command resumes the curriculum where it stopped. With
 `config.merge`, the listed phases' final checkpoints are merged and the merge is evaluated like a phase.
+
+A SIGTERM (`cli.handle_sigterm`) is read at the boundaries: before each phase, after a phase's final checkpoint
+(one that arrived while it was saved included), before the merge and before fine-tuning. The run then stops with
+status "preempted" (exit 75) and the same command resumes at that boundary. (On a multi-process run, the loop's
+own sync point stops every process together; the boundaries are read on a single process.)
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import ml_collections
 
 from data_pipeline import filesystem as fs
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import evaluate, finetune, merge, metrics, train
+from mmbert_jax import cli, evaluate, finetune, merge, metrics, train
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) -> ml_collections.ConfigDict:
@@ -86,6 +91,14 @@ def merge_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   )
 
 
+def _preempted(before: str) -> dict[str, Any] | None:
+  """{"status": "preempted"} after a line saying where, if a SIGTERM arrived (single process)."""
+  if not cli.preempted() or jax.process_count() > 1:
+    return None
+  print(f"SIGTERM: stopped before {before}; run the same command again to resume", flush=True)
+  return {"status": "preempted"}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train one phase, or every phase of a curriculum config; print the per-language eval table."""
   if "phases" not in config:
@@ -99,6 +112,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results: dict[str, Any] = {}
   budgets = [phase_config(config, phase, workdir).train_tokens for phase in config.phases]
   for i, phase in enumerate(config.phases):
+    if stop := _preempted(f"phase {phase}"):
+      return stop
     result = train.train_and_evaluate(
       phase_config(config, phase, workdir), _inside(workdir, phase), later_tokens=sum(budgets[i + 1 :])
     )
@@ -108,10 +123,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     evals[phase] = result["eval"]
     print(evaluate.format_eval_table(evals), flush=True)
   if "merge" in config and config.merge.method:
+    if stop := _preempted("the merge"):
+      return stop
     name = f"merged_{config.merge.method}"
     evals[name] = merge_phases(config, workdir)
     if jax.process_index() == 0:
       metrics.record_eval(_inside(workdir, "merged"), 0, evals[name], phase=name)
     print(evaluate.format_eval_table(evals), flush=True)
+  if "downstream" in config and (stop := _preempted("fine-tuning")):
+    return stop
   downstream = finetune.score_curriculum(config, workdir) if "downstream" in config else None
   return {"status": "complete", "phases": results, "eval": evals, "downstream": downstream}

@@ -59,3 +59,10 @@ def reason(error: BaseException) -> str:
 def write_error(what: str, path: str, error: BaseException) -> WriteError:
   """`WriteError("writing metrics failed: disk full at /run/metrics.jsonl")`, raised from `error`."""
   return WriteError(f"{what} failed: {reason(error)} at {path}")
+
+
+def failed_write(error: BaseException) -> WriteError:
+  """`WriteError("writing failed: disk full at <the file>")` for an OSError of a write outside the training loop
+  (a shard copied to the local cache, an export, a merge); the path is the one the error names."""
+  path = next((e.filename for e in _chain(error) if isinstance(e, OSError) and e.filename), None)
+  return write_error("writing", str(path) if path is not None else "(no path given)", error)

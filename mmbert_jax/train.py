@@ -33,9 +33,9 @@ from data_pipeline import mixture as mixture_lib
 from data_pipeline import pipeline as data_lib
 from mmbert_jax import attention as attention_lib
 from mmbert_jax import checkpoint as ckpt_lib
+from mmbert_jax import cli, optim, progress, schedules, sharding
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
-from mmbert_jax import optim, progress, schedules, sharding
 from mmbert_jax.model import RUNTIME_FIELDS, MaskedLM, ModelConfig, abstract_model, get_config
 
 
@@ -419,12 +419,15 @@ class Preemption:
   calls = 0  # per process, across phases: the sync manager compares it with the point agreed on
 
   def __init__(self):
-    self.requested = False
+    self.requested = cli.preempted()  # a SIGTERM during start-up (restore, compilation) stops after the first step
     self.synced = jax.distributed.is_initialized() and _has_preemption_service()
     self._previous = None if self.synced else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     self.requested = True
+    previous = getattr(self, "_previous", None)
+    if callable(previous):  # the process's handler (cli.handle_sigterm): a signal during the final save is kept
+      previous(signum, frame)
 
   def should_stop(self) -> bool:
     if self.synced:

@@ -1,6 +1,7 @@
 """Command lines: a bad flag or `--config.` override is one line naming it (tests/test_main.py runs the entry
 point with them: exit status, timing, workdir)."""
 
+import errno
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 from absl import flags
 from helpers import ROOT
 
-from mmbert_jax import cli
+from mmbert_jax import cli, storage
 
 
 def test_bad_overrides_are_one_line():
@@ -104,3 +105,34 @@ def test_every_entry_point_refuses_bad_input_in_one_line(entry_point_runs, modul
     lines = err.strip().splitlines()
     assert code == cli.EXIT_BAD_INPUT, (module, case, code, err[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], (module, case, err[-2000:])
+
+
+@pytest.mark.parametrize(
+  "error,line",
+  [
+    (OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors"), "disk full at /out/model.safetensors"),
+    (
+      storage.WriteError("writing the export failed: disk full at /out"),
+      "writing the export failed: disk full at /out",
+    ),
+    (ValueError("tensorstore: [Errno 30] Read-only file system"), "read-only file system at (no path given)"),
+  ],
+)
+def test_a_failed_write_in_any_command_is_one_line_and_exit_1(error, line, monkeypatch, capsys):
+  def main(argv):
+    raise error
+
+  monkeypatch.setattr(sys, "argv", ["command"])
+  with pytest.raises(SystemExit) as e:
+    cli.run(main, lambda: None)
+  err = capsys.readouterr().err
+  assert e.value.code == cli.EXIT_FAILED and err.count("\n") == 1 and err.startswith("error: ") and line in err, err
+
+
+def test_other_errors_are_not_taken_for_failed_writes(monkeypatch):
+  def main(argv):
+    raise OSError(errno.EBADF, "Bad file descriptor")
+
+  monkeypatch.setattr(sys, "argv", ["command"])
+  with pytest.raises(OSError, match="Bad file descriptor"):
+    cli.run(main, lambda: None)

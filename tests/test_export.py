@@ -2,6 +2,7 @@
 config carries the run's RoPE thetas, AutoTokenizer gives the SentencePiece model's ids, and sentence-transformers
 embeds sentences as the mean of our model's hidden states."""
 
+import errno
 import filecmp
 import json
 import os
@@ -16,7 +17,7 @@ from tiny_run import GLOBAL_THETA, LOCAL_THETA, run_module, trained_run
 
 from data_pipeline import demo_corpus
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import export
+from mmbert_jax import export, storage
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -150,3 +151,20 @@ def test_export_refuses_an_existing_directory_and_a_missing_tokenizer(run, expor
   with pytest.raises(FileNotFoundError, match="--tokenizer"):
     export.export(run, str(tmp_path / "new"), tokenizer=str(tmp_path / "missing.model"))
   assert not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_during_the_export_leaves_no_partial_directory(run, tmp_path, monkeypatch):
+  """The weights are written, then the disk is full: one error naming the output, and neither the output nor a
+  temporary folder beside it remains."""
+  write_local = export.hf.write_local
+
+  def full_after_weights(model, directory):
+    write_local(model, directory)
+    raise OSError(errno.ENOSPC, "No space left on device", os.path.join(directory, "config.json"))
+
+  monkeypatch.setattr(export.hf, "write_local", full_after_weights)
+  out = tmp_path / "hf"
+  with pytest.raises(storage.WriteError) as e:
+    export.export(run, str(out))
+  assert str(e.value) == f"writing the export failed: disk full at {out}"
+  assert os.listdir(tmp_path) == []

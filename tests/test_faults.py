@@ -12,14 +12,15 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
-from helpers import ROOT, load_config, read_metrics, run_two_processes, tiny_config
+from helpers import ROOT, load_config, read_metrics, run_two_processes, tiny_config, train_losses
 from tensorboardX.event_file_writer import EventsWriter
 from tiny_run import MODEL, STEPS, step_dir, trained_run
 
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import cli, main, metrics, sharding, storage, train
+from mmbert_jax import cli, main, metrics, phases, sharding, storage, train
 from mmbert_jax.model import ModelConfig, get_config
 
 
@@ -117,6 +118,33 @@ def test_when_no_checkpoint_restores_one_line_says_so_and_nothing_moves(run_copy
   with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint in .* restores .*nothing was moved"):
     train.PhaseRun(_config(demo_data), run_copy)
   assert _listing(run_copy) == ["12", "4", "8"]
+
+
+def _tree_bytes(path):
+  files = [os.path.join(root, f) for root, _, names in os.walk(path) for f in names]
+  return {os.path.relpath(f, path): (open(f, "rb").read(), os.stat(f).st_mtime_ns) for f in files}
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_of_another_run_is_one_line_and_is_left_as_it_is(run_copy, demo_data, tmp_path, capsys):
+  """init_from (and export, evaluate, merge, finetune, which read through load_params) a run whose latest
+  checkpoint has one params object cut to 100 bytes: one line naming the checkpoint and its step, exit 2, and the
+  source is neither moved nor changed."""
+  largest = max(_files(step_dir(run_copy, 12), "params/**/d/*"), key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(100)
+  before = _tree_bytes(run_copy)
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    ckpt_lib.load_params(run_copy)
+  assert str(e.value).startswith(f"checkpoint {step_dir(run_copy, 12)} (step 12) does not restore (")
+  config = _config(demo_data, init_from=run_copy, phase="midtrain")
+  assert main.run(config, str(tmp_path / "next")) == cli.EXIT_BAD_INPUT
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {step_dir(run_copy, 12)} (step 12) does not"), (
+    lines
+  )
+  assert _tree_bytes(run_copy) == before
+  assert ckpt_lib.load_params(step_dir(run_copy, 8))[1]["step"] == 8  # the step it names instead still reads
 
 
 def test_a_model_that_fits_no_checkpoint_is_a_config_error_not_damage(run_copy, demo_data):
@@ -331,6 +359,39 @@ def test_a_real_full_disk_stops_the_run_and_keeps_the_complete_checkpoint(demo_d
     subprocess.run(["umount", "-l", disk])
 
 
+@pytest.mark.slow
+def test_a_full_disk_under_the_shard_cache_is_one_line_and_leaves_no_partial_copy(
+  demo_data, tmp_path, monkeypatch, capsys
+):
+  """The shards of a gs:// data_dir are copied to the local cache before the first batch; a full disk there is one
+  line naming the cache file, exit 1, and the partial copy is removed (it would keep the disk full). The data
+  directory stands in for a bucket: its shards take the bucket's path through the cache."""
+  from data_pipeline import filesystem as fs
+
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("MMBERT_JAX_CACHE", str(cache))
+  is_remote = fs.is_remote
+  monkeypatch.setattr(fs, "is_remote", lambda p: os.fspath(p).endswith(".array_record") or is_remote(p))
+  shard_type = type(fs.path(demo_data))
+  copy = shard_type.copy
+
+  def full_disk(self, dst, overwrite=False):
+    if not os.fspath(self).endswith(".array_record"):
+      return copy(self, dst, overwrite=overwrite)
+    with open(dst, "wb") as f:
+      f.write(b"\0" * 1000)  # part of the shard, then the disk is full
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(shard_type, "copy", full_disk)
+  workdir = str(tmp_path / "run")
+  assert main.run(tiny_config(demo_data), workdir) == cli.EXIT_FAILED
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines[-1].startswith(f"error: writing failed: disk full at {cache}/gs/"), lines[-3:]
+  assert ".array_record." in lines[-1] and "Traceback" not in "\n".join(lines)
+  assert [f for _, _, files in os.walk(cache) for f in files] == []
+  assert not os.path.exists(ckpt_lib.checkpoint_dir(workdir)) or _listing(workdir) == []
+
+
 def test_write_errors_name_the_reason():
   assert storage.reason(OSError(errno.ENOSPC, "x")) == "disk full"
   assert storage.reason(OSError(errno.EROFS, "x")) == "read-only file system"
@@ -488,6 +549,67 @@ def test_sigterm_exits_preempted_and_the_rerun_completes(demo_data, tmp_path):
   out, err = again.communicate(timeout=600)
   assert again.returncode == cli.EXIT_COMPLETE, err[-3000:]
   assert [m["step"] for m in read_metrics(workdir) if "train/loss" in m] == list(range(1, 13))
+
+
+@pytest.fixture
+def process_sigterm():
+  """The entry point's SIGTERM handler (`cli.handle_sigterm`) in this process, removed afterwards."""
+  previous = signal.getsignal(signal.SIGTERM)
+  cli.handle_sigterm()
+  yield
+  signal.signal(signal.SIGTERM, previous)
+  cli._sigterm["received"] = False
+
+
+def test_a_sigterm_is_a_flag_and_the_loop_passes_it_on(process_sigterm):
+  """The loop's handler (installed per phase) passes the signal to the process's: one that arrives while a phase
+  saves its final checkpoint is not lost when the phase ends; a second changes nothing; one before the loop starts
+  stops it at its first step."""
+  preemption = train.Preemption()
+  assert not preemption.requested and not cli.preempted()
+  os.kill(os.getpid(), signal.SIGTERM)
+  os.kill(os.getpid(), signal.SIGTERM)
+  assert preemption.requested and cli.preempted()
+  preemption.close()
+  assert signal.getsignal(signal.SIGTERM) == cli._on_sigterm
+  assert train.Preemption().requested  # the next phase's loop (or one not started yet) sees it at once
+
+
+def _two_phases(data_dir):
+  config = _config(data_dir, train_tokens=512 * 4)
+  with config.unlocked():
+    config.phases = ("a", "b")
+    config.phase_overrides = ml_collections.ConfigDict({"a": {}, "b": {"init_from_phase": "a"}})
+  return config
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_phase_final_save_stops_before_the_next_phase(
+  demo_data, tmp_path, monkeypatch, process_sigterm, capsys
+):
+  """Two SIGTERMs while phase a's final checkpoint is written: the save completes, phase b does not start, the
+  status is "preempted" (exit 75); the same run again trains b with the losses of an uninterrupted curriculum."""
+  reference = str(tmp_path / "reference")
+  assert phases.run(_two_phases(demo_data), reference)["status"] == "complete"
+  save = train.PhaseRun.save
+
+  def save_then_signal(self, final=False):
+    save(self, final=final)  # asynchronous: the files are still being written
+    if final and self.config.phase == "a":
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train.PhaseRun, "save", save_then_signal)
+  workdir = str(tmp_path / "run")
+  assert phases.run(_two_phases(demo_data), workdir)["status"] == "preempted"
+  assert "SIGTERM: stopped before phase b" in capsys.readouterr().out
+  assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(f"{workdir}/a")) == [4] and not os.path.exists(f"{workdir}/b")
+  assert ckpt_lib.load_params(f"{workdir}/a")[1]["complete"]
+  monkeypatch.undo()
+  cli._sigterm["received"] = False
+  assert phases.run(_two_phases(demo_data), workdir)["status"] == "complete"
+  assert train_losses(f"{workdir}/b") == train_losses(f"{reference}/b")
+  assert train_losses(f"{workdir}/a") == train_losses(f"{reference}/a")
 
 
 _SPANNING = """
