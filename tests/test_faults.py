@@ -4,6 +4,7 @@ processes, bad values, preemption. Each must end in one clear line and an exit c
 import errno
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -390,6 +391,16 @@ def test_a_full_disk_under_the_shard_cache_is_one_line_and_leaves_no_partial_cop
   assert ".array_record." in lines[-1] and "Traceback" not in "\n".join(lines)
   assert [f for _, _, files in os.walk(cache) for f in files] == []
   assert not os.path.exists(ckpt_lib.checkpoint_dir(workdir)) or _listing(workdir) == []
+
+
+def test_reading_another_runs_checkpoint_warns_nothing(demo_data, tmp_path_factory, caplog):
+  """What the hand-off, merge, export, evaluate and fine-tuning read: no Orbax warning lines (a read-only
+  manager, the data iterator's item that a params-only read skips)."""
+  run = trained_run(demo_data, tmp_path_factory)
+  caplog.set_level(logging.WARNING)
+  ckpt_lib.load_params(run)
+  ckpt_lib.read_meta(*ckpt_lib.resolve(run))
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_write_errors_name_the_reason():
