@@ -548,9 +548,21 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path, args, message):
 def test_sigterm_exits_preempted_and_the_rerun_completes(demo_data, tmp_path):
   workdir = str(tmp_path / "run")
   config = _config_file(tmp_path, demo_data)
+  # At start-up (the devices are listed; state building, restore and compilation follow): a checkpoint of the
+  # first step, exit 75 (no handler was installed yet at this point: the process was killed by the signal, 143).
+  proc = _main_process(f"--config={config}", f"--workdir={workdir}")
+  for line in proc.stdout:
+    if line.startswith("JAX:"):
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == cli.EXIT_PREEMPTED, err[-3000:]
+  assert "SIGTERM: saved step 1" in out + err
+  # In the loop.
   proc = _main_process(f"--config={config}", f"--workdir={workdir}")
   jsonl = os.path.join(workdir, "metrics.jsonl")
-  while proc.poll() is None and not (os.path.exists(jsonl) and os.path.getsize(jsonl)):
+  size = os.path.getsize(jsonl)
+  while proc.poll() is None and os.path.getsize(jsonl) == size:  # the resumed run logged a step
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=600)
