@@ -230,8 +230,10 @@ def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, tok, monkeyp
     prepare.prepare(source, out, _settings(tok), progress=False)
   assert not os.path.exists(os.path.join(out, "stats.json"))
   assert os.listdir(os.path.join(out, "_units")) == ["text-deu_Latn.txt.json"]
-  written = [f for _, _, fs in os.walk(os.path.join(out, "fao_Latn")) for f in fs]
-  assert written and all(".tmp-" in f for f in written)  # only temporary names
+  # The unit was written in a staging folder beside the output, removed with its partial files (a kill would leave
+  # that folder, under a hidden temporary name, and still nothing in the output).
+  assert [f for _, _, fs in os.walk(os.path.join(out, "fao_Latn")) for f in fs] == []
+  assert sorted(os.listdir(tmp_path)) == ["clean", "out", "txt"]
   monkeypatch.setattr(prepare._UnitWriter, "add", real_add)
   resumed = prepare.prepare(source, out, _settings(tok), progress=False)
   assert resumed == clean | {"settings": resumed["settings"]}
