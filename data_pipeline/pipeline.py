@@ -68,15 +68,30 @@ from data_pipeline import filesystem as fs
 from data_pipeline import masking, mixture, packing, sampling
 
 STATE_VERSION = 2
-BATCH_KEYS = (
-  "input_ids",
-  "segment_ids",
-  "positions",
-  "masked_positions",
-  "masked_labels",
-  "masked_weights",
-  "lang_ids",
-)
+
+
+def batch_schema(seq_len: int, max_masked: int) -> dict[str, tuple[int, type]]:
+  """Length and dtype of each batch array per row (arrays are [rows, length]): the one description of a batch,
+  which the training program's abstract batch (ahead-of-time compilation) is built from."""
+  return {
+    "input_ids": (seq_len, np.int32),
+    "segment_ids": (seq_len, np.int32),
+    "positions": (seq_len, np.int32),
+    "masked_positions": (max_masked, np.int32),
+    "masked_labels": (max_masked, np.int32),
+    "masked_weights": (max_masked, np.float32),
+    "lang_ids": (seq_len, np.int32),
+  }
+
+
+BATCH_KEYS = tuple(batch_schema(1, 1))
+
+
+def masked_per_row(seq_len: int, mask_rate: float, max_masked: int | None = None) -> int:
+  """K, the masked slots of every row: `max_masked` if set, else masking.default_max_masked."""
+  return max_masked or masking.default_max_masked(seq_len, mask_rate)
+
+
 _TRAIN, _EVAL = 0, 1  # mask RNG tags
 _SEED_LANG, _SEED_MIX, _SEED_BINS = 1, 2, 3
 
@@ -140,7 +155,7 @@ class PipelineConfig:
 
   @property
   def masked_per_row(self) -> int:
-    return self.max_masked or masking.default_max_masked(self.seq_len, self.mask_rate)
+    return masked_per_row(self.seq_len, self.mask_rate, self.max_masked)
 
   @property
   def phase(self) -> mixture.PhaseSpec:

@@ -51,6 +51,7 @@ from data_pipeline import tasks as tasks_lib
 from data_pipeline import tokenizer as tokenizer_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, export, hf, optim, schedules, sharding
+from mmbert_jax import train as train_lib
 from mmbert_jax.model import MaskedLM, ModelConfig
 
 METRICS = {"classification": ("accuracy", "macro_f1"), "retrieval": ("recall@1", "mrr@10")}
@@ -336,9 +337,8 @@ def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) 
       return fresh_head() | {"encoder": encoder}
 
   tx = optim.build(settings.optimizer, learning_rate=0.0, peak_lr=settings.peak_lr, weight_decay=settings.weight_decay)
-  with jax.set_mesh(mesh):
-    init_opt = jax.jit(tx.init).lower(abstract_params).compile()  # moments follow the parameter shardings
-  opt_shardings = init_opt.output_shardings
+  opt_shardings = train_lib.shardings_of(train_lib.optimizer_state_layout(tx, abstract_params, mesh))
+  init_opt = jax.jit(tx.init, out_shardings=opt_shardings)  # moments sharded like their parameters
 
   def loss_fn(params, batch, key):
     model = nnx.merge(graph, params, copy=True)
@@ -353,12 +353,7 @@ def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) 
     updates, opt_state = tx.update(grads, optim.with_learning_rate(opt_state, lr), params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  train_step = jax.jit(
-    step,
-    in_shardings=(param_shardings, opt_shardings, None, None, None),
-    out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
-    donate_argnums=(0, 1),
-  )
+  train_step = train_lib.jit_update_step(step, param_shardings, opt_shardings, mesh)
   apply = jax.jit(
     lambda params, ids, segments: nnx.merge(graph, params, copy=True)(ids, segments),
     in_shardings=(param_shardings, None, None),

@@ -75,8 +75,10 @@ def test_batch_format_and_contents(data_dir):
   it = pipeline.make_train_iterator(cfg, 0, 1)
   assert it.languages == LANGS
   k = masking.default_max_masked(64, 0.3)
+  schema = pipeline.batch_schema(64, k)
   for batch in _take(it, 20):
     assert tuple(batch) == pipeline.BATCH_KEYS
+    assert {key: (v.shape[1], v.dtype) for key, v in batch.items()} == schema  # what AOT compiles for
     for key in ("input_ids", "segment_ids", "positions", "lang_ids"):
       assert batch[key].shape == (8, 64) and batch[key].dtype == np.int32, key
     for key, dtype in (("masked_positions", np.int32), ("masked_labels", np.int32), ("masked_weights", np.float32)):
