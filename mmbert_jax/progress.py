@@ -96,8 +96,8 @@ class Part:
 
 # Until a phase has ended, its end (final checkpoint and evaluation) is taken as this fraction of its measured
 # start (which holds the step's compilation); one fine-tuning unit (a checkpoint on one task: its compilation and a
-# few epochs) and the merge (three checkpoints loaded, one saved, one evaluation) as these many phase ends. Each
-# is replaced by its measured duration as soon as there is one.
+# few epochs) as this many of the longest phase start measured (a cold compilation), and the merge (checkpoints
+# loaded, one saved, one evaluation) as these many phase ends.
 END_PER_START = 0.25
 FINETUNE_UNIT_PER_START = 1.0
 MERGE_PER_END = 3.0
@@ -120,6 +120,7 @@ class Outlook:
     self.start_s: dict[str, float] = {}
     self.end_s: dict[str, float] = {}
     self.seconds_per_cost: dict[str, float] = {}  # seconds per token / Part.cost, per phase measured
+    self.shown: dict[str, tuple[float, float]] = {}  # the curriculum's ETA last shown (see Progress)
 
   def _part(self, name: str) -> Part:
     return next(p for p in self.parts if p.name == name)
@@ -163,8 +164,8 @@ class Outlook:
         seconds += start + part.tokens * part.cost * per_cost + end
       elif part.kind == "merge":
         seconds += MERGE_PER_END * end
-      else:
-        seconds += part.units * FINETUNE_UNIT_PER_START * start
+      else:  # each checkpoint and task compiles programs of its own: a cold start
+        seconds += part.units * FINETUNE_UNIT_PER_START * max(self.start_s.values())
     return seconds
 
 
@@ -199,7 +200,9 @@ class Progress:
     self._last = self._first = (clock(), tokens)
     self._reports = 0
     self._intervals: list[tuple[float, float]] = []  # (seconds, tokens) between reports after the first
-    self._shown: dict[str, tuple[float, float]] = {}  # ETA key → (time, value) last shown
+    # (time, value) of the ETA last shown; the curriculum's lives in the outlook, so it stays smooth across phases.
+    self._shown: dict[str, tuple[float, float]] = {}
+    self._shown_total = outlook.shown if outlook is not None else self._shown
     self._next_tenth = self._tenth(tokens) + 1
 
   def _tenth(self, tokens: int) -> int:
@@ -218,14 +221,15 @@ class Progress:
     std = np.sqrt(np.average((rates - mean) ** 2, weights=dt))
     return float(np.clip(2 * std / mean / np.sqrt(len(rates)), 0.02, 0.5)) if mean > 0 else 0.5
 
-  def _smoothed(self, key: str, now: float, raw: float | None, noise: float) -> float | None:
+  @staticmethod
+  def _smoothed(shown: dict[str, tuple[float, float]], key: str, now: float, raw: float | None, noise: float):
     if raw is None:
       return None
-    if key in self._shown:
-      t, shown = self._shown[key]
-      expected = max(shown - (now - t), 0.0)
+    if key in shown:
+      t, value = shown[key]
+      expected = max(value - (now - t), 0.0)
       raw = float(np.clip(raw, expected * (1 - noise), expected * (1 + noise))) if expected > 0 else raw
-    self._shown[key] = (now, raw)
+    shown[key] = (now, raw)
     return raw
 
   def update(self, step: int, tokens: int, **extra: Any) -> dict[str, Any]:
@@ -262,8 +266,8 @@ class Progress:
       "budget": self.budget,
       "fraction": tokens / self.budget if self.budget else 1.0,
       "tokens_per_s": interval,
-      "eta_phase_s": 0.0 if remaining == 0 else self._smoothed("phase", now, eta, noise),
-      "eta_total_s": self._smoothed("total", now, total, noise),
+      "eta_phase_s": 0.0 if remaining == 0 else self._smoothed(self._shown, "phase", now, eta, noise),
+      "eta_total_s": self._smoothed(self._shown_total, "total", now, total, noise),
       "eta_phase_raw_s": eta,  # the estimates before smoothing
       "eta_total_raw_s": total,
       **extra,

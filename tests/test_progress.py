@@ -219,6 +219,7 @@ def test_curriculum_eta_adds_the_work_after_the_loop():
   )
   assert f["eta_phase_s"] == 0.0
   assert f["eta_total_raw_s"] == pytest.approx(after)
+  a_total = f["eta_total_s"]
   clock.t += 12.0  # a's final checkpoint and evaluation
   outlook.end("a")
   assert outlook.end_s == {"a": 12.0}
@@ -227,9 +228,16 @@ def test_curriculum_eta_adds_the_work_after_the_loop():
   clock.t += 20.0
   p.update(1, 100)
   clock.t += 10.0
-  f = p.update(2, 600)  # 50 tokens/s
-  assert f["eta_phase_raw_s"] == pytest.approx(1400 / 50)
-  assert f["eta_total_raw_s"] == pytest.approx(1400 / 50 + 12.0 + progress.MERGE_PER_END * 12.0 + 4 * 20.0)
+  f = p.update(2, 200)  # 10 tokens/s: b is five times slower per FLOP than a
+  assert f["eta_phase_raw_s"] == pytest.approx(1800 / 10)
+  # Fine-tuning compiles afresh: a unit is the longest start measured (a's 30 s, not b's 20 s).
+  raw = 1800 / 10 + 12.0 + progress.MERGE_PER_END * 12.0 + 4 * progress.FINETUNE_UNIT_PER_START * 30.0
+  assert f["eta_total_raw_s"] == pytest.approx(raw)
+  # The curriculum's ETA stays smooth across the phases: b's first moves from a's last counted down (42 s ago) by
+  # at most the noise of a single interval (50%).
+  expected = a_total - 42.0
+  assert f["eta_total_s"] == pytest.approx(np.clip(raw, 0.5 * expected, 1.5 * expected))
+  assert f["eta_total_s"] == pytest.approx(1.5 * expected) and 1.5 * expected < raw
 
 
 def test_a_progress_line_at_the_first_step_and_every_tenth():
