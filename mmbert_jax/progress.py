@@ -96,10 +96,10 @@ class Part:
 
 # Until a phase has ended, its end (final checkpoint and evaluation) is taken as this fraction of its measured
 # start (which holds the step's compilation); one fine-tuning unit (a checkpoint on one task: its compilation and a
-# few epochs) as this many of the longest phase start measured (a cold compilation), and the merge (checkpoints
-# loaded, one saved, one evaluation) as these many phase ends.
+# few epochs) as this many of the median phase start measured (the ratio in the demo, configs/demo.py), and the
+# merge (checkpoints loaded, one saved, one evaluation) as these many phase ends.
 END_PER_START = 0.25
-FINETUNE_UNIT_PER_START = 1.0
+FINETUNE_UNIT_PER_START = 0.75
 MERGE_PER_END = 3.0
 
 
@@ -164,8 +164,9 @@ class Outlook:
         seconds += start + part.tokens * part.cost * per_cost + end
       elif part.kind == "merge":
         seconds += MERGE_PER_END * end
-      else:  # each checkpoint and task compiles programs of its own: a cold start
-        seconds += part.units * FINETUNE_UNIT_PER_START * max(self.start_s.values())
+      else:  # each checkpoint and task compiles programs of its own; the median start is neither the first phase's
+        # (which also pays one-time costs) nor one whose step came from the compilation cache
+        seconds += part.units * FINETUNE_UNIT_PER_START * float(np.median(list(self.start_s.values())))
     return seconds
 
 
