@@ -566,6 +566,11 @@ def _has_preemption_service() -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# What the host reads of every step (the rest only at log steps): the non-finite check, tokens per language, and
+# the per-step record (steps.jsonl).
+STEP_KEYS = ("finite", "lang_tokens", "loss", "accuracy", "lr")
+
+
 @dataclasses.dataclass
 class DispatchedStep:
   """A step sent to the devices whose metrics the host has not read yet (reading them waits for the step)."""
@@ -581,11 +586,18 @@ class DispatchedStep:
 class PhaseRun:
   """One phase in one workdir: mesh, model and optimizer state, data, checkpointer and metric writer, and the
   loop over them. Everything the loop changes (params, opt_state, step, tokens, meta) is a field of this object.
-  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA).
+  `later_tokens` / `outlook`: the curriculum's work after this phase (for the curriculum's ETA).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0):
-    self.config, self.workdir, self.later_tokens = config, workdir, later_tokens
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    later_tokens: int = 0,
+    outlook: progress.Outlook | None = None,
+  ):
+    self.config, self.workdir, self.later_tokens, self.outlook = config, workdir, later_tokens, outlook
     validate(config)
     try:
       self._setup(config, workdir)
@@ -684,7 +696,7 @@ class PhaseRun:
     self.preemption = Preemption()
     self.timer = progress.StepTimer()
     self.progress = progress.Progress(
-      config.phase, config.train_tokens, tokens=self.tokens, later_tokens=self.later_tokens
+      config.phase, config.train_tokens, tokens=self.tokens, later_tokens=self.later_tokens, outlook=self.outlook
     )
     self.last_logged_step = self.step
     self.profiler = progress.Profiler(
@@ -785,7 +797,7 @@ class PhaseRun:
     config = self.config
     logging = done.step % config.log_every_steps == 0
     with self.timer("device"):  # waits for the step; only what every step needs comes to the host between logs
-      host = jax.device_get(done.metrics if logging else {k: done.metrics[k] for k in ("finite", "lang_tokens")})
+      host = jax.device_get(done.metrics if logging else {k: done.metrics[k] for k in STEP_KEYS})
     if not bool(host["finite"]):
       what = (
         f"step {done.step}: loss, gradients or updated parameters are not finite "
@@ -809,8 +821,15 @@ class PhaseRun:
       self.meta["tokens_per_language"][lang] = self.meta["tokens_per_language"].get(lang, 0) + int(
         host["lang_tokens"][i]
       )
+    total_tokens = self.meta["total_tokens_before"] + done.tokens
+    step_record = {k: host[k] for k in ("loss", "accuracy", "lr")}
+    self.writer.write_step(done.step, step_record | {"tokens": done.tokens, "total_tokens": total_tokens})
     if logging:
       self._log(done, host)
+    elif self.progress.due(done.tokens):  # the first step, and every 10% of the phase between log steps
+      self.console.progress(
+        self.progress.update(done.step, done.tokens, **{k: float(v) for k, v in step_record.items()})
+      )
 
   def _checkpoint_status(self) -> str:
     latest = self.checkpointer.latest_step()
@@ -932,10 +951,17 @@ class PhaseRun:
           close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  later_tokens: int = 0,
+  outlook: progress.Outlook | None = None,
+) -> dict[str, Any]:
   """Train one phase in `workdir` (resuming if it holds checkpoints); returns a summary with the final eval.
-  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA)."""
-  run = PhaseRun(config, workdir, later_tokens=later_tokens)
+  `later_tokens`: the budget of the curriculum's phases after this one, or `outlook`: the curriculum's work after
+  this phase (for the curriculum's ETA)."""
+  run = PhaseRun(config, workdir, later_tokens=later_tokens, outlook=outlook)
   try:
     status = run.run()
     final_eval = run.evaluate() if status == "complete" else {}
