@@ -503,9 +503,9 @@ _EMPTY = np.zeros(0, np.int32)
 
 class _Reads:
   """`documents(k)` for a packer, which asks for k = 0, 1, 2, …: the visits of k's buffer are read whole (one
-  range request each), and, with a pool, the visits of the next buffer are put on it while this one is used
-  (one visit every shuffle_blocks-th of the buffer, so every batch starts about the same reading), plus those
-  covering `ahead` more documents. Document k is a pure function of k, so what is read ahead is exactly what a
+  range request each), and, with a pool, the visits of the next buffer are put on it while the first half of this
+  one is used (spread out, so every batch starts about the same reading), plus those covering `ahead` more
+  documents. Document k is a pure function of k, so what is read ahead is exactly what a
   serial read would give. A restore asks for earlier documents: their visits are read again."""
 
   def __init__(self, docs: StreamDocuments, pool: concurrent.futures.Executor | None, ahead: int):
@@ -542,7 +542,8 @@ class _Reads:
             got.cancel()
         self._low = low
       if self._pool is not None:
-        horizon = low + per_window + (i * per_window) // self._docs.slots + 1 + self._ahead
+        # The next buffer's visits go out over the first half of this one: all read before they are needed.
+        horizon = low + per_window + min(per_window, (2 * i * per_window) // self._docs.slots + 1) + self._ahead
         for u in range(low, horizon):
           self._request(u)
     lang, documents = self._get(v)
