@@ -59,6 +59,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import os
 import resource
 import threading
 import time
@@ -188,23 +189,33 @@ class Plan:
 
 def _shards(data_dir: fs.Path, shards: Sequence[dict], threads: int = 16) -> tuple[tuple[str, int], ...]:
   """(local filename, records) of shards listed in stats.json. Only their existence is checked here; shards in a
-  bucket are copied to this host's cache first (in parallel, once per host)."""
+  bucket are copied to this host's cache first (in parallel, once per host), unless they would not fit its disk."""
+  paths = [data_dir / shard["path"] for shard in shards]
+  if not fs.is_remote(data_dir):
+    for path in paths:
+      if not path.exists():
+        raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)")
+    return tuple((os.fspath(p), int(shard["sequences"])) for p, shard in zip(paths, shards))
 
-  def local(shard):
-    path = data_dir / shard["path"]
+  def stat(path):
     try:
-      if not fs.is_remote(path) and not path.exists():  # (in a bucket, the copy's stat call finds out)
-        raise FileNotFoundError(path)
-      return fs.local_copy(path)
+      return path.stat()
     except FileNotFoundError:
       raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)") from None
 
-  if not fs.is_remote(data_dir):
-    paths = [local(shard) for shard in shards]
-  else:
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-      paths = list(pool.map(local, shards))
-  return tuple((p, int(shard["sequences"])) for p, shard in zip(paths, shards))
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    stats = list(pool.map(stat, paths))
+    cache = fs.cache_root()
+    need = sum(st.length for p, st in zip(paths, stats) if not fs.cache_target(p, st, cache).exists())
+    free = fs.free_space(cache)
+    if need > free:
+      raise ValueError(
+        f"data_dir={data_dir}: the phase's shards not yet in this host's cache hold {need / 2**30:.1f} GiB, more "
+        f"than the {free / 2**30:.1f} GiB free in {cache}; mount the bucket with gcsfuse and set data.data_dir to "
+        "the mount (launch/tpu_pod.sh with DATA_BUCKET=...), or point MMBERT_JAX_CACHE at a larger disk"
+      )
+    local = list(pool.map(lambda a: fs.local_copy(a[0], cache, a[1]), zip(paths, stats)))
+  return tuple((p, int(shard["sequences"])) for p, shard in zip(local, shards))
 
 
 def visit_weights(doc_weights: Sequence[float], records: Sequence[int], block: int) -> tuple[float, ...]:

@@ -659,3 +659,35 @@ def test_block_reads_open_a_shard_per_visit(tmp_path):
     it.close()
     assert opens[block] <= visits
   assert opens[32] < opens[1] / 8, opens
+
+
+def test_bucket_data_that_does_not_fit_the_cache_is_refused_before_copying(data_dir, gcs_bucket, tmp_path, monkeypatch):
+  """A gs:// data_dir whose phase shards (those not cached yet) exceed the cache disk's free space: one line naming
+  the size, the free space and the gcsfuse route, and nothing copied; once the shards are cached, no room is
+  needed."""
+  import uuid
+
+  from data_pipeline import filesystem as fs
+
+  remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/data")
+  fs.copy_tree(fs.path(data_dir), remote)
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("MMBERT_JAX_CACHE", str(cache))
+  stats = json.load(open(os.path.join(data_dir, "stats.json")))
+  size = sum(
+    os.path.getsize(os.path.join(data_dir, s["path"]))
+    for l in ("aaa_Latn",)
+    for s in stats["languages"][l]["train"]["shards"]
+  )
+  cfg = _cfg(os.fspath(remote), languages=("aaa_Latn",))
+  monkeypatch.setattr(fs, "free_space", lambda folder: size - 1)
+  with pytest.raises(ValueError) as e:
+    pipeline.make_train_iterator(cfg, 0, 1)
+  message = str(e.value)
+  assert "\n" not in message and f"{size / 2**30:.1f} GiB" in message and "gcsfuse" in message, message
+  assert f"free in {cache}" in message and "MMBERT_JAX_CACHE" in message
+  assert not cache.exists() or not [f for _, _, files in os.walk(cache) for f in files]
+  monkeypatch.setattr(fs, "free_space", lambda folder: size)
+  pipeline.make_train_iterator(cfg, 0, 1).close()
+  monkeypatch.setattr(fs, "free_space", lambda folder: 0)  # all cached now
+  pipeline.make_train_iterator(cfg, 0, 1).close()
