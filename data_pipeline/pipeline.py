@@ -514,16 +514,16 @@ _EMPTY = np.zeros(0, np.int32)
 
 class _Reads:
   """`documents(k)` for a packer, which asks for k = 0, 1, 2, …: the visits of k's buffer are read whole (one
-  range request each), and, with a pool, the visits of the next buffer are put on it while the first half of this
-  one is used (spread out, so every batch starts about the same reading), plus those covering `ahead` more
-  documents. Document k is a pure function of k, so what is read ahead is exactly what a
-  serial read would give. A restore asks for earlier documents: their visits are read again."""
+  range request each), and, with a pool, the visits of the next buffer and of those covering `ahead` more
+  documents are put on it when this one starts (a buffer of short visits, of small languages, lasts only a few
+  batches: its successors must be in flight early). Document k is a pure function of k, so what is read ahead is
+  exactly what a serial read would give. A restore asks for earlier documents: their visits are read again."""
 
   def __init__(self, docs: StreamDocuments, pool: concurrent.futures.Executor | None, ahead: int):
     self._docs, self._pool = docs, pool
-    self._ahead = -(-ahead // docs.block) if pool is not None else 0  # in visits
+    self._ahead = 1 + -(-ahead // docs.slots) if pool is not None else 0  # in buffers
     self._visits: dict[int, Any] = {}  # visit → (lang, documents), or a future of it
-    self._low = 0  # first visit of the current buffer: earlier ones are dropped
+    self._low = -1  # first visit of the current buffer: earlier ones are dropped
     self.ahead = True  # False while a restore reads the documents of the rows it held
 
   def _request(self, v: int) -> None:
@@ -544,19 +544,16 @@ class _Reads:
     v, t = self._docs.slot(k)
     if self.ahead:
       per_window = self._docs.visits_per_window
-      w, i = divmod(k, self._docs.slots)
-      low = w * per_window
-      if low > self._low:
+      low = k // self._docs.slots * per_window
+      if low != self._low:  # a new buffer (or the first after a restore)
         for old in [old for old in self._visits if old < low]:
           got = self._visits.pop(old)
           if isinstance(got, concurrent.futures.Future):
             got.cancel()
         self._low = low
-      if self._pool is not None:
-        # The next buffer's visits go out over the first half of this one: all read before they are needed.
-        horizon = low + per_window + min(per_window, (2 * i * per_window) // self._docs.slots + 1) + self._ahead
-        for u in range(low, horizon):
-          self._request(u)
+        if self._pool is not None:
+          for u in range(low, low + (1 + self._ahead) * per_window):
+            self._request(u)
     lang, documents = self._get(v)
     return documents[t] if t < len(documents) else {"tokens": _EMPTY, "lang": lang}
 
@@ -571,7 +568,7 @@ class _Reads:
       if isinstance(got, concurrent.futures.Future):
         got.cancel()
     self._visits.clear()
-    self._low = 0
+    self._low = -1
 
 
 class _Stream:
