@@ -474,39 +474,57 @@ class StreamDocuments:
   (so the visits of all streams made so far are, but for the last few, a prefix of that sequence, and each
   language's documents are read in whole passes, not some of them more often than others). A language's q-th
   visit reads block q of its `sampling.BlockOrder` (read_block consecutive documents: one or two shard ranges).
-  A stream's visits form buffers of shuffle_blocks visits; k = w·slots + i is slot `window_order(w)[i]` of buffer
-  w, slots = shuffle_blocks × read_block, slot j·read_block + t document t of the buffer's j-th visit, or an
-  empty document where that visit is shorter (the packer skips those)."""
+  A stream's visits form buffers of shuffle_blocks visits; k = w·slots + i (slots = shuffle_blocks × read_block)
+  is document `window_order(w)[i]` of buffer w's m_w documents (its visits' in turn) for i < m_w, else an empty
+  document that names the next buffer's first index (the packer goes on there)."""
 
-  def __init__(self, plan: Plan, stream: int, orders: Sequence[sampling.BlockOrder], sources: Sequence[ShardSource]):
+  def __init__(
+    self,
+    plan: Plan,
+    stream: int,
+    orders: Sequence[sampling.BlockOrder],
+    sources: Sequence[ShardSource],
+    selection: sampling.BlockMixSelection,
+  ):
     cfg = plan.cfg
-    self._selection = sampling.BlockMixSelection(
-      plan.visit_weights, seed=_seed32(cfg.seed, _SEED_MIX), block=max(1, cfg.mix_block // cfg.read_block)
-    )
-    self._orders, self._sources = orders, sources
+    self._selection, self._orders, self._sources = selection, orders, sources
     self._stream, self._num_streams = stream, cfg.streams
     self.block, self.visits_per_window = cfg.read_block, cfg.shuffle_blocks
     self.slots = self.block * self.visits_per_window
     self._seed = _seed32(cfg.seed, _SEED_BUFFER)
-    self._windows: dict[int, np.ndarray] = {}
+    self._windows: dict[int, tuple[list, np.ndarray]] = {}
 
   def visit(self, v: int) -> tuple[int, list[tuple[str, int, int, int]]]:
     """(language, shard ranges) of this stream's visit v."""
-    lang, q = self._selection[self._stream + self._num_streams * v]
-    first, count = self._orders[lang][q]
-    return lang, _ring_ranges(self._sources[lang], first, count)
+    w, j = divmod(v, self.visits_per_window)
+    return self._window(w)[0][j]
 
-  def slot(self, k: int) -> tuple[int, int]:
-    """(visit, document in the visit) of document k."""
-    w, i = divmod(k, self.slots)
-    order = self._windows.get(w)
-    if order is None:
-      order = sampling.window_order(self._seed, self._stream, w, self.slots)
-      if len(self._windows) >= 2:
+  def _window(self, w: int) -> tuple[list, np.ndarray]:
+    """Buffer w's visits and, in the order handed out, its documents as (visit in the buffer, document)."""
+    window = self._windows.get(w)
+    if window is None:
+      visits = []
+      for v in range(w * self.visits_per_window, (w + 1) * self.visits_per_window):
+        lang, q = self._selection[self._stream + self._num_streams * v]
+        first, count = self._orders[lang][q]
+        visits.append((lang, _ring_ranges(self._sources[lang], first, count)))
+      sizes = [sum(r[3] for r in ranges) for _, ranges in visits]
+      docs = np.concatenate([np.stack([np.full(n, j), np.arange(n)], 1) for j, n in enumerate(sizes)])
+      order = sampling.window_order(self._seed, self._stream, w, len(docs))
+      window = (visits, docs[order])
+      if len(self._windows) >= 4:
         self._windows.pop(next(iter(self._windows)))
-      self._windows[w] = order
-    j, t = divmod(int(order[i]), self.block)
-    return w * self.visits_per_window + j, t
+      self._windows[w] = window
+    return window
+
+  def slot(self, k: int) -> tuple[int, int] | None:
+    """(visit, document in the visit) of document k; None for an empty one."""
+    w, i = divmod(k, self.slots)
+    docs = self._window(w)[1]
+    if i >= len(docs):
+      return None
+    j, t = docs[i]
+    return w * self.visits_per_window + int(j), int(t)
 
 
 _EMPTY = np.zeros(0, np.int32)
@@ -541,7 +559,6 @@ class _Reads:
     return got
 
   def __call__(self, k: int) -> dict:
-    v, t = self._docs.slot(k)
     if self.ahead:
       per_window = self._docs.visits_per_window
       low = k // self._docs.slots * per_window
@@ -554,18 +571,22 @@ class _Reads:
         if self._pool is not None:
           for u in range(low, low + (1 + self._ahead) * per_window):
             self._request(u)
-    lang, documents = self._get(v)
-    return documents[t] if t < len(documents) else {"tokens": _EMPTY, "lang": lang}
+    where = self._docs.slot(k)
+    if where is None:  # the rest of the buffer is empty: go on at the next one
+      return {"tokens": _EMPTY, "lang": -1, "next": (k // self._docs.slots + 1) * self._docs.slots}
+    return self._get(where[0])[1][where[1]]
 
   def prefetch(self, ks) -> None:
     """Starts reading the visits of documents `ks` (those a restore is about to ask for)."""
     if self._pool is not None:
       for k in ks:
-        self._request(self._docs.slot(k)[0])
+        where = self._docs.slot(k)
+        if where is not None:
+          self._request(where[0])
 
   def cancel(self) -> None:
     for got in self._visits.values():
-      if isinstance(got, concurrent.futures.Future):
+      if got is not None and not isinstance(got, tuple):  # a future (checked without the module: also at exit)
         got.cancel()
     self._visits.clear()
     self._low = -1
@@ -581,10 +602,11 @@ class _Stream:
     stream: int,
     orders: Sequence[sampling.BlockOrder],
     sources: Sequence[ShardSource],
+    selection: sampling.BlockMixSelection,
     pool: concurrent.futures.Executor | None = None,
   ):
     cfg = plan.cfg
-    self._reads = _Reads(StreamDocuments(plan, stream, orders, sources), pool, cfg.read_ahead)
+    self._reads = _Reads(StreamDocuments(plan, stream, orders, sources, selection), pool, cfg.read_ahead)
     self._packer = packing.StreamingPacker(
       self._reads, cfg.seq_len, num_bins=cfg.packing_bins, packing=cfg.packing, pad_id=cfg.pad_id
     )
@@ -612,14 +634,21 @@ class _Stream:
     self._reads.cancel()
 
 
-def block_orders(plan: Plan) -> tuple[list[sampling.BlockOrder], list[ShardSource]]:
-  """Each language's visit order and its records (shared by all streams of a process)."""
+def block_orders(
+  plan: Plan,
+) -> tuple[list[sampling.BlockOrder], list[ShardSource], sampling.BlockMixSelection]:
+  """Each language's visit order and its records, and the visit sequence (shared by all streams of a process;
+  they advance together, so a few blocks of the sequence cached serve them all)."""
+  cfg = plan.cfg
   sources = [ShardSource(shards) for shards in plan.shards]
   orders = [
-    sampling.BlockOrder(len(source), plan.cfg.read_block, _seed32(plan.cfg.seed, _SEED_LANG, _lang_key(lang)))
+    sampling.BlockOrder(len(source), cfg.read_block, _seed32(cfg.seed, _SEED_LANG, _lang_key(lang)))
     for lang, source in zip(plan.languages, sources)
   ]
-  return orders, sources
+  selection = sampling.BlockMixSelection(
+    plan.visit_weights, seed=_seed32(cfg.seed, _SEED_MIX), block=max(1, cfg.mix_block // cfg.read_block), cached=16
+  )
+  return orders, sources, selection
 
 
 def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -655,12 +684,12 @@ class _RowStreamsIterator(grain.DatasetIterator):
   def __init__(self, plan: Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None):
     super().__init__()
     self._plan = plan
-    orders, sources = block_orders(plan)
+    orders, sources, selection = block_orders(plan)
     cfg = plan.cfg
     self._pool = (
       concurrent.futures.ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") if cfg.read_threads else None
     )
-    self._streams = {s: _Stream(plan, s, orders, sources, self._pool) for s in stream_ids}
+    self._streams = {s: _Stream(plan, s, orders, sources, selection, self._pool) for s in stream_ids}
     if start is not None:
       self.set_state(start)
 

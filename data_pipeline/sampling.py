@@ -80,14 +80,14 @@ def shuffled_forever(ds: grain.MapDataset, seed: int, max_cached: int = 2048) ->
 class BlockMixSelection(grain.transforms.DatasetSelectionMap):
   """Global index → (dataset, index in dataset) with exact long-run proportions `weights` (see module doc)."""
 
-  def __init__(self, weights: Sequence[float], seed: int, block: int = 4096):
+  def __init__(self, weights: Sequence[float], seed: int, block: int = 4096, cached: int = _CACHED_BLOCKS):
     w = np.asarray(weights, np.float64)
     if w.ndim != 1 or len(w) == 0 or np.any(w < 0) or w.sum() <= 0:
       raise ValueError(f"mixing weights must be non-negative with a positive sum, got {list(weights)}")
     self._rate = w / w.sum() * block  # expected elements of each dataset per block
     self._phase = np.random.default_rng([seed, 0]).random(len(w))
     self._base = np.floor(self._phase)
-    self._block, self._seed = block, seed
+    self._block, self._seed, self._cached = block, seed, cached
     self._cache: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
 
   def __len__(self) -> int:
@@ -115,7 +115,7 @@ class BlockMixSelection(grain.transforms.DatasetSelectionMap):
       rank = np.empty(len(which), np.int64)
       rank[order] = np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)
       table = (int(lo.sum()), which, lo[which] + rank)
-      if len(self._cache) >= _CACHED_BLOCKS:
+      if len(self._cache) >= self._cached:
         self._cache.pop(next(iter(self._cache)))
       self._cache[b] = table
     return table
@@ -165,5 +165,5 @@ class BlockOrder:
 
 
 def window_order(seed: int, stream: int, window: int, slots: int) -> np.ndarray:
-  """The slots of buffer `window` of a stream in the order the stream hands them out."""
+  """The documents of buffer `window` of a stream (`slots` of them) in the order the stream hands them out."""
   return np.random.default_rng([seed, stream, window]).permutation(slots)
