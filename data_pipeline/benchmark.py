@@ -283,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--open_latency_ms", type=float, default=0.0, help="injected sleep per shard open")
   parser.add_argument("--read_block", default="32", help="documents per visit, comma-separated")
   parser.add_argument("--shuffle_blocks", type=int, default=8, help="visits shuffled together")
+  parser.add_argument("--read_ahead", type=int, default=256, help="documents each stream requests ahead")
   parser.add_argument("--packing", default="best_fit")
   parser.add_argument("--packing_bins", type=int, default=16)
   parser.add_argument("--index_documents", type=int, default=0, help="measure index memory at this many documents")
@@ -324,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             open_latency_ms=args.open_latency_ms,
             read_block=block,
             shuffle_blocks=args.shuffle_blocks,
+            read_ahead=args.read_ahead,
             **SETTINGS[name],
           )
           r = run(cfg, args.hosts, args.cycles)

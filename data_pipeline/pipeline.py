@@ -27,7 +27,7 @@ number of processes, nor on the number of worker processes (`num_workers` > 0 sp
 Shards are read through a per-process cache of at most `max_open_files` open readers (split between worker
 processes), least recently used closed first, so any number of languages runs under a small `ulimit -n`; nothing
 is opened at start-up, and each shard's record count is checked against stats.json when it is first opened.
-Reads overlap: while a stream hands out one buffer, the visits of the next (and `read_ahead` more documents) are
+Reads overlap: while a stream hands out one buffer, the visits of the next ones (`read_ahead` documents) are
 read on a pool of `read_threads` threads (documents are a pure function of their index, so reading ahead changes
 no batch). A `gs://` data_dir is read from
 local copies of the phase's shards (`filesystem.local_copy`, once per host, before the first batch): ArrayRecord
@@ -119,7 +119,7 @@ class PipelineConfig:
   read_block: int = 32  # consecutive documents a stream reads from a language per visit (one range read)
   shuffle_blocks: int = 8  # visits whose documents a stream shuffles together before packing
   read_threads: int = 16  # threads reading documents per (worker) process; 0: serial
-  read_ahead: int = 32  # documents each stream requests beyond those of its next buffer (with read_threads)
+  read_ahead: int = 256  # documents each stream requests beyond its current buffer (with read_threads)
   read_latency_ms: float = 0.0  # sleep per read request (benchmarks and tests of the overlap)
   open_latency_ms: float = 0.0  # sleep per shard open (a gcsfuse mount's round trip, in benchmarks)
 
@@ -512,10 +512,14 @@ class StreamDocuments:
       docs = np.concatenate([np.stack([np.full(n, j), np.arange(n)], 1) for j, n in enumerate(sizes)])
       order = sampling.window_order(self._seed, self._stream, w, len(docs))
       window = (visits, docs[order])
-      if len(self._windows) >= 4:
+      if len(self._windows) >= 64:
         self._windows.pop(next(iter(self._windows)))
       self._windows[w] = window
     return window
+
+  def size(self, w: int) -> int:
+    """Documents in buffer w."""
+    return len(self._window(w)[1])
 
   def slot(self, k: int) -> tuple[int, int] | None:
     """(visit, document in the visit) of document k; None for an empty one."""
@@ -532,14 +536,14 @@ _EMPTY = np.zeros(0, np.int32)
 
 class _Reads:
   """`documents(k)` for a packer, which asks for k = 0, 1, 2, …: the visits of k's buffer are read whole (one
-  range request each), and, with a pool, the visits of the next buffer and of those covering `ahead` more
-  documents are put on it when this one starts (a buffer of short visits, of small languages, lasts only a few
-  batches: its successors must be in flight early). Document k is a pure function of k, so what is read ahead is
-  exactly what a serial read would give. A restore asks for earlier documents: their visits are read again."""
+  range request each), and, with a pool, the visits of the next buffer and of the following ones up to `ahead`
+  documents beyond this buffer are put on it when this one starts (a buffer of short visits, of small languages,
+  lasts only a few batches: its successors must be in flight a shard open's latency ahead). Document k is a pure
+  function of k, so what is read ahead is exactly what a serial read would give. A restore asks for earlier
+  documents: their visits are read again."""
 
   def __init__(self, docs: StreamDocuments, pool: concurrent.futures.Executor | None, ahead: int):
-    self._docs, self._pool = docs, pool
-    self._ahead = 1 + -(-ahead // docs.slots) if pool is not None else 0  # in buffers
+    self._docs, self._pool, self._ahead = docs, pool, ahead
     self._visits: dict[int, Any] = {}  # visit → (lang, documents), or a future of it
     self._low = -1  # first visit of the current buffer: earlier ones are dropped
     self.ahead = True  # False while a restore reads the documents of the rows it held
@@ -568,9 +572,13 @@ class _Reads:
           if isinstance(got, concurrent.futures.Future):
             got.cancel()
         self._low = low
-        if self._pool is not None:
-          for u in range(low, low + (1 + self._ahead) * per_window):
-            self._request(u)
+        if self._pool is not None:  # this buffer, the next, and more until `ahead` documents are requested
+          w, ahead = low // per_window, 0
+          while w == low // per_window or ahead < self._ahead or w <= low // per_window + 1:
+            for u in range(w * per_window, (w + 1) * per_window):
+              self._request(u)
+            ahead += self._docs.size(w) if w > low // per_window else 0
+            w += 1
     where = self._docs.slot(k)
     if where is None:  # the rest of the buffer is empty: go on at the next one
       return {"tokens": _EMPTY, "lang": -1, "next": (k // self._docs.slots + 1) * self._docs.slots}
