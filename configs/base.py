@@ -60,9 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
       read_block=32,
       shuffle_blocks=8,
       # Reads in flight: the visits of a stream's next buffers, `read_ahead` documents beyond the current one, are
-      # read on `read_threads` threads per process, so latency (a gcsfuse mount: 64 threads) overlaps; 0 threads
+      # read on `read_threads` threads per process, so latency (a gcsfuse mount) overlaps; 0 threads
       # reads serially.
-      read_threads=16,
+      read_threads=64,
       read_ahead=256,
       # Row streams of the data pipeline, fixed for a run: a resume with another micro_batch_size or host count
       # reads the same rows in the same order. It must divide micro_batch_size and be a multiple of the host

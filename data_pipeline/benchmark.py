@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--hosts", type=int, default=8, help="hosts sharing each micro-batch")
   parser.add_argument("--workers", default="0,2", help="grain worker processes per process, comma-separated")
   parser.add_argument("--cycles", type=int, default=8, help="refill cycles timed per setting")
-  parser.add_argument("--read_threads", default="16", help="read threads per process, comma-separated")
+  parser.add_argument("--read_threads", default="64", help="read threads per process, comma-separated")
   parser.add_argument("--read_latency_ms", type=float, default=0.0, help="injected sleep per read request")
   parser.add_argument("--open_latency_ms", type=float, default=0.0, help="injected sleep per shard open")
   parser.add_argument("--read_block", default="32", help="documents per visit, comma-separated")

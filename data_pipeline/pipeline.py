@@ -118,7 +118,7 @@ class PipelineConfig:
   max_open_files: int = 128  # open shard readers per process, its workers together
   read_block: int = 32  # consecutive documents a stream reads from a language per visit (one range read)
   shuffle_blocks: int = 8  # visits whose documents a stream shuffles together before packing
-  read_threads: int = 16  # threads reading documents per (worker) process; 0: serial
+  read_threads: int = 64  # threads reading documents per (worker) process; 0: serial
   read_ahead: int = 256  # documents each stream requests beyond its current buffer (with read_threads)
   read_latency_ms: float = 0.0  # sleep per read request (benchmarks and tests of the overlap)
   open_latency_ms: float = 0.0  # sleep per shard open (a gcsfuse mount's round trip, in benchmarks)
