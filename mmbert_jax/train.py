@@ -195,8 +195,8 @@ def pipeline_config(config: ml_collections.ConfigDict, batch_size: int, *, eval:
     num_streams=d.num_streams or None,
     read_threads=d.read_threads,
     read_ahead=d.read_ahead,
-    read_block=d.get("read_block", 32),
-    shuffle_blocks=d.get("shuffle_blocks", 8),
+    read_block=d.read_block,
+    shuffle_blocks=d.shuffle_blocks,
   )
 
 
