@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import tempfile
 import time
@@ -243,8 +244,6 @@ def _index_memory_once(documents: int, languages: int, hosts: int, batches: int,
 
 
 def index_memory(documents: int, languages: int, hosts: int, batches: int) -> None:
-  import multiprocessing
-
   runs = []
   with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
     for n, largest in ((documents // 4, False), (documents, True)):
