@@ -35,8 +35,8 @@ from data_pipeline import pipeline as data_lib
 from mmbert_jax import attention as attention_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import flops as flops_lib
+from mmbert_jax import hf, optim, progress, schedules, sharding
 from mmbert_jax import metrics as metrics_lib
-from mmbert_jax import optim, progress, schedules, sharding
 from mmbert_jax.model import RUNTIME_FIELDS, MaskedLM, ModelConfig, abstract_model, get_config
 
 
@@ -142,6 +142,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   overrides = {k: v for k, v in config.model.items() if v is not None}  # None: the preset's value
   if overrides.get("dtype") == "auto":
     overrides["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  if config.get("init_from") and hf.is_model_dir(config.init_from):  # architecture from its config.json
+    return hf.run_config(config.init_from, overrides)
   return get_config(config.model_preset, **overrides)
 
 
