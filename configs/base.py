@@ -54,10 +54,16 @@ def get_config() -> ml_collections.ConfigDict:
       max_masked=0,  # masked slots per row for the sparse head (0 = from mask_rate)
       packing="best_fit",
       num_workers=0,
-      # Reads in flight: each row stream keeps `read_ahead` documents requested on `read_threads` threads per
-      # process, so per-record latency (a gcsfuse mount, a network disk) overlaps; 0 threads reads serially.
-      read_threads=16,
-      read_ahead=32,
+      # Reads with locality: a row stream reads `read_block` consecutive documents of a language per visit (one
+      # shard open and one range read) and shuffles the documents of `shuffle_blocks` visits together. Both
+      # change the batches (part of the iterator's signature); see data_pipeline/pipeline.py.
+      read_block=32,
+      shuffle_blocks=8,
+      # Reads in flight: the visits of a stream's next buffers, `read_ahead` documents beyond the current one, are
+      # read on `read_threads` threads per process, so latency (a gcsfuse mount) overlaps; 0 threads
+      # reads serially.
+      read_threads=64,
+      read_ahead=256,
       # Row streams of the data pipeline, fixed for a run: a resume with another micro_batch_size or host count
       # reads the same rows in the same order. It must divide micro_batch_size and be a multiple of the host
       # count (0 = micro_batch_size: a change of it then needs a fresh data iterator).

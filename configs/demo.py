@@ -7,8 +7,10 @@ pretrain (12 languages, tau 0.7, 30% masking, seq 128, theta 10k) → midtrain (
 seq 256, theta 160k) → decay_eng / decay_cont / decay_all (tau 0.3, 5%, 1−sqrt decay; decay_all adds every other
 CLDR language, e.g. Faroese `fo` and Tigrinya `ti`) → TIES merge of the three decay variants. After each phase it
 prints the held-out MLM loss per language; languages that enter only in decay_all show how much they gain. Last,
-each of the six checkpoints is fine-tuned on two embedded downstream tasks (language identification of short texts
-in 60 languages, cross-lingual retrieval of CLDR names into English) and scored side by side.
+each of the six checkpoints is fine-tuned on three embedded downstream tasks (language identification of short
+texts in 60 languages, cross-lingual retrieval of CLDR names into English, and the category of a CLDR name learnt
+in English only and scored in every language) and scored side by side with the same model at random weights and
+each task's chance level.
 """
 
 import ml_collections
@@ -68,9 +70,17 @@ def get_config(arg: str = ""):
   c.merge = ml_collections.ConfigDict(
     dict(method="ties", base="midtrain", models=("decay_eng", "decay_cont", "decay_all"), density=0.5, lam=1.0)
   )
-  # Then every phase and the merge are fine-tuned and scored on the embedded CLDR tasks (mmbert_jax.finetune).
+  # Then every phase and the merge are fine-tuned and scored on the embedded CLDR tasks (mmbert_jax.finetune),
+  # next to the same model with random weights (random_init) and each task's chance level.
   c.downstream = ml_collections.ConfigDict(
-    dict(tasks=("cldr_langid", "cldr_retrieval"), epochs=3, batch_size=32, peak_lr=3e-3, max_len=32)
+    dict(
+      tasks=("cldr_langid", "cldr_retrieval", "cldr_category"),
+      epochs=0,  # 0: by model size (mmbert_jax.finetune.Settings.for_model: 10 epochs at 1e-3 for this size)
+      batch_size=32,
+      peak_lr=0.0,
+      max_len=32,
+      random_init=True,
+    )
   )
   return c
 

@@ -4,6 +4,7 @@
   python -m data_pipeline.benchmark --data_dir data/ --languages all --workers 0,4
   python -m data_pipeline.benchmark --index_documents 50000000   # index memory per document, 1,834 languages
   python -m data_pipeline.benchmark --settings pretrain --workers 0 --read_latency_ms 5 --read_threads 0,16
+  python -m data_pipeline.benchmark --settings decay --workers 0 --open_latency_ms 50 --read_latency_ms 5  # gcsfuse
 
 Without --data_dir the corpus is synthetic: --num_languages languages (default 1,834, FineWeb2's count) whose
 token counts spread log-uniformly over four orders of magnitude, document lengths log-normal around a median of
@@ -26,19 +27,26 @@ Reported per setting:
   packing   real tokens / batch tokens
   files     most open file descriptors seen, this process and its workers together (goal ≤ 256)
   opens     shard readers opened per batch (least-recently-used cache misses; in-process runs only)
-  threads   read threads per process (`PipelineConfig.read_threads`; 0: one record after the other)
-  latency   injected sleep per record read (--read_latency_ms: a network disk; the sleep runs in the thread that
-            reads the record, so what overlaps in real reads overlaps here)
-  inflight  most record reads in progress at once (in-process runs only)
+  threads   read threads per process (`PipelineConfig.read_threads`; 0: one read after the other)
+  latency   injected sleep per read request (--read_latency_ms: a network disk; a stream's visit reads its block
+            of consecutive documents in one request; the sleep runs in the thread that reads, so what overlaps in
+            real reads overlaps here)
+  inflight  most read requests in progress at once (in-process runs only)
+  open      injected sleep per shard open (--open_latency_ms: a gcsfuse mount's round trip to the bucket)
+  block     documents per visit (--read_block; `PipelineConfig.read_block`, shuffle_blocks visits per buffer)
+  cpu_s     CPU seconds of this process over the timed batches (in-process runs only)
 
---index_documents writes that many tiny documents over the languages (shards of at most 1M documents, like one
-FineWeb2 parquet file each), then reads decay batches and reports the growth of this process's anonymous memory
-per document, with all shards of the largest languages open (goal ≤ 2 bytes per document).
+--index_documents N writes N tiny documents over the languages (shards of at most 1M documents, like one FineWeb2
+parquet file each), then reads decay batches and reports this process's anonymous memory, and the same for N / 4
+documents, each in a fresh process: the index memory per document is the growth between the two sizes (the
+pipeline's fixed state, the same at both, drops out); then with the largest shards all open (goal ≤ 2 bytes per
+document).
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import tempfile
 import time
@@ -191,53 +199,71 @@ def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, floa
     "in_flight": inflight if not cfg.num_workers else float("nan"),
     "opens_per_batch": opened / len(times) if not cfg.num_workers else float("nan"),
     "tokens_per_cpu_s": slots / cpu if not cfg.num_workers else float("nan"),
+    "cpu_s": cpu if not cfg.num_workers else float("nan"),
     "cpu_p99_p50": (
       np.percentile(cpu_times, 99) / np.percentile(cpu_times, 50) if not cfg.num_workers else float("nan")
     ),
   }
 
 
-def index_memory(documents: int, languages: int, hosts: int, batches: int) -> None:
+def _index_memory_once(documents: int, languages: int, hosts: int, batches: int, largest: bool) -> dict:
+  """In a fresh process: the anonymous memory an iterator over `documents` tiny documents holds after `batches`
+  decay batches, and (largest=True) then with the largest shards all open."""
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
     stats = index_corpus(tmp, documents, languages=languages)
-    shards = sum(len(v["train"]["shards"]) for v in stats["languages"].values())
-    docs = stats["totals"]["train"]["documents"]
-    print(
-      f"index corpus: {len(stats['languages'])} languages, {docs:,} documents in {shards} shards "
-      f"({time.perf_counter() - t0:.0f} s to write)"
-    )
+    out = {
+      "write_s": time.perf_counter() - t0,
+      "documents": stats["totals"]["train"]["documents"],
+      "shards": sum(len(v["train"]["shards"]) for v in stats["languages"].values()),
+      "languages": len(stats["languages"]),
+    }
     cfg = pipeline.PipelineConfig(data_dir=tmp, **dict(SETTINGS["decay"], seq_len=1024), prefetch=0)
     base = anon_memory()
     t0 = time.perf_counter()
     it = pipeline.make_train_iterator(cfg, 0, hosts)
-    plan_s = time.perf_counter() - t0
+    out["plan_s"] = time.perf_counter() - t0
     next(it)
-    first_s = time.perf_counter() - t0 - plan_s
+    out["first_s"] = time.perf_counter() - t0 - out["plan_s"]
     files = open_files()
     for _ in range(batches):
       next(it)
       files = max(files, open_files())
-    used = anon_memory() - base
-    print(
-      f"after {batches + 1} batches: iterator built in {plan_s:.1f} s, first batch {first_s:.1f} s (4-token "
-      f"documents: {pipeline.READERS.opened:,} shard opens in all), {files} open files, anonymous memory "
-      f"+{used / 2**20:.0f} MiB = {used / docs:.2f} bytes/document"
-    )
-    # The worst case for the index: the open readers all hold the largest shards.
-    largest = sorted(((n, p) for p, n in (s for v in it._plan.shards for s in v)), reverse=True)
-    pipeline.READERS.close_all()
-    base = anon_memory()
-    held = largest[: pipeline.READERS.capacity]
-    for n, path in held:
-      pipeline.READERS.read(path, n, n - 1)
-    used = anon_memory() - base
-    print(
-      f"{len(held)} largest shards open ({sum(n for n, _ in held):,} documents): +{used / 2**20:.0f} MiB = "
-      f"{used / sum(n for n, _ in held):.2f} bytes per document they hold, {used / docs:.2f} per document "
-      "of the corpus"
-    )
+    out.update(used=anon_memory() - base, files=files, opened=pipeline.READERS.opened)
+    if largest:  # the worst case for the index: the open readers all hold the largest shards
+      shards = sorted(((n, p) for p, n in (s for v in it._plan.shards for s in v)), reverse=True)
+      pipeline.READERS.close_all()
+      base = anon_memory()
+      held = shards[: pipeline.READERS.capacity]
+      for n, path in held:
+        pipeline.READERS.read(path, n, n - 1)
+      out.update(held=len(held), held_documents=sum(n for n, _ in held), held_used=anon_memory() - base)
     it.close()
+  return out
+
+
+def index_memory(documents: int, languages: int, hosts: int, batches: int) -> None:
+  runs = []
+  with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+    for n, largest in ((documents // 4, False), (documents, True)):
+      r = pool.apply(_index_memory_once, (n, languages, hosts, batches, largest))
+      runs.append(r)
+      print(
+        f"{r['documents']:>13,} documents in {r['shards']} shards of {r['languages']} languages ({r['write_s']:.0f} s "
+        f"to write): iterator built in {r['plan_s']:.1f} s, first batch {r['first_s']:.1f} s, {r['opened']:,} shard "
+        f"opens, {r['files']} open files after {batches + 1} batches; anonymous memory +{r['used'] / 2**20:.0f} MiB "
+        f"({r['used'] / r['documents']:.2f} bytes/document, fixed state included)"
+      )
+  small, big = runs
+  per_doc = (big["used"] - small["used"]) / (big["documents"] - small["documents"])
+  print(
+    f"index memory: {per_doc:.2f} bytes per document (growth from {small['documents']:,} to {big['documents']:,} "
+    f"documents); fixed state {(small['used'] - per_doc * small['documents']) / 2**20:.0f} MiB"
+  )
+  print(
+    f"{big['held']} largest shards open ({big['held_documents']:,} documents): +{big['held_used'] / 2**20:.0f} MiB = "
+    f"{big['held_used'] / big['held_documents']:.2f} bytes per document they hold"
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -250,14 +276,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--hosts", type=int, default=8, help="hosts sharing each micro-batch")
   parser.add_argument("--workers", default="0,2", help="grain worker processes per process, comma-separated")
   parser.add_argument("--cycles", type=int, default=8, help="refill cycles timed per setting")
-  parser.add_argument("--read_threads", default="16", help="read threads per process, comma-separated")
-  parser.add_argument("--read_latency_ms", type=float, default=0.0, help="injected sleep per record read")
+  parser.add_argument("--read_threads", default="64", help="read threads per process, comma-separated")
+  parser.add_argument("--read_latency_ms", type=float, default=0.0, help="injected sleep per read request")
+  parser.add_argument("--open_latency_ms", type=float, default=0.0, help="injected sleep per shard open")
+  parser.add_argument("--read_block", default="32", help="documents per visit, comma-separated")
+  parser.add_argument("--shuffle_blocks", type=int, default=8, help="visits shuffled together")
+  parser.add_argument("--read_ahead", type=int, default=256, help="documents each stream requests ahead")
   parser.add_argument("--packing", default="best_fit")
   parser.add_argument("--packing_bins", type=int, default=16)
   parser.add_argument("--index_documents", type=int, default=0, help="measure index memory at this many documents")
   args = parser.parse_args(argv)
 
   print(f"RLIMIT_NOFILE soft/hard after raising: {pipeline.raise_open_file_limit()}")
+  blocks = [int(b) for b in args.read_block.split(",")]
   if args.index_documents:
     index_memory(args.index_documents, args.num_languages, args.hosts, batches=200)
     return
@@ -275,11 +306,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
       f"{'setting':>9} {'seq':>5} {'rows':>5} {'workers':>7} {'startup':>8} {'p50':>8} {'p99':>8} {'p99/p50':>7} "
       f"{'cpu':>5} {'max':>8} {'tokens/s':>9} {'/cpu-s':>7} {'packing':>7} {'files':>5} {'opens':>6} "
-      f"{'batches':>7} {'threads':>7} {'latency':>8} {'inflight':>8}"
+      f"{'batches':>7} {'threads':>7} {'latency':>8} {'inflight':>8} {'open':>8} {'block':>5} {'cpu_s':>6}"
     )
     for name in args.settings.split(","):
       for workers in map(int, args.workers.split(",")):
-        for threads in map(int, args.read_threads.split(",")):
+        for threads, block in [(t, b) for t in map(int, args.read_threads.split(",")) for b in blocks]:
           cfg = pipeline.PipelineConfig(
             data_dir=data_dir,
             languages=args.languages,
@@ -289,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             prefetch=0,
             read_threads=threads,
             read_latency_ms=args.read_latency_ms,
+            open_latency_ms=args.open_latency_ms,
+            read_block=block,
+            shuffle_blocks=args.shuffle_blocks,
+            read_ahead=args.read_ahead,
             **SETTINGS[name],
           )
           r = run(cfg, args.hosts, args.cycles)
@@ -298,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{r['cpu_p99_p50']:>5.2f} {r['max_ms']:>6.1f}ms {r['tokens_per_s'] / 1e6:>8.2f}M "
             f"{r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} {r['files']:>5} "
             f"{r['opens_per_batch']:>6.1f} {r['batches']:>7} {threads:>7} {args.read_latency_ms:>6.1f}ms "
-            f"{r['in_flight']:>8}"
+            f"{r['in_flight']:>8} {args.open_latency_ms:>6.1f}ms {block:>5} {r['cpu_s']:>6.1f}"
           )
     print(f"one host of {args.hosts}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 

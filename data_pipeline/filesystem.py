@@ -139,16 +139,29 @@ def cache_root() -> epath.Path:
   return epath.Path(os.environ.get("MMBERT_JAX_CACHE") or os.path.expanduser("~/.cache/mmbert_jax"))
 
 
-def local_copy(p: epath.Path, cache: epath.Path | None = None) -> str:
+def cache_target(p: epath.Path, stat=None, cache: epath.Path | None = None) -> epath.Path:
+  """Where `local_copy` keeps the bucket file `p` (its version, from `stat` or `p.stat()`, is part of the name)."""
+  stat = stat or p.stat()
+  key = hashlib.sha1(f"{p}|{stat.length}|{stat.mtime}".encode()).hexdigest()[:16]
+  target = (cache or cache_root()) / "gs" / os.fspath(p)[len("gs://") :]
+  return target.parent / f"{target.name}.{key}"
+
+
+def free_space(folder: epath.Path) -> int:
+  """Free bytes on the local disk that holds (or would hold) `folder`."""
+  folder = os.path.abspath(os.fspath(folder))
+  while not os.path.exists(folder):  # local-only: the cache folder may not exist yet
+    folder = os.path.dirname(folder)
+  return shutil.disk_usage(folder).free
+
+
+def local_copy(p: epath.Path, cache: epath.Path | None = None, stat=None) -> str:
   """A local filename with the content of `p`: `p` itself when local, else a copy under the cache, made once per
   host and refreshed when the object's size or modification time changes. Concurrent processes of one host each
   copy to their own temporary name and rename, so none reads a partial file."""
   if not is_remote(p):
     return os.fspath(p)
-  stat = p.stat()
-  key = hashlib.sha1(f"{p}|{stat.length}|{stat.mtime}".encode()).hexdigest()[:16]
-  target = (cache or cache_root()) / "gs" / os.fspath(p)[len("gs://") :]
-  target = target.parent / f"{target.name}.{key}"
+  target = cache_target(p, stat, cache)
   if not target.exists():
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}"

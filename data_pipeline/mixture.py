@@ -11,7 +11,11 @@ fixed share of the phase (§6.1). A phase here is a `PhaseSpec`:
                source's shards then form a component of their own, whatever their language, and leave the
                languages they were prepared under
   max_passes   with total_tokens (the phase length), cap every language at max_passes × n_l tokens and hand the
-               excess to the uncapped languages (repeated until nothing exceeds its cap)
+               excess to the uncapped languages (repeated until nothing exceeds its cap). The cap is per
+               language, the recipe's "not more than about 5 epochs" of a language's data (docs/RECIPE.md §6.2);
+               the training pipeline reads each language in whole passes, so its documents are read equally
+               often, to one read (a 40-document language at a cap of 5: every document 5 times, or 6 for the 8
+               documents of one visit; tests/test_pipeline.py::test_pass_cap_holds_per_document)
 
 Weights are token shares p_l. Grain mixes documents, so `Mixture.doc_weights` divides by each language's mean
 stored sequence length: sampling documents with those weights yields tokens in the proportions p_l.

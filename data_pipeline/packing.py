@@ -92,7 +92,8 @@ class StreamingPacker:
   instead fill all their bins and give them out together, doing a whole refill on one call in num_bins.
 
   `documents(k)` returns document k as `{"tokens": int32[n], "lang": int}` (random access, so the state is small:
-  the next document and piece, and the pieces of the rows held, which a restore reads again).
+  the next document and piece, and the pieces of the rows held, which a restore reads again); an empty document
+  with `"next": k2` says that documents k + 1 … k2 − 1 are empty too.
   """
 
   def __init__(
@@ -117,8 +118,8 @@ class StreamingPacker:
     tokens = self._doc["tokens"]
     stop = min(start + self._seq_len, len(tokens))
     piece = (k, start, stop, tokens[start:stop], int(self._doc["lang"]))
-    if stop >= len(tokens):
-      self._next, self._doc = [k + 1, 0], None
+    if stop >= len(tokens):  # an empty document may name the next index with documents ("next")
+      self._next, self._doc = [self._doc.get("next", k + 1), 0], None
     else:
       self._next = [k, stop]
     return piece

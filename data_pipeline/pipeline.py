@@ -3,16 +3,21 @@
 Design: the global batch of `batch_size` rows is built from `num_streams` independent row streams (a config value
 that depends neither on the number of processes nor on the batch size; default = batch_size). Global row r of every
 batch comes from stream r // rows_per_stream, and each stream's rows are one fixed sequence, so a run that changes
-its (micro-)batch size or host count keeps reading the same rows in the same order. A stream is a Grain pipeline
-of its own:
+its (micro-)batch size or host count keeps reading the same rows in the same order. The streams read in visits:
 
-  per language l: ArrayRecord shards → repeated forever, in a new random order every pass → every
-                  num_streams-th document (streams split each language's documents between them, so a pass
-                  reads every document once)
-  → weighted mix: blocks of `mix_block` documents with each language in exact proportion to its document weight
-    (token shares p_l ∝ n_l^tau from the phase's mixture), randomly ordered (sampling.BlockMixSelection)
+  visits: one sequence for all streams, each language's visits in exact proportion per block of
+    mix_block / read_block visits (sampling.BlockMixSelection; visit weights give documents the weights of token
+    shares p_l ∝ n_l^tau from the phase's mixture); stream s makes visits s, s + num_streams, …
+  a language's q-th visit reads its q-th block of `read_block` consecutive documents (sampling.BlockOrder: every
+    pass reads every document once, in blocks in a new order; one shard range, one open, per visit). As the
+    streams advance together, the visits made are a prefix of the sequence but for the last few: each language is
+    read in whole passes, and no document is read more than one time more than another of its language
+  → a stream's documents: its visits in buffers of `shuffle_blocks`, each buffer's documents in a random order
   → split documents longer than seq_len → best-fit / first-fit packing into `packing_bins` open rows, given out
-    one at a time after about one row of reading (packing.StreamingPacker: every batch costs about the same)
+    one at a time after about one row of packing (packing.StreamingPacker: every batch costs about the same)
+
+So a batch opens about as many shards as it makes visits (a decay host's 4 rows of 8192 tokens: about one),
+instead of one per document, while a batch still mixes the languages of shuffle_blocks visits per stream.
 
 Each process builds only the streams of its own rows and masks row k of stream s with a Generator keyed by
 (seed, s, k). The global batch sequence is therefore a function of the seed alone: it does not depend on the
@@ -22,8 +27,9 @@ number of processes, nor on the number of worker processes (`num_workers` > 0 sp
 Shards are read through a per-process cache of at most `max_open_files` open readers (split between worker
 processes), least recently used closed first, so any number of languages runs under a small `ulimit -n`; nothing
 is opened at start-up, and each shard's record count is checked against stats.json when it is first opened.
-Reads overlap: every stream keeps its next `read_ahead` documents in flight on a pool of `read_threads` threads
-(documents are a pure function of their index, so reading ahead changes no batch). A `gs://` data_dir is read from
+Reads overlap: while a stream hands out one buffer, the visits of the next ones (`read_ahead` documents) are
+read on a pool of `read_threads` threads (documents are a pure function of their index, so reading ahead changes
+no batch). A `gs://` data_dir is read from
 local copies of the phase's shards (`filesystem.local_copy`, once per host, before the first batch): ArrayRecord
 reads local files only.
 
@@ -53,6 +59,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import os
 import resource
 import threading
 import time
@@ -67,18 +74,33 @@ from array_record.python.array_record_module import ArrayRecordReader
 from data_pipeline import filesystem as fs
 from data_pipeline import masking, mixture, packing, sampling
 
-STATE_VERSION = 2
-BATCH_KEYS = (
-  "input_ids",
-  "segment_ids",
-  "positions",
-  "masked_positions",
-  "masked_labels",
-  "masked_weights",
-  "lang_ids",
-)
+STATE_VERSION = 3
+
+
+def batch_schema(seq_len: int, max_masked: int) -> dict[str, tuple[int, type]]:
+  """Length and dtype of each batch array per row (arrays are [rows, length]): the one description of a batch,
+  which the training program's abstract batch (ahead-of-time compilation) is built from."""
+  return {
+    "input_ids": (seq_len, np.int32),
+    "segment_ids": (seq_len, np.int32),
+    "positions": (seq_len, np.int32),
+    "masked_positions": (max_masked, np.int32),
+    "masked_labels": (max_masked, np.int32),
+    "masked_weights": (max_masked, np.float32),
+    "lang_ids": (seq_len, np.int32),
+  }
+
+
+BATCH_KEYS = tuple(batch_schema(1, 1))
+
+
+def masked_per_row(seq_len: int, mask_rate: float, max_masked: int | None = None) -> int:
+  """K, the masked slots of every row: `max_masked` if set, else masking.default_max_masked."""
+  return max_masked or masking.default_max_masked(seq_len, mask_rate)
+
+
 _TRAIN, _EVAL = 0, 1  # mask RNG tags
-_SEED_LANG, _SEED_MIX, _SEED_BINS = 1, 2, 3
+_SEED_LANG, _SEED_MIX, _SEED_BINS, _SEED_BUFFER = 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +123,7 @@ class PipelineConfig:
   # process count the run may use
   packing: str = "first_fit"  # first_fit | best_fit
   packing_bins: int = 16  # rows a packer keeps open (more: less padding, more memory)
-  mix_block: int = 4096  # documents per mixing block (exact proportions per block)
+  mix_block: int = 4096  # documents per mixing block (exact proportions per block of visits, all streams together)
   vocab_size: int | None = None  # random replacements < vocab_size; None: the tokenizer's size
   mask_id: int = 4
   pad_id: int = 0
@@ -109,9 +131,12 @@ class PipelineConfig:
   worker_buffer: int = 2  # batches each worker prepares ahead
   prefetch: int = 2  # batches prepared ahead by a thread when num_workers == 0
   max_open_files: int = 128  # open shard readers per process, its workers together
-  read_threads: int = 16  # threads reading documents per (worker) process; 0: serial
-  read_ahead: int = 32  # documents each stream keeps in flight (with read_threads)
-  read_latency_ms: float = 0.0  # sleep per record read (benchmarks and tests of the overlap)
+  read_block: int = 32  # consecutive documents a stream reads from a language per visit (one range read)
+  shuffle_blocks: int = 8  # visits whose documents a stream shuffles together before packing
+  read_threads: int = 64  # threads reading documents per (worker) process; 0: serial
+  read_ahead: int = 256  # documents each stream requests beyond its current buffer (with read_threads)
+  read_latency_ms: float = 0.0  # sleep per read request (benchmarks and tests of the overlap)
+  open_latency_ms: float = 0.0  # sleep per shard open (a gcsfuse mount's round trip, in benchmarks)
 
   def __post_init__(self):
     if self.seq_len < 2 or self.batch_size < 1:
@@ -126,10 +151,14 @@ class PipelineConfig:
       raise ValueError(f"seed must be non-negative, got {self.seed}")
     if self.max_open_files < 1:
       raise ValueError(f"max_open_files must be positive, got {self.max_open_files}")
-    if self.read_threads < 0 or self.read_ahead < 0 or self.read_latency_ms < 0:
+    if self.read_threads < 0 or self.read_ahead < 0 or self.read_latency_ms < 0 or self.open_latency_ms < 0:
       raise ValueError(
-        f"read_threads, read_ahead and read_latency_ms must be non-negative, got {self.read_threads}, "
-        f"{self.read_ahead} and {self.read_latency_ms}"
+        f"read_threads, read_ahead, read_latency_ms and open_latency_ms must be non-negative, got "
+        f"{self.read_threads}, {self.read_ahead}, {self.read_latency_ms} and {self.open_latency_ms}"
+      )
+    if self.read_block < 1 or self.shuffle_blocks < 1:
+      raise ValueError(
+        f"read_block and shuffle_blocks must be positive, got {self.read_block} and {self.shuffle_blocks}"
       )
     if self.max_masked is not None and not 0 < self.max_masked <= self.seq_len:
       raise ValueError(f"max_masked must be in [1, seq_len={self.seq_len}], got {self.max_masked}")
@@ -140,7 +169,7 @@ class PipelineConfig:
 
   @property
   def masked_per_row(self) -> int:
-    return self.max_masked or masking.default_max_masked(self.seq_len, self.mask_rate)
+    return masked_per_row(self.seq_len, self.mask_rate, self.max_masked)
 
   @property
   def phase(self) -> mixture.PhaseSpec:
@@ -163,6 +192,7 @@ class Plan:
   languages: tuple[str, ...]
   shards: tuple[tuple[tuple[str, int], ...], ...]  # train shards per language: (path, records)
   doc_weights: tuple[float, ...]
+  visit_weights: tuple[float, ...]  # per visit of read_block documents: doc weight × visits per pass / documents
   random_low: int  # random replacement ids: [random_low, random_high)
   random_high: int
   signature: Mapping[str, Any]  # identifies the batch sequence; stored in the iterator state
@@ -174,23 +204,41 @@ class Plan:
 
 def _shards(data_dir: fs.Path, shards: Sequence[dict], threads: int = 16) -> tuple[tuple[str, int], ...]:
   """(local filename, records) of shards listed in stats.json. Only their existence is checked here; shards in a
-  bucket are copied to this host's cache first (in parallel, once per host)."""
+  bucket are copied to this host's cache first (in parallel, once per host), unless they would not fit its disk."""
+  paths = [data_dir / shard["path"] for shard in shards]
+  if not fs.is_remote(data_dir):
+    for path in paths:
+      if not path.exists():
+        raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)")
+    return tuple((os.fspath(p), int(shard["sequences"])) for p, shard in zip(paths, shards))
 
-  def local(shard):
-    path = data_dir / shard["path"]
+  def stat(path):
     try:
-      if not fs.is_remote(path) and not path.exists():  # (in a bucket, the copy's stat call finds out)
-        raise FileNotFoundError(path)
-      return fs.local_copy(path)
+      return path.stat()
     except FileNotFoundError:
       raise FileNotFoundError(f"shard {path} listed in stats.json is missing (re-run prepare)") from None
 
-  if not fs.is_remote(data_dir):
-    paths = [local(shard) for shard in shards]
-  else:
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-      paths = list(pool.map(local, shards))
-  return tuple((p, int(shard["sequences"])) for p, shard in zip(paths, shards))
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    stats = list(pool.map(stat, paths))
+    cache = fs.cache_root()
+    need = sum(st.length for p, st in zip(paths, stats) if not fs.cache_target(p, st, cache).exists())
+    free = fs.free_space(cache)
+    if need > free:
+      raise ValueError(
+        f"data_dir={data_dir}: the phase's shards not yet in this host's cache hold {need / 2**30:.1f} GiB, more "
+        f"than the {free / 2**30:.1f} GiB free in {cache}; mount the bucket with gcsfuse and set data.data_dir to "
+        "the mount (launch/tpu_pod.sh with DATA_BUCKET=...), or point MMBERT_JAX_CACHE at a larger disk"
+      )
+    local = list(pool.map(lambda a: fs.local_copy(a[0], cache, a[1]), zip(paths, stats)))
+  return tuple((p, int(shard["sequences"])) for p, shard in zip(local, shards))
+
+
+def visit_weights(doc_weights: Sequence[float], records: Sequence[int], block: int) -> tuple[float, ...]:
+  """Weights of visits that give documents the weights `doc_weights`: a visit of a language of n records reads
+  n / ceil(n / block) of them on average (`sampling.BlockOrder`)."""
+  n = np.asarray(records, np.float64)
+  w = np.asarray(doc_weights, np.float64) * np.ceil(n / block) / n
+  return tuple(float(x) for x in w / w.sum())
 
 
 def make_plan(cfg: PipelineConfig) -> tuple[Plan, mixture.Mixture, dict]:
@@ -220,13 +268,23 @@ def make_plan(cfg: PipelineConfig) -> tuple[Plan, mixture.Mixture, dict]:
     "packing": cfg.packing,
     "packing_bins": cfg.packing_bins,
     "mix_block": cfg.mix_block,
+    "read_block": cfg.read_block,
+    "shuffle_blocks": cfg.shuffle_blocks,
     "mask_rate": cfg.mask_rate,
     "max_masked": cfg.masked_per_row,
     "random_ids": [max(ids.values()) + 1, vocab],
     "data": hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
   }
+  records = [sum(n for _, n in s) for s in shards]
   plan = Plan(
-    cfg, mix.languages, shards, tuple(float(w) for w in mix.doc_weights), max(ids.values()) + 1, vocab, signature
+    cfg,
+    mix.languages,
+    shards,
+    tuple(float(w) for w in mix.doc_weights),
+    visit_weights(mix.doc_weights, records, cfg.read_block),
+    max(ids.values()) + 1,
+    vocab,
+    signature,
   )
   return plan, mix, stats
 
@@ -239,44 +297,46 @@ def make_plan(cfg: PipelineConfig) -> tuple[Plan, mixture.Mixture, dict]:
 class _ReaderCache:
   """The open ArrayRecord readers of this process, at most `capacity`, the least recently used closed first.
 
-  Any number of threads read at once (an ArrayRecordReader is thread-safe); the lock guards only the cache, and a
-  reader in use by another thread is closed when its last read ends. `latency_s` makes every record read sleep
-  that long in the reading thread (benchmarks and tests model a network disk with it)."""
+  Any number of threads read at once (an ArrayRecordReader is thread-safe); the lock guards only the cache: a shard
+  is opened outside it (one thread opens, the others wanting that shard wait), and a reader in use by another
+  thread is closed when its last read ends. `latency_s` makes every read request (one record, or a range of
+  consecutive records) sleep that long in the reading thread, and `open_latency_s` every shard open (benchmarks
+  and tests model a network disk or a gcsfuse mount with them)."""
 
   def __init__(self, capacity: int = 128):
     self.capacity = capacity
     self.latency_s = 0.0
+    self.open_latency_s = 0.0
     self._readers: collections.OrderedDict[str, ArrayRecordReader] = collections.OrderedDict()
     self._users: collections.Counter = collections.Counter()  # reads in progress per reader (by id)
     self._retired: dict[int, ArrayRecordReader] = {}  # evicted while in use: closed after the read
+    self._opening: dict[str, threading.Event] = {}  # shards being opened now
     self._lock = threading.Lock()
     self.opened = 0  # readers opened so far (a measure of cache misses)
     self.reads = 0  # records read so far
-    self.in_flight = 0  # record reads in progress now
+    self.requests = 0  # read requests so far (a range of records is one)
+    self.in_flight = 0  # read requests in progress now
     self.max_in_flight = 0  # the most seen at once
 
   def read(self, path: str, records: int, index: int) -> bytes:
+    return self.read_range(path, records, index, 1)[0]
+
+  def read_range(self, path: str, records: int, start: int, count: int) -> list[bytes]:
+    """Records [start, start + count) of a shard, in one request."""
+    reader = self._acquire(path, records)
     with self._lock:
-      reader = self._readers.get(path)
-      if reader is None:
-        while len(self._readers) >= self.capacity:
-          self._evict(self._readers.popitem(last=False)[1])
-        reader = self._open(path, records)
-        self._readers[path] = reader
-      else:
-        self._readers.move_to_end(path)
-      self._users[id(reader)] += 1
-      self.reads += 1
+      self.reads += count
+      self.requests += 1
       self.in_flight += 1
       self.max_in_flight = max(self.max_in_flight, self.in_flight)
     try:
       if self.latency_s:
         time.sleep(self.latency_s)
-      return reader.read([index])[0]
+      return reader.read(list(range(start, start + count)))
     except (RuntimeError, OSError, ValueError) as e:
       raise ValueError(
-        f"{path} record {index}: cannot read it ({str(e).splitlines()[0]}); delete the shard "
-        "and its _units record, then re-run prepare"
+        f"{path} records {start}..{start + count - 1}: cannot read them ({str(e).splitlines()[0]}); delete "
+        "the shard and its _units record, then re-run prepare"
       ) from None
     finally:
       with self._lock:
@@ -288,6 +348,36 @@ class _ReaderCache:
           if retired is not None:
             _close(retired)
 
+  def _acquire(self, path: str, records: int) -> ArrayRecordReader:
+    """The reader of `path`, counted as in use by the caller; opened (outside the lock) when not cached."""
+    while True:
+      with self._lock:
+        reader = self._readers.get(path)
+        if reader is not None:
+          self._readers.move_to_end(path)
+          self._users[id(reader)] += 1
+          return reader
+        opening = self._opening.get(path)
+        if opening is None:
+          opening = self._opening[path] = threading.Event()
+          break
+      opening.wait()  # another thread opens it; then look again
+    try:
+      reader = self._open(path, records)
+    except BaseException:
+      with self._lock:
+        del self._opening[path]
+      opening.set()
+      raise
+    with self._lock:
+      while len(self._readers) >= self.capacity:
+        self._evict(self._readers.popitem(last=False)[1])
+      self._readers[path] = reader
+      self._users[id(reader)] += 1
+      del self._opening[path]
+    opening.set()
+    return reader
+
   def _evict(self, reader: ArrayRecordReader) -> None:
     if self._users[id(reader)]:
       self._retired[id(reader)] = reader
@@ -295,13 +385,16 @@ class _ReaderCache:
       _close(reader)
 
   def _open(self, path: str, records: int) -> ArrayRecordReader:
+    if self.open_latency_s:
+      time.sleep(self.open_latency_s)
     try:
-      # No read-ahead inside the reader: documents are read one at a time in random order.
+      # No read-ahead inside the reader: a stream reads one range of a shard per visit.
       reader = ArrayRecordReader(path, "readahead_buffer_size:0", file_reader_buffer_size=32768)
       n = reader.num_records()
     except (RuntimeError, OSError, ValueError) as e:
       raise ValueError(f"{path}: cannot open the shard ({str(e).splitlines()[0]})") from None
-    self.opened += 1
+    with self._lock:
+      self.opened += 1
     if n != records:
       _close(reader)
       raise ValueError(
@@ -362,14 +455,6 @@ class ShardSource(grain.sources.RandomAccessDataSource):
     return f"ShardSource({len(self._shards)} shards, {len(self)} records)"
 
 
-class ShardAddresses(ShardSource):
-  """The addresses of the records of some shards (`ShardSource.address`): the shuffled order of a language is
-  computed on them in the stream's thread, and only the reads themselves go to the read threads."""
-
-  def __getitem__(self, index: int) -> tuple[str, int, int]:
-    return self.address(index)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Row streams
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,110 +464,172 @@ def _decode(record: bytes, lang: int) -> dict:
   return {"tokens": np.frombuffer(record, np.int32), "lang": lang}
 
 
-def _read(address: tuple[int, tuple[str, int, int]]) -> dict:
-  lang, where = address
-  return _decode(READERS.read(*where), lang)
+def _ring_ranges(source: ShardSource, first: int, count: int) -> list[tuple[str, int, int, int]]:
+  """(path, records, start, count) per shard of documents first, first + 1, … (count of them) of a language,
+  wrapping around at its end."""
+  n, out = len(source), []
+  while count > 0:
+    path, records, start = source.address(first)
+    take = min(count, records - start)
+    out.append((path, records, start, take))
+    first, count = (first + take) % n, count - take
+  return out
 
 
-def language_datasets(plan: Plan) -> list[grain.MapDataset]:
-  """Each language's training record addresses, repeated forever in a new order every pass (shared by all
-  streams)."""
-  return [
-    sampling.shuffled_forever(
-      grain.MapDataset.source(ShardAddresses(shards)), seed=_seed32(plan.cfg.seed, _SEED_LANG, _lang_key(lang))
-    )
-    for lang, shards in zip(plan.languages, plan.shards)
-  ]
+def _read_visit(visit: tuple[int, list]) -> tuple[int, list[dict]]:
+  lang, ranges = visit
+  return lang, [_decode(r, lang) for where in ranges for r in READERS.read_range(*where)]
 
 
-class StreamDocuments(grain.MapDataset):
-  """The documents of one stream: element k is document j of language l, (l, j) = selection[k], read at
-  position stream + num_streams·j of the language's endless shuffled sequence (so streams share each pass).
+class StreamDocuments:
+  """The documents of one stream, as a function of their index k (so the packer's state is an index).
 
-  This is `MapDataset.select_from_datasets` over per-stream slices of the languages, in one node: the shared
-  language datasets are kept out of the dataset graph, which Grain otherwise walks once per stream (hundreds of
-  languages × hundreds of streams made start-up take seconds).
-  """
-
-  def __init__(
-    self, languages: Sequence[grain.MapDataset], selection: sampling.BlockMixSelection, stream: int, num_streams: int
-  ):
-    super().__init__()
-    self._languages, self._selection = languages, selection
-    self._stream, self._num_streams = stream, num_streams
-
-  def __len__(self) -> int:
-    return len(self._selection)
-
-  def address(self, index: int) -> tuple[int, tuple[str, int, int]]:
-    """(language, record address) of element `index`, without reading it."""
-    lang, j = self._selection[index]
-    return lang, self._languages[lang][self._stream + self._num_streams * j]
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    return _read(self.address(index))
-
-  def __str__(self) -> str:
-    return f"StreamDocuments(stream={self._stream}/{self._num_streams}, languages={len(self._languages)})"
-
-
-class _ReadAhead:
-  """`documents(k)` for a packer, which asks for k = 0, 1, 2, …: each call also puts the reads of the next `depth`
-  documents on `pool`, so they overlap with each other, with the other streams and with packing. Element k is a
-  pure function of k, so what is read ahead is exactly what a serial read would give. A batch ends with `settle`:
-  the reads it started are done within it (the reading of every batch stays the same, not left to chance of
-  thread scheduling), and the next batch finds its documents read."""
-
-  def __init__(self, docs: StreamDocuments, pool: concurrent.futures.Executor | None, depth: int):
-    self._docs, self._pool, self._depth = docs, pool, depth if pool is not None else 0
-    self._pending: dict[int, concurrent.futures.Future] = {}
-    self.ahead = True  # False while a restore reads the documents of the rows it held
-
-  def __call__(self, k: int) -> dict:
-    future = self._pending.pop(k, None)
-    if self.ahead and self._depth:
-      for i in [i for i in self._pending if i < k]:  # left behind by a restore
-        self._pending.pop(i).cancel()
-      for i in range(k + 1, k + 1 + self._depth):
-        if i not in self._pending:
-          self._pending[i] = self._pool.submit(_read, self._docs.address(i))
-    return future.result() if future is not None else self._docs[k]
-
-  def settle(self) -> None:
-    concurrent.futures.wait(list(self._pending.values()))
-
-  def prefetch(self, ks) -> None:
-    """Starts reading documents `ks` (those a restore is about to ask for)."""
-    if self._depth:
-      for k in ks:
-        if k not in self._pending:
-          self._pending[k] = self._pool.submit(_read, self._docs.address(k))
-
-  def cancel(self) -> None:
-    for future in self._pending.values():
-      future.cancel()
-    self._pending.clear()
-
-
-class _Stream:
-  """One row stream: its documents, packed row by row (`packing.StreamingPacker`, so every batch does about the
-  same reading and packing); counts the rows it has given."""
+  The streams together read one sequence of visits, drawn by `sampling.BlockMixSelection` with each language's
+  visits in proportion to `Plan.visit_weights`; stream s makes visits s, s + num_streams, s + 2·num_streams, …
+  (so the visits of all streams made so far are, but for the last few, a prefix of that sequence, and each
+  language's documents are read in whole passes, not some of them more often than others). A language's q-th
+  visit reads block q of its `sampling.BlockOrder` (read_block consecutive documents: one or two shard ranges).
+  A stream's visits form buffers of shuffle_blocks visits; k = w·slots + i (slots = shuffle_blocks × read_block)
+  is document `window_order(w)[i]` of buffer w's m_w documents (its visits' in turn) for i < m_w, else an empty
+  document that names the next buffer's first index (the packer goes on there)."""
 
   def __init__(
     self,
     plan: Plan,
     stream: int,
-    languages: Sequence[grain.MapDataset],
+    orders: Sequence[sampling.BlockOrder],
+    sources: Sequence[ShardSource],
+    selection: sampling.BlockMixSelection,
+  ):
+    cfg = plan.cfg
+    self._selection, self._orders, self._sources = selection, orders, sources
+    self._stream, self._num_streams = stream, cfg.streams
+    self.block, self.visits_per_window = cfg.read_block, cfg.shuffle_blocks
+    self.slots = self.block * self.visits_per_window
+    self._seed = _seed32(cfg.seed, _SEED_BUFFER)
+    self._windows: dict[int, tuple[list, np.ndarray]] = {}
+
+  def visit(self, v: int) -> tuple[int, list[tuple[str, int, int, int]]]:
+    """(language, shard ranges) of this stream's visit v."""
+    w, j = divmod(v, self.visits_per_window)
+    return self._window(w)[0][j]
+
+  def _window(self, w: int) -> tuple[list, np.ndarray]:
+    """Buffer w's visits and, in the order handed out, its documents as (visit in the buffer, document)."""
+    window = self._windows.get(w)
+    if window is None:
+      visits = []
+      for v in range(w * self.visits_per_window, (w + 1) * self.visits_per_window):
+        lang, q = self._selection[self._stream + self._num_streams * v]
+        first, count = self._orders[lang][q]
+        visits.append((lang, _ring_ranges(self._sources[lang], first, count)))
+      sizes = [sum(r[3] for r in ranges) for _, ranges in visits]
+      docs = np.concatenate([np.stack([np.full(n, j), np.arange(n)], 1) for j, n in enumerate(sizes)])
+      order = sampling.window_order(self._seed, self._stream, w, len(docs))
+      window = (visits, docs[order])
+      if len(self._windows) >= 64:
+        self._windows.pop(next(iter(self._windows)))
+      self._windows[w] = window
+    return window
+
+  def size(self, w: int) -> int:
+    """Documents in buffer w."""
+    return len(self._window(w)[1])
+
+  def slot(self, k: int) -> tuple[int, int] | None:
+    """(visit, document in the visit) of document k; None for an empty one."""
+    w, i = divmod(k, self.slots)
+    docs = self._window(w)[1]
+    if i >= len(docs):
+      return None
+    j, t = docs[i]
+    return w * self.visits_per_window + int(j), int(t)
+
+
+_EMPTY = np.zeros(0, np.int32)
+
+
+class _Reads:
+  """`documents(k)` for a packer, which asks for k = 0, 1, 2, …: the visits of k's buffer are read whole (one
+  range request each), and, with a pool, the visits of the next buffer and of the following ones up to `ahead`
+  documents beyond this buffer are put on it when this one starts (a buffer of short visits, of small languages,
+  lasts only a few batches: its successors must be in flight a shard open's latency ahead). Document k is a pure
+  function of k, so what is read ahead is exactly what a serial read would give. A restore asks for earlier
+  documents: their visits are read again."""
+
+  def __init__(self, docs: StreamDocuments, pool: concurrent.futures.Executor | None, ahead: int):
+    self._docs, self._pool, self._ahead = docs, pool, ahead
+    self._visits: dict[int, Any] = {}  # visit → (lang, documents), or a future of it
+    self._low = -1  # first visit of the current buffer: earlier ones are dropped
+    self.ahead = True  # False while a restore reads the documents of the rows it held
+
+  def _request(self, v: int) -> None:
+    if v not in self._visits:
+      visit = self._docs.visit(v)
+      self._visits[v] = self._pool.submit(_read_visit, visit) if self._pool is not None else None
+
+  def _get(self, v: int) -> tuple[int, list[dict]]:
+    got = self._visits.get(v)
+    if isinstance(got, concurrent.futures.Future):
+      got = got.result()
+    if got is None:
+      got = _read_visit(self._docs.visit(v))
+    self._visits[v] = got
+    return got
+
+  def __call__(self, k: int) -> dict:
+    if self.ahead:
+      per_window = self._docs.visits_per_window
+      low = k // self._docs.slots * per_window
+      if low != self._low:  # a new buffer (or the first after a restore)
+        for old in [old for old in self._visits if old < low]:
+          got = self._visits.pop(old)
+          if isinstance(got, concurrent.futures.Future):
+            got.cancel()
+        self._low = low
+        if self._pool is not None:  # this buffer, the next, and more until `ahead` documents are requested
+          w, ahead = low // per_window, 0
+          while w == low // per_window or ahead < self._ahead or w <= low // per_window + 1:
+            for u in range(w * per_window, (w + 1) * per_window):
+              self._request(u)
+            ahead += self._docs.size(w) if w > low // per_window else 0
+            w += 1
+    where = self._docs.slot(k)
+    if where is None:  # the rest of the buffer is empty: go on at the next one
+      return {"tokens": _EMPTY, "lang": -1, "next": (k // self._docs.slots + 1) * self._docs.slots}
+    return self._get(where[0])[1][where[1]]
+
+  def prefetch(self, ks) -> None:
+    """Starts reading the visits of documents `ks` (those a restore is about to ask for)."""
+    if self._pool is not None:
+      for k in ks:
+        where = self._docs.slot(k)
+        if where is not None:
+          self._request(where[0])
+
+  def cancel(self) -> None:
+    for got in self._visits.values():
+      if got is not None and not isinstance(got, tuple):  # a future (checked without the module: also at exit)
+        got.cancel()
+    self._visits.clear()
+    self._low = -1
+
+
+class _Stream:
+  """One row stream: its documents, packed row by row (`packing.StreamingPacker`, so every batch does about the
+  same packing); counts the rows it has given."""
+
+  def __init__(
+    self,
+    plan: Plan,
+    stream: int,
+    orders: Sequence[sampling.BlockOrder],
+    sources: Sequence[ShardSource],
+    selection: sampling.BlockMixSelection,
     pool: concurrent.futures.Executor | None = None,
   ):
     cfg = plan.cfg
-    selection = sampling.BlockMixSelection(
-      plan.doc_weights, seed=_seed32(cfg.seed, _SEED_MIX, stream), block=cfg.mix_block
-    )
-    docs = StreamDocuments(languages, selection, stream, cfg.streams)
-    self._reads = _ReadAhead(docs, pool, cfg.read_ahead)
+    self._reads = _Reads(StreamDocuments(plan, stream, orders, sources, selection), pool, cfg.read_ahead)
     self._packer = packing.StreamingPacker(
       self._reads, cfg.seq_len, num_bins=cfg.packing_bins, packing=cfg.packing, pad_id=cfg.pad_id
     )
@@ -506,11 +653,25 @@ class _Stream:
       self._reads.ahead = True
     self.rows = rows
 
-  def settle(self) -> None:
-    self._reads.settle()
-
   def close(self) -> None:
     self._reads.cancel()
+
+
+def block_orders(
+  plan: Plan,
+) -> tuple[list[sampling.BlockOrder], list[ShardSource], sampling.BlockMixSelection]:
+  """Each language's visit order and its records, and the visit sequence (shared by all streams of a process;
+  they advance together, so a few blocks of the sequence cached serve them all)."""
+  cfg = plan.cfg
+  sources = [ShardSource(shards) for shards in plan.shards]
+  orders = [
+    sampling.BlockOrder(len(source), cfg.read_block, _seed32(cfg.seed, _SEED_LANG, _lang_key(lang)))
+    for lang, source in zip(plan.languages, sources)
+  ]
+  selection = sampling.BlockMixSelection(
+    plan.visit_weights, seed=_seed32(cfg.seed, _SEED_MIX), block=max(1, cfg.mix_block // cfg.read_block), cached=16
+  )
+  return orders, sources, selection
 
 
 def _stack(rows: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -546,14 +707,12 @@ class _RowStreamsIterator(grain.DatasetIterator):
   def __init__(self, plan: Plan, stream_ids: Sequence[int], start: Mapping[str, Any] | None):
     super().__init__()
     self._plan = plan
-    languages = language_datasets(plan)
+    orders, sources, selection = block_orders(plan)
     cfg = plan.cfg
     self._pool = (
-      concurrent.futures.ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read")
-      if cfg.read_threads and cfg.read_ahead
-      else None
+      concurrent.futures.ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="read") if cfg.read_threads else None
     )
-    self._streams = {s: _Stream(plan, s, languages, self._pool) for s in stream_ids}
+    self._streams = {s: _Stream(plan, s, orders, sources, selection, self._pool) for s in stream_ids}
     if start is not None:
       self.set_state(start)
 
@@ -565,8 +724,6 @@ class _RowStreamsIterator(grain.DatasetIterator):
       rngs += [masking.row_rng(cfg.seed, _TRAIN, s, stream.rows + j) for j in range(k)]
       rows += stream.take(k)
       row_ids += [s * k + j for j in range(k)]
-    for stream in self._streams.values():
-      stream.settle()
     batch = _mask(self._plan, _stack(rows), rngs)
     batch["_rows"] = np.asarray(row_ids, np.int64)
     batch["_state"] = self.get_state()
@@ -604,6 +761,7 @@ class _RowStreams(grain.IterDataset):
   def __iter__(self) -> _RowStreamsIterator:
     READERS.capacity = self._open_files
     READERS.latency_s = self._plan.cfg.read_latency_ms / 1e3
+    READERS.open_latency_s = self._plan.cfg.open_latency_ms / 1e3
     return _RowStreamsIterator(self._plan, self._stream_ids, self._start)
 
 

@@ -42,6 +42,7 @@ nothing left to do) to rebuild stats.json after they have all finished.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import fnmatch
 import glob
@@ -602,10 +603,18 @@ def _unit_names(output_dir: fs.Path) -> list[str]:
   return sorted(p.name for p in units.iterdir() if p.name.endswith(".json")) if units.exists() else []
 
 
-def finished_units(output_dir: str | os.PathLike) -> list[dict]:
-  """The records of every finished unit in `output_dir` (local or gs://), of all sources, by unit name."""
+def finished_units(
+  output_dir: str | os.PathLike, known: Mapping[str, dict] | None = None, names: Sequence[str] | None = None
+) -> list[dict]:
+  """The records of every finished unit in `output_dir` (local or gs://), of all sources, by unit name. Records in
+  `known` (by unit name) are not read again; the others are read on 32 threads (a bucket holds ~10⁴ of them)."""
   out = fs.path(output_dir, "--output_dir")
-  return [_read_json(out / "_units" / name) for name in _unit_names(out)]
+  names = _unit_names(out) if names is None else names
+  known = known or {}
+  missing = [n for n in names if n.removesuffix(".json") not in known]
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    read = dict(zip(missing, pool.map(lambda n: _read_json(out / "_units" / n), missing)))
+  return [known[n.removesuffix(".json")] if n not in read else read[n] for n in names]
 
 
 def aggregate(records: Sequence[dict], tokenizer_info: dict, settings: Settings) -> dict:
@@ -680,13 +689,11 @@ def prepare(
   _check_settings(out, settings, tok)
   _check_source(out, source)
 
-  records, todo = {}, []
+  records = {}
   done_names = set(_unit_names(out))  # one listing, not a request per unit
-  for unit in units:
-    if unit.name + ".json" in done_names:
-      records[unit.name] = _read_json(_unit_record_path(out, unit))
-    else:
-      todo.append(unit)
+  finished = [unit.name + ".json" for unit in units if unit.name + ".json" in done_names]
+  records.update(zip((n.removesuffix(".json") for n in finished), finished_units(out, names=finished)))
+  todo = [unit for unit in units if unit.name + ".json" not in done_names]
   tasks = [(u, source, settings, os.fspath(out), languages) for u in todo]
   bar = tqdm.tqdm(
     total=len(units),
@@ -733,7 +740,7 @@ def prepare(
   # stats.json last: every shard it lists is in place before it is written.
   while True:
     names = _unit_names(out)
-    stats = aggregate(finished_units(out), tok.describe(), settings)
+    stats = aggregate(finished_units(out, records, names), tok.describe(), settings)
     _atomic_write_json(out / "stats.json", stats)
     if _unit_names(out) == names:
       return stats

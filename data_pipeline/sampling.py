@@ -1,4 +1,5 @@
-"""Index-addressable sampling for Grain: a fresh shuffle every pass, and a block-randomized weighted mix.
+"""Index-addressable sampling for Grain: a fresh shuffle every pass, a block-randomized weighted mix, and the
+block order in which a language's documents are read.
 
 Both are random access (element i is a pure function of i and the seed), so the Grain iterators above them
 checkpoint as a single index, and both cost O(1) per element:
@@ -13,6 +14,12 @@ checkpoint as a single index, and both cost O(1) per element:
                       floor(w_l · block · b + φ_l), random phases φ_l), in a random order within the block.
                       Grain's `MapDataset.mix` walks all datasets per element (slow with hundreds of languages)
                       and interleaves in the same fixed pattern for every seed.
+  BlockOrder          the visits of a language read in blocks of consecutive documents: each pass turns the
+                      language's documents (a ring) by a random offset, cuts it into blocks of `block` documents
+                      (the last one shorter) and visits them in a new random order;
+                      every pass reads every document once, and a block is one contiguous range of records.
+  window_order        the order in which a stream hands out the documents of a buffer of visits (a random
+                      permutation of the buffer's slots, one per buffer).
 """
 
 from __future__ import annotations
@@ -73,14 +80,14 @@ def shuffled_forever(ds: grain.MapDataset, seed: int, max_cached: int = 2048) ->
 class BlockMixSelection(grain.transforms.DatasetSelectionMap):
   """Global index → (dataset, index in dataset) with exact long-run proportions `weights` (see module doc)."""
 
-  def __init__(self, weights: Sequence[float], seed: int, block: int = 4096):
+  def __init__(self, weights: Sequence[float], seed: int, block: int = 4096, cached: int = _CACHED_BLOCKS):
     w = np.asarray(weights, np.float64)
     if w.ndim != 1 or len(w) == 0 or np.any(w < 0) or w.sum() <= 0:
       raise ValueError(f"mixing weights must be non-negative with a positive sum, got {list(weights)}")
     self._rate = w / w.sum() * block  # expected elements of each dataset per block
     self._phase = np.random.default_rng([seed, 0]).random(len(w))
     self._base = np.floor(self._phase)
-    self._block, self._seed = block, seed
+    self._block, self._seed, self._cached = block, seed, cached
     self._cache: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
 
   def __len__(self) -> int:
@@ -108,7 +115,7 @@ class BlockMixSelection(grain.transforms.DatasetSelectionMap):
       rank = np.empty(len(which), np.int64)
       rank[order] = np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)
       table = (int(lo.sum()), which, lo[which] + rank)
-      if len(self._cache) >= _CACHED_BLOCKS:
+      if len(self._cache) >= self._cached:
         self._cache.pop(next(iter(self._cache)))
       self._cache[b] = table
     return table
@@ -123,3 +130,40 @@ class BlockMixSelection(grain.transforms.DatasetSelectionMap):
       b += 1
       start, which, where = self._block_table(b)
     return int(which[index - start]), int(where[index - start])
+
+
+def _splitmix64(x: int) -> int:
+  x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+  return x ^ (x >> 31)
+
+
+class BlockOrder:
+  """Visit q of a language of `n` documents → (first document, count) on the ring of its documents (see the
+  module doc). Pass e covers visits [e·per_pass, (e + 1)·per_pass)."""
+
+  def __init__(self, n: int, block: int, seed: int, max_cached: int = 2048):
+    if n < 1 or block < 1:
+      raise ValueError(f"a block order needs documents and a positive block, got n={n}, block={block}")
+    self.n, self.block, self._seed = n, block, seed
+    self.full, self.rest = divmod(n, block)
+    self.per_pass = self.full + (self.rest > 0)
+    self._order = shuffled_forever(grain.MapDataset.range(self.full), seed, max_cached) if self.full else None
+
+  def __getitem__(self, visit: int) -> tuple[int, int]:
+    epoch, i = divmod(visit, self.per_pass)
+    offset = _splitmix64((self._seed << 32) ^ epoch)
+    # The short block comes at a random place in the pass: every visit of a pass reads n / per_pass documents in
+    # expectation (a partial pass reads the language in its mean proportions too).
+    short = (offset >> 32) % self.per_pass if self.rest else self.per_pass
+    offset %= self.n
+    if i == short:
+      return (offset + self.full * self.block) % self.n, self.rest
+    i -= i > short
+    return (offset + int(self._order[epoch * self.full + i]) * self.block) % self.n, self.block
+
+
+def window_order(seed: int, stream: int, window: int, slots: int) -> np.ndarray:
+  """The documents of buffer `window` of a stream (`slots` of them) in the order the stream hands them out."""
+  return np.random.default_rng([seed, stream, window]).permutation(slots)

@@ -39,7 +39,7 @@ from data_pipeline import demo_corpus
 from data_pipeline import filesystem as fs
 
 KINDS = ("classification", "retrieval")
-EMBEDDED = ("cldr_langid", "cldr_retrieval")
+EMBEDDED = ("cldr_langid", "cldr_retrieval", "cldr_category")
 
 
 @dataclasses.dataclass
@@ -48,6 +48,7 @@ class Split:
   langs: list[str]
   labels: np.ndarray | None = None  # class ids (classification) or candidate indices (retrieval test)
   pairs: list[str] | None = None  # second texts: sentence pairs (classification), positives (retrieval train)
+  relevance: list[dict[int, float]] | None = None  # retrieval test with qrels: {candidate index: grade} per query
 
   def __len__(self) -> int:
     return len(self.texts)
@@ -55,9 +56,8 @@ class Split:
   def select(self, keep: np.ndarray) -> Split:
     idx = np.flatnonzero(keep)
     pick = lambda xs: None if xs is None else [xs[i] for i in idx]
-    return Split(
-      pick(self.texts), pick(self.langs), None if self.labels is None else self.labels[idx], pick(self.pairs)
-    )
+    labels = None if self.labels is None else self.labels[idx]
+    return Split(pick(self.texts), pick(self.langs), labels, pick(self.pairs), pick(self.relevance))
 
 
 @dataclasses.dataclass
@@ -68,6 +68,7 @@ class Task:
   test: Split
   label_names: tuple[str, ...] = ()  # classification
   candidates: tuple[str, ...] = ()  # retrieval: every test query's answer is one of these
+  dev: Split | None = None  # held out like test, for choosing settings (protocol's learning-rate sweep)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -102,6 +103,9 @@ class Columns:
   label: str = "label"
   lang: str = ""  # per-language reporting; "" = every row in `default_lang`
   default_lang: str = "und"
+  # Classification: the classes in order; an integer label i names label_names[i] (XNLI / PAWS-X / GLUE files
+  # store 0, 1, 2 where others spell entailment, neutral, contradiction). Empty: the labels as they are.
+  label_names: tuple[str, ...] = ()
 
 
 def _open_text(p: fs.Path, raw, newline: str | None = None):
@@ -161,9 +165,24 @@ def _as_str(value: Any) -> str:
 
 
 def _column(rows: list[dict], key: str, where: str) -> list[str]:
-  if rows and key not in rows[0]:
-    raise ValueError(f"{where}: no column {key!r} (have: {', '.join(map(str, rows[0]))})")
+  """The field `key` of every row; a row without it is one error naming the file, the row (1-based, in file order)
+  and the field."""
+  for i, row in enumerate(rows):
+    if row.get(key) is None:
+      raise ValueError(f"{where}: row {i + 1}: no column {key!r} (it has: {', '.join(map(str, row))})")
   return [_as_str(r[key]) for r in rows]
+
+
+def _named_labels(values: list[str], names: tuple[str, ...], where: str) -> list[str]:
+  """Labels as class names: an integer i → names[i], a name kept; anything else is an error naming the row."""
+  out = []
+  for i, value in enumerate(values):
+    if value not in names and value.lstrip("-").isdigit() and 0 <= int(value) < len(names):
+      value = names[int(value)]
+    if value not in names:
+      raise ValueError(f"{where}: row {i + 1}: label {value!r} is not one of {', '.join(names)} or 0..{len(names) - 1}")
+    out.append(value)
+  return out
 
 
 def _label_order(values: Iterable[str]) -> tuple[str, ...]:
@@ -176,16 +195,26 @@ def _label_order(values: Iterable[str]) -> tuple[str, ...]:
 
 
 def from_files(
-  kind: str, train: str, test: str, columns: Columns = Columns(), *, name: str = "", tfds_data_dir: str | None = None
+  kind: str,
+  train: str,
+  test: str,
+  columns: Columns = Columns(),
+  *,
+  name: str = "",
+  tfds_data_dir: str | None = None,
+  dev: str | None = None,
 ) -> Task:
-  """A task from two files (or TFDS splits): classification rows (text[, pair], label[, lang]) or retrieval
-  pairs (text = query, pair = its positive[, lang]); test candidates are the distinct test positives."""
+  """A task from two files (or TFDS splits), and a classification dev file: classification rows (text[, pair],
+  label[, lang]) or retrieval pairs (text = query, pair = its positive[, lang]); test candidates are the distinct
+  test positives."""
   if kind not in KINDS:
     raise ValueError(f"task kind {kind!r} is not one of {KINDS}")
   if kind == "retrieval" and not columns.pair:
     raise ValueError("a retrieval task needs the column of the positive text (pair column, e.g. --pair_key)")
+  if kind == "retrieval" and dev:
+    raise ValueError("a retrieval dev split needs a shared corpus: use the MTEB format (--mteb) for a sweep")
   splits = {}
-  for split, path in (("train", train), ("test", test)):
+  for split, path in (("train", train), ("test", test)) + ((("dev", dev),) if dev else ()):
     rows = read_records(path, tfds_data_dir)
     if not rows:
       raise ValueError(f"{path}: no rows")
@@ -193,16 +222,20 @@ def from_files(
     langs = _column(rows, columns.lang, path) if columns.lang else [columns.default_lang] * len(rows)
     pairs = _column(rows, columns.pair, path) if columns.pair else None
     labels = _column(rows, columns.label, path) if kind == "classification" else None
+    if labels is not None and columns.label_names:
+      labels = _named_labels(labels, tuple(columns.label_names), path)
     splits[split] = (texts, langs, pairs, labels)
   name = name or train.rstrip("/").rsplit("/", 1)[-1]
   if kind == "classification":
-    label_names = _label_order(splits["train"][3])
+    label_names = tuple(columns.label_names) or _label_order(splits["train"][3])
     index = {n: i for i, n in enumerate(label_names)}
-    unseen = sorted(set(splits["test"][3]) - set(index))
-    if unseen:
-      raise ValueError(f"{test}: labels {unseen[:5]} do not occur in the training data {train}")
+    for split, path in (("test", test), ("dev", dev)):
+      unseen = sorted(set(splits[split][3]) - set(index)) if split in splits else []
+      if unseen:
+        raise ValueError(f"{path}: labels {unseen[:5]} do not occur in the training data {train}")
     mk = lambda t, l, p, y: Split(t, l, np.array([index[v] for v in y], np.int32), p)
-    return Task(name, kind, mk(*splits["train"]), mk(*splits["test"]), label_names=label_names)
+    held = {"dev": mk(*splits["dev"])} if dev else {}
+    return Task(name, kind, mk(*splits["train"]), mk(*splits["test"]), label_names=label_names, **held)
   texts, langs, positives, _ = splits["test"]
   candidates = tuple(dict.fromkeys(positives))
   where = {c: i for i, c in enumerate(candidates)}
@@ -213,6 +246,65 @@ def from_files(
     Split(texts, langs, np.array([where[p] for p in positives], np.int32)),
     candidates=candidates,
   )
+
+
+def _fields(rows: list[dict], keys: Sequence[str], where: str) -> list[tuple[str, ...]]:
+  """(row[key] for key in keys) of every row; a missing field is one error naming the file, the row and the field."""
+  return list(zip(*(_column(rows, key, where) for key in keys))) if rows else []
+
+
+def from_mteb(
+  directory: str, *, train_split: str = "train", test_split: str = "test", dev_split: str = "dev", name: str = ""
+) -> Task:
+  """An MTEB / BEIR retrieval directory: `corpus.jsonl` (_id, title, text), `queries.jsonl` (_id, text) and
+  `qrels/<split>.tsv` (query-id, corpus-id, score; header row). Training pairs are every (query, document) of the
+  train qrels with a positive score; test queries are those of the test qrels, ranked against the whole corpus
+  (a document's text is its title and text), their graded relevance kept for nDCG; the dev qrels, where the
+  directory has them, make the dev split."""
+  root = fs.path(directory, "--mteb")
+  corpus_file, queries_file = str(root / "corpus.jsonl"), str(root / "queries.jsonl")
+  corpus_rows = read_records(corpus_file)
+  ids = _column(corpus_rows, "_id", corpus_file)
+  texts = [
+    " ".join(x for x in (_as_str(r.get("title") or ""), t) if x).strip()
+    for r, t in zip(corpus_rows, _column(corpus_rows, "text", corpus_file))
+  ]
+  doc_index = {d: i for i, d in enumerate(ids)}
+  queries = dict(_fields(read_records(queries_file), ("_id", "text"), queries_file))
+
+  def qrels(split: str) -> dict[str, dict[int, float]]:
+    path = str(root / "qrels" / f"{split}.tsv")
+    out: dict[str, dict[int, float]] = {}
+    for i, (q, d, score) in enumerate(_fields(read_records(path), ("query-id", "corpus-id", "score"), path)):
+      if q not in queries or d not in doc_index:
+        what = (
+          f"query-id {q!r} is not in {queries_file}" if q not in queries else f"corpus-id {d!r} is not in {corpus_file}"
+        )
+        raise ValueError(f"{path}: row {i + 1}: {what}")
+      try:
+        grade = float(score)
+      except ValueError:
+        raise ValueError(f"{path}: row {i + 1}: score {score!r} is not a number") from None
+      if grade > 0:
+        out.setdefault(q, {})[doc_index[d]] = grade
+    if not out:
+      raise ValueError(f"{path}: no row with a positive score")
+    return out
+
+  train = Split([], [], pairs=[])
+  for q, rel in qrels(train_split).items():
+    for d in rel:
+      train.texts.append(queries[q])
+      train.pairs.append(texts[d])
+      train.langs.append("und")
+
+  def held_out(split: str) -> Split:
+    rels = qrels(split)
+    answers = np.array([max(rel, key=rel.get) for rel in rels.values()], np.int32)
+    return Split([queries[q] for q in rels], ["und"] * len(rels), answers, relevance=list(rels.values()))
+
+  dev = held_out(dev_split) if (root / "qrels" / f"{dev_split}.tsv").exists() else None
+  return Task(name or root.name, "retrieval", train, held_out(test_split), candidates=tuple(texts), dev=dev)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -346,9 +438,66 @@ def cldr_retrieval(train_per_language: int = 16, test_per_language: int = 8, tes
   return Task("cldr_retrieval", "retrieval", train, test, candidates=candidates)
 
 
+CATEGORIES = ("language", "territory", "script", "currency", "month", "day")
+
+
+def _category_names(lang: str) -> dict[str, dict[str, str]]:
+  """{category: {entry key: localized name}} for the categories of `CATEGORIES`."""
+  loc = Locale.parse(lang)
+  return {
+    "language": dict(loc.languages),
+    "territory": dict(loc.territories),
+    "script": dict(loc.scripts),
+    "currency": dict(loc.currencies),
+    "month": {str(k): v for k, v in loc.months["format"]["wide"].items()},
+    "day": {str(k): v for k, v in loc.days["format"]["wide"].items()},
+  }
+
+
+def cldr_category(
+  train_per_category: int = 32, test_per_category: int = 3, test_fraction: float = 0.35, train_language: str = "en"
+) -> Task:
+  """Cross-lingual zero-shot: the category of one CLDR name (a language, territory, script, currency, month or
+  weekday name), fine-tuned on `train_language` only and scored in every language of `cldr_languages()`.
+
+  Test entries (chosen by a hash of the entry) are never training entries, in any language, so a name's category
+  cannot be looked up from its tokens: it must come from what pretraining learnt about names that share lists
+  with it. Each category has the same number of examples per language (chance is 1 / 6); the few training
+  months and weekdays are repeated to the quota of the others."""
+  train, test = Split([], []), Split([], [])
+  train_labels, test_labels = [], []
+  for lang in cldr_languages():
+    names = _category_names(lang)
+    held_names = []
+    for label, category in enumerate(CATEGORIES):
+      entries = names[category]
+      keys = sorted(k for k in entries if entries[k] and k.isascii())
+      held = [k for k in keys if _held_out(f"{category}:{k}", test_fraction)]
+      seen = [k for k in keys if k not in held]
+      if lang == train_language:
+        picked = _rng(lang, f"category-train-{category}").permutation(np.array(seen, dtype=object))
+        picked = list(dict.fromkeys(entries[k] for k in picked))[:train_per_category]
+        picked = [picked[i % len(picked)] for i in range(train_per_category)]  # few months and days: repeated
+        train.texts += picked
+        train.langs += [lang] * len(picked)
+        train_labels += [label] * len(picked)
+      picked = _rng(lang, f"category-test-{category}").permutation(np.array(held, dtype=object))
+      held_names.append(list(dict.fromkeys(entries[k] for k in picked))[:test_per_category])
+    if min(map(len, held_names)) < test_per_category:
+      continue  # a language whose CLDR data has too few distinct names in a category (Maltese weekdays)
+    for label, picked in enumerate(held_names):
+      test.texts += picked
+      test.langs += [lang] * len(picked)
+      test_labels += [label] * len(picked)
+  train.labels, test.labels = np.array(train_labels, np.int32), np.array(test_labels, np.int32)
+  return Task("cldr_category", "classification", train, test, label_names=CATEGORIES)
+
+
 def embedded(name: str) -> Task:
   if name == "cldr_langid":
     return cldr_langid()
   if name == "cldr_retrieval":
     return cldr_retrieval()
+  if name == "cldr_category":
+    return cldr_category()
   raise ValueError(f"unknown embedded task {name!r}; expected one of {EMBEDDED}")

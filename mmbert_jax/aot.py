@@ -3,10 +3,12 @@
   python -m mmbert_jax.aot --config=configs/pretrain.py:base --topology=v5p-64 [--config.micro_batch_size=192]
 
 With libtpu installed (`pip install -e ".[tpu]"`; no TPU needed) this builds the config's (data, fsdp, tensor)
-mesh on the slice's compile-only devices, lowers and compiles the jitted step of `mmbert_jax.train` with the
-config's parameter, optimizer-state and batch shardings, and prints per-chip memory against the chip's HBM and
-the compiled FLOPs next to the analytic ones of `mmbert_jax.flops`. It exits with status 1 when the step does not
-fit. Nothing is allocated: parameters, optimizer state and batches are shapes with shardings.
+mesh on the slice's compile-only devices, builds the run's training program with `train.build_program` (the
+builder the training loop uses: the same parameters, optimizer state with every moment sharded like its
+parameter, and batch with the pipeline's masked slots per row), compiles its step, and prints per-chip memory
+against the chip's HBM and the compiled FLOPs next to the analytic ones of `mmbert_jax.flops`. It exits with
+status 1 when the step does not fit. Nothing is allocated: parameters, optimizer state and batches are shapes
+with shardings.
 
 Memory is per micro-batch: the step scans over `batch_size / micro_batch_size` micro-batches of
 `micro_batch_size` rows, so lower `--config.micro_batch_size` until it fits. XLA's cost analysis counts the scan
@@ -30,14 +32,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import flags
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from data_pipeline import pipeline as data_lib
 from mmbert_jax import attention as attention_lib
 from mmbert_jax import cli, sharding, train
 from mmbert_jax import flops as flops_lib
@@ -141,52 +140,10 @@ def topology_devices(s: Slice) -> list[jax.Device]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def max_masked(config: ml_collections.ConfigDict) -> int:
-  """Masked slots per row of the sparse MLM head: `data.max_masked`, or mask_rate·seq_len with 25% headroom."""
-  d = config.data
-  if d.max_masked:
-    return int(d.max_masked)
-  return math.ceil(d.mask_rate * d.seq_len * 1.25) + 8
-
-
 def num_languages(config: ml_collections.ConfigDict) -> int:
   """A comma-separated language list counts itself; a named set is bounded by LANGUAGE_SLOTS."""
   langs = str(config.data.languages)
   return len(langs.split(",")) if "," in langs else LANGUAGE_SLOTS
-
-
-def abstract_batch(mesh, microbatches: int, rows: int, seq_len: int, masked: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """The train step's batch: [micro-batches, rows, ...] arrays with rows split over (data, fsdp)."""
-  shapes = {
-    "input_ids": (seq_len, jnp.int32),
-    "segment_ids": (seq_len, jnp.int32),
-    "positions": (seq_len, jnp.int32),
-    "masked_positions": (masked, jnp.int32),
-    "masked_labels": (masked, jnp.int32),
-    "masked_weights": (masked, jnp.float32),
-    "lang_ids": (seq_len, jnp.int32),
-  }
-  assert set(shapes) == set(data_lib.BATCH_KEYS), "abstract_batch is out of date with the pipeline's BATCH_KEYS"
-  return {
-    k: jax.ShapeDtypeStruct((microbatches, rows, n), dtype, sharding=sharding.batch_sharding(mesh, 3, 1))
-    for k, (n, dtype) in shapes.items()
-  }
-
-
-def abstract_optimizer_state(tx: optax.GradientTransformation, abstract_params, mesh):
-  """Optimizer state as shapes with shardings: moments sharded like their parameters, the rest replicated.
-
-  (`jax.jit(tx.init)` left to itself replicates the moments: `zeros_like` does not inherit a sharding.)
-  """
-  abstract = jax.eval_shape(tx.init, abstract_params)
-  shardings = optax.tree_map_params(
-    tx,
-    lambda _, sh: sh,
-    abstract,
-    jax.tree.map(lambda x: x.sharding, abstract_params),
-    transform_non_params=lambda _: sharding.replicated(mesh),
-  )
-  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
 
 
 def tpu_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -305,69 +262,49 @@ def _hbm_oom(error: Exception) -> str | None:
   return text.splitlines()[0] if oom else None
 
 
-def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Report:
-  """Lower and compile `train.make_train_step` for the slice `topology` (e.g. "v5p-64") and measure it."""
+def lower_train_step(config: ml_collections.ConfigDict, topology: str) -> tuple[train.TrainProgram, dict]:
+  """The training program of `config` on the slice `topology` (e.g. "v5p-64"), built by `train.build_program`
+  exactly as the training loop builds it, and the report fields that describe it."""
   s = get_slice(topology)
   config = tpu_config(config)
   devices = topology_devices(s)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
-  m = train.num_microbatches(config)
-  rows = config.batch_size // m
-  if rows % sharding.batch_divisor(mesh):
-    raise ValueError(
-      f"micro-batch of {rows} rows is not divisible by data×fsdp = {sharding.batch_divisor(mesh)} "
-      f"chips of {s.name}; change --config.micro_batch_size or --config.mesh"
-    )
   cfg = train.model_config(config)
   cfg = cfg.replace(attention_impl=attention_impl(cfg, mesh))
-  seq_len, masked = config.data.seq_len, max_masked(config)
+  program = train.build_program(config, mesh, num_languages=num_languages(config), cfg=cfg)
   info = dict(
     tpu=s,
     device_kind=devices[0].device_kind,
     mesh_shape=dict(mesh.shape),
     model=config.model_preset,
     phase=config.phase,
-    microbatches=m,
-    rows=rows,
-    seq_len=seq_len,
-    masked=masked,
+    microbatches=program.microbatches,
+    rows=program.rows,
+    seq_len=program.seq_len,
+    masked=program.masked,
     dtype=cfg.dtype,
     attention=cfg.attention_impl,
     remat=cfg.remat,
     scan_layers=cfg.scan_layers,
     loss=cfg.loss_impl if cfg.loss_impl == "dense" else f"{cfg.loss_impl}/{cfg.loss_chunk_size}",
-    analytic_flops=flops_lib.flops_per_token(cfg, seq_len, config.data.mask_rate).total * rows * seq_len,
+    analytic_flops=flops_lib.flops_per_token(cfg, program.seq_len, config.data.mask_rate).total
+    * program.rows
+    * program.seq_len,
   )
+  return program, info
 
+
+def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Report:
+  """Compile the training program's step for the slice `topology` (e.g. "v5p-64") and measure it."""
   start = time.perf_counter()
-  model = train.model_graph(cfg, mesh, config.seed)
-  tx = train.optimizer(config)
-  param_shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
-  abstract_opt = abstract_optimizer_state(tx, model.abstract_params, mesh)
-  opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt)
-  with jax.set_mesh(mesh):
-    step = train.make_train_step(
-      model,
-      tx,
-      mesh,
-      num_languages=num_languages(config),
-      seed=config.seed,
-      param_shardings=param_shardings,
-      opt_shardings=opt_shardings,
-    )
-    lowered = step.lower(
-      model.abstract_params,
-      abstract_opt,
-      abstract_batch(mesh, m, rows, seq_len, masked),
-      jax.ShapeDtypeStruct((), jnp.float32),
-      jax.ShapeDtypeStruct((), jnp.int32),
-    )
-    try:
-      compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-      if (oom := _hbm_oom(e)) is None:
-        raise
-      return Report(**info, compile_seconds=time.perf_counter() - start, compiler_error=oom)
+  program, info = lower_train_step(config, topology)
+  lowered = program.lower()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if (oom := _hbm_oom(e)) is None:
+      raise
+    return Report(**info, compile_seconds=time.perf_counter() - start, compiler_error=oom)
   seconds = time.perf_counter() - start
 
   mem = compiled.memory_analysis()

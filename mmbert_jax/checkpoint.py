@@ -15,6 +15,7 @@ import logging as logging_lib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -23,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from data_pipeline import checkpoint as data_ckpt
 from data_pipeline import filesystem as fs
-from mmbert_jax import storage
+from mmbert_jax import hf, storage
 from mmbert_jax.model import ModelConfig, abstract_model
 
 
@@ -300,7 +301,10 @@ def restore_for_handoff(
   """Params (and, if `abstract_opt_state` is given, optimizer state) of another run's checkpoint, restored into
   this run's shapes and shardings, plus that checkpoint's metadata. With `require_complete`, a workdir (or its
   checkpoints/) whose latest checkpoint is not its run's final one is refused: only an explicit
-  `checkpoints/<step>` may start from an unfinished run."""
+  `checkpoints/<step>` may start from an unfinished run. A transformers ModernBERT directory (config.json +
+  safetensors) gives its weights and no optimizer state; its metadata is {"phase": "transformers", "tokens": 0}."""
+  if hf.is_model_dir(path):
+    return _restore_transformers(path, abstract_params, abstract_opt_state, key)
   directory, step = resolve(path, key)
   with _manager(directory, read_only=True) as manager:
     if require_complete and not names_a_step(path):
@@ -321,6 +325,24 @@ def restore_for_handoff(
       raise _unreadable(directory, step, e) from e
   restored["source"] = f"{directory}/{step}"
   return restored
+
+
+def _restore_transformers(path, abstract_params, abstract_opt_state, key: str) -> dict[str, Any]:
+  if abstract_opt_state is not None:
+    raise CheckpointError(f"{key} {path}: a transformers directory holds no optimizer state; drop init_optimizer_state")
+  params = nnx.to_pure_dict(nnx.state(hf.load(path), nnx.Param))
+  have, want = _flat(params), _flat(abstract_params)
+  for name in sorted(set(have) | set(want)):
+    if name not in have or name not in want or tuple(have[name].shape) != tuple(want[name].shape):
+      shapes = [tuple(t[name].shape) if name in t else None for t in (have, want)]
+      raise CheckpointError(f"{key} {path}: parameter {name} has shape {shapes[0]}, this run's model {shapes[1]}")
+  # Every process reads the whole directory and keeps the shards its devices hold, in this run's shardings.
+  params = jax.tree.map(
+    lambda v, a: jax.make_array_from_callback(a.shape, a.sharding, lambda index, v=np.asarray(v): v[index]),
+    params,
+    abstract_params,
+  )
+  return {"params": params, "meta": {"phase": "transformers", "tokens": 0}, "source": str(fs.path(path, key))}
 
 
 def model_config_of(meta: dict[str, Any]) -> ModelConfig:

@@ -8,17 +8,26 @@ on top of `MaskedLM.encode`.
       --checkpoint=RUN/merged,hf/mmbert-small --out=xnli.json
   python -m mmbert_jax.finetune --task=retrieval --train=pairs.parquet --test=tfds:my_pairs:test \
       --text_key=query --pair_key=positive --checkpoint=... --out=retrieval.json
+  python -m mmbert_jax.finetune --task=retrieval --mteb=scifact --lrs=1e-5,3e-5,5e-5 --seeds=0,1,2 \
+      --checkpoint=... --out=scifact.json
 
-Tasks (`data_pipeline.tasks`): the embedded `cldr_langid` and `cldr_retrieval` (no download), or
-`classification` / `retrieval` from JSONL, parquet, TSV or a TFDS dataset on disk. A checkpoint is a workdir, its
-checkpoints/ or one checkpoints/<step> directory, or a transformers ModernBERT directory; the tokenizer is the
-run's (`<data_dir>/tokenizer.model`), the directory's, or `--tokenizer`.
+Tasks (`data_pipeline.tasks`): the embedded `cldr_langid`, `cldr_retrieval` and `cldr_category` (no download), or
+`classification` / `retrieval` from JSONL, parquet, TSV or a TFDS dataset on disk (sentence pairs as in XNLI,
+PAWS-X or GLUE with `--pair_key` and `--label_names`), or an MTEB / BEIR retrieval directory (`--mteb`). A
+checkpoint is a workdir, its checkpoints/ or one checkpoints/<step> directory, or a transformers ModernBERT
+directory; the tokenizer is the run's (`<data_dir>/tokenizer.model`), the directory's, or `--tokenizer`.
 
 Heads:
   classification  pool (the mean over the text, as the exported config's `classifier_pooling`, or CLS = the <bos>
                   position) → dropout → dense → softmax cross-entropy; scored by accuracy and macro-F1
   retrieval       pooled, L2-normalized embeddings trained with the symmetric in-batch InfoNCE loss at a fixed
-                  temperature; test queries rank every candidate by cosine: recall@1 and MRR@10
+                  temperature; test queries rank every candidate by cosine: nDCG@10, recall@1 and MRR@10
+                  (graded, several relevant candidates per query with MTEB qrels)
+
+Every table is read against two rows: `chance` and `random init` (the first checkpoint's architecture with fresh
+weights, same settings; `--norandom_init` drops it). With several `--lrs` or `--seeds`, the mmBERT paper's protocol
+(`protocol`): the learning rate best on the dev split (averaged over seeds) is reported on test, averaged over
+seeds.
 
 Training runs on the pretraining mesh with its logical sharding rules (`mmbert_jax.sharding`) and optimizer
 module (`mmbert_jax.optim`): a few epochs, linear warmup and linear decay to zero. Every checkpoint gets the same
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import sys
@@ -51,9 +61,10 @@ from data_pipeline import tasks as tasks_lib
 from data_pipeline import tokenizer as tokenizer_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, export, hf, optim, schedules, sharding
+from mmbert_jax import train as train_lib
 from mmbert_jax.model import MaskedLM, ModelConfig
 
-METRICS = {"classification": ("accuracy", "macro_f1"), "retrieval": ("recall@1", "mrr@10")}
+METRICS = {"classification": ("accuracy", "macro_f1"), "retrieval": ("ndcg@10", "recall@1", "mrr@10")}
 POOLING = ("mean", "cls")
 
 
@@ -61,11 +72,11 @@ POOLING = ("mean", "cls")
 class Settings:
   """Fine-tuning hyperparameters, shared by every checkpoint scored."""
 
-  epochs: int = 3
+  epochs: int = 0  # 0: by model size (`for_model`)
   batch_size: int = 32  # training rows (pairs for retrieval) per step
   eval_batch_size: int = 64
   max_len: int = 64  # tokens per text, <bos> and <eos> included
-  peak_lr: float = 5e-5  # base-size encoders; tiny demo models take ~3e-3
+  peak_lr: float = 0.0  # 0: by model size (`for_model`)
   warmup_fraction: float = 0.1  # of all steps; then linear decay to 0
   optimizer: str = "adamw"  # any of mmbert_jax.optim.OPTIMIZERS
   weight_decay: float = 0.0  # decay per step at peak LR (mmbert_jax.optim's meaning)
@@ -75,6 +86,14 @@ class Settings:
   seed: int = 0
   mesh: tuple[tuple[str, int], ...] = (("data", 1), ("fsdp", -1), ("tensor", 1))
   num_devices: int = 0  # use only the first N devices (0 = all)
+
+  def for_model(self, cfg: ModelConfig) -> Settings:
+    """Learning rate and epochs left at 0, filled in by the encoder's size: encoders of mmBERT-small's width and up
+    take the rates of the published fine-tuning sweeps (5e-5 base, 8e-5 small) for 3 epochs; the tiny demo-size
+    models (hidden < 256) need 1e-3 and 10 epochs on the embedded tasks to get clearly above chance at all (at
+    5e-5 for 3 epochs their language-ID accuracy stays within 0.02–0.09 of a 0.017 chance)."""
+    lr, epochs = (5e-5, 3) if cfg.hidden_size >= 768 else (8e-5, 3) if cfg.hidden_size >= 256 else (1e-3, 10)
+    return dataclasses.replace(self, peak_lr=self.peak_lr or lr, epochs=self.epochs or epochs)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict | dict, ignore: Sequence[str] = ()) -> Settings:
@@ -121,6 +140,16 @@ def load_encoder(path: str, tokenizer: str | None = None) -> Encoder:
     cfg = ckpt_lib.model_config_of(meta).replace(attention_impl="auto")  # the run's kernel may not run here
     run_tokenizer = export._run_tokenizer(meta)
   return Encoder(cfg, params, tokenizer or run_tokenizer, source)
+
+
+RANDOM_INIT, CHANCE = "random init", "chance"
+
+
+def random_encoder(like: Encoder, seed: int = 0) -> Encoder:
+  """An encoder of `like`'s size and tokenizer with freshly initialised weights: the row every table is read
+  against (fine-tuning a trained checkpoint should beat it)."""
+  params = nnx.to_pure_dict(nnx.state(MaskedLM(like.cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+  return Encoder(like.cfg, params, like.tokenizer, f"{RANDOM_INIT} (seed {seed})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -219,11 +248,51 @@ def ranks(scores: np.ndarray, answers: np.ndarray) -> np.ndarray:
 
 
 def retrieval_metrics(rank: np.ndarray, k: int = 10) -> dict[str, float]:
+  """One answer per query at 1-based `rank`: nDCG@k (1 / log2(rank + 1) within the top k), recall@1, MRR@k."""
   rank = np.asarray(rank)
   return {
+    f"ndcg@{k}": float(np.mean(np.where(rank <= k, 1.0 / np.log2(rank + 1.0), 0.0))),
     "recall@1": float(np.mean(rank == 1)),
     f"mrr@{k}": float(np.mean(np.where(rank <= k, 1.0 / rank, 0.0))),
     "examples": len(rank),
+  }
+
+
+def graded_retrieval_metrics(scores: np.ndarray, relevance: Sequence[dict[int, float]], k: int = 10) -> dict:
+  """Queries with any number of relevant candidates, graded (MTEB / BEIR qrels): candidates ranked by score (ties
+  by index); nDCG@k with linear gain, recall@1 = the share of a query's relevant candidates ranked first, MRR@k of
+  the first relevant one. Per-query values, averaged over queries."""
+  order = np.argsort(-np.asarray(scores), axis=1, kind="stable")[:, :k]
+  discount = 1.0 / np.log2(np.arange(2, k + 2))
+  ndcg, recall, mrr = [], [], []
+  for top, rel in zip(order, relevance):
+    gains = np.array([rel.get(int(c), 0.0) for c in top])
+    ideal = np.sort(np.array(list(rel.values()), float))[::-1][:k]
+    ndcg.append(float(gains @ discount[: len(gains)]) / float(ideal @ discount[: len(ideal)]))
+    recall.append(float(gains[0] > 0) / sum(v > 0 for v in rel.values()))
+    hits = np.flatnonzero(gains > 0)
+    mrr.append(1.0 / (hits[0] + 1) if len(hits) else 0.0)
+  return {
+    f"ndcg@{k}": float(np.mean(ndcg)),
+    "recall@1": float(np.mean(recall)),
+    f"mrr@{k}": float(np.mean(mrr)),
+    "examples": len(ndcg),
+  }
+
+
+def chance(task: tasks_lib.Task) -> dict[str, float]:
+  """The expected scores of guessing uniformly at random: a class out of `label_names` (accuracy 1/K; macro-F1
+  the mean over classes of 2·p·(1/K) / (p + 1/K), p the class's share of the test set), or a random ranking of
+  the candidates with one answer (recall@1 = 1/N, MRR@10 = (1 + 1/2 + … + 1/10) / N, nDCG@10 likewise)."""
+  if task.kind == "classification":
+    k = len(task.label_names)
+    share = np.bincount(np.asarray(task.test.labels), minlength=k) / len(task.test)
+    return {"accuracy": 1 / k, "macro_f1": float(np.mean(2 * share / k / (share + 1 / k)))}
+  n, top = len(task.candidates), np.arange(1, min(len(task.candidates), 10) + 1)
+  return {
+    "ndcg@10": float(np.sum(1 / np.log2(top + 1)) / n),
+    "recall@1": 1 / n,
+    "mrr@10": float(np.sum(1 / top) / n),
   }
 
 
@@ -272,6 +341,8 @@ def _task_arrays(task: tasks_lib.Task, tokenizer, max_len: int, cfg: ModelConfig
     ),
     "test": tokenize(tokenizer, task.test.texts, task.test.pairs, max_len, cfg),
   }
+  if task.dev is not None:
+    groups["dev"] = tokenize(tokenizer, task.dev.texts, task.dev.pairs, max_len, cfg)
   if task.kind == "retrieval":
     groups["train_pairs"] = tokenize(tokenizer, task.train.pairs, None, max_len, cfg)
     groups["candidates"] = tokenize(tokenizer, list(task.candidates), None, max_len, cfg)
@@ -336,9 +407,8 @@ def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) 
       return fresh_head() | {"encoder": encoder}
 
   tx = optim.build(settings.optimizer, learning_rate=0.0, peak_lr=settings.peak_lr, weight_decay=settings.weight_decay)
-  with jax.set_mesh(mesh):
-    init_opt = jax.jit(tx.init).lower(abstract_params).compile()  # moments follow the parameter shardings
-  opt_shardings = init_opt.output_shardings
+  opt_shardings = train_lib.shardings_of(train_lib.optimizer_state_layout(tx, abstract_params, mesh))
+  init_opt = jax.jit(tx.init, out_shardings=opt_shardings)  # moments sharded like their parameters
 
   def loss_fn(params, batch, key):
     model = nnx.merge(graph, params, copy=True)
@@ -353,12 +423,7 @@ def _program(cfg: ModelConfig, kind: str, num_classes: int, settings: Settings) 
     updates, opt_state = tx.update(grads, optim.with_learning_rate(opt_state, lr), params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  train_step = jax.jit(
-    step,
-    in_shardings=(param_shardings, opt_shardings, None, None, None),
-    out_shardings=(param_shardings, opt_shardings, sharding.replicated(mesh)),
-    donate_argnums=(0, 1),
-  )
+  train_step = train_lib.jit_update_step(step, param_shardings, opt_shardings, mesh)
   apply = jax.jit(
     lambda params, ids, segments: nnx.merge(graph, params, copy=True)(ids, segments),
     in_shardings=(param_shardings, None, None),
@@ -411,6 +476,7 @@ def finetune(
   """Fine-tune a fresh head (and the encoder) on `task.train`, score `task.test`:
   {"kind", "metrics": {...}, "per_language": {lang: {...}}, "train_loss": [per step], "steps", "seconds"}."""
   t0 = time.time()
+  settings = settings.for_model(encoder.cfg)
   if arrays is None:
     if not encoder.tokenizer:
       raise ValueError(f"{encoder.source}: no tokenizer found with this checkpoint; pass one (--tokenizer)")
@@ -452,22 +518,76 @@ def finetune(
       f"(first at step {int(np.argmin(np.isfinite(losses)))}); lower the learning rate"
     )
 
-  if task.kind == "classification":
-    predicted = _apply_all(program, params, arrays["test"], settings.eval_batch_size).argmax(-1)
-    gold = np.asarray(task.test.labels)
-    overall, per_lang = _per_language(task.test.langs, lambda m: classification_metrics(predicted[m], gold[m]))
-  else:
-    queries = _apply_all(program, params, arrays["test"], settings.eval_batch_size)
-    candidates = _apply_all(program, params, arrays["candidates"], settings.eval_batch_size)
-    rank = ranks(queries.astype(np.float64) @ candidates.astype(np.float64).T, np.asarray(task.test.labels))
-    overall, per_lang = _per_language(task.test.langs, lambda m: retrieval_metrics(rank[m]))
+  overall, per_lang = _evaluate(program, params, task, task.test, arrays["test"], arrays, settings)
+  dev = {}
+  if task.dev is not None:
+    dev = {"dev_metrics": _evaluate(program, params, task, task.dev, arrays["dev"], arrays, settings)[0]}
   return {
     "kind": task.kind,
     "metrics": overall,
     "per_language": per_lang,
     "train_loss": losses,
     "steps": total,
+    "peak_lr": settings.peak_lr,
+    "epochs": settings.epochs,
     "seconds": time.time() - t0,
+  } | dev
+
+
+def _evaluate(program: Program, params, task: tasks_lib.Task, split: tasks_lib.Split, rows, arrays, settings):
+  """(metrics, per-language metrics) of one held-out split."""
+  if task.kind == "classification":
+    predicted = _apply_all(program, params, rows, settings.eval_batch_size).argmax(-1)
+    gold = np.asarray(split.labels)
+    return _per_language(split.langs, lambda m: classification_metrics(predicted[m], gold[m]))
+  queries = _apply_all(program, params, rows, settings.eval_batch_size)
+  candidates = _apply_all(program, params, arrays["candidates"], settings.eval_batch_size)
+  scores = queries.astype(np.float64) @ candidates.astype(np.float64).T
+  if split.relevance is not None:  # qrels: several, graded relevant candidates per query
+    metric = lambda m: graded_retrieval_metrics(scores[m], [r for r, keep in zip(split.relevance, m) if keep])
+  else:
+    rank = ranks(scores, np.asarray(split.labels))
+    metric = lambda m: retrieval_metrics(rank[m])
+  return _per_language(split.langs, metric)
+
+
+def protocol(
+  encoder: Encoder,
+  task: tasks_lib.Task,
+  settings: Settings,
+  lrs: Sequence[float],
+  seeds: Sequence[int],
+  log: Callable[[str], None] | None = None,
+  arrays: dict[str, dict] | None = None,
+) -> dict[str, Any]:
+  """The mmBERT paper's protocol: fine-tune at each learning rate with each seed, pick the learning rate whose
+  main metric (the first of `METRICS`) averaged over seeds is best on `task.dev`, and report that learning rate's
+  test metrics averaged over the seeds (with their standard deviation)."""
+  if task.dev is None:
+    raise ValueError(f"task {task.name}: a learning-rate sweep needs a dev split (--dev, or the MTEB dev qrels)")
+  main = METRICS[task.kind][0]
+  runs = {}
+  for lr in lrs:
+    runs[lr] = [finetune(encoder, task, dataclasses.replace(settings, peak_lr=lr, seed=s), arrays) for s in seeds]
+    if log:
+      log(
+        f"{task.name} {encoder.source} lr {lr:g}: dev {main} {np.mean([r['dev_metrics'][main] for r in runs[lr]]):.3f}"
+      )
+  dev = {lr: float(np.mean([r["dev_metrics"][main] for r in rs])) for lr, rs in runs.items()}
+  best = max(lrs, key=lambda lr: dev[lr])
+  chosen = runs[best]
+  mean = lambda dicts: {m: float(np.mean([d[m] for d in dicts])) for m in METRICS[task.kind]}
+  languages = chosen[0]["per_language"]
+  return {
+    "kind": task.kind,
+    "metrics": mean([r["metrics"] for r in chosen]) | {"examples": chosen[0]["metrics"]["examples"]},
+    "std": {m: float(np.std([r["metrics"][m] for r in chosen])) for m in METRICS[task.kind]},
+    "per_language": {lang: mean([r["per_language"][lang] for r in chosen]) for lang in languages},
+    "lr": best,
+    "dev": {str(lr): v for lr, v in dev.items()},
+    "seeds": list(seeds),
+    "train_loss": chosen[0]["train_loss"],
+    "seconds": sum(r["seconds"] for rs in runs.values() for r in rs),
   }
 
 
@@ -478,15 +598,27 @@ def score(
   tokenizer: str | None = None,
   names: Sequence[str] | None = None,
   log: Callable[[str], None] | None = None,
+  random_init: bool = True,
+  lrs: Sequence[float] = (),
+  seeds: Sequence[int] = (),
 ) -> dict[str, dict[str, dict]]:
   """{task: {checkpoint name (default: the path as given): finetune(...)}}, the same settings and seeds for every
-  checkpoint."""
+  checkpoint. With `random_init`, the first checkpoint's architecture with random weights (`random_encoder`) is
+  scored first, as the row "random init"; every task also gets a "chance" row (`chance`). With several `lrs` or
+  `seeds`, each checkpoint is scored by `protocol` (best learning rate on dev, test averaged over seeds)."""
   names = list(names) if names else list(checkpoints)
-  results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
-  for name, path in zip(names, checkpoints):
-    encoder = load_encoder(path, tokenizer)
+  results: dict[str, dict[str, dict]] = {t.name: {CHANCE: {"kind": t.kind, "metrics": chance(t)}} for t in tasks}
+  encoders = ((name, load_encoder(path, tokenizer)) for name, path in zip(names, checkpoints))
+  if random_init and checkpoints:
+    first = load_encoder(checkpoints[0], tokenizer)
+    encoders = itertools.chain([(RANDOM_INIT, random_encoder(first, settings.seed))], encoders)
+  for name, encoder in encoders:
     for task in tasks:
-      results[task.name][name] = finetune(encoder, task, settings)
+      if len(lrs) > 1 or len(seeds) > 1:
+        sweep = (list(lrs) or [settings.peak_lr], list(seeds) or [settings.seed])
+        results[task.name][name] = protocol(encoder, task, settings, *sweep, log=log)
+      else:
+        results[task.name][name] = finetune(encoder, task, settings)
       if log:
         m = results[task.name][name]["metrics"]
         log(
@@ -522,8 +654,8 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
 
 def format_language_table(task_results: dict[str, dict], metric: str) -> str:
   """Rows: test languages; columns: checkpoints (cross-lingual transfer)."""
-  columns = list(task_results)
-  languages = sorted({lang for r in task_results.values() for lang in r["per_language"]})
+  columns = [c for c in task_results if "per_language" in task_results[c]]
+  languages = sorted({lang for c in columns for lang in task_results[c]["per_language"]})
   width = max([len(c) for c in columns] + [8])
   lines = [
     f"{metric} per test language".center(10 + (width + 2) * len(columns)),
@@ -565,7 +697,8 @@ def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     results = json.loads(out.read_text())["tasks"]
   else:
     names = list(config.phases) + (["merged"] if "merge" in config and config.merge.method else [])
-    settings = dataclasses.replace(Settings.from_config(d, ignore=("tasks",)), num_devices=config.num_devices)
+    settings = Settings.from_config(d, ignore=("tasks", "random_init"))
+    settings = dataclasses.replace(settings, num_devices=config.num_devices)
     t0 = time.time()
     tokenizer = str(fs.path(config.data.data_dir, "config.data.data_dir") / "tokenizer.model")
     results = score(
@@ -575,6 +708,7 @@ def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[st
       tokenizer=tokenizer,
       names=names,
       log=_progress,
+      random_init=d.get("random_init", True),
     )
     _progress(f"downstream: {len(names)} checkpoints × {len(d.tasks)} tasks in {time.time() - t0:.0f}s")
     write_json(str(out), results, settings, {n: str(root / n) for n in names})
@@ -601,21 +735,33 @@ def define_flags() -> None:
   flags.DEFINE_string("text_key", "text", "Column of the text (retrieval: the query).")
   flags.DEFINE_string("pair_key", "", "Column of the second text (classification) or of the positive (retrieval).")
   flags.DEFINE_string("label_key", "label", "classification: column of the label.")
+  flags.DEFINE_list(
+    "label_names", [], "classification: the classes in order; integer labels i name the i-th (e.g. XNLI's 0, 1, 2)."
+  )
   flags.DEFINE_string("lang_key", "", "Column of the language, for per-language results.")
   flags.DEFINE_string("lang", "und", "The language of every row when there is no --lang_key.")
   flags.DEFINE_string("tfds_data_dir", None, "data_dir of TFDS datasets already prepared on disk.")
+  flags.DEFINE_string("dev", None, "classification: dev file (same formats), for the learning-rate sweep.")
+  flags.DEFINE_string(
+    "mteb", None, "retrieval: an MTEB / BEIR directory (corpus.jsonl, queries.jsonl, qrels/{train,dev,test}.tsv)."
+  )
+  flags.DEFINE_list("lrs", [], "Learning rates to sweep (best on dev, reported on test); default: --lr alone.")
+  flags.DEFINE_list("seeds", [], "Seeds to average over; default: --seed alone.")
   flags.DEFINE_list("train_languages", [], "Train only on these languages (cross-lingual transfer).")
   flags.DEFINE_string("tokenizer", None, "Tokenizer for every checkpoint (default: each checkpoint's own).")
-  flags.DEFINE_integer("epochs", Settings.epochs, "Passes over the training data.")
+  flags.DEFINE_integer("epochs", Settings.epochs, "Passes over the training data (0: by model size).")
   flags.DEFINE_integer("batch_size", Settings.batch_size, "Training rows per step.")
   flags.DEFINE_integer("max_len", Settings.max_len, "Tokens per text.")
-  flags.DEFINE_float("lr", Settings.peak_lr, "Peak learning rate.")
+  flags.DEFINE_float("lr", Settings.peak_lr, "Peak learning rate (0: by model size, Settings.for_model).")
   flags.DEFINE_float("weight_decay", Settings.weight_decay, "Decoupled weight decay per step at peak LR.")
   flags.DEFINE_string("optimizer", Settings.optimizer, "adamw | stable_adamw.")
   flags.DEFINE_string("pooling", Settings.pooling, "mean | cls.")
   flags.DEFINE_float("dropout", Settings.dropout, "Dropout before the classification layer.")
   flags.DEFINE_float("temperature", Settings.temperature, "InfoNCE temperature.")
   flags.DEFINE_integer("seed", Settings.seed, "Seed of the head, the example order and dropout.")
+  flags.DEFINE_bool(
+    "random_init", True, "Also score the first checkpoint's architecture with random weights (row 'random init')."
+  )
 
 
 def _task_from_flags() -> tasks_lib.Task:
@@ -623,12 +769,23 @@ def _task_from_flags() -> tasks_lib.Task:
     return tasks_lib.embedded(FLAGS.task)
   if FLAGS.task not in tasks_lib.KINDS:
     raise app.UsageError(f"--task must be one of {', '.join(tasks_lib.EMBEDDED + tasks_lib.KINDS)}")
+  if FLAGS.mteb:
+    if FLAGS.task != "retrieval":
+      raise app.UsageError("--mteb is a retrieval dataset: use it with --task=retrieval")
+    return tasks_lib.from_mteb(FLAGS.mteb)
   if not FLAGS.train or not FLAGS.test:
-    raise app.UsageError(f"--task={FLAGS.task} needs --train and --test")
+    raise app.UsageError(f"--task={FLAGS.task} needs --train and --test (or --mteb=DIR)")
   columns = tasks_lib.Columns(
-    text=FLAGS.text_key, pair=FLAGS.pair_key, label=FLAGS.label_key, lang=FLAGS.lang_key, default_lang=FLAGS.lang
+    text=FLAGS.text_key,
+    pair=FLAGS.pair_key,
+    label=FLAGS.label_key,
+    lang=FLAGS.lang_key,
+    default_lang=FLAGS.lang,
+    label_names=tuple(FLAGS.label_names),
   )
-  return tasks_lib.from_files(FLAGS.task, FLAGS.train, FLAGS.test, columns, tfds_data_dir=FLAGS.tfds_data_dir)
+  return tasks_lib.from_files(
+    FLAGS.task, FLAGS.train, FLAGS.test, columns, tfds_data_dir=FLAGS.tfds_data_dir, dev=FLAGS.dev
+  )
 
 
 def main(argv):
@@ -655,11 +812,23 @@ def main(argv):
   )
   try:
     task = _task_from_flags().train_on(FLAGS.train_languages)
-    results = score(FLAGS.checkpoint, [task], settings, FLAGS.tokenizer, log=_progress)
+    try:
+      lrs, seeds = [float(x) for x in FLAGS.lrs], [int(x) for x in FLAGS.seeds]
+    except ValueError:
+      raise ValueError(f"--lrs={','.join(FLAGS.lrs)} / --seeds={','.join(FLAGS.seeds)}: expected numbers") from None
+    results = score(
+      FLAGS.checkpoint,
+      [task],
+      settings,
+      FLAGS.tokenizer,
+      log=_progress,
+      random_init=FLAGS.random_init,
+      lrs=lrs,
+      seeds=seeds,
+    )
   except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
     cli.fail(e)
-  names = list(results[task.name])
-  write_json(FLAGS.out, results, settings, dict(zip(names, FLAGS.checkpoint)))
+  write_json(FLAGS.out, results, settings, dict(zip(FLAGS.checkpoint, FLAGS.checkpoint)))
   print(format_table(results))
   if len(task.languages) > 1:
     print(format_language_table(results[task.name], METRICS[task.kind][0]))

@@ -20,7 +20,7 @@ from flax import nnx
 from safetensors import flax as safetensors_flax
 
 from data_pipeline import filesystem as fs
-from mmbert_jax.model import MaskedLM, ModelConfig, abstract_model
+from mmbert_jax.model import RUNTIME_FIELDS, MaskedLM, ModelConfig, abstract_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -222,14 +222,34 @@ def _read_weights(path: epath.Path) -> dict[str, jax.Array]:
   raise FileNotFoundError(f"{path}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found")
 
 
+def read_config(path: str | epath.Path) -> ModelConfig:
+  """The ModelConfig of a transformers ModernBERT directory's config.json."""
+  config_path = fs.path(path, "model directory") / CONFIG_FILE
+  if not config_path.exists():
+    raise FileNotFoundError(f"{config_path} not found: expected a transformers ModernBertForMaskedLM directory")
+  return config_from_hf(json.loads(config_path.read_text()))
+
+
+def run_config(path: str | epath.Path, overrides: dict[str, Any]) -> ModelConfig:
+  """The model of a run that starts from a transformers directory: every architectural field from its config.json.
+  `overrides` (the run's `config.model` values that are set) may change how the model runs (`RUNTIME_FIELDS`:
+  dtype, attention kernel, remat, dropout, …); an architectural one must repeat config.json's value."""
+  cfg = read_config(path)
+  for key, value in overrides.items():
+    if key not in RUNTIME_FIELDS and key in ModelConfig.__dataclass_fields__ and getattr(cfg, key) != value:
+      raise HFConfigError(
+        f"config.model.{key}={value} conflicts with {path}/{CONFIG_FILE} ({key}={getattr(cfg, key)}): a run "
+        f"that starts from a transformers directory takes its architecture from it; set "
+        f"--config.model.{key}={getattr(cfg, key)} or leave it unset"
+      )
+  return cfg.replace(**{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
+
+
 def load(path: str | epath.Path, **overrides: Any) -> MaskedLM:
   """A `ModernBertForMaskedLM` directory (local or gs://) → MaskedLM (float32 params). `overrides` change
   ModelConfig fields that do not affect weights (e.g. dtype, attention_impl)."""
   path = fs.path(path, "model directory")
-  config_path = path / CONFIG_FILE
-  if not config_path.exists():
-    raise FileNotFoundError(f"{config_path} not found: expected a transformers ModernBertForMaskedLM directory")
-  cfg = config_from_hf(json.loads(config_path.read_text())).replace(**overrides)
+  cfg = read_config(path).replace(**overrides)
   weights = _read_weights(path)
   # Keys of ModernBertModel saved alone lack the "model." prefix; accept both layouts for the encoder.
   if "embeddings.tok_embeddings.weight" in weights:

@@ -6,9 +6,12 @@ evaluation, all languages).
 Every write happens in the caller's thread and is flushed at once, so a full or read-only disk raises
 `storage.WriteError` at the step that failed (a background writer thread would die and leave the loop waiting).
 
-A `gs://` workdir has no append: `metrics.jsonl` and the TensorBoard event file are kept in a local staging folder
-and uploaded whole at flush points (a log step at most every `UPLOAD_EVERY_S`, every checkpoint save, the end);
-`config.json`, `mixture.json` and `eval.jsonl` are replaced whole when they change.
+Beside the log-step records, `steps.jsonl` holds one short record per training step (loss, accuracy, LR, tokens),
+so the loss curve has every step at any log cadence.
+
+A `gs://` workdir has no append: `metrics.jsonl`, `steps.jsonl` and the TensorBoard event file are kept in a local
+staging folder and uploaded whole at flush points (a log step at most every `UPLOAD_EVERY_S`, every checkpoint
+save, the end); `config.json`, `mixture.json` and `eval.jsonl` are replaced whole when they change.
 """
 
 from __future__ import annotations
@@ -164,10 +167,11 @@ _WRITER_COUNT = itertools.count()
 
 
 class MetricWriter:
-  """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl`, TensorBoard in `<workdir>/tb` and W&B.
+  """`write(step, {"train/loss": ..., ...})` to `<workdir>/metrics.jsonl`, TensorBoard in `<workdir>/tb` and W&B;
+  `write_step(step, {...})` to `<workdir>/steps.jsonl` only (every step, no console line).
 
   `console`: print a line of `console_keys` per write (and every `text`), or hand them to a callable (a progress
-  console), or stay quiet (False). In a `gs://` workdir the two appended files live in a local staging folder
+  console), or stay quiet (False). In a `gs://` workdir the appended files live in a local staging folder
   until `flush` uploads them (see the module docstring); a failed upload is a `storage.WriteError`.
   """
 
@@ -186,11 +190,13 @@ class MetricWriter:
     self.workdir = fs.path(workdir, "workdir")
     self.remote = fs.is_remote(self.workdir)
     self.jsonl_path = self.workdir / "metrics.jsonl"
+    self.steps_path = self.workdir / "steps.jsonl"
     self.tb_dir = self.workdir / "tb"
     self._console = console
     self._console_keys = self.CONSOLE_KEYS if console_keys is None else console_keys
     self._tb = None
     self._jsonl = None
+    self._steps = None
     self._wandb = None
     self._wandb_settings = dict(wandb) if wandb and wandb.get("project") else None
     self._stage: str | None = None  # the local folder of a remote workdir's appended files
@@ -205,16 +211,19 @@ class MetricWriter:
         if self.remote:
           self._stage = tempfile.mkdtemp(prefix="mmbert_jax-metrics-")
           local = epath.Path(self._stage)
-          if self.jsonl_path.exists():  # a restart appends to the run's records, as on local disk
-            self.jsonl_path.copy(local / "metrics.jsonl")
+          for path in (self.jsonl_path, self.steps_path):
+            if path.exists():  # a restart appends to the run's records, as on local disk
+              path.copy(local / path.name)
         (local / "tb").mkdir(parents=True, exist_ok=True)
         self._local_jsonl = local / "metrics.jsonl"
+        self._local_steps = local / "steps.jsonl"
         # The name holds the time in seconds and the host: a restart within the same second would reuse it and,
         # in a bucket, replace the earlier file. Process id and writer count keep each writer's file its own.
         self._tb = EventsWriter(
           os.fspath(local / "tb" / "events"), filename_suffix=f".{os.getpid()}.{next(_WRITER_COUNT)}"
         )
         self._jsonl = self._local_jsonl.open("a")
+        self._steps = self._local_steps.open("a")
     self._start = time.time()
 
   @contextlib.contextmanager
@@ -229,19 +238,24 @@ class MetricWriter:
       raise storage.write_error(what, str(path), e) from e
 
   def forget_after(self, step: int) -> None:
-    """Drops JSONL records of steps after `step` (a resumed run writes those steps again)."""
+    """Drops JSONL records (metrics.jsonl, steps.jsonl) of steps after `step` (a resumed run writes those steps
+    again)."""
     if not self.enabled:
       return
     self._jsonl.close()
-    try:
-      lines = self._local_jsonl.read_text().splitlines(keepends=True)
-      kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-      if len(kept) != len(lines):
-        fs.write_text(self._local_jsonl, "".join(kept))
-        self._dirty = True
-      self._jsonl = self._local_jsonl.open("a")
-    except OSError as e:
-      raise storage.write_error("rewriting metrics", str(self._local_jsonl), e) from e
+    self._steps.close()
+    for local in (self._local_jsonl, self._local_steps):
+      try:
+        lines = local.read_text().splitlines(keepends=True)
+        whole = [line for line in lines if line.endswith("\n")]  # a crash can cut the last line short
+        kept = [line for line in whole if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+          fs.write_text(local, "".join(kept))
+          self._dirty = True
+      except OSError as e:
+        raise storage.write_error("rewriting metrics", str(local), e) from e
+    self._jsonl = self._local_jsonl.open("a")
+    self._steps = self._local_steps.open("a")
 
   def flush(self, force: bool = True) -> None:
     """Uploads a remote workdir's metrics.jsonl and event file (without `force`: only when the last upload is
@@ -252,8 +266,10 @@ class MetricWriter:
       return
     self._tb.flush()
     self._jsonl.flush()
+    self._steps.flush()
     events = sorted((epath.Path(self._stage) / "tb").iterdir())  # this process's one event file
-    for local, dest in [(self._local_jsonl, self.jsonl_path)] + [(e, self.tb_dir / e.name) for e in events]:
+    files = [(self._local_jsonl, self.jsonl_path), (self._local_steps, self.steps_path)]
+    for local, dest in files + [(e, self.tb_dir / e.name) for e in events]:
       with self._writes("uploading metrics", dest):
         fs.upload(local, dest)
     self._uploaded_at = time.time()
@@ -295,6 +311,18 @@ class MetricWriter:
     shown = " ".join(f"{k.removeprefix('train/')}={values[k]:.4g}" for k in self._console_keys if k in values)
     if shown:
       self._print(f"[{time.time() - self._start:7.1f}s] step {step:6d} {shown}", sys.stderr)
+
+  def write_step(self, step: int, values: Mapping[str, Any]) -> None:
+    """One training step's record in steps.jsonl (no TensorBoard, W&B or console: those get the log steps)."""
+    if not self.enabled:
+      return
+    record = {"step": step, **{k: _scalar(v) for k, v in values.items() if v is not None}}
+    try:
+      self._steps.write(json.dumps(record) + "\n")
+      self._steps.flush()
+    except OSError as e:
+      raise storage.write_error("writing metrics", str(self.steps_path), e) from e
+    self._dirty = True  # uploaded with the next log step's records
 
   def text(self, tag: str, text: str, step: int = 0) -> None:
     if self.enabled:
@@ -342,7 +370,7 @@ class MetricWriter:
         self.flush()
       except storage.WriteError as e:
         print(f"warning: {e}", file=sys.stderr, flush=True)
-      for f in (self._tb, self._jsonl):
+      for f in (self._tb, self._jsonl, self._steps):
         try:
           f.close()
         except (OSError, ValueError, AttributeError):

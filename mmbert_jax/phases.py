@@ -23,7 +23,7 @@ import ml_collections
 
 from data_pipeline import filesystem as fs
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import cli, evaluate, finetune, merge, metrics, train
+from mmbert_jax import cli, evaluate, finetune, flops, merge, metrics, progress, train
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) -> ml_collections.ConfigDict:
@@ -99,6 +99,23 @@ def _preempted(before: str) -> dict[str, Any] | None:
   return {"status": "preempted"}
 
 
+def curriculum_outlook(config: ml_collections.ConfigDict, workdir: str) -> progress.Outlook:
+  """The curriculum's parts for its ETA: each phase's tokens at its training FLOPs per token, the merge, and the
+  fine-tuning of every phase and the merge on each downstream task."""
+  parts = []
+  for phase in config.phases:
+    c = phase_config(config, phase, workdir)
+    cost = flops.flops_per_token(train.model_config(c), c.data.seq_len, c.data.mask_rate).total
+    parts.append(progress.Part(phase, tokens=float(c.train_tokens), cost=cost))
+  merging = "merge" in config and bool(config.merge.method)
+  if merging:
+    parts.append(progress.Part("merge", kind="merge"))
+  if "downstream" in config:
+    units = (len(config.phases) + merging) * len(config.downstream.tasks)
+    parts.append(progress.Part("downstream", kind="finetune", units=units))
+  return progress.Outlook(parts)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train one phase, or every phase of a curriculum config; print the per-language eval table."""
   if "phases" not in config:
@@ -110,13 +127,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     metrics.save_config(workdir, config)  # the curriculum's phase order, for `python -m mmbert_jax.report`
   evals: dict[str, dict] = {}
   results: dict[str, Any] = {}
-  budgets = [phase_config(config, phase, workdir).train_tokens for phase in config.phases]
-  for i, phase in enumerate(config.phases):
+  outlook = curriculum_outlook(config, workdir)
+  for phase in config.phases:
     if stop := _preempted(f"phase {phase}"):
       return stop
-    result = train.train_and_evaluate(
-      phase_config(config, phase, workdir), _inside(workdir, phase), later_tokens=sum(budgets[i + 1 :])
-    )
+    outlook.begin(phase)
+    result = train.train_and_evaluate(phase_config(config, phase, workdir), _inside(workdir, phase), outlook=outlook)
+    outlook.end(phase)
     results[phase] = result
     if result["status"] != "complete":
       return result

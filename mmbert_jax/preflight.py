@@ -4,9 +4,10 @@ seconds with one line naming the key or file and what to run or set, and leaves 
   check(config, workdir, overrides)
       the values the loop validates (`train.validate`, for each phase with its `phase_overrides`), data_dir and
       its stats.json, init_from of later phases, the workdir's own checkpoints (phase, model size), model fields,
-      the phase's languages and budgets against the data, the tokenizer against the model's vocabulary, W&B; and
-      no `--config.` override that every phase of a curriculum replaces by its own value (it would change
-      nothing: `--config.phase_overrides.<phase>.<key>` sets it)
+      the phase's languages and budgets against the data, the tokenizer against the model's vocabulary (a
+      transformers init_from: its config.json against config.model, its vocabulary), W&B; and no `--config.`
+      override that every phase of a curriculum replaces by its own value (it would change nothing:
+      `--config.phase_overrides.<phase>.<key>` sets it)
 
 Each failure is a `cli.ConfigError`: the entry point prints it as `error: …` and exits with status 2.
 """
@@ -23,8 +24,9 @@ import ml_collections
 
 from data_pipeline import filesystem as fs
 from data_pipeline import mixture
+from data_pipeline import tokenizer as tokenizer_lib
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import phases, train
+from mmbert_jax import hf, phases, train
 from mmbert_jax.cli import ConfigError
 from mmbert_jax.model import ModelConfig, get_config
 
@@ -169,6 +171,8 @@ def _check_mixture(config: ml_collections.ConfigDict) -> None:
     ) from None
   tokenizer = stats.get("tokenizer", {}).get("vocab_size", 0)
   vocab = _model_shape(config)["vocab_size"]
+  if _from_transformers(config):
+    _check_checkpoint_tokenizer(config, stats.get("tokenizer", {}))
   if tokenizer > vocab:  # ids past the embedding table would be clamped silently, not rejected
     raise ConfigError(
       f"{data_dir} was tokenized with {tokenizer} pieces but the model has vocab_size={vocab} "
@@ -190,10 +194,48 @@ def _check_init_from(config: ml_collections.ConfigDict, inside: bool) -> None:
     return
   if inside:
     return
+  if _from_transformers(config):
+    if config.init_optimizer_state:
+      raise ConfigError(
+        f"config.init_from={config.init_from} is a transformers directory, which holds no optimizer state: "
+        "drop --config.init_optimizer_state"
+      )
+    return
   try:
     ckpt_lib.resolve(config.init_from, "config.init_from")
   except ckpt_lib.CheckpointError as e:
     raise ConfigError(f"config.init_from={config.init_from}: {e}") from None
+
+
+def _from_transformers(config: ml_collections.ConfigDict) -> bool:
+  """Whether init_from names a transformers ModernBERT directory (config.json + safetensors)."""
+  return bool(config.get("init_from")) and hf.is_model_dir(_path(config.init_from, "config.init_from"))
+
+
+def _check_checkpoint_tokenizer(config: ml_collections.ConfigDict, info: dict[str, Any]) -> None:
+  """The data of a run from a transformers directory must be tokenized with that checkpoint's tokenizer: the
+  same file where the directory ships one (tokenizer.json / tokenizer.model), else the same vocabulary size and
+  special ids; another tokenizer's ids would name other tokens."""
+  directory = _path(config.init_from, "config.init_from")
+  cfg = hf.read_config(directory)
+  data_dir, used = config.data.data_dir, info.get("path", "its tokenizer")
+  shipped = [directory / name for name in ("tokenizer.json", "tokenizer.model") if (directory / name).exists()]
+  prepare = (
+    f"prepare it with `python -m data_pipeline.prepare --tokenizer={shipped[0] if shipped else '<its tokenizer>'} ...`"
+  )
+  if shipped and info.get("sha256") not in {tokenizer_lib.file_sha256(p) for p in shipped}:
+    raise ConfigError(
+      f"{data_dir} was tokenized with {used}, not with the tokenizer of config.init_from={config.init_from} "
+      f"({', '.join(p.name for p in shipped)}): {prepare}"
+    )
+  want = {"vocab_size": cfg.vocab_size, "pad": cfg.pad_id, "eos": cfg.eos_id, "bos": cfg.bos_id, "mask": cfg.mask_id}
+  have = {"vocab_size": info.get("vocab_size"), **{k: info.get("special_ids", {}).get(k) for k in list(want)[1:]}}
+  differ = [k for k in want if have[k] != want[k]]
+  if not shipped and differ:
+    raise ConfigError(
+      f"{data_dir} was tokenized with {used} ({', '.join(f'{k}={have[k]}' for k in differ)}), but "
+      f"config.init_from={config.init_from} has {', '.join(f'{k}={want[k]}' for k in differ)}: {prepare}"
+    )
 
 
 def _model_shape(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -204,6 +246,12 @@ def _model_shape(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ConfigError(
       f"config.model.{unknown[0]} is not a model field (fields: {', '.join(sorted(ModelConfig.__dataclass_fields__))})"
     )
+  if _from_transformers(config):
+    try:
+      cfg = hf.run_config(config.init_from, overrides)
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(f"config.init_from={config.init_from}: {e}") from None
+    return {k: getattr(cfg, k) for k in SHAPE_FIELDS}
   try:
     cfg = get_config(config.model_preset, **overrides)
   except ValueError as e:

@@ -12,10 +12,11 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from data_pipeline import filesystem as fs
@@ -79,12 +80,110 @@ def format_duration(seconds: float | None) -> str:
   return f"{s}s"
 
 
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A part of a curriculum's work. A phase trains `tokens` at `cost` seconds per token relative to the other
+  phases (their FLOPs per token); it also has a start (setup, restore, compilation, first step) and an end (final
+  checkpoint and evaluation). `merge` (the merge of the decay variants and its evaluation) and `finetune` (the
+  downstream fine-tuning, `units` = checkpoints × tasks) come after the phases."""
+
+  name: str
+  kind: str = "phase"  # phase | merge | finetune
+  tokens: float = 0.0
+  cost: float = 1.0
+  units: float = 1.0
+
+
+# Until a phase has ended, its end (final checkpoint and evaluation) is taken as this fraction of its measured
+# start (which holds the step's compilation); one fine-tuning unit (a checkpoint on one task: its compilation and a
+# few epochs) as this many of the median phase start measured (the ratio in the demo, configs/demo.py), and the
+# merge (checkpoints loaded, one saved, one evaluation) as these many phase ends.
+END_PER_START = 0.25
+FINETUNE_UNIT_PER_START = 0.75
+MERGE_PER_END = 3.0
+
+
+class Outlook:
+  """What is left of a curriculum, in seconds from measured durations: each phase's start, loop rate and end,
+  the merge and the fine-tuning, estimated for the parts not yet run from those that have (loop rates scaled by
+  `Part.cost`).
+
+  The curriculum calls `begin(name)` before each phase and `end(name)` after it; the phase's `Progress` tells
+  its first report (the start), its tokens/s and its last report (where its end begins).
+  """
+
+  def __init__(self, parts: Sequence[Part], clock: Callable[[], float] = time.monotonic):
+    self.parts = list(parts)
+    self._clock = clock
+    self._begun: dict[str, float] = {}
+    self._last_report: dict[str, float] = {}
+    self.start_s: dict[str, float] = {}
+    self.end_s: dict[str, float] = {}
+    self.seconds_per_cost: dict[str, float] = {}  # seconds per token / Part.cost, per phase measured
+    self.shown: dict[str, tuple[float, float]] = {}  # the curriculum's ETA last shown (see Progress)
+
+  def _part(self, name: str) -> Part:
+    return next(p for p in self.parts if p.name == name)
+
+  def begin(self, name: str) -> None:
+    self._begun[name] = self._clock()
+
+  def started(self, name: str) -> None:
+    """The phase's first progress report: what came before it is the phase's start."""
+    if name in self._begun and name not in self.start_s:
+      self.start_s[name] = self._clock() - self._begun[name]
+
+  def reported(self, name: str, tokens_per_s: float | None) -> None:
+    self._last_report[name] = self._clock()
+    if tokens_per_s:
+      self.seconds_per_cost[name] = 1.0 / (tokens_per_s * self._part(name).cost)
+
+  def end(self, name: str) -> None:
+    """The phase is done: the time since its last report is its end."""
+    if name in self._last_report:
+      self.end_s[name] = self._clock() - self._last_report[name]
+
+  def _latest(self, measured: dict[str, float]) -> float | None:
+    """The value of the latest part measured (curriculum order)."""
+    values = [measured[p.name] for p in self.parts if p.name in measured]
+    return values[-1] if values else None
+
+  def after_loop(self, name: str) -> float | None:
+    """Seconds of the curriculum's work after the loop of phase `name` (its end, the later phases, the merge, the
+    fine-tuning); None until a loop rate has been measured."""
+    per_cost = self.seconds_per_cost.get(name) or self._latest(self.seconds_per_cost)
+    start = self._latest(self.start_s)
+    if per_cost is None or start is None:
+      return None
+    end = self._latest(self.end_s)
+    end = END_PER_START * start if end is None else end
+    i = next(i for i, p in enumerate(self.parts) if p.name == name)
+    seconds = end
+    for part in self.parts[i + 1 :]:
+      if part.kind == "phase":
+        seconds += start + part.tokens * part.cost * per_cost + end
+      elif part.kind == "merge":
+        seconds += MERGE_PER_END * end
+      else:  # each checkpoint and task compiles programs of its own; the median start is neither the first phase's
+        # (which also pays one-time costs) nor one whose step came from the compilation cache
+        seconds += part.units * FINETUNE_UNIT_PER_START * float(np.median(list(self.start_s.values())))
+    return seconds
+
+
 class Progress:
   """Tokens done against the phase's budget, and ETAs at the rate measured since the first report.
 
-  `later_tokens` is the budget of the curriculum's phases still to run after this one; their ETA assumes the same
-  tokens/s. The first report's interval holds the compilation, so rates are measured from the first report on
-  (until a second report exists, the rate since construction stands in).
+  The first report's interval holds the compilation, so rates are measured from the first report on (the ETA is
+  unknown until a second report). The curriculum's ETA adds the work after this phase's loop: `outlook`'s
+  estimate, or else the `later_tokens` (the budget of the phases still to run) at this phase's rate.
+
+  Both ETAs are smoothed: a new estimate may differ from the previous one counted down by the time since (what an
+  exact estimate would give) by at most the noise of the measured rate (twice the relative standard error of the
+  interval rates, between 2% and 50%), so one slow interval (an evaluation, a recompilation) moves it by that
+  much and a lasting change of rate moves it over a few reports.
+
+  `due(tokens)`: whether a step between log steps should also report (the first step read, each tenth of the
+  phase, the last step), so that a phase with few log steps is not silent.
   """
 
   def __init__(
@@ -94,12 +193,45 @@ class Progress:
     *,
     tokens: int = 0,
     later_tokens: int = 0,
+    outlook: Outlook | None = None,
     clock: Callable[[], float] = time.monotonic,
   ):
-    self.phase, self.budget, self.later_tokens = phase, budget, later_tokens
+    self.phase, self.budget, self.later_tokens, self.outlook = phase, budget, later_tokens, outlook
     self._clock = clock
     self._last = self._first = (clock(), tokens)
     self._reports = 0
+    self._intervals: list[tuple[float, float]] = []  # (seconds, tokens) between reports after the first
+    # (time, value) of the ETA last shown; the curriculum's lives in the outlook, so it stays smooth across phases.
+    self._shown: dict[str, tuple[float, float]] = {}
+    self._shown_total = outlook.shown if outlook is not None else self._shown
+    self._next_tenth = self._tenth(tokens) + 1
+
+  def _tenth(self, tokens: int) -> int:
+    return int(10 * tokens // self.budget) if self.budget else 10
+
+  def due(self, tokens: int) -> bool:
+    return self._reports == 0 or self._tenth(tokens) >= self._next_tenth or tokens >= self.budget
+
+  def noise(self) -> float:
+    """Relative uncertainty of the measured rate (see the class docstring)."""
+    if len(self._intervals) < 2:
+      return 0.5
+    dt, dtok = np.array(self._intervals).T
+    rates = dtok / np.maximum(dt, 1e-9)
+    mean = np.average(rates, weights=dt)
+    std = np.sqrt(np.average((rates - mean) ** 2, weights=dt))
+    return float(np.clip(2 * std / mean / np.sqrt(len(rates)), 0.02, 0.5)) if mean > 0 else 0.5
+
+  @staticmethod
+  def _smoothed(shown: dict[str, tuple[float, float]], key: str, now: float, raw: float | None, noise: float):
+    if raw is None:
+      return None
+    if key in shown:
+      t, value = shown[key]
+      expected = max(value - (now - t), 0.0)
+      raw = float(np.clip(raw, expected * (1 - noise), expected * (1 + noise))) if expected > 0 else raw
+    shown[key] = (now, raw)
+    return raw
 
   def update(self, step: int, tokens: int, **extra: Any) -> dict[str, Any]:
     """Fields of the progress line at `tokens` (extra fields, e.g. mfu, loss or the step-time split, pass
@@ -108,13 +240,26 @@ class Progress:
     t_last, tok_last = self._last
     interval = (tokens - tok_last) / (now - t_last) if now > t_last else None
     t0, tok0 = self._first
-    rate = (tokens - tok0) / (now - t0) if now > t0 and tokens > tok0 else interval
+    rate = (tokens - tok0) / (now - t0) if self._reports and now > t0 and tokens > tok0 else None
     if self._reports == 0:
       self._first = (now, tokens)
+      if self.outlook is not None:
+        self.outlook.started(self.phase)
+    else:
+      self._intervals.append((now - t_last, tokens - tok_last))
     self._reports += 1
     self._last = (now, tokens)
+    self._next_tenth = self._tenth(tokens) + 1
+    if self.outlook is not None:
+      self.outlook.reported(self.phase, rate)
     remaining = max(self.budget - tokens, 0)
     eta = remaining / rate if rate else None
+    if self.outlook is not None:
+      after = self.outlook.after_loop(self.phase)
+      total = eta + after if eta is not None and after is not None else None
+    else:
+      total = (remaining + self.later_tokens) / rate if rate else None
+    noise = self.noise()
     return {
       "phase": self.phase,
       "step": step,
@@ -122,8 +267,10 @@ class Progress:
       "budget": self.budget,
       "fraction": tokens / self.budget if self.budget else 1.0,
       "tokens_per_s": interval,
-      "eta_phase_s": eta,
-      "eta_total_s": (remaining + self.later_tokens) / rate if rate else None,
+      "eta_phase_s": 0.0 if remaining == 0 else self._smoothed(self._shown, "phase", now, eta, noise),
+      "eta_total_s": self._smoothed(self._shown_total, "total", now, total, noise),
+      "eta_phase_raw_s": eta,  # the estimates before smoothing
+      "eta_total_raw_s": total,
       **extra,
     }
 

@@ -1,10 +1,11 @@
 """Training loop of one phase: `train_and_evaluate(config, workdir)`.
 
-Reads top to bottom: config → components; model state (sharded by the logical axis rules); loss and the jitted
-train step (gradient accumulation over micro-batches, StableAdamW, token-driven learning rate); host batches →
-global arrays; preemption; and `PhaseRun`, which sets up mesh, state, data and writers (resuming this run's
-checkpoint, or handing off from `config.init_from`) and runs the loop with metrics, eval, checkpoints and
-preemption.
+Reads top to bottom: config → components; model state (sharded by the logical axis rules); loss and the train
+step (gradient accumulation over micro-batches, StableAdamW, token-driven learning rate); the training program
+(`build_program`: the one place that lays out parameters and optimizer state, describes the batch and jits the
+step, for the loop, ahead-of-time compilation, benchmarks and tests alike); host batches → global arrays;
+preemption; and `PhaseRun`, which sets up mesh, program, data and writers (resuming this run's checkpoint, or
+handing off from `config.init_from`) and runs the loop with metrics, eval, checkpoints and preemption.
 
 The schedule's clock is *slot tokens* (rows × seq_len), known on every host without a device sync; real
 (non-padding) tokens are counted per language for metrics and carried across phases.
@@ -33,7 +34,7 @@ from data_pipeline import mixture as mixture_lib
 from data_pipeline import pipeline as data_lib
 from mmbert_jax import attention as attention_lib
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import cli, optim, progress, schedules, sharding
+from mmbert_jax import cli, hf, optim, progress, schedules, sharding
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
 from mmbert_jax.model import RUNTIME_FIELDS, MaskedLM, ModelConfig, abstract_model, get_config
@@ -141,6 +142,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   overrides = {k: v for k, v in config.model.items() if v is not None}  # None: the preset's value
   if overrides.get("dtype") == "auto":
     overrides["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  if config.get("init_from") and hf.is_model_dir(config.init_from):  # architecture from its config.json
+    return hf.run_config(config.init_from, overrides)
   return get_config(config.model_preset, **overrides)
 
 
@@ -194,6 +197,8 @@ def pipeline_config(config: ml_collections.ConfigDict, batch_size: int, *, eval:
     num_streams=d.num_streams or None,
     read_threads=d.read_threads,
     read_ahead=d.read_ahead,
+    read_block=d.read_block,
+    shuffle_blocks=d.shuffle_blocks,
   )
 
 
@@ -284,8 +289,9 @@ def _forward(model: MaskedLM, batch, rngs=None):
   )
 
 
-def make_train_step(model: ModelGraph, tx, mesh, *, num_languages: int, seed: int, param_shardings, opt_shardings):
-  """(params, opt_state, micro-batches [m, b, ...], lr, step) → (params, opt_state, metrics)."""
+def make_train_step(model: ModelGraph, tx, *, num_languages: int, seed: int):
+  """The MLM train step as a pure function (params, opt_state, micro-batches [m, b, ...], lr, step) →
+  (params, opt_state, metrics), not yet jitted: `TrainProgram` jits it with the run's shardings."""
 
   def loss_fn(params, batch, key):
     stats = mlm_stats(_forward(model.bind(params), batch, rngs=nnx.Rngs(dropout=key)), batch, num_languages)
@@ -327,6 +333,36 @@ def make_train_step(model: ModelGraph, tx, mesh, *, num_languages: int, seed: in
     }
     return if_finite(new_params, params), if_finite(new_opt, opt_state), metrics
 
+  return step
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training program: the one place that derives the state layout, the batch and the jitted step
+# --------------------------------------------------------------------------------------------------------------
+
+
+def shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def optimizer_state_layout(tx: optax.GradientTransformation, abstract_params, mesh):
+  """The optimizer state as shapes with shardings: every moment sharded like its parameter; counts, scalars and
+  injected hyperparameters replicated. (`jax.jit(tx.init)` left to itself replicates the moments: `zeros_like`
+  does not inherit its argument's sharding.)"""
+  abstract = jax.eval_shape(tx.init, abstract_params)
+  layout = optax.tree_map_params(
+    tx,
+    lambda _, sh: sh,
+    abstract,
+    shardings_of(abstract_params),
+    transform_non_params=lambda _: sharding.replicated(mesh),
+  )
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, layout)
+
+
+def jit_update_step(step, param_shardings, opt_shardings, mesh):
+  """`step(params, opt_state, batch, lr, step_index) → (params, opt_state, outputs)` jitted so that parameters and
+  optimizer state keep their layout (donated, updated in place) and the outputs come back replicated."""
   return jax.jit(
     step,
     in_shardings=(param_shardings, opt_shardings, None, None, None),
@@ -335,24 +371,106 @@ def make_train_step(model: ModelGraph, tx, mesh, *, num_languages: int, seed: in
   )
 
 
-def fresh_train_state(
-  cfg: ModelConfig, config: ml_collections.ConfigDict, mesh, *, seed: int = 0, num_languages: int = 1
-):
-  """A newly initialised (params, opt_state) and the jitted step for them: benchmarks and tests."""
-  model, params = init_model(cfg, mesh, seed)
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  """What a run's training step takes and gives, derived once from its config and mesh (`build_program`): the
+  model graph with its sharded abstract parameters, the optimizer state laid out like them, the batch, the
+  initialisers and the jitted step. The loop, ahead-of-time compilation, benchmarks and tests all use this one."""
+
+  mesh: Any
+  model: ModelGraph
+  tx: optax.GradientTransformation
+  abstract_opt_state: Any
+  microbatches: int  # per step at the full batch (fewer during batch-size warmup)
+  rows: int  # global rows per micro-batch
+  seq_len: int
+  masked: int  # masked slots per row: the pipeline's own figure
+  num_languages: int
+  seed: int
+  step: Any  # jitted: (params, opt_state, batch [m, rows, ...], lr, step) → (params, opt_state, metrics)
+  _init_opt: Any
+
+  @property
+  def cfg(self) -> ModelConfig:
+    return self.model.cfg
+
+  @property
+  def abstract_params(self):
+    return self.model.abstract_params
+
+  @property
+  def param_shardings(self):
+    return shardings_of(self.model.abstract_params)
+
+  @property
+  def opt_shardings(self):
+    return shardings_of(self.abstract_opt_state)
+
+  def abstract_batch(self, microbatches: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The step's batch as shapes: [micro-batches, rows, length] per key of the pipeline's batch schema, rows
+    split over (data, fsdp) as `make_put` places them."""
+    m = self.microbatches if microbatches is None else microbatches
+    return {
+      k: jax.ShapeDtypeStruct((m, self.rows, n), dtype, sharding=sharding.batch_sharding(self.mesh, 3, 1))
+      for k, (n, dtype) in data_lib.batch_schema(self.seq_len, self.masked).items()
+    }
+
+  def init_params(self):
+    return init_model(self.cfg, self.mesh, self.seed)[1]
+
+  def init_opt_state(self, params):
+    """A fresh optimizer state for `params`, in the program's layout."""
+    return self._init_opt(params)
+
+  def init(self):
+    params = self.init_params()
+    return params, self.init_opt_state(params)
+
+  def lower(self, microbatches: int | None = None):
+    """The step lowered for the program's abstract inputs (nothing allocated)."""
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
+    with jax.set_mesh(self.mesh):
+      return self.step.lower(
+        self.abstract_params,
+        self.abstract_opt_state,
+        self.abstract_batch(microbatches),
+        scalar(jnp.float32),
+        scalar(jnp.int32),
+      )
+
+
+def build_program(
+  config: ml_collections.ConfigDict, mesh, *, num_languages: int, cfg: ModelConfig | None = None
+) -> TrainProgram:
+  """The training program of `config` on `mesh`. `cfg`: the model config if not the run config's own (e.g. with
+  the attention implementation resolved for another platform)."""
+  cfg = model_config(config) if cfg is None else cfg
+  m = num_microbatches(config)
+  rows = config.batch_size // m
+  if rows % sharding.batch_divisor(mesh):
+    raise ValueError(
+      f"micro-batch of {rows} rows is not divisible by data×fsdp = {sharding.batch_divisor(mesh)} devices; "
+      "change --config.micro_batch_size or --config.mesh"
+    )
+  model = model_graph(cfg, mesh, config.seed)
   tx = optimizer(config)
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
-  step = make_train_step(
-    model,
-    tx,
-    mesh,
+  abstract_opt = optimizer_state_layout(tx, model.abstract_params, mesh)
+  param_shardings, opt_shardings = shardings_of(model.abstract_params), shardings_of(abstract_opt)
+  step = make_train_step(model, tx, num_languages=num_languages, seed=config.seed)
+  return TrainProgram(
+    mesh=mesh,
+    model=model,
+    tx=tx,
+    abstract_opt_state=abstract_opt,
+    microbatches=m,
+    rows=rows,
+    seq_len=config.data.seq_len,
+    masked=data_lib.masked_per_row(config.data.seq_len, config.data.mask_rate, config.data.max_masked or None),
     num_languages=num_languages,
-    seed=seed,
-    param_shardings=jax.tree.map(lambda x: x.sharding, params),
-    opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
+    seed=config.seed,
+    step=jit_update_step(step, param_shardings, opt_shardings, mesh),
+    _init_opt=jax.jit(tx.init, out_shardings=opt_shardings),
   )
-  return params, opt_state, step
 
 
 def make_eval_step(model: ModelGraph):
@@ -455,6 +573,11 @@ def _has_preemption_service() -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# What the host reads of every step (the rest only at log steps): the non-finite check, tokens per language, and
+# the per-step record (steps.jsonl).
+STEP_KEYS = ("finite", "lang_tokens", "loss", "accuracy", "lr")
+
+
 @dataclasses.dataclass
 class DispatchedStep:
   """A step sent to the devices whose metrics the host has not read yet (reading them waits for the step)."""
@@ -470,11 +593,18 @@ class DispatchedStep:
 class PhaseRun:
   """One phase in one workdir: mesh, model and optimizer state, data, checkpointer and metric writer, and the
   loop over them. Everything the loop changes (params, opt_state, step, tokens, meta) is a field of this object.
-  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA).
+  `later_tokens` / `outlook`: the curriculum's work after this phase (for the curriculum's ETA).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0):
-    self.config, self.workdir, self.later_tokens = config, workdir, later_tokens
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    later_tokens: int = 0,
+    outlook: progress.Outlook | None = None,
+  ):
+    self.config, self.workdir, self.later_tokens, self.outlook = config, workdir, later_tokens, outlook
     validate(config)
     try:
       self._setup(config, workdir)
@@ -493,32 +623,18 @@ class PhaseRun:
     sharding.check_process_feeds(mesh)
     with jax.set_mesh(mesh):
       attention_lib.resolve_impl(cfg, seq_len=config.data.seq_len)  # a kernel that cannot run fails here, not in jit
-    self.n_micro = num_microbatches(config)
-    self.micro_rows = config.batch_size // self.n_micro
-    if self.micro_rows % sharding.batch_divisor(mesh):
-      raise ValueError(
-        f"micro-batch of {self.micro_rows} rows is not divisible by data×fsdp = {sharding.batch_divisor(mesh)} devices"
-      )
     self.console = progress.Console(enabled=jax.process_index() == 0)
     self.writer = metrics_lib.MetricWriter(
       workdir, console=self.console.print, console_keys=("eval/loss", "eval/accuracy"), wandb=config.get("wandb")
     )
     self.writer.write_config(config)
-    model = model_graph(cfg, mesh, config.seed)
-    tx = optimizer(config)
-    param_shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
-    with jax.set_mesh(mesh):
-      init_opt = jax.jit(tx.init).lower(model.abstract_params).compile()  # moments follow the param shardings
-    opt_shardings = init_opt.output_shardings
-    abstract_opt = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(tx.init, model.abstract_params),
-      opt_shardings,
-    )
     self.schedule = lr_schedule(config)
 
-    self.train_data = data_lib.make_train_iterator(pipeline_config(config, self.micro_rows))
+    self.train_data = data_lib.make_train_iterator(
+      pipeline_config(config, config.batch_size // num_microbatches(config))
+    )
     self.languages = list(self.train_data.languages)
+    self.program = program = build_program(config, mesh, num_languages=len(self.languages), cfg=cfg)
     self.eval_config = pipeline_config(config, config.eval_batch_size, eval=True)
     mix = self.train_data.mixture
     self.writer.write_json(
@@ -546,9 +662,11 @@ class PhaseRun:
       "tokens_per_language": {},
       "history": [],
     }
+    # Restores place every array in the program's layout, whatever layout it was saved in (moments saved
+    # replicated come back sharded like their parameters).
     restored = self.checkpointer.restore_latest(
-      abstract_params=model.abstract_params,
-      abstract_opt_state=abstract_opt,
+      abstract_params=program.abstract_params,
+      abstract_opt_state=program.abstract_opt_state,
       data_iter=self.train_data,
       warn=lambda line: self.writer.text("run", f"warning: {line}"),
       check_meta=self._check_config_change,
@@ -561,12 +679,12 @@ class PhaseRun:
     elif config.init_from:
       handoff = ckpt_lib.restore_for_handoff(
         config.init_from,
-        model.abstract_params,
-        abstract_opt if config.init_optimizer_state else None,
+        program.abstract_params,
+        program.abstract_opt_state if config.init_optimizer_state else None,
         require_complete=True,
       )
       self.params = handoff["params"]
-      self.opt_state = handoff["opt_state"] if config.init_optimizer_state else init_opt(self.params)
+      self.opt_state = handoff["opt_state"] if config.init_optimizer_state else program.init_opt_state(self.params)
       prev = handoff["meta"]
       self.meta["total_tokens_before"] = prev.get("total_tokens_before", 0) + prev.get("tokens", 0)
       self.meta["tokens_per_language"] = dict(prev.get("tokens_per_language", {}))
@@ -575,19 +693,9 @@ class PhaseRun:
       ]
       self.writer.text("run", f"phase {config.phase}: starting from {handoff['source']} (phase {prev.get('phase')})")
     else:
-      _, self.params = init_model(cfg, mesh, config.seed)
-      self.opt_state = init_opt(self.params)
+      self.params, self.opt_state = program.init()
 
-    self.train_step = make_train_step(
-      model,
-      tx,
-      mesh,
-      num_languages=len(self.languages),
-      seed=config.seed,
-      param_shardings=param_shardings,
-      opt_shardings=opt_shardings,
-    )
-    self.eval_step = make_eval_step(model)
+    self.eval_step = make_eval_step(program.model)
     self.put_train, self.put_eval = make_put(mesh, leading=1), make_put(mesh, leading=0)
     self.device_kind = jax.devices()[0].device_kind
     self.t_last_log = time.time()
@@ -595,7 +703,7 @@ class PhaseRun:
     self.preemption = Preemption()
     self.timer = progress.StepTimer()
     self.progress = progress.Progress(
-      config.phase, config.train_tokens, tokens=self.tokens, later_tokens=self.later_tokens
+      config.phase, config.train_tokens, tokens=self.tokens, later_tokens=self.later_tokens, outlook=self.outlook
     )
     self.last_logged_step = self.step
     self.profiler = progress.Profiler(
@@ -659,25 +767,28 @@ class PhaseRun:
     )
     return result
 
+  def next_batch(self, n_micro: int) -> tuple[list[dict[str, np.ndarray]], dict[str, jax.Array]]:
+    """The next `n_micro` micro-batches: as the host drew them, and stacked as the step takes them."""
+    micro = [next(self.train_data) for _ in range(n_micro)]
+    return micro, self.put_train(stack_microbatches(micro))
+
   def dispatch_step(self) -> DispatchedStep:
     """Draws this step's micro-batches and starts the train step on the devices (without waiting for it)."""
     config = self.config
     n_micro = schedules.batch_warmup(
       self.tokens,
-      num_microbatches=self.n_micro,
+      num_microbatches=self.program.microbatches,
       warmup_tokens=config.batch_warmup_tokens,
       start_fraction=config.batch_warmup_start_fraction,
     )
     with self.timer("data"):
-      micro = [next(self.train_data) for _ in range(n_micro)]
-      batch = stack_microbatches(micro)
-    slot_tokens = n_micro * self.micro_rows * config.data.seq_len
+      micro, batch = self.next_batch(n_micro)
+    slot_tokens = n_micro * self.program.rows * config.data.seq_len
     # The LR at the end of this step's tokens (warmup starts above 0), on the host: nothing waits for the devices.
     lr = np.float32(self.schedule(self.tokens + slot_tokens))
     self.profiler.before_step(self.step)
-    batch = self.put_train(batch)
     with self.timer("device"):  # dispatch; a backend without asynchronous dispatch runs the step right here
-      self.params, self.opt_state, metrics = self.train_step(
+      self.params, self.opt_state, metrics = self.program.step(
         self.params, self.opt_state, batch, lr, np.int32(self.step)
       )
     self.step += 1
@@ -693,7 +804,7 @@ class PhaseRun:
     config = self.config
     logging = done.step % config.log_every_steps == 0
     with self.timer("device"):  # waits for the step; only what every step needs comes to the host between logs
-      host = jax.device_get(done.metrics if logging else {k: done.metrics[k] for k in ("finite", "lang_tokens")})
+      host = jax.device_get(done.metrics if logging else {k: done.metrics[k] for k in STEP_KEYS})
     if not bool(host["finite"]):
       what = (
         f"step {done.step}: loss, gradients or updated parameters are not finite "
@@ -717,8 +828,15 @@ class PhaseRun:
       self.meta["tokens_per_language"][lang] = self.meta["tokens_per_language"].get(lang, 0) + int(
         host["lang_tokens"][i]
       )
+    total_tokens = self.meta["total_tokens_before"] + done.tokens
+    step_record = {k: host[k] for k in ("loss", "accuracy", "lr")}
+    self.writer.write_step(done.step, step_record | {"tokens": done.tokens, "total_tokens": total_tokens})
     if logging:
       self._log(done, host)
+    elif self.progress.due(done.tokens):  # the first step, and every 10% of the phase between log steps
+      self.console.progress(
+        self.progress.update(done.step, done.tokens, **{k: float(v) for k, v in step_record.items()})
+      )
 
   def _checkpoint_status(self) -> str:
     latest = self.checkpointer.latest_step()
@@ -840,10 +958,17 @@ class PhaseRun:
           close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, later_tokens: int = 0) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  later_tokens: int = 0,
+  outlook: progress.Outlook | None = None,
+) -> dict[str, Any]:
   """Train one phase in `workdir` (resuming if it holds checkpoints); returns a summary with the final eval.
-  `later_tokens`: the budget of the curriculum's phases after this one (for the curriculum's ETA)."""
-  run = PhaseRun(config, workdir, later_tokens=later_tokens)
+  `later_tokens`: the budget of the curriculum's phases after this one, or `outlook`: the curriculum's work after
+  this phase (for the curriculum's ETA)."""
+  run = PhaseRun(config, workdir, later_tokens=later_tokens, outlook=outlook)
   try:
     status = run.run()
     final_eval = run.evaluate() if status == "complete" else {}

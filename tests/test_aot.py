@@ -1,7 +1,6 @@
 """Ahead-of-time TPU compile of the real train step (mmbert_jax.aot): needs libtpu, not a TPU."""
 
 import importlib.util
-import math
 import os
 import pathlib
 import subprocess
@@ -15,6 +14,7 @@ if importlib.util.find_spec("libtpu") is None:
     allow_module_level=True,
   )
 
+from data_pipeline import masking  # noqa: E402
 from mmbert_jax import aot  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -77,7 +77,8 @@ def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
   assert (r.microbatches, r.rows, r.dtype, r.attention) == (2, 16, "bfloat16", "xla")
 
   v, h, layers, i = 1024, 64, 4, 96  # the tiny preset
-  masked = math.ceil(0.3 * 128 * 1.25) + 8
+  masked = masking.default_max_masked(128, 0.3)  # the pipeline's masked slots per row
+  assert r.masked == masked
   state = 3 * 4 * _params(v, h, layers, i)  # float32 parameters, first and second moments
   batch = 2 * 16 * (4 * 128 + 3 * masked) * 4  # 4 int32 [S] and 3 [K] arrays per row
   assert r.argument_bytes >= (state + batch) / 4
@@ -104,7 +105,8 @@ def test_mmbert_base_pretrain_compiles_for_v5p_with_sharded_state():
   state = 3 * 4 * _params(v, h, layers, i)
   assert r.alias_bytes >= state / 4
   assert r.argument_bytes < state / 2  # FSDP: replicated moments alone would take 2/3 of `state`
-  masked = math.ceil(0.3 * 1024 * 1.25) + 8
+  masked = masking.default_max_masked(1024, 0.3)
+  assert r.masked == masked
   ratio = r.compiled_flops * 4 / _dense_xla_flops(v, h, layers, i, rows=4, seq=1024, masked=masked)
   assert 1.0 <= ratio <= 1.3, ratio
 

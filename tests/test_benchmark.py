@@ -66,3 +66,30 @@ def test_injected_read_latency(capsys):
   assert [(r[16], r[17], r[18]) for r in rows] == [("0", "3.0ms", "1"), ("8", "3.0ms", rows[1][18])]
   assert int(rows[1][18]) >= 4 and all(float(r[10].rstrip("M")) > 0 for r in rows)
   pipeline.READERS.latency_s = 0.0
+
+
+def test_injected_open_latency_and_blocks(tmp_path):
+  """--open_latency_ms sleeps in every shard open: read serially, a batch takes at least its opens × the latency;
+  documents read in blocks open fewer shards per batch than documents read one at a time."""
+  benchmark.synthetic_corpus(str(tmp_path), languages=30, tokens=400_000, max_len=512)
+  opens = {}
+  for block in (1, 32):
+    cfg = pipeline.PipelineConfig(
+      data_dir=str(tmp_path),
+      seq_len=512,
+      batch_size=8,
+      num_streams=4,
+      mask_rate=0.3,
+      prefetch=0,
+      packing_bins=4,
+      read_threads=0,
+      read_block=block,
+      open_latency_ms=20,
+      max_open_files=4,
+    )
+    r = benchmark.run(cfg, hosts=2, cycles=2)
+    batch_s = r["rows"] * cfg.seq_len / r["tokens_per_s"]
+    assert r["opens_per_batch"] > 0 and batch_s >= 0.02 * r["opens_per_batch"], r
+    opens[block] = r["opens_per_batch"]
+  pipeline.READERS.open_latency_s = 0.0
+  assert opens[32] < opens[1] / 2, opens

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after SIGTERM or kill -9, resume on fewer devices, phase handoff, shape errors."""
 
+import json
 import os
 import random
 import signal
@@ -25,6 +26,21 @@ def reference(demo_data, tmp_path_factory):
   losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, STEPS + 1))
   return workdir, losses
+
+
+def _step_records(workdir):
+  """steps.jsonl: the record of every training step."""
+  with open(os.path.join(workdir, "steps.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_every_step_once(workdir, ref):
+  """steps.jsonl holds each step once, none lost or written twice across the restart, with the logged losses."""
+  records = _step_records(workdir)
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  assert {r["step"]: r["loss"] for r in records} == train_losses(workdir)
+  assert [r["tokens"] for r in records] == [512 * s for s in range(1, STEPS + 1)]
+  np.testing.assert_allclose([r["loss"] for r in records], [ref[s] for s in range(1, STEPS + 1)], atol=1e-5)
 
 
 def _sigterm_at(monkeypatch, step):
@@ -54,6 +70,7 @@ def test_sigterm_then_rerun_reproduces_the_uninterrupted_losses(demo_data, refer
   assert second["status"] == "complete" and second["step"] == STEPS
   losses = train_losses(workdir)  # both runs append to the same metrics file
   assert losses == ref, f"stopped at step {first['step']}"
+  _assert_every_step_once(workdir, ref)
   assert second["eval"] == train.train_and_evaluate(tiny_config(demo_data), ref_dir)["eval"]
 
 
@@ -87,6 +104,7 @@ def test_kill_9_during_async_save_resumes_from_last_complete_checkpoint(demo_dat
   assert result["step"] == STEPS
   losses = train_losses(workdir)
   assert {s: losses[s] for s in range(5, STEPS + 1)} == {s: ref[s] for s in range(5, STEPS + 1)}
+  _assert_every_step_once(workdir, ref)  # the killed run's records of steps 5-8 were dropped, then written again
 
 
 def _assert_losses_match(result, workdir, ref, first_step):

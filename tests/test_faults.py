@@ -483,7 +483,9 @@ def test_accumulated_micro_batches_equal_the_full_batch_with_unequal_masked_coun
   halves = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]
   results = []
   for micro in ([full], halves):
-    params, opt, step = train.fresh_train_state(cfg, config, mesh)
+    program = train.build_program(config, mesh, num_languages=1, cfg=cfg)
+    params, opt = program.init()
+    step = program.step
     with jax.set_mesh(mesh):
       new, _, m = step(
         params, opt, train.make_put(mesh, leading=1)(train.stack_microbatches(micro)), np.float32(1e-3), np.int32(0)

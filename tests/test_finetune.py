@@ -3,6 +3,7 @@ that must learn, checkpoint loading paths, task files and the embedded CLDR task
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -166,6 +167,30 @@ def test_tiny_finetune_separable_task_is_deterministic():
   assert again["train_loss"] == result["train_loss"] and again["metrics"] == result["metrics"]
   other = ft.finetune(encoder, task, dataclasses.replace(SETTINGS, seed=1), arrays)
   assert other["train_loss"] != result["train_loss"]
+
+
+@pytest.mark.slow
+def test_protocol_picks_the_learning_rate_on_dev_and_averages_seeds_on_test():
+  task, arrays = _synthetic_classification(np.random.default_rng(0))
+  task.dev = task.test.select(np.arange(len(task.test)) % 2 == 0)  # every other test row
+  arrays["dev"] = {k: v[::2] for k, v in arrays["test"].items()}
+  encoder = ft.Encoder(CFG, _params(), None, "random init")
+  settings = dataclasses.replace(SETTINGS, epochs=1)
+  result = ft.protocol(encoder, task, settings, lrs=(1e-6, 3e-3), seeds=(0, 1), arrays=arrays)
+  runs = {
+    lr: [ft.finetune(encoder, task, dataclasses.replace(settings, peak_lr=lr, seed=s), arrays) for s in (0, 1)]
+    for lr in (1e-6, 3e-3)
+  }
+  dev = {lr: np.mean([r["dev_metrics"]["accuracy"] for r in rs]) for lr, rs in runs.items()}
+  assert dev[3e-3] > dev[1e-6] + 0.2 and result["lr"] == 3e-3
+  assert result["dev"] == {str(lr): pytest.approx(v) for lr, v in dev.items()}
+  for metric in ("accuracy", "macro_f1"):
+    values = [r["metrics"][metric] for r in runs[3e-3]]
+    assert result["metrics"][metric] == pytest.approx(np.mean(values))
+    assert result["std"][metric] == pytest.approx(np.std(values))
+  assert result["per_language"]["xx"]["accuracy"] == pytest.approx(
+    np.mean([r["per_language"]["xx"]["accuracy"] for r in runs[3e-3]])
+  )
 
 
 def test_tiny_contrastive_finetune_learns_pairs():
@@ -340,6 +365,140 @@ def test_retrieval_task_from_files_and_tfds(tmp_path):
     tasks.read_records("tfds:missing", str(tmp_path / "tfds"))
 
 
+def _numpy_ndcg(scores, relevance, k=10):
+  """nDCG@k of one query, written out: the top-k candidates by score (ties by index), gain = grade,
+  discount 1 / log2(position + 1); divided by the same sum over the grades sorted best first."""
+  ranked = sorted(range(len(scores)), key=lambda c: (-scores[c], c))[:k]
+  dcg = sum(relevance.get(c, 0.0) / math.log2(i + 2) for i, c in enumerate(ranked))
+  ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(relevance.values(), reverse=True)[:k]))
+  return dcg / ideal
+
+
+def test_graded_retrieval_metrics_match_the_formula():
+  rng = np.random.default_rng(5)
+  scores = rng.normal(size=(40, 30))
+  relevance = [
+    {int(c): float(rng.integers(1, 4)) for c in rng.choice(30, rng.integers(1, 5), replace=False)} for _ in range(40)
+  ]
+  m = ft.graded_retrieval_metrics(scores, relevance)
+  np.testing.assert_allclose(m["ndcg@10"], np.mean([_numpy_ndcg(s, r) for s, r in zip(scores, relevance)]))
+  top = scores.argmax(1)
+  np.testing.assert_allclose(m["recall@1"], np.mean([(t in r) / len(r) for t, r in zip(top, relevance)]))
+  first = [min(i + 1 for i, c in enumerate(np.argsort(-s)) if c in r) for s, r in zip(scores, relevance)]
+  np.testing.assert_allclose(m["mrr@10"], np.mean([1 / f if f <= 10 else 0 for f in first]))
+  # One answer per query (no ties): the same as the rank-based metrics of the embedded tasks.
+  answers = rng.integers(0, 30, 40)
+  single = ft.retrieval_metrics(ft.ranks(scores, answers))
+  graded = ft.graded_retrieval_metrics(scores, [{int(a): 1.0} for a in answers])
+  for key in ("ndcg@10", "recall@1", "mrr@10"):
+    np.testing.assert_allclose(single[key], graded[key], err_msg=key)
+
+
+def test_sentence_pair_formats_map_label_names(tmp_path):
+  nli = ("entailment", "neutral", "contradiction")
+  # XNLI as distributed in JSONL (integer labels) and GLUE MNLI TSV (label names); PAWS-X TSV with 0 / 1.
+  xnli = [
+    {"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 3, "language": ("en", "de")[i % 2]} for i in range(6)
+  ]
+  _write(str(tmp_path / "xnli.jsonl"), xnli)
+  mnli = [{"index": i, "sentence1": f"s{i}", "sentence2": f"t{i}", "label": nli[(i + 1) % 3]} for i in range(6)]
+  _write(str(tmp_path / "mnli.tsv"), mnli)
+  task = tasks.from_files(
+    "classification",
+    str(tmp_path / "xnli.jsonl"),
+    str(tmp_path / "xnli.jsonl"),
+    tasks.Columns(text="premise", pair="hypothesis", label="label", lang="language", label_names=nli),
+  )
+  assert task.label_names == nli and task.train.pairs == [r["hypothesis"] for r in xnli]
+  np.testing.assert_array_equal(task.train.labels, [r["label"] for r in xnli])
+  with pytest.raises(ValueError, match="mnli.tsv: row 1: no column 'premise'"):
+    tasks.from_files(
+      "classification",
+      str(tmp_path / "mnli.tsv"),
+      str(tmp_path / "mnli.tsv"),
+      tasks.Columns(text="premise", pair="hypothesis", label_names=nli),
+    )
+  glue = tasks.from_files(
+    "classification",
+    str(tmp_path / "mnli.tsv"),
+    str(tmp_path / "mnli.tsv"),
+    tasks.Columns(text="sentence1", pair="sentence2", label_names=nli),
+    dev=str(tmp_path / "mnli.tsv"),
+  )
+  assert [nli[y] for y in glue.test.labels] == [r["label"] for r in mnli]
+  assert glue.dev.texts == [r["sentence1"] for r in mnli] and glue.dev.pairs == [r["sentence2"] for r in mnli]
+  paws = [{"id": i, "sentence1": f"a{i}", "sentence2": f"b{i}", "label": i % 2} for i in range(4)]
+  _write(str(tmp_path / "paws.tsv"), paws)
+  task = tasks.from_files(
+    "classification",
+    str(tmp_path / "paws.tsv"),
+    str(tmp_path / "paws.tsv"),
+    tasks.Columns(text="sentence1", pair="sentence2", label_names=("different", "paraphrase")),
+  )
+  assert [task.label_names[y] for y in task.test.labels] == ["different", "paraphrase"] * 2
+  with pytest.raises(ValueError, match=r"paws.tsv: row 2: label '1' is not one of same or 0..0"):
+    tasks.from_files(
+      "classification",
+      str(tmp_path / "paws.tsv"),
+      str(tmp_path / "paws.tsv"),
+      tasks.Columns(text="sentence1", pair="sentence2", label_names=("same",)),
+    )
+
+
+def _mteb_dir(path, missing=None):
+  os.makedirs(path / "qrels")
+  corpus = [{"_id": f"d{i}", "title": f"title {i}", "text": f"text {i}"} for i in range(8)]
+  if missing:
+    del corpus[2][missing]
+  _write(str(path / "corpus.jsonl"), corpus)
+  _write(str(path / "queries.jsonl"), [{"_id": f"q{i}", "text": f"query {i}"} for i in range(6)])
+  qrels = {
+    "train": [("q0", "d0", 1), ("q0", "d1", 1), ("q1", "d2", 1)],
+    "dev": [("q2", "d3", 1)],
+    "test": [("q3", "d4", 2), ("q3", "d5", 1), ("q4", "d6", 1), ("q5", "d7", 0), ("q5", "d6", 1)],
+  }
+  for split, rows in qrels.items():
+    _write(str(path / "qrels" / f"{split}.tsv"), [{"query-id": q, "corpus-id": d, "score": s} for q, d, s in rows])
+  return str(path)
+
+
+def test_mteb_retrieval_directory(tmp_path):
+  task = tasks.from_mteb(_mteb_dir(tmp_path / "mteb"))
+  assert task.kind == "retrieval" and task.candidates == tuple(f"title {i} text {i}" for i in range(8))
+  assert list(zip(task.train.texts, task.train.pairs)) == [
+    ("query 0", "title 0 text 0"),
+    ("query 0", "title 1 text 1"),
+    ("query 1", "title 2 text 2"),
+  ]
+  assert task.test.texts == ["query 3", "query 4", "query 5"]
+  assert task.test.relevance == [{4: 2.0, 5: 1.0}, {6: 1.0}, {6: 1.0}]  # a zero score is not relevant
+  assert task.dev.texts == ["query 2"] and task.dev.relevance == [{3: 1.0}]
+  with pytest.raises(ValueError, match=r"corpus.jsonl: row 3: no column 'text'"):
+    tasks.from_mteb(_mteb_dir(tmp_path / "bad", missing="text"))
+
+
+def test_bad_task_file_is_one_line_naming_file_row_and_field(tmp_path):
+  rows = [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"label": "x"}]
+  _write(str(tmp_path / "train.jsonl"), rows)
+  args = ["--task=classification", f"--train={tmp_path / 'train.jsonl'}", f"--test={tmp_path / 'train.jsonl'}"]
+  proc = run_module("mmbert_jax.finetune", *args, "--checkpoint=unused", f"--out={tmp_path / 'o.json'}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert lines == [f"error: {tmp_path / 'train.jsonl'}: row 3: no column 'text' (it has: label)"]
+  _mteb_dir(tmp_path / "mteb")
+  with open(tmp_path / "mteb" / "qrels" / "test.tsv", "a") as f:
+    f.write("q9\td1\t1\n")
+  proc = run_module(
+    "mmbert_jax.finetune",
+    "--task=retrieval",
+    f"--mteb={tmp_path / 'mteb'}",
+    "--checkpoint=unused",
+    f"--out={tmp_path / 'o.json'}",
+  )
+  assert proc.returncode == 2
+  assert f"test.tsv: row 6: query-id 'q9' is not in {tmp_path / 'mteb' / 'queries.jsonl'}" in proc.stderr
+
+
 # ---- embedded CLDR tasks ------------------------------------------------------------------------------------------
 
 
@@ -352,7 +511,10 @@ def test_embedded_tasks_are_deterministic_and_cover_50_languages():
       np.testing.assert_array_equal(sa.labels, sb.labels)
     assert a.candidates == b.candidates and a.label_names == b.label_names
     assert len(a.languages) >= 50, (name, len(a.languages))
-    assert set(a.train.langs) == set(a.test.langs)
+    if name == "cldr_category":  # cross-lingual zero-shot: English training data only
+      assert set(a.train.langs) == {"en"}
+    else:
+      assert set(a.train.langs) == set(a.test.langs)
 
   langid = tasks.embedded("cldr_langid")
   assert len(langid.label_names) >= 50
@@ -374,6 +536,57 @@ def test_embedded_tasks_are_deterministic_and_cover_50_languages():
     if lang == "de" and text in months.values():  # a German month name → its English name
       month = next(k for k, v in months.items() if v == text)
       assert retrieval.candidates[answer] == english[month]
+
+
+def test_category_task_holds_out_entries_in_every_language():
+  from babel import Locale
+
+  task = tasks.embedded("cldr_category")
+  assert task.label_names == tasks.CATEGORIES
+  # Every language has the same number of test names per category: chance is 1/6 in each.
+  per = {}
+  for lang, y in zip(task.test.langs, task.test.labels):
+    per[lang, int(y)] = per.get((lang, int(y)), 0) + 1
+  assert set(per.values()) == {3} and len(per) == 6 * len(task.languages)
+  assert np.bincount(task.train.labels).tolist() == [32] * 6
+  # A held-out entry is not a training entry: no German test month is the translation of an English training one.
+  months_en, months_de = (dict(Locale.parse(x).months["format"]["wide"]) for x in ("en", "de"))
+  train_months = {k for k, v in months_en.items() if v in task.train.texts}
+  test_months = {k for k, v in months_de.items() if v in task.test.texts[task.test.langs.index("de") :]}
+  assert train_months and test_months and not train_months & test_months
+  # Labels name the category the name comes from.
+  de_names = dict(Locale.parse("de").territories)
+  for text, lang, y in zip(task.test.texts, task.test.langs, task.test.labels):
+    if lang == "de" and task.label_names[y] == "territory":
+      assert text in de_names.values()
+
+
+def test_chance_is_the_score_of_uniform_guessing():
+  rng = np.random.default_rng(0)
+  labels = np.repeat([0, 1, 2, 3], [40, 25, 10, 5])
+  task = tasks.Task(
+    "t",
+    "classification",
+    tasks.Split([], []),
+    tasks.Split(["x"] * 80, ["en"] * 80, labels),
+    label_names=("a", "b", "c", "d"),
+  )
+  draws = [ft.classification_metrics(rng.integers(0, 4, 80), labels) for _ in range(4000)]
+  want = ft.chance(task)
+  assert abs(np.mean([d["accuracy"] for d in draws]) - want["accuracy"]) < 0.005
+  assert abs(np.mean([d["macro_f1"] for d in draws]) - want["macro_f1"]) < 0.01
+  candidates = tuple(str(i) for i in range(30))
+  task = tasks.Task(
+    "r",
+    "retrieval",
+    tasks.Split([], []),
+    tasks.Split(["q"] * 50, ["en"] * 50, np.zeros(50, int)),
+    candidates=candidates,
+  )
+  draws = [ft.retrieval_metrics(ft.ranks(rng.random((50, 30)), np.zeros(50, int))) for _ in range(2000)]
+  want = ft.chance(task)
+  assert abs(np.mean([d["recall@1"] for d in draws]) - want["recall@1"]) < 0.005
+  assert abs(np.mean([d["mrr@10"] for d in draws]) - want["mrr@10"]) < 0.005
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
@@ -430,11 +643,29 @@ def test_command_line_scores_checkpoints_into_one_table(saved, spm, tmp_path):
     results = json.load(f)["tasks"]["train.jsonl"]
   # The same weights loaded from a run and from a transformers directory score identically.
   run, hf_dir = results[saved["run"]], results[saved["hf"]]
+  # Read against an encoder of the same size with random weights, and against chance.
+  assert list(results)[:2] == ["chance", "random init"]
+  assert results["chance"]["metrics"]["accuracy"] == pytest.approx(1 / 3)
+  assert results["random init"]["train_loss"] != run["train_loss"]
+  assert "\nrandom init " in proc.stdout and "\nchance " in proc.stdout
   assert run["metrics"] == hf_dir["metrics"] and run["train_loss"] == hf_dir["train_loss"]
   assert set(run["per_language"]) == {"en", "de", "fr"}
   assert "train.jsonl accuracy" in proc.stdout and "accuracy per test language" in proc.stdout
+  alone = run_module(
+    "mmbert_jax.finetune", *args[:-4], f"--out={tmp_path / 'alone.json'}", *args[-3:], "--norandom_init"
+  )
+  assert alone.returncode == 0, alone.stderr[-3000:]
+  with open(tmp_path / "alone.json") as f:
+    assert "random init" not in json.load(f)["tasks"]["train.jsonl"]
   again = run_module("mmbert_jax.finetune", *args)
   assert again.returncode != 0 and f"{out} exists" in again.stderr
+
+
+def test_settings_by_model_size():
+  tiny, base = get_config("tiny"), get_config("mmbert-base")
+  assert (ft.Settings().for_model(tiny).peak_lr, ft.Settings().for_model(tiny).epochs) == (1e-3, 10)
+  assert (ft.Settings().for_model(base).peak_lr, ft.Settings().for_model(base).epochs) == (5e-5, 3)
+  assert ft.Settings(peak_lr=2e-5, epochs=4).for_model(tiny) == ft.Settings(peak_lr=2e-5, epochs=4)
 
 
 def test_settings_from_config_rejects_unknown_keys():

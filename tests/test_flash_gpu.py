@@ -238,37 +238,26 @@ def test_model_forward_backward_lowers_for_cuda(remat, forward_calls):
 
 
 def test_real_train_step_lowers_for_cuda_on_four_devices():
-  """train.make_train_step (scan over micro-batches, optimizer update) with FSDP × tensor sharding over 4 devices:
+  """The training program's step (scan over micro-batches, optimizer update) with FSDP × tensor sharding over 4 devices:
   the kernels run in shard_map and lower to Triton, once per layer and pass in the scanned micro-batch body."""
   from helpers import load_config
 
-  from mmbert_jax import aot, sharding, train
+  from mmbert_jax import sharding, train
 
   c = load_config("base")
   c.model_preset = "tiny"  # 4 layers, 4 heads of 16
   c.model.dtype = "bfloat16"
   c.data.seq_len = 256
+  c.batch_size, c.micro_batch_size = 8, 4  # two micro-batches of 4 rows
   mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
   cfg = train.model_config(c).replace(attention_platform="cuda")
-  model = train.model_graph(cfg, mesh)
-  tx = train.optimizer(c)
-  opt = aot.abstract_optimizer_state(tx, model.abstract_params, mesh)
-  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  program = train.build_program(c, mesh, num_languages=4, cfg=cfg)
   with jax.set_mesh(mesh):
-    step = train.make_train_step(
-      model,
-      tx,
-      mesh,
-      num_languages=4,
-      seed=0,
-      param_shardings=shardings(model.abstract_params),
-      opt_shardings=shardings(opt),
-    )
     exported, counts = export_for_cuda(
-      step,
-      model.abstract_params,
-      opt,
-      aot.abstract_batch(mesh, 2, 4, 256, 96),
+      program.step,
+      program.abstract_params,
+      program.abstract_opt_state,
+      program.abstract_batch(),
       jax.ShapeDtypeStruct((), jnp.float32),
       jax.ShapeDtypeStruct((), jnp.int32),
     )

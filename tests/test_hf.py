@@ -164,3 +164,94 @@ def test_weights_that_do_not_fit_name_the_key(hf_dir, tmp_path):
   os.symlink(os.path.join(hf_dir, "model.safetensors"), bad / "model.safetensors")
   with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.Wi\.weight"):
     hf.load(str(bad))
+
+
+# ---- continued pre-training from a transformers directory ---------------------------------------------------------
+
+
+def _tiny_modernbert(**overrides):
+  """A random ModernBertForMaskedLM of the tiny size, with the layer count and MLP width changed from the tiny
+  preset (a run must take them from config.json) and random norm scales and decoder bias."""
+  torch.manual_seed(1)
+  fields = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=80,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    local_attention=16,
+    global_attn_every_n_layers=3,
+    global_rope_theta=10_000.0,
+    local_rope_theta=10_000.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+    cls_token_id=1,
+    sep_token_id=1,
+    attn_implementation="eager",
+  )
+  model = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**fields | overrides)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or name == "decoder.bias":
+        p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.5 * torch.randn_like(p))
+  return model
+
+
+def _transformers_mlm_loss(model, batches) -> float:
+  """The mean MLM loss of micro-batches, each packed document run alone through transformers with its positions."""
+  total, count = 0.0, 0.0
+  for b in batches:
+    for r in range(b["input_ids"].shape[0]):
+      seg = b["segment_ids"][r]
+      for s in np.unique(seg[seg > 0]):
+        idx = np.flatnonzero(seg == s)
+        with torch.no_grad():
+          logits = model(
+            input_ids=torch.tensor(b["input_ids"][r, idx][None].astype(np.int64)),
+            position_ids=torch.tensor(b["positions"][r, idx][None].astype(np.int64)),
+          ).logits[0]
+        logp = torch.log_softmax(logits.double(), -1).numpy()
+        for p, label, w in zip(b["masked_positions"][r], b["masked_labels"][r], b["masked_weights"][r]):
+          if w > 0 and seg[p] == s:
+            total -= w * logp[p - idx[0], label]
+            count += w
+  return total / count
+
+
+@pytest.mark.slow
+def test_pretrain_phase_starts_from_a_transformers_directory(tmp_path, demo_data):
+  from helpers import tiny_config, train_losses
+
+  from data_pipeline import pipeline as data_lib
+  from mmbert_jax import train
+
+  model = _tiny_modernbert()
+  hf_path = str(tmp_path / "modernbert")
+  model.save_pretrained(hf_path)
+  config = tiny_config(demo_data, init_from=hf_path, train_tokens=512, **{"model.attn_out_dropout": 0.0})
+  workdir = str(tmp_path / "run")
+  run = train.PhaseRun(config, workdir)
+  try:
+    # The architecture comes from config.json, not from the tiny preset.
+    assert (run.cfg.num_layers, run.cfg.intermediate_size) == (3, 80)
+    # Step 0's parameters are the transformers weights, whatever their sharding.
+    params = jax.device_get(run.params)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    for ours, key, _, to_hf in hf.weight_map(run.cfg):
+      np.testing.assert_array_equal(np.asarray(to_hf(hf._get(params, ours))), state[key], err_msg=key)
+    want = jax.tree.map(lambda x: x.sharding, train.model_graph(run.cfg, run.mesh).abstract_params)
+    assert jax.tree.map(lambda x: x.sharding, run.params) == want
+    # Fresh optimizer state, counters from 0, the directory in the run's history.
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(run.opt_state) if x.ndim > 0)
+    assert (run.step, run.tokens, run.meta["total_tokens_before"], run.meta["tokens_per_language"]) == (0, 0, 0, {})
+    assert run.meta["history"] == [{"phase": "transformers", "source": hf_path, "tokens": 0}]
+    micro_rows, n_micro = run.micro_rows, run.n_micro
+    assert run.run() == "complete"
+  finally:
+    run.close()
+  # The first step's loss is transformers' MLM loss on the same batch (the same data, drawn again).
+  data = data_lib.make_train_iterator(train.pipeline_config(config, micro_rows))
+  batches = [next(data) for _ in range(n_micro)]
+  data.close()
+  assert abs(train_losses(workdir)[1] - _transformers_mlm_loss(model, batches)) < 1e-5

@@ -101,6 +101,26 @@ def test_eval_and_json_records(tmp_path):
   assert json.load(open(tmp_path / "mixture.json")) == {"languages": ["en"], "weights": 1.0}
 
 
+def test_step_records_resume_without_duplicates_or_a_cut_line(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True, console=False)
+  for step in range(1, 6):
+    writer.write_step(step, {"loss": np.float32(1.0 / step), "lr": 1e-3, "tokens": 100 * step})
+  writer.write(5, {"train/loss": 0.2})
+  writer.close()
+  with open(tmp_path / "steps.jsonl", "a") as f:
+    f.write('{"step": 6, "lo')  # killed while writing step 6
+  again = metrics.MetricWriter(str(tmp_path), enabled=True, console=False)
+  again.forget_after(3)  # resumed from the checkpoint of step 3
+  for step in range(4, 7):
+    again.write_step(step, {"loss": -step, "tokens": 100 * step})
+  again.close()
+  records = [json.loads(line) for line in open(tmp_path / "steps.jsonl")]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert records[1] == {"step": 2, "loss": pytest.approx(0.5), "lr": 1e-3, "tokens": 200}
+  assert [r["loss"] for r in records[3:]] == [-4, -5, -6]
+  assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == []  # step 5 > 3: dropped
+
+
 def test_console_can_be_handed_over(tmp_path, capsys):
   seen = []
   writer = metrics.MetricWriter(str(tmp_path), enabled=True, console=seen.append)
@@ -173,12 +193,16 @@ def test_a_bucket_workdir_gets_whole_files_at_flush_points(gcs_bucket, tmp_path,
   workdir = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/run")
   writer = metrics.MetricWriter(str(workdir), enabled=True, console=False)
   writer.write_config(load_config("demo"))
+  writer.write_step(1, {"loss": 3.0, "tokens": 10})
   writer.write(1, {"train/loss": 3.0})  # the first log step is uploaded at once
+  writer.write_step(2, {"loss": 2.5, "tokens": 20})
   writer.write(2, {"train/loss": 2.5})  # within UPLOAD_EVERY_S of it: staged only
-  assert _remote_steps(workdir / "metrics.jsonl") == [1]
+  assert _remote_steps(workdir / "metrics.jsonl") == [1] and _remote_steps(workdir / "steps.jsonl") == [1]
   monkeypatch.setattr(metrics, "UPLOAD_EVERY_S", 0.0)
+  writer.write_step(3, {"loss": 2.0, "tokens": 30})  # step records go up with the log steps
+  assert _remote_steps(workdir / "steps.jsonl") == [1]
   writer.write(3, {"train/loss": 2.0})
-  assert _remote_steps(workdir / "metrics.jsonl") == [1, 2, 3]
+  assert _remote_steps(workdir / "metrics.jsonl") == [1, 2, 3] and _remote_steps(workdir / "steps.jsonl") == [1, 2, 3]
   writer.write_eval(3, {"all": {"loss": 2.0}})
   writer.write_eval(5, {"all": {"loss": 1.5}})  # replaced whole with both lines: no append in a bucket
   writer.close()
@@ -191,9 +215,15 @@ def test_a_bucket_workdir_gets_whole_files_at_flush_points(gcs_bucket, tmp_path,
   # A restart (resume at step 2) downloads the records, drops the later steps and continues them.
   again = metrics.MetricWriter(str(workdir), enabled=True, console=False)
   again.forget_after(2)
+  again.write_step(3, {"loss": 1.9, "tokens": 30})
   again.write(3, {"train/loss": 1.9})
   again.close()
   assert _remote_steps(workdir / "metrics.jsonl") == [1, 2, 3]
+  assert [json.loads(line) for line in (workdir / "steps.jsonl").read_text().splitlines()] == [
+    {"step": 1, "loss": 3.0, "tokens": 10},
+    {"step": 2, "loss": 2.5, "tokens": 20},
+    {"step": 3, "loss": 1.9, "tokens": 30},
+  ]
   assert json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["train/loss"] == 1.9
   assert len(list((workdir / "tb").iterdir())) == 2  # one event file per process, as on local disk
 

@@ -2,12 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import tiny_config
 
-from data_pipeline import pipeline as data_lib
 from mmbert_jax import MaskedLM, get_config, mlm_loss, sharding, train
 
 VOCAB = 1000
@@ -100,35 +99,11 @@ def test_bad_loss_config_errors():
 
 def _train_step_temporaries(loss_impl: str) -> int:
   cfg = get_config("tiny", vocab_size=4096, loss_impl=loss_impl, loss_chunk_size=512)
-  config = ml_collections.ConfigDict(
-    dict(optim=dict(name="stable_adamw", peak_lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8))
-  )
+  config = tiny_config("", batch_size=8, micro_batch_size=8, **{"data.max_masked": 32, "optim.weight_decay": 0.0})
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
-  model = train.model_graph(cfg, mesh)
-  tx = train.optimizer(config)
-  shardings = jax.tree.map(lambda x: x.sharding, model.abstract_params)
-  opt = jax.eval_shape(tx.init, model.abstract_params)
-  step = train.make_train_step(
-    model,
-    tx,
-    mesh,
-    num_languages=2,
-    seed=0,
-    param_shardings=shardings,
-    opt_shardings=jax.tree.map(lambda _: sharding.replicated(mesh), opt),
-  )
-  rows, seq, k = 8, 64, 32
-  batch = {
-    key: jax.ShapeDtypeStruct(
-      (1, rows, k if key.startswith("masked") else seq), jnp.float32 if key == "masked_weights" else jnp.int32
-    )
-    for key in data_lib.BATCH_KEYS
-  }
-  with jax.set_mesh(mesh):
-    compiled = step.lower(
-      model.abstract_params, opt, batch, jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
-    ).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+  program = train.build_program(config, mesh, num_languages=2, cfg=cfg)
+  assert program.abstract_batch()["masked_weights"].shape == (1, 8, 32)
+  return program.lower().compile().memory_analysis().temp_size_in_bytes
 
 
 def test_chunked_train_step_needs_fewer_temporaries():

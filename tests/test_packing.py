@@ -138,3 +138,28 @@ def test_segment_mask_blocks_cross_document_attention():
 def test_unknown_packer():
   with pytest.raises(ValueError, match="packing must be one of first_fit, best_fit"):
     packing.pack(grain.MapDataset.source(_docs(2)).to_iter_dataset(), S, packing="greedy")
+
+
+def test_streaming_packer_skips_to_the_index_an_empty_document_names():
+  """An empty document with "next": the packer asks for no index in between and packs the same rows as over the
+  documents without the gap."""
+  rng = np.random.default_rng(0)
+  real = [{"tokens": rng.integers(5, 100, rng.integers(1, 40)).astype(np.int32), "lang": 0} for _ in range(300)]
+  asked = []
+
+  def gapped(k):  # documents at 0..9, 100..109, 200..209, …; index 10 of each hundred skips to the next hundred
+    asked.append(k)
+    block, i = divmod(k, 100)
+    assert i <= 10
+    return real[10 * block + i] if i < 10 else {"tokens": np.zeros(0, np.int32), "lang": -1, "next": 100 * block + 100}
+
+  packer, plain = (
+    packing.StreamingPacker(gapped, 64, num_bins=4),
+    packing.StreamingPacker(real.__getitem__, 64, num_bins=4),
+  )
+  rows = [next(packer) for _ in range(20)]
+  expected = [next(plain) for _ in range(20)]
+  for a, b in zip(rows, expected):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert max(k % 100 for k in asked) == 10

@@ -75,8 +75,10 @@ def test_batch_format_and_contents(data_dir):
   it = pipeline.make_train_iterator(cfg, 0, 1)
   assert it.languages == LANGS
   k = masking.default_max_masked(64, 0.3)
+  schema = pipeline.batch_schema(64, k)
   for batch in _take(it, 20):
     assert tuple(batch) == pipeline.BATCH_KEYS
+    assert {key: (v.shape[1], v.dtype) for key, v in batch.items()} == schema  # what AOT compiles for
     for key in ("input_ids", "segment_ids", "positions", "lang_ids"):
       assert batch[key].shape == (8, 64) and batch[key].dtype == np.int32, key
     for key, dtype in (("masked_positions", np.int32), ("masked_labels", np.int32), ("masked_weights", np.float32)):
@@ -312,20 +314,43 @@ def web_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("streams", [2, 8])
-def test_every_batch_reads_and_packs_about_the_same(web_dir, streams):
-  """Documents read (and packed) per batch, one row per stream: rows are packed one at a time, so no batch piles
-  up the reading of many rows (a packer that fills all its 8 bins at once reads nothing on 7 batches of 8, and 8
-  rows' worth on the eighth): p99 ≤ 3 × median over 6 × 8 batches."""
-  cfg = _cfg(web_dir, seq_len=256, batch_size=streams, num_streams=streams, packing_bins=8)
+@pytest.mark.parametrize("read_block", [1, 32])
+def test_every_batch_reads_and_packs_about_the_same(web_dir, streams, read_block, monkeypatch):
+  """Documents packed per batch, one row per stream: rows are packed one at a time, so no batch piles up the
+  packing of many rows (a packer that fills all its 8 bins at once packs nothing on 7 batches of 8, and 8 rows'
+  worth on the eighth): p99 ≤ 3 × median over 6 × 8 batches. Read one document per visit and serially, the
+  documents read per batch are those packed, and spread the same way (in blocks, a buffer is read at once)."""
+  packed = [0]
+  call = pipeline._Reads.__call__
+
+  def counted(self, k):
+    doc = call(self, k)
+    packed[0] += len(doc["tokens"]) > 0
+    return doc
+
+  monkeypatch.setattr(pipeline._Reads, "__call__", counted)
+  cfg = _cfg(
+    web_dir,
+    seq_len=256,
+    batch_size=streams,
+    num_streams=streams,
+    packing_bins=8,
+    read_block=read_block,
+    shuffle_blocks=1 if read_block == 1 else 8,
+    read_threads=0 if read_block == 1 else 16,
+  )
   it = pipeline.make_train_iterator(cfg, 0, 1)
   _take(it, 8)  # start-up: every open row filled
-  read = []
+  read, pack = [], []
   for _ in range(6 * 8):
-    reads = pipeline.READERS.reads
+    reads, packs = pipeline.READERS.reads, packed[0]
     next(it)
     read.append(pipeline.READERS.reads - reads)
+    pack.append(packed[0] - packs)
   it.close()
-  assert np.percentile(read, 99) <= 3 * np.median(read) and np.median(read) >= streams
+  assert np.percentile(pack, 99) <= 3 * np.median(pack) and np.median(pack) >= streams
+  if read_block == 1:
+    assert read == pack
 
 
 _FILES_SCRIPT = """
@@ -529,3 +554,143 @@ def test_reader_evicted_while_another_thread_reads_it(data_dir):
   assert cache.max_in_flight > 1 and cache.opened > len(shards)  # readers were closed and opened again
   serial.close_all()
   cache.close_all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reads in blocks: the mixture and the passes, computed on the visits (no files are read)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _visit_streams(docs, lengths, weights, tau=0.3, streams=4, block=32, max_passes=None, total_tokens=None):
+  """Row streams over synthetic languages ({name: documents}; `lengths`: tokens of each document), and each
+  language's prefix sums of document lengths."""
+  from data_pipeline import mixture
+
+  names = tuple(docs)
+  counts = {l: (float(np.sum(lengths[l])), docs[l]) for l in names}
+  mix = mixture.compute_mixture(counts, mixture.PhaseSpec(None, tau, {}, max_passes, total_tokens))
+  cfg = pipeline.PipelineConfig(data_dir="unused", batch_size=streams, seq_len=8192, read_block=block)
+  shards = tuple(((f"{l}.array_record", docs[l]),) for l in mix.languages)
+  visit_w = pipeline.visit_weights(mix.doc_weights, [docs[l] for l in mix.languages], block)
+  plan = pipeline.Plan(cfg, mix.languages, shards, tuple(mix.doc_weights), visit_w, 5, 100, {})
+  orders, sources, selection = pipeline.block_orders(plan)
+  cum = [np.concatenate([[0], np.cumsum(lengths[l])]) for l in mix.languages]
+  return mix, [pipeline.StreamDocuments(plan, s, orders, sources, selection) for s in range(streams)], cum
+
+
+def test_language_shares_of_10k_batches_within_2_percent():
+  """Token shares read in 10⁴ batches of one decay host's share (4 rows × 8192), 200 languages of 2–500
+  documents (log-normal lengths, σ = 1.1), tau 0.3, blocks of 32: within 2% (relative) of p_l = n_l^τ / Σ n^τ for
+  the 60 largest languages, and for every language."""
+  rng = np.random.default_rng(0)
+  docs = {f"l{i:03d}": int(n) for i, n in enumerate(np.exp(rng.uniform(np.log(2), np.log(500), 200)))}
+  lengths = {l: rng.lognormal(np.log(300), 1.1, n).astype(int) + 3 for l, n in docs.items()}
+  mix, streams, cum = _visit_streams(docs, lengths, None)
+  tokens = np.array([lengths[l].sum() for l in mix.languages], float)
+  p = tokens**0.3 / np.sum(tokens**0.3)
+  got, v = np.zeros(len(p)), 0
+  while got.sum() < 1e4 * 4 * 8192:
+    for stream in streams:
+      lang, ranges = stream.visit(v)
+      for _, _, start, count in ranges:
+        got[lang] += cum[lang][start + count] - cum[lang][start]
+    v += 1
+  rel = np.abs(got / got.sum() / p - 1)
+  assert rel[np.argsort(-p)[:60]].max() < 0.02 and rel.max() < 0.02, rel.max()
+
+
+def test_pass_cap_holds_per_document():
+  """A 40-document language capped at 5 passes (max_passes, a cap per language): each of its documents is read 5
+  times, or 6 for the documents of one visit more than the expected number (a visit count is exact to one), and in
+  every language the reads per document differ by at most one (the streams' visits are one sequence, read in
+  whole passes of each language). Streams advance by tokens, as packing does."""
+  rng = np.random.default_rng(1)
+  docs = {"tiny": 40, "b": 3000, "c": 20000, "d": 50000}
+  lengths = {l: rng.lognormal(np.log(300), 1.1, n).astype(int) + 3 for l, n in docs.items()}
+  total = 0.5 * sum(float(v.sum()) for v in lengths.values())
+  mix, streams, cum = _visit_streams(docs, lengths, None, streams=32, max_passes=5.0, total_tokens=total)
+  assert mix.passes[mix.languages.index("tiny")] == pytest.approx(5.0)
+  reads = [np.zeros(docs[l], int) for l in mix.languages]
+  used, visits, read = np.zeros(len(streams)), np.zeros(len(streams), int), 0
+  while read < total:
+    s = int(np.argmin(used))
+    lang, ranges = streams[s].visit(visits[s])
+    visits[s] += 1
+    for _, _, start, count in ranges:
+      used[s] += cum[lang][start + count] - cum[lang][start]
+      read += cum[lang][start + count] - cum[lang][start]
+      reads[lang][start : start + count] += 1
+  tiny = reads[mix.languages.index("tiny")]
+  assert tiny.min() == 5 and tiny.max() <= 6 and abs(tiny.sum() - 5 * 40) <= 32, tiny
+  for r in reads:
+    assert r.max() - r.min() <= 1
+
+
+def test_a_buffer_hands_out_every_document_of_its_visits_once():
+  """A buffer's indices: first each document of its visits once, then empty ones (short visits leave room)."""
+  rng = np.random.default_rng(2)
+  docs = {"a": 5, "b": 70, "c": 1000}
+  lengths = {l: rng.integers(1, 9, n) for l, n in docs.items()}
+  _, streams, _ = _visit_streams(docs, lengths, None, block=8)
+  stream = streams[1]
+  for w in range(3):
+    got = [stream.slot(k) for k in range(w * stream.slots, (w + 1) * stream.slots)]
+    sizes = {v: sum(r[3] for r in stream.visit(v)[1]) for v in range(w * 8, (w + 1) * 8)}
+    real = sum(sizes.values())
+    assert real < stream.slots and all(g is None for g in got[real:])  # "a" has 5 documents: short visits
+    assert sorted(got[:real]) == sorted((v, t) for v, n in sizes.items() for t in range(n))
+
+
+def test_block_reads_open_a_shard_per_visit(tmp_path):
+  """120 languages of 64 documents, 8 open readers: documents read one at a time open a shard for almost every
+  document; in blocks of 32, about one per visit (two where a block crosses the end of a language)."""
+  rng = np.random.default_rng(0)
+  docs = {
+    f"l{i:03d}_Latn": [rng.integers(5, 1000, rng.integers(8, 40)).tolist() for _ in range(64)] for i in range(120)
+  }
+  info = {"path": "synthetic", "vocab_size": 1000, "special_ids": SPECIAL}
+  prepare.write_pretokenized(str(tmp_path), docs, info, prepare.Settings("", max_len=64, eval_documents=0))
+  opens = {}
+  for block in (1, 32):
+    cfg = _cfg(str(tmp_path), tau=0.0, batch_size=4, read_block=block, max_open_files=8, read_threads=0)
+    it = pipeline.make_train_iterator(cfg, 0, 1)
+    _take(it, 5)
+    opened, requests = pipeline.READERS.opened, pipeline.READERS.requests
+    _take(it, 40)
+    opens[block] = (pipeline.READERS.opened - opened) / 40
+    visits = (pipeline.READERS.requests - requests) / 40
+    it.close()
+    assert opens[block] <= visits
+  assert opens[32] < opens[1] / 8, opens
+
+
+def test_bucket_data_that_does_not_fit_the_cache_is_refused_before_copying(data_dir, gcs_bucket, tmp_path, monkeypatch):
+  """A gs:// data_dir whose phase shards (those not cached yet) exceed the cache disk's free space: one line naming
+  the size, the free space and the gcsfuse route, and nothing copied; once the shards are cached, no room is
+  needed."""
+  import uuid
+
+  from data_pipeline import filesystem as fs
+
+  remote = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/data")
+  fs.copy_tree(fs.path(data_dir), remote)
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("MMBERT_JAX_CACHE", str(cache))
+  stats = json.load(open(os.path.join(data_dir, "stats.json")))
+  size = sum(
+    os.path.getsize(os.path.join(data_dir, s["path"]))
+    for l in ("aaa_Latn",)
+    for s in stats["languages"][l]["train"]["shards"]
+  )
+  cfg = _cfg(os.fspath(remote), languages=("aaa_Latn",))
+  monkeypatch.setattr(fs, "free_space", lambda folder: size - 1)
+  with pytest.raises(ValueError) as e:
+    pipeline.make_train_iterator(cfg, 0, 1)
+  message = str(e.value)
+  assert "\n" not in message and f"{size / 2**30:.1f} GiB" in message and "gcsfuse" in message, message
+  assert f"free in {cache}" in message and "MMBERT_JAX_CACHE" in message
+  assert not cache.exists() or not [f for _, _, files in os.walk(cache) for f in files]
+  monkeypatch.setattr(fs, "free_space", lambda folder: size)
+  pipeline.make_train_iterator(cfg, 0, 1).close()
+  monkeypatch.setattr(fs, "free_space", lambda folder: 0)  # all cached now
+  pipeline.make_train_iterator(cfg, 0, 1).close()

@@ -206,3 +206,41 @@ def test_an_override_every_phase_replaces_is_refused(tmp_path):
   del demo.phase_overrides.decay_cont["train_tokens"]  # now one phase takes the shared value
   preflight.check(demo, str(tmp_path / "c"), {"train_tokens": 7, "phase_overrides.pretrain.train_tokens": 9})
   preflight.check(load_config("demo"), str(tmp_path / "d"), {"optim.peak_lr": 1e-3})
+
+
+def test_init_from_a_transformers_directory(tmp_path, demo_data):
+  import shutil
+
+  from flax import nnx
+
+  from mmbert_jax import hf
+  from mmbert_jax.model import MaskedLM
+
+  def transformers_dir(name, **model):
+    path = str(tmp_path / name)
+    model = dict(global_rope_theta=10_000.0, local_rope_theta=10_000.0) | model  # as configs/base.py
+    hf.save(MaskedLM(get_config("tiny", **model), rngs=nnx.Rngs(0)), path)
+    return path
+
+  fits = transformers_dir("fits", vocab_size=1000, num_layers=3)
+  workdir = str(tmp_path / "run")
+  preflight.check(tiny_config(demo_data, init_from=fits), workdir)
+  preflight.check(tiny_config(demo_data, init_from=fits, **{"model.remat": "full"}), workdir)  # how it runs
+  _fails(
+    tiny_config(demo_data, init_from=fits, **{"model.hidden_size": 128}),
+    workdir,
+    "config.model.hidden_size=128 conflicts with",
+    "config.json (hidden_size=64)",
+  )
+  _fails(tiny_config(demo_data, init_from=fits, init_optimizer_state=True), workdir, "holds no optimizer state")
+  # Data tokenized with another vocabulary than the checkpoint's.
+  bigger = transformers_dir("bigger", vocab_size=1024)
+  c = tiny_config(demo_data, init_from=bigger)
+  c.model.vocab_size = None
+  _fails(c, workdir, "was tokenized with", "vocab_size=1000", "has vocab_size=1024")
+  # A directory that ships its tokenizer: the data must have been tokenized with that very file.
+  shutil.copy(os.path.join(demo_data, "tokenizer.model"), os.path.join(fits, "tokenizer.model"))
+  preflight.check(tiny_config(demo_data, init_from=fits), workdir)
+  with open(os.path.join(fits, "tokenizer.model"), "ab") as f:
+    f.write(b"another tokenizer")
+  _fails(tiny_config(demo_data, init_from=fits), workdir, "not with the tokenizer of", "tokenizer.model")

@@ -207,9 +207,26 @@ def test_rerun_skips_finished_units(tmp_path, tok, monkeypatch):
   }
   calls = []
   monkeypatch.setattr(prepare, "process_unit", lambda *a, **k: calls.append(a))
+  reads, read_json = [], prepare._read_json
+  monkeypatch.setattr(prepare, "_read_json", lambda path: reads.append(os.fspath(path)) or read_json(path))
   again = prepare.prepare(source, out, _settings(tok), progress=False)
   assert calls == [] and again == first
   assert all(os.path.getmtime(os.path.join(out, p)) == t for p, t in mtimes.items())
+  # Each unit's record is read once (not again for stats.json).
+  units = sorted(r for r in reads if "/_units/" in r)
+  assert units == sorted(os.path.join(out, "_units", n) for n in os.listdir(os.path.join(out, "_units")))
+
+
+def test_stats_come_from_the_records_in_hand(tmp_path, tok, monkeypatch):
+  """A run that tokenized every unit builds stats.json from the records it holds: no unit record is read back."""
+  reads, read_json = [], prepare._read_json
+  monkeypatch.setattr(prepare, "_read_json", lambda path: reads.append(os.fspath(path)) or read_json(path))
+  out = str(tmp_path / "out")
+  stats = prepare.prepare(_text_corpus(tmp_path / "txt"), out, _settings(tok), progress=False)
+  assert not [r for r in reads if "/_units/" in r]
+  assert stats == prepare.aggregate(
+    prepare.finished_units(out), stats["tokenizer"], prepare.Settings(**stats["settings"])
+  )
 
 
 def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, tok, monkeypatch):

@@ -3,6 +3,7 @@
 import io
 import os
 
+import numpy as np
 import pytest
 
 from mmbert_jax import progress
@@ -19,21 +20,23 @@ class FakeClock:
 def test_progress_fields_and_etas_follow_the_measured_rate():
   clock = FakeClock()
   p = progress.Progress("midtrain", budget=1_000_000, tokens=200_000, later_tokens=3_000_000, clock=clock)
-  clock.t += 50.0  # first report: includes the compilation
+  clock.t += 50.0  # first report: includes the compilation, so it gives no rate
   f = p.update(10, 250_000)
   assert f["tokens_per_s"] == pytest.approx(50_000 / 50)
   assert f["fraction"] == pytest.approx(0.25)
-  assert f["eta_phase_s"] == pytest.approx(750_000 / 1000)
+  assert f["eta_phase_s"] is None and f["eta_total_s"] is None
   clock.t += 10.0  # from here on the rate excludes the first interval
   f = p.update(20, 350_000)
   assert f["tokens_per_s"] == pytest.approx(10_000)
-  assert f["eta_phase_s"] == pytest.approx(650_000 / 10_000)
+  assert f["eta_phase_s"] == f["eta_phase_raw_s"] == pytest.approx(650_000 / 10_000)
   clock.t += 30.0
   f = p.update(30, 450_000, mfu=0.5, loss=2.0)
   rate = 200_000 / 40.0  # since the first report
   assert f["tokens_per_s"] == pytest.approx(100_000 / 30)
-  assert f["eta_phase_s"] == pytest.approx(550_000 / rate)
-  assert f["eta_total_s"] == pytest.approx((550_000 + 3_000_000) / rate)
+  assert f["eta_phase_raw_s"] == pytest.approx(550_000 / rate)
+  assert f["eta_total_raw_s"] == pytest.approx((550_000 + 3_000_000) / rate)
+  # The rate fell threefold: the shown ETA moves from the previous one counted down (35 s) by at most the noise.
+  assert f["eta_phase_s"] == pytest.approx((65 - 30) * (1 + p.noise()))
   assert (f["phase"], f["step"], f["tokens"], f["budget"], f["mfu"], f["loss"]) == (
     "midtrain",
     30,
@@ -152,3 +155,103 @@ def test_profiler_traces_the_chosen_steps(tmp_path):
   other = progress.Profiler(str(tmp_path / "other"), start_step=0, num_steps=1, process_index=1)
   other.before_step(0)  # only process 0 traces by default
   assert not other._active and not (tmp_path / "other").exists()
+
+
+def test_eta_moves_by_at_most_the_noise_and_converges():
+  """A phase at 10k tokens per ~1 s with ±20% noise per report, and a 5 s evaluation every 50 reports."""
+  rng = np.random.default_rng(0)
+  clock = FakeClock()
+  budget = 2_000_000
+  p = progress.Progress("pretrain", budget, clock=clock)
+  clock.t += 40.0  # compilation
+  p.update(1, 10_000)
+  shown, raw_jumps, tokens = [], [], 10_000
+  for step in range(2, 300):
+    tokens = min(tokens + 10_000, budget)
+    dt = rng.uniform(0.8, 1.2) + (5.0 if step % 50 == 0 else 0.0)
+    clock.t += dt
+    f = p.update(step, tokens)
+    if shown and f["eta_phase_s"] and shown[-1][2]:
+      expected = shown[-1][2] - dt  # the previous ETA counted down
+      noise = p.noise()
+      assert abs(f["eta_phase_s"] - expected) <= noise * expected + 1e-9, step
+      assert 0.02 <= noise <= 0.5
+      raw_jumps.append(abs(f["eta_phase_raw_s"] - expected) / expected)
+    shown.append((tokens, clock.t, f["eta_phase_s"]))
+    if tokens == budget:
+      break
+  assert shown[-1][2] == 0.0
+  # The intervals with an evaluation move the raw estimate by more than the shown one may move.
+  assert max(raw_jumps) > 2 * min(raw_jumps) and max(raw_jumps) > 0.03
+  # From a quarter of the phase on, the shown ETA is within 10% (or 1 s) of the remaining time at the true mean rate
+  # (1 s per 10k tokens, and 5 s every 50 reports).
+  for tokens, _, eta in shown[:-1]:
+    if tokens >= budget // 4:
+      assert eta == pytest.approx((budget - tokens) / 10_000 * (1 + 5 / 50), rel=0.1, abs=1.0), tokens
+
+
+def test_curriculum_eta_adds_the_work_after_the_loop():
+  """Phase a (1000 tokens), phase b (2000 tokens at twice a's FLOPs per token), a merge and 4 fine-tunings."""
+  clock = FakeClock()
+  outlook = progress.Outlook(
+    [
+      progress.Part("a", tokens=1000, cost=1.0),
+      progress.Part("b", tokens=2000, cost=2.0),
+      progress.Part("merge", kind="merge"),
+      progress.Part("downstream", kind="finetune", units=4),
+    ],
+    clock=clock,
+  )
+  outlook.begin("a")
+  clock.t += 5.0  # setup before the loop's progress starts
+  p = progress.Progress("a", 1000, outlook=outlook, clock=clock)
+  clock.t += 25.0  # compilation and the first step
+  p.update(1, 100)
+  assert outlook.start_s == {"a": 30.0}
+  for step, tokens in enumerate(range(200, 1001, 100), start=2):
+    clock.t += 1.0  # 100 tokens/s
+    f = p.update(step, tokens)
+  # At a's last step: its end (no phase has ended yet: a quarter of its start), b's start, loop (2000 tokens at
+  # 2 × a's 0.01 s per token) and end, the merge (three ends) and four fine-tunings (a start each).
+  end = progress.END_PER_START * 30.0
+  after = (
+    end + (30.0 + 2000 * 2 * 0.01 + end) + progress.MERGE_PER_END * end + 4 * progress.FINETUNE_UNIT_PER_START * 30
+  )
+  assert f["eta_phase_s"] == 0.0
+  assert f["eta_total_raw_s"] == pytest.approx(after)
+  a_total = f["eta_total_s"]
+  clock.t += 12.0  # a's final checkpoint and evaluation
+  outlook.end("a")
+  assert outlook.end_s == {"a": 12.0}
+  outlook.begin("b")
+  p = progress.Progress("b", 2000, outlook=outlook, clock=clock)
+  clock.t += 20.0
+  p.update(1, 100)
+  clock.t += 10.0
+  f = p.update(2, 200)  # 10 tokens/s: b is five times slower per FLOP than a
+  assert f["eta_phase_raw_s"] == pytest.approx(1800 / 10)
+  # A fine-tuning unit is taken from the median start measured (of a's 30 s and b's 20 s).
+  raw = 1800 / 10 + 12.0 + progress.MERGE_PER_END * 12.0 + 4 * progress.FINETUNE_UNIT_PER_START * 25.0
+  assert f["eta_total_raw_s"] == pytest.approx(raw)
+  # The curriculum's ETA stays smooth across the phases: b's first moves from a's last counted down (42 s ago) by
+  # at most the noise of a single interval (50%).
+  expected = a_total - 42.0
+  assert f["eta_total_s"] == pytest.approx(np.clip(raw, 0.5 * expected, 1.5 * expected))
+  assert f["eta_total_s"] == pytest.approx(1.5 * expected) and 1.5 * expected < raw
+
+
+def test_a_progress_line_at_the_first_step_and_every_tenth():
+  """A 30-step phase logged every 25 steps still reports at its first step, each 10% and its last step."""
+  clock = FakeClock()
+  per_step, steps = 4096, 30
+  p = progress.Progress("decay_all", per_step * steps, clock=clock)
+  reported = []
+  for step in range(1, steps + 1):
+    clock.t += 1.0
+    if step % 25 == 0 or p.due(step * per_step):
+      p.update(step, step * per_step)
+      reported.append(step)
+  fractions = [s / steps for s in reported]
+  assert reported[0] == 1 and reported[-1] == steps
+  assert max(np.diff([0.0] + fractions)) <= 0.1 + 1 / steps  # no gap wider than a tenth (and one step)
+  assert len(reported) <= 12

@@ -1,5 +1,6 @@
 """`python -m mmbert_jax.report`: PNGs whose plotted data are the run's records."""
 
+import itertools
 import json
 import os
 
@@ -8,7 +9,7 @@ import pytest
 from helpers import load_config
 from tiny_run import run_module
 
-from mmbert_jax import metrics, report
+from mmbert_jax import metrics, phases, report, train
 
 # A curriculum in miniature: (phase, phase it starts from, tokens per step, steps, languages).
 PHASES = [
@@ -128,3 +129,161 @@ def test_report_command_writes_pngs_for_a_curriculum_and_a_phase(curriculum, tmp
   (curriculum / "empty").mkdir()
   proc = run_module("mmbert_jax.report", f"--workdir={curriculum / 'empty'}", timeout=120)
   assert proc.returncode != 0 and "holds no run records" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every step, the real schedule, many languages, a bucket and a running phase
+# ---------------------------------------------------------------------------------------------------------------
+
+STEP_TOKENS, DECAY_STEPS = 4096, 30
+
+
+def _decay_phase(workdir, *, steps=DECAY_STEPS, before=1_000_000):
+  """A decay_all phase of the demo as the loop records it: a step record every step, log records every 25 steps."""
+  rng = np.random.default_rng(1)
+  config = phases.phase_config(load_config("demo"), "decay_all", str(workdir))
+  config.train_tokens = DECAY_STEPS * STEP_TOKENS
+  config.log_every_steps = 25
+  schedule = train.lr_schedule(config)
+  writer = metrics.MetricWriter(str(workdir), enabled=True, console=False)
+  writer.write_config(config)
+  for step in range(1, steps + 1):
+    tokens = step * STEP_TOKENS
+    record = {"loss": float(rng.uniform(3, 5)), "accuracy": 0.2, "lr": float(schedule(tokens)), "tokens": tokens}
+    writer.write_step(step, record | {"total_tokens": before + tokens})
+    if step % config.log_every_steps == 0:
+      writer.write(step, {"train/loss": record["loss"], "train/lr": record["lr"], "train/tokens": tokens})
+  writer.close()
+  return config
+
+
+def _lines(ax):
+  return {line.get_gid(): line for line in ax.get_lines() if line.get_gid()}
+
+
+def test_loss_plot_has_every_step_and_the_schedule_of_the_phase(tmp_path):
+  config = _decay_phase(tmp_path / "decay_all")
+  (phase,) = report.load_run(str(tmp_path / "decay_all"))  # a one-phase report
+  fig = report.plot_loss([phase])
+  ax, ax_lr = fig.axes
+  steps = _records(tmp_path / "decay_all", "steps.jsonl")
+  loss = _lines(ax)["decay_all/loss"]
+  assert len(loss.get_xdata()) == DECAY_STEPS  # every step, though only step 25 was logged
+  np.testing.assert_array_equal(loss.get_xdata(), [1_000_000 + s["tokens"] for s in steps])
+  np.testing.assert_array_equal(loss.get_ydata(), [s["loss"] for s in steps])
+  smoothed = _lines(ax)["decay_all/smoothed"].get_ydata()
+  y, w = np.array([s["loss"] for s in steps]), max(5, DECAY_STEPS // 20)
+  window = [y[i - w // 2 : i + w // 2 + 1].mean() for i in range(w // 2, DECAY_STEPS - w // 2)]
+  np.testing.assert_allclose(smoothed[w // 2 : DECAY_STEPS - w // 2], window)
+  assert smoothed[0] == pytest.approx(y[: w // 2 + 1].mean())  # fewer points at the ends
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == ["decay_all"]
+  # The LR panel: the phase's 1−sqrt decay from its config over its whole budget, the logged LR on top.
+  x, lr = _lines(ax_lr)["decay_all/schedule"].get_data()
+  assert x[0] == 1_000_000 and x[-1] == 1_000_000 + config.train_tokens and len(x) >= 200
+  s = config.schedule
+  pick = np.linspace(0, len(x) - 1, 20).astype(int)
+  progress = np.minimum((x[pick] - 1_000_000) / s.decay_tokens, 1.0)
+  peak, floor = config.optim.peak_lr, s.final_fraction
+  np.testing.assert_allclose(lr[pick], peak * (floor + (1 - floor) * (1 - np.sqrt(progress))), rtol=0, atol=1e-6)
+  assert lr[0] == pytest.approx(peak) and lr[-1] == pytest.approx(peak * floor)
+  logged = _lines(ax_lr)["decay_all/logged"]
+  np.testing.assert_array_equal(logged.get_ydata(), [s["lr"] for s in steps])
+
+
+def test_mixture_plot_of_1834_languages_is_readable():
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+  rng = np.random.default_rng(2)
+  names = [f"{a}{b}{c}_Latn" for a, b, c in itertools.product("abcdefghijklm", repeat=3)][:1834]
+  n = dict(zip(names, np.exp(rng.uniform(np.log(1e3), np.log(1e10), len(names)))))
+  by_n = sorted(names, key=lambda l: -n[l])
+
+  def mixture(name, langs, tau):
+    w = np.array([n[l] ** tau for l in langs])
+    return report.Phase(
+      name, "", [], [], {"languages": langs, "tokens": [n[l] for l in langs], "weights": list(w / w.sum())}, None
+    )
+
+  runs = [mixture("midtrain", by_n[:110], 0.5), mixture("decay_all", names, 0.3)]
+  fig = report.plot_mixture(runs)
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  width, height = fig.bbox.width, fig.bbox.height  # pixels of the PNG
+  assert width <= 1600 and height <= 800
+  renderer = canvas.get_renderer()
+  for ax in fig.axes:
+    for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+      shown = [t for t in axis.get_major_ticks() if min(lim) <= t.get_loc() <= max(lim)]  # drawn: inside the view
+      labels = [t.label1 for t in shown if t.label1.get_visible() and t.label1.get_text()]
+      assert len(labels) <= 60
+      boxes = [t.get_window_extent(renderer) for t in labels]
+      for t, box in zip(labels, boxes):
+        assert t.get_fontsize() >= 7
+        assert 0 <= box.x0 and box.x1 <= width + 1 and 0 <= box.y0 and box.y1 <= height + 1, t.get_text()
+      for a, b in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b) or a.intersection(a, b).width * a.intersection(a, b).height < 1.0
+  ax, ax_rank, ax_n, ax_rank_n = fig.axes
+  labels = [t.get_text() for t in ax_n.get_xticklabels()]
+  assert labels == by_n[: report.HEAD] + ["other 1,794"]  # the largest by name, the rest as one group
+  tail = by_n[report.HEAD :]
+  np.testing.assert_allclose(
+    [b.get_height() for b in ax_n.patches], [n[l] for l in by_n[: report.HEAD]] + [sum(n[l] for l in tail)]
+  )
+  p = dict(zip(runs[1].mixture["languages"], runs[1].mixture["weights"]))
+  head_p = _lines(ax)["decay_all/p"].get_ydata()
+  np.testing.assert_allclose(head_p, [p[l] for l in by_n[: report.HEAD]] + [sum(p[l] for l in tail)])
+  rank = _lines(ax_rank)["decay_all/rank_p"]
+  np.testing.assert_array_equal(rank.get_xdata(), np.arange(1, 1835))
+  np.testing.assert_allclose(rank.get_ydata(), [p[l] for l in by_n])
+  mid = _lines(ax_rank)["midtrain/rank_p"].get_ydata()
+  assert np.isfinite(mid[:110]).all() and np.isnan(mid[110:]).all()  # midtrain's languages only
+  np.testing.assert_allclose(_lines(ax_rank_n)["rank_n"].get_ydata(), [n[l] for l in by_n])
+
+
+def test_eval_plot_of_many_languages_labels_at_most_60():
+  rng = np.random.default_rng(3)
+  langs = [f"l{i:03d}" for i in range(300)]
+  mix = {"languages": langs[:100], "tokens": list(range(100, 0, -1)), "weights": [0.01] * 100}
+  results = {l: {"loss": float(rng.uniform(2, 8))} for l in langs}
+  runs = [
+    report.Phase("midtrain", "", [], [{"results": results}], mix, None),
+    report.Phase("decay_all", "", [], [{"results": results}], dict(mix, languages=langs[:250]), None),
+  ]
+  fig = report.plot_eval(runs)
+  fig.draw_without_rendering()
+  (ax,) = fig.axes
+  ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+  assert 0 < len(ticks) <= 60
+  line = ax.get_lines()[0]
+  order = langs  # by entry phase (midtrain's 100 by tokens, then decay_all's 150, then eval only), then name
+  np.testing.assert_array_equal(line.get_ydata(), [results[l]["loss"] for l in order])
+  assert [t.get_text() for t in ticks] == order[:: int(np.ceil(300 / 60))]
+  assert [round(p.get_x() + 0.5) for p in ax.patches] == [100, 250]  # one span per block entering late
+  assert [t.get_text() for t in ax.texts] == ["enter in decay_all", "enter in eval only"]
+
+
+@pytest.mark.gcs
+def test_report_of_a_bucket_workdir_and_of_a_running_phase(gcs_bucket, tmp_path):
+  import uuid
+
+  from data_pipeline import filesystem as fs
+
+  root = fs.path(f"{gcs_bucket}/{uuid.uuid4().hex[:8]}/run")
+  _write_curriculum(root)
+  paths = report.write_plots(str(root))
+  assert paths == [str(root / "plots" / f"{n}.png") for n in report.PLOTS]
+  assert all((root / "plots" / f"{n}.png").read_bytes().startswith(b"\x89PNG") for n in report.PLOTS)
+  # A phase still running: records up to a step whose line is half written, no log step or evaluation yet.
+  running = tmp_path / "running"
+  _decay_phase(running, steps=7)
+  with open(running / "steps.jsonl", "a") as f:
+    f.write('{"step": 8, "loss": 4.')
+  os.remove(running / "metrics.jsonl")
+  assert [os.path.basename(p) for p in report.write_plots(str(running))] == ["loss.png"]
+  (phase,) = report.load_run(str(running))
+  np.testing.assert_array_equal(
+    report.loss_curves([phase])["decay_all"]["tokens"], 1_000_000 + STEP_TOKENS * np.arange(1, 8)
+  )
+  # Its schedule is drawn over the whole budget, ahead of the steps done.
+  x, _ = _lines(report.plot_loss([phase]).axes[1])["decay_all/schedule"].get_data()
+  assert x[-1] == 1_000_000 + DECAY_STEPS * STEP_TOKENS

@@ -69,3 +69,41 @@ def test_block_mix_rejects_bad_weights():
     sampling.BlockMixSelection([0.0, 0.0], seed=0)
   with pytest.raises(ValueError, match="non-negative"):
     sampling.BlockMixSelection([1.0, -1.0], seed=0)
+
+
+@pytest.mark.parametrize("n,block,max_cached", [(1, 4, 2048), (5, 8, 2048), (32, 8, 2048), (37, 8, 2048), (300, 7, 8)])
+def test_block_order_reads_every_document_once_per_pass(n, block, max_cached):
+  """Every pass: blocks of consecutive documents (on the ring of n), all full but one of n mod block, covering
+  every document once, in a new order and at a new offset."""
+  order = sampling.BlockOrder(n, block, seed=11, max_cached=max_cached)
+  per_pass = -(-n // block)
+  assert order.per_pass == per_pass
+  passes = []
+  for e in range(5):
+    docs, sizes = [], []
+    for q in range(e * per_pass, (e + 1) * per_pass):
+      first, count = order[q]
+      assert 0 <= first < n
+      docs += [(first + i) % n for i in range(count)]
+      sizes.append(count)
+    assert sorted(docs) == list(range(n))
+    assert sorted(sizes) == sorted([block] * (n // block) + ([n % block] if n % block else []))
+    passes.append(docs)
+  if n > block:
+    assert len({tuple(p) for p in passes}) == 5
+  again = pickle.loads(pickle.dumps(sampling.BlockOrder(n, block, seed=11, max_cached=max_cached)))
+  assert [again[q] for q in range(3 * per_pass)] == [order[q] for q in range(3 * per_pass)]
+
+
+def test_block_order_short_block_anywhere_in_the_pass():
+  """The short block's place in a pass is random, so each visit of a pass reads n / per_pass documents on average
+  (a partial pass reads a language in its mean proportion too)."""
+  order = sampling.BlockOrder(33, 8, seed=2)  # 4 blocks of 8 and one of 1 per pass
+  places = collections.Counter(next(i for i in range(5) if order[e * 5 + i][1] == 1) for e in range(2000))
+  assert sorted(places) == list(range(5)) and min(places.values()) > 300
+
+
+def test_window_order_is_a_permutation_per_buffer():
+  a, b = sampling.window_order(1, 0, 0, 64), sampling.window_order(1, 0, 1, 64)
+  assert sorted(a) == list(range(64)) and sorted(b) == list(range(64)) and list(a) != list(b)
+  assert list(sampling.window_order(1, 0, 0, 64)) == list(a) and list(sampling.window_order(1, 1, 0, 64)) != list(a)

@@ -40,7 +40,9 @@ def _three_steps(mesh_sizes, devices, **model_overrides):
   config = tiny_config("", **{"optim.peak_lr": 1e-3})
   cfg = get_config("tiny", attn_out_dropout=0.1, **model_overrides)
   mesh = sharding.make_mesh(mesh_sizes, devices)
-  params, opt, step = train.fresh_train_state(cfg, config, mesh, num_languages=3)
+  program = train.build_program(config, mesh, num_languages=3, cfg=cfg)
+  params, opt = program.init()
+  step = program.step
   put = train.make_put(mesh, leading=1)
   rng = np.random.default_rng(0)
   losses = []
@@ -79,36 +81,11 @@ def test_activations_hold_only_each_devices_rows():
   hidden dimension instead), so per-device memory grew with the slice rather than with the rows per device."""
   import re
 
-  from mmbert_jax import aot
-
   cfg = get_config("tiny").replace(vocab_size=1024, attention_impl="xla")
   mesh = sharding.make_mesh({"fsdp": 8}, jax.devices()[:8])
-  config = tiny_config("")
-  model = train.model_graph(cfg, mesh, 0)
-  tx = train.optimizer(config)
-  opt = aot.abstract_optimizer_state(tx, model.abstract_params, mesh)
   seq = 128
-  with jax.set_mesh(mesh):
-    step = train.make_train_step(
-      model,
-      tx,
-      mesh,
-      num_languages=4,
-      seed=0,
-      param_shardings=jax.tree.map(lambda x: x.sharding, model.abstract_params),
-      opt_shardings=jax.tree.map(lambda x: x.sharding, opt),
-    )
-    hlo = (
-      step.lower(
-        model.abstract_params,
-        opt,
-        aot.abstract_batch(mesh, 1, 16, seq, 48),
-        jax.ShapeDtypeStruct((), jnp.float32),
-        jax.ShapeDtypeStruct((), jnp.int32),
-      )
-      .compile()
-      .as_text()
-    )
+  config = tiny_config("", batch_size=16, micro_batch_size=16, **{"data.seq_len": seq})
+  hlo = train.build_program(config, mesh, num_languages=4, cfg=cfg).lower().compile().as_text()
   rows = {int(n) for n in re.findall(rf"\b(?:f32|bf16)\[(\d+),{seq},", hlo)}
   assert rows == {2}, rows
 

@@ -5,7 +5,7 @@ same run (what this backend can actually do).
   python -m mmbert_jax.benchmarks.train_step --preset=mmbert-base --layers=22 --vocab=256000 --seq_len=1024 \
       --batch=32 --mask_rate=0.3 --dtype=bfloat16                        # the mmbert-base pre-training shape
 
-The step is the real one (`train.make_train_step`: sparse MLM head, StableAdamW, gradient accumulation scan) on
+The step is the real one (`train.build_program`: sparse MLM head, StableAdamW, gradient accumulation scan) on
 synthetic packed rows (documents of 64–512 tokens), sharded over all local devices (fsdp).
 """
 
@@ -15,10 +15,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import flags
 
+from configs import base as base_config
 from mmbert_jax import cli, sharding, train
 from mmbert_jax import flops as flops_lib
 from mmbert_jax.model import get_config
@@ -43,8 +43,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("matmul", 4096, "Size n of the n×n×n reference matmul.")
 
 
-def synthetic_batch(rng, rows, seq, k, vocab):
-  """Packed rows of random documents with per-document positions and k masked slots per row."""
+def synthetic_batch(rng, rows, seq, k, vocab, slots):
+  """Packed rows of random documents with per-document positions and k masked tokens in `slots` slots per row."""
   seg = np.zeros((rows, seq), np.int32)
   pos = np.zeros((rows, seq), np.int32)
   for r in range(rows):
@@ -54,14 +54,17 @@ def synthetic_batch(rng, rows, seq, k, vocab):
       seg[r, start : start + n], pos[r, start : start + n] = doc, np.arange(n)
       start, doc = start + n, doc + 1
   ids = rng.integers(5, vocab, (rows, seq)).astype(np.int32)
-  mp = np.stack([rng.choice(seq, k, replace=False) for _ in range(rows)]).astype(np.int32)
+  mp = np.zeros((rows, slots), np.int32)
+  mp[:, :k] = np.stack([rng.choice(seq, k, replace=False) for _ in range(rows)])
+  weights = np.zeros((rows, slots), np.float32)
+  weights[:, :k] = 1.0
   return dict(
     input_ids=ids,
     segment_ids=seg,
     positions=pos,
     masked_positions=mp,
     masked_labels=np.take_along_axis(ids, mp, 1),
-    masked_weights=np.ones((rows, k), np.float32),
+    masked_weights=weights,
     lang_ids=np.zeros((rows, seq), np.int32),
   )
 
@@ -94,11 +97,15 @@ def main(argv):
   mesh = sharding.make_mesh({"fsdp": -1})
   rows = FLAGS.batch
   k = max(1, int(round(FLAGS.mask_rate * FLAGS.seq_len)))
-  optim_config = ml_collections.ConfigDict(
-    dict(optim=dict(name="stable_adamw", peak_lr=8e-4, weight_decay=8e-5, b1=0.9, b2=0.95, eps=1e-8))
+  config = base_config.get_config()  # the recipe's optimizer (StableAdamW) and seed
+  config.update_from_flattened_dict(
+    {"batch_size": rows, "micro_batch_size": rows, "data.seq_len": FLAGS.seq_len, "data.mask_rate": FLAGS.mask_rate}
   )
-  params, opt, step = train.fresh_train_state(cfg, optim_config, mesh)
-  batch = synthetic_batch(np.random.default_rng(0), rows, FLAGS.seq_len, k, cfg.vocab_size)
+  program = train.build_program(config, mesh, num_languages=1, cfg=cfg)
+  params, opt = program.init()
+  step = program.step
+  # k predicted tokens per row in the pipeline's program.masked slots (the rest are unused, weight 0).
+  batch = synthetic_batch(np.random.default_rng(0), rows, FLAGS.seq_len, k, cfg.vocab_size, program.masked)
   put = train.make_put(mesh, leading=1)
   device_batch = put(train.stack_microbatches([batch]))
 
