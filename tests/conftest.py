@@ -66,3 +66,10 @@ def gcs_bucket():
       os.environ[k] = v
   proc.kill()
   proc.wait()
+
+
+def pytest_collection_modifyitems(items):
+  """A test that takes the emulator's bucket is a `gcs` test (`-m gcs` selects them, `-m "not gcs"` leaves them out)."""
+  for item in items:
+    if "gcs_bucket" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.gcs)

@@ -17,6 +17,7 @@ if importlib.util.find_spec("libtpu") is None:
 from data_pipeline import masking  # noqa: E402
 from mmbert_jax import aot  # noqa: E402
 
+pytestmark = pytest.mark.aot
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +65,7 @@ def test_slice_names_follow_cloud_tpu_accelerator_types():
     assert {d.device_kind for d in devices} == {kind}
 
 
+@pytest.mark.slow
 def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
   c = _config("pretrain", "base")
   c.model_preset = "tiny"
@@ -91,6 +93,7 @@ def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
   assert "MLM loss dense · layers unrolled" in r.text()
 
 
+@pytest.mark.slow
 def test_mmbert_base_pretrain_compiles_for_v5p_with_sharded_state():
   # The pretrain config with a 4-row batch (one row per chip of a v5p-8) keeps the compile short on a CPU.
   c = _config("pretrain", "base")
@@ -118,6 +121,7 @@ def test_unknown_topology_lists_the_known_ones():
   assert all(name in r.stderr for name in ("v5e-8", "v5p-64", "v6e-256", "v4-8"))
 
 
+@pytest.mark.slow
 def test_step_that_cannot_fit_exits_nonzero():
   r = _cli(
     "--config=configs/pretrain.py:base",
@@ -132,6 +136,7 @@ def test_step_that_cannot_fit_exits_nonzero():
   assert "does not fit in the 15.75 GiB of a v5e-1 chip" in r.stderr
 
 
+@pytest.mark.slow
 def test_splash_train_step_compiles_and_needs_less_memory_than_xla():
   """attention_impl="auto" compiles the real step with splash on a v5e-4 slice: one forward and two backward
   kernels per layer in the compiled HLO, and less per-chip memory than the XLA path's dense S×S scores."""
@@ -151,6 +156,7 @@ def test_splash_train_step_compiles_and_needs_less_memory_than_xla():
   assert "Pallas kernel call sites in the compiled step: 12" in splash.text()
 
 
+@pytest.mark.slow
 def test_compare_prints_every_switch_and_the_chunked_head_needs_less():
   """`--compare` compiles the step once per MLM loss × layer stack; on a step whose head dominates (1k-row
   vocabulary chunks of a 32k vocabulary, 512 masked slots per chip) the chunked loss needs fewer temporaries."""

@@ -65,6 +65,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("seq,heads,window", CASES)
 def test_kernel_matches_xla(impl, seq, heads, window):
@@ -78,6 +79,7 @@ def test_gpu_kernel_small_blocks_window_spanning_blocks():
   assert_matches_reference("pallas_gpu", q, k, v, jnp.asarray(packed_segments(2, 160)), 40, ct, block_q=32, block_kv=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", KERNELS)
 def test_kernel_under_mesh_shard_map(impl):
   """8 devices: batch over (data, fsdp), heads over tensor; results equal the unsharded reference."""
@@ -111,6 +113,7 @@ def rms_errors(impl, q, k, v, segment_ids, window, ct, reference, **kw):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", KERNELS)
 def test_bfloat16_forward_and_gradients_within_xla_error(impl):
   """bf16 q/k/v at S = 512 with a ±64 window (most kv blocks skipped), packed rows and a padding tail.
@@ -233,6 +236,7 @@ def test_explicit_mesh_and_indivisible_heads_are_rejected():
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", KERNELS)
 def test_masked_lm_logits_match_xla(impl):
   """3 layers (one global, two ±32 local), packed rows with padding: same logits on every real token."""
@@ -253,6 +257,7 @@ def test_masked_lm_logits_match_xla(impl):
   np.testing.assert_allclose(np.where(real, logits, 0), np.where(real, ref_logits, 0), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_remat_keeping_attention_residuals_gives_same_gradients():
   """remat="attention" keeps the kernel's named output and log-sum-exp and recomputes the rest of the layer: the
   parameter gradients equal those of the XLA path without remat (one global and one local layer; the loss
@@ -268,6 +273,7 @@ def test_remat_keeping_attention_residuals_gives_same_gradients():
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_hardware_benchmark_mode_runs_and_counts_visited_pairs(capsys):
   """The hardware mode of benchmarks/attention runs end to end here (kernel in interpret mode, no cuDNN on CPU);
   its visited-pair counts lie between the in-window pairs (brute force) and all S×S pairs."""

@@ -55,6 +55,7 @@ def _sigterm_at(monkeypatch, step):
   monkeypatch.setattr(train.PhaseRun, "record", record_then_signal)
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_reproduces_the_uninterrupted_losses(demo_data, reference, tmp_path, monkeypatch):
   ref_dir, ref = reference
   workdir = str(tmp_path / "run")
@@ -93,6 +94,7 @@ train.train_and_evaluate(tiny_config({data!r}), {workdir!r})
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_async_save_resumes_from_last_complete_checkpoint(demo_data, reference, tmp_path):
   _, ref = reference
   workdir = str(tmp_path / "killed")
@@ -115,6 +117,7 @@ def _assert_losses_match(result, workdir, ref, first_step):
   np.testing.assert_allclose([losses[s] for s in steps], [ref[s] for s in steps], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_devices_continues_the_same_global_batches(demo_data, reference, tmp_path):
   _, ref = reference
   workdir = str(tmp_path / "elastic")
@@ -123,6 +126,7 @@ def test_resume_on_fewer_devices_continues_the_same_global_batches(demo_data, re
   _assert_losses_match(result, workdir, ref, first_step=5)
 
 
+@pytest.mark.slow
 def test_scanned_layers_save_the_same_checkpoints(demo_data, reference, tmp_path):
   # A run with scanned layers writes checkpoints an unrolled run resumes from, with the same losses throughout.
   _, ref = reference
@@ -132,6 +136,7 @@ def test_scanned_layers_save_the_same_checkpoints(demo_data, reference, tmp_path
   _assert_losses_match(result, workdir, ref, first_step=1)
 
 
+@pytest.mark.slow
 def test_handoff_changes_seq_len_and_theta_and_keeps_params(demo_data, reference, tmp_path):
   ref_dir, _ = reference
   midtrain = tiny_config(
@@ -165,6 +170,7 @@ def test_handoff_changes_seq_len_and_theta_and_keeps_params(demo_data, reference
   assert result["step"] == 2
 
 
+@pytest.mark.slow
 def test_decay_variants_start_from_the_same_checkpoint(demo_data, reference, tmp_path):
   ref_dir, _ = reference
   sources = []

@@ -53,6 +53,7 @@ def _reference(path, pipeline_config):
   return {lang: (s[0] / s[2], s[1] / s[2], s[2]) for lang, s in sums.items()}
 
 
+@pytest.mark.slow
 def test_two_checkpoints_match_the_independent_masked_cross_entropy(run, demo_data, references):
   paths = [step_dir(run, 4), run]
   results = evaluate.evaluate_checkpoints(paths, _pipeline(demo_data), max_batches=MAX_BATCHES)

@@ -74,6 +74,7 @@ def _padded(rows):
   return ids, mask
 
 
+@pytest.mark.slow
 def test_transformers_gives_our_logits(exported, ours, sp):
   model, _ = ours
   ids, mask = _padded([_framed(sp, model.config, s) for s in SENTENCES])

@@ -208,6 +208,7 @@ def test_init_from_an_unfinished_run_needs_an_explicit_step(run_copy, demo_data,
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_nonfinite_update_is_not_kept_and_the_stop_message_is_true(demo_data, tmp_path, capsys):
   # peak_lr 1e30: step 1's loss and gradients are finite, its updated parameters are not.
   workdir = str(tmp_path / "nan")
@@ -219,6 +220,7 @@ def test_a_nonfinite_update_is_not_kept_and_the_stop_message_is_true(demo_data, 
   assert _listing(workdir) == []
 
 
+@pytest.mark.slow
 def test_a_nonfinite_step_after_checkpoints_names_the_intact_one(run_copy, demo_data):
   want, _, _ = ckpt_lib.load_params(run_copy)
   config = _config(
@@ -234,6 +236,7 @@ def test_a_nonfinite_step_after_checkpoints_names_the_intact_one(run_copy, demo_
   assert _listing(run_copy) == ["12", "4", "8"] and _same(got, want)
 
 
+@pytest.mark.slow
 def test_skip_mode_stops_after_max_consecutive_skips_and_saves_only_finite_values(demo_data, tmp_path, capsys):
   workdir = str(tmp_path / "skip")
   config = tiny_config(
@@ -296,6 +299,7 @@ def test_every_model_config_field_can_be_set_from_the_config():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_tensorboard_stops_the_run_naming_the_path(demo_data, tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / "full")
   write_event = EventsWriter.write_event
@@ -316,6 +320,7 @@ def test_a_full_disk_under_tensorboard_stops_the_run_naming_the_path(demo_data, 
   assert meta["step"] == 4 and _finite(params)
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_save_stops_the_run_within_a_step(demo_data, tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / "save")
   from data_pipeline import checkpoint as data_ckpt
@@ -343,6 +348,7 @@ def _mount_tmpfs(path, size):
   return proc.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_real_full_disk_stops_the_run_and_keeps_the_complete_checkpoint(demo_data, tmp_path, capsys):
   disk = str(tmp_path / "disk")
@@ -372,7 +378,8 @@ def test_a_full_disk_under_the_shard_cache_is_one_line_and_leaves_no_partial_cop
   cache = tmp_path / "cache"
   monkeypatch.setenv("MMBERT_JAX_CACHE", str(cache))
   is_remote = fs.is_remote
-  monkeypatch.setattr(fs, "is_remote", lambda p: os.fspath(p).endswith(".array_record") or is_remote(p))
+  as_bucket = lambda p: os.fspath(p) == demo_data or os.fspath(p).endswith(".array_record")
+  monkeypatch.setattr(fs, "is_remote", lambda p: as_bucket(p) or is_remote(p))
   shard_type = type(fs.path(demo_data))
   copy = shard_type.copy
 
@@ -441,6 +448,7 @@ def test_meta_is_copied_before_the_asynchronous_save(run_copy, demo_data, monkey
   )
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_each_step_once(run_copy, demo_data):
   shutil.rmtree(step_dir(run_copy, 12))  # resume at 8: steps 9..12 run again
   before = {m["step"]: m["train/loss"] for m in read_metrics(run_copy) if "train/loss" in m}
@@ -475,6 +483,7 @@ def _batch(rng, rows, seq, masked_per_row, vocab=1000):
   )
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_the_full_batch_with_unequal_masked_counts():
   cfg = get_config("tiny", vocab_size=1000)
   config = tiny_config("unused")
@@ -527,6 +536,7 @@ def _config_file(tmp_path, data_dir, **overrides):
   return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "args,message",
   [
@@ -547,6 +557,7 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path, args, message):
   assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_sigterm_exits_preempted_and_the_rerun_completes(demo_data, tmp_path):
   workdir = str(tmp_path / "run")
   config = _config_file(tmp_path, demo_data)
@@ -650,6 +661,7 @@ sys.exit(main.run(tiny_config({data!r}, num_devices=0, **{{"mesh.fsdp": 1, "mesh
 """
 
 
+@pytest.mark.multiprocess
 def test_a_tensor_axis_across_processes_is_refused_at_start(demo_data, tmp_path):
   """Two processes of one device each with mesh.tensor=2 (SLURM's one process per GPU): both processes would feed
   different rows to the same tensor group, so the run must stop before it builds anything."""

@@ -56,6 +56,7 @@ def _np_pool(hidden, segments, how):
 # ---- heads and losses vs numpy ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_classification_loss_matches_numpy(pooling):
   model = ft.Classifier(CFG, 5, pooling=pooling, dropout=0.5, rngs=nnx.Rngs(1))
@@ -71,6 +72,7 @@ def test_classification_loss_matches_numpy(pooling):
   assert np.isfinite(dropped) and abs(dropped - got) > 1e-4
 
 
+@pytest.mark.slow
 def test_mean_pooling_ignores_padding():
   model = ft.Embedder(CFG, pooling="mean", rngs=nnx.Rngs(0))
   batch = _batch(n=3, length=16)
@@ -79,6 +81,7 @@ def test_mean_pooling_ignores_padding():
   np.testing.assert_allclose(np.asarray(model(**longer)), np.asarray(model(**batch)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_contrastive_loss_is_numpy_info_nce():
   model = ft.Embedder(CFG, pooling="mean", rngs=nnx.Rngs(2))
   q, d = _batch(seed=1, n=5), _batch(seed=2, n=5, length=12)
@@ -153,6 +156,7 @@ def _synthetic_classification(rng, n_train=256, n_test=96):
   return task, {"train": ft.pad_rows(train_rows, 16, 0), "test": ft.pad_rows(test_rows, 16, 0)}
 
 
+@pytest.mark.slow
 def test_tiny_finetune_separable_task_is_deterministic():
   task, arrays = _synthetic_classification(np.random.default_rng(0))
   encoder = ft.Encoder(CFG, _params(), None, "random init")
@@ -193,6 +197,7 @@ def test_protocol_picks_the_learning_rate_on_dev_and_averages_seeds_on_test():
   )
 
 
+@pytest.mark.slow
 def test_tiny_contrastive_finetune_learns_pairs():
   """Query tokens t ↔ document tokens t + 200: unrelated before training, matched after."""
   rng = np.random.default_rng(3)
@@ -265,6 +270,7 @@ def saved(tmp_path_factory, spm):
   }
 
 
+@pytest.mark.slow
 def test_workdir_step_dir_and_hf_dir_give_identical_encodings(saved):
   batch = _batch(seed=4, n=4, length=24)
   encodings = {}
@@ -477,6 +483,7 @@ def test_mteb_retrieval_directory(tmp_path):
     tasks.from_mteb(_mteb_dir(tmp_path / "bad", missing="text"))
 
 
+@pytest.mark.slow
 def test_bad_task_file_is_one_line_naming_file_row_and_field(tmp_path):
   rows = [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"label": "x"}]
   _write(str(tmp_path / "train.jsonl"), rows)
@@ -615,6 +622,7 @@ def test_embedded_tasks_do_not_depend_on_what_ran_before():
 # ---- command line -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_command_line_scores_checkpoints_into_one_table(saved, spm, tmp_path):
   from data_pipeline import demo_corpus
 

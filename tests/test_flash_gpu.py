@@ -61,6 +61,7 @@ def _poisoned(seq=128, block=32, window=20):
 BLOCKS = flash_gpu.BlockSizes(32, 32)
 
 
+@pytest.mark.slow
 def test_out_of_window_blocks_are_never_read():
   q, k, v, ct, k_bad, v_bad = _poisoned(window=20)
   seg = jnp.ones(q.shape[:2], jnp.int32)
@@ -90,6 +91,7 @@ def test_poison_reaches_a_kernel_that_reads_every_block():
   assert np.isnan(np.asarray(dk[:, :32])).all() and np.isnan(np.asarray(dv[:, :32])).all()
 
 
+@pytest.mark.slow
 def test_bnsd_layout_and_no_segments():
   keys = jax.random.split(jax.random.key(1), 3)
   q, k, v = (jax.random.normal(key, (2, 128, 2, 64), jnp.float32) for key in keys)

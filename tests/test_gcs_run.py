@@ -64,6 +64,7 @@ def _no_local_scheme_folders(*folders):
     assert not any(epath.Path(folder).glob("gs:*")) and not any(epath.Path(folder).glob("s3:*")), folder
 
 
+@pytest.mark.slow
 def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(
   demo_data, gcs_bucket, tmp_path, tmp_path_factory, monkeypatch
 ):
@@ -157,6 +158,7 @@ def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(
   _no_local_scheme_folders(cwd, ROOT, os.getcwd())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "flag, words",
   [

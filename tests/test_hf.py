@@ -61,6 +61,7 @@ def _hf_logits(model, ids, attention_mask=None):
   return out.logits.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_padded_batch_matches_transformers(hf_dir, scan_layers):
   rng = np.random.default_rng(0)
@@ -95,6 +96,7 @@ def test_packed_row_equals_each_document_alone(hf_dir):
     start += len(doc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_save_round_trip(hf_dir, tmp_path, scan_layers):
   model = hf.load(hf_dir, scan_layers=scan_layers)
@@ -119,6 +121,7 @@ def test_save_round_trip(hf_dir, tmp_path, scan_layers):
     hf.save(model, out)
 
 
+@pytest.mark.slow
 def test_save_of_fresh_model_loads_in_transformers(tmp_path):
   from mmbert_jax import MaskedLM, get_config
 
@@ -246,7 +249,7 @@ def test_pretrain_phase_starts_from_a_transformers_directory(tmp_path, demo_data
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(run.opt_state) if x.ndim > 0)
     assert (run.step, run.tokens, run.meta["total_tokens_before"], run.meta["tokens_per_language"]) == (0, 0, 0, {})
     assert run.meta["history"] == [{"phase": "transformers", "source": hf_path, "tokens": 0}]
-    micro_rows, n_micro = run.micro_rows, run.n_micro
+    micro_rows, n_micro = run.program.rows, run.program.microbatches
     assert run.run() == "complete"
   finally:
     run.close()

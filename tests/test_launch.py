@@ -953,6 +953,7 @@ while :; do sleep 0.1; done
       pass
 
 
+@pytest.mark.slow
 def test_pod_watches_the_detached_run_and_relaunches_only_after_75(one_worker_pod):
   env, home, calls = one_worker_pod
   (home / "codes").write_text("75\n0\n")

@@ -34,6 +34,7 @@ def _main(*args, workdir=None, timeout=900, platforms="cpu"):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_demo_runs_every_phase_and_merges(tmp_path):
   workdir = str(tmp_path / "demo")
   proc = _main("--config=configs/demo.py", *SHORT_DEMO, workdir=workdir, platforms=None)
@@ -77,6 +78,7 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
   assert os.path.exists(os.path.join(workdir, "downstream.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "flag,message",
   [
@@ -99,6 +101,7 @@ def _assert_no_libtpu_trace(stderr: str):
     assert marker not in stderr, stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 def test_no_libtpu_trace_on_a_machine_without_tpu():
   from jax._src import hardware_utils
@@ -156,6 +159,7 @@ def _pretrain_checkpoint(workdir, **model):
   )
 
 
+@pytest.mark.slow
 def test_bad_starts_fail_fast_with_one_line(demo_data, tmp_path):
   """Each: exit status 2, one `error:` line naming the key and what to set, within 15 s, before any device work,
   and nothing written to the workdir."""

@@ -105,6 +105,7 @@ def _save_variant(run, out, fresh=False, **model_changes):
   return ckpt_lib.save_params(out, meta["step"], params, meta)
 
 
+@pytest.mark.slow
 def test_ties_cli_writes_the_ties_merge_and_a_transformers_directory(run, ties_cli):
   out, hf_out, stdout = ties_cli
   merged, meta, source = ckpt_lib.load_params(out)
@@ -127,6 +128,7 @@ def test_ties_cli_writes_the_ties_merge_and_a_transformers_directory(run, ties_c
   assert os.path.exists(os.path.join(hf_out, "tokenizer.json"))
 
 
+@pytest.mark.slow
 def test_merging_a_checkpoint_with_itself_is_the_identity(run):
   final = _params(run)
   # Exactly: two halves of the same float32, and TIES with nothing to add (every task vector is zero).
@@ -197,6 +199,7 @@ def test_existing_outputs_are_not_overwritten(run, ties_cli, tmp_path, capsys):
     ckpt_lib.save_params(out, 1, before, {"step": 1})
 
 
+@pytest.mark.slow
 def test_merged_checkpoint_starts_a_further_phase(demo_data, ties_cli, tmp_path):
   out, _, _ = ties_cli
   merged, merged_meta, source = ckpt_lib.load_params(out)

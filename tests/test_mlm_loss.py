@@ -40,6 +40,7 @@ def _loss_and_grads(cfg, batch):
   return float(loss), np.asarray(nll), np.asarray(hit), nnx.to_pure_dict(grads), np.asarray(logits, np.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [128, 333, VOCAB])  # 8 chunks (last one padded), uneven, a single chunk
 def test_chunked_equals_dense_in_float32(chunk):
   batch = _batch()
@@ -62,6 +63,7 @@ def test_chunked_equals_dense_in_float32(chunk):
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunked_equals_dense_in_bfloat16():
   batch = _batch(1)
   out = [
@@ -106,6 +108,7 @@ def _train_step_temporaries(loss_impl: str) -> int:
   return program.lower().compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_chunked_train_step_needs_fewer_temporaries():
   dense, chunked = _train_step_temporaries("dense"), _train_step_temporaries("chunked")
   logits_bytes = 8 * 32 * 4096 * 4  # one float32 copy of the dense logits

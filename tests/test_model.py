@@ -40,6 +40,7 @@ def test_rope_matches_complex_rotation():
   np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sparse_head_equals_dense_at_masked_positions():
   cfg = get_config("tiny")
   model = MaskedLM(cfg, rngs=nnx.Rngs(0))
@@ -51,6 +52,7 @@ def test_sparse_head_equals_dense_at_masked_positions():
   np.testing.assert_allclose(sparse, jnp.take_along_axis(dense, idx[..., None], axis=1), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_finite_with_fully_padded_rows():
   cfg = get_config("tiny", attn_out_dropout=0.1)
   model = MaskedLM(cfg, rngs=nnx.Rngs(0))
@@ -89,6 +91,7 @@ def test_init_statistics():
   assert np.all(np.asarray(model.decoder_bias[...]) == 0)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
   cfg = get_config("tiny", dtype="bfloat16")
   model = MaskedLM(cfg, rngs=nnx.Rngs(0))
@@ -99,6 +102,7 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(model(ids), full, atol=0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_same_gradients(remat):
   ids = jax.random.randint(jax.random.key(1), (2, 32), 5, 1024)
@@ -110,6 +114,7 @@ def test_remat_gives_same_gradients(remat):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scanned_layers_equal_unrolled(remat):
   # 8 layers, global every 3: layer 0 alone, two scanned groups of (local, local, global), one remaining layer.

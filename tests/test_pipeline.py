@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -199,6 +200,7 @@ def test_batch_size_change_keeps_the_global_row_order(data_dir):
     again.set_state(dict(merged, pipeline=dict(merged["pipeline"], num_streams=8)))
 
 
+@pytest.mark.slow
 def test_worker_processes_do_not_change_the_batches(data_dir):
   plain = pipeline.make_train_iterator(_cfg(data_dir), 0, 1)
   expected = _take(plain, 6)
@@ -369,6 +371,7 @@ print(json.dumps({"languages": len(seen), "files": most, "limit": resource.getrl
 """
 
 
+@pytest.mark.slow
 def test_1834_languages_under_ulimit_1024(tmp_path):
   """FineWeb2's 1,834 languages, one tiny shard each, all mixed uniformly: far more shards are read than may be
   open at once, yet the process and its workers hold at most 256 descriptors, under `ulimit -n 1024`."""
@@ -469,7 +472,9 @@ class _SlowReader:
   """An ArrayRecordReader that sleeps in every read and counts the reads in progress at once (independently of
   the pipeline's own counters)."""
 
-  lock, now, most, delay = None, 0, 0, 0.02
+  # A real lock even outside the test that installs it: a read still in flight when that test closes its
+  # iterators may open a reader of this class in the process-wide cache after it.
+  lock, now, most, delay = threading.Lock(), 0, 0, 0.02
 
   def __init__(self, *args, **kwargs):
     from array_record.python.array_record_module import ArrayRecordReader

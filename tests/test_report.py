@@ -113,6 +113,7 @@ def test_mixture_plot_is_p_l_per_phase_beside_n_l(curriculum):
     np.testing.assert_array_equal(line.get_ydata(), [p.get(l, np.nan) for l in languages])
 
 
+@pytest.mark.slow
 def test_report_command_writes_pngs_for_a_curriculum_and_a_phase(curriculum, tmp_path):
   proc = run_module("mmbert_jax.report", f"--workdir={curriculum}", timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]

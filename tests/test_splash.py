@@ -43,6 +43,7 @@ def visited_tiles(info, shape):
   return visited
 
 
+@pytest.mark.slow
 def test_skipped_blocks_are_never_read():
   """S = 512, ±64, tiles of 128: the kernel's own block mask skips exactly the tiles brute force finds empty, and
   NaN in the keys/values of those tiles (for q block 0) or in the queries/cotangents of those tiles (for kv block 0)
@@ -133,6 +134,7 @@ def lower_for_tpu(**kw):
     return jax.jit(jax.grad(loss)).lower(params, rest, ids, ids), params
 
 
+@pytest.mark.slow
 def test_model_forward_backward_compiles_for_tpu():
   """AOT compile for a v5e 2x2 slice: auto picks splash, which runs in shard_map."""
   lowered, params = lower_for_tpu()

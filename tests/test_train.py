@@ -54,6 +54,7 @@ def _three_steps(mesh_sizes, devices, **model_overrides):
   return losses, jax.tree.map(np.asarray, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers,loss_impl", [(False, "chunked"), (True, "dense")])
 def test_sharded_steps_equal_single_device(scan_layers, loss_impl):
   assert jax.device_count() == 8
@@ -65,6 +66,7 @@ def test_sharded_steps_equal_single_device(scan_layers, loss_impl):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_by_the_logical_rules():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   _, params = train.init_model(get_config("tiny"), mesh, 0)
@@ -75,6 +77,7 @@ def test_parameters_are_sharded_by_the_logical_rules():
   assert params["final_norm"]["scale"].sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_activations_hold_only_each_devices_rows():
   """In the compiled fsdp step every [rows, seq, ...] activation has the rows of one device: left to sharding
   propagation from the fsdp-sharded weights, XLA kept all 16 global rows on each of the 8 devices (and split the
@@ -98,6 +101,7 @@ def test_mesh_shape_resolves_and_rejects():
     sharding.mesh_shape(dict(data=2, fsdp=2, tensor=1), 8)
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_real_text_with_metrics_and_tensorboard(demo_data, tmp_path, capfd):
   workdir = str(tmp_path / "run")
   config = tiny_config(
@@ -199,6 +203,8 @@ def one_process_losses(demo_data, tmp_path_factory):
   return [losses[s] for s in range(1, STEPS + 1)]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_train_like_one(demo_data, tmp_path, one_process_losses):
   """A real 2-process run (jax.distributed, gloo collectives, 2 CPU devices each) equals one 4-device process."""
   workdir = str(tmp_path / "two")
@@ -230,6 +236,8 @@ sys.exit(main.run(tiny_config({data!r}, num_devices=0, checkpoint_every_tokens=1
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigterm_to_one_process_stops_both_at_the_same_step(demo_data, tmp_path, one_process_losses):
   """SIGTERM to process 1 of 2 mid-run: JAX's preemption sync point stops both after the same step, both save it
   and exit 75 (preempted); the rerun resumes on both and the per-step losses are those of an uninterrupted run."""

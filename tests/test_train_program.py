@@ -64,6 +64,7 @@ def _config(data_dir, mesh_name, **overrides):
   return tiny_config(data_dir, num_devices=8, **{f"mesh.{k}": v for k, v in MESHES[mesh_name].items()}, **overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_name", MESHES)
 def test_fresh_state_is_laid_out_like_the_parameters(demo_data, tmp_path, mesh_name):
   run = train.PhaseRun(_config(demo_data, mesh_name), str(tmp_path))
@@ -123,7 +124,7 @@ def test_finetuning_state_is_laid_out_like_the_parameters():
   from mmbert_jax import finetune
 
   cfg = get_config("tiny", vocab_size=1000)
-  settings = finetune.Settings(mesh=(("data", 1), ("fsdp", 8), ("tensor", 1)), num_devices=8)
+  settings = finetune.Settings(mesh=(("data", 1), ("fsdp", 8), ("tensor", 1)), num_devices=8).for_model(cfg)
   program = finetune._program(cfg, "classification", 3, settings)
   with jax.set_mesh(program.mesh):
     _, encoder = train.init_model(cfg, program.mesh, 0)
@@ -211,6 +212,7 @@ def _compiled_hlo(mesh_sizes) -> tuple[str, train.TrainProgram]:
   return program.lower().compile().as_text(), program
 
 
+@pytest.mark.slow
 def test_compiled_step_updates_moments_on_shards():
   """In the 8-device fsdp step the optimizer's arithmetic (Adam's sqrt of the second moment) runs on each device's
   shard, and nothing gathers a whole parameter-shaped float32 array except the forward and backward passes'
