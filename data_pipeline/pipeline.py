@@ -311,7 +311,9 @@ class _ReaderCache:
     self._users: collections.Counter = collections.Counter()  # reads in progress per reader (by id)
     self._retired: dict[int, ArrayRecordReader] = {}  # evicted while in use: closed after the read
     self._opening: dict[str, threading.Event] = {}  # shards being opened now
-    self._lock = threading.Lock()
+    # Reentrant: garbage collection inside a locked section may finalise an unreferenced iterator, whose close()
+    # calls close_all() on this same thread (with a plain Lock that deadlocked).
+    self._lock = threading.RLock()
     self.opened = 0  # readers opened so far (a measure of cache misses)
     self.reads = 0  # records read so far
     self.requests = 0  # read requests so far (a range of records is one)
