@@ -699,3 +699,21 @@ def test_bucket_data_that_does_not_fit_the_cache_is_refused_before_copying(data_
   pipeline.make_train_iterator(cfg, 0, 1).close()
   monkeypatch.setattr(fs, "free_space", lambda folder: 0)  # all cached now
   pipeline.make_train_iterator(cfg, 0, 1).close()
+
+
+def test_an_iterator_finalised_inside_the_reader_cache_lock_does_not_deadlock(data_dir):
+  """Garbage collection can run an unreferenced iterator's close() (which closes the process's readers) while
+  this thread holds the reader cache's lock, in the middle of a read: that must not wait on the lock forever."""
+  import gc
+
+  def finalise_under_the_lock():
+    it = pipeline.make_train_iterator(_cfg(data_dir), 0, 1)
+    _take(it, 1)
+    with pipeline.READERS._lock:
+      del it
+      gc.collect()
+
+  thread = threading.Thread(target=finalise_under_the_lock, daemon=True)
+  thread.start()
+  thread.join(timeout=60)
+  assert not thread.is_alive(), "close() of a finalised iterator deadlocked on the reader cache's lock"
