@@ -99,6 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0  # 0 = only at the end of the phase
   c.checkpoint_every_tokens = 10_000_000_000
   c.keep_checkpoints = 3
+  c.storage_warn_s = 30.0  # a bucket that has not answered for this long gets a warning line (retries go on)
+  c.storage_timeout_s = 1800.0  # ... and after this long the run stops with exit 1 (the last checkpoint is kept)
   c.skip_nonfinite = False  # False: stop on a non-finite step; True: skip it (parameters unchanged)
   c.max_consecutive_skips = 10  # skip mode stops after this many non-finite steps in a row
   c.allow_config_change = False  # resume even though keys that change the run's math differ from the checkpoint

@@ -17,19 +17,29 @@ files. `local_copy` does the same for one file.
 
 `path(value, key)` is where a user-supplied string becomes a Path: an unsupported scheme, a malformed `gs:/x` or a
 `gs://` path without the GCS packages is one line naming the config key, never a local folder called `gs:`.
+
+A bucket that stops answering (an outage, a network partition) is retried, visibly and for a bounded time: every
+gcsfs request that fails in a way worth retrying (connection refused, timeouts, 5xx, 429) is retried with capped
+backoff; once a bucket has failed for `warn_after_s` (30 s) one `warning:` line names it, one more says when it
+answers again, and after `timeout_s` (`config.storage_timeout_s`, 30 min) the request raises
+`StorageUnavailableError`; a command line ends there with one line and exit status 1 (see `set_storage_limits`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
+import random
 import re
 import shutil
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 import fsspec
@@ -66,6 +76,142 @@ class _BucketTypeOnce(logging.Filter):
 logging.getLogger("gcsfs").addFilter(_BucketTypeOnce())
 
 
+# ---- storage outages --------------------------------------------------------------------------------------------
+
+
+class StorageUnavailableError(OSError):
+  """A bucket did not answer for `timeout_s`; the request that gave up raises this, nothing partial is kept."""
+
+
+class _Outages:
+  """Per bucket: since when its requests have been failing (reset by any answer), and whether that was said."""
+
+  def __init__(self):
+    self.warn_after_s = 30.0
+    self.timeout_s = 1800.0
+    self.lock = threading.Lock()
+    self.exit_on_timeout = False
+    self.since: dict[str, float] = {}
+    self.warned: set[str] = set()
+
+  def failed(self, bucket: str, what: str, error: BaseException) -> float:
+    """Records a failed request; warns once per outage past `warn_after_s`, raises past `timeout_s`. Returns the
+    seconds the bucket has been failing."""
+    now = time.monotonic()
+    with self.lock:
+      down = now - self.since.setdefault(bucket, now)
+      warn = down >= self.warn_after_s and bucket not in self.warned
+      if warn:
+        self.warned.add(bucket)
+    cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}".rstrip(": ")
+    if down >= self.timeout_s:
+      message = (
+        f"storage gs://{bucket} has not answered for {down:.0f} s (config.storage_timeout_s={self.timeout_s:g}; "
+        f"{what}: {cause}); stopped without saving anything partial, the last complete checkpoint is kept"
+      )
+      self._end_process(message)
+      raise StorageUnavailableError(message) from error
+    if warn:
+      print(
+        f"warning: storage gs://{bucket} has not answered for {down:.0f} s ({what}: {cause}); retrying for up to "
+        f"{self.timeout_s:g} s (config.storage_timeout_s)",
+        file=sys.stderr,
+        flush=True,
+      )
+    return down
+
+  def _end_process(self, message: str) -> None:
+    """A command line ends at the first request that gives up, with one line: other threads (a checkpoint write,
+    which tensorstore retries itself) would otherwise keep it waiting, and log each failure of their own."""
+    if self.exit_on_timeout:
+      sys.stdout.flush()
+      print(f"error: {message}", file=sys.stderr, flush=True)
+      os._exit(1)
+
+  def answered(self, bucket: str) -> None:
+    with self.lock:
+      since = self.since.pop(bucket, None)
+      warned = bucket in self.warned
+      self.warned.discard(bucket)
+    if warned:
+      print(f"storage gs://{bucket} answers again after {time.monotonic() - since:.0f} s", file=sys.stderr, flush=True)
+
+
+_outages = _Outages()
+
+
+def set_storage_limits(*, warn_after_s: float, timeout_s: float, exit_on_timeout: bool = False) -> None:
+  """How long failing bucket requests are retried before a warning line, and before they raise
+  `StorageUnavailableError` (`config.storage_warn_s`, `config.storage_timeout_s`; the entry point sets them).
+  Orbax's array writes go through tensorstore, whose retries `mmbert_jax.checkpoint` sets to the same bound.
+  `exit_on_timeout`: the process ends with one `error:` line and exit status 1 when a request gives up (a command
+  line); otherwise the request raises (a notebook)."""
+  _outages.warn_after_s, _outages.timeout_s = float(warn_after_s), float(timeout_s)
+  _outages.exit_on_timeout = exit_on_timeout
+
+
+def storage_limits() -> tuple[float, float]:
+  return _outages.warn_after_s, _outages.timeout_s
+
+
+def _patient(request, bucket_of):
+  """gcsfs's request `request` (undecorated: gcsfs alone gives up after six tries, about 30 s) retried for as long
+  as `_outages` allows, with gcsfs's own test of which failures are worth retrying."""
+  from gcsfs import retry as gcs_retry
+
+  async def patient(self, *args, **kwargs):
+    delay = 0.5
+    while True:
+      try:
+        result = await request(self, *args, **kwargs)
+      except (gcs_retry.HttpError, TimeoutError, *gcs_retry.RETRIABLE_EXCEPTIONS) as e:
+        bucket, what = bucket_of(self, *args)
+        if not (gcs_retry.is_retriable(e) or isinstance(e, TimeoutError)):
+          _outages.answered(bucket)  # a refusal (404, 412, ...) is an answer
+          raise
+        _outages.failed(bucket, what, e)
+        await asyncio.sleep(delay * (1 + random.random() / 2))
+        delay = min(delay * 2, 8.0)
+        continue
+      _outages.answered(bucket_of(self, *args)[0])
+      return result
+
+  patient.__name__ = getattr(request, "__name__", "request")
+  return patient
+
+
+def _request_target(self, method, path, *args, **kwargs) -> tuple[str, str]:
+  url = self._format_path(path, args)
+  match = re.search(r"/b/([^/?]+)", url)
+  return (match[1] if match else "?"), f"{method} {url.split('?')[0]}"
+
+
+def _download_target(self, rpath, *args, **kwargs) -> tuple[str, str]:
+  bucket, key, _ = self.split_path(rpath)
+  return bucket, f"GET gs://{bucket}/{key}"
+
+
+def _install_patient_requests() -> None:
+  """Every gcsfs request (metadata, uploads, downloads) goes through `_patient`."""
+  if importlib.util.find_spec("gcsfs") is None:
+    return
+  import aiohttp
+  import gcsfs.core
+
+  # A request that hangs (a partition, a stopped server) is a failure to retry, not a wait without end: no
+  # connection within 30 s, or no byte of the answer for 60 s (gcsfs sets no timeout of its own).
+  timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+  for protocol in ("gcs", "gs"):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault("requests_timeout", timeout)
+  for name, target in (("_request", _request_target), ("_get_file_request", _download_target)):
+    # On gcsfs's base class: its experimental subclass (zonal buckets) hands standard buckets' requests to it.
+    original = getattr(gcsfs.core.GCSFileSystem, name)
+    if not getattr(original, "_mmbert_patient", False):
+      patient = _patient(getattr(original, "__wrapped__", original), target)
+      patient._mmbert_patient = True
+      setattr(gcsfs.core.GCSFileSystem, name, patient)
+
+
 def path(value: str | os.PathLike, key: str = "path") -> epath.Path:
   """`value` as a Path; `key` names the flag or config key in the error for a path that cannot be used."""
   text = os.fspath(value) if not isinstance(value, str) else value
@@ -81,6 +227,7 @@ def path(value: str | os.PathLike, key: str = "path") -> epath.Path:
     raise ValueError(f"{key}={text} is not a valid gs:// path; expected gs://bucket/path (a lower-case bucket name)")
   if importlib.util.find_spec("gcsfs") is None:
     raise ValueError(f"{key}={text} needs the GCS client packages (gcsfs); reinstall with `pip install -e .`")
+  _install_patient_requests()
   return epath.Path(text.rstrip("/") if text.count("/") > 2 else text)
 
 

@@ -21,6 +21,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from data_pipeline import checkpoint as data_ckpt
 from data_pipeline import filesystem as fs
@@ -49,6 +50,20 @@ class _Manager(ocp.CheckpointManager):
     return False
 
 
+class _QuietBackgroundFailure(logging_lib.Filter):
+  """Orbax logs the traceback of a background save that failed, then hands the error to the waiting caller, which
+  reports it as one line (`Checkpointer.check`, `wait`); a storage outage, which the command reports as one line
+  too (`storage.unavailable`), is not logged by any of its writers either."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    if record.pathname.endswith("future.py") and "raised an exception" in record.getMessage():
+      return False
+    return not (record.exc_info and storage.unavailable(record.exc_info[1]) is not None)
+
+
+logging_lib.getLogger("absl").addFilter(_QuietBackgroundFailure())
+
+
 class _QuietReadOnly(logging_lib.Filter):
   """Orbax announces every read-only manager with a warning (the phase hand-off, merge, export, evaluate and
   fine-tuning read checkpoints that way): nothing a user can act on. Its other warnings pass."""
@@ -58,6 +73,19 @@ class _QuietReadOnly(logging_lib.Filter):
 
 
 logging_lib.getLogger("absl").addFilter(_QuietReadOnly())
+
+
+def bound_storage_retries(timeout_s: float) -> None:
+  """Tensorstore writes and reads Orbax's arrays in a bucket with retries of its own (32 tries, at most 32 s apart,
+  by default: about 15 minutes). They are set to end a minute after `timeout_s` (`config.storage_timeout_s`), the
+  bound that `data_pipeline.filesystem` gives every other request: a command line ends there first, with one line;
+  a write that only tensorstore retries fails the run a minute later (exit 1). Orbax builds each save's
+  tensorstore context from these defaults."""
+  delays = [min(2.0**n, 32.0) for n in range(int(timeout_s // 32) + 8)]  # 1 s doubling to 32 s, as tensorstore does
+  tries = next(n + 1 for n in range(len(delays)) if sum(delays[: n + 1]) >= timeout_s + 60)
+  retries = {"max_retries": tries, "initial_delay": "1s", "max_delay": "32s"}
+  for context in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    context["gcs_request_retries"] = dict(retries)
 
 
 def _manager(directory: epath.Path, *, data_iter: bool = False, **options) -> ocp.CheckpointManager:

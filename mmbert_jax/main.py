@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from data_pipeline import demo_corpus
 from data_pipeline import filesystem as fs
+from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, phases, preflight, report, storage, train
 
 FLAGS = flags.FLAGS
@@ -69,7 +70,10 @@ def load_config() -> ml_collections.ConfigDict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
-  """Runs the config in `workdir`; returns the exit code (`cli.EXIT_*`) after a one-line error if it failed."""
+  """Runs the config in `workdir`; returns the exit code (`cli.EXIT_*`) after a one-line error if it failed. A bucket
+  that does not answer for `config.storage_timeout_s` ends the process there (exit 1, `fs.set_storage_limits`)."""
+  fs.set_storage_limits(warn_after_s=config.storage_warn_s, timeout_s=config.storage_timeout_s, exit_on_timeout=True)
+  ckpt_lib.bound_storage_retries(config.storage_timeout_s)
   try:
     use_compilation_cache(config, workdir)
     prepare_demo_data(config, workdir)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 
+from data_pipeline.filesystem import StorageUnavailableError
+
 _REASONS = {
   errno.ENOSPC: "disk full",
   errno.EDQUOT: "disk quota exceeded",
@@ -34,6 +36,12 @@ def _chain(error: BaseException):
     seen.add(id(error))
     yield error
     error = error.__cause__ or error.__context__
+
+
+def unavailable(error: BaseException) -> StorageUnavailableError | None:
+  """The bucket outage (`data_pipeline.filesystem.StorageUnavailableError`) that `error` was raised from, if any:
+  a writer that wraps it (metrics, checkpoints) stays a storage outage."""
+  return next((e for e in _chain(error) if isinstance(e, StorageUnavailableError)), None)
 
 
 def is_storage_error(error: BaseException) -> bool:

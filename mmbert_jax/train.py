@@ -34,7 +34,7 @@ from data_pipeline import mixture as mixture_lib
 from data_pipeline import pipeline as data_lib
 from mmbert_jax import attention as attention_lib
 from mmbert_jax import checkpoint as ckpt_lib
-from mmbert_jax import cli, hf, optim, progress, schedules, sharding
+from mmbert_jax import cli, hf, optim, progress, schedules, sharding, storage
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
 from mmbert_jax.model import RUNTIME_FIELDS, MaskedLM, ModelConfig, abstract_model, get_config
@@ -65,6 +65,8 @@ BOOKKEEPING_KEYS = frozenset(
     "eval_max_batches",
     "checkpoint_every_tokens",
     "keep_checkpoints",
+    "storage_warn_s",
+    "storage_timeout_s",
     "skip_nonfinite",
     "max_consecutive_skips",
     "allow_config_change",
@@ -96,6 +98,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "eval_batch_size": config.eval_batch_size,
     "max_consecutive_skips": config.max_consecutive_skips,
     "data.seq_len": config.data.seq_len,
+    "storage_warn_s": config.storage_warn_s,
+    "storage_timeout_s": config.storage_timeout_s,
   }
   for key, value in positive.items():
     if not value > 0:
@@ -940,8 +944,10 @@ class PhaseRun:
         self.save(final=True)
     return status
 
-  def close(self, wait: bool = True) -> None:
-    """Waits for the last checkpoint (raising its failure, if any) and releases everything opened."""
+  def close(self, wait: bool = True, storage_down: bool = False) -> None:
+    """Waits for the last checkpoint (raising its failure, if any) and releases everything opened.
+    `storage_down`: the run's bucket does not answer; the checkpoint manager and the metric writer, whose close
+    would wait on it, are left as they are (the process ends)."""
     checkpointer = getattr(self, "checkpointer", None)
     try:
       profiler = getattr(self, "profiler", None)
@@ -952,7 +958,8 @@ class PhaseRun:
       if wait and getattr(self, "writer", None) is not None:
         self.writer.flush()  # the last records of a gs:// workdir; a failed upload fails the run
     finally:
-      for part in ("console", "checkpointer", "preemption", "writer", "train_data"):
+      parts = ("console", "checkpointer", "preemption", "writer", "train_data")
+      for part in parts if not storage_down else ("console", "preemption", "train_data"):
         close = getattr(getattr(self, part, None), "close", None)
         if close:
           close()
@@ -972,8 +979,12 @@ def train_and_evaluate(
   try:
     status = run.run()
     final_eval = run.evaluate() if status == "complete" else {}
-  finally:
-    run.close()
+  except BaseException as e:
+    # Nothing more is sent to a bucket that does not answer (closing would wait on it); what is complete stays.
+    down = storage.unavailable(e) is not None
+    run.close(wait=not down, storage_down=down)
+    raise
+  run.close()
   return {
     "status": status,
     "step": run.step,

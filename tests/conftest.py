@@ -1,12 +1,11 @@
 """Fixtures shared by every test module; plain helpers live in helpers.py."""
 
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
-from helpers import ROOT, TEST_LANGUAGES  # first: sets the CPU platform and device count before JAX loads
+
+# First: helpers sets the CPU platform and device count before JAX loads.
+from helpers import TEST_LANGUAGES, free_port, start_gcs_emulator
 
 
 @pytest.fixture(scope="session")
@@ -25,36 +24,13 @@ def gcs_bucket():
   with one bucket, for the whole session. The standard variables point every client at it: google-cloud-storage
   and gcsfs read STORAGE_EMULATOR_HOST, tensorstore (Orbax's array writer) TENSORSTORE_GCS_HTTP_URL; subprocesses
   inherit them. Tests write under their own prefix of the returned `gs://bucket`."""
-  import time
-  import urllib.request
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   bucket = "mmbert-test"
-  proc = subprocess.Popen(
-    [
-      sys.executable,
-      str(ROOT / "tests" / "gcs_emulator.py"),
-      "start",
-      "--host=127.0.0.1",
-      f"--port={port}",
-      "--no-store-on-disk",
-      f"--default-bucket={bucket}",
-    ],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
+  try:
+    proc = start_gcs_emulator(port, bucket)
+  except RuntimeError as e:
+    pytest.fail(str(e))
   url = f"http://127.0.0.1:{port}"
-  for _ in range(100):
-    try:
-      urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=1)
-      break
-    except OSError:
-      time.sleep(0.1)
-  else:
-    proc.kill()
-    pytest.fail("the GCS emulator did not start")
   saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
   os.environ["STORAGE_EMULATOR_HOST"] = url
   os.environ["TENSORSTORE_GCS_HTTP_URL"] = url

@@ -94,3 +94,31 @@ def run_two_processes(worker: str, timeout: int = 600, during=None, **fields) ->
       if p.poll() is None:
         p.kill()
   return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_gcs_emulator(port: int, bucket: str, store: str | None = None) -> subprocess.Popen:
+  """A Cloud Storage emulator (gcp-storage-emulator through tests/gcs_emulator.py) on 127.0.0.1:`port` with
+  `bucket`, serving once this returns. `store`: a folder that keeps the objects on disk, so that an emulator
+  stopped and started again on it serves them again; None keeps them in memory."""
+  import time
+  import urllib.request
+
+  args = [sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), "start", "--host=127.0.0.1", f"--port={port}"]
+  args += [f"--default-bucket={bucket}"] + (["--no-store-on-disk"] if store is None else [])
+  proc = subprocess.Popen(args, cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  for _ in range(200):
+    try:
+      urllib.request.urlopen(f"http://127.0.0.1:{port}/storage/v1/b/{bucket}", timeout=1)
+      return proc
+    except OSError:
+      if proc.poll() is not None:
+        break
+      time.sleep(0.1)
+  proc.kill()
+  raise RuntimeError(f"the GCS emulator did not start on port {port}")

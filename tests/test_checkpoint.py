@@ -251,3 +251,23 @@ def test_a_damaged_step_in_a_bucket_is_copied_aside_then_deleted(gcs_bucket, mon
   assert not step_dir.exists() and _objects(fs.path(where)) == before
   assert checkpointer.all_steps() == [4] and ckpt_lib.read_meta(ckpt_lib.checkpoint_dir(workdir), 4)["step"] == 4
   checkpointer.close()
+
+
+@pytest.mark.parametrize("timeout_s", [6.0, 100.0, 1800.0])
+def test_tensorstore_retries_a_bucket_a_minute_past_the_storage_timeout(timeout_s):
+  """Orbax's array writes retry for as long as every other request (data_pipeline.filesystem) and a minute more,
+  so a command ends at the storage timeout with its own line, not at tensorstore's default of ~15 minutes."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+  saved = [dict(c) for c in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT)]
+  try:
+    ckpt_lib.bound_storage_retries(timeout_s)
+    for use_ocdbt in (True, False):  # what Orbax builds each save's and restore's context from
+      retries = ts_utils.get_ts_context(use_ocdbt=use_ocdbt).spec.to_json()["gcs_request_retries"]
+      tries = retries["max_retries"]
+      backoff = sum(min(2.0**n, 32.0) for n in range(tries))  # tensorstore: 1 s, doubling, at most 32 s apart
+      assert timeout_s + 60 <= backoff < timeout_s + 60 + 32, (tries, backoff)
+  finally:
+    for context, old in zip((ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT), saved):
+      context.clear()
+      context.update(old)

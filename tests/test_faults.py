@@ -187,11 +187,18 @@ def test_changed_keys_are_the_math_keys_only():
   saved = base.to_json()
   base.log_every_steps, base.mesh.tensor, base.data.data_dir = 7, 4, "/elsewhere"
   base.data.tau, base.model.num_layers, base.batch_size = 0.3, 6, 32
-  assert train.changed_keys(saved, base) == {
-    "data.tau": (0.7, 0.3),
-    "model.num_layers": (None, 6),
-    "batch_size": (4608, 32),
-  }
+  base.storage_warn_s, base.storage_timeout_s = 5.0, 60.0
+  older = json.loads(saved)  # written before the storage keys existed
+  del older["storage_warn_s"], older["storage_timeout_s"]
+  assert (
+    train.changed_keys(json.dumps(older), base)
+    == train.changed_keys(saved, base)
+    == {
+      "data.tau": (0.7, 0.3),
+      "model.num_layers": (None, 6),
+      "batch_size": (4608, 32),
+    }
+  )
 
 
 def test_init_from_an_unfinished_run_needs_an_explicit_step(run_copy, demo_data, tmp_path):

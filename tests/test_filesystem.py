@@ -1,8 +1,12 @@
 """The filesystem layer on local disk and on a GCS emulator (tests/conftest.py `gcs_bucket`)."""
 
+import asyncio
 import os
+import socket
+import time
 import uuid
 
+import numpy as np
 import pytest
 
 from data_pipeline import filesystem as fs
@@ -129,3 +133,92 @@ def test_local_copy_that_fails_leaves_no_partial_file(remote, tmp_path, monkeypa
   with pytest.raises(OSError, match="No space left"):
     fs.local_copy(src, cache=fs.path(str(tmp_path / "cache")))
   assert [f for _, _, files in os.walk(tmp_path / "cache") for f in files] == []
+
+
+# ---- storage outages: retried, said once, bounded ---------------------------------------------------------------
+
+
+@pytest.fixture
+def limits():
+  saved = fs.storage_limits()
+  yield fs.set_storage_limits
+  fs.set_storage_limits(warn_after_s=saved[0], timeout_s=saved[1])
+
+
+def _flaky(fail_for_s, calls):
+  """A gcsfs-like request that is refused (as by a stopped server) for `fail_for_s` seconds, then answers."""
+  import aiohttp
+
+  start = []
+
+  async def request(self, method, path, *args, **kwargs):
+    calls.append(time.monotonic())
+    start.append(start[0] if start else time.monotonic())
+    if time.monotonic() - start[0] < fail_for_s:
+      raise aiohttp.ClientConnectionError("Cannot connect to host 127.0.0.1:9 [Connection refused]")
+    return 200, {}, None, b"ok"
+
+  return request
+
+
+def _target(self, method, path, *args, **kwargs):
+  return "bucket-x", f"{method} {path}"
+
+
+def test_failing_requests_are_retried_with_one_warning_and_one_recovery_line(limits, capsys):
+  limits(warn_after_s=0.5, timeout_s=60)
+  calls = []
+  patient = fs._patient(_flaky(2.0, calls), _target)
+  assert asyncio.run(patient(None, "GET", "b/bucket-x/o/k"))[3] == b"ok"
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2, err
+  assert err[0].startswith("warning: storage gs://bucket-x has not answered for ")
+  assert "GET b/bucket-x/o/k: ClientConnectionError" in err[0] and "config.storage_timeout_s" in err[0]
+  assert err[1].startswith("storage gs://bucket-x answers again after ")
+  gaps = np.diff(calls)
+  assert len(calls) >= 3 and all(b >= a for a, b in zip(gaps, gaps[1:]))  # backoff: growing delays
+  # The next outage is a new one: its warning is said again.
+  asyncio.run(fs._patient(_flaky(1.0, []), _target)(None, "GET", "b/bucket-x/o/k"))
+  assert "warning: storage gs://bucket-x" in capsys.readouterr().err
+
+
+def test_an_outage_past_the_timeout_raises_naming_the_bucket(limits):
+  limits(warn_after_s=0.2, timeout_s=1.5)
+  calls = []
+  start = time.monotonic()
+  with pytest.raises(fs.StorageUnavailableError, match=r"storage gs://bucket-x has not answered for \d+ s"):
+    asyncio.run(fs._patient(_flaky(1e9, calls), _target)(None, "GET", "b/bucket-x/o/k"))
+  assert 1.5 <= time.monotonic() - start < 10 and len(calls) >= 2
+  fs._outages.answered("bucket-x")
+
+
+def test_a_request_that_is_no_outage_is_not_retried(limits):
+  limits(warn_after_s=0.2, timeout_s=60)
+  calls = []
+
+  async def missing(self, method, path, *args, **kwargs):
+    calls.append(1)
+    raise FileNotFoundError(path)
+
+  with pytest.raises(FileNotFoundError):
+    asyncio.run(fs._patient(missing, _target)(None, "GET", "b/bucket-x/o/k"))
+  assert calls == [1]
+
+
+def test_gcsfs_requests_to_a_server_that_is_down_end_at_the_timeout(limits, monkeypatch):
+  """Through gcsfs itself: its own six tries (about 30 s) are replaced by the bound of `set_storage_limits`. (gcsfs's
+  base class: the experimental one first asks a storage-layout API for a minute, which an emulator lacks.)"""
+  import gcsfs.core
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # nothing listens there: every connection is refused
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+  limits(warn_after_s=0.5, timeout_s=2)
+  fs.path("gs://down-bucket/x")  # the first gs:// path installs the retries
+  gcs = gcsfs.core.GCSFileSystem(skip_instance_cache=True, token="anon")
+  start = time.monotonic()
+  with pytest.raises(fs.StorageUnavailableError, match="gs://down-bucket"):
+    gcs.cat_file("down-bucket/x")
+  assert 2 <= time.monotonic() - start < 12
+  fs._outages.answered("down-bucket")

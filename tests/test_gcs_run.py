@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from helpers import ROOT, tiny_config, train_losses
+from helpers import ROOT, free_port, start_gcs_emulator, tiny_config, train_losses
 from tiny_run import MODEL, STEPS, trained_run
 
 from data_pipeline import filesystem as fs
@@ -182,3 +183,152 @@ def test_a_path_of_another_scheme_is_one_line_naming_the_key(demo_data, tmp_path
   assert "JAX:" not in out  # refused before any device work
   assert not any(cwd.iterdir()) and not (tmp_path / "run").exists()
   _no_local_scheme_folders(cwd, ROOT)
+
+
+# ---- a storage outage: said, retried, bounded -------------------------------------------------------------------
+
+
+class _Outage:
+  """An emulator of its own that keeps its objects on disk, so it can be stopped (killed: every request is refused)
+  and started again on the same port with the same objects."""
+
+  def __init__(self, store):
+    self.store, self.bucket, self.port = store, "outage", free_port()
+    self.store.mkdir()
+    self.proc = start_gcs_emulator(self.port, self.bucket, str(self.store))
+    url = f"http://127.0.0.1:{self.port}"
+    # gcsfs's base class: its experimental one first asks a storage-layout API, which the emulator lacks, for a
+    # minute per request while the server is down.
+    self.env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+
+  def object(self, name):
+    return self.store / ".cloudstorage" / self.bucket / name
+
+  def stop(self):
+    self.proc.kill()
+    self.proc.wait()
+
+  def start(self):
+    self.proc = start_gcs_emulator(self.port, self.bucket, str(self.store))
+
+  def python(self, code: str):
+    """`code` run against this bucket in a fresh interpreter; what it prints, as JSON."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **self.env)
+    out = subprocess.run(
+      [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=self.store
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def outage(tmp_path):
+  emulator = _Outage(tmp_path / "store")
+  yield emulator
+  emulator.stop()
+
+
+def _run_in(emulator, config, workdir, cwd):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **emulator.env)
+  return subprocess.Popen(
+    [sys.executable, "-m", "mmbert_jax.main", f"--config={config}", f"--workdir={workdir}"],
+    cwd=cwd,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,  # read by one reader only (`_Lines`)
+    text=True,
+  )
+
+
+class _Lines:
+  """A pipe's lines as they come (read by a thread), so a test can wait for one."""
+
+  def __init__(self, pipe):
+    self.lines: list[str] = []
+    self.thread = threading.Thread(target=lambda: self.lines.extend(iter(pipe.readline, "")), daemon=True)
+    self.thread.start()
+
+  def wait_for(self, text, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in self.lines):
+      assert proc.poll() is None and time.monotonic() < deadline, (text, "".join(self.lines)[-3000:])
+      time.sleep(0.1)
+
+  def text(self):
+    self.thread.join(timeout=30)
+    return "".join(self.lines)
+
+
+def _first_checkpoint_written(emulator, prefix, proc):
+  marker = emulator.object(f"{prefix}/checkpoints/{STEPS[0]}/commit_success.txt")
+  while not marker.exists():
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    time.sleep(0.1)
+
+
+_LOSSES = (
+  "import json; from etils import epath; from data_pipeline import filesystem as fs; "
+  "rs = [json.loads(l) for l in fs.path('{run}/metrics.jsonl').read_text().splitlines() if l.strip()]; "
+  "from mmbert_jax import checkpoint as c; "
+  "print(json.dumps([{{r['step']: r['train/loss'] for r in rs if 'train/loss' in r}}, c.steps('{run}/checkpoints')]))"
+)
+
+
+def _losses_and_steps(emulator, run):
+  losses, steps = emulator.python(_LOSSES.format(run=run))
+  return {int(k): v for k, v in losses.items()}, steps
+
+
+@pytest.mark.slow
+@pytest.mark.gcs
+def test_a_storage_outage_past_the_warning_is_said_and_the_run_completes(outage, demo_data, tmp_path, tmp_path_factory):
+  reference = trained_run(demo_data, tmp_path_factory)
+  config = _config_file(tmp_path, demo_data, storage_warn_s=2.0)
+  run = f"gs://{outage.bucket}/run"
+  proc = _run_in(outage, config, run, tmp_path)
+  err = _Lines(proc.stderr)
+  _first_checkpoint_written(outage, "run", proc)
+  outage.stop()  # every later metrics upload and checkpoint write is refused
+  err.wait_for(f"warning: storage gs://{outage.bucket} has not answered for", proc)
+  time.sleep(3)
+  outage.start()
+  proc.wait(timeout=600)
+  assert proc.returncode == cli.EXIT_COMPLETE, err.text()[-3000:]
+  said = [line for line in err.text().splitlines() if "storage gs://" in line]
+  assert len(said) == 2, said
+  assert said[0].startswith(f"warning: storage gs://{outage.bucket} has not answered for ") and "timeout_s" in said[0]
+  assert said[1].startswith(f"storage gs://{outage.bucket} answers again after "), said
+  losses, steps = _losses_and_steps(outage, run)
+  assert losses == train_losses(reference) and steps == list(STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.gcs
+def test_a_storage_outage_past_the_timeout_exits_1_and_the_last_checkpoint_resumes(
+  outage, demo_data, tmp_path, tmp_path_factory
+):
+  reference = trained_run(demo_data, tmp_path_factory)
+  run = f"gs://{outage.bucket}/run"
+  config = _config_file(tmp_path, demo_data, storage_warn_s=1.0, storage_timeout_s=6.0)
+  proc = _run_in(outage, config, run, tmp_path)
+  err = _Lines(proc.stderr)
+  _first_checkpoint_written(outage, "run", proc)
+  outage.stop()
+  start = time.monotonic()
+  proc.wait(timeout=600)
+  lines = err.text().strip().splitlines()
+  assert proc.returncode == cli.EXIT_FAILED, "\n".join(lines[-30:])
+  assert time.monotonic() - start < 120
+  assert lines[-1].startswith(f"error: storage gs://{outage.bucket} has not answered for "), lines[-30:]
+  assert "config.storage_timeout_s=6" in lines[-1] and "Traceback" not in err.text()
+  outage.start()
+  losses, steps = _losses_and_steps(outage, run)
+  assert STEPS[0] in steps and STEPS[-1] not in steps  # the last complete checkpoint is there, nothing after it
+  # The same command, the bucket back: it resumes from that checkpoint to the uninterrupted run's losses.
+  config = _config_file(tmp_path, demo_data, storage_warn_s=1.0)
+  rerun = _run_in(outage, config, run, tmp_path)
+  rerun_err = _Lines(rerun.stderr)
+  rerun.wait(timeout=600)
+  assert rerun.returncode == cli.EXIT_COMPLETE, rerun_err.text()[-3000:]
+  losses, steps = _losses_and_steps(outage, run)
+  assert losses == train_losses(reference) and steps == list(STEPS)
