@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from data_pipeline import filesystem as fs
 from mmbert_jax import checkpoint as ckpt_lib
@@ -92,8 +94,12 @@ def merge_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
 
 def _preempted(before: str) -> dict[str, Any] | None:
-  """{"status": "preempted"} after a line saying where, if a SIGTERM arrived (single process)."""
-  if not cli.preempted() or jax.process_count() > 1:
+  """{"status": "preempted"} after a line saying where, if a SIGTERM arrived at any process: every process reaches
+  each boundary in the same order, and they all stop there together (one all-gather of a flag)."""
+  stop = cli.preempted()
+  if jax.process_count() > 1:
+    stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
+  if not stop:
     return None
   print(f"SIGTERM: stopped before {before}; run the same command again to resume", flush=True)
   return {"status": "preempted"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -410,19 +411,18 @@ def write_plots(workdir: str, out_dir: str | None = None) -> list[str]:
   paths."""
   phases = load_run(workdir)
   out_dir = fs.path(out_dir, "--out") if out_dir else fs.path(workdir, "--workdir") / "plots"
-  out_dir.mkdir(parents=True, exist_ok=True)
   available = {
     "loss": bool(loss_curves(phases)),
     "eval": bool(final_eval(phases)),
     "mixture": bool(mixtures(phases)[1]),
   }
   paths = []
-  for name, plot in (("loss", plot_loss), ("eval", plot_eval), ("mixture", plot_mixture)):
-    if available[name]:
-      path = out_dir / f"{name}.png"
-      with path.open("wb") as f:  # a bucket object is written whole when the file closes
-        plot(phases).savefig(f, format="png", dpi=DPI)
-      paths.append(str(path))
+  # Drawn into a temporary folder and moved into place together: a kill or an error leaves the plots of before.
+  with fs.staged_dir(out_dir) as staged:
+    for name, plot in (("loss", plot_loss), ("eval", plot_eval), ("mixture", plot_mixture)):
+      if available[name]:
+        plot(phases).savefig(os.path.join(staged, f"{name}.png"), format="png", dpi=DPI)
+        paths.append(str(out_dir / f"{name}.png"))
   return paths
 
 

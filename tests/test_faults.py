@@ -668,6 +668,40 @@ sys.exit(main.run(tiny_config({data!r}, num_devices=0, **{{"mesh.fsdp": 1, "mesh
 """
 
 
+_BOUNDARY = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize("localhost:{port}", num_processes=2, process_id={pid})
+from mmbert_jax import cli, phases
+cli._sigterm["received"] = {pid} == {signalled}  # a SIGTERM reached this process only
+print("stop" if phases._preempted("phase b") else "go", flush=True)
+print("stop" if phases._preempted("the merge") else "go", flush=True)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("signalled", [0, 1, -1])
+def test_processes_agree_at_a_phase_boundary(signalled):
+  """A SIGTERM to any one process of a multi-host curriculum stops every process at the same boundary (a process
+  that stopped alone would leave the others waiting in the next phase's first collective)."""
+  results = run_two_processes(_BOUNDARY, timeout=300, signalled=signalled)
+  for returncode, out, err in results:
+    assert returncode == 0, err[-3000:]
+    lines = [line for line in out.strip().splitlines() if not line.startswith("[Gloo]")]
+    if signalled < 0:
+      assert lines == ["go", "go"]
+    else:
+      assert lines == [
+        "SIGTERM: stopped before phase b; run the same command again to resume",
+        "stop",
+        "SIGTERM: stopped before the merge; run the same command again to resume",
+        "stop",
+      ]
+
+
 @pytest.mark.multiprocess
 def test_a_tensor_axis_across_processes_is_refused_at_start(demo_data, tmp_path):
   """Two processes of one device each with mesh.tensor=2 (SLURM's one process per GPU): both processes would feed

@@ -288,3 +288,29 @@ def test_report_of_a_bucket_workdir_and_of_a_running_phase(gcs_bucket, tmp_path)
   # Its schedule is drawn over the whole budget, ahead of the steps done.
   x, _ = _lines(report.plot_loss([phase]).axes[1])["decay_all/schedule"].get_data()
   assert x[-1] == 1_000_000 + DECAY_STEPS * STEP_TOKENS
+
+
+def test_plots_are_written_together_or_not_at_all(curriculum, tmp_path, monkeypatch):
+  """A failure (or a kill) while drawing leaves the plots of before, byte for byte, and no partial file."""
+  out = tmp_path / "plots"
+  first = report.write_plots(curriculum, str(out))
+  assert sorted(os.path.basename(p) for p in first) == ["eval.png", "loss.png", "mixture.png"]
+  before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+  def broken(phases):
+    raise RuntimeError("drawing failed")
+
+  monkeypatch.setattr(report, "plot_mixture", broken)  # the last plot: loss and eval are drawn by then
+  monkeypatch.setattr(report, "plot_loss", lambda phases: _other_figure())
+  with pytest.raises(RuntimeError, match="drawing failed"):
+    report.write_plots(curriculum, str(out))
+  assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+  assert [name for name in os.listdir(tmp_path) if "tmp" in name] == []  # no temporary folder left beside it
+
+
+def _other_figure():
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots()
+  ax.plot([0, 1], [1, 0])
+  return fig
