@@ -2,9 +2,17 @@
 
 import importlib.util
 import os
+import signal
+import sys
 
-import jax
-from jax._src import hardware_utils  # jax's own probe of the PCI bus for TPU chips and GPUs
+# `python -m mmbert_jax.main`: a preemption notice during the imports (seconds) is kept as a flag instead of killing
+# the process (exit 143, which launchers take for a failure); `cli.handle_sigterm` takes the flag over.
+early_sigterm = {"received": False}
+if "-m" in sys.orig_argv and sys.orig_argv[sys.orig_argv.index("-m") + 1 :][:1] == ["mmbert_jax.main"]:
+  signal.signal(signal.SIGTERM, lambda signum, frame: early_sigterm.update(received=True))
+
+import jax  # noqa: E402
+from jax._src import hardware_utils  # noqa: E402  jax's own probe of the PCI bus for TPU chips and GPUs
 
 
 def _skip_absent_tpu() -> None:

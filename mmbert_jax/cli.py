@@ -18,7 +18,7 @@ from typing import NoReturn
 from absl import app, flags, logging
 
 from data_pipeline.cli import EXIT_BAD_INPUT, EXIT_COMPLETE, EXIT_FAILED, EXIT_PREEMPTED  # noqa: F401
-from mmbert_jax import storage
+from mmbert_jax import early_sigterm, storage
 
 
 class ConfigError(ValueError):
@@ -49,7 +49,7 @@ def fail(error: BaseException | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
   sys.exit(code)
 
 
-_sigterm = {"received": False}
+_sigterm = early_sigterm  # one flag from the first import on (see mmbert_jax/__init__.py)
 
 
 def _on_sigterm(signum, frame) -> None:

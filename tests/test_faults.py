@@ -564,12 +564,38 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path, args, message):
   assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in err
 
 
+def _catches_sigterm(pid: int) -> bool:
+  """Whether process `pid` has a handler for SIGTERM (its SigCgt mask in /proc)."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      mask = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+  except (OSError, StopIteration):
+    return False
+  return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def _loaded(pid: int, name: str) -> bool:
+  """Whether process `pid` has mapped a file whose path holds `name` (a package's shared libraries)."""
+  with open(f"/proc/{pid}/maps") as f:
+    return any(name in line for line in f)
+
+
 @pytest.mark.slow
 def test_sigterm_exits_preempted_and_the_rerun_completes(demo_data, tmp_path):
   workdir = str(tmp_path / "run")
   config = _config_file(tmp_path, demo_data)
-  # At start-up (the devices are listed; state building, restore and compilation follow): a checkpoint of the
-  # first step, exit 75 (no handler was installed yet at this point: the process was killed by the signal, 143).
+  # During the imports (jax, flax: seconds), as soon as the package has taken SIGTERM over (the process's caught
+  # signals say so) and before anything is printed: a checkpoint of the first step, exit 75 (was 143, killed).
+  proc = _main_process(f"--config={config}", f"--workdir={workdir}")
+  while proc.poll() is None and not _catches_sigterm(proc.pid):
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGTERM)
+  assert not _loaded(proc.pid, "jaxlib")  # the signal came before jax was imported
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == cli.EXIT_PREEMPTED, err[-3000:]
+  assert "SIGTERM: saved step 1" in out + err
+  # At start-up (the devices are listed; state building, restore and compilation follow): the resumed run saves
+  # its first step and exits 75 (no handler was installed yet at this point: the process was killed, 143).
   proc = _main_process(f"--config={config}", f"--workdir={workdir}")
   for line in proc.stdout:
     if line.startswith("JAX:"):
@@ -577,7 +603,7 @@ def test_sigterm_exits_preempted_and_the_rerun_completes(demo_data, tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == cli.EXIT_PREEMPTED, err[-3000:]
-  assert "SIGTERM: saved step 1" in out + err
+  assert "SIGTERM: saved step 2" in out + err
   # In the loop.
   proc = _main_process(f"--config={config}", f"--workdir={workdir}")
   jsonl = os.path.join(workdir, "metrics.jsonl")
