@@ -112,10 +112,13 @@ def main(argv):
     flush=True,
   )
   code = run(config, workdir)
+  if code == cli.EXIT_COMPLETE and cli.preempted():  # a SIGTERM after the last boundary: the plots on the re-run
+    print("SIGTERM: stopped before the plots; run the same command again to draw them", flush=True)
+    code = cli.EXIT_PREEMPTED
   if code == cli.EXIT_COMPLETE and jax.process_index() == 0:
     for path in report.write_plots(workdir):
       print(f"plot: {path}", flush=True)
-  if code == cli.EXIT_COMPLETE and cli.preempted():  # a SIGTERM after the last boundary, during the plots
+  if code == cli.EXIT_COMPLETE and cli.preempted():  # during the plots: they are written whole first
     code = cli.EXIT_PREEMPTED
   sys.exit(code)
 

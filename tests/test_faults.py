@@ -681,6 +681,93 @@ def test_sigterm_during_a_phase_final_save_stops_before_the_next_phase(
   assert train_losses(f"{workdir}/a") == train_losses(f"{reference}/a")
 
 
+_CURRICULUM = """
+import sys
+sys.path.insert(0, {tests!r})
+import ml_collections
+from helpers import tiny_config
+from tiny_run import MODEL
+
+
+def get_config():
+  c = tiny_config({data!r}, train_tokens=512 * 4, num_devices=2, **MODEL)
+  c.phases = ("a", "b")
+  c.phase_overrides = ml_collections.ConfigDict(dict(a=dict(), b=dict(init_from_phase="a")))
+  c.merge = ml_collections.ConfigDict(dict(method="average", base="", models=("a", "b"), density=1.0, lam=1.0))
+  c.downstream = ml_collections.ConfigDict(
+    dict(tasks=("cldr_langid",), epochs=1, batch_size=16, peak_lr=1e-3, max_len=16, random_init=False)
+  )
+  return c
+"""
+
+
+def _wait_for(condition, proc, what):
+  while not condition():
+    assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-3000:]}"
+    time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_merge_the_fine_tuning_and_the_plots_resumes_to_the_same_results(demo_data, tmp_path):
+  """A two-phase curriculum with a merge and fine-tuning, stopped by SIGTERM while the merge is written, while the
+  fine-tuning runs and while the plots are drawn (each synchronised on what it writes): each time exit 75 once the
+  write in progress is complete, and the re-run ends with the uninterrupted run's losses, merge and scores."""
+  config = tmp_path / "curriculum.py"
+  config.write_text(_CURRICULUM.format(tests=str(ROOT / "tests"), data=demo_data))
+  reference, workdir = tmp_path / "reference", tmp_path / "run"
+  done = _main_process(f"--config={config}", f"--workdir={reference}")
+  assert done.wait(timeout=900) == cli.EXIT_COMPLETE, done.communicate()[1][-3000:]
+
+  def stopped_at(wait, what, said):
+    proc = _main_process(f"--config={config}", f"--workdir={workdir}")
+    wait(proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == cli.EXIT_PREEMPTED, (what, err[-3000:])
+    assert said in out, (what, out[-2000:])
+
+  # While the merge is written (its folder appears): it completes, fine-tuning does not start.
+  merged = workdir / "merged"
+  stopped_at(lambda proc: _wait_for(merged.exists, proc, "the merge"), "merge", "SIGTERM: stopped before fine-tuning")
+  assert ckpt_lib.steps(ckpt_lib.checkpoint_dir(merged)) and not (workdir / "downstream.json").exists()
+
+  # While fine-tuning (the first checkpoint's score is logged; two more follow): the table is written whole, the
+  # plots wait for the re-run.
+  def first_score(proc):
+    for line in proc.stderr:
+      if line.startswith("cldr_langid a:"):
+        return
+    raise AssertionError("the run ended before fine-tuning")
+
+  stopped_at(first_score, "fine-tuning", "SIGTERM: stopped before the plots")
+  assert (workdir / "downstream.json").exists() and not (workdir / "plots").exists()
+  # While the plots are drawn (their staged folder appears): they are moved into place complete.
+  staged = lambda: bool(list(workdir.glob(".plots.tmp-*")))
+  stopped_at(lambda proc: _wait_for(staged, proc, "the plots"), "plots", "plot: ")
+  assert sorted(os.listdir(workdir / "plots")) == ["eval.png", "loss.png", "mixture.png"]
+  again = _main_process(f"--config={config}", f"--workdir={workdir}")
+  assert again.wait(timeout=900) == cli.EXIT_COMPLETE, again.communicate()[1][-3000:]
+  for phase in ("a", "b"):
+    assert train_losses(str(workdir / phase)) == train_losses(str(reference / phase))
+  assert _same(ckpt_lib.load_params(str(workdir / "merged"))[0], ckpt_lib.load_params(str(reference / "merged"))[0])
+  assert _scores(workdir) == _scores(reference)
+  assert (
+    sorted(os.listdir(workdir / "plots"))
+    == sorted(os.listdir(reference / "plots"))
+    == [
+      "eval.png",
+      "loss.png",
+      "mixture.png",
+    ]
+  )
+
+
+def _scores(root) -> dict:
+  """The fine-tuning table without its timings."""
+  untimed = lambda d: {k: untimed(v) for k, v in d.items() if k != "seconds"} if isinstance(d, dict) else d
+  return untimed(json.loads((root / "downstream.json").read_text())["tasks"])
+
+
 _SPANNING = """
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
