@@ -708,10 +708,11 @@ def _wait_for(condition, proc, what):
 
 
 @pytest.mark.slow
-def test_sigterm_during_the_merge_the_fine_tuning_and_the_plots_resumes_to_the_same_results(demo_data, tmp_path):
-  """A two-phase curriculum with a merge and fine-tuning, stopped by SIGTERM while the merge is written, while the
-  fine-tuning runs and while the plots are drawn (each synchronised on what it writes): each time exit 75 once the
-  write in progress is complete, and the re-run ends with the uninterrupted run's losses, merge and scores."""
+def test_sigterm_during_evaluation_merge_fine_tuning_and_plots_resumes_to_the_same_results(demo_data, tmp_path):
+  """A two-phase curriculum with a merge and fine-tuning, stopped by SIGTERM while a phase is evaluated, while the
+  merge is written, while the fine-tuning runs and while the plots are drawn (each synchronised on what it writes):
+  each time exit 75 once the work in progress is complete, and the re-run ends with the uninterrupted run's losses,
+  merge and scores."""
   config = tmp_path / "curriculum.py"
   config.write_text(_CURRICULUM.format(tests=str(ROOT / "tests"), data=demo_data))
   reference, workdir = tmp_path / "reference", tmp_path / "run"
@@ -726,6 +727,10 @@ def test_sigterm_during_the_merge_the_fine_tuning_and_the_plots_resumes_to_the_s
     assert proc.returncode == cli.EXIT_PREEMPTED, (what, err[-3000:])
     assert said in out, (what, out[-2000:])
 
+  # While phase a is evaluated (its final checkpoint is complete): phase b does not start.
+  final = workdir / "a" / "checkpoints" / "4"
+  stopped_at(lambda proc: _wait_for(final.exists, proc, "the evaluation"), "eval", "SIGTERM: stopped before phase b")
+  assert not (workdir / "b").exists()
   # While the merge is written (its folder appears): it completes, fine-tuning does not start.
   merged = workdir / "merged"
   stopped_at(lambda proc: _wait_for(merged.exists, proc, "the merge"), "merge", "SIGTERM: stopped before fine-tuning")
