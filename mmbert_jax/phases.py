@@ -117,7 +117,8 @@ def curriculum_outlook(config: ml_collections.ConfigDict, workdir: str) -> progr
   if merging:
     parts.append(progress.Part("merge", kind="merge"))
   if "downstream" in config:
-    units = (len(config.phases) + merging) * len(config.downstream.tasks)
+    columns = len(config.phases) + merging + bool(config.downstream.get("random_init", True))  # score_curriculum's
+    units = columns * len(config.downstream.tasks)
     parts.append(progress.Part("downstream", kind="finetune", units=units))
   return progress.Outlook(parts)
 

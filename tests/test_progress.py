@@ -255,3 +255,19 @@ def test_a_progress_line_at_the_first_step_and_every_tenth():
   assert reported[0] == 1 and reported[-1] == steps
   assert max(np.diff([0.0] + fractions)) <= 0.1 + 1 / steps  # no gap wider than a tenth (and one step)
   assert len(reported) <= 12
+
+
+@pytest.mark.parametrize("random_init", [True, False])
+def test_the_demo_outlook_counts_every_fine_tuning_column(random_init):
+  """One fine-tuning unit per column of the downstream table (finetune.score_curriculum: each phase, the merge and,
+  with random_init, the same model with random weights) and task."""
+  from helpers import load_config
+
+  from mmbert_jax import finetune, phases
+
+  config = load_config("demo")
+  with config.unlocked():
+    config.downstream.random_init = random_init
+  [part] = [p for p in phases.curriculum_outlook(config, "/tmp/unused").parts if p.kind == "finetune"]
+  columns = list(config.phases) + ["merged"] + ([finetune.RANDOM_INIT] if random_init else [])
+  assert part.units == len(columns) * len(config.downstream.tasks) == (21 if random_init else 18)
