@@ -421,6 +421,7 @@ def write_plots(workdir: str, out_dir: str | None = None) -> list[str]:
   with fs.staged_dir(out_dir) as staged:
     for name, plot in (("loss", plot_loss), ("eval", plot_eval), ("mixture", plot_mixture)):
       if available[name]:
+        # local-only: staged_dir's folder is local (a bucket gets it uploaded)
         plot(phases).savefig(os.path.join(staged, f"{name}.png"), format="png", dpi=DPI)
         paths.append(str(out_dir / f"{name}.png"))
   return paths
