@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -173,7 +174,8 @@ def _patient(request, bucket_of):
         await asyncio.sleep(delay * (1 + random.random() / 2))
         delay = min(delay * 2, 8.0)
         continue
-      _outages.answered(bucket_of(self, *args)[0])
+      if _outages.since:  # only while some bucket is failing: no work per request otherwise
+        _outages.answered(bucket_of(self, *args)[0])
       return result
 
   patient.__name__ = getattr(request, "__name__", "request")
@@ -191,10 +193,9 @@ def _download_target(self, rpath, *args, **kwargs) -> tuple[str, str]:
   return bucket, f"GET gs://{bucket}/{key}"
 
 
+@functools.cache
 def _install_patient_requests() -> None:
-  """Every gcsfs request (metadata, uploads, downloads) goes through `_patient`."""
-  if importlib.util.find_spec("gcsfs") is None:
-    return
+  """Every gcsfs request (metadata, uploads, downloads) goes through `_patient`; once, at the first gs:// path."""
   import aiohttp
   import gcsfs.core
 
@@ -206,10 +207,7 @@ def _install_patient_requests() -> None:
   for name, target in (("_request", _request_target), ("_get_file_request", _download_target)):
     # On gcsfs's base class: its experimental subclass (zonal buckets) hands standard buckets' requests to it.
     original = getattr(gcsfs.core.GCSFileSystem, name)
-    if not getattr(original, "_mmbert_patient", False):
-      patient = _patient(getattr(original, "__wrapped__", original), target)
-      patient._mmbert_patient = True
-      setattr(gcsfs.core.GCSFileSystem, name, patient)
+    setattr(gcsfs.core.GCSFileSystem, name, _patient(original.__wrapped__, target))
 
 
 def path(value: str | os.PathLike, key: str = "path") -> epath.Path:

@@ -118,7 +118,8 @@ def flag_error(error: Exception, argv: Sequence[str]) -> str:
 def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None]) -> None:
   """`python -m module`: defines the module's flags (importing a module defines none) and runs `main`; bad flags
   and a `ConfigError` or `app.UsageError` from `main` end the command with one `error:` line and exit status 2, a
-  failed write (a full disk, a read-only one) with one line naming the path and exit status 1."""
+  failed write (a full disk, a read-only one) with one line naming the path and exit status 1, and so does a bucket
+  that did not answer (`data_pipeline.filesystem.StorageUnavailableError`)."""
   define_flags()
 
   def checked_main(argv):
@@ -127,8 +128,10 @@ def run(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None])
     except (ConfigError, app.UsageError) as e:  # absl would print the whole usage for a UsageError
       fail(e)
     except storage.WriteError as e:
-      fail(e, EXIT_FAILED)
+      fail(storage.unavailable(e) or e, EXIT_FAILED)
     except Exception as e:  # OSError, or a library's error that carries the C library's text
+      if down := storage.unavailable(e):  # a bucket that did not answer for config.storage_timeout_s
+        fail(down, EXIT_FAILED)
       if not storage.is_storage_error(e):
         raise
       fail(storage.failed_write(e), EXIT_FAILED)

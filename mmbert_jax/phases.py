@@ -9,8 +9,8 @@ the loop exits at once), so re-running the same command resumes the curriculum w
 
 A SIGTERM (`cli.handle_sigterm`) is read at the boundaries: before each phase, after a phase's final checkpoint
 (one that arrived while it was saved included), before the merge and before fine-tuning. The run then stops with
-status "preempted" (exit 75) and the same command resumes at that boundary. (On a multi-process run, the loop's
-own sync point stops every process together; the boundaries are read on a single process.)
+status "preempted" (exit 75) and the same command resumes at that boundary. On a multi-process run the processes
+agree at each boundary (a SIGTERM to any one stops all there); in the loop, its own sync point stops them together.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ def curriculum_outlook(config: ml_collections.ConfigDict, workdir: str) -> progr
   if merging:
     parts.append(progress.Part("merge", kind="merge"))
   if "downstream" in config:
-    columns = len(config.phases) + merging + bool(config.downstream.get("random_init", True))  # score_curriculum's
+    # The columns of finetune.score_curriculum's table: each phase, the merge and the random-init control.
+    columns = len(config.phases) + merging + bool(config.downstream.get("random_init", True))
     units = columns * len(config.downstream.tasks)
     parts.append(progress.Part("downstream", kind="finetune", units=units))
   return progress.Outlook(parts)

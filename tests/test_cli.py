@@ -129,6 +129,28 @@ def test_a_failed_write_in_any_command_is_one_line_and_exit_1(error, line, monke
   assert e.value.code == cli.EXIT_FAILED and err.count("\n") == 1 and err.startswith("error: ") and line in err, err
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_bucket_that_does_not_answer_is_one_line_and_exit_1_in_any_command(wrapped, monkeypatch, capsys):
+  """merge, export, evaluate, finetune, report...: the outage's own line, also when a writer wrapped it."""
+  from data_pipeline import filesystem as fs
+
+  outage = fs.StorageUnavailableError("storage gs://b has not answered for 1801 s (config.storage_timeout_s=1800)")
+
+  def main(argv):
+    if not wrapped:
+      raise outage
+    try:
+      raise outage
+    except OSError as e:
+      raise storage.write_error("writing the export", "gs://b/out", e) from e
+
+  monkeypatch.setattr(sys, "argv", ["command"])
+  with pytest.raises(SystemExit) as e:
+    cli.run(main, lambda: None)
+  err = capsys.readouterr().err
+  assert e.value.code == cli.EXIT_FAILED and err == f"error: {outage}\n", err
+
+
 def test_other_errors_are_not_taken_for_failed_writes(monkeypatch):
   def main(argv):
     raise OSError(errno.EBADF, "Bad file descriptor")

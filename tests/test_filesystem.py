@@ -2,12 +2,12 @@
 
 import asyncio
 import os
-import socket
 import time
 import uuid
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 from data_pipeline import filesystem as fs
 
@@ -210,9 +210,7 @@ def test_gcsfs_requests_to_a_server_that_is_down_end_at_the_timeout(limits, monk
   base class: the experimental one first asks a storage-layout API for a minute, which an emulator lacks.)"""
   import gcsfs.core
 
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]  # nothing listens there: every connection is refused
+  port = free_port()  # nothing listens there: every connection is refused
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
   limits(warn_after_s=0.5, timeout_s=2)
   fs.path("gs://down-bucket/x")  # the first gs:// path installs the retries

@@ -35,11 +35,12 @@ def _config_file(tmp_path, data_dir, **overrides) -> str:
   return str(path)
 
 
-def _start(module: str, *args: str, cwd) -> subprocess.Popen:
-  """`python -m module args` in `cwd` (not the repository: a stray relative `gs:` folder would land there)."""
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+def _start(module: str, *args: str, cwd, env=None, stdout=subprocess.PIPE) -> subprocess.Popen:
+  """`python -m module args` in `cwd` (not the repository: a stray relative `gs:` folder would land there), with
+  `env` added to the environment."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **(env or {}))
   return subprocess.Popen(
-    [sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    [sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True
   )
 
 
@@ -229,15 +230,9 @@ def outage(tmp_path):
 
 
 def _run_in(emulator, config, workdir, cwd):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **emulator.env)
-  return subprocess.Popen(
-    [sys.executable, "-m", "mmbert_jax.main", f"--config={config}", f"--workdir={workdir}"],
-    cwd=cwd,
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,  # read by one reader only (`_Lines`)
-    text=True,
-  )
+  """The entry point against `emulator`; its stderr is read by one reader only (`_Lines`)."""
+  args = (f"--config={config}", f"--workdir={workdir}")
+  return _start("mmbert_jax.main", *args, cwd=cwd, env=emulator.env, stdout=subprocess.DEVNULL)
 
 
 class _Lines:
