@@ -119,8 +119,10 @@ def test_bfloat16_forward_and_gradients_within_xla_error(impl):
   """bf16 q/k/v at S = 512 with a ±64 window (most kv blocks skipped), packed rows and a padding tail.
 
   The reference is float32 attention on the same bf16-rounded inputs; the XLA path in bf16 rounds the
-  probabilities and outputs to bf16 and keeps the logits and the softmax statistics in float32. A kernel that
-  also rounds the logits, or its saved log-sum-exp, to bf16 has 1.6× (output) or 3× (dq) the XLA path's error.
+  probabilities and outputs to bf16 and keeps the logits and the softmax statistics in float32. The kernels sit
+  at 0.70–1.04× the XLA path's error. The bound, 1.15×, fails each bf16 rounding a kernel must not add: the
+  logits or the saved log-sum-exp (1.6× on the output, 3× on dq), the backward's probabilities before dS (1.28×
+  on dq, 1.24× on dk), dP = dO·Vᵀ (1.30×, 1.26×), the forward accumulator at each kv block (1.30× on the output).
   The tiles are the model's defaults (`kernel_options`), local kv tile and backward tiles included.
   """
   seq, window = 512, 64
@@ -135,7 +137,7 @@ def test_bfloat16_forward_and_gradients_within_xla_error(impl):
   kernel = rms_errors(impl, q, k, v, seg, window, ct, reference, options=attention.kernel_options(cfg, impl, window))
   assert np.all(xla > 0)
   for name, err, err_xla in zip(("out", "dq", "dk", "dv"), kernel, xla):
-    assert err <= 1.5 * err_xla, f"{impl} bf16 {name} error {err:.3g} > 1.5 × XLA's {err_xla:.3g}"
+    assert err <= 1.15 * err_xla, f"{impl} bf16 {name} error {err:.3g} > 1.15 × XLA's {err_xla:.3g}"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -79,6 +79,50 @@ def test_chunked_equals_dense_in_bfloat16():
     assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(a) + 1e-6
 
 
+@pytest.mark.parametrize("chunk", [128, VOCAB])
+def test_chunked_equals_dense_with_logits_up_to_1e3(chunk):
+  """A trained decoder can put a few vocabulary rows far above or below the rest (a large bias): the chunked
+  logsumexp must carry its running max across chunks, or exp overflows float32 at a logit of 89 (inf loss, NaN
+  gradients). Reference: float64 log-softmax and its gradient (softmax − one-hot) from the same inputs."""
+  rng = np.random.default_rng(3)
+  n, h = 10, 16
+  x = rng.normal(size=(n, h)).astype(np.float32)
+  w = (0.5 * rng.normal(size=(VOCAB, h))).astype(np.float32)
+  b = rng.normal(size=VOCAB).astype(np.float32)
+  b[[3, 777]] = [1000.0, 990.0]  # the largest logits, in the first and in a later chunk
+  b[[500, 999]] = -1000.0
+  labels = np.array([3, 777, 500, 999, 0, 1, 2, 250, 640, 998], np.int32)
+  g = rng.uniform(0.5, 1.5, n).astype(np.float32)  # per-slot loss weights, as the train step's mean applies
+
+  logits = x.astype(np.float64) @ w.T.astype(np.float64) + b
+  top = logits.max(-1, keepdims=True)
+  lse = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
+  want = lse - logits[np.arange(n), labels]
+  d = g[:, None] * (np.exp(logits - lse[:, None]) - np.eye(VOCAB)[labels])
+  want_grads = (d @ w, d.T @ x, d.sum(0))
+
+  def run(impl):
+    def weighted(x, w, b):
+      nll, hit = mlm_loss.token_loss(x, w, b, jnp.asarray(labels), impl=impl, chunk_size=chunk)
+      return (nll * g).sum(), (nll, hit)
+
+    (_, (nll, hit)), grads = jax.value_and_grad(weighted, argnums=(0, 1, 2), has_aux=True)(x, w, b)
+    return np.asarray(nll), np.asarray(hit), [np.asarray(a) for a in grads]
+
+  nll_d, hit_d, grads_d = run("dense")
+  nll_c, hit_c, grads_c = run("chunked")
+  assert np.isfinite(nll_c).all() and all(np.isfinite(a).all() for a in grads_c)
+  # float32 logits near 1e3 carry an ulp of 6e-5: the nll is exact to a few of them.
+  np.testing.assert_allclose(nll_c, want, rtol=0, atol=5e-4)
+  np.testing.assert_allclose(nll_c, nll_d, rtol=0, atol=5e-4)
+  assert want[2] > 1900 and want[0] < 1e-3  # the labels span the whole range
+  np.testing.assert_array_equal(hit_c, logits.argmax(-1) == labels)
+  np.testing.assert_array_equal(hit_c, hit_d)
+  for got, dense, ref in zip(grads_c, grads_d, want_grads):
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(got, dense, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
 def test_ties_keep_the_first_index_across_chunks():
   # Every logit is its bias; the largest value sits at 5 and again at 700 (another chunk): argmax is 5.
   x = jnp.zeros((2, 8))
