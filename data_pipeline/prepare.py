@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import fnmatch
 import glob
@@ -126,8 +127,11 @@ class Settings:
   min_tokens: int = 1  # drop sequences with fewer text tokens
   eval_documents: int = 1000  # held-out documents per language …
   eval_every: int = 10  # … taken as every eval_every-th document, so at most 1/eval_every
+  unit_mb: float = 256  # input per unit of work: parquet row groups grouped, JSONL / text cut at line starts
 
   def __post_init__(self):
+    if not self.unit_mb > 0:
+      raise ValueError(f"unit_mb must be positive, got {self.unit_mb}")
     if self.max_len < 3:
       raise ValueError(f"max_len must be at least 3 (<bos> token <eos>), got {self.max_len}")
     if self.eval_every < 2:
@@ -136,11 +140,12 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-  """One input file (or TFDS record range), tokenized by one worker into its own shards."""
+  """A piece of one input file (or a TFDS record range), tokenized by one worker into its own shards."""
 
   name: str
   path: str
   lang: str | None  # None: each record names its language
+  # [start, stop): TFDS records, parquet row groups, or bytes of a JSONL / text file; (0, 0): the whole file
   start: int = 0
   stop: int = 0
   eval_quota: int = 0  # eval documents per language this unit contributes
@@ -222,10 +227,12 @@ def list_units(source: Source, settings: Settings, languages: Sequence[str] | No
     if missing:
       raise FileNotFoundError(f"jsonl input files do not exist: {', '.join(missing)}")
     files = sorted(source.files)
-    quota = math.ceil(settings.eval_documents / len(files))
+    pieces = _pieces(source, settings, files)
+    quota = math.ceil(settings.eval_documents / sum(map(len, pieces)))
     return [
-      Unit(f"{prefix}{i:05d}-{_safe_name(f.rsplit('/', 1)[-1])}", f, source.lang, eval_quota=quota)
-      for i, f in enumerate(files)
+      Unit(f"{prefix}{i:05d}-{_safe_name(f.rsplit('/', 1)[-1])}{suffix}", f, source.lang, a, b, eval_quota=quota)
+      for i, (f, file_pieces) in enumerate(zip(files, pieces))
+      for a, b, suffix in file_pieces
     ]
   else:  # tfds
     n = len(_tfds_source(source))
@@ -252,36 +259,94 @@ def list_units(source: Source, settings: Settings, languages: Sequence[str] | No
     # exact names, or a bare code for its one <code>_<Script> variant
     want = set(mixture.resolve_languages(list(languages), found, "languages", source.path))
     per_file = [(lang, f) for lang, f in per_file if lang in want]
-  files_per_lang: dict[str, int] = {}
-  for lang, _ in per_file:
-    files_per_lang[lang] = files_per_lang.get(lang, 0) + 1
+  pieces = _pieces(source, settings, [f for _, f in per_file])
+  pieces_per_lang: dict[str, int] = {}
+  for (lang, _), file_pieces in zip(per_file, pieces):
+    pieces_per_lang[lang] = pieces_per_lang.get(lang, 0) + len(file_pieces)
   return [
     Unit(
-      prefix + _safe_name(_relpath(f, source.path)),
+      prefix + _safe_name(_relpath(f, source.path)) + suffix,
       f,
       lang,
-      eval_quota=math.ceil(settings.eval_documents / files_per_lang[lang]),
+      a,
+      b,
+      eval_quota=math.ceil(settings.eval_documents / pieces_per_lang[lang]),
     )
-    for lang, f in per_file
+    for (lang, f), file_pieces in zip(per_file, pieces)
+    for a, b, suffix in file_pieces
   ]
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-  """(line number, line) of a UTF-8 text file, plain or gzipped; bad UTF-8 or gzip data is an error naming the
-  line. Lines are decoded one by one (not in blocks) so that the line number is exact."""
-  lineno = 0
+@contextlib.contextmanager
+def _parquet_file(path: str):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  with fs.path(path, "input").open("rb") as raw:
+    try:
+      f = pq.ParquetFile(raw)
+    except (pa.ArrowException, OSError) as e:
+      raise ValueError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    yield f
+
+
+def _file_pieces(source: Source, settings: Settings, path: str) -> list[tuple[int, int, str]]:
+  """(start, stop, unit name suffix) of the units `path` is cut into: consecutive parquet row groups of about
+  unit_mb (uncompressed), or byte ranges of unit_mb of a JSONL / text file, each owning the lines that start in
+  it. Gzip files, text split by paragraph or file, and files of one unit are whole: (0, 0, "")."""
+  limit = settings.unit_mb * 2**20
+  if source.format == "parquet":
+    with _parquet_file(path) as f:
+      sizes = [f.metadata.row_group(i).total_byte_size for i in range(f.metadata.num_row_groups)]
+    bounds, first, size = [], 0, 0
+    for i, n in enumerate(sizes):
+      size += n
+      if size >= limit or i == len(sizes) - 1:
+        bounds.append((first, i + 1))
+        first, size = i + 1, 0
+    return [(a, b, f"@rg{a:06d}") for a, b in bounds] if len(bounds) > 1 else [(0, 0, "")]
+  if path.endswith(".gz") or (source.format == "text" and source.text_split != "line"):
+    return [(0, 0, "")]
+  size, step = fs.path(path, "input").stat().length, max(1, int(limit))
+  if size <= step:
+    return [(0, 0, "")]
+  return [(a, min(a + step, size), f"@b{a:013d}") for a in range(0, size, step)]
+
+
+def _pieces(source: Source, settings: Settings, files: Sequence[str]) -> list[list[tuple[int, int, str]]]:
+  """_file_pieces of every file (parquet footers read on 32 threads: a bucket holds ~10⁴ files)."""
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    return list(pool.map(lambda f: _file_pieces(source, settings, f), files))
+
+
+def _lines(path: str, start: int = 0, stop: int = 0) -> Iterator[tuple[str, str]]:
+  """(where, line) of a UTF-8 text file, plain or gzipped, `where` being the line number (or, in a unit that
+  starts inside the file, the line's byte offset); bad UTF-8 or gzip data is an error naming it. With stop > 0,
+  the lines that start in the byte range [start, stop) (a line that crosses `stop` is read whole). Lines are
+  decoded one by one (not in blocks) so that the position is exact."""
+  lineno, pos = 0, start
+  where = lambda: str(lineno) if start == 0 else f"byte {pos}"
   try:
     with (
       fs.path(path, "input").open("rb") as raw_file,
       gzip.GzipFile(fileobj=raw_file) if path.endswith(".gz") else raw_file as f,
     ):
-      for lineno, raw in enumerate(f, 1):
+      if start > 0:  # the line that crosses `start` belongs to the unit before
+        f.seek(start - 1)
+        pos = start - 1 + len(f.readline())
+      while not stop or pos < stop:
+        raw = f.readline()
+        if not raw:
+          break
+        lineno += 1
         line = raw.decode("utf-8")
-        yield lineno, line[:-2] + "\n" if line.endswith("\r\n") else line
+        yield where(), line[:-2] + "\n" if line.endswith("\r\n") else line
+        pos += len(raw)
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+    raise ValueError(f"{path}:{where()}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
   except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-    raise ValueError(f"{path}:{lineno + 1}: not a valid gzip file ({e})") from None
+    lineno += 1
+    raise ValueError(f"{path}:{where()}: not a valid gzip file ({e})") from None
 
 
 def _tfds_source(source: Source):
@@ -301,37 +366,30 @@ def _as_str(value) -> str:
 
 
 def _read_parquet(unit: Unit, source: Source, batch: int) -> Iterator[list[tuple[str, str]]]:
-  with fs.path(unit.path, "input").open("rb") as raw:
-    yield from _read_parquet_file(raw, unit, source, batch)
-
-
-def _read_parquet_file(raw, unit: Unit, source: Source, batch: int) -> Iterator[list[tuple[str, str]]]:
   import pyarrow as pa
-  import pyarrow.parquet as pq
 
-  try:
-    f = pq.ParquetFile(raw)
-  except (pa.ArrowException, OSError) as e:
-    raise ValueError(f"{unit.path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-  names = f.schema_arrow.names
-  if source.text_key not in names:
-    raise ValueError(
-      f"{unit.path}: no `{source.text_key}` column (columns: {', '.join(names)}); choose one with --text_key"
-    )
-  kind = f.schema_arrow.field(source.text_key).type
-  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-    raise ValueError(f"{unit.path}: column `{source.text_key}` holds {kind}, not text")
-  batches, row = f.iter_batches(batch_size=batch, columns=[source.text_key]), 0
-  while True:
-    try:
-      record_batch = next(batches)
-    except StopIteration:
-      return
-    except (pa.ArrowException, OSError) as e:
-      raise ValueError(f"{unit.path}: rows from {row} on cannot be read ({str(e).splitlines()[0]})") from None
-    texts = record_batch.column(0).to_pylist()
-    row += len(texts)
-    yield [(unit.lang, t) for t in texts if t]
+  with _parquet_file(unit.path) as f:
+    names = f.schema_arrow.names
+    if source.text_key not in names:
+      raise ValueError(
+        f"{unit.path}: no `{source.text_key}` column (columns: {', '.join(names)}); choose one with --text_key"
+      )
+    kind = f.schema_arrow.field(source.text_key).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+      raise ValueError(f"{unit.path}: column `{source.text_key}` holds {kind}, not text")
+    groups = range(unit.start, unit.stop) if unit.stop else range(f.metadata.num_row_groups)
+    row = sum(f.metadata.row_group(i).num_rows for i in range(groups.start))
+    batches = f.iter_batches(batch_size=batch, row_groups=list(groups), columns=[source.text_key])
+    while True:
+      try:
+        record_batch = next(batches)
+      except StopIteration:
+        return
+      except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{unit.path}: rows from {row} on cannot be read ({str(e).splitlines()[0]})") from None
+      texts = record_batch.column(0).to_pylist()
+      row += len(texts)
+      yield [(unit.lang, t) for t in texts if t]
 
 
 def read_unit(unit: Unit, source: Source, batch: int = 256) -> Iterator[list[tuple[str, str]]]:
@@ -346,7 +404,7 @@ def read_unit(unit: Unit, source: Source, batch: int = 256) -> Iterator[list[tup
     return len(out) >= batch
 
   if source.format == "jsonl":
-    for lineno, line in _lines(unit.path):
+    for lineno, line in _lines(unit.path, unit.start, unit.stop):
       if not line.strip():
         continue
       try:
@@ -369,7 +427,7 @@ def read_unit(unit: Unit, source: Source, batch: int = 256) -> Iterator[list[tup
     if source.text_split == "file":
       emit(unit.lang, "".join(line for _, line in _lines(unit.path)))
     elif source.text_split == "line":
-      for _, line in _lines(unit.path):
+      for _, line in _lines(unit.path, unit.start, unit.stop):
         if emit(unit.lang, line.rstrip("\n")):
           yield out
           out = []
@@ -572,6 +630,7 @@ def _check_settings(output_dir: fs.Path, settings: Settings, tok: tokenizer_lib.
     "min_tokens": settings.min_tokens,
     "eval_documents": settings.eval_documents,
     "eval_every": settings.eval_every,
+    "unit_mb": settings.unit_mb,
   }
   if path.exists():
     before = _read_json(path)
@@ -617,19 +676,20 @@ def finished_units(
   return [known[n.removesuffix(".json")] if n not in read else read[n] for n in names]
 
 
-def aggregate(records: Sequence[dict], tokenizer_info: dict, settings: Settings) -> dict:
-  """stats.json content from the units' records."""
-  langs: dict[str, dict] = {}
-  sources: dict[str, dict] = {}
-  for record in records:
+class StatsAccumulator:
+  """stats.json content, summed over units' records in any order and merged (a Beam CombineFn's accumulator)."""
+
+  def __init__(self):
+    self.langs: dict[str, dict] = {}
+    self.sources: dict[str, dict] = {}
+
+  def add(self, record: dict) -> StatsAccumulator:
     source = record.get("source", "")
-    src = sources.setdefault(source, {"units": 0, "languages": set(), "documents": 0, "tokens": 0})
+    src = self.sources.setdefault(source, {"units": 0, "languages": set(), "documents": 0, "tokens": 0})
     src["units"] += 1
     for lang, splits in record["languages"].items():
       src["languages"].add(lang)
-      entry = langs.setdefault(
-        lang, {s: {"documents": 0, "sequences": 0, "tokens": 0, "shards": []} for s in ("train", "eval")}
-      )
+      entry = self._lang(lang)
       for split, counts in splits.items():
         e = entry[split]
         for k in ("documents", "sequences", "tokens"):
@@ -640,27 +700,102 @@ def aggregate(records: Sequence[dict], tokenizer_info: dict, settings: Settings)
         if split == "train":
           src["documents"] += counts["documents"]
           src["tokens"] += counts["tokens"]
-  clash = sorted(set(sources) & set(langs))
-  if clash:
-    raise ValueError(
-      f"source ids that are also language names: {', '.join(clash)}; a budget could not tell "
-      "them apart (prepare them again under another --source id)"
+    return self
+
+  def _lang(self, lang: str) -> dict:
+    return self.langs.setdefault(
+      lang, {s: {"documents": 0, "sequences": 0, "tokens": 0, "shards": []} for s in ("train", "eval")}
     )
-  for entry in langs.values():
-    for e in entry.values():
-      e["shards"].sort(key=lambda s: s["path"])
-  return {
-    "format": FORMAT_VERSION,
-    "token_dtype": TOKEN_DTYPE.str,
-    "tokenizer": tokenizer_info,
-    "settings": dataclasses.asdict(settings),
-    "languages": dict(sorted(langs.items())),
-    "sources": {k: dict(v, languages=sorted(v["languages"])) for k, v in sorted(sources.items())},
-    "totals": {
-      s: {k: sum(v[s][k] for v in langs.values()) for k in ("documents", "sequences", "tokens")}
-      for s in ("train", "eval")
-    },
-  }
+
+  def merge(self, other: StatsAccumulator) -> StatsAccumulator:
+    for source, o in other.sources.items():
+      src = self.sources.setdefault(source, {"units": 0, "languages": set(), "documents": 0, "tokens": 0})
+      src["languages"] |= o["languages"]
+      for k in ("units", "documents", "tokens"):
+        src[k] += o[k]
+    for lang, entry in other.langs.items():
+      mine = self._lang(lang)
+      for split, e in entry.items():
+        for k in ("documents", "sequences", "tokens"):
+          mine[split][k] += e[k]
+        mine[split]["shards"] += e["shards"]
+    return self
+
+  def result(self, tokenizer_info: dict, settings: Settings) -> dict:
+    langs, sources = self.langs, self.sources
+    clash = sorted(set(sources) & set(langs))
+    if clash:
+      raise ValueError(
+        f"source ids that are also language names: {', '.join(clash)}; a budget could not tell "
+        "them apart (prepare them again under another --source id)"
+      )
+    for entry in langs.values():
+      for e in entry.values():
+        e["shards"].sort(key=lambda s: s["path"])
+    return {
+      "format": FORMAT_VERSION,
+      "token_dtype": TOKEN_DTYPE.str,
+      "tokenizer": tokenizer_info,
+      "settings": dataclasses.asdict(settings),
+      "languages": dict(sorted(langs.items())),
+      "sources": {k: dict(v, languages=sorted(v["languages"])) for k, v in sorted(sources.items())},
+      "totals": {
+        s: {k: sum(v[s][k] for v in langs.values()) for k in ("documents", "sequences", "tokens")}
+        for s in ("train", "eval")
+      },
+    }
+
+
+def aggregate(records: Sequence[dict], tokenizer_info: dict, settings: Settings) -> dict:
+  """stats.json content from the units' records."""
+  acc = StatsAccumulator()
+  for record in records:
+    acc.add(record)
+  return acc.result(tokenizer_info, settings)
+
+
+def plan(
+  source: Source,
+  output_dir: str,
+  settings: Settings,
+  languages: Sequence[str] | None = None,
+  shard_index: int = 0,
+  num_shards: int = 1,
+) -> tuple[fs.Path, tokenizer_lib.Tokenizer, Settings, list[Unit]]:
+  """What every run does first: checks the flags, loads the tokenizer, lists this run's share of the units
+  (every num_shards-th from shard_index on), and records (or compares) the settings and the source id."""
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index {shard_index} is not in [0, num_shards={num_shards})")
+  out = fs.path(output_dir, "--output_dir")
+  tok = tokenizer_lib.load_tokenizer(settings.tokenizer)
+  settings = dataclasses.replace(settings, tokenizer=tok.path)
+  if languages:
+    for lang in languages:
+      check_language_name(lang, "--languages")
+  units = list_units(source, settings, languages)[shard_index::num_shards]
+  out.mkdir(parents=True, exist_ok=True)
+  _check_settings(out, settings, tok)
+  _check_source(out, source)
+  return out, tok, settings, units
+
+
+def check_found(
+  source: Source, languages: Sequence[str] | None, units: Sequence[Unit], found: Mapping[str, int]
+) -> None:
+  """A whole run (not a share of a sharded one) must find documents, and every requested language; `found`:
+  the sequences of each language in this run's units."""
+  if sum(found.values()) == 0:
+    raise ValueError(
+      f"no documents found in the input ({source.format} "
+      f"{source.path or ', '.join(source.files)}"
+      f"{'; languages ' + ','.join(languages) if languages else ''})"
+    )
+  if languages:
+    # Files of one language were chosen by list_units (bare codes resolved); else records name theirs.
+    wanted = {u.lang for u in units} if all(u.lang for u in units) else set(languages)
+    absent = sorted(wanted - set(found))
+    if absent:
+      raise ValueError(f"requested languages with no documents in the input: {', '.join(absent)}")
 
 
 def prepare(
@@ -676,19 +811,7 @@ def prepare(
 ) -> dict:
   """Runs (or resumes) a prepare run (this run's share: every num_shards-th unit from shard_index on), then
   rebuilds stats.json from every finished unit in output_dir and returns it. num_workers 0 = in this process."""
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f"shard_index {shard_index} is not in [0, num_shards={num_shards})")
-  out = fs.path(output_dir, "--output_dir")
-  tok = tokenizer_lib.load_tokenizer(settings.tokenizer)
-  settings = dataclasses.replace(settings, tokenizer=tok.path)
-  if languages:
-    for lang in languages:
-      check_language_name(lang, "--languages")
-  units = list_units(source, settings, languages)[shard_index::num_shards]
-  out.mkdir(parents=True, exist_ok=True)
-  _check_settings(out, settings, tok)
-  _check_source(out, source)
-
+  out, tok, settings, units = plan(source, output_dir, settings, languages, shard_index, num_shards)
   records = {}
   done_names = set(_unit_names(out))  # one listing, not a request per unit
   finished = [unit.name + ".json" for unit in units if unit.name + ".json" in done_names]
@@ -723,19 +846,9 @@ def prepare(
   bar.close()
 
   if num_shards == 1:  # a share of a sharded run may hold no documents of some language, or none at all
-    mine = aggregate([records[u.name] for u in units], tok.describe(), settings)
-    if not mine["languages"] or mine["totals"]["train"]["sequences"] + mine["totals"]["eval"]["sequences"] == 0:
-      raise ValueError(
-        f"no documents found in the input ({source.format} "
-        f"{source.path or ', '.join(source.files)}"
-        f"{'; languages ' + ','.join(languages) if languages else ''})"
-      )
-    if languages:
-      # Files of one language were chosen by list_units (bare codes resolved); else records name theirs.
-      wanted = {u.lang for u in units} if all(u.lang for u in units) else set(languages)
-      absent = sorted(wanted - set(mine["languages"]))
-      if absent:
-        raise ValueError(f"requested languages with no documents in the input: {', '.join(absent)}")
+    mine = aggregate([records[u.name] for u in units], tok.describe(), settings)["languages"]
+    found = {lang: e["train"]["sequences"] + e["eval"]["sequences"] for lang, e in mine.items()}
+    check_found(source, languages, units, found)
   # Every finished unit of every source; written again if another run finished a unit meanwhile.
   # stats.json last: every shard it lists is in place before it is written.
   while True:
@@ -768,12 +881,8 @@ def write_pretokenized(
   return stats
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = cli.ArgumentParser(
-    prog="python -m data_pipeline.prepare",
-    description=__doc__.split("\n")[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """The input, tokenizer and output flags (shared with data_pipeline.prepare_beam)."""
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument(
     "--parquet_dir", help="FineWeb2-style tree <lang>_<Script>/train/*.parquet (with --lang: any tree of *.parquet)"
@@ -800,32 +909,51 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--min_tokens", type=int, default=1, help="drop shorter sequences (text tokens)")
   parser.add_argument("--eval_documents", type=int, default=1000, help="held-out documents per language")
   parser.add_argument("--eval_every", type=int, default=10, help="hold out every n-th document (until enough)")
-  parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
+  parser.add_argument(
+    "--unit_mb",
+    type=float,
+    default=Settings.unit_mb,
+    help="input per unit of work (parquet row groups, or a byte range of a JSONL / text file)",
+  )
   parser.add_argument("--text_split", default="line", choices=["line", "paragraph", "file"])
   parser.add_argument("--text_key", default="text", help="text column / field (StarCoder: content)")
   parser.add_argument("--lang_key", default="lang")
   parser.add_argument("--tfds_data_dir", default=None)
   parser.add_argument("--tfds_split", default="train")
   parser.add_argument("--tfds_unit_size", type=int, default=100_000)
-  args = parser.parse_args(argv)
 
+
+def source_and_settings(args: argparse.Namespace) -> tuple[Source, Settings]:
   fmt = next(f for f in ("parquet_dir", "jsonl", "text_dir", "tfds") if getattr(args, f))
+  source = Source(
+    format=fmt.replace("_dir", ""),
+    path=(getattr(args, fmt) if fmt != "jsonl" else ""),
+    id=args.source,
+    files=tuple(args.jsonl or ()),
+    text_split=args.text_split,
+    text_key=args.text_key,
+    lang_key=args.lang_key,
+    lang=args.lang,
+    include_removed=args.include_removed,
+    tfds_data_dir=args.tfds_data_dir,
+    tfds_split=args.tfds_split,
+    tfds_unit_size=args.tfds_unit_size,
+  )
+  settings = Settings(args.tokenizer, args.max_len, args.min_tokens, args.eval_documents, args.eval_every, args.unit_mb)
+  return source, settings
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = cli.ArgumentParser(
+    prog="python -m data_pipeline.prepare",
+    description=__doc__.split("\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  add_flags(parser)
+  parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
+  args = parser.parse_args(argv)
   try:
-    source = Source(
-      format=fmt.replace("_dir", ""),
-      path=(getattr(args, fmt) if fmt != "jsonl" else ""),
-      id=args.source,
-      files=tuple(args.jsonl or ()),
-      text_split=args.text_split,
-      text_key=args.text_key,
-      lang_key=args.lang_key,
-      lang=args.lang,
-      include_removed=args.include_removed,
-      tfds_data_dir=args.tfds_data_dir,
-      tfds_split=args.tfds_split,
-      tfds_unit_size=args.tfds_unit_size,
-    )
-    settings = Settings(args.tokenizer, args.max_len, args.min_tokens, args.eval_documents, args.eval_every)
+    source, settings = source_and_settings(args)
     stats = prepare(
       source,
       args.output_dir,

@@ -159,6 +159,56 @@ def test_text_files_by_line_and_paragraph(tmp_path, tok):
   _check(stats, str(tmp_path / "para"), _expected(tok, [(paras, 4)], settings))
 
 
+def test_units_below_the_file(tmp_path, tok):
+  """With a small --unit_mb, parquet files are cut into runs of row groups and JSONL / text files into byte
+  ranges (each owning the lines that start in it, a line crossing the cut read whole); every document is read
+  exactly once, and the eval rule applies per unit with the quota spread over the language's units."""
+  settings = _settings(tok, unit_mb=400 / 2**20, max_len=256, eval_documents=6)
+  pq_root = tmp_path / "pq"
+  deu = _texts("deu_Latn", 60, 11)
+  os.makedirs(pq_root / "deu_Latn" / "train")
+  pq.write_table(pa.table({"text": deu}), pq_root / "deu_Latn" / "train" / "a.parquet", row_group_size=7)
+  docs = [(l, t) for l in ("deu_Latn", "fao_Latn") for t in _texts(l, 40, 12)]
+  np.random.default_rng(1).shuffle(docs)
+  jsonl = tmp_path / "a.jsonl"
+  jsonl.write_text("".join(json.dumps({"text": t, "lang": l}) + "\n" for l, t in docs), encoding="utf-8")
+  txt = tmp_path / "txt"
+  txt.mkdir()
+  tir = _texts("tir_Ethi", 50, 13)
+  (txt / "tir_Ethi.txt").write_text("\n".join(tir), encoding="utf-8")  # no newline at the end
+  # 50-byte lines: every cut falls on a line start
+  fixed = [" ".join(np.random.default_rng(i).choice(["Haus", "Baum", "Licht"], 9))[:49].ljust(49) for i in range(40)]
+  (txt / "deu_Latn.txt").write_text("".join(t + "\n" for t in fixed), encoding="utf-8")
+
+  sp = spm.SentencePieceProcessor(model_file=tok)
+  out = str(tmp_path / "out")
+  for source, inputs in [
+    (prepare.Source("parquet", str(pq_root), id="web"), [("deu_Latn", t) for t in deu]),
+    (prepare.Source("jsonl", files=(str(jsonl),), id="mixed"), docs),
+    (prepare.Source("text", str(txt), id="books"), [("tir_Ethi", t) for t in tir] + [("deu_Latn", t) for t in fixed]),
+  ]:
+    units = prepare.list_units(source, settings)
+    assert len(units) >= 4 and len(units) > len({u.path for u in units}), [u.name for u in units]
+    stats = prepare.prepare(source, out, settings, progress=False)
+    for lang in {l for l, _ in inputs}:
+      want = sorted([2] + sp.encode(t) + [1] for l, t in inputs if l == lang)
+      got = []
+      for split in ("train", "eval"):
+        shards = [s for s in stats["languages"][lang][split]["shards"] if s["source"] == source.name]
+        got += _read_split(out, {"shards": shards})
+      assert sorted(got) == want, (source.name, lang)
+      # ceil(6 / units of the language) eval documents from each unit that has enough
+      quota = -(-6 // sum(1 for u in units if u.lang in (lang, None)))
+      for u in units:
+        record = json.loads(open(os.path.join(out, "_units", u.name + ".json")).read())
+        held = record["languages"].get(lang, {}).get("eval", {"documents": 0})["documents"]
+        seen = sum(c["documents"] for c in record["languages"].get(lang, {}).values())
+        assert held == min(quota, seen // settings.eval_every), (u.name, lang)
+  # The unit size shapes the output: another one is refused in the same output directory.
+  with pytest.raises(ValueError, match=r"prepared with other settings \(unit_mb 0.0003814697265625 → 256"):
+    prepare.prepare(prepare.Source("text", str(txt), id="books"), out, _settings(tok, max_len=256, eval_documents=6))
+
+
 def test_tfds_dataset(tmp_path, tok):
   tfds = pytest.importorskip("tensorflow_datasets")
   docs = [(l, t) for l in ("deu_Latn", "fao_Latn") for t in _texts(l, 10, 9)]
