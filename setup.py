@@ -44,6 +44,10 @@ setup(
       "pytest-xdist>=3.6",  # -n 2: tests that wait on subprocesses overlap
       "ruff==0.17.6",  # the lint and format contract of pyproject.toml (.ci/run checks it first)
     ],
+    # python -m data_pipeline.prepare_beam (Dataflow, Flink, Spark, the DirectRunner). Every Apache Beam release
+    # caps protobuf below 7 and pyarrow below 26 (2.78: protobuf 6.33, pyarrow 25; older ones lower), so this
+    # extra downgrades both against the environment above; tests/test_prepare_beam.py runs Beam in a venv of its own.
+    "beam": ["apache-beam[gcp]==2.78.0"],
     # libtpu matching jax 0.10.2: runs on TPU VMs and compiles for TPU topologies on any machine.
     "tpu": ["jax[tpu]==0.10.2"],
   },
