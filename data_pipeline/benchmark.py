@@ -35,6 +35,9 @@ Reported per setting:
   open      injected sleep per shard open (--open_latency_ms: a gcsfuse mount's round trip to the bucket)
   block     documents per visit (--read_block; `PipelineConfig.read_block`, shuffle_blocks visits per buffer)
   cpu_s     CPU seconds of this process over the timed batches (in-process runs only)
+  wait99    p99 of the time per batch its packers waited for reads that read-ahead had not finished (ms): the
+            part of the batch time that reads make; the rest is CPU, and, on a loaded machine, waiting for one
+  waited    that wait over all batches, as a share of the batch time (in-process runs only)
 
 --index_documents N writes N tiny documents over the languages (shards of at most 1M documents, like one FineWeb2
 parquet file each), then reads decay batches and reports this process's anonymous memory, and the same for N / 4
@@ -172,12 +175,13 @@ def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, floa
     next(it)
   times, real, opened, cpu = [], 0, pipeline.READERS.opened, time.process_time()
   pipeline.READERS.max_in_flight = 0
-  cpu_times = []
+  cpu_times, waits = [], []
   for _ in range(cycles * cycle):
-    t, c = time.perf_counter(), time.process_time()
+    t, c, w = time.perf_counter(), time.process_time(), pipeline.READERS.waited_s
     b = next(it)
     times.append(time.perf_counter() - t)
     cpu_times.append(time.process_time() - c)
+    waits.append(pipeline.READERS.waited_s - w)
     real += int((b["segment_ids"] > 0).sum())
     files = max(files, open_files())
   opened = pipeline.READERS.opened - opened  # counted in this process: with workers 0 only
@@ -200,6 +204,8 @@ def run(cfg: pipeline.PipelineConfig, hosts: int, cycles: int) -> dict[str, floa
     "opens_per_batch": opened / len(times) if not cfg.num_workers else float("nan"),
     "tokens_per_cpu_s": slots / cpu if not cfg.num_workers else float("nan"),
     "cpu_s": cpu if not cfg.num_workers else float("nan"),
+    "wait_p99_ms": 1e3 * np.percentile(waits, 99) if not cfg.num_workers else float("nan"),
+    "wait_share": sum(waits) / times.sum() if not cfg.num_workers else float("nan"),
     "cpu_p99_p50": (
       np.percentile(cpu_times, 99) / np.percentile(cpu_times, 50) if not cfg.num_workers else float("nan")
     ),
@@ -306,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
       f"{'setting':>9} {'seq':>5} {'rows':>5} {'workers':>7} {'startup':>8} {'p50':>8} {'p99':>8} {'p99/p50':>7} "
       f"{'cpu':>5} {'max':>8} {'tokens/s':>9} {'/cpu-s':>7} {'packing':>7} {'files':>5} {'opens':>6} "
-      f"{'batches':>7} {'threads':>7} {'latency':>8} {'inflight':>8} {'open':>8} {'block':>5} {'cpu_s':>6}"
+      f"{'batches':>7} {'threads':>7} {'latency':>8} {'inflight':>8} {'open':>8} {'block':>5} {'cpu_s':>6} "
+      f"{'wait99':>7} {'waited':>6}"
     )
     for name in args.settings.split(","):
       for workers in map(int, args.workers.split(",")):
@@ -333,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{r['cpu_p99_p50']:>5.2f} {r['max_ms']:>6.1f}ms {r['tokens_per_s'] / 1e6:>8.2f}M "
             f"{r['tokens_per_cpu_s'] / 1e6:>6.2f}M {r['packing']:>7.3f} {r['files']:>5} "
             f"{r['opens_per_batch']:>6.1f} {r['batches']:>7} {threads:>7} {args.read_latency_ms:>6.1f}ms "
-            f"{r['in_flight']:>8} {args.open_latency_ms:>6.1f}ms {block:>5} {r['cpu_s']:>6.1f}"
+            f"{r['in_flight']:>8} {args.open_latency_ms:>6.1f}ms {block:>5} {r['cpu_s']:>6.1f} "
+            f"{r['wait_p99_ms']:>5.1f}ms {r['wait_share']:>6.1%}"
           )
     print(f"one host of {args.hosts}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 

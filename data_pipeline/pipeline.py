@@ -319,6 +319,7 @@ class _ReaderCache:
     self.requests = 0  # read requests so far (a range of records is one)
     self.in_flight = 0  # read requests in progress now
     self.max_in_flight = 0  # the most seen at once
+    self.waited_s = 0.0  # time the packers of this process waited for reads (not read ahead in time)
 
   def read(self, path: str, records: int, index: int) -> bytes:
     return self.read_range(path, records, index, 1)[0]
@@ -572,10 +573,13 @@ class _Reads:
 
   def _get(self, v: int) -> tuple[int, list[dict]]:
     got = self._visits.get(v)
-    if isinstance(got, concurrent.futures.Future):
-      got = got.result()
-    if got is None:
-      got = _read_visit(self._docs.visit(v))
+    if isinstance(got, tuple):
+      return got
+    t = time.perf_counter()
+    waits = got is None or not got.done()
+    got = _read_visit(self._docs.visit(v)) if got is None else got.result()
+    if waits:  # the packer waited for this read
+      READERS.waited_s += time.perf_counter() - t
     self._visits[v] = got
     return got
 

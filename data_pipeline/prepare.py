@@ -9,11 +9,15 @@ Inputs (one per run; many runs, each named by its own --source id, can fill one 
   --text_dir DIR     DIR/<lang>.txt or DIR/<lang>/*.txt; a document per line (or per paragraph / per file)
   --tfds NAME        a TFDS dataset prepared locally (read with `tfds.data_source`, no TensorFlow needed)
 
-Every input file (for TFDS: every range of records) is a unit of work, tokenized by one worker process, and named
-`<source>-<file path below the input root>` (escaped so that different paths never give one name). A document
-becomes `<bos> tokens <eos>`; longer than --max_len it is split into several such sequences. Per language, every
---eval_every-th document goes to the eval split until the unit's share of --eval_documents is reached (so eval
-never takes more than 1/eval_every of a small language). Output, under --output_dir:
+A unit of work is a piece of an input file of about --unit_mb of input: consecutive parquet row groups, or a byte
+range of a JSONL / text file holding the lines that start in it (gzip files, and text split by paragraph or file,
+are whole; for TFDS: a range of records). It is tokenized by one worker process and named `<source>-<file path
+below the input root>` (escaped so that different paths never give one name), with `@rg<first row group>` or
+`@b<first byte>` when the file has several units. A document becomes `<bos> tokens <eos>`; longer than --max_len it
+is split into several such sequences. Per language, every --eval_every-th document of a unit goes to the eval split
+until the unit's share of --eval_documents is reached (so eval never takes more than 1/eval_every of a small
+language, and the split is the same whoever runs the unit: `data_pipeline.prepare_beam` writes the same files).
+Output, under --output_dir:
 
   <lang>/train/<unit>.array_record   one record per sequence: int32 token ids, little-endian, in chunks of
   <lang>/eval/<unit>.array_record    WRITER_OPTIONS' group_size records (a small index per open file)

@@ -69,8 +69,8 @@ def test_injected_read_latency(capsys):
 
 
 def test_injected_open_latency_and_blocks(tmp_path):
-  """--open_latency_ms sleeps in every shard open: read serially, a batch takes at least its opens × the latency;
-  documents read in blocks open fewer shards per batch than documents read one at a time."""
+  """--open_latency_ms sleeps in every shard open: read serially, a batch takes, and waits for reads, at least its
+  opens × the latency; documents read in blocks open fewer shards per batch than documents read one at a time."""
   benchmark.synthetic_corpus(str(tmp_path), languages=30, tokens=400_000, max_len=512)
   opens = {}
   for block in (1, 32):
@@ -90,6 +90,8 @@ def test_injected_open_latency_and_blocks(tmp_path):
     r = benchmark.run(cfg, hosts=2, cycles=2)
     batch_s = r["rows"] * cfg.seq_len / r["tokens_per_s"]
     assert r["opens_per_batch"] > 0 and batch_s >= 0.02 * r["opens_per_batch"], r
+    # read serially, every open is waited for: the wait figures hold at least the sleeps
+    assert r["wait_share"] * batch_s >= 0.02 * r["opens_per_batch"] and r["wait_p99_ms"] >= 20, r
     opens[block] = r["opens_per_batch"]
   pipeline.READERS.open_latency_s = 0.0
   assert opens[32] < opens[1] / 2, opens
