@@ -6,8 +6,9 @@ option, passed to Beam as it is (--project, --region, --temp_location, --setup_f
 --direct_running_mode, ...; Dataflow's --num_workers among them).
 
 The units of work are those of `prepare` (parquet row groups and byte ranges of JSONL / text files of about
---unit_mb, see `prepare.list_units`), so a unit is small and a runner retries it alone; they are listed here, by
-the launching process, then spread over the workers (a Reshuffle). A worker tokenizes a unit exactly as `prepare`
+--unit_mb, see `prepare.list_units`), so a unit is small and a runner retries it alone; the launching process lists
+them into `<output_dir>/_beam/<source>.units.jsonl` (removed at the end), which the workers read and share out (a
+Reshuffle). A worker tokenizes a unit exactly as `prepare`
 does, into the same shards under the same names, and writes the unit's record; the records of this run and those
 already in --output_dir (units finished by earlier runs, other sources) are summed in the pipeline by a CombineFn
 into stats.json, written last. The output is therefore the one `prepare` writes from the same input and flags,
@@ -26,6 +27,7 @@ a unit that was retried or redone rewrites the same shards (each written under a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -64,6 +66,10 @@ class _Stats(beam.CombineFn):
     return acc.result(self.tokenizer_info, self.settings)
 
 
+def _process(line: str, source, settings, output_dir, languages) -> dict:
+  return prepare.process_unit(prepare.Unit(**json.loads(line)), source, settings, output_dir, languages)
+
+
 def _read_record(name: str, output_dir: str) -> dict:
   return json.loads((fs.path(output_dir, "--output_dir") / "_units" / name).read_text())
 
@@ -88,17 +94,24 @@ def run(
   todo = [u for u in units if u.name + ".json" not in done]
   mine = {u.name + ".json" for u in todo}
   finished = sorted(done - mine)  # records already written: earlier runs, other sources
+  # The lists go to the workers as files, not inside the job: a job graph holds ~10 MB (Dataflow), and 20 TB in
+  # units of 256 MB makes ~10⁵ of them.
+  lists = out / "_beam"
+  lists.mkdir(parents=True, exist_ok=True)
+  todo_file, finished_file = lists / f"{source.name}.units.jsonl", lists / f"{source.name}.finished.txt"
+  fs.write_text(todo_file, "".join(json.dumps(dataclasses.asdict(u)) + "\n" for u in todo))
+  fs.write_text(finished_file, "".join(n + "\n" for n in finished))
   options = PipelineOptions(list(pipeline_args))
   with beam.Pipeline(options=options) as p:
     new = (
       p
-      | "Units" >> beam.Create(todo)
+      | "Units" >> beam.io.ReadFromText(str(todo_file))
       | "SpreadUnits" >> beam.Reshuffle()
-      | "Tokenize" >> beam.Map(prepare.process_unit, source, settings, str(out), languages)
+      | "Tokenize" >> beam.Map(_process, source, settings, str(out), languages)
     )
     old = (
       p
-      | "Finished" >> beam.Create(finished)
+      | "Finished" >> beam.io.ReadFromText(str(finished_file))
       | "SpreadRecords" >> beam.Reshuffle()
       | "ReadRecords" >> beam.Map(_read_record, str(out))
     )
@@ -108,6 +121,8 @@ def run(
       | "Stats" >> beam.CombineGlobally(_Stats(tok.describe(), settings))
       | "WriteStats" >> beam.Map(_write_stats, str(out))
     )
+  todo_file.unlink()
+  finished_file.unlink()
   stats = json.loads((out / "stats.json").read_text())
   if num_shards == 1:  # as prepare: this run's units must hold documents (of every requested language)
     names = {u.name + ".array_record" for u in units}
