@@ -9,16 +9,25 @@ Files: JSONL (`.jsonl`, `.jsonl.gz`), parquet, TSV (header row), or `tfds:NAME[:
 prepared under `tfds_data_dir` (read with `tfds.data_source`: nothing is downloaded). Columns are named by a
 `Columns`; a `lang` column (or one fixed language) lets results be reported per language.
 
-Two embedded tasks need no download; they are built deterministically from the Unicode CLDR data in `babel`, like
-the demo corpus (`data_pipeline.demo_corpus`):
+Five embedded tasks need no download; they are built deterministically from the Unicode CLDR data in `babel`,
+like the demo corpus (`data_pipeline.demo_corpus`). Two measure what masked-language-model pretraining teaches, and
+are the ones the demo scores:
+
+  cldr_order      word order: is a list of localized names in its own order, or were its words shuffled? Both
+                  classes have the same tokens, so token identity carries no signal (59 languages; chance 0.5)
+  cldr_order_en   the same, cross-lingual zero-shot: fine-tuned on English lists only, scored in the 58 others
+
+Three are lexical: a random-init encoder solves them from which tokens occur about as well as a pretrained one
+(random embeddings keep every token apart), so they check fine-tuning and transfer mechanics, not pretraining:
 
   cldr_langid     language identification of short texts (lists of localized names) in 60 languages, 24 of them
                   low-resource with a third of the training examples
   cldr_retrieval  cross-lingual retrieval: a territory, language, month or weekday name in one of 59 languages is
                   the query, its English name is to be found among the English names of every held-out entry
+  cldr_category   cross-lingual zero-shot: the category of one name, fine-tuned on English names only
 
-Both are fixed (no seed): held-out entries are chosen by a hash of the entry itself, so no held-out retrieval target
-or language-ID text is seen in training, and every run and every checkpoint scores the same test set.
+All are fixed (no seed): held-out entries are chosen by a hash of the entry itself, so no held-out retrieval target
+or test text is seen in training, and every run and every checkpoint scores the same test set.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import csv
 import dataclasses
 import gzip
 import io
+import itertools
 import json
 import zlib
 from collections.abc import Iterable, Sequence
@@ -39,7 +49,7 @@ from data_pipeline import demo_corpus
 from data_pipeline import filesystem as fs
 
 KINDS = ("classification", "retrieval")
-EMBEDDED = ("cldr_langid", "cldr_retrieval", "cldr_category")
+EMBEDDED = ("cldr_order", "cldr_order_en", "cldr_langid", "cldr_retrieval", "cldr_category")
 
 
 @dataclasses.dataclass
@@ -493,7 +503,78 @@ def cldr_category(
   return Task("cldr_category", "classification", train, test, label_names=CATEGORIES)
 
 
+def _shuffled(words: list[str], valid: set[str], rng: np.random.Generator) -> str:
+  """The words in a random order that is not one of the `valid` texts (the same names listed in any order)."""
+  while True:
+    text = " ".join(words[i] for i in rng.permutation(len(words)))
+    if text not in valid:
+      return text
+
+
+def _order_rows(lang: str, loc, vocab, quota: int, held: bool, min_words: int) -> list[tuple[str, int]]:
+  """`quota` (text, label) rows of one side of the fixed split, from their own random stream (so the test rows do not
+  depend on the training quota): every other one shuffled (label 1)."""
+  rng, rows, seen = _rng(lang, f"order-{'test' if held else 'train'}"), [], set()
+  for _ in range(50 * quota):
+    if len(rows) == quota:
+      break
+    names = vocab[list(vocab)[rng.integers(len(vocab))]]
+    items = [names[i] for i in rng.choice(len(names), size=int(rng.integers(2, min(5, len(names) + 1))), replace=False)]
+    text = lists.format_list(items, locale=loc)
+    words = text.split()
+    if len(words) < min_words or text in seen or _held_out(f"{lang}:{text}", 0.25) != held:
+      continue
+    seen.add(text)
+    label = len(rows) % 2
+    if label:  # shuffled words that do not again read as a list of these names
+      valid = {lists.format_list(p, locale=loc) for p in itertools.permutations(items)}
+      text = _shuffled(words, valid, _rng(lang, f"order-shuffle:{text}"))
+    rows.append((text, label))
+  return rows
+
+
+def cldr_order(
+  train_per_language: int = 24,
+  test_per_language: int = 16,
+  train_languages: Sequence[str] = (),
+  min_words: int = 4,
+  languages: Sequence[str] = (),
+) -> Task:
+  """Word order: is a list of localized names ("Kuwait, Japan und Timor-Leste") in its own order, or were its
+  whitespace-separated words shuffled? Half of each language's texts are shuffled.
+
+  Both classes have the same words, and the tokenizer splits at whitespace, so they have the same multiset of
+  tokens: token identity carries no signal, and an encoder that pools token features order-blind scores chance.
+  What decides is whether the encoder's states depend on where each word is (where the list's separators and each
+  multi-word name's words belong), which masked-language-model pretraining teaches. Texts with fewer than
+  `min_words` words are left out, so Chinese (names listed without spaces) is absent. With
+  `train_languages`, the cross-lingual zero-shot variant: only those languages are trained on, and only the others
+  are scored (the same test texts as without it). `languages`: only these (default: `cldr_languages()`)."""
+  train, test = Split([], []), Split([], [])
+  train_labels, test_labels = [], []
+  for lang in languages or cldr_languages():
+    loc, vocab = Locale.parse(lang), demo_corpus._vocabulary(lang)
+    n_train = train_per_language if not train_languages or lang in train_languages else 0
+    test_rows = _order_rows(lang, loc, vocab, test_per_language, True, min_words)
+    if len(test_rows) < test_per_language:
+      continue  # too few texts of `min_words` words: names listed without spaces
+    if lang in train_languages:
+      test_rows = []
+    train_rows = _order_rows(lang, loc, vocab, n_train, False, min_words)
+    for split, split_labels, rows in ((train, train_labels, train_rows), (test, test_labels, test_rows)):
+      split.texts += [text for text, _ in rows]
+      split.langs += [lang] * len(rows)
+      split_labels += [label for _, label in rows]
+  train.labels, test.labels = np.array(train_labels, np.int32), np.array(test_labels, np.int32)
+  name = "cldr_order" if not train_languages else f"cldr_order_{'_'.join(train_languages)}"
+  return Task(name, "classification", train, test, label_names=("original", "shuffled"))
+
+
 def embedded(name: str) -> Task:
+  if name == "cldr_order":
+    return cldr_order()
+  if name == "cldr_order_en":  # 960 English training texts: two thirds of cldr_order's in 59 languages
+    return cldr_order(train_per_language=960, train_languages=("en",))
   if name == "cldr_langid":
     return cldr_langid()
   if name == "cldr_retrieval":

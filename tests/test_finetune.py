@@ -518,7 +518,7 @@ def test_embedded_tasks_are_deterministic_and_cover_50_languages():
       np.testing.assert_array_equal(sa.labels, sb.labels)
     assert a.candidates == b.candidates and a.label_names == b.label_names
     assert len(a.languages) >= 50, (name, len(a.languages))
-    if name == "cldr_category":  # cross-lingual zero-shot: English training data only
+    if name in ("cldr_category", "cldr_order_en"):  # cross-lingual zero-shot: English training data only
       assert set(a.train.langs) == {"en"}
     else:
       assert set(a.train.langs) == set(a.test.langs)
@@ -543,6 +543,51 @@ def test_embedded_tasks_are_deterministic_and_cover_50_languages():
     if lang == "de" and text in months.values():  # a German month name → its English name
       month = next(k for k, v in months.items() if v == text)
       assert retrieval.candidates[answer] == english[month]
+
+
+def _bag_of_words_accuracy(task) -> float:
+  """Test accuracy of multinomial naive Bayes on the training texts' word counts (add-one smoothing)."""
+  words = sorted({w for t in task.train.texts + task.test.texts for w in t.split()})
+  index = {w: i for i, w in enumerate(words)}
+  counts = lambda texts: np.array([np.bincount([index[w] for w in t.split()], minlength=len(words)) for t in texts])
+  x, y = counts(task.train.texts), np.asarray(task.train.labels)
+  log_p = np.log(np.stack([x[y == c].sum(0) + 1.0 for c in (0, 1)]))
+  log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+  prior = np.log(np.bincount(y, minlength=2) / len(y))
+  return float(np.mean((counts(task.test.texts) @ log_p.T + prior).argmax(1) == task.test.labels))
+
+
+def test_order_task_differs_in_word_order_alone():
+  from babel import Locale, lists
+
+  task = tasks.embedded("cldr_order")
+  assert task.label_names == ("original", "shuffled")
+  assert "zh" not in task.languages and len(task.languages) == len(tasks.cldr_languages()) - 1  # zh: no spaces
+  assert not set(task.train.texts) & set(task.test.texts)
+  for split in (task.train, task.test):  # half of each language's texts are shuffled
+    for lang in set(split.langs):
+      y = split.labels[np.array(split.langs) == lang]
+      assert abs(y.mean() - 0.5) <= 0.5 / len(y) + 1e-9, lang
+    assert all(len(t.split()) >= 4 for t in split.texts)
+  # An original text is a list of German names in German list form; a shuffled one uses the same words, out of it.
+  de = Locale.parse("de")
+  names = {v for k in ("territories", "languages", "scripts", "currencies") for v in getattr(de, k).values()}
+  names |= {*de.months["format"]["wide"].values(), *de.days["format"]["wide"].values()}
+  de_rows = [(t, y) for t, lang, y in zip(task.test.texts, task.test.langs, task.test.labels) if lang == "de"]
+  for text, label in de_rows:
+    pieces = text.replace(" und ", ", ").split(", ")
+    listed = all(p in names for p in pieces) and lists.format_list(pieces, locale=de) == text
+    if label == 0:
+      assert listed, text
+  assert sum(1 - y for _, y in de_rows) and sum(y for _, y in de_rows)
+  # Token identity carries no signal: a bag-of-words classifier is at chance (an order-blind encoder would be).
+  assert abs(_bag_of_words_accuracy(task) - 0.5) < 0.05
+  # The zero-shot variant trains on English alone and scores the same texts in every other language.
+  zero_shot = tasks.embedded("cldr_order_en")
+  assert set(zero_shot.train.langs) == {"en"} and "en" not in zero_shot.languages
+  keep = np.array(task.test.langs) != "en"
+  assert zero_shot.test.texts == [t for t, k in zip(task.test.texts, keep) if k]
+  np.testing.assert_array_equal(zero_shot.test.labels, task.test.labels[keep])
 
 
 def test_category_task_holds_out_entries_in_every_language():
@@ -671,7 +716,7 @@ def test_command_line_scores_checkpoints_into_one_table(saved, spm, tmp_path):
 
 def test_settings_by_model_size():
   tiny, base = get_config("tiny"), get_config("mmbert-base")
-  assert (ft.Settings().for_model(tiny).peak_lr, ft.Settings().for_model(tiny).epochs) == (1e-3, 10)
+  assert (ft.Settings().for_model(tiny).peak_lr, ft.Settings().for_model(tiny).epochs) == (3e-4, 10)
   assert (ft.Settings().for_model(base).peak_lr, ft.Settings().for_model(base).epochs) == (5e-5, 3)
   assert ft.Settings(peak_lr=2e-5, epochs=4).for_model(tiny) == ft.Settings(peak_lr=2e-5, epochs=4)
 
