@@ -60,7 +60,7 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
   assert all(os.path.getsize(p) > 10_000 for p in plots)
   # The progress line carries the curriculum's ETA while later phases remain.
   assert "midtrain step" in proc.stderr and ", curriculum " in proc.stderr
-  # Last, every checkpoint is fine-tuned and scored on both embedded tasks.
+  # Last, every checkpoint is fine-tuned and scored on the embedded word-order tasks.
   lines = downstream.strip().splitlines()[2:]
   assert [" ".join(line.split()[:2]) if line.startswith("random") else line.split()[0] for line in lines] == [
     "chance",
@@ -72,9 +72,15 @@ def test_demo_runs_every_phase_and_merges(tmp_path):
     "decay_all",
     "merged",
   ]
-  # 7 columns: language ID accuracy and macro-F1, retrieval nDCG@10, recall@1 and MRR@10, category accuracy and F1.
-  cells = [line.split()[-7:] for line in lines]
-  assert all(len(line.split()) in (8, 9) and all(0 <= float(x) <= 1 for x in c) for line, c in zip(lines, cells))
+  # 4 columns: accuracy and macro-F1 of word order, in-language and learnt in English only.
+  assert downstream.strip().splitlines()[1].split()[1:] == ["cldr_order", "accuracy", "cldr_order", "macro_f1"] + [
+    "cldr_order_en",
+    "accuracy",
+    "cldr_order_en",
+    "macro_f1",
+  ]
+  cells = [line.split()[-4:] for line in lines]
+  assert all(len(line.split()) in (5, 6) and all(0 <= float(x) <= 1 for x in c) for line, c in zip(lines, cells))
   assert os.path.exists(os.path.join(workdir, "downstream.json"))
 
 
