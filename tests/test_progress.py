@@ -270,4 +270,4 @@ def test_the_demo_outlook_counts_every_fine_tuning_column(random_init):
     config.downstream.random_init = random_init
   [part] = [p for p in phases.curriculum_outlook(config, "/tmp/unused").parts if p.kind == "finetune"]
   columns = list(config.phases) + ["merged"] + ([finetune.RANDOM_INIT] if random_init else [])
-  assert part.units == len(columns) * len(config.downstream.tasks) == (21 if random_init else 18)
+  assert part.units == len(columns) * len(config.downstream.tasks) == (14 if random_init else 12)
