@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import ROOT
+from helpers import ROOT, tiny_config
 from tiny_run import run_module
 
 from data_pipeline import tasks
@@ -588,6 +588,39 @@ def test_order_task_differs_in_word_order_alone():
   keep = np.array(task.test.langs) != "en"
   assert zero_shot.test.texts == [t for t, k in zip(task.test.texts, keep) if k]
   np.testing.assert_array_equal(zero_shot.test.labels, task.test.labels[keep])
+
+
+@pytest.mark.slow
+def test_pretraining_beats_random_init_on_word_order(demo_data, tmp_path):
+  """A smaller run of the demo's pretrain phase (the tiny model, 30% masking, seq 128, 400k tokens, six of its
+  languages): fine-tuned on word order in those languages, its encoder beats the same model at random weights
+  (measured: 0.625 against 0.545 on 288 test lists, chance 0.5)."""
+  from mmbert_jax import train
+
+  languages = ("en", "de", "fr", "es", "it", "pt")
+  overrides = {
+    "data.languages": ",".join(languages),
+    "data.seq_len": 128,
+    "data.mask_rate": 0.3,
+    "batch_size": 16,
+    "micro_batch_size": 16,
+    "train_tokens": 400_000,
+    "schedule.warmup_tokens": 40_000,
+    "checkpoint_every_tokens": 10**9,
+    "num_devices": 1,
+    "model.attn_out_dropout": 0.0,
+    "log_every_steps": 50,
+  }
+  workdir = str(tmp_path / "run")
+  assert train.train_and_evaluate(tiny_config(demo_data, **overrides), workdir)["status"] == "complete"
+  task = tasks.cldr_order(train_per_language=64, test_per_language=48, languages=languages)
+  trained = ft.load_encoder(workdir)
+  settings = ft.Settings(max_len=32, num_devices=1)  # the tiny model's defaults: 3e-4, 10 epochs
+  accuracy = {
+    name: ft.finetune(encoder, task, settings)["metrics"]["accuracy"]
+    for name, encoder in (("random", ft.random_encoder(trained)), ("trained", trained))
+  }
+  assert accuracy["trained"] > accuracy["random"] + 0.04, accuracy
 
 
 def test_category_task_holds_out_entries_in_every_language():
