@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mmbert_jax import attention as attention_lib
 from mmbert_jax import mlm_loss, sharding
@@ -279,6 +280,44 @@ def _apply_layer(cfg: ModelConfig, layer: EncoderLayer, x, segment_ids, position
   return sharding.constrain(x, ACTIVATIONS)
 
 
+# Scanned layers: a layer's output (the next layer's input, in the compute dtype) is saved under this name.
+LAYER_OUTPUT = "layer_output"
+
+
+def scan_policy(remat: str):
+  """What the scanned group body keeps for the backward pass: every layer's output plus what the `remat` policy
+  keeps, and for "none" the attention kernels' residuals. Everything else (LayerNorm statistics in float32, RoPE,
+  GeGLU activations, and for "none" and "attention" the projections) is recomputed from those: left to itself,
+  `lax.scan` keeps every intermediate of its body, stacked over the groups."""
+  keep = REMAT_POLICIES[remat] or _SAVE_ATTENTION
+  return jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names(LAYER_OUTPUT), keep
+  )
+
+
+def scanned_layer_indices(cfg: ModelConfig) -> list[list[int]]:
+  """The layers that `scan_layers` runs as one scan: [position in the group][group] → layer index. Layer 0 (no
+  attention pre-norm) and the layers after the last whole group of `global_every_n` run on their own."""
+  period = cfg.global_every_n
+  groups = (cfg.num_layers - 1) // period
+  return [[1 + g * period + j for g in range(groups)] for j in range(period)] if groups else []
+
+
+def stack_layers(cfg: ModelConfig, layers: dict) -> list:
+  """Per-layer parameters {layer index: tree} → one tree per group position, stacked over the groups (the scan's
+  layout). Parameters stay per layer at rest (checkpoints, HF files, optimizer state)."""
+  return [jax.tree.map(lambda *a: jnp.stack(a), *[layers[i] for i in index]) for index in scanned_layer_indices(cfg)]
+
+
+def unstack_layers(cfg: ModelConfig, stacked: list) -> dict:
+  """The inverse of `stack_layers`: {layer index: tree} of the scanned layers."""
+  out = {}
+  for index, tree in zip(scanned_layer_indices(cfg), stacked):
+    for g, i in enumerate(index):
+      out[i] = jax.tree.map(lambda a, g=g: a[g], tree)
+  return out
+
+
 class MaskedLM(nnx.Module):
   """ModernBertForMaskedLM in NNX. `model(input_ids, segment_ids, positions)` → logits [B, S, V]."""
 
@@ -294,8 +333,12 @@ class MaskedLM(nnx.Module):
     self.head_norm = LayerNorm(h, cfg.norm_eps, rngs)
     self.decoder_bias = _param(rngs, 0, (cfg.vocab_size,), ("vocab",))
 
-  def encode(self, input_ids, segment_ids=None, positions=None, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Final-norm hidden states [B, S, H] in the compute dtype. `rngs` (a `dropout` stream) enables dropout."""
+  def encode(
+    self, input_ids, segment_ids=None, positions=None, *, rngs: nnx.Rngs | None = None, stacked=None
+  ) -> jax.Array:
+    """Final-norm hidden states [B, S, H] in the compute dtype. `rngs` (a `dropout` stream) enables dropout.
+    With `scan_layers`, `stacked` (`stack_layers` of this model's layers) replaces the scanned layers'
+    parameters: a train step stacks them once, outside its micro-batches and its gradient."""
     cfg = self.config
     if segment_ids is None:
       segment_ids = jnp.ones_like(input_ids)
@@ -307,38 +350,38 @@ class MaskedLM(nnx.Module):
     # One dropout key per layer, drawn in layer order, the same whether the layers run unrolled or scanned.
     keys = None if rngs is None else jnp.stack([rngs.dropout() for _ in range(cfg.num_layers)])
     if cfg.scan_layers:
-      x = self._scanned_layers(x, segment_ids, positions, keys)
+      x = self._scanned_layers(x, segment_ids, positions, keys, stacked)
     else:
       for i, layer in enumerate(self.layers):
         x = _apply_layer(cfg, layer, x, segment_ids, positions, None if keys is None else keys[i])
     return self.final_norm(x)
 
-  def _scanned_layers(self, x, segment_ids, positions, keys):
-    """Layer 0 (no attention pre-norm) alone, then the groups of `global_every_n` layers that share one
-    structure (local…, global) as one `lax.scan` over their stacked parameters, then any remaining layers.
-    Parameters keep their per-layer layout (checkpoints, HF files): they are stacked inside the traced step."""
+  def _scanned_layers(self, x, segment_ids, positions, keys, stacked):
+    """Layer 0 alone, then the groups of `global_every_n` layers that share one structure (local…, global) as one
+    `lax.scan` over their stacked parameters (`stack_layers`; stacked here unless given), then any remaining
+    layers. The group body is rematerialised by `scan_policy`."""
     cfg = self.config
-    period = cfg.global_every_n
-    groups = (cfg.num_layers - 1) // period
+    indices = scanned_layer_indices(cfg)
+    scanned = {i for index in indices for i in index}
     key = lambda i: None if keys is None else keys[i]
     x = _apply_layer(cfg, self.layers[0], x, segment_ids, positions, key(0))
-    if groups:
-      index = 1 + period * jnp.arange(groups)[:, None] + jnp.arange(period)  # [group, position]
-      graphdefs, stacked = [], []
-      for j in range(period):
-        splits = [nnx.split(self.layers[1 + g * period + j]) for g in range(groups)]
-        graphdefs.append(splits[0][0])
-        stacked.append(jax.tree.map(lambda *a: jnp.stack(a), *[state for _, state in splits]))
+    if indices:
+      graphdefs = [nnx.graphdef(self.layers[index[0]]) for index in indices]
+      if stacked is None:
+        stacked = stack_layers(cfg, {i: nnx.to_pure_dict(nnx.state(self.layers[i])) for i in scanned})
 
       def group(x, xs):
         states, group_keys = xs
-        for j in range(period):
-          layer = nnx.merge(graphdefs[j], states[j])
-          x = _apply_layer(cfg, layer, x, segment_ids, positions, None if group_keys is None else group_keys[j])
+        for j, (graphdef, state) in enumerate(zip(graphdefs, states)):
+          layer = nnx.merge(graphdef, state)
+          x = layer(x, segment_ids, positions, None if group_keys is None else group_keys[j])
+          x = checkpoint_name(sharding.constrain(x, ACTIVATIONS), LAYER_OUTPUT)
         return x, None
 
-      x, _ = jax.lax.scan(group, x, (stacked, None if keys is None else keys[index]))
-    for i in range(1 + groups * period, cfg.num_layers):
+      body = jax.checkpoint(group, policy=scan_policy(cfg.remat), prevent_cse=False)
+      group_keys = None if keys is None else keys[jnp.asarray(indices).T]  # [group, position]
+      x, _ = jax.lax.scan(body, x, (stacked, group_keys))
+    for i in range(1 + len(scanned), cfg.num_layers):
       x = _apply_layer(cfg, self.layers[i], x, segment_ids, positions, key(i))
     return x
 
@@ -357,12 +400,21 @@ class MaskedLM(nnx.Module):
     return logits + self.decoder_bias[...]
 
   def masked_lm_loss(
-    self, input_ids, segment_ids, positions, masked_positions, masked_labels, *, rngs: nnx.Rngs | None = None
+    self,
+    input_ids,
+    segment_ids,
+    positions,
+    masked_positions,
+    masked_labels,
+    *,
+    rngs: nnx.Rngs | None = None,
+    stacked=None,
   ) -> tuple[jax.Array, jax.Array]:
     """Per-slot negative log-likelihood of `masked_labels [B, K]` and argmax hits at `masked_positions`, by
-    `ModelConfig.loss_impl` (see mmbert_jax.mlm_loss): the training loss, without necessarily any logits."""
+    `ModelConfig.loss_impl` (see mmbert_jax.mlm_loss): the training loss, without necessarily any logits.
+    `stacked`: see `encode`."""
     cfg = self.config
-    x = self.encode(input_ids, segment_ids, positions, rngs=rngs)
+    x = self.encode(input_ids, segment_ids, positions, rngs=rngs, stacked=stacked)
     x = sharding.constrain(jnp.take_along_axis(x, masked_positions[..., None], axis=1), ACTIVATIONS)
     x = self.head_features(x)
     return mlm_loss.token_loss(

@@ -37,6 +37,7 @@ from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, hf, optim, progress, schedules, sharding, storage
 from mmbert_jax import flops as flops_lib
 from mmbert_jax import metrics as metrics_lib
+from mmbert_jax import model as model_lib
 from mmbert_jax.model import RUNTIME_FIELDS, MaskedLM, ModelConfig, abstract_model, get_config
 
 
@@ -282,7 +283,7 @@ def mlm_stats(token_loss, batch, num_languages: int) -> dict[str, jax.Array]:
   }
 
 
-def _forward(model: MaskedLM, batch, rngs=None):
+def _forward(model: MaskedLM, batch, rngs=None, stacked=None):
   return model.masked_lm_loss(
     batch["input_ids"],
     batch["segment_ids"],
@@ -290,30 +291,53 @@ def _forward(model: MaskedLM, batch, rngs=None):
     batch["masked_positions"],
     batch["masked_labels"],
     rngs=rngs,
+    stacked=stacked,
   )
 
 
 def make_train_step(model: ModelGraph, tx, *, num_languages: int, seed: int):
   """The MLM train step as a pure function (params, opt_state, micro-batches [m, b, ...], lr, step) →
-  (params, opt_state, metrics), not yet jitted: `TrainProgram` jits it with the run's shardings."""
+  (params, opt_state, metrics), not yet jitted: `TrainProgram` jits it with the run's shardings.
 
-  def loss_fn(params, batch, key):
-    stats = mlm_stats(_forward(model.bind(params), batch, rngs=nnx.Rngs(dropout=key)), batch, num_languages)
-    return stats["loss_sum"], stats
+  With `scan_layers`, the scanned layers' parameters are stacked once per step (`model_lib.stack_layers`), before
+  the micro-batches, which differentiate with respect to the stacked copy; the summed gradients are unstacked once
+  for the optimizer, whose per-tensor rules (StableAdamW's update clipping, the decay mask) see per-layer tensors."""
+  scanned = {i for index in model_lib.scanned_layer_indices(model.cfg) for i in index} if model.cfg.scan_layers else ()
+
+  def split(params):
+    """(params without the scanned layers, the scanned layers stacked)."""
+    rest = {**params, "layers": {i: p for i, p in params["layers"].items() if i not in scanned}}
+    return rest, model_lib.stack_layers(model.cfg, {i: params["layers"][i] for i in scanned})
+
+  def join(rest, stacked):
+    return {**rest, "layers": {**rest["layers"], **model_lib.unstack_layers(model.cfg, stacked)}}
 
   def step(params, opt_state, batches, lr, step_index):
     base = jax.random.fold_in(jax.random.key(seed), step_index)
+    wrt = split(params) if scanned else params
+
+    def loss_fn(wrt, batch, key):
+      stacked = None
+      if scanned:  # the scanned layers' own parameters are bound but unused: the stacked copy replaces them
+        rest, stacked = wrt
+        wrt = {**rest, "layers": {**params["layers"], **rest["layers"]}}
+      stats = mlm_stats(
+        _forward(model.bind(wrt), batch, rngs=nnx.Rngs(dropout=key), stacked=stacked), batch, num_languages
+      )
+      return stats["loss_sum"], stats
 
     def micro(carry, xs):
       grads, totals = carry
       batch, i = xs
-      (_, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, jax.random.fold_in(base, i))
+      (_, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(wrt, batch, jax.random.fold_in(base, i))
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, stats)), None
 
     n_micro = batches["input_ids"].shape[0]
-    zero_stats = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], batches), base)[1])
-    init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats))
+    zero_stats = jax.eval_shape(lambda: loss_fn(wrt, jax.tree.map(lambda x: x[0], batches), base)[1])
+    init = (jax.tree.map(jnp.zeros_like, wrt), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats))
     (grads, totals), _ = jax.lax.scan(micro, init, (batches, jnp.arange(n_micro)))
+    if scanned:
+      grads = join(*grads)
     count = jnp.maximum(totals["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # mean over every masked token of the step
     grad_norm = optax.tree.norm(grads)

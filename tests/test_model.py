@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
 
 from mmbert_jax import MaskedLM, get_config
+from mmbert_jax import attention as attention_lib
 from mmbert_jax import model as model_lib
 
 
@@ -115,24 +117,71 @@ def test_remat_gives_same_gradients(remat):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", sorted(model_lib.REMAT_POLICIES))
 def test_scanned_layers_equal_unrolled(remat):
+  """The MLM loss and its gradients in float32 with dropout, for every remat policy: unrolled layers, the scan
+  stacking the per-layer parameters itself, and the scan given them stacked (the train step's way, whose gradient
+  `unstack_layers` returns per layer) agree to 1e-6."""
   # 8 layers, global every 3: layer 0 alone, two scanned groups of (local, local, global), one remaining layer.
   cfg = get_config("tiny", num_layers=8, attn_out_dropout=0.1, remat=remat)
-  ids = jax.random.randint(jax.random.key(1), (2, 48), 5, cfg.vocab_size)
+  rng = np.random.default_rng(1)
+  ids = jnp.asarray(rng.integers(5, cfg.vocab_size, (2, 48)), jnp.int32)
   seg = jnp.array([[1] * 20 + [2] * 20 + [0] * 8, [1] * 48])
-  outputs = []
-  for scan in (False, True):
-    model = MaskedLM(cfg.replace(scan_layers=scan), rngs=nnx.Rngs(0))
-    logits = model(ids, seg)
+  masked = jnp.asarray(np.stack([rng.choice(40, 12, replace=False) for _ in range(2)]), jnp.int32)
+  labels = jnp.asarray(rng.integers(5, cfg.vocab_size, (2, 12)), jnp.int32)
+
+  def loss(model, stacked=None):
     # Training mode: dropout draws the same mask for each layer either way.
-    grads = nnx.grad(lambda m: m(ids, seg, rngs=nnx.Rngs(dropout=3)).mean())(model)
-    outputs.append((logits, nnx.to_pure_dict(grads)))
-  (logits_u, grads_u), (logits_s, grads_s) = outputs
-  np.testing.assert_allclose(logits_s, logits_u, atol=1e-6)
-  assert grads_s.keys() == grads_u.keys() and len(grads_s["layers"]) == 8  # the per-layer layout is unchanged
-  for a, b in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads_s)):
+    nll, _ = model.masked_lm_loss(ids, seg, None, masked, labels, rngs=nnx.Rngs(dropout=3), stacked=stacked)
+    return nll.mean()
+
+  unrolled = MaskedLM(cfg, rngs=nnx.Rngs(0))
+  scanned = MaskedLM(cfg.replace(scan_layers=True), rngs=nnx.Rngs(0))
+  want_loss, want = nnx.value_and_grad(loss)(unrolled)
+  want = nnx.to_pure_dict(want)
+  got_loss, got = nnx.value_and_grad(loss)(scanned)
+  got = nnx.to_pure_dict(got)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  assert got.keys() == want.keys() and len(got["layers"]) == 8  # the per-layer layout is unchanged
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(b, a, atol=1e-6)
+
+  assert model_lib.scanned_layer_indices(cfg) == [[1, 4], [2, 5], [3, 6]]
+  layers = nnx.to_pure_dict(nnx.state(scanned))["layers"]
+  stacked = model_lib.stack_layers(cfg, layers)
+  assert stacked[0]["attn"]["wqkv"].shape == (2, *layers[1]["attn"]["wqkv"].shape)
+  graph, state = nnx.split(scanned)
+  given_loss, given = jax.value_and_grad(lambda s: loss(nnx.merge(graph, state, copy=True), s))(stacked)
+  np.testing.assert_allclose(given_loss, want_loss, rtol=1e-6)
+  given = model_lib.unstack_layers(cfg, given)
+  assert sorted(given) == [1, 2, 3, 4, 5, 6]
+  for i in given:
+    for a, b in zip(jax.tree.leaves(want["layers"][i]), jax.tree.leaves(given[i])):
+      np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_scan_policy_keeps_layer_outputs_and_attention_residuals(capsys):
+  """Inside the scan every policy saves the layer outputs; "none" also the attention kernels' residuals but no
+  matmul, "dots" the matmuls as well, "full" nothing else: the backward pass recomputes the rest."""
+
+  def layer(x, w):
+    h = x @ w
+    a = checkpoint_name(jnp.sin(h), attention_lib.CHECKPOINT_NAME)
+    return jnp.tanh(checkpoint_name(jnp.cos(a) * h, model_lib.LAYER_OUTPUT)).sum()
+
+  def saved(remat):
+    print_saved_residuals(
+      jax.checkpoint(layer, policy=model_lib.scan_policy(remat)), jnp.ones((4, 4)), jnp.ones((4, 4))
+    )
+    lines = capsys.readouterr().out.splitlines()
+    named = {n for n in (model_lib.LAYER_OUTPUT, attention_lib.CHECKPOINT_NAME) if any(f"'{n}'" in x for x in lines)}
+    return named, sum("dot_general" in x for x in lines)
+
+  both = {model_lib.LAYER_OUTPUT, attention_lib.CHECKPOINT_NAME}
+  assert saved("none") == (both, 0)
+  assert saved("attention") == (both, 0)
+  assert saved("dots") == (both, 1)
+  assert saved("full") == ({model_lib.LAYER_OUTPUT}, 0)
 
 
 def test_bad_model_config_errors():
