@@ -27,9 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="auto",  # bfloat16 on accelerators, float32 on CPU
       attention_impl="auto",  # splash on TPU, Pallas flash on GPU, XLA on CPU
       remat="none",
-      # MLM cross-entropy: "chunked" never holds the [masked, vocab] logits (6.3 GiB less per chip for mmbert-base
-      # pretrain on v5p-8) but recomputes them in the backward pass (+1/3 head FLOPs): for memory-bound slices.
-      loss_impl="dense",
+      # MLM cross-entropy: "chunked" never holds the [masked, vocab] logits but recomputes them in the backward pass
+      # (+1/3 head FLOPs); "dense" holds them and is faster for small ones; "auto" takes dense while one device's
+      # float32 logits are at most 1 GiB (CPU runs, tests), chunked above (mmbert-base pre-training on TPU).
+      loss_impl="auto",
       loss_chunk_size=8192,
       scan_layers=False,  # True: layers as one scan over global/local groups (compiles once)
     )

@@ -1,7 +1,8 @@
 """Masked-LM cross-entropy over the tied vocabulary, per masked slot: `token_loss(features, ...)`.
 
 `features [..., H]` are the MLM head's outputs before the decoder (compute dtype); the decoder is the tied
-embedding `[V, H]` plus a float32 bias `[V]`, with float32 logits. Two implementations behind one signature:
+embedding `[V, H]` plus a float32 bias `[V]`, with float32 logits. Two implementations behind one signature, and
+"auto" (the default) to pick one by the size of the logits:
 
   dense    the logits `[N, V]` of every masked slot at once (the reference; simple, and fastest for small V);
   chunked  a scan over vocabulary chunks with an online logsumexp and a running argmax. Its backward pass
@@ -9,15 +10,44 @@ embedding `[V, H]` plus a float32 bias `[V]`, with float32 logits. Two implement
            largest temporary is one `[N, chunk]` float32 block.
 
 At mmBERT's 256k vocabulary one float32 copy of the dense logits of 6k masked slots is 6.4 GB, and the training
-step holds several (logits, softmax, their gradient): that, not compute, bounds the rows per chip.
+step holds several (logits, softmax, their gradient): that, not compute, bounds the rows per chip. "auto" takes
+the dense loss while one device's float32 logits `[masked slots, V]` are at most `AUTO_DENSE_BYTES` (the small
+steps of CPU runs and tests, where the dense loss is faster) and the chunked one above (mmbert-base pre-training:
+16 rows × 368 masked slots per chip at 256k rows make 5.6 GiB).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("dense", "chunked")
+from mmbert_jax import sharding
+
+IMPLEMENTATIONS = ("auto", "dense", "chunked")
+AUTO_DENSE_BYTES = 2**30  # "auto": the largest float32 logits block per device that takes the dense loss
+
+
+def resolve_impl(impl: str, slots: int, vocab: int) -> str:
+  """The implementation that `impl` stands for with `slots` masked slots per device and `vocab` decoder rows."""
+  if impl != "auto":
+    return impl
+  return "dense" if 4 * slots * vocab <= AUTO_DENSE_BYTES else "chunked"
+
+
+def describe(impl: str, chunk_size: int, slots: int, vocab: int) -> str:
+  """How reports name the loss: "dense", "chunked/<rows per chunk>", or "auto→" either."""
+  resolved = resolve_impl(impl, slots, vocab)
+  name = resolved if resolved == "dense" else f"{resolved}/{chunk_size}"
+  return name if impl != "auto" else f"auto→{name}"
+
+
+def slots_per_device(shape: tuple[int, ...]) -> int:
+  """Masked slots `[rows, ...]` held by one device when traced under a mesh: rows split over the batch axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
+  return math.prod(shape) // (shards if shape and shape[0] % shards == 0 else 1)
 
 
 def token_loss(
@@ -26,7 +56,7 @@ def token_loss(
   bias: jax.Array,
   labels: jax.Array,
   *,
-  impl: str = "dense",
+  impl: str = "auto",
   chunk_size: int = 8192,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-slot negative log-likelihood of `labels` and whether the argmax hits it (both float32, shape of
@@ -34,6 +64,7 @@ def token_loss(
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"MLM loss impl {impl!r} is not one of {IMPLEMENTATIONS}")
   shape = labels.shape
+  impl = resolve_impl(impl, slots_per_device(shape), embedding.shape[0])
   x = features.reshape(-1, features.shape[-1])
   labels = labels.reshape(-1)
   if impl == "dense":

@@ -90,7 +90,7 @@ class ModelConfig:
   attention_platform: str | None = None  # build for this platform ("cuda", "tpu") instead of the current one
   remat: str = "none"  # none | full | attention | dots (see REMAT_POLICIES)
   scan_layers: bool = False  # run the layers as a scan over groups of global_every_n (one compiled body)
-  loss_impl: str = "dense"  # MLM cross-entropy: dense | chunked (no [masked, vocab] logits; mlm_loss.py)
+  loss_impl: str = "auto"  # MLM cross-entropy: auto | dense | chunked (no [masked, vocab] logits; mlm_loss.py)
   loss_chunk_size: int = 8192  # vocabulary rows per chunk of the chunked loss
 
   def __post_init__(self):

@@ -136,6 +136,22 @@ def test_ties_keep_the_first_index_across_chunks():
     np.testing.assert_allclose(nll, [want, want], rtol=1e-6)
 
 
+def test_auto_takes_dense_for_small_logits_and_chunked_for_large_ones_per_device():
+  # The float32 logits one device would hold, 4 · slots · V bytes, against AUTO_DENSE_BYTES (1 GiB).
+  assert mlm_loss.resolve_impl("auto", 8 * 154, 32_768) == "dense"  # the CPU benchmark's step: 0.15 GiB
+  assert mlm_loss.resolve_impl("auto", 16 * 368, 256_000) == "chunked"  # mmbert-base pre-training per chip: 5.6 GiB
+  assert mlm_loss.resolve_impl("dense", 16 * 368, 256_000) == "dense"
+
+  def chunked(rows: int) -> bool:  # traced on shapes only: nothing is allocated
+    args = [((rows, 368, 64), jnp.float32), ((256_000, 64), jnp.float32), ((256_000,), jnp.float32)]
+    args = [jax.ShapeDtypeStruct(*a) for a in args] + [jax.ShapeDtypeStruct((rows, 368), jnp.int32)]
+    return "scan" in str(jax.make_jaxpr(lambda *a: mlm_loss.token_loss(*a, impl="auto"))(*args))
+
+  assert chunked(16) and not chunked(2)  # 5.6 GiB, 0.70 GiB
+  with jax.set_mesh(sharding.make_mesh({"fsdp": 8}, jax.devices()[:8])):
+    assert not chunked(16)  # 2 rows on each device
+
+
 def test_bad_loss_config_errors():
   with pytest.raises(ValueError, match="loss_impl"):
     get_config("tiny", loss_impl="sparse")

@@ -19,7 +19,7 @@ import numpy as np
 from absl import flags
 
 from configs import base as base_config
-from mmbert_jax import cli, sharding, train
+from mmbert_jax import cli, mlm_loss, sharding, train
 from mmbert_jax import flops as flops_lib
 from mmbert_jax.model import get_config
 
@@ -36,7 +36,7 @@ def define_flags() -> None:
   flags.DEFINE_string("dtype", "auto", "Compute dtype (auto: bfloat16 on accelerators, float32 on CPU).")
   flags.DEFINE_string("attention_impl", "auto", "Attention implementation.")
   flags.DEFINE_string("remat", "none", "Rematerialisation policy.")
-  flags.DEFINE_string("loss_impl", "dense", "MLM cross-entropy: dense or chunked.")
+  flags.DEFINE_string("loss_impl", "auto", "MLM cross-entropy: auto, dense or chunked.")
   flags.DEFINE_integer("loss_chunk_size", 8192, "Vocabulary rows per chunk of the chunked loss.")
   flags.DEFINE_bool("scan_layers", False, "Run the layers as one scan over global/local groups.")
   flags.DEFINE_integer("steps", 5, "Timed steps after the compiling one.")
@@ -136,8 +136,8 @@ def main(argv):
   print(f"device: {n} × {kind} ({jax.default_backend()}), compute dtype {dtype}, attention {FLAGS.attention_impl}")
   print(
     f"model: {FLAGS.preset} width, {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
-    f"{rows} × {FLAGS.seq_len} tokens per step, {k} masked per row; MLM loss {cfg.loss_impl}"
-    f"{f'/{cfg.loss_chunk_size}' if cfg.loss_impl == 'chunked' else ''}, "
+    f"{rows} × {FLAGS.seq_len} tokens per step, {k} masked per row; MLM loss "
+    f"{mlm_loss.describe(cfg.loss_impl, cfg.loss_chunk_size, rows * program.masked // n, cfg.vocab_size)}, "
     f"layers {'scanned' if cfg.scan_layers else 'unrolled'}"
   )
   print(f"first step (compile) {compile_s:.1f} s; step {seconds * 1e3:.1f} ms")
