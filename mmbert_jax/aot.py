@@ -38,7 +38,7 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 
 from mmbert_jax import attention as attention_lib
-from mmbert_jax import cli, sharding, train
+from mmbert_jax import cli, mlm_loss, sharding, train
 from mmbert_jax import flops as flops_lib
 
 GiB = 2**30
@@ -182,10 +182,11 @@ class Report:
   dtype: str
   attention: str
   remat: str
-  loss: str  # MLM loss: "dense" or "chunked/<vocabulary rows per chunk>"
+  loss: str  # MLM loss: "dense" or "chunked/<vocabulary rows per chunk>", after "auto→" when chosen by size
   scan_layers: bool
   analytic_flops: float  # whole slice, one micro-batch of full-length documents
-  compile_seconds: float
+  compile_seconds: float  # wall clock
+  compile_cpu_seconds: float  # this process's CPU time, all threads (wall time on a shared host is noise)
   argument_bytes: int | None = None
   output_bytes: int | None = None
   alias_bytes: int | None = None  # outputs written in place of donated arguments (parameters, optimizer state)
@@ -232,7 +233,7 @@ class Report:
         f"{s.usable_bytes / GiB:.2f} GiB: {'fits' if self.fits else 'DOES NOT FIT'}",
       ]
     lines += ["FLOPs per micro-batch (the scan body counts once):"]
-    inner_scans = self.scan_layers or self.loss != "dense"
+    inner_scans = self.scan_layers or "chunked" in self.loss
     if self.compiled_flops is not None:
       compiled_total = self.compiled_flops * s.chips
       lines += [
@@ -246,7 +247,7 @@ class Report:
     )
     lines += [
       f"  analytic (flops.py)      {self.analytic_flops:.4g}{ratio}",
-      f"compiled in {self.compile_seconds:.1f} s",
+      f"compiled in {self.compile_seconds:.1f} s wall, {self.compile_cpu_seconds:.1f} s CPU",
     ]
     return "\n".join(lines)
 
@@ -286,7 +287,9 @@ def lower_train_step(config: ml_collections.ConfigDict, topology: str) -> tuple[
     attention=cfg.attention_impl,
     remat=cfg.remat,
     scan_layers=cfg.scan_layers,
-    loss=cfg.loss_impl if cfg.loss_impl == "dense" else f"{cfg.loss_impl}/{cfg.loss_chunk_size}",
+    loss=mlm_loss.describe(
+      cfg.loss_impl, cfg.loss_chunk_size, program.rows // sharding.batch_divisor(mesh) * program.masked, cfg.vocab_size
+    ),
     analytic_flops=flops_lib.flops_per_token(cfg, program.seq_len, config.data.mask_rate).total
     * program.rows
     * program.seq_len,
@@ -296,7 +299,7 @@ def lower_train_step(config: ml_collections.ConfigDict, topology: str) -> tuple[
 
 def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Report:
   """Compile the training program's step for the slice `topology` (e.g. "v5p-64") and measure it."""
-  start = time.perf_counter()
+  start, start_cpu = time.perf_counter(), time.process_time()
   program, info = lower_train_step(config, topology)
   lowered = program.lower()
   try:
@@ -304,15 +307,16 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Repo
   except jax.errors.JaxRuntimeError as e:
     if (oom := _hbm_oom(e)) is None:
       raise
-    return Report(**info, compile_seconds=time.perf_counter() - start, compiler_error=oom)
-  seconds = time.perf_counter() - start
+    seconds = dict(compile_seconds=time.perf_counter() - start, compile_cpu_seconds=time.process_time() - start_cpu)
+    return Report(**info, **seconds, compiler_error=oom)
+  seconds = dict(compile_seconds=time.perf_counter() - start, compile_cpu_seconds=time.process_time() - start_cpu)
 
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return Report(
     **info,
-    compile_seconds=seconds,
+    **seconds,
     argument_bytes=mem.argument_size_in_bytes,
     output_bytes=mem.output_size_in_bytes,
     alias_bytes=mem.alias_size_in_bytes,
@@ -338,16 +342,26 @@ def compare_switches(config: ml_collections.ConfigDict, topology: str) -> list[R
   return reports
 
 
+def configured_report(reports: list[Report], config: ml_collections.ConfigDict) -> Report:
+  """The report of `compare_switches` that compiled the configured loss ("auto" resolved) and layer stack."""
+  cfg = train.model_config(tpu_config(config))
+  r = reports[0]
+  slots = r.rows // (r.mesh_shape["data"] * r.mesh_shape["fsdp"]) * r.masked
+  impl = mlm_loss.resolve_impl(cfg.loss_impl, slots, cfg.vocab_size)
+  return next(r for r in reports if r.loss.split("/")[0] == impl and r.scan_layers == cfg.scan_layers)
+
+
 def comparison_table(reports: list[Report]) -> str:
-  """One line per compiled variant: per-chip temporaries, total against usable HBM, compile seconds."""
-  lines = [f"{'MLM loss':<14}{'layers':<10}{'temporaries':>13}{'total':>13}{'compile':>10}"]
+  """One line per compiled variant: per-chip temporaries, total against usable HBM, compile seconds (wall and
+  this process's CPU)."""
+  lines = [f"{'MLM loss':<14}{'layers':<10}{'temporaries':>13}{'total':>13}{'compile wall':>14}{'CPU':>8}"]
   for r in reports:
     layers = "scanned" if r.scan_layers else "unrolled"
     if r.compiler_error:
       memory = f"{'—':>13}{'DOES NOT FIT':>13}"
     else:
       memory = f"{_size(r.temp_bytes):>13}{_size(r.total_bytes):>13}"
-    lines.append(f"{r.loss:<14}{layers:<10}{memory}{r.compile_seconds:>8.0f} s")
+    lines.append(f"{r.loss:<14}{layers:<10}{memory}{r.compile_seconds:>12.0f} s{r.compile_cpu_seconds:>6.0f} s")
   return "\n".join(lines)
 
 
@@ -375,11 +389,7 @@ def main(argv):
   try:
     if flags.FLAGS.compare:
       reports = compare_switches(config, topology)
-      report = next(
-        r
-        for r in reports
-        if r.loss.split("/")[0] == config.model.loss_impl and r.scan_layers == config.model.scan_layers
-      )
+      report = configured_report(reports, config)
     else:
       report = compile_train_step(config, topology)
   except (ValueError, ImportError) as e:

@@ -185,4 +185,6 @@ def test_compare_prints_every_switch_and_the_chunked_head_needs_less():
     ("chunked/1024", "scanned"),
   }, r.stdout
   assert rows[("chunked/1024", "unrolled")] < rows[("dense", "unrolled")], r.stdout
-  assert r.stdout.count("compiled in") == 1  # the configured variant's full report, compiled once
+  # The configured variant ("auto": dense for these logits) prints its full report, compiled once.
+  assert r.stdout.count("compiled in") == 1 and "MLM loss dense · layers unrolled" in r.stdout, r.stdout
+  assert " s CPU" in r.stdout
