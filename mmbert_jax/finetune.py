@@ -63,6 +63,7 @@ from data_pipeline import tasks as tasks_lib
 from data_pipeline import tokenizer as tokenizer_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, export, hf, optim, schedules, sharding
+from mmbert_jax import flops as flops_lib
 from mmbert_jax import train as train_lib
 from mmbert_jax.model import MaskedLM, ModelConfig
 
@@ -473,6 +474,53 @@ def lr_schedule(settings: Settings, total_steps: int):
   )
 
 
+def epoch_steps(task: tasks_lib.Task, settings: Settings) -> int:
+  """Training steps per epoch: full batches only."""
+  steps = len(task.train) // settings.batch_size
+  if steps == 0:
+    raise ValueError(
+      f"task {task.name}: {len(task.train)} training examples, fewer than one batch of {settings.batch_size}"
+    )
+  return steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """What `finetune` runs for one encoder on one task: `steps` training steps of `rows` encoder rows each (a
+  retrieval pair is two rows), then `eval_rows` rows encoded to score the held-out splits (their queries and,
+  for retrieval, the candidates once per split; in padded batches); every row `length` tokens."""
+
+  steps: int
+  rows: int
+  eval_rows: int
+  length: int
+
+  def flops(self, cfg: ModelConfig) -> float:
+    """Matmul FLOPs of the encoder over these rows (`flops.flops_per_token` of a full row without the MLM head; the
+    classification layer is negligible): training counts forward and backward (3 × forward), scoring forward only."""
+    per_token = flops_lib.flops_per_token(cfg, self.length, 0.0).total
+    return per_token * self.length * (self.steps * self.rows + self.eval_rows / 3)
+
+
+def workload(task: tasks_lib.Task, settings: Settings, cfg: ModelConfig, tokenizer=None) -> Workload:
+  """`finetune`'s work for an encoder of `cfg` on `task`: steps from the task's size and the epochs (by model size
+  where 0), the row length of the tokenized task (`tokenizer`), or `settings.max_len` without one."""
+  settings = settings.for_model(cfg)
+  if tokenizer is not None:
+    length = _task_arrays(task, tokenizer, settings.max_len, cfg)["train"]["input_ids"].shape[1]
+  else:
+    length = settings.max_len
+  batches = lambda n: settings.eval_batch_size * math.ceil(n / settings.eval_batch_size)
+  held_out = [task.test] + ([task.dev] if task.dev is not None else [])
+  candidates = batches(len(task.candidates)) if task.kind == "retrieval" else 0
+  return Workload(
+    steps=settings.epochs * epoch_steps(task, settings),
+    rows=settings.batch_size * (2 if task.kind == "retrieval" else 1),
+    eval_rows=sum(batches(len(split)) + candidates for split in held_out),
+    length=length,
+  )
+
+
 def finetune(
   encoder: Encoder, task: tasks_lib.Task, settings: Settings = Settings(), arrays: dict[str, dict] | None = None
 ) -> dict[str, Any]:
@@ -489,9 +537,7 @@ def finetune(
   if settings.batch_size % program.rows_divisor:
     raise ValueError(f"batch_size {settings.batch_size} is not divisible by data×fsdp = {program.rows_divisor} devices")
   n = len(task.train)
-  steps_per_epoch = n // settings.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"task {task.name}: {n} training examples, fewer than one batch of {settings.batch_size}")
+  steps_per_epoch = epoch_steps(task, settings)
   total = settings.epochs * steps_per_epoch
   lrs = np.asarray(jax.vmap(lr_schedule(settings, total))(jnp.arange(1, total + 1)), np.float32)
   train = dict(arrays["train"])
@@ -690,6 +736,17 @@ def write_json(path: str, results: dict, settings: Settings, sources: dict[str, 
 # --------------------------------------------------------------------------------------------------------------
 
 
+def curriculum_checkpoints(config: ml_collections.ConfigDict) -> list[str]:
+  """The checkpoints `score_curriculum` fine-tunes, by their folder in the workdir: each phase, then the merge."""
+  return list(config.phases) + (["merged"] if "merge" in config and config.merge.method else [])
+
+
+def curriculum_settings(config: ml_collections.ConfigDict) -> Settings:
+  """`config.downstream`'s fine-tuning settings, on the run's devices."""
+  settings = Settings.from_config(config.downstream, ignore=("tasks", "random_init"))
+  return dataclasses.replace(settings, num_devices=config.num_devices)
+
+
 def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, dict]]:
   """`config.downstream`: fine-tune every phase's final checkpoint and the merge on the embedded tasks, print the
   table and keep it in `<workdir>/downstream.json` (a finished table is printed again, not recomputed)."""
@@ -699,9 +756,8 @@ def score_curriculum(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   if out.exists():
     results = json.loads(out.read_text())["tasks"]
   else:
-    names = list(config.phases) + (["merged"] if "merge" in config and config.merge.method else [])
-    settings = Settings.from_config(d, ignore=("tasks", "random_init"))
-    settings = dataclasses.replace(settings, num_devices=config.num_devices)
+    names = curriculum_checkpoints(config)
+    settings = curriculum_settings(config)
     t0 = time.time()
     tokenizer = str(fs.path(config.data.data_dir, "config.data.data_dir") / "tokenizer.model")
     results = score(

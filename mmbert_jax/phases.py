@@ -24,8 +24,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from data_pipeline import filesystem as fs
+from data_pipeline import tasks as tasks_lib
+from data_pipeline import tokenizer as tokenizer_lib
 from mmbert_jax import checkpoint as ckpt_lib
 from mmbert_jax import cli, evaluate, finetune, flops, merge, metrics, progress, train
+from mmbert_jax.model import ModelConfig
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: str, workdir: str) -> ml_collections.ConfigDict:
@@ -107,21 +110,48 @@ def _preempted(before: str) -> dict[str, Any] | None:
 
 def curriculum_outlook(config: ml_collections.ConfigDict, workdir: str) -> progress.Outlook:
   """The curriculum's parts for its ETA: each phase's tokens at its training FLOPs per token, the merge, and the
-  fine-tuning of every phase and the merge on each downstream task."""
-  parts = []
+  fine-tuning of every checkpoint on each downstream task (`downstream_part`)."""
+  parts, models = [], {}
   for phase in config.phases:
     c = phase_config(config, phase, workdir)
-    cost = flops.flops_per_token(train.model_config(c), c.data.seq_len, c.data.mask_rate).total
-    parts.append(progress.Part(phase, tokens=float(c.train_tokens), cost=cost))
-  merging = "merge" in config and bool(config.merge.method)
-  if merging:
-    parts.append(progress.Part("merge", kind="merge"))
+    models[phase] = train.model_config(c)
+    cost = flops.flops_per_token(models[phase], c.data.seq_len, c.data.mask_rate).total
+    parts.append(progress.Part(phase, tokens=float(c.train_tokens), cost=cost, length=c.data.seq_len))
+  if "merge" in config and config.merge.method:
+    m = config.merge
+    parts.append(progress.Part("merge", kind="merge", loads=len(m.models) + bool(m.get("base"))))
+    models["merged"] = models[m.models[-1]]  # the merge keeps its last model's metadata (merge.merge_checkpoints)
   if "downstream" in config:
-    # The columns of finetune.score_curriculum's table: each phase, the merge and the random-init control.
-    columns = len(config.phases) + merging + bool(config.downstream.get("random_init", True))
-    units = columns * len(config.downstream.tasks)
-    parts.append(progress.Part("downstream", kind="finetune", units=units))
+    parts.append(downstream_part(config, models))
   return progress.Outlook(parts)
+
+
+def downstream_part(config: ml_collections.ConfigDict, models: dict[str, ModelConfig]) -> progress.Part:
+  """`finetune.score_curriculum`'s work: every checkpoint (`models`: their architectures by name) and, with
+  `random_init`, the first one's architecture at random weights, fine-tuned and scored on each task
+  (`finetune.workload`: the task's size, epochs and row length, tokenized by the run's tokenizer when it exists).
+  A program is compiled per architecture and task; a checkpoint is read per column, the first twice with
+  `random_init`."""
+  names = finetune.curriculum_checkpoints(config)
+  random_init = bool(config.downstream.get("random_init", True))
+  # As finetune.load_encoder reads them: a checkpoint's architecture with the attention kernel chosen where it runs.
+  columns = [models[n].replace(attention_impl="auto") for n in names]
+  columns = columns[:1] * random_init + columns
+  settings = finetune.curriculum_settings(config)
+  tasks = [tasks_lib.embedded(t) for t in config.downstream.tasks]
+  tokenizer = None
+  path = fs.path(config.data.data_dir, "config.data.data_dir") / "tokenizer.model" if config.data.data_dir else None
+  if path is not None and path.exists():
+    tokenizer = tokenizer_lib.load_tokenizer(str(path), tokenizer_lib.SpecialIds.from_model_config(columns[0]))
+  work = {(cfg, t.name): finetune.workload(t, settings, cfg, tokenizer) for cfg in set(columns) for t in tasks}
+  return progress.Part(
+    "downstream",
+    kind="finetune",
+    flops=sum(work[cfg, t.name].flops(cfg) for cfg in columns for t in tasks),
+    length=max(w.length for w in work.values()),
+    compiles=len(work),
+    loads=len(columns),
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

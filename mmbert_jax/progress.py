@@ -82,31 +82,41 @@ def format_duration(seconds: float | None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-  """A part of a curriculum's work. A phase trains `tokens` at `cost` seconds per token relative to the other
-  phases (their FLOPs per token); it also has a start (setup, restore, compilation, first step) and an end (final
-  checkpoint and evaluation). `merge` (the merge of the decay variants and its evaluation) and `finetune` (the
-  downstream fine-tuning, `units` = checkpoints × tasks) come after the phases."""
+  """A part of a curriculum's work, in what its time depends on.
+
+  phase     trains `tokens` at `cost` training FLOPs per token in rows of `length` tokens, after a start (setup,
+            restore, the step's compilation) and before an end (final checkpoint and evaluation)
+  merge     reads `loads` checkpoints, saves one and evaluates it (like a phase's end)
+  finetune  `flops` of training and scoring in rows of `length` tokens, `compiles` programs compiled and `loads`
+            checkpoints read (`finetune.Workload`, one per checkpoint and task)
+  """
 
   name: str
   kind: str = "phase"  # phase | merge | finetune
   tokens: float = 0.0
   cost: float = 1.0
-  units: float = 1.0
+  length: int = 0
+  flops: float = 0.0
+  compiles: int = 0
+  loads: int = 0
 
 
-# Until a phase has ended, its end (final checkpoint and evaluation) is taken as this fraction of its measured
-# start (which holds the step's compilation); one fine-tuning unit (a checkpoint on one task: its compilation and a
-# few epochs) as this many of the median phase start measured (the ratio in the demo, configs/demo.py), and the
-# merge (checkpoints loaded, one saved, one evaluation) as these many phase ends.
+# Until a phase has ended, its end (final checkpoint and evaluation) is taken as this fraction of its measured start.
 END_PER_START = 0.25
-FINETUNE_UNIT_PER_START = 0.75
-MERGE_PER_END = 3.0
 
 
 class Outlook:
-  """What is left of a curriculum, in seconds from measured durations: each phase's start, loop rate and end,
-  the merge and the fine-tuning, estimated for the parts not yet run from those that have (loop rates scaled by
-  `Part.cost`).
+  """What is left of a curriculum, in seconds, from what its phases measured: each phase's setup (its start up to
+  the first step), the first step (which holds the step's compilation), its loop rate in seconds per FLOP and its
+  end.
+
+  The parts not yet run are estimated from those measurements: a phase as the latest setup, the longest first step
+  (a new program to compile; a cached one starts faster), its FLOPs at a measured rate and the latest end; the
+  merge as a phase's end and one setup per checkpoint read; the fine-tuning as its FLOPs at a measured rate, one
+  longest first step per program it compiles and one setup per checkpoint it reads. A part's FLOPs are timed at
+  the rate of the measured phase whose rows are closest to its own in length (the latest of equals): a step's
+  FLOPs per second depend on its shapes, and fine-tuning's short rows run like pretraining's, not like the long
+  rows of the later phases. The rates are the steady ones (`Progress.steady_rate`), without one-off stalls.
 
   The curriculum calls `begin(name)` before each phase and `end(name)` after it; the phase's `Progress` tells
   its first report (the start), its tokens/s and its last report (where its end begins).
@@ -117,9 +127,10 @@ class Outlook:
     self._clock = clock
     self._begun: dict[str, float] = {}
     self._last_report: dict[str, float] = {}
-    self.start_s: dict[str, float] = {}
+    self.start_s: dict[str, float] = {}  # from begin() to the first report
+    self.first_step_s: dict[str, float] = {}  # the first report's interval: the first step with its compilation
     self.end_s: dict[str, float] = {}
-    self.seconds_per_cost: dict[str, float] = {}  # seconds per token / Part.cost, per phase measured
+    self.seconds_per_cost: dict[str, float] = {}  # seconds per token / Part.cost (per FLOP), per phase measured
     self.shown: dict[str, tuple[float, float]] = {}  # the curriculum's ETA last shown (see Progress)
 
   def _part(self, name: str) -> Part:
@@ -128,10 +139,11 @@ class Outlook:
   def begin(self, name: str) -> None:
     self._begun[name] = self._clock()
 
-  def started(self, name: str) -> None:
-    """The phase's first progress report: what came before it is the phase's start."""
+  def started(self, name: str, first_step_s: float = 0.0) -> None:
+    """The phase's first progress report, `first_step_s` after its loop began: what came before it is the start."""
     if name in self._begun and name not in self.start_s:
       self.start_s[name] = self._clock() - self._begun[name]
+      self.first_step_s[name] = min(first_step_s, self.start_s[name])
 
   def reported(self, name: str, tokens_per_s: float | None) -> None:
     self._last_report[name] = self._clock()
@@ -148,25 +160,33 @@ class Outlook:
     values = [measured[p.name] for p in self.parts if p.name in measured]
     return values[-1] if values else None
 
+  def _per_cost(self, length: int) -> float | None:
+    """Seconds per FLOP of the measured phase whose rows are closest to `length` tokens (the latest of equals)."""
+    measured = [p for p in self.parts if p.name in self.seconds_per_cost]
+    if not measured:
+      return None
+    distance = lambda p: abs(math.log(max(p.length, 1) / max(length, 1)))
+    return self.seconds_per_cost[min(reversed(measured), key=distance).name]
+
   def after_loop(self, name: str) -> float | None:
     """Seconds of the curriculum's work after the loop of phase `name` (its end, the later phases, the merge, the
     fine-tuning); None until a loop rate has been measured."""
-    per_cost = self.seconds_per_cost.get(name) or self._latest(self.seconds_per_cost)
     start = self._latest(self.start_s)
-    if per_cost is None or start is None:
+    if start is None or not self.seconds_per_cost:
       return None
+    setup = self._latest({n: s - self.first_step_s[n] for n, s in self.start_s.items()})
+    compile_s = max(self.first_step_s.values())
     end = self._latest(self.end_s)
     end = END_PER_START * start if end is None else end
     i = next(i for i, p in enumerate(self.parts) if p.name == name)
     seconds = end
     for part in self.parts[i + 1 :]:
       if part.kind == "phase":
-        seconds += start + part.tokens * part.cost * per_cost + end
+        seconds += setup + compile_s + part.tokens * part.cost * self._per_cost(part.length) + end
       elif part.kind == "merge":
-        seconds += MERGE_PER_END * end
-      else:  # each checkpoint and task compiles programs of its own; the median start is neither the first phase's
-        # (which also pays one-time costs) nor one whose step came from the compilation cache
-        seconds += part.units * FINETUNE_UNIT_PER_START * float(np.median(list(self.start_s.values())))
+        seconds += end + part.loads * setup
+      else:
+        seconds += part.flops * self._per_cost(part.length) + part.compiles * compile_s + part.loads * setup
     return seconds
 
 
@@ -222,6 +242,14 @@ class Progress:
     std = np.sqrt(np.average((rates - mean) ** 2, weights=dt))
     return float(np.clip(2 * std / mean / np.sqrt(len(rates)), 0.02, 0.5)) if mean > 0 else 0.5
 
+  def steady_rate(self) -> float | None:
+    """Tokens/s of the loop without its stalls (a recompilation when batch warmup changes the step's shape, a
+    checkpoint), which later parts need not repeat: the median of the interval rates, once there are three."""
+    if len(self._intervals) < 3:
+      return None
+    dt, dtok = np.array(self._intervals).T
+    return float(np.median(dtok / np.maximum(dt, 1e-9)))
+
   @staticmethod
   def _smoothed(shown: dict[str, tuple[float, float]], key: str, now: float, raw: float | None, noise: float):
     if raw is None:
@@ -244,14 +272,14 @@ class Progress:
     if self._reports == 0:
       self._first = (now, tokens)
       if self.outlook is not None:
-        self.outlook.started(self.phase)
+        self.outlook.started(self.phase, first_step_s=now - t_last)
     else:
       self._intervals.append((now - t_last, tokens - tok_last))
     self._reports += 1
     self._last = (now, tokens)
     self._next_tenth = self._tenth(tokens) + 1
     if self.outlook is not None:
-      self.outlook.reported(self.phase, rate)
+      self.outlook.reported(self.phase, self.steady_rate() or rate)
     remaining = max(self.budget - tokens, 0)
     eta = remaining / rate if rate else None
     if self.outlook is not None:

@@ -162,7 +162,7 @@ def test_tiny_finetune_separable_task_is_deterministic():
   encoder = ft.Encoder(CFG, _params(), None, "random init")
   result = ft.finetune(encoder, task, SETTINGS, arrays)
   assert result["metrics"]["accuracy"] > 0.95, result["metrics"]
-  assert result["steps"] == 3 * (256 // 32) == len(result["train_loss"])
+  assert result["steps"] == 3 * (256 // 32) == len(result["train_loss"]) == ft.workload(task, SETTINGS, CFG).steps
   assert result["train_loss"][-1] < 0.75 * result["train_loss"][0]
   assert set(result["per_language"]) == {"xx", "yy"}
   assert sum(r["examples"] for r in result["per_language"].values()) == 96
@@ -760,3 +760,54 @@ def test_settings_from_config_rejects_unknown_keys():
   )
   with pytest.raises(ValueError, match="unknown key.*epoch\\b"):
     ft.Settings.from_config({"epoch": 2})
+
+
+def _flops_per_row_token(cfg, length):
+  """Hand count of the encoder's training FLOPs per token of a full `length`-token row, without the MLM head: 3 × 2
+  per weight of the linears (4H² + 3HI per layer) and 3 × 4H per (query, key) pair, the pairs counted on the grid
+  (|i − j| ≤ the one-sided window on local layers)."""
+  h, i = cfg.hidden_size, cfg.intermediate_size
+  offsets = np.abs(np.subtract.outer(np.arange(length), np.arange(length)))
+  pairs = sum(
+    length * length if layer % cfg.global_every_n == 0 else np.sum(offsets <= cfg.local_window // 2)
+    for layer in range(cfg.num_layers)
+  )
+  return 6 * cfg.num_layers * (4 * h * h + 3 * h * i) + 12 * h * pairs / length
+
+
+def test_workload_counts_the_steps_rows_and_flops_finetune_runs(spm):
+  """The fine-tuning time model's input: steps = epochs × full batches, a retrieval pair is two rows, each held-out
+  split (and the candidates, once per split) in padded scoring batches; row length = the tokenized task's."""
+  settings = ft.Settings(epochs=3, batch_size=32, eval_batch_size=64, max_len=24)
+  texts = lambda n: [f"t{k}" for k in range(n)]
+  labels = lambda n: np.zeros(n, np.int32)
+  cls = tasks.Task(
+    "c",
+    "classification",
+    tasks.Split(texts(100), ["xx"] * 100, labels(100)),
+    tasks.Split(texts(70), ["xx"] * 70, labels(70)),
+    label_names=("a",),
+    dev=tasks.Split(texts(10), ["xx"] * 10, labels(10)),
+  )
+  w = ft.workload(cls, settings, CFG)
+  assert (w.steps, w.rows, w.eval_rows, w.length) == (3 * 3, 32, 128 + 64, 24)
+  ret = tasks.Task(
+    "r",
+    "retrieval",
+    tasks.Split(texts(70), ["xx"] * 70, pairs=texts(70)),
+    tasks.Split(texts(5), ["xx"] * 5, labels(5)),
+    candidates=tuple(texts(130)),
+  )
+  w = ft.workload(ret, settings, CFG)
+  assert (w.steps, w.rows, w.eval_rows) == (3 * 2, 64, 64 + 192)
+  want = _flops_per_row_token(CFG, 24) * 24 * (6 * 64 + (64 + 192) / 3)
+  assert w.flops(CFG) == pytest.approx(want, rel=1e-9)
+  # Epochs left at 0 come by model size (10 for this tiny model), as in finetune.
+  assert ft.workload(ret, dataclasses.replace(settings, epochs=0), CFG).steps == 10 * 2
+  # With the tokenizer: the longest tokenized text with <bos> and <eos>, rounded up to 8, at most max_len.
+  tok = tokenizer_lib.load_tokenizer(spm)
+  short = dataclasses.replace(cls, train=tasks.Split(["Montag"] * 40, ["de"] * 40, labels(40)))
+  longest = max(len(ids) for ids in tok.encode(short.train.texts + short.test.texts + short.dev.texts)) + 2
+  assert ft.workload(short, settings, CFG, tok).length == min(24, 8 * math.ceil(longest / 8))
+  with pytest.raises(ValueError, match="task c: 10 training examples, fewer than one batch of 32"):
+    ft.workload(dataclasses.replace(cls, train=cls.dev), settings, CFG)

@@ -190,54 +190,85 @@ def test_eta_moves_by_at_most_the_noise_and_converges():
       assert eta == pytest.approx((budget - tokens) / 10_000 * (1 + 5 / 50), rel=0.1, abs=1.0), tokens
 
 
-def test_curriculum_eta_adds_the_work_after_the_loop():
-  """Phase a (1000 tokens), phase b (2000 tokens at twice a's FLOPs per token), a merge and 4 fine-tunings."""
+@pytest.mark.parametrize("slow", [1.0, 3.0])
+def test_curriculum_eta_adds_the_work_after_the_loop(slow):
+  """Phase a (1000 tokens in rows of 128), phase b (2000 tokens at twice a's FLOPs per token, rows of 256), a merge
+  of three checkpoints and a fine-tuning (5000 FLOPs in rows of 32, two programs, four checkpoints read). `slow`:
+  the same run on a host `slow` times slower (every duration scaled) gives ETAs `slow` times longer."""
   clock = FakeClock()
   outlook = progress.Outlook(
     [
-      progress.Part("a", tokens=1000, cost=1.0),
-      progress.Part("b", tokens=2000, cost=2.0),
-      progress.Part("merge", kind="merge"),
-      progress.Part("downstream", kind="finetune", units=4),
+      progress.Part("a", tokens=1000, cost=1.0, length=128),
+      progress.Part("b", tokens=2000, cost=2.0, length=256),
+      progress.Part("merge", kind="merge", loads=3),
+      progress.Part("downstream", kind="finetune", flops=5000, length=32, compiles=2, loads=4),
     ],
     clock=clock,
   )
+
+  def wait(seconds):
+    clock.t += slow * seconds
+
   outlook.begin("a")
-  clock.t += 5.0  # setup before the loop's progress starts
+  wait(5.0)  # setup before the loop's progress starts
   p = progress.Progress("a", 1000, outlook=outlook, clock=clock)
-  clock.t += 25.0  # compilation and the first step
+  wait(25.0)  # compilation and the first step
   p.update(1, 100)
-  assert outlook.start_s == {"a": 30.0}
+  assert outlook.start_s == {"a": slow * 30.0} and outlook.first_step_s == {"a": slow * 25.0}
   for step, tokens in enumerate(range(200, 1001, 100), start=2):
-    clock.t += 1.0  # 100 tokens/s
+    wait(1.0)  # 100 tokens/s: 0.01 s per FLOP
     f = p.update(step, tokens)
-  # At a's last step: its end (no phase has ended yet: a quarter of its start), b's start, loop (2000 tokens at
-  # 2 × a's 0.01 s per token) and end, the merge (three ends) and four fine-tunings (a start each).
-  end = progress.END_PER_START * 30.0
+  # At a's last step: its end (no phase has ended yet: a quarter of its start); b's setup, first step, loop (2000
+  # tokens × 2 FLOPs at 0.01 s) and end; the merge (an end and three setups); the fine-tuning (5000 FLOPs at a's
+  # 0.01 s, two first steps and four setups).
+  end, setup, first, per_flop = 0.25 * 30.0, 5.0, 25.0, 0.01
   after = (
-    end + (30.0 + 2000 * 2 * 0.01 + end) + progress.MERGE_PER_END * end + 4 * progress.FINETUNE_UNIT_PER_START * 30
+    end + (setup + first + 2000 * 2 * per_flop + end) + (end + 3 * setup) + (5000 * per_flop + 2 * first + 4 * setup)
   )
   assert f["eta_phase_s"] == 0.0
-  assert f["eta_total_raw_s"] == pytest.approx(after)
+  assert f["eta_total_raw_s"] == pytest.approx(slow * after)
   a_total = f["eta_total_s"]
-  clock.t += 12.0  # a's final checkpoint and evaluation
+  wait(12.0)  # a's final checkpoint and evaluation
   outlook.end("a")
-  assert outlook.end_s == {"a": 12.0}
+  assert outlook.end_s == {"a": slow * 12.0}
   outlook.begin("b")
+  wait(2.0)
   p = progress.Progress("b", 2000, outlook=outlook, clock=clock)
-  clock.t += 20.0
+  wait(20.0)  # b's step compiles faster than a's
   p.update(1, 100)
-  clock.t += 10.0
-  f = p.update(2, 200)  # 10 tokens/s: b is five times slower per FLOP than a
-  assert f["eta_phase_raw_s"] == pytest.approx(1800 / 10)
-  # A fine-tuning unit is taken from the median start measured (of a's 30 s and b's 20 s).
-  raw = 1800 / 10 + 12.0 + progress.MERGE_PER_END * 12.0 + 4 * progress.FINETUNE_UNIT_PER_START * 25.0
-  assert f["eta_total_raw_s"] == pytest.approx(raw)
-  # The curriculum's ETA stays smooth across the phases: b's first moves from a's last counted down (42 s ago) by
+  wait(10.0)
+  f = p.update(2, 200)  # 10 tokens/s: b runs at 0.05 s per FLOP, five times slower than a
+  assert f["eta_phase_raw_s"] == pytest.approx(slow * 1800 / 10)
+  # The fine-tuning's short rows are timed at the rate of a (rows of 128), not b's (256); its programs as the longest
+  # first step measured (a's 25 s); a setup is b's 2 s; an end a's 12 s.
+  end, setup = 12.0, 2.0
+  raw = 1800 / 10 + end + (end + 3 * setup) + (5000 * 0.01 + 2 * 25.0 + 4 * setup)
+  assert f["eta_total_raw_s"] == pytest.approx(slow * raw)
+  # The curriculum's ETA stays smooth across the phases: b's first moves from a's last counted down (44 s ago) by
   # at most the noise of a single interval (50%).
-  expected = a_total - 42.0
-  assert f["eta_total_s"] == pytest.approx(np.clip(raw, 0.5 * expected, 1.5 * expected))
-  assert f["eta_total_s"] == pytest.approx(1.5 * expected) and 1.5 * expected < raw
+  expected = a_total - slow * 44.0
+  assert f["eta_total_s"] == pytest.approx(np.clip(slow * raw, 0.5 * expected, 1.5 * expected))
+  assert f["eta_total_s"] == pytest.approx(1.5 * expected) and 1.5 * expected < slow * raw
+  # A stall of 30 s (a recompilation) slows b's own ETA (the mean rate) but not the rate the later parts are
+  # estimated at (the median interval).
+  for step, seconds in ((3, 10.0), (4, 40.0), (5, 10.0)):
+    wait(seconds)
+    f = p.update(step, 100 * step)
+  assert p.steady_rate() == pytest.approx(10.0 / slow)
+  assert outlook.seconds_per_cost["b"] == pytest.approx(slow / (10.0 * 2.0))
+  assert f["eta_phase_raw_s"] == pytest.approx(1500 / (400 / (slow * 70.0)))
+
+
+def test_each_part_is_timed_at_the_rate_of_the_phase_with_the_closest_rows():
+  clock = FakeClock()
+  parts = [progress.Part(name, tokens=100, cost=1.0, length=n) for name, n in (("p", 128), ("q", 512), ("r", 512))]
+  outlook = progress.Outlook(parts, clock=clock)
+  for part, per_token in zip(parts, (1.0, 2.0, 3.0)):
+    outlook.begin(part.name)
+    outlook.started(part.name, 0.0)
+    outlook.reported(part.name, 1.0 / per_token)
+  assert outlook._per_cost(32) == 1.0 and outlook._per_cost(200) == 1.0  # 200 is closer to 128 than to 512 (ratio)
+  assert outlook._per_cost(300) == 3.0 and outlook._per_cost(8192) == 3.0  # the latest of the equals
 
 
 def test_a_progress_line_at_the_first_step_and_every_tenth():
@@ -257,17 +288,28 @@ def test_a_progress_line_at_the_first_step_and_every_tenth():
   assert len(reported) <= 12
 
 
-@pytest.mark.parametrize("random_init", [True, False])
-def test_the_demo_outlook_counts_every_fine_tuning_column(random_init):
-  """One fine-tuning unit per column of the downstream table (finetune.score_curriculum: each phase, the merge and,
-  with random_init, the same model with random weights) and task."""
+def test_the_demo_outlook_counts_every_fine_tuning_column():
+  """The fine-tuning part from the task sizes (finetune.workload): each column of the downstream table
+  (finetune.score_curriculum: each phase, the merge and, with random_init, the first checkpoint's architecture with
+  random weights) on each task; programs compiled per architecture (pretrain's RoPE theta differs from the later
+  phases') and task; checkpoints read per column."""
   from helpers import load_config
 
-  from mmbert_jax import finetune, phases
+  from data_pipeline import tasks
+  from mmbert_jax import finetune, phases, train
 
   config = load_config("demo")
-  with config.unlocked():
-    config.downstream.random_init = random_init
-  [part] = [p for p in phases.curriculum_outlook(config, "/tmp/unused").parts if p.kind == "finetune"]
-  columns = list(config.phases) + ["merged"] + ([finetune.RANDOM_INIT] if random_init else [])
-  assert part.units == len(columns) * len(config.downstream.tasks) == (14 if random_init else 12)
+  parts = {}
+  for random_init in (True, False):
+    with config.unlocked():
+      config.downstream.random_init = random_init
+    [parts[random_init]] = [p for p in phases.curriculum_outlook(config, "/tmp/unused").parts if p.kind == "finetune"]
+  cfg = train.model_config(phases.phase_config(config, "midtrain", "/tmp/unused"))
+  settings = finetune.Settings(batch_size=config.downstream.batch_size, max_len=config.downstream.max_len)
+  column = sum(finetune.workload(tasks.embedded(t), settings, cfg).flops(cfg) for t in config.downstream.tasks)
+  columns = len(config.phases) + 1  # and the merge
+  assert parts[False].flops == pytest.approx(columns * column, rel=1e-9)
+  assert parts[True].flops == pytest.approx((columns + 1) * column, rel=1e-9)
+  assert (parts[True].compiles, parts[True].loads) == (2 * 3, columns + 1)  # the first checkpoint read twice
+  assert (parts[False].compiles, parts[False].loads) == (2 * 3, columns)
+  assert parts[True].length == config.downstream.max_len  # no tokenizer yet
