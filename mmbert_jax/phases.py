@@ -116,7 +116,8 @@ def curriculum_outlook(config: ml_collections.ConfigDict, workdir: str) -> progr
     c = phase_config(config, phase, workdir)
     models[phase] = train.model_config(c)
     cost = flops.flops_per_token(models[phase], c.data.seq_len, c.data.mask_rate).total
-    parts.append(progress.Part(phase, tokens=float(c.train_tokens), cost=cost, length=c.data.seq_len))
+    loads = int(bool(c.init_from))  # the previous phase's checkpoint (or another run's)
+    parts.append(progress.Part(phase, tokens=float(c.train_tokens), cost=cost, length=c.data.seq_len, loads=loads))
   if "merge" in config and config.merge.method:
     m = config.merge
     parts.append(progress.Part("merge", kind="merge", loads=len(m.models) + bool(m.get("base"))))

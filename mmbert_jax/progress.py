@@ -84,8 +84,9 @@ def format_duration(seconds: float | None) -> str:
 class Part:
   """A part of a curriculum's work, in what its time depends on.
 
-  phase     trains `tokens` at `cost` training FLOPs per token in rows of `length` tokens, after a start (setup,
-            restore, the step's compilation) and before an end (final checkpoint and evaluation)
+  phase     trains `tokens` at `cost` training FLOPs per token in rows of `length` tokens, after a start (setup:
+            restoring `loads` checkpoints or initialising; the step's compilation) and before an end (final
+            checkpoint and evaluation)
   merge     reads `loads` checkpoints, saves one and evaluates it (like a phase's end)
   finetune  `flops` of training and scoring in rows of `length` tokens, `compiles` programs compiled and `loads`
             checkpoints read (`finetune.Workload`, one per checkpoint and task)
@@ -110,10 +111,12 @@ class Outlook:
   the first step), the first step (which holds the step's compilation), its loop rate in seconds per FLOP and its
   end.
 
-  The parts not yet run are estimated from those measurements: a phase as the latest setup, the longest first step
-  (a new program to compile; a cached one starts faster), its FLOPs at a measured rate and the latest end; the
-  merge as a phase's end and one setup per checkpoint read; the fine-tuning as its FLOPs at a measured rate, one
-  longest first step per program it compiles and one setup per checkpoint it reads. A part's FLOPs are timed at
+  The parts not yet run are estimated from those measurements: a phase as the latest setup of its kind, the longest
+  first step (a new program to compile; a cached one starts faster), its FLOPs at a measured rate and the latest
+  end; the merge as a phase's end and one restore per checkpoint read; the fine-tuning as its FLOPs at a measured
+  rate, one longest first step per program it compiles and one restore per checkpoint it reads. A restore is the
+  setup of the latest phase that started from a checkpoint (none yet: taken as 0); a phase that initialises instead
+  (the first) also pays the process's one-time costs, which no later part repeats. A part's FLOPs are timed at
   the rate of the measured phase whose rows are closest to its own in length (the latest of equals): a step's
   FLOPs per second depend on its shapes, and fine-tuning's short rows run like pretraining's, not like the long
   rows of the later phases. The rates are the steady ones (`Progress.steady_rate`), without one-off stalls.
@@ -168,13 +171,19 @@ class Outlook:
     distance = lambda p: abs(math.log(max(p.length, 1) / max(length, 1)))
     return self.seconds_per_cost[min(reversed(measured), key=distance).name]
 
+  def _setup(self, restores: bool) -> float:
+    """The setup (start before the first step) of the latest measured phase that started from a checkpoint
+    (`restores`) or initialised; 0 when there is none."""
+    kind = {n: s - self.first_step_s[n] for n, s in self.start_s.items() if bool(self._part(n).loads) == restores}
+    return self._latest(kind) or 0.0
+
   def after_loop(self, name: str) -> float | None:
     """Seconds of the curriculum's work after the loop of phase `name` (its end, the later phases, the merge, the
     fine-tuning); None until a loop rate has been measured."""
     start = self._latest(self.start_s)
     if start is None or not self.seconds_per_cost:
       return None
-    setup = self._latest({n: s - self.first_step_s[n] for n, s in self.start_s.items()})
+    restore = self._setup(restores=True)
     compile_s = max(self.first_step_s.values())
     end = self._latest(self.end_s)
     end = END_PER_START * start if end is None else end
@@ -182,11 +191,12 @@ class Outlook:
     seconds = end
     for part in self.parts[i + 1 :]:
       if part.kind == "phase":
+        setup = self._setup(restores=bool(part.loads))
         seconds += setup + compile_s + part.tokens * part.cost * self._per_cost(part.length) + end
       elif part.kind == "merge":
-        seconds += end + part.loads * setup
+        seconds += end + part.loads * restore
       else:
-        seconds += part.flops * self._per_cost(part.length) + part.compiles * compile_s + part.loads * setup
+        seconds += part.flops * self._per_cost(part.length) + part.compiles * compile_s + part.loads * restore
     return seconds
 
 

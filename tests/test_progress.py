@@ -192,14 +192,15 @@ def test_eta_moves_by_at_most_the_noise_and_converges():
 
 @pytest.mark.parametrize("slow", [1.0, 3.0])
 def test_curriculum_eta_adds_the_work_after_the_loop(slow):
-  """Phase a (1000 tokens in rows of 128), phase b (2000 tokens at twice a's FLOPs per token, rows of 256), a merge
-  of three checkpoints and a fine-tuning (5000 FLOPs in rows of 32, two programs, four checkpoints read). `slow`:
-  the same run on a host `slow` times slower (every duration scaled) gives ETAs `slow` times longer."""
+  """Phase a (1000 tokens in rows of 128, from scratch), phase b (2000 tokens at twice a's FLOPs per token, rows of
+  256, from a's checkpoint), a merge of three checkpoints and a fine-tuning (5000 FLOPs in rows of 32, two programs,
+  four checkpoints read). `slow`: the same run on a host `slow` times slower (every duration scaled) gives ETAs
+  `slow` times longer."""
   clock = FakeClock()
   outlook = progress.Outlook(
     [
       progress.Part("a", tokens=1000, cost=1.0, length=128),
-      progress.Part("b", tokens=2000, cost=2.0, length=256),
+      progress.Part("b", tokens=2000, cost=2.0, length=256, loads=1),
       progress.Part("merge", kind="merge", loads=3),
       progress.Part("downstream", kind="finetune", flops=5000, length=32, compiles=2, loads=4),
     ],
@@ -218,12 +219,16 @@ def test_curriculum_eta_adds_the_work_after_the_loop(slow):
   for step, tokens in enumerate(range(200, 1001, 100), start=2):
     wait(1.0)  # 100 tokens/s: 0.01 s per FLOP
     f = p.update(step, tokens)
-  # At a's last step: its end (no phase has ended yet: a quarter of its start); b's setup, first step, loop (2000
-  # tokens × 2 FLOPs at 0.01 s) and end; the merge (an end and three setups); the fine-tuning (5000 FLOPs at a's
-  # 0.01 s, two first steps and four setups).
-  end, setup, first, per_flop = 0.25 * 30.0, 5.0, 25.0, 0.01
+  # At a's last step: its end (no phase has ended yet: a quarter of its start); b's restore, first step, loop (2000
+  # tokens × 2 FLOPs at 0.01 s) and end; the merge (an end and three restores); the fine-tuning (5000 FLOPs at a's
+  # 0.01 s, two first steps and four restores). No phase has restored a checkpoint yet: a restore counts 0 (a's
+  # 5 s setup initialised, with the one-time costs of the process).
+  end, restore, first, per_flop = 0.25 * 30.0, 0.0, 25.0, 0.01
   after = (
-    end + (setup + first + 2000 * 2 * per_flop + end) + (end + 3 * setup) + (5000 * per_flop + 2 * first + 4 * setup)
+    end
+    + (restore + first + 2000 * 2 * per_flop + end)
+    + (end + 3 * restore)
+    + (5000 * per_flop + 2 * first + 4 * restore)
   )
   assert f["eta_phase_s"] == 0.0
   assert f["eta_total_raw_s"] == pytest.approx(slow * after)
@@ -240,9 +245,9 @@ def test_curriculum_eta_adds_the_work_after_the_loop(slow):
   f = p.update(2, 200)  # 10 tokens/s: b runs at 0.05 s per FLOP, five times slower than a
   assert f["eta_phase_raw_s"] == pytest.approx(slow * 1800 / 10)
   # The fine-tuning's short rows are timed at the rate of a (rows of 128), not b's (256); its programs as the longest
-  # first step measured (a's 25 s); a setup is b's 2 s; an end a's 12 s.
-  end, setup = 12.0, 2.0
-  raw = 1800 / 10 + end + (end + 3 * setup) + (5000 * 0.01 + 2 * 25.0 + 4 * setup)
+  # first step measured (a's 25 s); a restore is b's setup, 2 s; an end a's 12 s.
+  end, restore = 12.0, 2.0
+  raw = 1800 / 10 + end + (end + 3 * restore) + (5000 * 0.01 + 2 * 25.0 + 4 * restore)
   assert f["eta_total_raw_s"] == pytest.approx(slow * raw)
   # The curriculum's ETA stays smooth across the phases: b's first moves from a's last counted down (44 s ago) by
   # at most the noise of a single interval (50%).
