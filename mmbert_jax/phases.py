@@ -120,7 +120,7 @@ def curriculum_outlook(config: ml_collections.ConfigDict, workdir: str) -> progr
     parts.append(progress.Part(phase, tokens=float(c.train_tokens), cost=cost, length=c.data.seq_len, loads=loads))
   if "merge" in config and config.merge.method:
     m = config.merge
-    parts.append(progress.Part("merge", kind="merge", loads=len(m.models) + bool(m.get("base"))))
+    parts.append(progress.Part("merge", kind="merge", loads=len(m.models) + (m.method == "ties")))  # and its base
     models["merged"] = models[m.models[-1]]  # the merge keeps its last model's metadata (merge.merge_checkpoints)
   if "downstream" in config:
     parts.append(downstream_part(config, models))

@@ -308,7 +308,17 @@ def test_the_demo_outlook_counts_every_fine_tuning_column():
   for random_init in (True, False):
     with config.unlocked():
       config.downstream.random_init = random_init
-    [parts[random_init]] = [p for p in phases.curriculum_outlook(config, "/tmp/unused").parts if p.kind == "finetune"]
+    outlook = phases.curriculum_outlook(config, "/tmp/unused")
+    [parts[random_init]] = [p for p in outlook.parts if p.kind == "finetune"]
+  # The TIES merge reads its base and the three decay variants; every phase after pretrain restores one checkpoint.
+  assert [(p.name, p.loads) for p in outlook.parts if p.kind != "finetune"] == [
+    ("pretrain", 0),
+    ("midtrain", 1),
+    ("decay_eng", 1),
+    ("decay_cont", 1),
+    ("decay_all", 1),
+    ("merge", 4),
+  ]
   cfg = train.model_config(phases.phase_config(config, "midtrain", "/tmp/unused"))
   settings = finetune.Settings(batch_size=config.downstream.batch_size, max_len=config.downstream.max_len)
   column = sum(finetune.workload(tasks.embedded(t), settings, cfg).flops(cfg) for t in config.downstream.tasks)
