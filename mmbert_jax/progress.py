@@ -111,10 +111,11 @@ class Outlook:
   the first step), the first step (which holds the step's compilation), its loop rate in seconds per FLOP and its
   end.
 
-  The parts not yet run are estimated from those measurements: a phase as the latest setup of its kind, the longest
-  first step (a new program to compile; a cached one starts faster), its FLOPs at a measured rate and the latest
-  end; the merge as a phase's end and one restore per checkpoint read; the fine-tuning as its FLOPs at a measured
-  rate, one longest first step per program it compiles and one restore per checkpoint it reads. A restore is the
+  The parts not yet run are estimated from those measurements: a phase as the latest setup of its kind, a first
+  step (the median measured: one compilation timed while the host was busier, or one served by the compilation
+  cache, moves it little), its FLOPs at a measured rate and the latest end; the merge as a phase's end and one
+  restore per checkpoint read; the fine-tuning as its FLOPs at a measured rate, a first step per program it compiles
+  and one restore per checkpoint it reads. A restore is the
   setup of the latest phase that started from a checkpoint (none yet: taken as 0); a phase that initialises instead
   (the first) also pays the process's one-time costs, which no later part repeats. A part's FLOPs are timed at
   the rate of the measured phase whose rows are closest to its own in length (the latest of equals): a step's
@@ -184,7 +185,7 @@ class Outlook:
     if start is None or not self.seconds_per_cost:
       return None
     restore = self._setup(restores=True)
-    compile_s = max(self.first_step_s.values())
+    compile_s = float(np.median(list(self.first_step_s.values())))
     end = self._latest(self.end_s)
     end = END_PER_START * start if end is None else end
     i = next(i for i, p in enumerate(self.parts) if p.name == name)

@@ -244,10 +244,10 @@ def test_curriculum_eta_adds_the_work_after_the_loop(slow):
   wait(10.0)
   f = p.update(2, 200)  # 10 tokens/s: b runs at 0.05 s per FLOP, five times slower than a
   assert f["eta_phase_raw_s"] == pytest.approx(slow * 1800 / 10)
-  # The fine-tuning's short rows are timed at the rate of a (rows of 128), not b's (256); its programs as the longest
-  # first step measured (a's 25 s); a restore is b's setup, 2 s; an end a's 12 s.
+  # The fine-tuning's short rows are timed at the rate of a (rows of 128), not b's (256); its programs as the median
+  # first step measured (of a's 25 s and b's 20 s); a restore is b's setup, 2 s; an end a's 12 s.
   end, restore = 12.0, 2.0
-  raw = 1800 / 10 + end + (end + 3 * restore) + (5000 * 0.01 + 2 * 25.0 + 4 * restore)
+  raw = 1800 / 10 + end + (end + 3 * restore) + (5000 * 0.01 + 2 * 22.5 + 4 * restore)
   assert f["eta_total_raw_s"] == pytest.approx(slow * raw)
   # The curriculum's ETA stays smooth across the phases: b's first moves from a's last counted down (44 s ago) by
   # at most the noise of a single interval (50%).
