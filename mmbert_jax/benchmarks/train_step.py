@@ -80,6 +80,40 @@ def matmul_flops_per_s(n: int, dtype, steps: int = 5) -> float:
   return 2 * n**3 * steps / (time.perf_counter() - start)
 
 
+def build_step(cfg, rows: int, seq_len: int, mask_rate: float, max_masked: int = 0):
+  """The real train step on one synthetic batch: (mesh, run, batch); each `run()` is one step (parameters and
+  optimizer state updated in place) and returns its loss. `max_masked` > 0 sets the masked slots per row (the
+  pipeline's default otherwise)."""
+  mesh = sharding.make_mesh({"fsdp": -1})
+  k = max(1, int(round(mask_rate * seq_len)))
+  config = base_config.get_config()  # the recipe's optimizer (StableAdamW) and seed
+  config.update_from_flattened_dict(
+    {
+      "batch_size": rows,
+      "micro_batch_size": rows,
+      "data.seq_len": seq_len,
+      "data.mask_rate": mask_rate,
+      "data.max_masked": max_masked,
+    }
+  )
+  program = train.build_program(config, mesh, num_languages=1, cfg=cfg)
+  params, opt = program.init()
+  step = program.step
+  # k predicted tokens per row in the pipeline's program.masked slots (the rest are unused, weight 0).
+  batch = synthetic_batch(np.random.default_rng(0), rows, seq_len, k, cfg.vocab_size, program.masked)
+  device_batch = train.make_put(mesh, leading=1)(train.stack_microbatches([batch]))
+  state = {"params": params, "opt": opt}
+
+  def run():
+    with jax.set_mesh(mesh):
+      state["params"], state["opt"], metrics = step(
+        state["params"], state["opt"], device_batch, jnp.float32(1e-4), jnp.int32(0)
+      )
+    return metrics["loss"]
+
+  return mesh, run, batch
+
+
 def main(argv):
   cli.start(argv)
   dtype = FLAGS.dtype if FLAGS.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -94,38 +128,18 @@ def main(argv):
     loss_chunk_size=FLAGS.loss_chunk_size,
     scan_layers=FLAGS.scan_layers,
   )
-  mesh = sharding.make_mesh({"fsdp": -1})
   rows = FLAGS.batch
   k = max(1, int(round(FLAGS.mask_rate * FLAGS.seq_len)))
-  config = base_config.get_config()  # the recipe's optimizer (StableAdamW) and seed
-  config.update_from_flattened_dict(
-    {"batch_size": rows, "micro_batch_size": rows, "data.seq_len": FLAGS.seq_len, "data.mask_rate": FLAGS.mask_rate}
-  )
-  program = train.build_program(config, mesh, num_languages=1, cfg=cfg)
-  params, opt = program.init()
-  step = program.step
-  # k predicted tokens per row in the pipeline's program.masked slots (the rest are unused, weight 0).
-  batch = synthetic_batch(np.random.default_rng(0), rows, FLAGS.seq_len, k, cfg.vocab_size, program.masked)
-  put = train.make_put(mesh, leading=1)
-  device_batch = put(train.stack_microbatches([batch]))
+  mesh, run, batch = build_step(cfg, rows, FLAGS.seq_len, FLAGS.mask_rate)
 
-  state = {"params": params, "opt": opt}
-
-  def run():
-    state["params"], state["opt"], metrics = step(
-      state["params"], state["opt"], device_batch, jnp.float32(1e-4), jnp.int32(0)
-    )
-    return metrics["loss"]
-
-  with jax.set_mesh(mesh):
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())
-    compile_s = time.perf_counter() - t0
-    start = time.perf_counter()
-    for _ in range(FLAGS.steps):
-      loss = run()
-    jax.block_until_ready(loss)
-    seconds = (time.perf_counter() - start) / FLAGS.steps
+  t0 = time.perf_counter()
+  jax.block_until_ready(run())
+  compile_s = time.perf_counter() - t0
+  start = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    loss = run()
+  jax.block_until_ready(loss)
+  seconds = (time.perf_counter() - start) / FLAGS.steps
 
   f = flops_lib.training_flops(cfg, batch["segment_ids"], num_masked=rows * k)
   tokens = rows * FLAGS.seq_len
