@@ -4,7 +4,9 @@
 embedding `[V, H]` plus a float32 bias `[V]`, with float32 logits. Two implementations behind one signature, and
 "auto" (the default) to pick one by the size of the logits:
 
-  dense    the logits `[N, V]` of every masked slot at once (the reference; simple, and fastest for small V);
+  dense    the logits `[N, V]` of every masked slot at once (fastest while they fit); its backward pass
+           (`jax.custom_vjp`) forms softmax − one-hot from the kept logits in one pass and takes the bias
+           gradient as a matrix product (see `_dense_bwd`);
   chunked  a scan over vocabulary chunks with an online logsumexp and a running argmax. Its backward pass
            (`jax.custom_vjp`) recomputes each chunk's logits, so no `[N, V]` array exists in either pass; the
            largest temporary is one `[N, chunk]` float32 block.
@@ -74,11 +76,42 @@ def token_loss(
   return nll.reshape(shape), hit.reshape(shape)
 
 
+def _dense_logits(x, embedding, bias):
+  return jnp.einsum("nh,vh->nv", x, embedding, preferred_element_type=jnp.float32) + bias
+
+
+@jax.custom_vjp
 def _dense(x, embedding, bias, labels):
-  logits = jnp.einsum("nh,vh->nv", x, embedding, preferred_element_type=jnp.float32) + bias
-  logp = jax.nn.log_softmax(logits)
-  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-  return nll, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return _dense_fwd(x, embedding, bias, labels)[0]
+
+
+def _dense_fwd(x, embedding, bias, labels):
+  logits = _dense_logits(x, embedding, bias)  # [N, V] float32, kept for the backward pass
+  row_max = logits.max(-1)
+  lse = row_max + jnp.log(jnp.exp(logits - row_max[:, None]).sum(-1))
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  # argmax as the first index holding the row's maximum: a plain min-reduce (XLA CPU runs argmax's variadic
+  # (value, index) reduce several times slower), with argmax's ties (the earlier index).
+  cols = jnp.arange(logits.shape[-1], dtype=labels.dtype)
+  first_max = jnp.min(jnp.where(logits == row_max[:, None], cols, logits.shape[-1]), -1)
+  return (lse - label_logit, (first_max == labels).astype(jnp.float32)), (x, embedding, bias, labels, logits, lse)
+
+
+def _dense_bwd(residuals, cotangents):
+  x, embedding, bias, labels, logits, lse = residuals
+  g = cotangents[0]  # the hit indicator has no gradient
+  cols = jnp.arange(logits.shape[-1], dtype=labels.dtype)
+  # d nll / d logits = softmax − one_hot(label), in one pass over the logits
+  d = g[:, None] * (jnp.exp(logits - lse[:, None]) - (cols == labels[:, None]))
+  dx = jnp.einsum("nv,vh->nh", d.astype(x.dtype), embedding, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("nv,nh->vh", d.astype(x.dtype), x, preferred_element_type=jnp.float32)
+  # The bias gradient (column sums) as a matrix-vector product: XLA CPU reduces over the leading axis of a
+  # [N, V] array tens of times slower than it multiplies.
+  db = jnp.ones((1, d.shape[0]), jnp.float32) @ d
+  return dx.astype(x.dtype), dw.astype(embedding.dtype), db[0].astype(bias.dtype), None
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def _split_vocab(embedding, bias, chunk_size: int):

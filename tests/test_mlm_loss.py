@@ -152,6 +152,35 @@ def test_auto_takes_dense_for_small_logits_and_chunked_for_large_ones_per_device
     assert not chunked(16)  # 2 rows on each device
 
 
+def test_dense_gradients_equal_autodiff_of_log_softmax():
+  """The dense loss's hand-written backward pass (softmax − one-hot, the bias gradient as a product) against
+  jax.grad of a log-softmax written out here, with a few logits near 500 (a shifted softmax is needed)."""
+  rng = np.random.default_rng(3)
+  n, h = 23, 16
+  x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+  emb = jnp.asarray(rng.normal(size=(VOCAB, h)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=VOCAB), jnp.float32).at[:3].add(500.0)
+  labels = jnp.asarray(rng.integers(0, VOCAB, n), jnp.int32).at[:3].set(jnp.array([0, 1, VOCAB - 1]))
+  g = jnp.asarray(rng.random(n), jnp.float32)  # per-slot weights, as the train step's
+
+  def reference(x, emb, bias):
+    logits = jnp.einsum("nh,vh->nv", x, emb, precision="highest") + bias
+    logp = logits - jax.scipy.special.logsumexp(logits, -1, keepdims=True)
+    return -(g * jnp.take_along_axis(logp, labels[:, None], -1)[:, 0]).sum(), jnp.argmax(logits, -1) == labels
+
+  def dense(x, emb, bias):
+    with jax.default_matmul_precision("highest"):
+      nll, hit = mlm_loss.token_loss(x, emb, bias, labels, impl="dense")
+    return (g * nll).sum(), hit
+
+  (want, want_hit), want_grads = jax.value_and_grad(reference, (0, 1, 2), has_aux=True)(x, emb, bias)
+  (got, hit), grads = jax.value_and_grad(dense, (0, 1, 2), has_aux=True)(x, emb, bias)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_array_equal(hit, want_hit.astype(np.float32))
+  for name, a, b in zip(("x", "embedding", "bias"), grads, want_grads):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5, err_msg=name)  # logits near 500: ulp 3e-5
+
+
 def test_bad_loss_config_errors():
   with pytest.raises(ValueError, match="loss_impl"):
     get_config("tiny", loss_impl="sparse")
