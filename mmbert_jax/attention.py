@@ -24,6 +24,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -90,6 +91,17 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def xla_attention(q, k, v, segment_ids, window: int | None):
+  """The reference: dense [B, N, S, S] scores under the segment (and window) mask.
+
+  float32 takes `_dense_attention`, whose backward pass is written out; other dtypes take
+  `jax.nn.dot_product_attention`, whose roundings (bf16 probabilities and outputs, float32 scores and softmax)
+  the kernels' bf16 errors are measured against."""
+  if q.dtype == jnp.float32 and k.dtype == v.dtype == q.dtype:
+    mask = segment_mask(segment_ids)
+    if window is not None:
+      pos = jnp.arange(q.shape[1])
+      mask = mask & (abs(pos[:, None] - pos[None, :]) <= window)
+    return _dense_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(
     q,
     k,
@@ -98,6 +110,42 @@ def xla_attention(q, k, v, segment_ids, window: int | None):
     local_window_size=None if window is None else (window, window),
     implementation="xla",
   )
+
+
+# The masked score of jax.nn.dot_product_attention: finite, so a row without any allowed key averages its values.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@jax.custom_vjp
+def _dense_attention(q, k, v, mask):
+  return _dense_attention_fwd(q, k, v, mask)[0]
+
+
+def _dense_attention_fwd(q, k, v, mask):
+  scale = q.shape[-1] ** -0.5
+  s = jnp.einsum("btnd,bsnd->bnts", q, k) * scale
+  p = jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1)
+  out = jnp.einsum("bnts,bsnd->btnd", p, v)
+  return out, (q, k, v, mask, p, out)
+
+
+def _dense_attention_bwd(residuals, d_out):
+  """Softmax backward as in FlashAttention: ds = p ⊙ (dp − rowsum(d_out ⊙ out)), the row sums taken over the
+  head dim [B, S, N, D] instead of over the scores [B, N, S, S] (one elementwise pass over the scores)."""
+  q, k, v, mask, p, out = residuals
+  scale = q.shape[-1] ** -0.5
+  dv = jnp.einsum("bnts,btnd->bsnd", p, d_out)
+  dp = jnp.einsum("btnd,bsnd->bnts", d_out, v)
+  delta = jnp.sum(d_out * out, -1).transpose(0, 2, 1)[..., None]
+  # Masked scores get no gradient (as through jnp.where); a row with keys has p = 0 there anyway, a padding
+  # row without any has p = 1/S.
+  ds = jnp.where(mask, p * (dp - delta) * scale, 0.0)
+  dq = jnp.einsum("bnts,bsnd->btnd", ds, k)
+  dk = jnp.einsum("bnts,btnd->bsnd", ds, q)
+  return dq, dk, dv, None
+
+
+_dense_attention.defvjp(_dense_attention_fwd, _dense_attention_bwd)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -56,6 +56,32 @@ def assert_matches_reference(impl, q, k, v, segment_ids, window, ct, **kw):
     np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("window", [None, 20])
+def test_float32_xla_path_equals_autodiff_of_dot_product_attention(window):
+  """The float32 XLA path (its backward pass written out) against jax.grad of jax.nn.dot_product_attention, the
+  path of the other dtypes: outputs and gradients, padding rows (no key at all) included."""
+  q, k, v, ct = qkv(2, 96, 3)
+  seg = jnp.asarray(packed_segments(2, 96))
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * ct), argnums=(0, 1, 2)))
+
+  library = lambda q, k, v: jax.nn.dot_product_attention(
+    q,
+    k,
+    v,
+    mask=attention.segment_mask(seg),
+    local_window_size=None if window is None else (window, window),
+    implementation="xla",
+  )
+  with jax.default_matmul_precision("highest"):
+    want, want_grads = loss(library)(q, k, v)
+    got, grads = loss(lambda q, k, v: attention.xla_attention(q, k, v, seg, window))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for name, g, ref in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
 # Global and local layers; 256 is a multiple of the window 64 but not of 48 or 100; 6 and 12 heads (the presets).
 CASES = [
   (256, 6, None),
