@@ -1,6 +1,13 @@
-"""The benchmark's synthetic corpora and figures."""
+"""The benchmarks: the data pipeline's synthetic corpora and figures, and the train step against transformers."""
+
+import importlib.util
+import re
+import subprocess
+import sys
 
 import numpy as np
+import pytest
+from helpers import ROOT
 
 from data_pipeline import benchmark, pipeline
 
@@ -95,3 +102,45 @@ def test_injected_open_latency_and_blocks(tmp_path):
     opens[block] = r["opens_per_batch"]
   pipeline.READERS.open_latency_s = 0.0
   assert opens[32] < opens[1] / 2, opens
+
+
+@pytest.mark.slow
+def test_versus_torch_prints_both_sides_and_their_ratio():
+  """The train-step comparison with transformers at a tiny shape: one alternated run per side, each on one core."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  args = ["--preset=tiny", "--layers=2", "--vocab=1000", "--seq_len=64", "--batch=2", "--runs=1", "--warmup=1"]
+  proc = subprocess.run(
+    [sys.executable, "-m", "mmbert_jax.benchmarks.versus_torch", *args, "--steps=2", "--threads=1"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = proc.stdout
+  assert "hidden 64, intermediate 96, 4 heads, 2 layers, vocab 1000, 2 × 64 tokens, 19 masked per row" in out
+  assert "1 threads per side" in out and "load average before:" in out and "children's CPU" in out
+  runs = {m[0]: m[1:] for m in re.findall(r"run 1 (jax|torch)\s+tokens/s\s+([\d,]+).*?loss ([\d.]+) → ([\d.]+)", out)}
+  assert set(runs) == {"jax", "torch"}, out
+  for tokens, first, last in runs.values():
+    assert float(tokens.replace(",", "")) > 0
+    assert abs(float(first) - np.log(1000)) < 0.5  # a freshly initialised model predicts about uniformly
+    assert float(last) < float(first)  # three AdamW steps on one batch lower its loss
+  median = {m[0]: float(m[1].replace(",", "")) for m in re.findall(r"median (jax|torch)\s+tokens/s\s+([\d,]+)", out)}
+  ratio = float(re.search(r"ratio jax/torch ([\d.]+)", out).group(1))
+  assert median["jax"] == float(runs["jax"][0].replace(",", "")) and ratio == pytest.approx(
+    median["jax"] / median["torch"], rel=0.05, abs=0.01
+  )
+
+
+def test_versus_torch_names_the_missing_extra(monkeypatch):
+  from mmbert_jax.benchmarks import versus_torch
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+  assert versus_torch.missing_torch() == (
+    "torch not installed: the PyTorch side needs the test extra (pip install -e '.[test]')"
+  )
+  monkeypatch.setattr(importlib.util, "find_spec", real)
+  assert versus_torch.missing_torch() is None or importlib.util.find_spec("torch") is None
