@@ -219,8 +219,10 @@ class Attention(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x, segment_ids, positions, rngs=None):
-    qkv = jnp.einsum("bsh,hcnd->bscnd", x, self.wqkv[...].astype(self.dtype))
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # One product per projection: slicing a fused [B, S, 3, N, D] output costs a pad of the whole array per
+    # slice in the backward pass, where slicing the weight pads only the [H, N, D] weight gradient.
+    w = self.wqkv[...].astype(self.dtype)
+    q, k, v = (jnp.einsum("bsh,hnd->bsnd", x, w[:, c]) for c in range(3))
     q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
     out = attention_lib.attention(q, k, v, segment_ids, self.window, impl=self.impl, options=self.kernel_options)
     out = jnp.einsum("bsnd,ndh->bsh", out, self.wo[...].astype(self.dtype))
@@ -237,8 +239,9 @@ class GeGLU(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x):
-    ug = jnp.einsum("bsh,hci->bsci", x, self.wi[...].astype(self.dtype))
-    return (gelu(ug[:, :, 0]) * ug[:, :, 1]) @ self.wo[...].astype(self.dtype)
+    wi = self.wi[...].astype(self.dtype)  # two products, not one sliced in two (as in Attention)
+    u, g = (jnp.einsum("bsh,hi->bsi", x, wi[:, c]) for c in range(2))
+    return (gelu(u) * g) @ self.wo[...].astype(self.dtype)
 
 
 class EncoderLayer(nnx.Module):
