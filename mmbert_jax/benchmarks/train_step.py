@@ -4,6 +4,7 @@ same run (what this backend can actually do).
   python -m mmbert_jax.benchmarks.train_step                             # bench shape (mmbert-small width, 4 layers)
   python -m mmbert_jax.benchmarks.train_step --preset=mmbert-base --layers=22 --vocab=256000 --seq_len=1024 \
       --batch=32 --mask_rate=0.3 --dtype=bfloat16                        # the mmbert-base pre-training shape
+  python -m mmbert_jax.benchmarks.train_step --profile_top=25            # and the step's 25 slowest XLA ops
 
 The step is the real one (`train.build_program`: sparse MLM head, StableAdamW, gradient accumulation scan) on
 synthetic packed rows (documents of 64–512 tokens), sharded over all local devices (fsdp).
@@ -11,6 +12,10 @@ synthetic packed rows (documents of 64–512 tokens), sharded over all local dev
 
 from __future__ import annotations
 
+import collections
+import glob
+import re
+import tempfile
 import time
 
 import jax
@@ -41,6 +46,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("scan_layers", False, "Run the layers as one scan over global/local groups.")
   flags.DEFINE_integer("steps", 5, "Timed steps after the compiling one.")
   flags.DEFINE_integer("matmul", 4096, "Size n of the n×n×n reference matmul.")
+  flags.DEFINE_integer("profile_top", 0, "Also trace --steps steps (jax.profiler) and print the N slowest XLA ops.")
 
 
 def synthetic_batch(rng, rows, seq, k, vocab, slots):
@@ -81,9 +87,9 @@ def matmul_flops_per_s(n: int, dtype, steps: int = 5) -> float:
 
 
 def build_step(cfg, rows: int, seq_len: int, mask_rate: float, max_masked: int = 0):
-  """The real train step on one synthetic batch: (mesh, run, batch); each `run()` is one step (parameters and
-  optimizer state updated in place) and returns its loss. `max_masked` > 0 sets the masked slots per row (the
-  pipeline's default otherwise)."""
+  """The real train step on one synthetic batch: (mesh, run, batch, program); each `run()` is one step
+  (parameters and optimizer state updated in place) and returns its loss. `max_masked` > 0 sets the masked
+  slots per row (the pipeline's default otherwise)."""
   mesh = sharding.make_mesh({"fsdp": -1})
   k = max(1, int(round(mask_rate * seq_len)))
   config = base_config.get_config()  # the recipe's optimizer (StableAdamW) and seed
@@ -111,7 +117,31 @@ def build_step(cfg, rows: int, seq_len: int, mask_rate: float, max_masked: int =
       )
     return metrics["loss"]
 
-  return mesh, run, batch
+  return mesh, run, batch, program
+
+
+def op_table(program, run, steps: int, top: int) -> list[tuple[str, float, float, str]]:
+  """The `top` XLA ops of `steps` traced steps: (instruction, ms per step, share of all op time, what it computes:
+  the jax op it came from). Op time is summed over XLA's CPU worker threads; a dot that XLA runs through Eigen
+  shows only its dispatch there (those that YNNPACK runs, as ynn_fusion, show whole)."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(steps):
+        jax.block_until_ready(run())
+    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+  ns = collections.Counter()
+  for plane in profile.planes:
+    for line in plane.lines:
+      if line.name.startswith("tf_XLAEigen"):  # the CPU worker threads: one event per executed op
+        for event in line.events:
+          if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+            ns[event.name] += event.duration_ns
+  text = program.lower().compile().as_text()
+  source = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', text, re.M))
+  source = {k: v.split("closed_call/")[-1].removeprefix("jit(step)/") for k, v in source.items()}
+  total = sum(ns.values()) or 1
+  return [(name, t / 1e6 / steps, t / total, source.get(name, "")) for name, t in ns.most_common(top)]
 
 
 def main(argv):
@@ -130,7 +160,7 @@ def main(argv):
   )
   rows = FLAGS.batch
   k = max(1, int(round(FLAGS.mask_rate * FLAGS.seq_len)))
-  mesh, run, batch = build_step(cfg, rows, FLAGS.seq_len, FLAGS.mask_rate)
+  mesh, run, batch, program = build_step(cfg, rows, FLAGS.seq_len, FLAGS.mask_rate)
 
   t0 = time.perf_counter()
   jax.block_until_ready(run())
@@ -168,6 +198,10 @@ def main(argv):
     print(f"MFU {100 * flops_lib.mfu(f.total, seconds, n, kind):.1f}% of the {peak:.3e} FLOP/s bf16 peak")
   else:
     print(f"MFU: no peak FLOP/s known for {kind!r}")
+  if FLAGS.profile_top:
+    print(f"slowest XLA ops over {FLAGS.steps} traced steps (ms per step, share of all op time):")
+    for name, ms, share, op in op_table(program, run, FLAGS.steps, FLAGS.profile_top):
+      print(f"  {ms:9.1f} ms {100 * share:5.1f}%  {name:36s} {op}")
 
 
 if __name__ == "__main__":

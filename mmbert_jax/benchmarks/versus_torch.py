@@ -92,7 +92,7 @@ def run_jax() -> dict:
   from mmbert_jax.benchmarks import train_step
 
   cfg = model_config()
-  _, step, _ = train_step.build_step(cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.mask_rate, max_masked=masked_count())
+  _, step, _, _ = train_step.build_step(cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.mask_rate, max_masked=masked_count())
   out = _timed(step, jax.block_until_ready)
   return out | dict(devices=jax.device_count(), version=jax.__version__)
 
