@@ -61,6 +61,7 @@ ENTRY_POINTS = {
   "mmbert_jax.aot": [("none", [], "is required"), ("bad", ["--compare=perhaps"], "--compare")],
   "mmbert_jax.benchmarks.attention": [("bad", ["--window=wide"], "--window")],
   "mmbert_jax.benchmarks.train_step": [("bad", ["--steps=many"], "--steps")],
+  "mmbert_jax.benchmarks.versus_torch": [("bad", ["--threads=4096"], "--threads")],
   "data_pipeline.prepare": [("none", [], "required"), ("bad", ["--num_shards=x"], "--num_shards")],
   "data_pipeline.mixture": [("none", [], "required"), ("bad", ["--tau=x"], "--tau")],
   "data_pipeline.demo_corpus": [("none", [], "--data_dir"), ("bad", ["--data_dir=d", "--scale=big"], "--scale")],
