@@ -1,5 +1,5 @@
 """The embedded demo: a tiny mmBERT trained through all three phases on a multilingual corpus built at run time
-from the CLDR locale data in `babel` (no download), then TIES-merged. About 4 minutes on 2 idle CPU cores.
+from the CLDR locale data in `babel` (no download), then TIES-merged. About 6 minutes on 2 idle CPU cores.
 
   python -m mmbert_jax.main --config=configs/demo.py --workdir=/tmp/mmbert_demo
 
