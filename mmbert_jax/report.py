@@ -397,7 +397,9 @@ def plot_mixture(phases: Sequence[Phase]):
       (line,) = ax_rank.plot(rank, [w.get(lang, np.nan) for lang in languages], linewidth=1, label=name)
       line.set_gid(f"{name}/rank_p")
     ax_rank.set(xscale="log", yscale="log", ylabel="p_l")
-    ax_rank.set_title(f"all {len(languages):,} languages by rank of n_l (dashed: the named ones)", fontsize=FONT + 2)
+    ax_rank.set_title(
+      f"all {len(languages):,} languages by rank of n_l (named: left of the dashed line)", fontsize=FONT + 2
+    )
     (line,) = ax_rank_n.plot(rank, [tokens[lang] for lang in languages], color="0.4", linewidth=1.2)
     line.set_gid("rank_n")
     ax_rank_n.set(xscale="log", yscale="log", xlabel="rank of the language by n_l", ylabel="n_l")
