@@ -512,9 +512,11 @@ def test_accumulated_micro_batches_equal_the_full_batch_with_unequal_masked_coun
   np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
   np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
   # The first Adam step moves every parameter by about ±lr (1e-3) whatever the gradient's scale: the updates agree
-  # to 1% of that, where weighting the micro-batches by their own masked counts would move many by ~lr.
-  for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+  # to 1% of that, where weighting the micro-batches by their own masked counts would move many by ~lr. A gradient
+  # entry near zero (cancelling sums, added in another order) can flip its normalised update by a few % of lr.
+  deviation = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1))])
+  assert deviation.max() <= 1e-4, deviation.max()
+  assert (deviation > 1e-5).mean() <= 1e-3, (deviation > 1e-5).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------

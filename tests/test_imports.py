@@ -25,6 +25,11 @@ LAZY_ALLOWED = {
   ("data_pipeline.tasks", "tensorflow_datasets"): "heavy: only for TFDS task data",
   ("data_pipeline.filesystem", "gcsfs"): "only for gs:// paths: the first one sets its retries",
   ("data_pipeline.filesystem", "aiohttp"): "gcsfs's HTTP client: only for gs:// paths",
+  **{
+    ("mmbert_jax.benchmarks.versus_torch", package): "each side runs in a child that pins its cores first: the"
+    " parent only alternates the children, and torch needs the `test` extra"
+    for package in ("jax", "numpy", "torch", "transformers", "mmbert_jax")
+  },
 }
 # Lower layers never import higher ones (modules not listed may sit anywhere the graph allows).
 LAYERS = (

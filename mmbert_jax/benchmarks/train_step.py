@@ -128,7 +128,7 @@ def op_table(program, run, steps: int, top: int) -> list[tuple[str, float, float
     with jax.profiler.trace(trace_dir):
       for _ in range(steps):
         jax.block_until_ready(run())
-    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)  # local-only: the profiler's temporary dir
     profile = jax.profiler.ProfileData.from_file(path)
   ns = collections.Counter()
   for plane in profile.planes:
