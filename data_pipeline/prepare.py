@@ -956,16 +956,24 @@ def main(argv: Sequence[str] | None = None) -> None:
   add_flags(parser)
   parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
   args = parser.parse_args(argv)
+  run_command(
+    args, lambda source, settings, **kw: prepare(source, args.output_dir, settings, **kw), num_workers=args.num_workers
+  )
+
+
+def run_command(args: argparse.Namespace, run, **kwargs) -> None:
+  """A prepare command's body, whichever engine runs the units: `run(source, settings, languages=…,
+  shard_index=…, num_shards=…, **kwargs)` → stats; bad input is one line and exit 2, an I/O failure exit 1; then
+  the one-line summary."""
   try:
     source, settings = source_and_settings(args)
-    stats = prepare(
+    stats = run(
       source,
-      args.output_dir,
       settings,
-      num_workers=args.num_workers,
       languages=args.languages.split(",") if args.languages else None,
       shard_index=args.shard_index,
       num_shards=args.num_shards,
+      **kwargs,
     )
   except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad input
     cli.fail(cli.error_line(e))

@@ -146,26 +146,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   prepare.add_flags(parser)
   parser.add_argument("--runner", default="DirectRunner", help="a Beam runner (DataflowRunner, FlinkRunner, ...)")
   args, pipeline_args = argparse.ArgumentParser.parse_known_args(parser, argv)  # the rest: pipeline options
-  try:
-    source, settings = prepare.source_and_settings(args)
-    stats = run(
-      source,
-      args.output_dir,
-      settings,
-      languages=args.languages.split(",") if args.languages else None,
-      shard_index=args.shard_index,
-      num_shards=args.num_shards,
-      pipeline_args=[f"--runner={args.runner}", *pipeline_args],
-    )
-  except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # bad input
-    cli.fail(cli.error_line(e))
-  except OSError as e:  # unreadable input, read-only or full disk, …
-    cli.fail(cli.error_line(e), cli.EXIT_FAILED)
-  t = stats["totals"]
-  print(
-    f"{len(stats['languages'])} languages; train {t['train']['documents']:,} documents, "
-    f"{t['train']['tokens']:,} tokens; eval {t['eval']['documents']:,} documents → "
-    f"{fs.path(args.output_dir, '--output_dir') / 'stats.json'}"
+  prepare.run_command(
+    args,
+    lambda source, settings, **kw: run(source, args.output_dir, settings, **kw),
+    pipeline_args=[f"--runner={args.runner}", *pipeline_args],
   )
 
 
