@@ -52,6 +52,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, overrides: Mapping[st
       "curriculum (it runs each phase in <workdir>/<phase>): choose another --workdir"
     )
   _check_overrides(config, overrides or {})
+  _check_merge(config)
   for phase in config.phases:
     try:
       phase_cfg = phases.phase_config(config, phase, workdir)
@@ -88,6 +89,18 @@ def check_phase(config: ml_collections.ConfigDict, workdir: str, *, init_from_in
   if config.get("wandb") and config.wandb.get("project") and importlib.util.find_spec("wandb") is None:
     raise ConfigError(
       f"config.wandb.project={config.wandb.project} needs wandb: `pip install wandb`, or drop --config.wandb.project"
+    )
+
+
+def _check_merge(config: ml_collections.ConfigDict) -> None:
+  """The merge reads the final checkpoints of phases this run trains (its base and its models)."""
+  if "merge" not in config or not config.merge.method:
+    return
+  missing = [p for p in (config.merge.base, *config.merge.models) if p and p not in config.phases]
+  if missing:
+    raise ConfigError(
+      f"config.merge names {', '.join(missing)}, not in config.phases ({', '.join(config.phases)}): "
+      "add the phase(s), or run without the merge (--config.merge.method='')"
     )
 
 

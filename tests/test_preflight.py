@@ -161,6 +161,19 @@ def test_curricula_are_checked_phase_by_phase(tmp_path, data_dir):
   _fails(demo, str(tmp_path / "fresh"), "config.phase_overrides.midtrain", "hidden_sise")
 
 
+def test_a_merge_of_phases_the_run_does_not_train_is_refused(tmp_path):
+  demo = load_config("demo")
+  demo.phases = ("pretrain",)
+  _fails(demo, str(tmp_path / "a"), "config.merge names midtrain, decay_eng, decay_cont, decay_all", "merge.method")
+  demo.merge.method = ""  # only pretrain, no merge: passes
+  preflight.check(demo, str(tmp_path / "b"))
+  demo = load_config("demo")
+  demo.merge.base = "decay_cont"  # the base is a phase too; "midtran" would be refused
+  preflight.check(demo, str(tmp_path / "c"))
+  demo.merge.base = "midtran"
+  _fails(demo, str(tmp_path / "d"), "config.merge names midtran,")
+
+
 def test_unknown_model_field_and_missing_wandb(tmp_path, data_dir, monkeypatch):
   c = tiny_config(data_dir)
   with c.unlocked():
