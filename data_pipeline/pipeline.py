@@ -554,22 +554,30 @@ _EMPTY = np.zeros(0, np.int32)
 
 class _Reads:
   """`documents(k)` for a packer, which asks for k = 0, 1, 2, …: the visits of k's buffer are read whole (one
-  range request each), and, with a pool, the visits of the next buffer and of the following ones up to `ahead`
-  documents beyond this buffer are put on it when this one starts (a buffer of short visits, of small languages,
-  lasts only a few batches: its successors must be in flight a shard open's latency ahead). Document k is a pure
-  function of k, so what is read ahead is exactly what a serial read would give. A restore asks for earlier
-  documents: their visits are read again."""
+  range request each), and, with a pool, the visits of the following buffers are put on it until `ahead`
+  documents beyond this buffer are requested (a buffer of short visits, of small languages, lasts only a few
+  batches: its successors must be in flight a shard open's latency ahead). Planning a buffer (its visits' mix
+  slots, block orders and shuffle) is the packer's own CPU work, so it is spread out: each document asked for
+  plans at most one more buffer, not all `ahead` documents' worth at a buffer's start (which made every few
+  batches several times slower than the median). Document k is a pure function of k, so what is read ahead is
+  exactly what a serial read would give. A restore asks for earlier documents: their visits are read again."""
 
   def __init__(self, docs: StreamDocuments, pool: concurrent.futures.Executor | None, ahead: int):
     self._docs, self._pool, self._ahead = docs, pool, ahead
     self._visits: dict[int, Any] = {}  # visit → (lang, documents), or a future of it
     self._low = -1  # first visit of the current buffer: earlier ones are dropped
+    self._planned: dict[int, int] = {}  # buffer → its documents, for the buffers after the current one requested
     self.ahead = True  # False while a restore reads the documents of the rows it held
 
   def _request(self, v: int) -> None:
     if v not in self._visits:
       visit = self._docs.visit(v)
       self._visits[v] = self._pool.submit(_read_visit, visit) if self._pool is not None else None
+
+  def _request_buffer(self, w: int) -> None:
+    per_window = self._docs.visits_per_window
+    for v in range(w * per_window, (w + 1) * per_window):
+      self._request(v)
 
   def _get(self, v: int) -> tuple[int, list[dict]]:
     got = self._visits.get(v)
@@ -583,23 +591,34 @@ class _Reads:
     self._visits[v] = got
     return got
 
+  def _plan(self, k: int) -> None:
+    """With document k current: its buffer's successor requested, then at most one more buffer per call while
+    fewer than `ahead` documents after k are requested. Counted from k, not from its buffer's end, the horizon
+    shrinks by one document per call, so a buffer is planned about every (its documents) calls."""
+    w = k // self._docs.slots
+    for u in [u for u in self._planned if u <= w]:
+      del self._planned[u]
+    nxt = max(self._planned, default=w) + 1
+    rest = max(0, self._docs.size(w) - k % self._docs.slots - 1)  # documents after k in its buffer
+    if nxt == w + 1 or rest + sum(self._planned.values()) < self._ahead:
+      self._request_buffer(nxt)
+      self._planned[nxt] = self._docs.size(nxt)
+
   def __call__(self, k: int) -> dict:
     if self.ahead:
       per_window = self._docs.visits_per_window
-      low = k // self._docs.slots * per_window
+      w = k // self._docs.slots
+      low = w * per_window
       if low != self._low:  # a new buffer (or the first after a restore)
         for old in [old for old in self._visits if old < low]:
           got = self._visits.pop(old)
           if isinstance(got, concurrent.futures.Future):
             got.cancel()
         self._low = low
-        if self._pool is not None:  # this buffer, the next, and more until `ahead` documents are requested
-          w, ahead = low // per_window, 0
-          while w == low // per_window or ahead < self._ahead or w <= low // per_window + 1:
-            for u in range(w * per_window, (w + 1) * per_window):
-              self._request(u)
-            ahead += self._docs.size(w) if w > low // per_window else 0
-            w += 1
+        if self._pool is not None:  # usually requested already, as a buffer planned ahead
+          self._request_buffer(w)
+      if self._pool is not None:
+        self._plan(k)
     where = self._docs.slot(k)
     if where is None:  # the rest of the buffer is empty: go on at the next one
       return {"tokens": _EMPTY, "lang": -1, "next": (k // self._docs.slots + 1) * self._docs.slots}
@@ -618,6 +637,7 @@ class _Reads:
       if got is not None and not isinstance(got, tuple):  # a future (checked without the module: also at exit)
         got.cancel()
     self._visits.clear()
+    self._planned.clear()
     self._low = -1
 
 
@@ -674,8 +694,10 @@ def block_orders(
     sampling.BlockOrder(len(source), cfg.read_block, _seed32(cfg.seed, _SEED_LANG, _lang_key(lang)))
     for lang, source in zip(plan.languages, sources)
   ]
+  # 256 block tables (a few hundred KiB): a host's streams plan read_ahead documents ahead each, far apart in the
+  # sequence; with 16, a decay host at 1,834 languages computed each table 2.2 times (188 tables in 256 batches).
   selection = sampling.BlockMixSelection(
-    plan.visit_weights, seed=_seed32(cfg.seed, _SEED_MIX), block=max(1, cfg.mix_block // cfg.read_block), cached=16
+    plan.visit_weights, seed=_seed32(cfg.seed, _SEED_MIX), block=max(1, cfg.mix_block // cfg.read_block), cached=256
   )
   return orders, sources, selection
 
