@@ -295,13 +295,44 @@ def _forward(model: MaskedLM, batch, rngs=None, stacked=None):
   )
 
 
+def _params_like(tree) -> bool:
+  """A parameter tree, or an optimizer-state subtree shaped like one (Adam's moments)."""
+  return isinstance(tree, dict) and "layers" in tree
+
+
+def stacked_update(tx, grads, opt_state, params, split, join):
+  """`tx.update` of parameters held as (rest, scanned layers stacked over the groups), returning per-layer
+  updates and state: the rest is updated as usual, the stacked layers by `tx.update` vmapped over the groups, so
+  each layer's tensors are updated exactly as on their own (per-tensor clipping and decay rules included). The
+  state's other leaves (step count, hyperparameters) are the rest's; StableAdamW's `clipped_fraction` counts every
+  tensor of both parts."""
+  g_rest, g_stacked = grads
+  p_rest, p_stacked = params
+  part = lambda i: lambda t: split(t)[i] if _params_like(t) else t
+  s_rest = jax.tree.map(part(0), opt_state, is_leaf=_params_like)
+  s_stacked = jax.tree.map(part(1), opt_state, is_leaf=_params_like)
+  axes = jax.tree.map(lambda t: 0 if _params_like(t) else None, opt_state, is_leaf=_params_like)
+  u_rest, new_rest = tx.update(g_rest, s_rest, p_rest)
+  u_stacked, new_stacked = jax.vmap(tx.update, in_axes=(0, axes, 0), out_axes=(0, 0))(g_stacked, s_stacked, p_stacked)
+  new_opt = jax.tree.map(lambda r, s: join(r, s) if _params_like(r) else r, new_rest, new_stacked, is_leaf=_params_like)
+  clipped = optax.tree.get(new_rest, "clipped_fraction", None)
+  if clipped is not None:  # fractions of n_rest tensors and of n_stacked tensors in each of `groups` slices
+    n_rest, n_stacked = len(jax.tree.leaves(g_rest)), len(jax.tree.leaves(g_stacked))
+    per_group = optax.tree.get(new_stacked, "clipped_fraction")
+    tensors = jnp.round(clipped * n_rest) + jnp.round(per_group * n_stacked).sum()
+    new_opt = optax.tree.set(new_opt, clipped_fraction=tensors / (n_rest + per_group.shape[0] * n_stacked))
+  return join(u_rest, u_stacked), new_opt
+
+
 def make_train_step(model: ModelGraph, tx, *, num_languages: int, seed: int):
   """The MLM train step as a pure function (params, opt_state, micro-batches [m, b, ...], lr, step) →
   (params, opt_state, metrics), not yet jitted: `TrainProgram` jits it with the run's shardings.
 
   With `scan_layers`, the scanned layers' parameters are stacked once per step (`model_lib.stack_layers`), before
-  the micro-batches, which differentiate with respect to the stacked copy; the summed gradients are unstacked once
-  for the optimizer, whose per-tensor rules (StableAdamW's update clipping, the decay mask) see per-layer tensors."""
+  the micro-batches, which differentiate with respect to the stacked copy; the optimizer updates the stacked layers
+  as one program vmapped over the groups (`stacked_update`), so its per-tensor rules (StableAdamW's update
+  clipping, the decay mask) still see per-layer tensors, and the compiled step holds one copy of the optimizer per
+  group position instead of one per layer. At rest, parameters and optimizer state stay per layer."""
   scanned = {i for index in model_lib.scanned_layer_indices(model.cfg) for i in index} if model.cfg.scan_layers else ()
 
   def split(params):
@@ -336,12 +367,14 @@ def make_train_step(model: ModelGraph, tx, *, num_languages: int, seed: int):
     zero_stats = jax.eval_shape(lambda: loss_fn(wrt, jax.tree.map(lambda x: x[0], batches), base)[1])
     init = (jax.tree.map(jnp.zeros_like, wrt), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats))
     (grads, totals), _ = jax.lax.scan(micro, init, (batches, jnp.arange(n_micro)))
-    if scanned:
-      grads = join(*grads)
     count = jnp.maximum(totals["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # mean over every masked token of the step
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt = tx.update(grads, optim.with_learning_rate(opt_state, lr), params)
+    injected = optim.with_learning_rate(opt_state, lr)
+    if scanned:
+      updates, new_opt = stacked_update(tx, grads, injected, wrt, split, join)
+    else:
+      updates, new_opt = tx.update(grads, injected, params)
     new_params = optax.apply_updates(params, updates)
     # A step is kept only if its loss, gradients and new parameters are finite; otherwise it changes nothing and
     # the host stops (or skips, if configured).

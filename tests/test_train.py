@@ -45,15 +45,16 @@ def _three_steps(mesh_sizes, devices, with_grad_norms=False, **model_overrides):
   step = program.step
   put = train.make_put(mesh, leading=1)
   rng = np.random.default_rng(0)
-  losses, norms = [], []
+  losses, norms, clipped = [], [], []
   with jax.set_mesh(mesh):
     for i in range(3):
       batch = train.stack_microbatches([_synthetic_batch(rng, 8, 64, 12, 1024, 3) for _ in range(2)])
       params, opt, metrics = step(params, opt, put(batch), jnp.float32(1e-3), jnp.int32(i))
       losses.append(float(metrics["loss"]))
       norms.append(float(metrics["grad_norm"]))
+      clipped.append(float(metrics["clipped_fraction"]))
   if with_grad_norms:
-    return losses, jax.tree.map(np.asarray, params), norms
+    return losses, jax.tree.map(np.asarray, params), norms, clipped, jax.tree.map(np.asarray, opt)
   return losses, jax.tree.map(np.asarray, params)
 
 
@@ -72,17 +73,22 @@ def test_sharded_steps_equal_single_device(scan_layers, loss_impl):
 @pytest.mark.slow
 def test_scanned_train_step_equals_unrolled():
   """Three steps of two micro-batches with dropout: with the layers scanned, the step stacks their parameters once
-  and hands the optimizer per-layer gradients (StableAdamW clips each layer's update on its own); the losses,
-  gradient norms and parameters equal the unrolled run's."""
+  and the optimizer updates them vmapped over the groups (StableAdamW clips each layer's update on its own, and
+  counts each layer's tensors in `clipped_fraction`); the losses, gradient norms, clipped fractions, parameters and
+  Adam moments equal the unrolled run's, and the state keeps its per-layer layout."""
   one = (dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  (unrolled, p_u, norms_u), (scanned, p_s, norms_s) = [
+  (unrolled, p_u, norms_u, clip_u, opt_u), (scanned, p_s, norms_s, clip_s, opt_s) = [
     _three_steps(*one, scan_layers=scan, num_layers=7, with_grad_norms=True) for scan in (False, True)
   ]
   np.testing.assert_allclose(scanned, unrolled, rtol=1e-6)
   np.testing.assert_allclose(norms_s, norms_u, rtol=1e-5)
+  assert clip_s == clip_u and any(0 < c < 1 for c in clip_u), (clip_s, clip_u)  # some tensors clipped, not all
   assert jax.tree.structure(p_s) == jax.tree.structure(p_u)
   for a, b in zip(jax.tree.leaves(p_u), jax.tree.leaves(p_s)):
     np.testing.assert_allclose(b, a, atol=1e-5)
+  assert jax.tree.structure(opt_s) == jax.tree.structure(opt_u)
+  for a, b in zip(jax.tree.leaves(opt_u), jax.tree.leaves(opt_s)):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())  # summation order: up to 4e-6 of the max
 
 
 @pytest.mark.slow
