@@ -1,6 +1,5 @@
 """The training iterator: batch format, mixture, packing, masking, state, process-count independence, eval."""
 
-import dataclasses
 import json
 import os
 import shutil
@@ -379,8 +378,9 @@ def test_reading_ahead_is_planned_a_buffer_at_a_time(web_dir, monkeypatch):
 
   monkeypatch.setattr(pipeline._Reads, "_request", counted_request)
   monkeypatch.setattr(pipeline._Reads, "__call__", counted_call)
-  cfg = _cfg(web_dir, seq_len=256, batch_size=2, num_streams=2, read_block=2, shuffle_blocks=2, read_threads=4)
-  cfg = dataclasses.replace(cfg, read_ahead=40)  # about ten buffers of 4 documents
+  cfg = _cfg(  # read_ahead: about ten buffers of 4 documents
+    web_dir, seq_len=256, batch_size=2, num_streams=2, read_block=2, shuffle_blocks=2, read_threads=4, read_ahead=40
+  )
   it = pipeline.make_train_iterator(cfg, 0, 1)
   _take(it, 20)
   it.close()

@@ -36,7 +36,7 @@ def _synthetic_batch(rng, rows, seq, k, vocab, languages):
   )
 
 
-def _three_steps(mesh_sizes, devices, with_grad_norms=False, **model_overrides):
+def _three_steps(mesh_sizes, devices, with_details=False, **model_overrides):
   config = tiny_config("", **{"optim.peak_lr": 1e-3})
   cfg = get_config("tiny", attn_out_dropout=0.1, **model_overrides)
   mesh = sharding.make_mesh(mesh_sizes, devices)
@@ -53,7 +53,7 @@ def _three_steps(mesh_sizes, devices, with_grad_norms=False, **model_overrides):
       losses.append(float(metrics["loss"]))
       norms.append(float(metrics["grad_norm"]))
       clipped.append(float(metrics["clipped_fraction"]))
-  if with_grad_norms:
+  if with_details:
     return losses, jax.tree.map(np.asarray, params), norms, clipped, jax.tree.map(np.asarray, opt)
   return losses, jax.tree.map(np.asarray, params)
 
@@ -78,7 +78,7 @@ def test_scanned_train_step_equals_unrolled():
   Adam moments equal the unrolled run's, and the state keeps its per-layer layout."""
   one = (dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   (unrolled, p_u, norms_u, clip_u, opt_u), (scanned, p_s, norms_s, clip_s, opt_s) = [
-    _three_steps(*one, scan_layers=scan, num_layers=7, with_grad_norms=True) for scan in (False, True)
+    _three_steps(*one, scan_layers=scan, num_layers=7, with_details=True) for scan in (False, True)
   ]
   np.testing.assert_allclose(scanned, unrolled, rtol=1e-6)
   np.testing.assert_allclose(norms_s, norms_u, rtol=1e-5)
