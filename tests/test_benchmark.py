@@ -132,6 +132,17 @@ def test_versus_torch_prints_both_sides_and_their_ratio():
   assert median["jax"] == float(runs["jax"][0].replace(",", "")) and ratio == pytest.approx(
     median["jax"] / median["torch"], rel=0.05, abs=0.01
   )
+  # The GEMMs timed alone are the step's linear layers and sparse head: flops.py's count for this batch.
+  from mmbert_jax import flops, get_config
+
+  cfg = get_config("tiny", num_layers=2, vocab_size=1000)
+  f = flops.training_flops(cfg, np.ones((2, 64), np.int32), num_masked=2 * 19)
+  gemms = re.findall(r"median (jax|torch)\s+GEMMs alone\s+([\d.]+) ms \(([\d,.]+) GFLOP/s of ([\d,.]+) GFLOP\)", out)
+  assert {g[0] for g in gemms} == {"jax", "torch"}, out
+  for _, ms, rate, gflop in gemms:
+    assert float(gflop) == pytest.approx((f.linears + f.head) / 1e9, rel=1e-3)
+    assert float(rate.replace(",", "")) == pytest.approx(float(gflop) / float(ms) * 1e3, rel=0.02)
+  assert len(re.findall(r"run 1 (?:jax|torch) .*GEMMs alone\s+[\d.]+ ms", out)) == 2, out
 
 
 def test_versus_torch_names_the_missing_extra(monkeypatch):

@@ -16,6 +16,10 @@ the sparse MLM head on the masked tokens only (ours: `max_masked` = k slots per 
 within each packed document (segment mask), transformers over the whole row (it has no document mask; the dense
 S × S work is the same), and ours is StableAdamW (AdamW with per-tensor update clipping, no decay of norms and
 biases) where transformers' side uses `torch.optim.AdamW`. `torch` and `transformers` come from the test extra.
+
+Each child then times the step's matrix products alone (`gemm_shapes`: every linear layer and the sparse head, each
+forward product with its two backward ones, float32, same threads), so the parent can print how much of each
+side's step is GEMMs and how much is the rest (attention, norms, activations, loss, optimizer, dispatch).
 """
 
 from __future__ import annotations
@@ -68,6 +72,26 @@ def masked_count() -> int:
   return max(1, int(round(FLAGS.mask_rate * FLAGS.seq_len)))
 
 
+def gemm_shapes(cfg) -> list[tuple[int, int, int]]:
+  """The (m, k, n) of every forward matrix product of the step: per layer q, k, v, the attention output and the
+  GeGLU's three; the head's dense layer and tied decoder on the masked tokens. Each also runs twice backward
+  (x-gradient [m, n]·[n, k], weight gradient [k, m]·[m, n]), so a step does 6·Σ m·k·n GEMM FLOPs."""
+  t, m = FLAGS.batch * FLAGS.seq_len, FLAGS.batch * masked_count()
+  h, i, nd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim
+  layer = [(t, h, nd)] * 3 + [(t, nd, h)] + [(t, h, i)] * 2 + [(t, i, h)]
+  return layer * cfg.num_layers + [(m, h, h), (m, h, cfg.vocab_size)]
+
+
+def _gemm_seconds(run, sync) -> float:
+  """Seconds per call of `run` (every product of `gemm_shapes`, forward and backward), after one warm-up call."""
+  sync(run())
+  start = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    out = run()
+  sync(out)
+  return (time.perf_counter() - start) / FLAGS.steps
+
+
 def _timed(step, sync) -> dict:
   """Warm-up steps, then the timed ones: wall and process CPU seconds per step, and the first step's loss."""
   t0 = time.perf_counter()
@@ -94,7 +118,13 @@ def run_jax() -> dict:
   cfg = model_config()
   _, step, _, _ = train_step.build_step(cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.mask_rate, max_masked=masked_count())
   out = _timed(step, jax.block_until_ready)
-  return out | dict(devices=jax.device_count(), version=jax.__version__)
+  keys = iter(jax.random.split(jax.random.key(0), 3 * len(gemm_shapes(cfg))))
+  operands = [
+    [jax.random.normal(next(keys), shape) for shape in ((m, k), (k, n), (m, n))] for m, k, n in gemm_shapes(cfg)
+  ]
+  gemms = jax.jit(lambda ops: [(x @ w, dy @ w.T, x.T @ dy) for x, w, dy in ops])
+  gemm_s = _gemm_seconds(lambda: gemms(operands), jax.block_until_ready)
+  return out | dict(gemm_s=gemm_s, devices=jax.device_count(), version=jax.__version__)
 
 
 def run_torch(threads: int) -> dict:
@@ -144,7 +174,10 @@ def run_torch(threads: int) -> dict:
     return loss.detach()
 
   out = _timed(step, lambda x: x)
-  return out | dict(threads_in_use=torch.get_num_threads(), version=torch.__version__)
+  operands = [[torch.randn(*shape) for shape in ((m, k), (k, n), (m, n))] for m, k, n in gemm_shapes(cfg)]
+  gemms = lambda: [(x @ w, dy @ w.T, x.T @ dy) for x, w, dy in operands]
+  gemm_s = _gemm_seconds(gemms, lambda x: x)
+  return out | dict(gemm_s=gemm_s, threads_in_use=torch.get_num_threads(), version=torch.__version__)
 
 
 def child(side: str, threads: int) -> None:
@@ -227,7 +260,7 @@ def main(argv):
       print(
         f"run {i + 1} {side:5s} tokens/s {r['tokens_per_s']:9,.0f}  step {r['step_s'] * 1e3:8.1f} ms  "
         f"cpu {r['cpu_s']:6.2f} s/step  first step {r['first_step_s']:6.1f} s  loss {r['first_loss']:.3f} → "
-        f"{r['loss']:.3f}  load {r['load']:.2f}",
+        f"{r['loss']:.3f}  GEMMs alone {r['gemm_s'] * 1e3:8.1f} ms  load {r['load']:.2f}",
         flush=True,
       )
   median = {side: statistics.median(r["tokens_per_s"] for r in results[side]) for side in SIDES}
@@ -235,6 +268,14 @@ def main(argv):
   for side in SIDES:
     print(f"median {side:5s} tokens/s {median[side]:9,.0f}  cpu {cpu[side]:.2f} s/step")
   print(f"ratio jax/torch {median['jax'] / median['torch']:.2f}")
+  gemm_flops = 6 * sum(m * k * n for m, k, n in gemm_shapes(cfg))
+  for side in SIDES:
+    gemm = statistics.median(r["gemm_s"] for r in results[side])
+    step = statistics.median(r["step_s"] for r in results[side])
+    print(
+      f"median {side:5s} GEMMs alone {gemm * 1e3:9.2f} ms ({gemm_flops / gemm / 1e9:,.1f} GFLOP/s of "
+      f"{gemm_flops / 1e9:.4g} GFLOP); step − GEMMs {(step - gemm) * 1e3:9.2f} ms"
+    )
   children = resource.getrusage(resource.RUSAGE_CHILDREN)
   print(
     f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
