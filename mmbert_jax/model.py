@@ -12,6 +12,7 @@ dtype. Every parameter carries logical axis names; `mmbert_jax.sharding` maps th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -171,19 +172,50 @@ def _param(rngs: nnx.Rngs, std: float | None, shape: tuple[int, ...], names: tup
   return nnx.Param(value, out_sharding=names, eager_sharding=not jax.sharding.get_abstract_mesh().empty)
 
 
+def _norm_stats(x, eps):
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)  # two-pass variance
+  return x32, mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def layer_norm(x, scale, eps):
+  """LayerNorm without bias over the last axis, statistics in float32, output in x's dtype."""
+  x32, mean, rstd = _norm_stats(x, eps)
+  return ((x32 - mean) * rstd * scale).astype(x.dtype)
+
+
+def _layer_norm_fwd(x, scale, eps):
+  x32, mean, rstd = _norm_stats(x, eps)
+  return ((x32 - mean) * rstd * scale).astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+  # The closed form, two row means and one pass (as torch's layer_norm backward). Autodiff's version reaches XLA
+  # CPU as a chain of elementwise ops that it fuses, recomputed, into each consumer (the weight gradients'
+  # transposes): 0.2 s of a 3.3 s CPU bench step. It also keeps x in the compute dtype, not float32 differences.
+  x, mean, rstd, scale = residuals
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  dy32 = dy.astype(jnp.float32)
+  g = dy32 * scale
+  dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+  dscale = (dy32 * xhat).reshape(-1, x.shape[-1]).sum(0)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
-  """LayerNorm without bias, two-pass variance, statistics in float32."""
+  """LayerNorm without bias, two-pass variance, statistics in float32 (`layer_norm`)."""
 
   def __init__(self, size: int, eps: float, rngs: nnx.Rngs):
     self.scale = _param(rngs, None, (size,), ("norm",))
     self.eps = eps
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
-    return y.astype(x.dtype)
+    return layer_norm(x, self.scale[...], self.eps)
 
 
 def gelu(x):

@@ -160,6 +160,33 @@ def test_scanned_layers_equal_unrolled(remat):
       np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_norm_backward_equals_autodiff_of_its_formula(dtype):
+  """The written-out LayerNorm backward against autodiff of the plain formula (float32 statistics), input and
+  scale gradients, on rows with a large mean (where a missing centring term shows)."""
+  eps = 1e-5
+  x = (jax.random.normal(jax.random.key(0), (3, 5, 48)) * 2 + 3).astype(dtype)
+  scale = 1 + 0.1 * jax.random.normal(jax.random.key(1), (48,))
+  w = jax.random.normal(jax.random.key(2), (3, 5, 48))
+
+  def reference(x, scale):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale).astype(x.dtype)
+
+  def loss(norm):
+    return lambda x, scale: (norm(x, scale).astype(jnp.float32) * w).sum()
+
+  got = jax.grad(loss(lambda x, s: model_lib.layer_norm(x, s, eps)), argnums=(0, 1))(x, scale)
+  want = jax.grad(loss(reference), argnums=(0, 1))(x, scale)
+  np.testing.assert_array_equal(model_lib.layer_norm(x, scale, eps), reference(x, scale))
+  assert got[0].dtype == x.dtype and got[1].dtype == jnp.float32
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), **tol)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
 def test_each_layer_gets_its_own_dropout_key_from_one_draw(monkeypatch):
   """Every layer gets a distinct dropout key, and deriving them costs the same program at 22 layers as at 2 (one
   draw, split; a draw per layer put 22 scalar threefry hashes into the step)."""
