@@ -182,8 +182,7 @@ def _norm_stats(x, eps):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def layer_norm(x, scale, eps):
   """LayerNorm without bias over the last axis, statistics in float32, output in x's dtype."""
-  x32, mean, rstd = _norm_stats(x, eps)
-  return ((x32 - mean) * rstd * scale).astype(x.dtype)
+  return _layer_norm_fwd(x, scale, eps)[0]
 
 
 def _layer_norm_fwd(x, scale, eps):
