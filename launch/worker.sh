@@ -33,7 +33,15 @@ running() {
   [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null && grep -qs mmbert_jax.main "/proc/$PID/cmdline"
 }
 
-upload_log() { gcloud storage cp "$LOG" "$WORKDIR/logs/worker-$WORKER.log" >/dev/null 2>&1 || true; }
+# Bounded: a hung copy must not keep the supervisor from recording the exit status.
+upload_log() { timeout 300 gcloud storage cp "$LOG" "$WORKDIR/logs/worker-$WORKER.log" >/dev/null 2>&1 || true; }
+
+# The supervisor of this run, if it is alive: it is still copying the log up and writing the exit status.
+supervising() {
+  local sup
+  sup=$(cat "$RUN_DIR/supervisor" 2>/dev/null || true)
+  [ -n "$sup" ] && kill -0 "$sup" 2>/dev/null && grep -qs _supervise "/proc/$sup/cmdline"
+}
 
 mount_data() {
   [ -z "$DATA_BUCKET" ] && return 0
@@ -54,19 +62,25 @@ mount_data() {
 
 # The detached supervisor: runs training, copies the log up while it runs, records the exit status.
 supervise() {
+  echo $$ > "$RUN_DIR/supervisor"
   cd "$HOME/$REMOTE_DIR" || { echo 1 > "$RUN_DIR/exit_code"; return 1; }
   local py=$HOME/$REMOTE_VENV/bin/python
   echo "=== $(date -u +%FT%TZ) worker $WORKER: $py ${ARGS[*]}"
   env "${ENVS[@]}" "$py" "${ARGS[@]}" &
   local pid=$! rc=0
   echo "$pid" > "$RUN_DIR/pid"
-  ( while kill -0 "$pid" 2>/dev/null; do sleep "$LOG_UPLOAD_SECONDS"; upload_log; done ) &
+  # Told to stop, the uploader ends between copies, never during one (bash runs the trap after a foreground
+  # command, and at once during `wait`): a copy still running could otherwise land after the final one.
+  ( trap 'kill "${nap:-}" 2>/dev/null; exit 0' TERM
+    while kill -0 "$pid" 2>/dev/null; do sleep "$LOG_UPLOAD_SECONDS" & nap=$!; wait "$nap"; upload_log; done ) &
   local uploader=$!
   wait "$pid" || rc=$?
   kill "$uploader" 2>/dev/null
+  wait "$uploader"
   echo "=== $(date -u +%FT%TZ) worker $WORKER: exit status $rc"
-  echo "$rc" > "$RUN_DIR/exit_code.tmp" && mv "$RUN_DIR/exit_code.tmp" "$RUN_DIR/exit_code"
   upload_log
+  # Last: `state` says exited only once the log with the exit status is in the workdir.
+  echo "$rc" > "$RUN_DIR/exit_code.tmp" && mv "$RUN_DIR/exit_code.tmp" "$RUN_DIR/exit_code"
 }
 
 state() {
@@ -74,8 +88,9 @@ state() {
   if running; then s=running
   elif [ -f "$RUN_DIR/exit_code" ]; then s=exited; code=$(cat "$RUN_DIR/exit_code")
   elif [ -f "$RUN_DIR/pid" ]; then
-    # Started, but neither running nor finished: the supervisor is writing the status now, or the VM restarted.
-    sleep 2
+    # Started, but neither running nor finished: the supervisor is copying the log up and writing the status now
+    # (wait for it; the copy is bounded), or the VM restarted.
+    for _ in $(seq 310); do { [ -f "$RUN_DIR/exit_code" ] || ! supervising; } && break; sleep 1; done
     if [ -f "$RUN_DIR/exit_code" ]; then s=exited; code=$(cat "$RUN_DIR/exit_code"); else s=lost; fi
   fi
   [ -f "$RUN_DIR/stopped" ] && s=$s,stopped
@@ -88,7 +103,7 @@ case "${1:-}" in
       echo "worker $WORKER: error: no run settings at $RUN_ENV (launch/tpu_pod.py copies them)"; exit 2
     fi
     if running; then echo "worker $WORKER: already running (pid $PID); not starting another"; exit 0; fi
-    rm -f "$RUN_DIR/exit_code" "$RUN_DIR/stopped" "$RUN_DIR/pid"
+    rm -f "$RUN_DIR/exit_code" "$RUN_DIR/stopped" "$RUN_DIR/pid" "$RUN_DIR/supervisor"
     if ! mount_data >> "$LOG" 2>&1; then
       echo "worker $WORKER: mounting gs://$DATA_BUCKET failed (see $LOG)"; echo 1 > "$RUN_DIR/exit_code"; exit 1
     fi

@@ -786,7 +786,14 @@ def test_pod_worker_script_detaches_reports_stops_and_never_duplicates(guarded_e
   bin_dir = tmp_path / "worker_bin"
   bin_dir.mkdir()
   _stub(bin_dir, "curl", "echo 3\n")  # agent-worker-number
-  _stub(bin_dir, "gcloud", f'echo "$@" >> {tmp_path}/worker_gcloud; mkdir -p {uploads}; cp "$3" {uploads}/\n')
+  # A slow copy that reads the log when it starts and lands a second later: a copy still under way when the run is
+  # reported exited, or an earlier one landing after the final one, leaves the uploaded log short of the exit line.
+  _stub(
+    bin_dir,
+    "gcloud",
+    f'echo "$@" >> {tmp_path}/worker_gcloud; t=$(mktemp); cp "$3" "$t"; sleep 1; mkdir -p {uploads}; '
+    f'mv "$t" {uploads}/$(basename "$3")\n',
+  )
   _stub(bin_dir, "sudo", 'exec "$@"\n')
   _stub(bin_dir, "mountpoint", f"[ -e {tmp_path}/mounted ]\n")
   _stub(bin_dir, "gcsfuse", f'echo "$@" >> {tmp_path}/gcsfuse_calls; touch {tmp_path}/mounted\n')
