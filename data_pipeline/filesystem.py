@@ -193,9 +193,33 @@ def _download_target(self, rpath, *args, **kwargs) -> tuple[str, str]:
   return bucket, f"GET gs://{bucket}/{key}"
 
 
+def _restarting_lost_uploads(upload_chunk):
+  """gcsfs's `GCSFile._upload_chunk` that starts the upload again when the server no longer knows its session
+  (404, or 410 Gone: expired, or completed by a try whose answer was lost in an outage) and every byte of the file
+  is still in the buffer; a session lost after a part was sent fails with one line (nothing partial is committed)."""
+  from gcsfs.retry import HttpError
+
+  def upload(self, final=False):
+    try:
+      return upload_chunk(self, final)
+    except (FileNotFoundError, HttpError) as e:
+      if self.location is None or (isinstance(e, HttpError) and e.code != 410):
+        raise
+      if self.offset:
+        raise OSError(
+          f"gs://{self.path}: the storage server lost the upload session after {self.offset} bytes were sent; the "
+          "write failed and nothing of it was committed"
+        ) from e
+      self._initiate_upload()
+      return upload_chunk(self, final)
+
+  return upload
+
+
 @functools.cache
 def _install_patient_requests() -> None:
-  """Every gcsfs request (metadata, uploads, downloads) goes through `_patient`; once, at the first gs:// path."""
+  """Every gcsfs request (metadata, uploads, downloads) goes through `_patient`, and a file written through gcsfs
+  survives the loss of its upload session; once, at the first gs:// path."""
   import aiohttp
   import gcsfs.core
 
@@ -208,6 +232,7 @@ def _install_patient_requests() -> None:
     # On gcsfs's base class: its experimental subclass (zonal buckets) hands standard buckets' requests to it.
     original = getattr(gcsfs.core.GCSFileSystem, name)
     setattr(gcsfs.core.GCSFileSystem, name, _patient(original.__wrapped__, target))
+  gcsfs.core.GCSFile._upload_chunk = _restarting_lost_uploads(gcsfs.core.GCSFile._upload_chunk)
 
 
 def path(value: str | os.PathLike, key: str = "path") -> epath.Path:

@@ -220,3 +220,74 @@ def test_gcsfs_requests_to_a_server_that_is_down_end_at_the_timeout(limits, monk
     gcs.cat_file("down-bucket/x")
   assert 2 <= time.monotonic() - start < 12
   fs._outages.answered("down-bucket")
+
+
+class _Restarting:
+  """An emulator of its own (objects and upload sessions in memory) that a test restarts at a chosen moment of an
+  upload: the server then no longer knows the session, as a real one after it expired."""
+
+  def __init__(self, monkeypatch):
+    from helpers import start_gcs_emulator
+
+    self.start = lambda: start_gcs_emulator(self.port, "lost-session")
+    self.port = free_port()
+    self.proc = self.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{self.port}")
+
+  def restart(self):
+    self.proc.kill()
+    self.proc.wait()
+    self.proc = self.start()
+
+
+@pytest.fixture
+def restarting(monkeypatch):
+  server = _Restarting(monkeypatch)
+  yield server
+  server.proc.kill()
+  server.proc.wait()
+
+
+def _gcs():
+  import gcsfs.core
+
+  fs.path("gs://lost-session/x")  # the first gs:// path installs the retries
+  return gcsfs.core.GCSFileSystem(skip_instance_cache=True, token="anon")
+
+
+def test_a_file_whose_upload_session_is_lost_before_any_byte_is_uploaded_again_whole(restarting, monkeypatch):
+  """An outage between starting an upload and sending its bytes (the orbax metadata file of a checkpoint): the
+  server answers 404 for the session afterwards; the file, all in the buffer, is uploaded again in a new one."""
+  import gcsfs.core
+
+  started = gcsfs.core.initiate_upload
+
+  async def initiate_then_lose(*args, **kwargs):
+    location = await started(*args, **kwargs)
+    if not sessions:
+      restarting.restart()
+    sessions.append(location)
+    return location
+
+  sessions = []
+  monkeypatch.setattr(gcsfs.core, "initiate_upload", initiate_then_lose)
+  gcs, data = _gcs(), b'{"step": 8}' * 100
+  with gcs.open("lost-session/run/meta/metadata", "wb") as f:
+    f.write(data)
+  assert len(sessions) == 2 and sessions[0] != sessions[1]
+  assert gcs.cat_file("lost-session/run/meta/metadata") == data
+
+
+def test_a_file_whose_upload_session_is_lost_after_a_part_was_sent_fails_with_one_line(restarting):
+  gcs = _gcs()
+  f = gcs.open("lost-session/big", "wb", block_size=2**18)
+  f.write(os.urandom(2**18 + 1000))
+  f.flush()  # the first 256 KiB are sent in the session
+  assert f.offset == 2**18
+  restarting.restart()
+  with pytest.raises(
+    OSError, match=r"^gs://lost-session/big: the storage server lost the upload session after 262144 bytes"
+  ) as e:
+    f.close()
+  assert "\n" not in str(e.value)
+  assert not gcs.exists("lost-session/big")  # nothing partial committed
