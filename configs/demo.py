@@ -1,5 +1,5 @@
 """The embedded demo: a tiny mmBERT trained through all three phases on a multilingual corpus built at run time
-from the CLDR locale data in `babel` (no download), then TIES-merged. About 6 minutes on 2 idle CPU cores.
+from the CLDR locale data in `babel` (no download), then TIES-merged. About 8 minutes on 2 idle CPU cores.
 
   python -m mmbert_jax.main --config=configs/demo.py --workdir=/tmp/mmbert_demo
 
@@ -69,16 +69,16 @@ def get_config(arg: str = ""):
   c.merge = ml_collections.ConfigDict(
     dict(method="ties", base="midtrain", models=("decay_eng", "decay_cont", "decay_all"), density=0.5, lam=1.0)
   )
-  # Then every phase and the merge are fine-tuned and scored on the embedded CLDR tasks (mmbert_jax.finetune),
-  # next to the same model with random weights (random_init) and each task's chance level. The word-order tasks:
-  # the lexical ones (cldr_langid, cldr_retrieval, cldr_category) a random encoder solves as well from token identity.
+  # Then every phase and the merge are fine-tuned and scored on the embedded CLDR word-order tasks
+  # (mmbert_jax.finetune), next to the same model with random weights (random_init) and each task's chance level.
+  # 64 tokens hold 95% of their test texts whole (at 32, 41% lost their end, where a shuffle often shows).
   c.downstream = ml_collections.ConfigDict(
     dict(
       tasks=("cldr_order", "cldr_order_en"),
       epochs=0,  # 0: by model size (mmbert_jax.finetune.Settings.for_model: 10 epochs at 3e-4 for this size)
       batch_size=32,
       peak_lr=0.0,
-      max_len=32,
+      max_len=64,
       random_init=True,
     )
   )

@@ -12,8 +12,7 @@ on top of `MaskedLM.encode`.
       --checkpoint=... --out=scifact.json
 
 Tasks (`data_pipeline.tasks`): the embedded `cldr_order` and `cldr_order_en` (word order, in-language and
-cross-lingual zero-shot: what pretraining teaches) and the lexical `cldr_langid`, `cldr_retrieval` and
-`cldr_category` (no download), or
+cross-lingual zero-shot: what pretraining teaches; no download), or
 `classification` / `retrieval` from JSONL, parquet, TSV or a TFDS dataset on disk (sentence pairs as in XNLI,
 PAWS-X or GLUE with `--pair_key` and `--label_names`), or an MTEB / BEIR retrieval directory (`--mteb`). A
 checkpoint is a workdir, its checkpoints/ or one checkpoints/<step> directory, or a transformers ModernBERT

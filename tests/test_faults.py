@@ -697,7 +697,7 @@ def get_config():
   c.phase_overrides = ml_collections.ConfigDict(dict(a=dict(), b=dict(init_from_phase="a")))
   c.merge = ml_collections.ConfigDict(dict(method="average", base="", models=("a", "b"), density=1.0, lam=1.0))
   c.downstream = ml_collections.ConfigDict(
-    dict(tasks=("cldr_langid",), epochs=1, batch_size=16, peak_lr=1e-3, max_len=16, random_init=False)
+    dict(tasks=("cldr_order",), epochs=1, batch_size=16, peak_lr=1e-3, max_len=16, random_init=False)
   )
   return c
 """
@@ -742,7 +742,7 @@ def test_sigterm_during_evaluation_merge_fine_tuning_and_plots_resumes_to_the_sa
   # plots wait for the re-run.
   def first_score(proc):
     for line in proc.stderr:
-      if line.startswith("cldr_langid a:"):
+      if line.startswith("cldr_order a:"):
         return
     raise AssertionError("the run ended before fine-tuning")
 
