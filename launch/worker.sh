@@ -27,20 +27,22 @@ WORKER=$(curl -sf -m 5 -H 'Metadata-Flavor: Google' \
 LOG=$RUN_DIR/logs/worker-$WORKER.log
 mkdir -p "$RUN_DIR/logs"
 
-# The training process of this run, if it is alive (the pid file could name a recycled pid: check the command).
+# Whether pid $1 is alive and runs a command containing $2 (a pid file could name a recycled pid).
+alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null && grep -qs "$2" "/proc/$1/cmdline"; }
+
+# The training process of this run, if it is alive; sets PID.
 running() {
   PID=$(cat "$RUN_DIR/pid" 2>/dev/null || true)
-  [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null && grep -qs mmbert_jax.main "/proc/$PID/cmdline"
+  alive "$PID" mmbert_jax.main
 }
 
-# Bounded: a hung copy must not keep the supervisor from recording the exit status.
-upload_log() { timeout 300 gcloud storage cp "$LOG" "$WORKDIR/logs/worker-$WORKER.log" >/dev/null 2>&1 || true; }
-
 # The supervisor of this run, if it is alive: it is still copying the log up and writing the exit status.
-supervising() {
-  local sup
-  sup=$(cat "$RUN_DIR/supervisor" 2>/dev/null || true)
-  [ -n "$sup" ] && kill -0 "$sup" 2>/dev/null && grep -qs _supervise "/proc/$sup/cmdline"
+supervising() { alive "$(cat "$RUN_DIR/supervisor" 2>/dev/null || true)" _supervise; }
+
+# Bounded: a hung copy must not keep the supervisor from recording the exit status.
+UPLOAD_TIMEOUT=300
+upload_log() {
+  timeout "$UPLOAD_TIMEOUT" gcloud storage cp "$LOG" "$WORKDIR/logs/worker-$WORKER.log" >/dev/null 2>&1 || true
 }
 
 mount_data() {
@@ -90,7 +92,7 @@ state() {
   elif [ -f "$RUN_DIR/pid" ]; then
     # Started, but neither running nor finished: the supervisor is copying the log up and writing the status now
     # (wait for it; the copy is bounded), or the VM restarted.
-    for _ in $(seq 310); do { [ -f "$RUN_DIR/exit_code" ] || ! supervising; } && break; sleep 1; done
+    for _ in $(seq $((UPLOAD_TIMEOUT + 10))); do { [ -f "$RUN_DIR/exit_code" ] || ! supervising; } && break; sleep 1; done
     if [ -f "$RUN_DIR/exit_code" ]; then s=exited; code=$(cat "$RUN_DIR/exit_code"); else s=lost; fi
   fi
   [ -f "$RUN_DIR/stopped" ] && s=$s,stopped
