@@ -1,5 +1,6 @@
 """What the tests share: the CPU platform with 8 host devices (set before JAX loads, also in the subprocesses that
-import this module), the repository root, config loaders, the tiny run config and multi-process runs."""
+import this module), the repository root, config loaders, the tiny run config, multi-process runs and Cloud Storage
+emulators."""
 
 import os
 
@@ -122,3 +123,26 @@ def start_gcs_emulator(port: int, bucket: str, store: str | None = None) -> subp
       time.sleep(0.1)
   proc.kill()
   raise RuntimeError(f"the GCS emulator did not start on port {port}")
+
+
+class StoppableEmulator:
+  """A Cloud Storage emulator of its own on a free port, which a test stops (killed: every request is refused) and
+  starts again on the same port. With `store`, a folder that keeps its objects, it serves them again after a start;
+  without one, a start forgets every object and upload session, as a server that lost them."""
+
+  def __init__(self, bucket: str, store: pathlib.Path | None = None):
+    self.bucket, self.store, self.port = bucket, store, free_port()
+    if store is not None:
+      store.mkdir()
+    self.start()
+    url = f"http://127.0.0.1:{self.port}"
+    # gcsfs's base class: its experimental one first asks a storage-layout API, which the emulator lacks, for a
+    # minute per request while the server is down.
+    self.env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+
+  def start(self):
+    self.proc = start_gcs_emulator(self.port, self.bucket, None if self.store is None else str(self.store))
+
+  def stop(self):
+    self.proc.kill()
+    self.proc.wait()

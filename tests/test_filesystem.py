@@ -222,30 +222,17 @@ def test_gcsfs_requests_to_a_server_that_is_down_end_at_the_timeout(limits, monk
   fs._outages.answered("down-bucket")
 
 
-class _Restarting:
-  """An emulator of its own (objects and upload sessions in memory) that a test restarts at a chosen moment of an
-  upload: the server then no longer knows the session, as a real one after it expired."""
-
-  def __init__(self, monkeypatch):
-    from helpers import start_gcs_emulator
-
-    self.start = lambda: start_gcs_emulator(self.port, "lost-session")
-    self.port = free_port()
-    self.proc = self.start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{self.port}")
-
-  def restart(self):
-    self.proc.kill()
-    self.proc.wait()
-    self.proc = self.start()
-
-
 @pytest.fixture
 def restarting(monkeypatch):
-  server = _Restarting(monkeypatch)
+  """An emulator of its own (objects and upload sessions in memory) that a test restarts at a chosen moment of an
+  upload: the server then no longer knows the session, as a real one after it expired."""
+  from helpers import StoppableEmulator
+
+  server = StoppableEmulator("lost-session")
+  for key, value in server.env.items():
+    monkeypatch.setenv(key, value)
   yield server
-  server.proc.kill()
-  server.proc.wait()
+  server.stop()
 
 
 def _gcs():
@@ -265,7 +252,8 @@ def test_a_file_whose_upload_session_is_lost_before_any_byte_is_uploaded_again_w
   async def initiate_then_lose(*args, **kwargs):
     location = await started(*args, **kwargs)
     if not sessions:
-      restarting.restart()
+      restarting.stop()
+      restarting.start()
     sessions.append(location)
     return location
 
@@ -284,7 +272,8 @@ def test_a_file_whose_upload_session_is_lost_after_a_part_was_sent_fails_with_on
   f.write(os.urandom(2**18 + 1000))
   f.flush()  # the first 256 KiB are sent in the session
   assert f.offset == 2**18
-  restarting.restart()
+  restarting.stop()
+  restarting.start()
   with pytest.raises(
     OSError, match=r"^gs://lost-session/big: the storage server lost the upload session after 262144 bytes"
   ) as e:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from helpers import ROOT, free_port, start_gcs_emulator, tiny_config, train_losses
+from helpers import ROOT, StoppableEmulator, tiny_config, train_losses
 from tiny_run import MODEL, STEPS, trained_run
 
 from data_pipeline import filesystem as fs
@@ -189,28 +189,14 @@ def test_a_path_of_another_scheme_is_one_line_naming_the_key(demo_data, tmp_path
 # ---- a storage outage: said, retried, bounded -------------------------------------------------------------------
 
 
-class _Outage:
-  """An emulator of its own that keeps its objects on disk, so it can be stopped (killed: every request is refused)
-  and started again on the same port with the same objects."""
+class _Outage(StoppableEmulator):
+  """An emulator that keeps its objects on disk, so it can be stopped and started again with the same objects."""
 
   def __init__(self, store):
-    self.store, self.bucket, self.port = store, "outage", free_port()
-    self.store.mkdir()
-    self.proc = start_gcs_emulator(self.port, self.bucket, str(self.store))
-    url = f"http://127.0.0.1:{self.port}"
-    # gcsfs's base class: its experimental one first asks a storage-layout API, which the emulator lacks, for a
-    # minute per request while the server is down.
-    self.env = dict(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    super().__init__("outage", store)
 
   def object(self, name):
     return self.store / ".cloudstorage" / self.bucket / name
-
-  def stop(self):
-    self.proc.kill()
-    self.proc.wait()
-
-  def start(self):
-    self.proc = start_gcs_emulator(self.port, self.bucket, str(self.store))
 
   def python(self, code: str):
     """`code` run against this bucket in a fresh interpreter; what it prints, as JSON."""
