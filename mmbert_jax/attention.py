@@ -181,24 +181,15 @@ _dense_attention.defvjp(_dense_attention_fwd, _dense_attention_bwd)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def target_platform() -> str:
-  """Platform the computation is built for: the current mesh's devices (AOT topologies included), else the
-  default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.abstract_device is not None:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
-
-
 def resolve_impl(cfg, *, seq_len: int | None = None, platform: str | None = None) -> str:
   """The implementation `cfg.attention_impl` means here, or a ValueError saying why it cannot run.
 
-  `cfg` is a `ModelConfig`; `platform` defaults to `cfg.attention_platform`, else `target_platform()`. Triton
+  `cfg` is a `ModelConfig`; `platform` defaults to `cfg.attention_platform`, else `sharding.target_platform()`. Triton
   tiles are checked here (powers of two >= 16) unless in interpret mode. With `seq_len`, also checks that the
   kernel tiles divide it (the trainer knows the sequence length; the model does not).
   """
   impl, interpret = cfg.attention_impl, cfg.attention_interpret
-  platform = platform or cfg.attention_platform or target_platform()
+  platform = platform or cfg.attention_platform or sharding.target_platform()
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention_impl {impl!r} is not one of {IMPLEMENTATIONS}")
   if impl == "auto":

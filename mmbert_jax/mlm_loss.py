@@ -104,7 +104,7 @@ def _dense_bwd(residuals, cotangents):
   # d nll / d logits = softmax − one_hot(label), in one pass over the logits
   d = g[:, None] * (jnp.exp(logits - lse[:, None]) - (cols == labels[:, None]))
   dx = jnp.einsum("nv,vh->nh", d.astype(x.dtype), embedding, preferred_element_type=jnp.float32)
-  dw = jnp.einsum("nv,nh->vh", d.astype(x.dtype), x, preferred_element_type=jnp.float32)
+  dw = _weight_gradient(d.astype(x.dtype), x)
   # The bias gradient (column sums) as a matrix-vector product: XLA CPU reduces over the leading axis of a
   # [N, V] array tens of times slower than it multiplies.
   db = jnp.ones((1, d.shape[0]), jnp.float32) @ d
@@ -112,6 +112,16 @@ def _dense_bwd(residuals, cotangents):
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _weight_gradient(d, x):
+  """dᵀ·x [V, H] for d [N, V], x [N, H], float32. On CPU as (xᵀ·d)ᵀ with xᵀ written out: XLA:CPU hands a product
+  to YNNPACK only when both operands are row-major in their contraction, and dᵀ·x contracts d's rows (it would
+  take Eigen, at half the speed, beside the other products); transposing x [N, H] costs far less than d [N, V]."""
+  if sharding.target_platform() != "cpu":
+    return jnp.einsum("nv,nh->vh", d, x, preferred_element_type=jnp.float32)
+  xt = jax.lax.optimization_barrier(x.T)
+  return jax.lax.optimization_barrier(jnp.matmul(xt, d, preferred_element_type=jnp.float32)).T
 
 
 def _split_vocab(embedding, bias, chunk_size: int):

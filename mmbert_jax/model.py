@@ -206,6 +206,35 @@ def _layer_norm_bwd(eps, residuals, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+  """x [..., K₁…K_c] · w [K₁…K_c, N…] → [..., N…]: x's last `contract` axes against w's first ones."""
+  if sharding.target_platform() != "cpu":
+    return jnp.tensordot(x, w, contract)
+  k = math.prod(w.shape[:contract])
+  y = _dense_cpu(x.reshape(-1, k), w.reshape(k, -1))
+  return y.reshape(*x.shape[: x.ndim - contract], *w.shape[contract:])
+
+
+@jax.custom_vjp
+def _dense_cpu(x, w):
+  return x @ w
+
+
+def _dense_cpu_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _dense_cpu_bwd(residuals, dy):
+  # XLA:CPU hands a product to YNNPACK only when both operands are row-major in their contraction; the weight
+  # gradient xᵀ·dy contracts x's rows, and XLA folds a plain transpose of x back into the product, which then
+  # runs on Eigen (slower, and beside the next product on the same two cores). The barrier keeps xᵀ a copy.
+  x, w = residuals
+  return dy @ w.T, jax.lax.optimization_barrier(x.T) @ dy
+
+
+_dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm without bias, two-pass variance, statistics in float32 (`layer_norm`)."""
 
@@ -253,10 +282,10 @@ class Attention(nnx.Module):
     # One product per projection: slicing a fused [B, S, 3, N, D] output costs a pad of the whole array per
     # slice in the backward pass, where slicing the weight pads only the [H, N, D] weight gradient.
     w = self.wqkv[...].astype(self.dtype)
-    q, k, v = (jnp.einsum("bsh,hnd->bsnd", x, w[:, c]) for c in range(3))
+    q, k, v = (dense(x, w[:, c]) for c in range(3))
     q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
     out = attention_lib.attention(q, k, v, segment_ids, self.window, impl=self.impl, options=self.kernel_options)
-    out = jnp.einsum("bsnd,ndh->bsh", out, self.wo[...].astype(self.dtype))
+    out = dense(out, self.wo[...].astype(self.dtype), contract=2)
     if rngs is None:  # inference and eval: no dropout
       return out
     return self.dropout(out, deterministic=False, rngs=rngs)
@@ -271,8 +300,8 @@ class GeGLU(nnx.Module):
 
   def __call__(self, x):
     wi = self.wi[...].astype(self.dtype)  # two products, not one sliced in two (as in Attention)
-    u, g = (jnp.einsum("bsh,hi->bsi", x, wi[:, c]) for c in range(2))
-    return (gelu(u) * g) @ self.wo[...].astype(self.dtype)
+    u, g = (dense(x, wi[:, c]) for c in range(2))
+    return dense(gelu(u) * g, self.wo[...].astype(self.dtype))
 
 
 class EncoderLayer(nnx.Module):
@@ -427,7 +456,7 @@ class MaskedLM(nnx.Module):
 
   def head_features(self, x: jax.Array) -> jax.Array:
     """The MLM head before the tied decoder: dense → GELU → LN, in the compute dtype."""
-    return self.head_norm(gelu(x @ self.head_dense[...].astype(self.config.dtype)))
+    return self.head_norm(gelu(dense(x, self.head_dense[...].astype(self.config.dtype))))
 
   def head(self, x: jax.Array) -> jax.Array:
     """MLM head on hidden states [..., H] → float32 logits [..., V]."""

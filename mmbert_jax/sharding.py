@@ -30,6 +30,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def target_platform() -> str:
+  """Platform the computation is built for: the current mesh's devices (AOT topologies included), else the
+  default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
   """Resolve one -1 ("the rest") in {data, fsdp, tensor} sizes; the product must equal the device count."""
   unknown = [a for a in MESH_AXES if int(sizes.get(a, 1)) == -1]

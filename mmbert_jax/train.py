@@ -424,7 +424,12 @@ def optimizer_state_layout(tx: optax.GradientTransformation, abstract_params, me
 # XLA:CPU hands reductions to YNNPACK as well as dots; its reductions over a leading axis (the decoder bias
 # gradient: column sums of [masked, vocab]) run tens of times slower than XLA's own loops, and a reduction taken
 # out of its fusion leaves the fusion's producer to be written out whole (the softmax sums, LayerNorm moments).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+# XLA's own reductions longer than 32 are split by its tree-reduction pass into a reduce-window and a reduce, each
+# a kernel of its own outside any fusion (188 extra kernels per step of the CPU benchmark); unsplit, they fuse.
+CPU_COMPILER_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+  "xla_disable_hlo_passes": "tree_reduction_rewriter",
+}
 
 
 def compiler_options(mesh) -> dict[str, str] | None:

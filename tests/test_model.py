@@ -187,6 +187,27 @@ def test_layer_norm_backward_equals_autodiff_of_its_formula(dtype):
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("contract", [1, 2])
+def test_dense_gradients_equal_autodiff_of_tensordot(contract):
+  """`dense` on CPU (its own backward: the weight gradient as a written-out xᵀ times dy) against autodiff of the
+  plain tensordot: output, input and weight gradients, with one and two contracted axes (the attention output
+  [B, S, N, D] · [N, D, H])."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8) if contract == 2 else (2, 5, 24))
+  w = jax.random.normal(jax.random.key(1), (3, 8, 16) if contract == 2 else (24, 4, 4))
+  dy = jax.random.normal(jax.random.key(2), (2, 5, 16) if contract == 2 else (2, 5, 4, 4))
+
+  def loss(f):
+    return lambda x, w: (f(x, w) * dy).sum()
+
+  with jax.default_matmul_precision("highest"):
+    got = jax.grad(loss(lambda x, w: model_lib.dense(x, w, contract)), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: jnp.tensordot(x, w, contract)), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(model_lib.dense(x, w, contract), jnp.tensordot(x, w, contract), rtol=1e-6, atol=1e-6)
+  for a, b, name in zip(got, want, ("x", "w")):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5, err_msg=name)
+
+
 def test_each_layer_gets_its_own_dropout_key_from_one_draw(monkeypatch):
   """Every layer gets a distinct dropout key, and deriving them costs the same program at 22 layers as at 2 (one
   draw, split; a draw per layer put 22 scalar threefry hashes into the step)."""

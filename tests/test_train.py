@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -89,6 +90,30 @@ def test_scanned_train_step_equals_unrolled():
   assert jax.tree.structure(opt_s) == jax.tree.structure(opt_u)
   for a, b in zip(jax.tree.leaves(opt_u), jax.tree.leaves(opt_s)):
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())  # summation order: up to 4e-6 of the max
+
+
+def test_cpu_step_runs_its_products_in_ynnpack_and_keeps_reductions_whole():
+  """XLA:CPU runs a product in YNNPACK (its fast path) only when both operands are row-major in their contraction,
+  else on Eigen, slower and beside the next product on the same cores. The compiled CPU train step (four layers,
+  the dense loss) keeps only matrix-vector products (the decoder bias gradient) out of YNNPACK fusions: the weight
+  gradients of every dense layer and of the tied decoder take their written-out transposes (`model.dense`,
+  `mlm_loss`), which a plain `x.T @ dy` would not (XLA folds the transpose back into the product). And no
+  reduction is split into a reduce-window and a reduce, each a kernel outside any fusion (`CPU_COMPILER_OPTIONS`)."""
+  cfg = get_config("tiny", num_layers=4, vocab_size=2048, dtype="float32", attention_impl="xla", loss_impl="dense")
+  config = tiny_config("", batch_size=4, micro_batch_size=4)
+  mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+  text = train.build_program(config, mesh, num_languages=2, cfg=cfg).lower().compile().as_text()
+  ynn = text.count('"kind":"__ynn_fusion"')
+  fused_dots = text.count(" dot(")  # every dot: inside YNNPACK fusions and outside them
+  outside = re.findall(r"^\s*(?:ROOT )?%[\w.\-]+ = f32\[([\d,]*)\]\S* dot\(", _outside_fusions(text), re.M)
+  assert ynn >= 4 * 7 * 2, (ynn, fused_dots)  # each layer's 7 products forward and backward, at the least
+  assert all(1 in map(int, shape.split(",")) for shape in outside), outside  # only matrix-vector products
+  assert "reduce-window(" not in text
+
+
+def _outside_fusions(hlo_text: str) -> str:
+  """The compiled HLO's non-fused computations (entry, loop bodies): every `%fused_computation…` block removed."""
+  return re.sub(r"^%fused_computation[^\n]*\{\n.*?^\}\n", "", hlo_text, flags=re.M | re.S)
 
 
 @pytest.mark.slow
