@@ -122,21 +122,32 @@ def build_step(cfg, rows: int, seq_len: int, mask_rate: float, max_masked: int =
 
 def op_table(program, run, steps: int, top: int) -> list[tuple[str, float, float, str]]:
   """The `top` XLA ops of `steps` traced steps: (instruction, ms per step, share of all op time, what it computes:
-  the jax op it came from). Op time is summed over XLA's CPU worker threads; a dot that XLA runs through Eigen
-  shows only its dispatch there (those that YNNPACK runs, as ynn_fusion, show whole)."""
+  the jax op it came from). Op time is summed over XLA's CPU worker threads, so ops that run side by side count in
+  full. A product that XLA runs on Eigen (`dot.N`, not a YNNPACK fusion) returns at once and computes on Eigen's
+  threads: its time runs from its start to its "end: dot.N" event, not just its own event (the dispatch)."""
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(steps):
         jax.block_until_ready(run())
     (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)  # local-only: the profiler's temporary dir
     profile = jax.profiler.ProfileData.from_file(path)
+  events = sorted(
+    (event.start_ns, event.duration_ns, event.name)
+    for plane in profile.planes
+    for line in plane.lines
+    if line.name.startswith("tf_XLA")  # the CPU worker threads: one event per executed op
+    for event in line.events
+    if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener"))
+  )
+  eigen_starts = collections.defaultdict(collections.deque)
   ns = collections.Counter()
-  for plane in profile.planes:
-    for line in plane.lines:
-      if line.name.startswith("tf_XLAEigen"):  # the CPU worker threads: one event per executed op
-        for event in line.events:
-          if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
-            ns[event.name] += event.duration_ns
+  for start, duration, name in events:
+    if re.fullmatch(r"dot(\.\d+)?", name):
+      eigen_starts[name].append(start)
+    elif name.startswith("end: dot") and eigen_starts[name[5:]]:
+      ns[name[5:]] += start + duration - eigen_starts[name[5:]].popleft()
+    elif not name.startswith("end: "):
+      ns[name] += duration
   text = program.lower().compile().as_text()
   source = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', text, re.M))
   source = {k: v.split("closed_call/")[-1].removeprefix("jit(step)/") for k, v in source.items()}
