@@ -184,9 +184,9 @@ _dense_attention.defvjp(_dense_attention_fwd, _dense_attention_bwd)
 def resolve_impl(cfg, *, seq_len: int | None = None, platform: str | None = None) -> str:
   """The implementation `cfg.attention_impl` means here, or a ValueError saying why it cannot run.
 
-  `cfg` is a `ModelConfig`; `platform` defaults to `cfg.attention_platform`, else `sharding.target_platform()`. Triton
-  tiles are checked here (powers of two >= 16) unless in interpret mode. With `seq_len`, also checks that the
-  kernel tiles divide it (the trainer knows the sequence length; the model does not).
+  `cfg` is a `ModelConfig`; `platform` defaults to `cfg.attention_platform`, else `sharding.target_platform()`.
+  Triton tiles are checked here (powers of two >= 16) unless in interpret mode. With `seq_len`, also checks that
+  the kernel tiles divide it (the trainer knows the sequence length; the model does not).
   """
   impl, interpret = cfg.attention_impl, cfg.attention_interpret
   platform = platform or cfg.attention_platform or sharding.target_platform()

@@ -115,9 +115,10 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def _weight_gradient(d, x):
-  """dᵀ·x [V, H] for d [N, V], x [N, H], float32. On CPU as (xᵀ·d)ᵀ with xᵀ written out: XLA:CPU hands a product
-  to YNNPACK only when both operands are row-major in their contraction, and dᵀ·x contracts d's rows (it would
-  take Eigen, at half the speed, beside the other products); transposing x [N, H] costs far less than d [N, V]."""
+  """dᵀ·x [V, H] for d [N, V], x [N, H], float32. On CPU as (xᵀ·d)ᵀ with xᵀ written out: XLA:CPU hands a
+  product to YNNPACK only when both operands are row-major in their contraction, and dᵀ·x contracts d's rows (it
+  would take Eigen, at half the speed, beside the other products); transposing x [N, H] costs far less than d.
+  Both barriers are needed: XLA folds a transpose of the operands or of the product back into the product."""
   if sharding.target_platform() != "cpu":
     return jnp.einsum("nv,nh->vh", d, x, preferred_element_type=jnp.float32)
   xt = jax.lax.optimization_barrier(x.T)
