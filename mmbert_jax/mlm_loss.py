@@ -187,7 +187,7 @@ def _chunked_bwd(residuals, cotangents):
     # d nll / d logits = softmax − one_hot(label)
     d = g[:, None] * (jnp.exp(logits - lse[:, None]) - (cols == labels[:, None]))
     dx = dx + jnp.einsum("nc,ch->nh", d.astype(x.dtype), w_c, preferred_element_type=jnp.float32)
-    dw_c = jnp.einsum("nc,nh->ch", d.astype(x.dtype), x, preferred_element_type=jnp.float32)
+    dw_c = _weight_gradient(d.astype(x.dtype), x)
     return dx, (dw_c.astype(w.dtype), d.sum(0))
 
   dx, (dw, db) = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (w, b, jnp.arange(w.shape[0], dtype=labels.dtype)))

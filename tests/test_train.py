@@ -92,14 +92,24 @@ def test_scanned_train_step_equals_unrolled():
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())  # summation order: up to 4e-6 of the max
 
 
-def test_cpu_step_runs_its_products_in_ynnpack_and_keeps_reductions_whole():
+@pytest.mark.parametrize("loss_impl", ["dense", "chunked"])
+def test_cpu_step_runs_its_products_in_ynnpack_and_keeps_reductions_whole(loss_impl):
   """XLA:CPU runs a product in YNNPACK (its fast path) only when both operands are row-major in their contraction,
   else on Eigen, slower and beside the next product on the same cores. The compiled CPU train step (four layers,
-  the dense loss) keeps only matrix-vector products (the decoder bias gradient) out of YNNPACK fusions: the weight
-  gradients of every dense layer and of the tied decoder take their written-out transposes (`model.dense`,
-  `mlm_loss`), which a plain `x.T @ dy` would not (XLA folds the transpose back into the product). And no
-  reduction is split into a reduce-window and a reduce, each a kernel outside any fusion (`CPU_COMPILER_OPTIONS`)."""
-  cfg = get_config("tiny", num_layers=4, vocab_size=2048, dtype="float32", attention_impl="xla", loss_impl="dense")
+  either loss) keeps only matrix-vector products (the decoder bias gradient) out of YNNPACK fusions: the weight
+  gradients of every dense layer and of the tied decoder (whole or per vocabulary chunk) take their written-out
+  transposes (`model.dense`, `mlm_loss`), which a plain `x.T @ dy` would not (XLA folds the transpose back into the
+  product). And no reduction is split into a reduce-window and a reduce, each a kernel outside any fusion
+  (`CPU_COMPILER_OPTIONS`)."""
+  cfg = get_config(
+    "tiny",
+    num_layers=4,
+    vocab_size=2048,
+    dtype="float32",
+    attention_impl="xla",
+    loss_impl=loss_impl,
+    loss_chunk_size=512,
+  )
   config = tiny_config("", batch_size=4, micro_batch_size=4)
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   text = train.build_program(config, mesh, num_languages=2, cfg=cfg).lower().compile().as_text()
