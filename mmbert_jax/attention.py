@@ -150,8 +150,10 @@ def _dense_attention(q, k, v, mask):
 
 
 def _dense_attention_fwd(q, k, v, mask):
-  scale = q.shape[-1] ** -0.5
-  s = jnp.einsum("btnd,bsnd->bnts", q, k) * scale
+  # The scale goes on q ([B, S, N, D]), not on the scores ([B, N, S, S]): XLA:CPU would read it as a
+  # scores-sized broadcast operand of the product.
+  q = q * q.shape[-1] ** -0.5
+  s = jnp.einsum("btnd,bsnd->bnts", q, k)
   p = jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1)
   out = jnp.einsum("bnts,bsnd->btnd", p, v)
   return out, (q, k, v, mask, p, out)
@@ -160,15 +162,14 @@ def _dense_attention_fwd(q, k, v, mask):
 def _dense_attention_bwd(residuals, d_out):
   """Softmax backward as in FlashAttention: ds = p ⊙ (dp − rowsum(d_out ⊙ out)), the row sums taken over the
   head dim [B, S, N, D] instead of over the scores [B, N, S, S] (one elementwise pass over the scores)."""
-  q, k, v, mask, p, out = residuals
-  scale = q.shape[-1] ** -0.5
+  q, k, v, mask, p, out = residuals  # q scaled
   dv = jnp.einsum("bnts,btnd->bsnd", p, d_out)
   dp = jnp.einsum("btnd,bsnd->bnts", d_out, v)
   delta = jnp.sum(d_out * out, -1).transpose(0, 2, 1)[..., None]
   # Masked scores get no gradient (as through jnp.where); a row with keys has p = 0 there anyway, a padding
   # row without any has p = 1/S.
-  ds = jnp.where(mask, p * (dp - delta) * scale, 0.0)
-  dq = jnp.einsum("bnts,bsnd->btnd", ds, k)
+  ds = jnp.where(mask, p * (dp - delta), 0.0)
+  dq = jnp.einsum("bnts,bsnd->btnd", ds, k) * q.shape[-1] ** -0.5
   dk = jnp.einsum("bnts,btnd->bsnd", ds, q)
   return dq, dk, dv, None
 
