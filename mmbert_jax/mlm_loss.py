@@ -104,25 +104,31 @@ def _dense_bwd(residuals, cotangents):
   # d nll / d logits = softmax − one_hot(label), in one pass over the logits
   d = g[:, None] * (jnp.exp(logits - lse[:, None]) - (cols == labels[:, None]))
   dx = jnp.einsum("nv,vh->nh", d.astype(x.dtype), embedding, preferred_element_type=jnp.float32)
-  dw = _weight_gradient(d.astype(x.dtype), x)
-  # The bias gradient (column sums) as a matrix-vector product: XLA CPU reduces over the leading axis of a
-  # [N, V] array tens of times slower than it multiplies.
-  db = jnp.ones((1, d.shape[0]), jnp.float32) @ d
-  return dx.astype(x.dtype), dw.astype(embedding.dtype), db[0].astype(bias.dtype), None
+  dw, db = _weight_and_bias_gradients(d, x)
+  return dx.astype(x.dtype), dw.astype(embedding.dtype), db.astype(bias.dtype), None
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def _weight_gradient(d, x):
-  """dᵀ·x [V, H] for d [N, V], x [N, H], float32. On CPU as (xᵀ·d)ᵀ with xᵀ written out: XLA:CPU hands a
-  product to YNNPACK only when both operands are row-major in their contraction, and dᵀ·x contracts d's rows (it
-  would take Eigen, at half the speed, beside the other products); transposing x [N, H] costs far less than d.
-  Both barriers are needed: XLA folds a transpose of the operands or of the product back into the product."""
-  if sharding.target_platform() != "cpu":
-    return jnp.einsum("nv,nh->vh", d, x, preferred_element_type=jnp.float32)
-  xt = jax.lax.optimization_barrier(x.T)
-  return jax.lax.optimization_barrier(jnp.matmul(xt, d, preferred_element_type=jnp.float32)).T
+def _weight_and_bias_gradients(d, x):
+  """The decoder's gradients from d = d nll / d logits [N, V] float32 and its input x [N, H]: dᵀ·x [V, H] (d
+  rounded to x's dtype) and the column sums of d [V], both float32.
+
+  On CPU (float32) both come from one product, (x | 1)ᵀ·d [H + 1, V], with (x | 1)ᵀ written out: XLA:CPU hands
+  a product to YNNPACK only when both operands are row-major in their contraction, and dᵀ·x contracts d's rows (it
+  would take Eigen, at half the speed, beside the other products); transposing x costs far less than d, and the
+  column sums would otherwise be a matrix-vector product on Eigen (or a reduction over d's leading axis, tens of
+  times slower). Both barriers are needed: XLA folds a transpose of the operands or of the product back into
+  the product."""
+  cpu = sharding.target_platform() == "cpu"
+  if not cpu or x.dtype != jnp.float32:
+    dw = jnp.einsum("nv,nh->vh", d.astype(x.dtype), x, preferred_element_type=jnp.float32)
+    # A TPU multiplies float32 in bfloat16 passes by default: the sums stay a reduction there.
+    return dw, (jnp.ones((1, d.shape[0]), jnp.float32) @ d)[0] if cpu else d.sum(0)
+  xt = jax.lax.optimization_barrier(jnp.concatenate([x.T, jnp.ones((1, x.shape[0]), x.dtype)]))
+  product = jax.lax.optimization_barrier(jnp.matmul(xt, d, preferred_element_type=jnp.float32))
+  return product[:-1].T, product[-1]
 
 
 def _split_vocab(embedding, bias, chunk_size: int):
@@ -187,8 +193,8 @@ def _chunked_bwd(residuals, cotangents):
     # d nll / d logits = softmax − one_hot(label)
     d = g[:, None] * (jnp.exp(logits - lse[:, None]) - (cols == labels[:, None]))
     dx = dx + jnp.einsum("nc,ch->nh", d.astype(x.dtype), w_c, preferred_element_type=jnp.float32)
-    dw_c = _weight_gradient(d.astype(x.dtype), x)
-    return dx, (dw_c.astype(w.dtype), d.sum(0))
+    dw_c, db_c = _weight_and_bias_gradients(d, x)
+    return dx, (dw_c.astype(w.dtype), db_c)
 
   dx, (dw, db) = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (w, b, jnp.arange(w.shape[0], dtype=labels.dtype)))
   return dx.astype(x.dtype), dw, db.astype(b.dtype), None

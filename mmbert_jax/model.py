@@ -227,9 +227,13 @@ def _dense_cpu_fwd(x, w):
 def _dense_cpu_bwd(residuals, dy):
   # XLA:CPU hands a product to YNNPACK only when both operands are row-major in their contraction; the weight
   # gradient xᵀ·dy contracts x's rows, and XLA folds a plain transpose of x back into the product, which then
-  # runs on Eigen (slower, and beside the next product on the same two cores). The barrier keeps xᵀ a copy.
+  # runs on Eigen (slower, and beside the next product on the same two cores). The barrier keeps xᵀ a copy. A
+  # layer that narrows (the GeGLU output [T, 1152] → [T, 384]) transposes dy instead, the smaller of the two, and
+  # then the [N, K] product (both barriers: XLA folds either transpose back).
   x, w = residuals
-  return dy @ w.T, jax.lax.optimization_barrier(x.T) @ dy
+  if x.shape[1] <= dy.shape[1]:
+    return dy @ w.T, jax.lax.optimization_barrier(x.T) @ dy
+  return dy @ w.T, jax.lax.optimization_barrier(jax.lax.optimization_barrier(dy.T) @ x).T
 
 
 _dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)

@@ -187,14 +187,19 @@ def test_layer_norm_backward_equals_autodiff_of_its_formula(dtype):
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("contract", [1, 2])
-def test_dense_gradients_equal_autodiff_of_tensordot(contract):
-  """`dense` on CPU (its own backward: the weight gradient as a written-out xᵀ times dy) against autodiff of the
-  plain tensordot: output, input and weight gradients, with one and two contracted axes (the attention output
+@pytest.mark.parametrize(
+  "contract, x_shape, w_shape",
+  [(1, (2, 5, 24), (24, 4, 4)), (1, (2, 5, 8), (8, 4, 8)), (2, (2, 5, 3, 8), (3, 8, 16))],
+  ids=["narrowing", "widening", "two_axes"],
+)
+def test_dense_gradients_equal_autodiff_of_tensordot(contract, x_shape, w_shape):
+  """`dense` on CPU (its own backward: the weight gradient with the smaller of x and dy written out transposed)
+  against autodiff of the plain tensordot: output, input and weight gradients, for a layer that narrows (xᵀ·dy
+  as (dyᵀ·x)ᵀ) and one that widens (xᵀ·dy), and with two contracted axes (the attention output
   [B, S, N, D] · [N, D, H])."""
-  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8) if contract == 2 else (2, 5, 24))
-  w = jax.random.normal(jax.random.key(1), (3, 8, 16) if contract == 2 else (24, 4, 4))
-  dy = jax.random.normal(jax.random.key(2), (2, 5, 16) if contract == 2 else (2, 5, 4, 4))
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  w = jax.random.normal(jax.random.key(1), w_shape)
+  dy = jax.random.normal(jax.random.key(2), x_shape[: len(x_shape) - contract] + w_shape[contract:])
 
   def loss(f):
     return lambda x, w: (f(x, w) * dy).sum()
