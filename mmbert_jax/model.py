@@ -232,8 +232,10 @@ def _dense_cpu_bwd(residuals, dy):
   # then the [N, K] product (both barriers: XLA folds either transpose back).
   x, w = residuals
   if x.shape[1] <= dy.shape[1]:
-    return dy @ w.T, jax.lax.optimization_barrier(x.T) @ dy
-  return dy @ w.T, jax.lax.optimization_barrier(jax.lax.optimization_barrier(dy.T) @ x).T
+    dw = jax.lax.optimization_barrier(x.T) @ dy
+  else:
+    dw = jax.lax.optimization_barrier(jax.lax.optimization_barrier(dy.T) @ x).T
+  return dy @ w.T, dw
 
 
 _dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)
