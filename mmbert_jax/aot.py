@@ -412,4 +412,6 @@ def main(argv):
 if __name__ == "__main__":
   if "JAX_PLATFORMS" not in os.environ:  # trace on the host CPU; never claim an attached accelerator
     jax.config.update("jax_platforms", "cpu")
+  # The report's compile seconds and memory analysis come from a compile, never from a persistent-cache hit.
+  jax.config.update("jax_enable_compilation_cache", False)
   cli.run(main, define_flags)

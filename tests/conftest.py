@@ -8,6 +8,24 @@ import pytest
 from helpers import TEST_LANGUAGES, free_port, start_gcs_emulator
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the runs the tests start as subprocesses (JAX reads the variable at
+  import; this process imported it at collection, so its own compiles stay uncached): the same tiny steps are
+  compiled by many runs, resumes and workers. The xdist workers of one session share it (their base temp folders
+  share a parent)."""
+  base = tmp_path_factory.getbasetemp()
+  path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+  path.mkdir(exist_ok=True)
+  saved = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
+  yield path
+  if saved is None:
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR")
+  else:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
   """A prepared data directory (tokenizer, shards, stats.json) built from the embedded CLDR corpus."""
@@ -45,7 +63,10 @@ def gcs_bucket():
 
 
 def pytest_collection_modifyitems(items):
-  """A test that takes the emulator's bucket is a `gcs` test (`-m gcs` selects them, `-m "not gcs"` leaves them out)."""
+  """A test that takes the emulator's bucket is a `gcs` test (`-m gcs` selects them, `-m "not gcs"` leaves them out).
+  Slow tests run first (a stable sort: files keep their order), so that xdist's workers share the minutes-long ones
+  and end on the quick ones instead of one worker finishing a long test alone."""
   for item in items:
     if "gcs_bucket" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.gcs)
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
