@@ -18,7 +18,7 @@ from typing import NoReturn
 from absl import app, flags, logging
 
 from data_pipeline.cli import EXIT_BAD_INPUT, EXIT_COMPLETE, EXIT_FAILED, EXIT_PREEMPTED  # noqa: F401
-from mmbert_jax import early_sigterm, storage
+from mmbert_jax import early_sigterm, host_memory, storage
 
 
 class ConfigError(ValueError):
@@ -70,11 +70,16 @@ def preempted() -> bool:
 
 def start(argv: Sequence[str]) -> None:
   """Call first in `main(argv)`: rejects positional arguments; orbax and grain log every save and restore at
-  INFO, so logs are WARNING and up unless --verbosity is given."""
+  INFO, so logs are WARNING and up unless --verbosity is given; where JAX will run on the CPU, the C allocator keeps
+  freed memory for the next step (`host_memory`, before JAX starts a backend)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  try:
+    host_memory.configure()
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -7,7 +7,10 @@ Each run is one subprocess per side, alternated (jax torch jax torch …) so tha
 each framework has its own threads: a child is pinned to `--threads` cores (XLA's CPU thread pool sizes itself to
 the schedulable cores; torch also gets `torch.set_num_threads`). A child compiles / warms up, then times `--steps`
 steps and prints one JSON line; the parent prints every run, the medians of tokens/s and the ratio, with each
-child's process CPU seconds per step and the load average before and after.
+child's process CPU seconds per step (the system time and minor page faults among them) and the load average before
+and after. The jax side runs as this project's commands do on a CPU: its C allocator keeps freed memory for the next
+step (`mmbert_jax.host_memory`); the torch side keeps glibc's defaults, or the same settings with
+`--torch_keeps_freed_memory` (a control).
 
 Same work on both sides: float32, the same shape (mmbert-small width by default), the same batch (packed rows of
 random tokens; k = round(mask_rate × seq_len) masked tokens per row at the same positions with the same labels),
@@ -54,9 +57,17 @@ def define_flags() -> None:
   flags.DEFINE_float("mask_rate", 0.3, "Fraction of tokens predicted (sparse head).")
   flags.DEFINE_integer("threads", 0, "Cores per side (0: every core this process may run on).")
   flags.DEFINE_integer("runs", 3, "Alternated runs per side.")
-  flags.DEFINE_integer("warmup", 2, "Untimed steps per run (the first compiles).")
+  # 10: on the CPU this project's C allocator settings (host_memory) let the heap grow to the step's peak over the
+  # first steps (about 9 at the bench shape, steps dispatched back to back); the timed steps are the steady state.
+  flags.DEFINE_integer("warmup", 10, "Untimed steps per run (the first compiles).")
   flags.DEFINE_integer("steps", 5, "Timed steps per run.")
   flags.DEFINE_enum("side", None, SIDES, "Run one side in this process and print its JSON line (what a run starts).")
+  flags.DEFINE_bool(
+    "torch_keeps_freed_memory",
+    False,
+    "A control: the torch side also runs with the C allocator settings that this project's commands apply on the "
+    "CPU (mmbert_jax.host_memory); by default it runs with glibc's.",
+  )
 
 
 def model_config():
@@ -99,14 +110,22 @@ def _timed(step, sync) -> dict:
   first_s = time.perf_counter() - t0
   for _ in range(FLAGS.warmup - 1):
     sync(step())
-  wall, cpu = time.perf_counter(), time.process_time()
+  wall, cpu, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(FLAGS.steps):
     loss = step()
   sync(loss)
   wall, cpu = (time.perf_counter() - wall) / FLAGS.steps, (time.process_time() - cpu) / FLAGS.steps
+  after = resource.getrusage(resource.RUSAGE_SELF)
   tokens = FLAGS.batch * FLAGS.seq_len
   return dict(
-    tokens_per_s=tokens / wall, step_s=wall, cpu_s=cpu, first_step_s=first_s, first_loss=first, loss=float(sync(loss))
+    tokens_per_s=tokens / wall,
+    step_s=wall,
+    cpu_s=cpu,
+    system_s=(after.ru_stime - usage.ru_stime) / FLAGS.steps,
+    page_faults=(after.ru_minflt - usage.ru_minflt) / FLAGS.steps,
+    first_step_s=first_s,
+    first_loss=first,
+    loss=float(sync(loss)),
   )
 
 
@@ -205,7 +224,10 @@ def _child_env(threads: int) -> dict:
 def run_side(side: str, threads: int) -> dict:
   argv = [sys.executable, "-m", "mmbert_jax.benchmarks.versus_torch", f"--side={side}", f"--threads={threads}"]
   argv += [f"--{f}={FLAGS[f].value}" for f in _FORWARDED]
-  proc = subprocess.run(argv, capture_output=True, text=True, env=_child_env(threads))
+  env = _child_env(threads)
+  if side == "torch":  # cli.start applies host_memory in every child; torch's side keeps glibc's defaults unless asked
+    env["MMBERT_KEEP_FREED_MEMORY"] = "1" if FLAGS.torch_keeps_freed_memory else "0"
+  proc = subprocess.run(argv, capture_output=True, text=True, env=env)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   if proc.returncode or not lines:
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -259,7 +281,8 @@ def main(argv):
       results[side].append(r)
       print(
         f"run {i + 1} {side:5s} tokens/s {r['tokens_per_s']:9,.0f}  step {r['step_s'] * 1e3:8.1f} ms  "
-        f"cpu {r['cpu_s']:6.2f} s/step  first step {r['first_step_s']:6.1f} s  loss {r['first_loss']:.3f} → "
+        f"cpu {r['cpu_s']:6.2f} s/step (system {r['system_s']:5.2f}, {r['page_faults']:8,.0f} page faults)  "
+        f"first step {r['first_step_s']:6.1f} s  loss {r['first_loss']:.3f} → "
         f"{r['loss']:.3f}  GEMMs alone {r['gemm_s'] * 1e3:8.1f} ms  load {r['load']:.2f}",
         flush=True,
       )
