@@ -57,8 +57,8 @@ def define_flags() -> None:
   flags.DEFINE_float("mask_rate", 0.3, "Fraction of tokens predicted (sparse head).")
   flags.DEFINE_integer("threads", 0, "Cores per side (0: every core this process may run on).")
   flags.DEFINE_integer("runs", 3, "Alternated runs per side.")
-  # 10: on the CPU this project's C allocator settings (host_memory) let the heap grow over the first steps (2 to 12
-  # at the bench shape, steps dispatched back to back, varying from run to run); the timed steps come after.
+  # 10: on the CPU this project's C allocator settings (host_memory) let the heap grow over the first steps (2 to more
+  # than 15 at the bench shape, varying from run to run: page faults are printed beside each run's figures).
   flags.DEFINE_integer("warmup", 10, "Untimed steps per run (the first compiles).")
   flags.DEFINE_integer("steps", 5, "Timed steps per run.")
   flags.DEFINE_enum("side", None, SIDES, "Run one side in this process and print its JSON line (what a run starts).")
