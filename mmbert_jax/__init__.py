@@ -12,7 +12,8 @@ if "-m" in sys.orig_argv and sys.orig_argv[sys.orig_argv.index("-m") + 1 :][:1] 
   signal.signal(signal.SIGTERM, lambda signum, frame: early_sigterm.update(received=True))
 
 import jax  # noqa: E402
-from jax._src import hardware_utils  # noqa: E402  jax's own probe of the PCI bus for TPU chips and GPUs
+
+from mmbert_jax.host_memory import accelerators_on_host  # noqa: E402
 
 
 def _skip_absent_tpu() -> None:
@@ -24,15 +25,7 @@ def _skip_absent_tpu() -> None:
     return
   if importlib.util.find_spec("libtpu") is None:
     return
-  try:
-    accelerators = (
-      hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-      or hardware_utils.has_visible_nvidia_gpu()
-      or hardware_utils.num_available_amd_gpus(1) > 0
-    )
-  except OSError:  # an unreadable bus: leave jax's choice alone
-    return
-  if not accelerators:
+  if accelerators_on_host() is False:  # None, an unreadable bus: leave jax's choice alone
     jax.config.update("jax_platforms", "cpu")
 
 

@@ -21,7 +21,7 @@ import os
 import sys
 
 import jax
-from jax._src import hardware_utils  # jax's own probe of /sys and /dev for TPU chips and GPUs
+from jax._src import hardware_utils  # jax's own probe of the PCI bus for TPU chips and GPUs
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -30,14 +30,27 @@ M_ARENA_MAX = -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # a trim threshold of -1: never trim
 
 
+def accelerators_on_host() -> bool | None:
+  """Whether the PCI bus shows a TPU chip or an NVIDIA or AMD GPU (jax's own probe; no backend starts); None when
+  the bus cannot be read."""
+  try:
+    return (
+      hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+      or hardware_utils.has_visible_nvidia_gpu()
+      or hardware_utils.num_available_amd_gpus(1) > 0
+    )
+  except OSError:
+    return None
+
+
 def jax_will_run_on_cpu() -> bool:
   """Whether JAX's default backend will be the CPU, decided before any backend starts: `jax_platforms`
-  (JAX_PLATFORMS) when set, else the absence of TPU chips and NVIDIA or AMD GPUs on the host."""
+  (JAX_PLATFORMS) when set, else the absence of accelerators on the host (an unreadable bus counts as none known:
+  False)."""
   platforms = jax.config.jax_platforms
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  tpus, _ = hardware_utils.num_available_tpu_chips_and_device_id()
-  return tpus == 0 and not hardware_utils.has_visible_nvidia_gpu() and hardware_utils.num_available_amd_gpus() == 0
+  return accelerators_on_host() is False
 
 
 def keep_freed_memory() -> bool:

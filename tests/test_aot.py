@@ -94,7 +94,6 @@ def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_mmbert_base_pretrain_compiles_for_v5p_with_sharded_state():
   # The pretrain config with a 4-row batch (one row per chip of a v5p-8) keeps the compile short on a CPU.
   c = _config("pretrain", "base")

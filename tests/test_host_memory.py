@@ -29,10 +29,10 @@ for call in range(60):
 """
 
 
-def _probe(choice: str, platforms: str = "cpu", size: int = 64 * MB):
-  env = dict(os.environ, JAX_PLATFORMS=platforms, MMBERT_KEEP_FREED_MEMORY=choice)
+def _probe(choice: str):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MMBERT_KEEP_FREED_MEMORY=choice)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  code = _PROBE.format(root=str(ROOT), n=size // 4)
+  code = _PROBE.format(root=str(ROOT), n=64 * MB // 4)
   r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   lines = r.stdout.split("\n")
