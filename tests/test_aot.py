@@ -94,6 +94,7 @@ def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_mmbert_base_pretrain_compiles_for_v5p_with_sharded_state():
   # The pretrain config with a 4-row batch (one row per chip of a v5p-8) keeps the compile short on a CPU.
   c = _config("pretrain", "base")
@@ -157,6 +158,7 @@ def test_splash_train_step_compiles_and_needs_less_memory_than_xla():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_compare_prints_every_switch_and_the_chunked_head_needs_less():
   """`--compare` compiles the step once per MLM loss × layer stack; on a step whose head dominates (1k-row
   vocabulary chunks of a 32k vocabulary, 512 masked slots per chip) the chunked loss needs fewer temporaries."""

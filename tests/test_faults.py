@@ -710,6 +710,7 @@ def _wait_for(condition, proc, what):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sigterm_during_evaluation_merge_fine_tuning_and_plots_resumes_to_the_same_results(demo_data, tmp_path):
   """A two-phase curriculum with a merge and fine-tuning, stopped by SIGTERM while a phase is evaluated, while the
   merge is written, while the fine-tuning runs and while the plots are drawn (each synchronised on what it writes):

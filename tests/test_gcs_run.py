@@ -67,6 +67,7 @@ def _no_local_scheme_folders(*folders):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_bucket_run_trains_resumes_hands_off_merges_exports_and_evaluates(
   demo_data, gcs_bucket, tmp_path, tmp_path_factory, monkeypatch
 ):

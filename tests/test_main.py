@@ -35,6 +35,7 @@ def _main(*args, workdir=None, timeout=900, platforms="cpu"):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_runs_every_phase_and_merges(tmp_path):
   workdir = str(tmp_path / "demo")
   proc = _main("--config=configs/demo.py", *SHORT_DEMO, workdir=workdir, platforms=None)
