@@ -7,35 +7,28 @@ import pytest
 # First: helpers sets the CPU platform and device count before JAX loads.
 from helpers import TEST_LANGUAGES, free_port, start_gcs_emulator
 
-# Every compile is cached, not only those over JAX's default second: most of a tiny model's are shorter.
-_CACHE_SETTINGS = {"JAX_COMPILATION_CACHE_DIR": None, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """One persistent compilation cache for the session: the same tiny steps are compiled by many tests, runs,
-  resumes and workers. The runs the tests start as subprocesses read it from the environment; this process set
-  its own JAX config already, so it is pointed there too (before its first compile: JAX opens the cache then).
-  The xdist workers of one session share it (their base temp folders share a parent)."""
+  """One persistent compilation cache for the session, keeping every compile (JAX's default skips those under a
+  second: most of a tiny model's): the same tiny steps are compiled by many tests, runs, resumes and workers. The
+  runs the tests start as subprocesses read the settings from the environment; this process has read its JAX config
+  already, so it gets them there too (before its first compile: JAX opens the cache then). The xdist workers of one
+  session share the cache (their base temp folders share a parent)."""
   import jax
 
   base = tmp_path_factory.getbasetemp()
   path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
   path.mkdir(exist_ok=True)
-  settings = dict(_CACHE_SETTINGS, JAX_COMPILATION_CACHE_DIR=str(path))
-  saved_env = {k: os.environ.get(k) for k in settings}
-  saved_config = {k.lower(): getattr(jax.config, k.lower()) for k in settings}
-  os.environ.update(settings)
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield path
-  for k, v in saved_config.items():
-    jax.config.update(k, v)
-  for k, v in saved_env.items():
-    if v is None:
-      os.environ.pop(k)
-    else:
-      os.environ[k] = v
+  settings = {"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": 0.0}
+  saved = {name: getattr(jax.config, name) for name in settings}
+  with pytest.MonkeyPatch.context() as env:
+    for name, value in settings.items():
+      env.setenv(name.upper(), str(value))
+      jax.config.update(name, value)
+    yield path
+  for name, value in saved.items():
+    jax.config.update(name, value)
 
 
 @pytest.fixture(scope="session")
