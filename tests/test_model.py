@@ -104,6 +104,39 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(model(ids), full, atol=0.1)
 
 
+def test_embedding_gradient_of_a_frequent_token_is_summed_in_float32():
+  """bfloat16 compute, one token 4,096 times (a pad or separator id is that frequent in a micro-batch): its
+  embedding row's gradient of Σ embeddings is 4,096 in every component. Summed in bfloat16 it stops at 256."""
+  model = MaskedLM(get_config("tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
+  ids = jnp.full((8, 512), 7, jnp.int32).at[0, :3].set(9)
+  grads = nnx.grad(lambda m: m.embed(ids).astype(jnp.float32).sum())(model)
+  assert model.embed(ids).dtype == jnp.bfloat16
+  want = np.zeros((1024, 64), np.float32)
+  want[7], want[9] = 8 * 512 - 3, 3
+  np.testing.assert_array_equal(grads.embedding[...], want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_take_positions_as_a_one_hot_product_equals_indexing(dtype):
+  """The TPU form of the masked slots' gather (a one-hot product) and the gather against numpy indexing: the same
+  rows exactly, and gradients that add up the cotangents of a position taken more than once."""
+  x = jax.random.normal(jax.random.key(0), (2, 16, 8)).astype(dtype)
+  pos = jnp.array([[3, 0, 0, 15, 7, 0], [1, 1, 1, 2, 0, 14]])
+  dy = jax.random.normal(jax.random.key(1), (2, 6, 8)).astype(dtype)
+  rows = np.arange(2)[:, None]
+  want = np.asarray(x.astype(jnp.float32))[rows, pos]
+  want_dx = np.zeros((2, 16, 8), np.float32)
+  np.add.at(want_dx, (rows, pos), np.asarray(dy.astype(jnp.float32)))
+  for one_hot in (False, True):
+    y, vjp = jax.vjp(lambda x: model_lib.take_positions(x, pos, one_hot=one_hot), x)
+    (dx,) = vjp(dy)
+    assert y.dtype == dx.dtype == x.dtype, one_hot
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), want, err_msg=f"one_hot={one_hot}")
+    # three cotangents summed: exact in float32 up to the order of the additions, one rounding in bfloat16
+    tol = 1e-6 if dtype == "float32" else 2**-8
+    np.testing.assert_allclose(np.asarray(dx.astype(jnp.float32)), want_dx, rtol=tol, atol=tol, err_msg=f"{one_hot}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_same_gradients(remat):
