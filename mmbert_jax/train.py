@@ -261,6 +261,19 @@ def abstract_like(tree):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def per_language_sums(values: jax.Array, languages: jax.Array, num_languages: int, *, compare: bool | None = None):
+  """Σ values per language id → [num_languages] float32. `compare` (default: on a TPU) sums over an
+  [N, num_languages] comparison, fused into one reduction: a segment sum is a scatter-add, which a TPU lowers to a
+  sort of the ids."""
+  if compare is None:
+    compare = sharding.target_platform() == "tpu"
+  values, languages = values.ravel(), languages.ravel()
+  if not compare:
+    return jax.ops.segment_sum(values, languages, num_languages)
+  hits = languages[:, None] == jnp.arange(num_languages, dtype=languages.dtype)
+  return jnp.where(hits, values[:, None], 0.0).sum(0)
+
+
 def mlm_stats(token_loss, batch, num_languages: int) -> dict[str, jax.Array]:
   """Sums (not means) over the masked slots, so micro-batches and devices add up exactly. `token_loss` is the
   per-slot (negative log-likelihood, argmax hit) pair of `MaskedLM.masked_lm_loss`."""
@@ -274,12 +287,10 @@ def mlm_stats(token_loss, batch, num_languages: int) -> dict[str, jax.Array]:
     "loss_sum": ce.sum(),
     "correct": correct.sum(),
     "count": w.sum(),
-    "lang_loss_sum": jax.ops.segment_sum(ce.ravel(), lang_masked.ravel(), num_languages),
-    "lang_correct": jax.ops.segment_sum(correct.ravel(), lang_masked.ravel(), num_languages),
-    "lang_count": jax.ops.segment_sum(w.ravel(), lang_masked.ravel(), num_languages),
-    "lang_tokens": jax.ops.segment_sum(
-      (lang_tok >= 0).ravel().astype(jnp.float32), jnp.maximum(lang_tok, 0).ravel(), num_languages
-    ),
+    "lang_loss_sum": per_language_sums(ce, lang_masked, num_languages),
+    "lang_correct": per_language_sums(correct, lang_masked, num_languages),
+    "lang_count": per_language_sums(w, lang_masked, num_languages),
+    "lang_tokens": per_language_sums((lang_tok >= 0).astype(jnp.float32), jnp.maximum(lang_tok, 0), num_languages),
   }
 
 

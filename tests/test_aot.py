@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -91,6 +92,24 @@ def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
   assert 1.0 <= ratio <= 1.3, ratio
   assert "fits" in r.text() and "temporaries" in r.text()
   assert "MLM loss dense · layers unrolled" in r.text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_tpu_step_scatters_only_the_embedding_gradient_in_float32(scan_layers):
+  """The step as lowered for a TPU, where a scatter-add becomes a sort: the masked slots' hidden states are taken
+  by a one-hot product (`model.take_positions`), the per-language metrics are reduced comparisons
+  (`train.per_language_sums`), so the one scatter-add left is the embedding gradient, into the float32 table."""
+  c = _config("pretrain", "base")
+  c.model_preset = "tiny"
+  c.model.scan_layers = scan_layers
+  c.data.seq_len = 128
+  c.batch_size, c.micro_batch_size = 32, 16
+  program, info = aot.lower_train_step(c, "v5e-4")
+  text = program.lower().as_text()
+  scatters = re.findall(r'"stablehlo.scatter".*?\}\) : \([^\n]*\) -> tensor<([^>]*)>', text, re.S)
+  assert info["dtype"] == "bfloat16"
+  assert scatters == ["1024x64xf32"]  # the tiny preset's [vocab, hidden] table
 
 
 @pytest.mark.slow

@@ -127,6 +127,19 @@ def _outside_fusions(hlo_text: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("compare", [False, True], ids=["segment_sum", "compare"])
+def test_per_language_sums_equal_a_weighted_bincount(compare):
+  """Both forms of the per-language metric sums (a segment sum; on a TPU a comparison reduced over the slots),
+  against numpy, with languages that never occur and ids up to the last one."""
+  rng = np.random.default_rng(0)
+  languages = rng.integers(0, 7, (4, 30))
+  languages[0, 0] = 8
+  values = rng.normal(size=(4, 30)).astype(np.float32)
+  got = train.per_language_sums(jnp.asarray(values), jnp.asarray(languages), 9, compare=compare)
+  assert got.shape == (9,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, np.bincount(languages.ravel(), values.ravel(), minlength=9), rtol=1e-5, atol=1e-5)
+
+
 def test_parameters_are_sharded_by_the_logical_rules():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   _, params = train.init_model(get_config("tiny"), mesh, 0)
