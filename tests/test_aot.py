@@ -98,8 +98,9 @@ def test_tiny_model_compiles_for_v5e_and_reports_memory_and_flops():
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_tpu_step_scatters_only_the_embedding_gradient_in_float32(scan_layers):
   """The step as lowered for a TPU, where a scatter-add becomes a sort: the masked slots' hidden states are taken
-  by a one-hot product (`model.take_positions`), the per-language metrics are reduced comparisons
-  (`train.per_language_sums`), so the one scatter-add left is the embedding gradient, into the float32 table."""
+  by a one-hot product (`model.take_positions`) and their per-language metrics are reduced comparisons
+  (`train.per_language_sums`), so the scatter-adds left are the embedding gradient, into the float32 table, and
+  the per-language token count."""
   c = _config("pretrain", "base")
   c.model_preset = "tiny"
   c.model.scan_layers = scan_layers
@@ -109,7 +110,8 @@ def test_tpu_step_scatters_only_the_embedding_gradient_in_float32(scan_layers):
   text = program.lower().as_text()
   scatters = re.findall(r'"stablehlo.scatter".*?\}\) : \([^\n]*\) -> tensor<([^>]*)>', text, re.S)
   assert info["dtype"] == "bfloat16"
-  assert scatters == ["1024x64xf32"]  # the tiny preset's [vocab, hidden] table
+  # the tiny preset's [vocab, hidden] table; [languages]
+  assert sorted(scatters) == sorted(["1024x64xf32", f"{aot.num_languages(c)}xf32"]), scatters
 
 
 @pytest.mark.slow
