@@ -352,8 +352,8 @@ def take_positions(x: jax.Array, positions: jax.Array, *, one_hot: bool | None =
   """The rows of x [B, S, H] at positions [B, K] → [B, K, H] (the masked slots' hidden states).
 
   `one_hot` (default: on a TPU) takes them as a product with a one-hot [B, K, S] matrix: the gradient of a gather
-  is a scatter-add, which a TPU lowers to a sort of the indices, the dearest single kernel of the pre-training
-  step to compile; the product's gradient is a product, for about 0.2% more FLOPs at S = 1024 (K ≈ 0.3·S).
+  is a scatter-add, which a TPU lowers to a sort of the indices, several times slower to compile than the product
+  (README, "Will it fit?"); the product's gradient is a product, for about 0.2% more FLOPs at S = 1024 (K ≈ 0.3·S).
   HIGHEST precision keeps a float32 gather exact (one term per row; the default would round x to bfloat16)."""
   if one_hot is None:
     one_hot = sharding.target_platform() == "tpu"

@@ -126,7 +126,6 @@ def _outside_fusions(hlo_text: str) -> str:
   return re.sub(r"^%fused_computation[^\n]*\{\n.*?^\}\n", "", hlo_text, flags=re.M | re.S)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("compare", [False, True], ids=["segment_sum", "compare"])
 def test_per_language_sums_equal_a_weighted_bincount(compare):
   """Both forms of the per-language metric sums (a segment sum; on a TPU a comparison reduced over the slots),
@@ -140,6 +139,7 @@ def test_per_language_sums_equal_a_weighted_bincount(compare):
   np.testing.assert_allclose(got, np.bincount(languages.ravel(), values.ravel(), minlength=9), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_by_the_logical_rules():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   _, params = train.init_model(get_config("tiny"), mesh, 0)
