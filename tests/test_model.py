@@ -105,8 +105,8 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_embedding_gradient_of_a_frequent_token_is_summed_in_float32():
-  """bfloat16 compute, one token 4,096 times (a pad or separator id is that frequent in a micro-batch): its
-  embedding row's gradient of Σ embeddings is 4,096 in every component. Summed in bfloat16 it stops at 256."""
+  """bfloat16 compute, one token 4,093 times in 4,096 (a pad or separator id is that frequent in a micro-batch):
+  its embedding row's gradient of Σ embeddings is 4,093 in every component. Summed in bfloat16 it stops at 256."""
   model = MaskedLM(get_config("tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
   ids = jnp.full((8, 512), 7, jnp.int32).at[0, :3].set(9)
   grads = nnx.grad(lambda m: m.embed(ids).astype(jnp.float32).sum())(model)
